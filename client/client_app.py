@@ -1,0 +1,155 @@
+"""The Flower ClientApp: decodes the coordinator's messages, calls the site trainer, encodes replies.
+
+It imports no torch at module level (the trainer is imported per message), so a
+message that is refused early costs little. A malformed or refused instruction gets
+an error reply that names the reason; the coordinator lists it and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.errors import ClientError, RequestError
+from model import wire
+from model.presets import PRESET_NAMES, PresetName
+from privacy.errors import PrivacyError
+from sites.errors import SiteError
+
+if TYPE_CHECKING:
+    from model.train import EvalResult
+
+if TYPE_CHECKING:
+    from client.trainer import SiteTrainer
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+ERROR_CODE_REFUSED = 4001
+"""The error code of a reply in which the site refuses the instruction (reason attached)."""
+
+REFUSALS = (wire.WireError, ClientError, SiteError, PrivacyError)
+"""Errors that become a refusal reply: a bad instruction, or the site's data or privacy rules."""
+
+
+def site_location(context: Context) -> tuple[str, Path]:
+    """This site's id and data folder: from the SuperNode's node config, or in a simulation
+    from the run config's `sites-root` and the virtual node's partition id."""
+    node = context.node_config
+    if "site-id" in node and "site-dir" in node:
+        return str(node["site-id"]), Path(str(node["site-dir"]))
+    root = str(context.run_config.get("sites-root", ""))
+    if root and "partition-id" in node:
+        site_id = f"hospital-{int(node['partition-id']) + 1}"
+        return site_id, Path(root) / site_id
+    raise RequestError(
+        "this SuperNode does not say which site it is: start it with"
+        " --node-config 'site-id=\"...\" site-dir=\"...\"'"
+    )
+
+
+def _trainer(context: Context) -> SiteTrainer:
+    from client.trainer import SiteTrainer
+    from model.contract import DEMO_CONTRACT
+
+    site_id, site_dir = site_location(context)
+    return SiteTrainer(site_id, site_dir, DEMO_CONTRACT)
+
+
+def _refusal(msg: Message, context: Context, reason: str) -> Message:
+    try:
+        site = site_location(context)[0]
+    except RequestError:
+        site = "unidentified site"
+    log.warning("%s refuses %s message: %s", site, msg.metadata.message_type, reason)
+    return Message(Error(code=ERROR_CODE_REFUSED, reason=f"{site}: {reason}"), reply_to=msg)
+
+
+def _preset(content: RecordDict) -> PresetName:
+    preset = wire.get_value(content, wire.CONFIG, wire.PRESET, str)
+    if preset not in PRESET_NAMES:
+        raise wire.WireError(f"config.{wire.PRESET}: unknown preset {preset!r}")
+    return preset  # type: ignore[return-value]
+
+
+def _eval_metrics(prefix_examples: str, result: EvalResult) -> dict[str, float | int]:
+    return {
+        prefix_examples: result.examples,
+        wire.EVAL_LOSS: result.loss,
+        wire.EVAL_AUROC: result.auroc,
+        wire.EVAL_ACCURACY: result.accuracy,
+    }
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model at this site under DP-SGD."""
+    from client.protocol import TrainRequest
+
+    content = msg.content
+    try:
+        request = TrainRequest(
+            run_id=wire.get_value(content, wire.CONFIG, wire.RUN_ID, str),
+            round=wire.get_value(content, wire.CONFIG, wire.ROUND, int),
+            arrays=wire.record_to_arrays(content),
+            model_sha256=wire.get_value(content, wire.CONFIG, wire.MODEL_SHA256, str),
+            preset=_preset(content),
+            n_features=wire.get_value(content, wire.CONFIG, wire.N_FEATURES, int),
+            local_steps=wire.get_value(content, wire.CONFIG, wire.LOCAL_STEPS, int),
+            learning_rate=wire.get_value(content, wire.CONFIG, wire.LEARNING_RATE, float),
+            noise_multiplier=wire.get_value(content, wire.CONFIG, wire.NOISE_MULTIPLIER, float),
+            max_grad_norm=wire.get_value(content, wire.CONFIG, wire.MAX_GRAD_NORM, float),
+            sample_rate=wire.get_value(content, wire.CONFIG, wire.SAMPLE_RATE, float),
+            delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
+        )
+        reply = _trainer(context).train(request)
+    except REFUSALS as exc:
+        return _refusal(msg, context, str(exc))
+    metrics = MetricRecord(
+        {
+            wire.NUM_EXAMPLES: reply.num_examples,
+            wire.TRAIN_LOSS: reply.train_loss,
+            wire.EPSILON: reply.epsilon,
+            **_eval_metrics(wire.EVAL_EXAMPLES, reply.incoming_eval),
+        }
+    )
+    content = RecordDict(
+        {
+            wire.ARRAYS: wire.arrays_to_record(reply.arrays),
+            wire.METRICS: metrics,
+            wire.SITE: ConfigRecord({wire.SITE_ID: reply.site_id}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this site's held-out patients."""
+    from client.protocol import EvaluateRequest
+
+    content = msg.content
+    try:
+        request = EvaluateRequest(
+            run_id=wire.get_value(content, wire.CONFIG, wire.RUN_ID, str),
+            round=wire.get_value(content, wire.CONFIG, wire.ROUND, int),
+            arrays=wire.record_to_arrays(content),
+            model_sha256=wire.get_value(content, wire.CONFIG, wire.MODEL_SHA256, str),
+            preset=_preset(content),
+            n_features=wire.get_value(content, wire.CONFIG, wire.N_FEATURES, int),
+        )
+        reply = _trainer(context).evaluate(request)
+    except REFUSALS as exc:
+        return _refusal(msg, context, str(exc))
+    content = RecordDict(
+        {
+            wire.METRICS: MetricRecord(_eval_metrics(wire.EVAL_EXAMPLES, reply.result)),
+            wire.SITE: ConfigRecord({wire.SITE_ID: reply.site_id}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,79 @@
+"""The run's progress and results as one JSON document, rewritten atomically after each step.
+
+The demo and `medfed round status` read it while the run goes on; a reader never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+RunStatus = Literal["waiting", "running", "completed", "failed"]
+
+
+@dataclass
+class RoundRecord:
+    """One round: who took part, mean training loss, the new model's metric, epsilon per site."""
+
+    round: int
+    participants: list[str]
+    loss: float | None
+    metric: float | None = None
+    metric_name: str = "auroc"
+    epsilon_by_site: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    model_sha256: str = ""
+
+
+@dataclass
+class RunResults:
+    """Everything the coordinator reports about a run."""
+
+    run_id: str
+    status: RunStatus
+    num_rounds: int
+    sites: list[str] = field(default_factory=list)
+    initial_metric: float | None = None
+    per_round: list[RoundRecord] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def rounds_completed(self) -> int:
+        return len(self.per_round)
+
+    def to_json(self) -> dict[str, object]:
+        document = asdict(self)
+        document["rounds_completed"] = self.rounds_completed
+        return _finite_or_none(document)  # type: ignore[return-value]
+
+
+def _finite_or_none(value: object) -> object:
+    """JSON has no NaN: undefined metrics are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def write_results(path: Path, results: RunResults) -> None:
+    """Replace `path` with the current results in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(results.to_json(), handle, indent=1, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

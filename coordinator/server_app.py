@@ -1,0 +1,43 @@
+"""The Flower ServerApp: parses the run config and runs the study's rounds on the grid."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.errors import CoordinatorError, StudyConfigError
+from coordinator.results import RunResults, write_results
+from coordinator.rounds import run_study
+from coordinator.study import StudySettings
+from model.contract import DEMO_CONTRACT
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the study named by the run config; write progress to its results path."""
+    run_id = str(context.run_id)
+    raw_path = str(context.run_config.get("results-path", ""))
+    results_path = Path(raw_path) if raw_path else None
+
+    def report(results: RunResults) -> None:
+        if results_path is not None:
+            write_results(results_path, results)
+
+    try:
+        study = StudySettings.from_run_config(context.run_config)
+    except StudyConfigError as exc:
+        log.error("run %s refused: %s", run_id, exc)
+        report(RunResults(run_id=run_id, status="failed", num_rounds=0, error=str(exc)))
+        raise
+    try:
+        run_study(grid, study, DEMO_CONTRACT, run_id=run_id, report=report)
+    except CoordinatorError as exc:
+        log.error("run %s failed: %s", run_id, exc)
+        raise

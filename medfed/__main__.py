@@ -1,0 +1,5 @@
+"""`python -m medfed` runs the CLI."""
+
+from medfed.cli import main
+
+main()

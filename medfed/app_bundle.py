@@ -1,0 +1,62 @@
+"""The Flower app bundle that the coordinator ships: medfed's packages and a pyproject.
+
+The repository's own pyproject.toml is a Flower app as well; this builds the same
+app from the installed packages, so the demo works from any install, editable or not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+
+APP_PACKAGES = ("client", "coordinator", "model", "privacy", "sites")
+SERVER_APP = "coordinator.server_app:app"
+CLIENT_APP = "client.client_app:app"
+
+_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "medfed-app"
+version = "0.1.0"
+description = "medfed's coordinator and site apps"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "medfed"
+
+[tool.flwr.app.components]
+serverapp = "{server}"
+clientapp = "{client}"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def build_app_dir(dest: Path, run_config_defaults: dict[str, object]) -> Path:
+    """Write the app (packages' .py files and a pyproject.toml) under `dest`; return `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for package in APP_PACKAGES:
+        source = Path(importlib.import_module(package).__file__ or "").parent
+        shutil.copytree(
+            source, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            dirs_exist_ok=True,
+        )
+    config = "\n".join(f'"{key}" = {_toml_value(value)}' for key, value in run_config_defaults.items())
+    (dest / "pyproject.toml").write_text(
+        _PYPROJECT.format(server=SERVER_APP, client=CLIENT_APP, config=config), encoding="utf-8"
+    )
+    return dest

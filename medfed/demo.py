@@ -1,0 +1,247 @@
+"""`medfed demo`: a real, secured federation on loopback, start to finish.
+
+In a temporary folder it writes a synthetic consortium (one table per hospital),
+provisions a CA, the SuperLink's TLS certificate and one SuperNode key pair per
+site, starts a `flower-superlink` with TLS and SuperNode authentication, registers
+the sites' keys, starts one `flower-supernode` per site, and runs the study with
+`flwr run`. With `simulation`, the same app runs on Flower's simulation runtime
+(Ray) behind a TLS SuperLink instead of real SuperNodes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.results import RunResults
+from medfed.app_bundle import build_app_dir
+from medfed.errors import DemoFailedError, MissingDependencyError, ProcessDiedError
+from medfed.processes import ProcessGroup, find_program, free_port, tail
+from model.contract import DEMO_CONTRACT
+from privacy.pki import Provisioned, provision_loopback
+from sites.synthetic import site_ids, write_synthetic_consortium
+
+log = logging.getLogger(__name__)
+
+FLWR_HINT = "pip install 'flwr==1.42.*'"
+RAY_HINT = "pip install 'flwr[simulation]==1.42.*'"
+CONNECTION = "medfed-demo"
+START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs."""
+
+    sites: int = 3
+    rounds: int = 3
+    simulation: bool = False
+    local_steps: int = 30
+    noise_multiplier: float = 1.0
+    seed: int = 7
+    timeout_s: float = 900.0
+    keep: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sites <= 64:
+            raise ValueError(f"--sites must be between 1 and 64, got {self.sites}")
+        if not 1 <= self.rounds <= 1000:
+            raise ValueError(f"--rounds must be between 1 and 1000, got {self.rounds}")
+
+
+Progress = Callable[[RunResults], None]
+
+
+@dataclass(frozen=True)
+class _Programs:
+    superlink: str
+    supernode: str
+    flwr: str
+
+
+def _programs(simulation: bool) -> _Programs:
+    programs = _Programs(
+        superlink=find_program("flower-superlink", install_hint=FLWR_HINT),
+        supernode=find_program("flower-supernode", install_hint=FLWR_HINT),
+        flwr=find_program("flwr", install_hint=FLWR_HINT),
+    )
+    if simulation and importlib.util.find_spec("ray") is None:
+        raise MissingDependencyError(f"--simulation needs Ray; install it with: {RAY_HINT}")
+    return programs
+
+
+def _run_config(options: DemoOptions, results_path: Path, sites_root: Path) -> dict[str, object]:
+    return {
+        "num-server-rounds": options.rounds,
+        "local-steps": options.local_steps,
+        "learning-rate": 0.5,
+        "noise-multiplier": options.noise_multiplier,
+        "max-grad-norm": 1.0,
+        "delta": 1e-5,
+        "sample-rate": 0.1,
+        "min-sites": options.sites,
+        "round-timeout-s": 600.0,
+        "seed": options.seed,
+        "results-path": str(results_path),
+        "sites-root": str(sites_root),
+    }
+
+
+def _write_flwr_config(flwr_home: Path, port: int, pki: Provisioned, num_supernodes: int | None) -> None:
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "127.0.0.1:{port}"',
+        f'root-certificates = "{pki.ca_cert}"',
+    ]
+    if num_supernodes is not None:
+        lines.append(f"options.num-supernodes = {num_supernodes}")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _flwr(programs: _Programs, args: list[str], *, env: dict[str, str], what: str) -> str:
+    """Run one `flwr` CLI command; its output, or a `DemoFailedError` with its last lines."""
+    completed = subprocess.run(
+        [programs.flwr, *args], env=env, capture_output=True, text=True, timeout=120, check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if completed.returncode != 0:
+        output = (completed.stdout + completed.stderr).strip().splitlines()[-8:]
+        raise DemoFailedError(f"{what} failed (flwr exit {completed.returncode}):\n" + "\n".join(output))
+    return completed.stdout
+
+
+def _start_superlink(
+    group: ProcessGroup, programs: _Programs, work: Path, pki: Provisioned, *, simulation: bool
+) -> int:
+    """Start a TLS SuperLink on a free port (another one if that turns out busy); return the port."""
+    for attempt in range(3):
+        port = free_port()
+        argv = [
+            programs.superlink,
+            "--ssl-ca-certfile", str(pki.ca_cert),
+            "--ssl-certfile", str(pki.server_cert),
+            "--ssl-keyfile", str(pki.server_key),
+            "--database", str(work / "superlink-state.db"),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--disable-runtime-dependency-installation",
+        ]
+        argv += ["--simulation"] if simulation else ["--enable-supernode-auth"]
+        process = group.start(f"superlink-{attempt}" if attempt else "superlink", argv)
+        try:
+            group.wait_for_port(process, port, timeout_s=START_TIMEOUT_S)
+            return port
+        except ProcessDiedError:
+            if "address already in use" not in tail(process.log_path, 40).lower() or attempt == 2:
+                raise
+            group.processes.remove(process)
+    raise AssertionError("unreachable")
+
+
+def _start_sites(
+    group: ProcessGroup, programs: _Programs, port: int, pki: Provisioned, sites_root: Path,
+    env: dict[str, str],
+) -> None:
+    for keys in pki.sites:
+        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
+              what=f"registering {keys.site_id}'s key with the SuperLink")
+    for keys in pki.sites:
+        node_config = f'site-id="{keys.site_id}" site-dir="{sites_root / keys.site_id}"'
+        group.start(
+            keys.site_id,
+            [
+                programs.supernode,
+                "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(pki.ca_cert),
+                "--auth-supernode-private-key", str(keys.private_key),
+                "--node-config", node_config,
+                "--host", "127.0.0.1",
+                "--port", str(free_port()),
+            ],
+            env={**env, "FLWR_HOME": str(sites_root / keys.site_id / ".flwr")},
+        )
+
+
+def _submit(programs: _Programs, app_dir: Path, env: dict[str, str]) -> str:
+    output = _flwr(programs, ["run", str(app_dir), CONNECTION, "--format", "json"], env=env,
+                   what="submitting the run")
+    try:
+        document = json.loads(output)
+        return str(document["run-id"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DemoFailedError(f"flwr run answered something unexpected: {output.strip()[:200]}") from exc
+
+
+def _read_results(path: Path) -> RunResults | None:
+    from coordinator.results import RoundRecord
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    rounds = [RoundRecord(**record) for record in document.pop("per_round")]
+    document.pop("rounds_completed", None)
+    return RunResults(**document, per_round=rounds)
+
+
+def _watch(
+    group: ProcessGroup, results_path: Path, options: DemoOptions, progress: Progress
+) -> RunResults:
+    deadline = time.monotonic() + options.timeout_s
+    last_seen = -1
+    while time.monotonic() < deadline:
+        group.check_alive()
+        results = _read_results(results_path)
+        if results is not None:
+            if results.rounds_completed != last_seen or results.status in ("completed", "failed"):
+                last_seen = results.rounds_completed
+                progress(results)
+            if results.status == "completed":
+                return results
+            if results.status == "failed":
+                raise DemoFailedError(f"the run failed: {results.error}")
+        time.sleep(0.25)
+    raise DemoFailedError(f"the run did not finish within {options.timeout_s:g} s")
+
+
+def run_demo(options: DemoOptions, progress: Progress) -> RunResults:
+    """Run the whole demo; stop every process it started, whatever happens."""
+    programs = _programs(options.simulation)
+    work = Path(tempfile.mkdtemp(prefix="medfed-demo-"))
+    succeeded = False
+    try:
+        sites_root = work / "sites"
+        write_synthetic_consortium(sites_root, DEMO_CONTRACT, n_sites=options.sites, seed=options.seed)
+        pki = provision_loopback(work / "pki", site_ids(options.sites))
+        flwr_home = work / "flwr-home"
+        env = {"FLWR_HOME": str(flwr_home)}
+        results_path = work / "results.json"
+        app_dir = build_app_dir(work / "app", _run_config(options, results_path, sites_root))
+        with ProcessGroup(log_dir=work / "logs") as group:
+            port = _start_superlink(group, programs, work, pki, simulation=options.simulation)
+            _write_flwr_config(flwr_home, port, pki, options.sites if options.simulation else None)
+            full_env = {**group.env, **env}
+            if not options.simulation:
+                _start_sites(group, programs, port, pki, sites_root, full_env)
+            run_id = _submit(programs, app_dir, full_env)
+            log.info("submitted run %s", run_id)
+            results = _watch(group, results_path, options, progress)
+        succeeded = True
+        return results
+    finally:
+        if succeeded and not options.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log.warning("the demo's files and logs are kept in %s", work)

@@ -1,0 +1,191 @@
+"""Start, watch and stop the processes of a federation on loopback.
+
+Every process is started in a session of its own, so stopping it by its process
+group also stops what it started (a SuperNode's ClientApps, a SuperLink's
+ServerApp). Processes are stopped by PID, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from medfed.errors import MissingDependencyError, ProcessDiedError
+
+STOP_GRACE_S = 5.0
+TAG_VARIABLE = "MEDFED_PROCESS_TAG"
+"""Set in the environment of every process a group starts, and inherited by their children.
+
+Flower detaches some helpers into sessions of their own (the SuperLink's and SuperNode's
+SuperExec); the tag finds them, and any orphan, so they can be stopped by PID."""
+
+
+def find_program(name: str, *, install_hint: str) -> str:
+    """The path of an installed command: next to this Python first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise MissingDependencyError(f"'{name}' was not found; install it with: {install_hint}")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def tagged_pids(tag: str) -> Iterator[int]:
+    """PIDs of live processes whose environment carries `TAG_VARIABLE=tag`."""
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            status = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # A zombie has exited already; its parent reaps it.
+        if needle in environ.split(b"\0") and status.rsplit(")", 1)[-1].split()[0] != "Z":
+            yield int(entry.name)
+
+
+def port_is_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def tail(path: Path, lines: int = 12) -> str:
+    """The last `lines` lines of a log file (empty if it does not exist)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@dataclass
+class ManagedProcess:
+    """A process this group started, with where its output goes."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def died(self) -> bool:
+        return self.popen.poll() is not None
+
+
+@dataclass
+class ProcessGroup:
+    """The processes of one federation; a context manager that stops them all on exit."""
+
+    log_dir: Path
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    processes: list[ManagedProcess] = field(default_factory=list)
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        # Flower's processes start helpers (flower-superexec, flwr-clientapp) by name from
+        # PATH: put this Python's scripts first, so they are the same installation.
+        scripts = str(Path(sys.executable).parent)
+        path = self.env.get("PATH", "")
+        self.env = {**self.env, "PATH": f"{scripts}{os.pathsep}{path}", TAG_VARIABLE: self.tag}
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop_all()
+
+    def start(self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> ManagedProcess:
+        """Start `argv` in a new session with its output in `<log_dir>/<name>.log`."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+                start_new_session=True,
+            )
+        process = ManagedProcess(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def check_alive(self) -> None:
+        """Raise `ProcessDiedError` naming the first process that exited, with its last log lines."""
+        for process in self.processes:
+            if process.died():
+                raise ProcessDiedError(
+                    f"{process.name} (pid {process.pid}) exited with code"
+                    f" {process.popen.returncode}; last lines of {process.log_path}:\n"
+                    f"{tail(process.log_path)}"
+                )
+
+    def wait_for_port(self, process: ManagedProcess, port: int, *, timeout_s: float) -> None:
+        """Wait until `port` accepts connections; fail early if `process` exits."""
+        deadline = time.monotonic() + timeout_s
+        while not port_is_open(port):
+            if process.died():
+                self.check_alive()
+            if time.monotonic() > deadline:
+                raise ProcessDiedError(
+                    f"{process.name} did not open port {port} within {timeout_s:g} s; last lines of"
+                    f" {process.log_path}:\n{tail(process.log_path)}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, process: ManagedProcess) -> None:
+        """Stop one process and everything in its session: SIGTERM, then SIGKILL after a grace."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)
+            try:
+                process.popen.wait(timeout=STOP_GRACE_S)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Children that outlived their leader are still in its process group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        """Stop every process, newest first (sites before the SuperLink), then any helper
+        or orphan that still carries this group's tag."""
+        for process in reversed(self.processes):
+            self.stop(process)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            leftovers = list(tagged_pids(self.tag))
+            if not leftovers:
+                return
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while time.monotonic() < deadline and any(True for _ in tagged_pids(self.tag)):
+                time.sleep(0.1)

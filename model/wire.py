@@ -1,0 +1,104 @@
+"""Names of the records and keys in messages between coordinator and sites, defined once.
+
+Both `coordinator` and `client` import this module; neither imports the other.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Final, TypeVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+# Records in a message's RecordDict.
+ARRAYS: Final = "arrays"
+CONFIG: Final = "config"
+METRICS: Final = "metrics"
+SITE: Final = "site"
+
+# Keys of the CONFIG record sent with a train or evaluate instruction.
+RUN_ID: Final = "run-id"
+ROUND: Final = "round"
+MODEL_SHA256: Final = "model-sha256"
+LOCAL_STEPS: Final = "local-steps"
+LEARNING_RATE: Final = "learning-rate"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+MAX_GRAD_NORM: Final = "max-grad-norm"
+SAMPLE_RATE: Final = "sample-rate"
+DELTA: Final = "delta"
+SEED: Final = "seed"
+PRESET: Final = "preset"
+N_FEATURES: Final = "n-features"
+
+# Keys of the SITE record in a reply.
+SITE_ID: Final = "site-id"
+
+# Keys of the METRICS record in a reply.
+NUM_EXAMPLES: Final = "num-examples"
+TRAIN_LOSS: Final = "train-loss"
+EPSILON: Final = "epsilon"
+EVAL_EXAMPLES: Final = "eval-examples"
+EVAL_LOSS: Final = "eval-loss"
+EVAL_AUROC: Final = "eval-auroc"
+EVAL_ACCURACY: Final = "eval-accuracy"
+
+
+# --- Codec between named numpy arrays / typed values and Flower records -------------
+# Every value that crosses a process boundary is checked here, with the key named.
+
+T = TypeVar("T", int, float, str)
+
+
+class WireError(ValueError):
+    """A message's content is malformed: a record or key missing, or a value of the wrong type."""
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy arrays as an ArrayRecord (numpy's own format, never pickle)."""
+    return ArrayRecord({name: Array.from_numpy_ndarray(np.asarray(arrays[name])) for name in arrays})
+
+
+def record_to_arrays(content: RecordDict, key: str = ARRAYS) -> dict[str, np.ndarray]:
+    """The named arrays of `content[key]`; raise `WireError` if absent or not numpy arrays."""
+    if key not in content.array_records:
+        raise WireError(f"message has no array record {key!r}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, array in content.array_records[key].items():
+        try:
+            arrays[name] = array.numpy()
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"array {name!r} is not a numpy array: {exc}") from exc
+    return arrays
+
+
+def _record(content: RecordDict, record: str) -> ConfigRecord | MetricRecord:
+    if record in content.config_records:
+        return content.config_records[record]
+    if record in content.metric_records:
+        return content.metric_records[record]
+    raise WireError(f"message has no record {record!r}")
+
+
+def get_value(content: RecordDict, record: str, key: str, kind: type[T]) -> T:
+    """`content[record][key]` as `kind`; raise `WireError` naming the key if absent or mistyped.
+
+    Ints are accepted where floats are asked for; floats must be finite; bools are
+    never taken for numbers.
+    """
+    values = _record(content, record)
+    if key not in values:
+        raise WireError(f"record {record!r} has no key {key!r}")
+    value = values[key]
+    if isinstance(value, bool):
+        raise WireError(f"{record}.{key}: expected {kind.__name__}, got bool")
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise WireError(f"{record}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value) and key not in _NAN_ALLOWED:
+        raise WireError(f"{record}.{key}: {value} is not finite")
+    return value
+
+
+_NAN_ALLOWED = frozenset({EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, TRAIN_LOSS})
+"""Metrics that are undefined (NaN) in honest edge cases: one class only, or no held-out patients."""

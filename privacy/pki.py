@@ -1,0 +1,191 @@
+"""The consortium's public-key infrastructure, built on `cryptography`.
+
+A self-signed consortium CA signs the SuperLink's TLS certificate; each site gets
+an EC key pair in the OpenSSH formats that Flower's SuperNode authentication reads.
+Private keys are written atomically with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy.errors import PkiError
+
+CA_CERT_NAME = "ca.pem"
+SERVER_CERT_NAME = "superlink.pem"
+SERVER_KEY_NAME = "superlink.key"
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """Where one site's SuperNode authentication keys lie."""
+
+    site_id: str
+    private_key: Path
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """The files a provisioning run wrote."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    sites: tuple[SiteKeys, ...]
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write `data` to `path` through a temporary file and a rename, so no reader sees half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed consortium"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def create_ca(
+    common_name: str, *, valid_days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """Create the consortium's self-signed CA key and certificate."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def issue_server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    hosts: tuple[str, ...],
+    valid_days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """Issue a TLS server certificate for `hosts` (IP addresses or DNS names), signed by the CA."""
+    if not hosts:
+        raise PkiError("a server certificate needs at least one host name or address")
+    alt_names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt_names.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def create_supernode_keys() -> tuple[bytes, bytes]:
+    """A SuperNode authentication key pair: (OpenSSH private PEM, OpenSSH public line)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public + b"\n"
+
+
+def provision_loopback(
+    out_dir: Path,
+    site_ids: tuple[str, ...],
+    *,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    valid_days: int = 30,
+) -> Provisioned:
+    """Provision a CA, a SuperLink certificate for `hosts` and one key pair per site."""
+    if len(set(site_ids)) != len(site_ids):
+        raise PkiError(f"site ids must be unique, got {list(site_ids)}")
+    ca_key, ca_cert = create_ca("medfed consortium CA", valid_days=valid_days)
+    server_key, server_cert = issue_server_certificate(
+        ca_key, ca_cert, hosts=hosts, valid_days=valid_days
+    )
+    ca_path = out_dir / CA_CERT_NAME
+    server_cert_path = out_dir / SERVER_CERT_NAME
+    server_key_path = out_dir / SERVER_KEY_NAME
+    write_atomic(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(server_key_path, _pem_key(server_key), mode=0o600)
+    sites: list[SiteKeys] = []
+    for site_id in site_ids:
+        private, public = create_supernode_keys()
+        private_path = out_dir / "sites" / site_id / "supernode.key"
+        public_path = out_dir / "sites" / site_id / "supernode.key.pub"
+        write_atomic(private_path, private, mode=0o600)
+        write_atomic(public_path, public)
+        sites.append(SiteKeys(site_id, private_path, public_path))
+    return Provisioned(ca_path, server_cert_path, server_key_path, tuple(sites))
