@@ -1,4 +1,4 @@
-"""The Flower ClientApp: decodes the coordinator's messages, calls the site trainer, encodes replies.
+"""The Flower ClientApp: decodes the coordinator's messages, calls the trainer, encodes replies.
 
 It imports no torch at module level (the trainer is imported per message), so a
 message that is refused early costs little. A malformed or refused instruction gets
@@ -21,10 +21,8 @@ from privacy.errors import PrivacyError
 from sites.errors import SiteError
 
 if TYPE_CHECKING:
-    from model.train import EvalResult
-
-if TYPE_CHECKING:
     from client.trainer import SiteTrainer
+    from model.train import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ def site_location(context: Context) -> tuple[str, Path]:
         return site_id, Path(root) / site_id
     raise RequestError(
         "this SuperNode does not say which site it is: start it with"
-        " --node-config 'site-id=\"...\" site-dir=\"...\"'"
+        ' --node-config \'site-id="..." site-dir="..."\''
     )
 
 
@@ -77,9 +75,9 @@ def _preset(content: RecordDict) -> PresetName:
     return preset  # type: ignore[return-value]
 
 
-def _eval_metrics(prefix_examples: str, result: EvalResult) -> dict[str, float | int]:
+def _eval_metrics(result: EvalResult) -> dict[str, int | float | list[int] | list[float]]:
     return {
-        prefix_examples: result.examples,
+        wire.EVAL_EXAMPLES: result.examples,
         wire.EVAL_LOSS: result.loss,
         wire.EVAL_AUROC: result.auroc,
         wire.EVAL_ACCURACY: result.accuracy,
@@ -115,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
             wire.NUM_EXAMPLES: reply.num_examples,
             wire.TRAIN_LOSS: reply.train_loss,
             wire.EPSILON: reply.epsilon,
-            **_eval_metrics(wire.EVAL_EXAMPLES, reply.incoming_eval),
+            **_eval_metrics(reply.incoming_eval),
         }
     )
     content = RecordDict(
@@ -148,7 +146,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _refusal(msg, context, str(exc))
     content = RecordDict(
         {
-            wire.METRICS: MetricRecord(_eval_metrics(wire.EVAL_EXAMPLES, reply.result)),
+            wire.METRICS: MetricRecord(_eval_metrics(reply.result)),
             wire.SITE: ConfigRecord({wire.SITE_ID: reply.site_id}),
         }
     )

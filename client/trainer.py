@@ -14,14 +14,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from torch.utils.data import TensorDataset
 
 from client.errors import SiteRefusal
 from client.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
 from model.contract import StudyContract
-from model.network import MedModel, PresetName, arrays_sha256, build_model, load_arrays, state_arrays
+from model.network import (
+    MedModel,
+    PresetName,
+    arrays_sha256,
+    build_model,
+    load_arrays,
+    state_arrays,
+)
 from model.train import evaluate, train_steps
 from privacy.dpsgd import DpSgdSettings, make_private
 from privacy.ledger import PrivacyLedger, SpendRecord
@@ -69,11 +75,15 @@ class SiteTrainer:
         try:
             load_arrays(model, arrays)
         except ValueError as exc:
-            raise SiteRefusal(f"the model received does not fit the study's network: {exc}") from exc
+            raise SiteRefusal(
+                f"the model received does not fit the study's network: {exc}"
+            ) from exc
         return model
 
     def _eval_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(self._table.eval_features), torch.from_numpy(self._table.eval_labels)
+        return torch.from_numpy(self._table.eval_features), torch.from_numpy(
+            self._table.eval_labels
+        )
 
     def train(self, request: TrainRequest) -> TrainReply:
         """Train for the requested steps with DP-SGD and record the spend before replying."""
@@ -100,11 +110,15 @@ class SiteTrainer:
         train_set = TensorDataset(
             torch.from_numpy(self._table.train_features), torch.from_numpy(self._table.train_labels)
         )
-        private = make_private(model, train_set, settings=settings, learning_rate=request.learning_rate)
+        private = make_private(
+            model, train_set, settings=settings, learning_rate=request.learning_rate
+        )
         with warnings.catch_warnings():
             # Opacus's hooks fire on module outputs since inputs need no gradient: expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            result = train_steps(private.model, private.optimizer, private.loader, steps=request.local_steps)
+            result = train_steps(
+                private.model, private.optimizer, private.loader, steps=request.local_steps
+            )
         self._ledger.record(
             SpendRecord(
                 dataset=dataset,
@@ -118,7 +132,11 @@ class SiteTrainer:
         epsilon = self._ledger.epsilon(dataset, delta=request.delta)
         log.info(
             "site %s round %s: %d steps, loss %.4f, epsilon %.3f",
-            self.site_id, request.round, result.steps, result.mean_loss, epsilon,
+            self.site_id,
+            request.round,
+            result.steps,
+            result.mean_loss,
+            epsilon,
         )
         return TrainReply(
             site_id=self.site_id,

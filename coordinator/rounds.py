@@ -63,8 +63,13 @@ def exchange(
 ) -> list[Message]:
     """Send `content` to every node and return the replies that arrive before the timeout."""
     messages = [
-        Message(content=content, dst_node_id=node, message_type=message_type, group_id=group,
-                ttl=timeout_s)
+        Message(
+            content=content,
+            dst_node_id=node,
+            message_type=message_type,
+            group_id=group,
+            ttl=timeout_s,
+        )
         for node in nodes
     ]
     pending = {message_id for message_id in grid.push_messages(messages) if message_id}
@@ -77,12 +82,17 @@ def exchange(
         if pending:
             time.sleep(POLL_INTERVAL_S)
     if pending:
-        log.warning("round %s: %d site(s) did not reply within %g s", group, len(pending), timeout_s)
+        log.warning(
+            "round %s: %d site(s) did not reply within %g s", group, len(pending), timeout_s
+        )
     return replies
 
 
 def _instruction(
-    study: StudySettings, contract: StudyContract, run_id: str, round_number: int,
+    study: StudySettings,
+    contract: StudyContract,
+    run_id: str,
+    round_number: int,
     arrays: Mapping[str, np.ndarray],
 ) -> RecordDict:
     config = ConfigRecord(
@@ -154,8 +164,13 @@ def run_study(
 
 
 def _run_rounds(
-    grid: Grid, study: StudySettings, contract: StudyContract, run_id: str, results: RunResults,
-    report: Report, connect_timeout_s: float,
+    grid: Grid,
+    study: StudySettings,
+    contract: StudyContract,
+    run_id: str,
+    results: RunResults,
+    report: Report,
+    connect_timeout_s: float,
 ) -> None:
     global_arrays = state_arrays(
         build_model(study.preset, n_features=len(contract.features), seed=study.seed)
@@ -163,8 +178,12 @@ def _run_rounds(
     for round_number in range(1, study.num_rounds + 1):
         nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
         replies = exchange(
-            grid, nodes, _instruction(study, contract, run_id, round_number, global_arrays),
-            message_type=MessageType.TRAIN, group=str(round_number), timeout_s=study.round_timeout_s,
+            grid,
+            nodes,
+            _instruction(study, contract, run_id, round_number, global_arrays),
+            message_type=MessageType.TRAIN,
+            group=str(round_number),
+            timeout_s=study.round_timeout_s,
         )
         accepted, rejected = _split(validate_train_reply(reply, global_arrays) for reply in replies)
         updates = [update for update in accepted if isinstance(update, SiteUpdate)]
@@ -198,14 +217,21 @@ def _run_rounds(
 
 
 def final_metric(
-    grid: Grid, study: StudySettings, contract: StudyContract, run_id: str,
+    grid: Grid,
+    study: StudySettings,
+    contract: StudyContract,
+    run_id: str,
     arrays: Mapping[str, np.ndarray],
 ) -> float | None:
     """The final model's metric over every site's held-out patients (weighted by their count)."""
     nodes = sorted(grid.get_node_ids())
     replies = exchange(
-        grid, nodes, _instruction(study, contract, run_id, study.num_rounds, arrays),
-        message_type=MessageType.EVALUATE, group="final", timeout_s=study.round_timeout_s,
+        grid,
+        nodes,
+        _instruction(study, contract, run_id, study.num_rounds, arrays),
+        message_type=MessageType.EVALUATE,
+        group="final",
+        timeout_s=study.round_timeout_s,
     )
     accepted, rejected = _split(validate_eval_reply(reply) for reply in replies)
     for site, reason in rejected.items():

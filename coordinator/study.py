@@ -34,8 +34,14 @@ class StudySettings(BaseModel):
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StudySettings:
         """Parse Flower's run config; a bad key raises `StudyConfigError` naming it."""
         values = dict(run_config)
-        for key in ("learning-rate", "noise-multiplier", "max-grad-norm", "delta", "sample-rate",
-                    "round-timeout-s"):
+        for key in (
+            "learning-rate",
+            "noise-multiplier",
+            "max-grad-norm",
+            "delta",
+            "sample-rate",
+            "round-timeout-s",
+        ):
             # TOML writes 1.0 as a float but 1 as an int; both mean the same number here.
             if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
                 values[key] = float(values[key])

@@ -113,7 +113,15 @@ def validate_train_reply(
     except wire.WireError as exc:
         return Rejection(node_id, site_id, str(exc))
     return SiteUpdate(
-        node_id, site_id, arrays, num_examples, train_loss, epsilon, eval_examples, eval_auroc, eval_loss
+        node_id,
+        site_id,
+        arrays,
+        num_examples,
+        train_loss,
+        epsilon,
+        eval_examples,
+        eval_auroc,
+        eval_loss,
     )
 
 

@@ -52,10 +52,14 @@ def build_app_dir(dest: Path, run_config_defaults: dict[str, object]) -> Path:
     for package in APP_PACKAGES:
         source = Path(importlib.import_module(package).__file__ or "").parent
         shutil.copytree(
-            source, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            source,
+            dest / package,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
             dirs_exist_ok=True,
         )
-    config = "\n".join(f'"{key}" = {_toml_value(value)}' for key, value in run_config_defaults.items())
+    config = "\n".join(
+        f'"{key}" = {_toml_value(value)}' for key, value in run_config_defaults.items()
+    )
     (dest / "pyproject.toml").write_text(
         _PYPROJECT.format(server=SERVER_APP, client=CLIENT_APP, config=config), encoding="utf-8"
     )

@@ -76,11 +76,16 @@ def demo(
     sites: Annotated[int, typer.Option(min=1, max=64, help="Number of hospitals.")] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=1000, help="Number of rounds.")] = 3,
     simulation: Annotated[
-        bool, typer.Option("--simulation", help="Run the sites on Flower's simulation runtime (Ray).")
+        bool,
+        typer.Option("--simulation", help="Run the sites on Flower's simulation runtime (Ray)."),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the demo's files and logs.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
+    ] = False,
 ) -> None:
     """Run a real federation on loopback: TLS SuperLink, one SuperNode per site, DP-SGD, FedAvg."""
     import time
@@ -94,8 +99,13 @@ def demo(
     started = time.monotonic()
     show_bar = stderr.is_terminal and not as_json
     bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=stderr, disable=not show_bar, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=not show_bar,
+        transient=False,
     )
     task = bar.add_task("rounds", total=rounds)
 

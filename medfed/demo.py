@@ -95,7 +95,9 @@ def _run_config(options: DemoOptions, results_path: Path, sites_root: Path) -> d
     }
 
 
-def _write_flwr_config(flwr_home: Path, port: int, pki: Provisioned, num_supernodes: int | None) -> None:
+def _write_flwr_config(
+    flwr_home: Path, port: int, pki: Provisioned, num_supernodes: int | None
+) -> None:
     lines = [
         "[superlink]",
         f'default = "{CONNECTION}"',
@@ -113,29 +115,42 @@ def _write_flwr_config(flwr_home: Path, port: int, pki: Provisioned, num_superno
 def _flwr(programs: _Programs, args: list[str], *, env: dict[str, str], what: str) -> str:
     """Run one `flwr` CLI command; its output, or a `DemoFailedError` with its last lines."""
     completed = subprocess.run(
-        [programs.flwr, *args], env=env, capture_output=True, text=True, timeout=120, check=False,
+        [programs.flwr, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         stdin=subprocess.DEVNULL,
     )
     if completed.returncode != 0:
         output = (completed.stdout + completed.stderr).strip().splitlines()[-8:]
-        raise DemoFailedError(f"{what} failed (flwr exit {completed.returncode}):\n" + "\n".join(output))
+        raise DemoFailedError(
+            f"{what} failed (flwr exit {completed.returncode}):\n" + "\n".join(output)
+        )
     return completed.stdout
 
 
 def _start_superlink(
     group: ProcessGroup, programs: _Programs, work: Path, pki: Provisioned, *, simulation: bool
 ) -> int:
-    """Start a TLS SuperLink on a free port (another one if that turns out busy); return the port."""
+    """Start a TLS SuperLink on a free port (another if that one is busy); return the port."""
     for attempt in range(3):
         port = free_port()
         argv = [
             programs.superlink,
-            "--ssl-ca-certfile", str(pki.ca_cert),
-            "--ssl-certfile", str(pki.server_cert),
-            "--ssl-keyfile", str(pki.server_key),
-            "--database", str(work / "superlink-state.db"),
-            "--host", "127.0.0.1",
-            "--port", str(port),
+            "--ssl-ca-certfile",
+            str(pki.ca_cert),
+            "--ssl-certfile",
+            str(pki.server_cert),
+            "--ssl-keyfile",
+            str(pki.server_key),
+            "--database",
+            str(work / "superlink-state.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
             "--disable-runtime-dependency-installation",
         ]
         argv += ["--simulation"] if simulation else ["--enable-supernode-auth"]
@@ -151,37 +166,57 @@ def _start_superlink(
 
 
 def _start_sites(
-    group: ProcessGroup, programs: _Programs, port: int, pki: Provisioned, sites_root: Path,
+    group: ProcessGroup,
+    programs: _Programs,
+    port: int,
+    pki: Provisioned,
+    sites_root: Path,
     env: dict[str, str],
 ) -> None:
     for keys in pki.sites:
-        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
-              what=f"registering {keys.site_id}'s key with the SuperLink")
+        _flwr(
+            programs,
+            ["supernode", "register", str(keys.public_key), CONNECTION],
+            env=env,
+            what=f"registering {keys.site_id}'s key with the SuperLink",
+        )
     for keys in pki.sites:
         node_config = f'site-id="{keys.site_id}" site-dir="{sites_root / keys.site_id}"'
         group.start(
             keys.site_id,
             [
                 programs.supernode,
-                "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(pki.ca_cert),
-                "--auth-supernode-private-key", str(keys.private_key),
-                "--node-config", node_config,
-                "--host", "127.0.0.1",
-                "--port", str(free_port()),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--root-certificates",
+                str(pki.ca_cert),
+                "--auth-supernode-private-key",
+                str(keys.private_key),
+                "--node-config",
+                node_config,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
             ],
             env={**env, "FLWR_HOME": str(sites_root / keys.site_id / ".flwr")},
         )
 
 
 def _submit(programs: _Programs, app_dir: Path, env: dict[str, str]) -> str:
-    output = _flwr(programs, ["run", str(app_dir), CONNECTION, "--format", "json"], env=env,
-                   what="submitting the run")
+    output = _flwr(
+        programs,
+        ["run", str(app_dir), CONNECTION, "--format", "json"],
+        env=env,
+        what="submitting the run",
+    )
     try:
         document = json.loads(output)
         return str(document["run-id"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DemoFailedError(f"flwr run answered something unexpected: {output.strip()[:200]}") from exc
+        raise DemoFailedError(
+            f"flwr run answered something unexpected: {output.strip()[:200]}"
+        ) from exc
 
 
 def _read_results(path: Path) -> RunResults | None:
@@ -223,7 +258,9 @@ def run_demo(options: DemoOptions, progress: Progress) -> RunResults:
     succeeded = False
     try:
         sites_root = work / "sites"
-        write_synthetic_consortium(sites_root, DEMO_CONTRACT, n_sites=options.sites, seed=options.seed)
+        write_synthetic_consortium(
+            sites_root, DEMO_CONTRACT, n_sites=options.sites, seed=options.seed
+        )
         pki = provision_loopback(work / "pki", site_ids(options.sites))
         flwr_home = work / "flwr-home"
         env = {"FLWR_HOME": str(flwr_home)}

@@ -116,11 +116,16 @@ class ProcessGroup:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop_all()
 
-    def start(self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> ManagedProcess:
+    def start(
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
         """Start `argv` in a new session with its output in `<log_dir>/<name>.log`."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
@@ -138,7 +143,7 @@ class ProcessGroup:
         return process
 
     def check_alive(self) -> None:
-        """Raise `ProcessDiedError` naming the first process that exited, with its last log lines."""
+        """Raise `ProcessDiedError` naming the first process that exited, with its last lines."""
         for process in self.processes:
             if process.died():
                 raise ProcessDiedError(

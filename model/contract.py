@@ -62,7 +62,9 @@ class StudyContract(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _feature(name: str, unit: str, lo: float, hi: float, mean: float, scale: float) -> NumericFeature:
+def _feature(
+    name: str, unit: str, lo: float, hi: float, mean: float, scale: float
+) -> NumericFeature:
     return NumericFeature(
         name=name, unit=unit, minimum=lo, maximum=hi, reference_mean=mean, reference_scale=scale
     )

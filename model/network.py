@@ -19,7 +19,6 @@ from model.presets import PRESETS, Preset, PresetName
 __all__ = ["MedModel", "PresetName", "arrays_sha256", "build_model", "load_arrays", "state_arrays"]
 
 
-
 class ClinicalEncoder(nn.Module):
     """Projects a vector of standardised clinical features into the hidden space."""
 
@@ -29,7 +28,8 @@ class ClinicalEncoder(nn.Module):
         self.activation = nn.GELU()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.project(features))
+        encoded: torch.Tensor = self.activation(self.project(features))
+        return encoded
 
 
 class FusionBlock(nn.Module):
@@ -38,10 +38,13 @@ class FusionBlock(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.norm(x))
+        residual: torch.Tensor = self.mlp(self.norm(x))
+        return x + residual
 
 
 class MedModel(nn.Module):
@@ -50,7 +53,9 @@ class MedModel(nn.Module):
     def __init__(self, n_features: int, preset: Preset) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict({"clinical": ClinicalEncoder(n_features, preset.hidden)})
-        self.fusion = nn.Sequential(*(FusionBlock(preset.hidden) for _ in range(preset.fusion_layers)))
+        self.fusion = nn.Sequential(
+            *(FusionBlock(preset.hidden) for _ in range(preset.fusion_layers))
+        )
         self.heads = nn.ModuleDict({"outcome": nn.Linear(preset.hidden, 1)})
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The network's size presets, from CPU-tiny upwards (no torch here, so light modules can check names)."""
+"""The network's size presets, from CPU-tiny upwards (no torch here: light modules check names)."""
 
 from __future__ import annotations
 

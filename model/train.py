@@ -35,7 +35,9 @@ class EvalResult:
     accuracy: float
 
 
-def _cycle(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _cycle(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         produced = False
         for batch in batches:
@@ -93,5 +95,8 @@ def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> 
     scores = logits.cpu().numpy()
     truth = labels.cpu().numpy()
     return EvalResult(
-        examples=len(labels), loss=loss, auroc=auroc(truth, scores), accuracy=accuracy(truth, scores)
+        examples=len(labels),
+        loss=loss,
+        auroc=auroc(truth, scores),
+        accuracy=accuracy(truth, scores),
     )

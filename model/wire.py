@@ -55,7 +55,9 @@ class WireError(ValueError):
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Named numpy arrays as an ArrayRecord (numpy's own format, never pickle)."""
-    return ArrayRecord({name: Array.from_numpy_ndarray(np.asarray(arrays[name])) for name in arrays})
+    return ArrayRecord(
+        {name: Array.from_numpy_ndarray(np.asarray(arrays[name])) for name in arrays}
+    )
 
 
 def record_to_arrays(content: RecordDict, key: str = ARRAYS) -> dict[str, np.ndarray]:
@@ -101,4 +103,4 @@ def get_value(content: RecordDict, record: str, key: str, kind: type[T]) -> T:
 
 
 _NAN_ALLOWED = frozenset({EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, TRAIN_LOSS})
-"""Metrics that are undefined (NaN) in honest edge cases: one class only, or no held-out patients."""
+"""Metrics that are undefined (NaN) in honest edge cases: one class only, or no held-out rows."""

@@ -99,6 +99,6 @@ def make_private(
             noise_generator=_secure_generator(),
             grad_sample_mode=GRAD_SAMPLE_MODE,
         )
-    private_loader.batch_sampler.generator = _secure_generator()  # type: ignore[union-attr]
+    private_loader.batch_sampler.generator = _secure_generator()
     sample_rate = 1.0 / len(private_loader)
     return PrivateTraining(private_model, private_optimizer, private_loader, sample_rate)

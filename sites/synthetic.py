@@ -40,8 +40,10 @@ def _site_rows(
     contract: StudyContract, rng: np.random.Generator, index: int, patients: int
 ) -> tuple[np.ndarray, np.ndarray]:
     n_features = len(contract.features)
-    weights = _TRUE_WEIGHTS[:n_features] if n_features <= len(_TRUE_WEIGHTS) else rng.normal(
-        0, 0.6, n_features
+    weights = (
+        _TRUE_WEIGHTS[:n_features]
+        if n_features <= len(_TRUE_WEIGHTS)
+        else rng.normal(0, 0.6, n_features)
     )
     shift = rng.normal(0.0, 0.35, n_features)  # each hospital's case mix
     standardised = rng.normal(shift, 1.0, (patients, n_features))

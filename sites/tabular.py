@@ -57,7 +57,9 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError([DataProblem(name, None, None, f"cannot be read ({exc.strerror})")]) from exc
+        raise DataError(
+            [DataProblem(name, None, None, f"cannot be read ({exc.strerror})")]
+        ) from exc
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -80,7 +82,9 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
             problems.append(DataProblem(name, row_number, contract.patient_id, "is empty"))
         elif patient_id in seen_ids:
             problems.append(
-                DataProblem(name, row_number, contract.patient_id, f"repeats patient {patient_id!r}")
+                DataProblem(
+                    name, row_number, contract.patient_id, f"repeats patient {patient_id!r}"
+                )
             )
         seen_ids.add(patient_id)
         values: list[float] = []
@@ -88,7 +92,9 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
             cell = (row[feature.name] or "").strip()
             value = _parse_number(cell)
             if value is None:
-                problems.append(DataProblem(name, row_number, feature.name, f"{cell!r} is not a number"))
+                problems.append(
+                    DataProblem(name, row_number, feature.name, f"{cell!r} is not a number")
+                )
             elif not feature.minimum <= value <= feature.maximum:
                 problems.append(
                     DataProblem(
@@ -103,7 +109,9 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
                 values.append((value - feature.reference_mean) / feature.reference_scale)
         outcome = (row[contract.outcome] or "").strip()
         if outcome not in ("0", "1"):
-            problems.append(DataProblem(name, row_number, contract.outcome, f"{outcome!r} is not 0 or 1"))
+            problems.append(
+                DataProblem(name, row_number, contract.outcome, f"{outcome!r} is not 0 or 1")
+            )
         if len(values) == len(contract.features) and outcome in ("0", "1"):
             rows.append((patient_id, values, int(outcome)))
     if problems:
