@@ -36,6 +36,8 @@ def accuracy(labels: np.ndarray, scores: np.ndarray, *, threshold: float = 0.0) 
     """Share of samples whose score falls on the side of `threshold` that their label says."""
     labels = np.asarray(labels).astype(bool)
     predictions = np.asarray(scores) > threshold
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels {labels.shape} and scores {predictions.shape} differ in shape")
     if labels.size == 0:
         return float("nan")
     return float((predictions == labels).mean())

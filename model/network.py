@@ -105,12 +105,15 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """A digest of named arrays that does not depend on dict order: names, dtypes, shapes, bytes."""
+    """A digest of named arrays, independent of dict order: names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
-        digest.update(name.encode())
-        digest.update(str(array.dtype).encode())
-        digest.update(str(tuple(array.shape)).encode())
-        digest.update(array.tobytes())
+        for field in (name.encode(), str(array.dtype).encode(), str(array.shape).encode()):
+            # Each field is length-prefixed, so no two different inputs frame alike.
+            digest.update(len(field).to_bytes(8, "big"))
+            digest.update(field)
+        data = array.tobytes()
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
     return digest.hexdigest()

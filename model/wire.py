@@ -68,8 +68,8 @@ def record_to_arrays(content: RecordDict, key: str = ARRAYS) -> dict[str, np.nda
     for name, array in content.array_records[key].items():
         try:
             arrays[name] = array.numpy()
-        except (TypeError, ValueError) as exc:
-            raise WireError(f"array {name!r} is not a numpy array: {exc}") from exc
+        except Exception as exc:  # numpy's decoder raises many kinds on corrupt bytes
+            raise WireError(f"array {name!r} is not a valid numpy array: {exc}") from exc
     return arrays
 
 
@@ -94,7 +94,10 @@ def get_value(content: RecordDict, record: str, key: str, kind: type[T]) -> T:
     if isinstance(value, bool):
         raise WireError(f"{record}.{key}: expected {kind.__name__}, got bool")
     if kind is float and isinstance(value, int):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError as exc:
+            raise WireError(f"{record}.{key}: {value} is too large") from exc
     if not isinstance(value, kind):
         raise WireError(f"{record}.{key}: expected {kind.__name__}, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value) and key not in _NAN_ALLOWED:

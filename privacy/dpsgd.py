@@ -7,6 +7,7 @@ cryptographic source (`secrets`), never from a fixed or guessable seed.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ class DpSgdSettings:
     sample_rate: float
 
     def __post_init__(self) -> None:
-        if not self.max_grad_norm > 0:
-            raise DpConfigError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise DpConfigError(
+                f"max_grad_norm must be positive and finite, got {self.max_grad_norm}"
+            )
         # The event validates noise and rate.
         DpSgdEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
 
@@ -73,9 +76,9 @@ def make_private(
 ) -> PrivateTraining:
     """Wrap `model` for DP-SGD over `dataset` (one row per patient) with plain SGD.
 
-    The batch size is chosen so that Opacus's Poisson sampling rate (1 / batches
-    per epoch) is the nearest it can get to `settings.sample_rate`; the rate it
-    really uses is returned and is what the ledger must record.
+    The batch size is chosen so that Opacus's Poisson sampling rate is the nearest
+    it can get to `settings.sample_rate`; the rate its sampler really uses is
+    returned and is what the ledger must record.
     """
     n = len(dataset)
     if n < 2:
@@ -100,5 +103,5 @@ def make_private(
             grad_sample_mode=GRAD_SAMPLE_MODE,
         )
     private_loader.batch_sampler.generator = _secure_generator()
-    sample_rate = 1.0 / len(private_loader)
+    sample_rate = float(private_loader.sample_rate)
     return PrivateTraining(private_model, private_optimizer, private_loader, sample_rate)

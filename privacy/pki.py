@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from privacy.errors import PkiError
 CA_CERT_NAME = "ca.pem"
 SERVER_CERT_NAME = "superlink.pem"
 SERVER_KEY_NAME = "superlink.key"
+SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""Site ids name folders and files, so they may hold no path separators or dots."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ def create_ca(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=valid_days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -139,6 +143,10 @@ def issue_server_certificate(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=valid_days))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
@@ -170,6 +178,12 @@ def provision_loopback(
     """Provision a CA, a SuperLink certificate for `hosts` and one key pair per site."""
     if len(set(site_ids)) != len(site_ids):
         raise PkiError(f"site ids must be unique, got {list(site_ids)}")
+    for site_id in site_ids:
+        if not SITE_ID_PATTERN.fullmatch(site_id):
+            raise PkiError(
+                f"site id {site_id!r} must be 1-64 letters, digits, '-' or '_', starting with a"
+                " letter or digit"
+            )
     ca_key, ca_cert = create_ca("medfed consortium CA", valid_days=valid_days)
     server_key, server_cert = issue_server_certificate(
         ca_key, ca_cert, hosts=hosts, valid_days=valid_days
