@@ -21,8 +21,8 @@ from privacy.errors import PrivacyError
 from sites.errors import SiteError
 
 if TYPE_CHECKING:
+    from client.protocol import ModelCheck
     from client.trainer import SiteTrainer
-    from model.train import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,14 @@ def _preset(content: RecordDict) -> PresetName:
     return preset  # type: ignore[return-value]
 
 
-def _eval_metrics(result: EvalResult) -> dict[str, int | float | list[int] | list[float]]:
+def _check_metrics(check: ModelCheck) -> dict[str, int | float | list[int] | list[float]]:
     return {
-        wire.EVAL_EXAMPLES: result.examples,
-        wire.EVAL_LOSS: result.loss,
-        wire.EVAL_AUROC: result.auroc,
-        wire.EVAL_ACCURACY: result.accuracy,
+        wire.NUM_EXAMPLES: check.train_examples,
+        wire.MODEL_TRAIN_LOSS: check.train_loss,
+        wire.EVAL_EXAMPLES: check.held_out.examples,
+        wire.EVAL_LOSS: check.held_out.loss,
+        wire.EVAL_AUROC: check.held_out.auroc,
+        wire.EVAL_ACCURACY: check.held_out.accuracy,
     }
 
 
@@ -110,10 +112,9 @@ def train(msg: Message, context: Context) -> Message:
         return _refusal(msg, context, str(exc))
     metrics = MetricRecord(
         {
-            wire.NUM_EXAMPLES: reply.num_examples,
-            wire.TRAIN_LOSS: reply.train_loss,
+            wire.LOCAL_LOSS: reply.local_loss,
             wire.EPSILON: reply.epsilon,
-            **_eval_metrics(reply.incoming_eval),
+            **_check_metrics(reply.incoming),
         }
     )
     content = RecordDict(
@@ -146,7 +147,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _refusal(msg, context, str(exc))
     content = RecordDict(
         {
-            wire.METRICS: MetricRecord(_eval_metrics(reply.result)),
+            wire.METRICS: MetricRecord(_check_metrics(reply.result)),
             wire.SITE: ConfigRecord({wire.SITE_ID: reply.site_id}),
         }
     )

@@ -33,15 +33,29 @@ class TrainRequest:
 
 
 @dataclass(frozen=True)
+class ModelCheck:
+    """How a received global model does at this site: its loss on the training patients
+    and its metrics on the held-out patients."""
+
+    train_examples: int
+    train_loss: float
+    held_out: EvalResult
+
+
+@dataclass(frozen=True)
 class TrainReply:
-    """The site's update, its spend and the incoming model's local evaluation."""
+    """The site's update, its spend, and how the model it received did here."""
 
     site_id: str
     arrays: dict[str, np.ndarray]
-    num_examples: int
-    train_loss: float
+    local_loss: float
     epsilon: float
-    incoming_eval: EvalResult
+    incoming: ModelCheck
+
+    @property
+    def num_examples(self) -> int:
+        """Patients the update was trained on: the weight of this update in FedAvg."""
+        return self.incoming.train_examples
 
 
 @dataclass(frozen=True)
@@ -58,7 +72,7 @@ class EvaluateRequest:
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """Metrics of the global model on the site's held-out patients."""
+    """How the global model does at this site."""
 
     site_id: str
-    result: EvalResult
+    result: ModelCheck

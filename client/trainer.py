@@ -18,7 +18,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from client.errors import SiteRefusal
-from client.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+from client.protocol import (
+    EvaluateReply,
+    EvaluateRequest,
+    ModelCheck,
+    TrainReply,
+    TrainRequest,
+)
 from model.contract import StudyContract
 from model.network import (
     MedModel,
@@ -81,8 +87,23 @@ class SiteTrainer:
         return model
 
     def _eval_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(self._table.eval_features), torch.from_numpy(
-            self._table.eval_labels
+        return (
+            torch.from_numpy(self._table.eval_features),
+            torch.from_numpy(self._table.eval_labels),
+        )
+
+    def _train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.from_numpy(self._table.train_features),
+            torch.from_numpy(self._table.train_labels),
+        )
+
+    def _check(self, model: MedModel) -> ModelCheck:
+        on_train = evaluate(model, *self._train_tensors())
+        return ModelCheck(
+            train_examples=on_train.examples,
+            train_loss=on_train.loss,
+            held_out=evaluate(model, *self._eval_tensors()),
         )
 
     def train(self, request: TrainRequest) -> TrainReply:
@@ -101,15 +122,13 @@ class SiteTrainer:
         model = self._model_for(
             request.arrays, request.model_sha256, request.preset, request.n_features
         )
-        incoming = evaluate(model, *self._eval_tensors())
+        incoming = self._check(model)
         settings = DpSgdSettings(
             noise_multiplier=request.noise_multiplier,
             max_grad_norm=request.max_grad_norm,
             sample_rate=request.sample_rate,
         )
-        train_set = TensorDataset(
-            torch.from_numpy(self._table.train_features), torch.from_numpy(self._table.train_labels)
-        )
+        train_set = TensorDataset(*self._train_tensors())
         private = make_private(
             model, train_set, settings=settings, learning_rate=request.learning_rate
         )
@@ -119,7 +138,7 @@ class SiteTrainer:
             result = train_steps(
                 private.model, private.optimizer, private.loader, steps=request.local_steps
             )
-        self._ledger.record(
+        recorded = self._ledger.record(
             SpendRecord(
                 dataset=dataset,
                 study=STUDY_NAME,
@@ -129,6 +148,13 @@ class SiteTrainer:
                 delta=request.delta,
             )
         )
+        if not recorded:
+            # Another process trained this round meanwhile and recorded it first; its
+            # update is the one that may leave, this one is withheld.
+            raise SiteRefusal(
+                f"run {request.run_id} round {request.round} was trained here concurrently;"
+                " withholding this second update so privacy is not spent twice"
+            )
         epsilon = self._ledger.epsilon(dataset, delta=request.delta)
         log.info(
             "site %s round %s: %d steps, loss %.4f, epsilon %.3f",
@@ -141,10 +167,9 @@ class SiteTrainer:
         return TrainReply(
             site_id=self.site_id,
             arrays=state_arrays(model),
-            num_examples=len(train_set),
-            train_loss=result.mean_loss,
+            local_loss=result.mean_loss,
             epsilon=epsilon,
-            incoming_eval=incoming,
+            incoming=incoming,
         )
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
@@ -152,4 +177,4 @@ class SiteTrainer:
         model = self._model_for(
             request.arrays, request.model_sha256, request.preset, request.n_features
         )
-        return EvaluateReply(site_id=self.site_id, result=evaluate(model, *self._eval_tensors()))
+        return EvaluateReply(site_id=self.site_id, result=self._check(model))

@@ -22,6 +22,9 @@ def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict[str,
     for arrays, _ in updates:
         if set(arrays) != names:
             raise ValueError("updates name different arrays")
+        for name in names:
+            if arrays[name].shape != updates[0][0][name].shape:
+                raise ValueError(f"array {name} differs in shape between updates")
     averaged: dict[str, np.ndarray] = {}
     for name in sorted(names):
         accumulator = np.zeros(updates[0][0][name].shape, dtype=np.float64)

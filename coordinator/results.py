@@ -19,16 +19,25 @@ RunStatus = Literal["waiting", "running", "completed", "failed"]
 
 @dataclass
 class RoundRecord:
-    """One round: who took part, mean training loss, the new model's metric, epsilon per site."""
+    """One round: who took part, how the new global model does, and epsilon per site.
+
+    `loss` (the new model's loss on all sites' training patients) and `metric` (its
+    AUROC on their held-out patients) are reported by the sites when they next
+    receive the model, so they fill in one round later (after the final evaluation
+    for the last round). `local_loss` is the mean DP-SGD mini-batch loss during the
+    round's local steps.
+    """
 
     round: int
     participants: list[str]
-    loss: float | None
+    local_loss: float | None = None
+    loss: float | None = None
     metric: float | None = None
     metric_name: str = "auroc"
     epsilon_by_site: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     model_sha256: str = ""
+    duration_s: float = 0.0
 
 
 @dataclass
@@ -39,6 +48,7 @@ class RunResults:
     status: RunStatus
     num_rounds: int
     sites: list[str] = field(default_factory=list)
+    initial_loss: float | None = None
     initial_metric: float | None = None
     per_round: list[RoundRecord] = field(default_factory=list)
     error: str | None = None

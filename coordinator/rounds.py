@@ -20,6 +20,7 @@ from coordinator.errors import RoundFailedError
 from coordinator.results import RoundRecord, RunResults
 from coordinator.study import StudySettings
 from coordinator.validate import (
+    ModelCheck,
     Rejection,
     SiteEval,
     SiteUpdate,
@@ -122,20 +123,34 @@ def _weighted(values: Iterable[tuple[float, int]]) -> float | None:
 
 
 def _split(
-    results: Iterable[SiteUpdate | SiteEval | Rejection],
+    results: Iterable[SiteUpdate | SiteEval | Rejection], known_sites: dict[int, str]
 ) -> tuple[list[SiteUpdate | SiteEval], dict[str, str]]:
+    """Accepted replies (one per site) and the reasons for the rest, keyed by site id.
+
+    `known_sites` maps node ids to site ids seen in earlier valid replies, so an error
+    reply (which carries no content) is still listed under its site's name.
+    """
     accepted: list[SiteUpdate | SiteEval] = []
     rejected: dict[str, str] = {}
     seen_sites: set[str] = set()
     for result in results:
         if isinstance(result, Rejection):
-            rejected[result.site_id or f"node-{result.node_id}"] = result.reason
+            site = result.site_id or known_sites.get(result.node_id, f"node-{result.node_id}")
+            rejected[site] = result.reason
         elif result.site_id in seen_sites:
             rejected[result.site_id] = "a second reply from the same site in one round"
         else:
             seen_sites.add(result.site_id)
+            known_sites[result.node_id] = result.site_id
             accepted.append(result)
     return accepted, rejected
+
+
+def _scores(checks: Sequence[ModelCheck]) -> tuple[float | None, float | None]:
+    """A model's training loss and held-out AUROC over all sites, weighted by patients."""
+    loss = _weighted((check.train_loss, check.num_examples) for check in checks)
+    auroc = _weighted((check.eval_auroc, check.eval_examples) for check in checks)
+    return loss, auroc
 
 
 def run_study(
@@ -163,6 +178,15 @@ def run_study(
     return results
 
 
+def _record_scores(results: RunResults, checks: Sequence[ModelCheck]) -> None:
+    """Scores of the model the sites just received: the initial one, or the last round's."""
+    loss, auroc = _scores(checks)
+    if results.per_round:
+        results.per_round[-1].loss, results.per_round[-1].metric = loss, auroc
+    else:
+        results.initial_loss, results.initial_metric = loss, auroc
+
+
 def _run_rounds(
     grid: Grid,
     study: StudySettings,
@@ -175,7 +199,9 @@ def _run_rounds(
     global_arrays = state_arrays(
         build_model(study.preset, n_features=len(contract.features), seed=study.seed)
     )
+    known_sites: dict[int, str] = {}
     for round_number in range(1, study.num_rounds + 1):
+        started = time.monotonic()
         nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
         replies = exchange(
             grid,
@@ -185,7 +211,9 @@ def _run_rounds(
             group=str(round_number),
             timeout_s=study.round_timeout_s,
         )
-        accepted, rejected = _split(validate_train_reply(reply, global_arrays) for reply in replies)
+        accepted, rejected = _split(
+            (validate_train_reply(reply, global_arrays) for reply in replies), known_sites
+        )
         updates = [update for update in accepted if isinstance(update, SiteUpdate)]
         for site, reason in rejected.items():
             log.warning("round %d: reply of %s rejected: %s", round_number, site, reason)
@@ -195,35 +223,37 @@ def _run_rounds(
                 f"round {round_number}: {len(updates)} valid replies of {len(nodes)} sites,"
                 f" the study needs {study.min_sites}" + (f" ({reasons})" if reasons else "")
             )
-        incoming_metric = _weighted((u.eval_auroc, u.eval_examples) for u in updates)
-        if round_number == 1:
-            results.initial_metric = incoming_metric
-        else:
-            results.per_round[-1].metric = incoming_metric
+        _record_scores(results, [update.check for update in updates])
         global_arrays = fedavg([(update.arrays, update.num_examples) for update in updates])
         results.sites = sorted({*results.sites, *(update.site_id for update in updates)})
         results.per_round.append(
             RoundRecord(
                 round=round_number,
                 participants=sorted(update.site_id for update in updates),
-                loss=_weighted((u.train_loss, u.num_examples) for u in updates),
-                epsilon_by_site={update.site_id: update.epsilon for update in updates},
+                local_loss=_weighted((u.local_loss, u.num_examples) for u in updates),
+                epsilon_by_site={u.site_id: u.epsilon for u in sorted(updates, key=_by_site)},
                 rejected=rejected,
                 model_sha256=arrays_sha256(global_arrays),
+                duration_s=round(time.monotonic() - started, 3),
             )
         )
         report(results)
-    results.per_round[-1].metric = final_metric(grid, study, contract, run_id, global_arrays)
+    _record_scores(results, final_checks(grid, study, contract, run_id, global_arrays, known_sites))
 
 
-def final_metric(
+def _by_site(update: SiteUpdate) -> str:
+    return update.site_id
+
+
+def final_checks(
     grid: Grid,
     study: StudySettings,
     contract: StudyContract,
     run_id: str,
     arrays: Mapping[str, np.ndarray],
-) -> float | None:
-    """The final model's metric over every site's held-out patients (weighted by their count)."""
+    known_sites: dict[int, str],
+) -> list[ModelCheck]:
+    """How the final model does at every connected site (an EVALUATE message to each)."""
     nodes = sorted(grid.get_node_ids())
     replies = exchange(
         grid,
@@ -233,7 +263,7 @@ def final_metric(
         group="final",
         timeout_s=study.round_timeout_s,
     )
-    accepted, rejected = _split(validate_eval_reply(reply) for reply in replies)
+    accepted, rejected = _split((validate_eval_reply(reply) for reply in replies), known_sites)
     for site, reason in rejected.items():
         log.warning("final evaluation: reply of %s rejected: %s", site, reason)
-    return _weighted((e.eval_auroc, e.eval_examples) for e in accepted if isinstance(e, SiteEval))
+    return [result.check for result in accepted if isinstance(result, SiteEval)]

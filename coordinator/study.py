@@ -14,7 +14,7 @@ from model.presets import PresetName
 class StudySettings(BaseModel):
     """What a run trains, how, and for how long. Keys are the run config's, with hyphens."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     num_rounds: int = Field(alias="num-server-rounds", ge=1, le=10_000)
     local_steps: int = Field(alias="local-steps", ge=1, le=1_000_000)

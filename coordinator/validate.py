@@ -16,18 +16,31 @@ MAX_EXAMPLES = 10_000_000
 
 
 @dataclass(frozen=True)
+class ModelCheck:
+    """How the model a site received did there: on its training and held-out patients."""
+
+    num_examples: int
+    train_loss: float
+    eval_examples: int
+    eval_auroc: float
+    eval_loss: float
+
+
+@dataclass(frozen=True)
 class SiteUpdate:
     """A validated training reply."""
 
     node_id: int
     site_id: str
     arrays: dict[str, np.ndarray]
-    num_examples: int
-    train_loss: float
+    local_loss: float
     epsilon: float
-    eval_examples: int
-    eval_auroc: float
-    eval_loss: float
+    check: ModelCheck
+
+    @property
+    def num_examples(self) -> int:
+        """Patients the update was trained on: its weight in FedAvg."""
+        return self.check.num_examples
 
 
 @dataclass(frozen=True)
@@ -36,9 +49,7 @@ class SiteEval:
 
     node_id: int
     site_id: str
-    eval_examples: int
-    eval_auroc: float
-    eval_loss: float
+    check: ModelCheck
 
 
 @dataclass(frozen=True)
@@ -74,15 +85,23 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
             raise wire.WireError(f"array {name}: contains NaN or Inf")
 
 
-def _eval_fields(reply: Message) -> tuple[int, float, float]:
-    examples = wire.get_value(reply.content, wire.METRICS, wire.EVAL_EXAMPLES, int)
-    if not 0 <= examples <= MAX_EXAMPLES:
-        raise wire.WireError(f"metrics.{wire.EVAL_EXAMPLES}: {examples} is out of range")
-    auroc = wire.get_value(reply.content, wire.METRICS, wire.EVAL_AUROC, float)
-    loss = wire.get_value(reply.content, wire.METRICS, wire.EVAL_LOSS, float)
+def _model_check(reply: Message) -> ModelCheck:
+    def metric(key: str, kind: type[wire.T]) -> wire.T:
+        return wire.get_value(reply.content, wire.METRICS, key, kind)
+
+    num_examples = metric(wire.NUM_EXAMPLES, int)
+    if not 1 <= num_examples <= MAX_EXAMPLES:
+        raise wire.WireError(f"metrics.{wire.NUM_EXAMPLES}: {num_examples} is out of range")
+    eval_examples = metric(wire.EVAL_EXAMPLES, int)
+    if not 0 <= eval_examples <= MAX_EXAMPLES:
+        raise wire.WireError(f"metrics.{wire.EVAL_EXAMPLES}: {eval_examples} is out of range")
+    train_loss = metric(wire.MODEL_TRAIN_LOSS, float)
+    if train_loss < 0:
+        raise wire.WireError(f"metrics.{wire.MODEL_TRAIN_LOSS}: {train_loss} is negative")
+    auroc = metric(wire.EVAL_AUROC, float)
     if not (math.isnan(auroc) or 0.0 <= auroc <= 1.0):
         raise wire.WireError(f"metrics.{wire.EVAL_AUROC}: {auroc} is not in [0, 1]")
-    return examples, auroc, loss
+    return ModelCheck(num_examples, train_loss, eval_examples, auroc, metric(wire.EVAL_LOSS, float))
 
 
 def _error_reason(reply: Message) -> str:
@@ -102,27 +121,14 @@ def validate_train_reply(
             raise wire.WireError(f"reply has no {wire.SITE}.{wire.SITE_ID}")
         arrays = wire.record_to_arrays(reply.content)
         check_arrays(arrays, reference)
-        num_examples = wire.get_value(reply.content, wire.METRICS, wire.NUM_EXAMPLES, int)
-        if not 1 <= num_examples <= MAX_EXAMPLES:
-            raise wire.WireError(f"metrics.{wire.NUM_EXAMPLES}: {num_examples} is out of range")
         epsilon = wire.get_value(reply.content, wire.METRICS, wire.EPSILON, float)
         if epsilon < 0:
             raise wire.WireError(f"metrics.{wire.EPSILON}: {epsilon} is negative")
-        train_loss = wire.get_value(reply.content, wire.METRICS, wire.TRAIN_LOSS, float)
-        eval_examples, eval_auroc, eval_loss = _eval_fields(reply)
+        local_loss = wire.get_value(reply.content, wire.METRICS, wire.LOCAL_LOSS, float)
+        check = _model_check(reply)
     except wire.WireError as exc:
         return Rejection(node_id, site_id, str(exc))
-    return SiteUpdate(
-        node_id,
-        site_id,
-        arrays,
-        num_examples,
-        train_loss,
-        epsilon,
-        eval_examples,
-        eval_auroc,
-        eval_loss,
-    )
+    return SiteUpdate(node_id, site_id, arrays, local_loss, epsilon, check)
 
 
 def validate_eval_reply(reply: Message) -> SiteEval | Rejection:
@@ -134,7 +140,7 @@ def validate_eval_reply(reply: Message) -> SiteEval | Rejection:
     try:
         if site_id is None:
             raise wire.WireError(f"reply has no {wire.SITE}.{wire.SITE_ID}")
-        examples, auroc, loss = _eval_fields(reply)
+        check = _model_check(reply)
     except wire.WireError as exc:
         return Rejection(node_id, site_id, str(exc))
-    return SiteEval(node_id, site_id, examples, auroc, loss)
+    return SiteEval(node_id, site_id, check)

@@ -55,20 +55,25 @@ def _round_table(results: object) -> Table:
     table = Table(title=f"run {results.run_id}: {results.rounds_completed} rounds")
     table.add_column("round", justify="right")
     table.add_column("sites")
-    table.add_column("train loss", justify="right")
+    table.add_column("train loss (global)", justify="right")
     table.add_column("AUROC (held-out)", justify="right")
     table.add_column("epsilon by site (delta 1e-5)")
-    if results.initial_metric is not None:
-        table.add_row("0", "", "", f"{results.initial_metric:.3f}", "")
+    table.add_row(
+        "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""
+    )
     for record in results.per_round:
         table.add_row(
             str(record.round),
-            ", ".join(record.participants),
-            "" if record.loss is None else f"{record.loss:.4f}",
-            "" if record.metric is None else f"{record.metric:.3f}",
-            ", ".join(f"{site} {eps:.2f}" for site, eps in record.epsilon_by_site.items()),
+            "\n".join(record.participants),
+            _number(record.loss, 4),
+            _number(record.metric, 3),
+            "\n".join(f"{site} {eps:.2f}" for site, eps in record.epsilon_by_site.items()),
         )
     return table
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 @app.command()
@@ -109,10 +114,14 @@ def demo(
     )
     task = bar.add_task("rounds", total=rounds)
 
+    announced = 0
+
     def progress(results: RunResults) -> None:
+        nonlocal announced
         bar.update(task, completed=results.rounds_completed)
-        if not show_bar and not as_json:
-            stderr.print(f"round {results.rounds_completed}/{rounds} done", highlight=False)
+        if not show_bar and not as_json and results.rounds_completed > announced:
+            announced = results.rounds_completed
+            stderr.print(f"round {announced}/{rounds} done", highlight=False)
 
     if not as_json:
         where = "Flower's simulation runtime" if simulation else "TLS, one SuperNode per site"
@@ -132,6 +141,7 @@ def demo(
             "rounds_completed": document["rounds_completed"],
             "sites": document["sites"],
             "per_round": document["per_round"],
+            "initial_loss": document["initial_loss"],
             "initial_metric": document["initial_metric"],
             "metric_name": "auroc",
             "wall_s": wall_s,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from coordinator.results import RunResults
 from medfed.app_bundle import build_app_dir
-from medfed.errors import DemoFailedError, MissingDependencyError, ProcessDiedError
-from medfed.processes import ProcessGroup, find_program, free_port, tail
+from medfed.errors import DemoFailedError, MissingDependencyError
+from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
 from model.contract import DEMO_CONTRACT
-from privacy.pki import Provisioned, provision_loopback
+from privacy.pki import Provisioned, SiteKeys, provision_loopback
 from sites.synthetic import site_ids, write_synthetic_consortium
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ FLWR_HINT = "pip install 'flwr==1.42.*'"
 RAY_HINT = "pip install 'flwr[simulation]==1.42.*'"
 CONNECTION = "medfed-demo"
 START_TIMEOUT_S = 60.0
+SUPERNODE_READY = "SuperNode ID:"
+"""What flwr 1.42's SuperNode logs once the SuperLink accepted its key over TLS."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class DemoOptions:
     rounds: int = 3
     simulation: bool = False
     local_steps: int = 30
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.2
     seed: int = 7
     timeout_s: float = 900.0
     keep: bool = False
@@ -82,11 +84,11 @@ def _run_config(options: DemoOptions, results_path: Path, sites_root: Path) -> d
     return {
         "num-server-rounds": options.rounds,
         "local-steps": options.local_steps,
-        "learning-rate": 0.5,
+        "learning-rate": 0.08,
         "noise-multiplier": options.noise_multiplier,
-        "max-grad-norm": 1.0,
+        "max-grad-norm": 5.0,
         "delta": 1e-5,
-        "sample-rate": 0.1,
+        "sample-rate": 0.05,
         "min-sites": options.sites,
         "round-timeout-s": 600.0,
         "seed": options.seed,
@@ -134,35 +136,26 @@ def _flwr(programs: _Programs, args: list[str], *, env: dict[str, str], what: st
 def _start_superlink(
     group: ProcessGroup, programs: _Programs, work: Path, pki: Provisioned, *, simulation: bool
 ) -> int:
-    """Start a TLS SuperLink on a free port (another if that one is busy); return the port."""
-    for attempt in range(3):
-        port = free_port()
-        argv = [
+    """Start a TLS SuperLink on a free loopback port; return the port once it is healthy."""
+
+    def argv(port: int) -> list[str]:
+        return [
             programs.superlink,
-            "--ssl-ca-certfile",
-            str(pki.ca_cert),
-            "--ssl-certfile",
-            str(pki.server_cert),
-            "--ssl-keyfile",
-            str(pki.server_key),
-            "--database",
-            str(work / "superlink-state.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
+            "--ssl-ca-certfile", str(pki.ca_cert),
+            "--ssl-certfile", str(pki.server_cert),
+            "--ssl-keyfile", str(pki.server_key),
+            "--database", str(work / "superlink-state.db"),
+            "--host", "127.0.0.1",
+            "--port", str(port),
             "--disable-runtime-dependency-installation",
-        ]
-        argv += ["--simulation"] if simulation else ["--enable-supernode-auth"]
-        process = group.start(f"superlink-{attempt}" if attempt else "superlink", argv)
-        try:
-            group.wait_for_port(process, port, timeout_s=START_TIMEOUT_S)
-            return port
-        except ProcessDiedError:
-            if "address already in use" not in tail(process.log_path, 40).lower() or attempt == 2:
-                raise
-            group.processes.remove(process)
-    raise AssertionError("unreachable")
+            *(["--simulation"] if simulation else ["--enable-supernode-auth"]),
+        ]  # fmt: skip
+
+    _, port = group.start_on_free_port(
+        "superlink", argv, lambda port, _: tls_health_ok(port, pki.ca_cert),
+        timeout_s=START_TIMEOUT_S,
+    )  # fmt: skip
+    return port
 
 
 def _start_sites(
@@ -173,34 +166,31 @@ def _start_sites(
     sites_root: Path,
     env: dict[str, str],
 ) -> None:
+    """Register every site's key, start its SuperNode, and wait until each has authenticated."""
     for keys in pki.sites:
-        _flwr(
-            programs,
-            ["supernode", "register", str(keys.public_key), CONNECTION],
-            env=env,
-            what=f"registering {keys.site_id}'s key with the SuperLink",
-        )
+        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
+              what=f"registering {keys.site_id}'s key with the SuperLink")  # fmt: skip
     for keys in pki.sites:
         node_config = f'site-id="{keys.site_id}" site-dir="{sites_root / keys.site_id}"'
-        group.start(
-            keys.site_id,
-            [
+
+        def argv(
+            runtime_port: int, keys: SiteKeys = keys, node_config: str = node_config
+        ) -> list[str]:
+            return [
                 programs.supernode,
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--root-certificates",
-                str(pki.ca_cert),
-                "--auth-supernode-private-key",
-                str(keys.private_key),
-                "--node-config",
-                node_config,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(free_port()),
-            ],
+                "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(pki.ca_cert),
+                "--auth-supernode-private-key", str(keys.private_key),
+                "--node-config", node_config,
+                "--host", "127.0.0.1",
+                "--port", str(runtime_port),
+            ]  # fmt: skip
+
+        group.start_on_free_port(
+            keys.site_id, argv, lambda _, process: log_contains(process, SUPERNODE_READY),
             env={**env, "FLWR_HOME": str(sites_root / keys.site_id / ".flwr")},
-        )
+            timeout_s=START_TIMEOUT_S,
+        )  # fmt: skip
 
 
 def _submit(programs: _Programs, app_dir: Path, env: dict[str, str]) -> str:

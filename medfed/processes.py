@@ -8,16 +8,19 @@ ServerApp). Processes are stopped by PID, never by name.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -65,10 +68,29 @@ def tagged_pids(tag: str) -> Iterator[int]:
             yield int(entry.name)
 
 
-def port_is_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.2)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+def tls_health_ok(port: int, ca_cert: Path) -> bool:
+    """True if a server on 127.0.0.1:`port` proves a certificate from our CA and is healthy.
+
+    Checking the certificate, not only the port, means a stranger already listening
+    on that port is never taken for our SuperLink.
+    """
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=context)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def log_contains(process: ManagedProcess, needle: str) -> bool:
+    """True once `needle` appears in the process's log."""
+    try:
+        return needle in process.log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
 
 
 def tail(path: Path, lines: int = 12) -> str:
@@ -152,18 +174,49 @@ class ProcessGroup:
                     f"{tail(process.log_path)}"
                 )
 
-    def wait_for_port(self, process: ManagedProcess, port: int, *, timeout_s: float) -> None:
-        """Wait until `port` accepts connections; fail early if `process` exits."""
+    def wait_until_ready(
+        self, process: ManagedProcess, ready: Callable[[], bool], *, timeout_s: float
+    ) -> None:
+        """Wait until `ready()` is true; fail early, with its last lines, if `process` exits."""
         deadline = time.monotonic() + timeout_s
-        while not port_is_open(port):
+        while not ready():
             if process.died():
                 self.check_alive()
             if time.monotonic() > deadline:
                 raise ProcessDiedError(
-                    f"{process.name} did not open port {port} within {timeout_s:g} s; last lines of"
+                    f"{process.name} was not ready within {timeout_s:g} s; last lines of"
                     f" {process.log_path}:\n{tail(process.log_path)}"
                 )
-            time.sleep(0.1)
+            time.sleep(0.2)
+
+    def start_on_free_port(
+        self,
+        name: str,
+        argv_for: Callable[[int], Sequence[str]],
+        ready: Callable[[int, ManagedProcess], bool],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float,
+        attempts: int = 3,
+    ) -> tuple[ManagedProcess, int]:
+        """Start a server on a free loopback port and wait until `ready(port, process)`.
+
+        If the port was taken between choosing and binding it, try another one.
+        """
+        for attempt in range(1, attempts + 1):
+            port = free_port()
+            process = self.start(
+                name if attempt == 1 else f"{name}-try{attempt}", argv_for(port), env=env
+            )
+            try:
+                self.wait_until_ready(process, partial(ready, port, process), timeout_s=timeout_s)
+                return process, port
+            except ProcessDiedError:
+                busy = "address already in use" in tail(process.log_path, 60).lower()
+                if not busy or attempt == attempts:
+                    raise
+                self.processes.remove(process)
+        raise AssertionError("unreachable")
 
     def stop(self, process: ManagedProcess) -> None:
         """Stop one process and everything in its session: SIGTERM, then SIGKILL after a grace."""

@@ -34,9 +34,11 @@ N_FEATURES: Final = "n-features"
 SITE_ID: Final = "site-id"
 
 # Keys of the METRICS record in a reply.
-NUM_EXAMPLES: Final = "num-examples"
-TRAIN_LOSS: Final = "train-loss"
-EPSILON: Final = "epsilon"
+NUM_EXAMPLES: Final = "num-examples"  # training patients; FedAvg's weight
+LOCAL_LOSS: Final = "local-loss"  # mean DP-SGD mini-batch loss over the local steps
+EPSILON: Final = "epsilon"  # the site's cumulative epsilon on this dataset
+# How the model the site received does there (both replies carry these):
+MODEL_TRAIN_LOSS: Final = "model-train-loss"  # its loss on the training patients
 EVAL_EXAMPLES: Final = "eval-examples"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_AUROC: Final = "eval-auroc"
@@ -105,5 +107,5 @@ def get_value(content: RecordDict, record: str, key: str, kind: type[T]) -> T:
     return value
 
 
-_NAN_ALLOWED = frozenset({EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, TRAIN_LOSS})
+_NAN_ALLOWED = frozenset({EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, LOCAL_LOSS})
 """Metrics that are undefined (NaN) in honest edge cases: one class only, or no held-out rows."""

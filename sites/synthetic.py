@@ -66,7 +66,7 @@ def write_synthetic_consortium(
     rng = np.random.default_rng(seed)
     written: list[SyntheticSite] = []
     for index, site_id in enumerate(site_ids(n_sites)):
-        patients = int(rng.integers(160, 420))
+        patients = int(rng.integers(2000, 5000))
         values, outcomes = _site_rows(contract, rng, index, patients)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +54,26 @@ def _parse_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _records(
+    reader: csv.DictReader[str], name: str, problems: list[DataProblem]
+) -> Iterator[tuple[int, dict[str | Any, str | Any]]]:
+    """Each record with the file's line number where it ends (blank lines counted, as an
+    editor shows them); a CSV syntax error becomes a problem and ends the reading."""
+    while True:
+        starts_at = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # The record that failed starts right after the last one read.
+            problems.append(
+                DataProblem(name, starts_at, None, f"starts a record that is not valid CSV ({exc})")
+            )
+            return
+        yield reader.line_num, row
+
+
 def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
     """Read and validate `path`; raise `DataError` naming every problem found."""
     name = str(path)
@@ -64,8 +87,11 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError([DataProblem(name, None, None, "is not UTF-8 text")]) from exc
-    reader = csv.DictReader(text.splitlines())
-    header = reader.fieldnames or []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        raise DataError([DataProblem(name, 1, None, f"is not valid CSV ({exc})")]) from exc
     required = [contract.patient_id, *contract.feature_names, contract.outcome]
     missing = [column for column in required if column not in header]
     if missing:
@@ -73,7 +99,7 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
     problems: list[DataProblem] = []
     seen_ids: set[str] = set()
     rows: list[tuple[str, list[float], int]] = []
-    for row_number, row in enumerate(reader, start=2):
+    for row_number, row in _records(reader, name, problems):
         if None in row:
             problems.append(DataProblem(name, row_number, None, "has more fields than the header"))
             continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import tokenize
 import warnings
 from typing import Any
 
@@ -26,7 +25,7 @@ with warnings.catch_warnings():
     from model.network import build_model, state_arrays
     from model.wire import WireError, arrays_to_record, get_value, record_to_arrays
 
-NAN_ALLOWED = {wire.EVAL_AUROC, wire.EVAL_LOSS, wire.EVAL_ACCURACY, wire.TRAIN_LOSS}
+NAN_ALLOWED = {wire.EVAL_AUROC, wire.EVAL_LOSS, wire.EVAL_ACCURACY, wire.LOCAL_LOSS}
 INT64 = {"min_value": -(2**63), "max_value": 2**63 - 1}
 
 
@@ -194,7 +193,7 @@ def test_non_finite_float_is_a_wire_error(value: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", [wire.EVAL_AUROC, wire.EVAL_LOSS, wire.EVAL_ACCURACY, wire.TRAIN_LOSS]
+    "key", [wire.EVAL_AUROC, wire.EVAL_LOSS, wire.EVAL_ACCURACY, wire.LOCAL_LOSS]
 )
 def test_nan_is_allowed_for_metrics_undefined_in_edge_cases(key: str) -> None:
     assert math.isnan(get_value(content(metrics={key: math.nan}), wire.METRICS, key, float))
@@ -215,7 +214,7 @@ config_values = st.one_of(
     st.lists(st.text(max_size=3), max_size=3),
 )
 keys = st.sampled_from(
-    [wire.ROUND, wire.SEED, wire.EVAL_AUROC, wire.TRAIN_LOSS, wire.EPSILON]
+    [wire.ROUND, wire.SEED, wire.EVAL_AUROC, wire.LOCAL_LOSS, wire.EPSILON]
 ) | st.text(max_size=6)
 
 

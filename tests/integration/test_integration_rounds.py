@@ -1,0 +1,495 @@
+"""run_study end to end in-process: the real round loop, over a fake Grid, against the real
+ClientApp handlers of sites whose synthetic tables and privacy ledgers live in tmp_path."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from flwr.app import Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+
+from client import client_app
+from client.trainer import LEDGER_NAME
+from coordinator.errors import RoundFailedError
+from coordinator.results import RunResults
+from coordinator.rounds import run_study
+from coordinator.study import StudySettings
+from model import wire
+from model.contract import DEMO_CONTRACT as CONTRACT
+from model.network import arrays_sha256, build_model, state_arrays
+from privacy.ledger import PrivacyLedger
+from sites.synthetic import TABLE_NAME, write_synthetic_consortium
+from sites.tabular import SiteTable, read_site_table
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+RUN_ID = "run-integration"
+DELTA = 1e-5
+HANDLERS: Mapping[str, Callable[[Message, Context], Message]] = {
+    MessageType.TRAIN: client_app.train,
+    MessageType.EVALUATE: client_app.evaluate,
+}
+
+Arrays = dict[str, np.ndarray]
+InTransit = Callable[[int, Message], Message]
+
+
+@dataclass
+class Delivery:
+    """One instruction as a site received it, and the site's reply."""
+
+    node: int
+    message_type: str
+    group: str
+    arrays: Arrays
+    reply: Message
+
+
+@dataclass
+class FakeGrid:
+    """A Grid in memory: each pushed instruction goes straight to its node's ClientApp handler.
+
+    `in_transit` may replace a message on its way to a node; nodes in `silent` get their
+    instructions but their replies never arrive.
+    """
+
+    contexts: Mapping[int, Context]
+    in_transit: InTransit | None = None
+    silent: frozenset[int] = frozenset()
+    deliveries: list[Delivery] = field(default_factory=list)
+    pushed: int = 0
+    _replies: dict[str, Message] = field(default_factory=dict)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            self.pushed += 1
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's InMemoryGrid
+            node = message.metadata.dst_node_id
+            delivered = self.in_transit(node, message) if self.in_transit else message
+            handler = HANDLERS[message.metadata.message_type]
+            reply = handler(delivered, self.contexts[node])
+            self.deliveries.append(
+                Delivery(
+                    node,
+                    message.metadata.message_type,
+                    message.metadata.group_id,
+                    wire.record_to_arrays(delivered.content),
+                    reply,
+                )
+            )
+            if node not in self.silent:
+                self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def train_deliveries(self, group: int) -> list[Delivery]:
+        return [
+            d
+            for d in self.deliveries
+            if d.message_type == MessageType.TRAIN and d.group == str(group)
+        ]
+
+    def final_deliveries(self) -> list[Delivery]:
+        return [d for d in self.deliveries if d.message_type == MessageType.EVALUATE]
+
+
+# --- setting up a consortium ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Consortium:
+    root: Path
+    nodes: dict[int, str]  # node id -> site id
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / site
+
+    def node_of(self, site: str) -> int:
+        return next(node for node, name in self.nodes.items() if name == site)
+
+    def table(self, site: str) -> SiteTable:
+        return read_site_table(self.site_dir(site) / TABLE_NAME, CONTRACT)
+
+    def contexts(self) -> dict[int, Context]:
+        return {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"site-id": site, "site-dir": str(self.site_dir(site))},
+                state=RecordDict(),
+                run_config={},
+            )
+            for node, site in self.nodes.items()
+        }
+
+    def ledger(self, site: str) -> PrivacyLedger:
+        return PrivacyLedger(self.site_dir(site) / LEDGER_NAME)
+
+
+def consortium(tmp_path: Path, n_sites: int = 3) -> Consortium:
+    sites = write_synthetic_consortium(tmp_path, CONTRACT, n_sites=n_sites, seed=21)
+    # Node ids as a SuperLink hands them out: large and unordered.
+    return Consortium(
+        tmp_path, {7_000 + 13 * (n_sites - i): s.site_id for i, s in enumerate(sites)}
+    )
+
+
+def study(**changes: Any) -> StudySettings:
+    config = {
+        "num-server-rounds": 3,
+        "local-steps": 5,
+        "learning-rate": 0.1,
+        "noise-multiplier": 1.0,
+        "max-grad-norm": 1.0,
+        "delta": DELTA,
+        "sample-rate": 0.1,
+        "min-sites": 3,
+        "round-timeout-s": 30.0,
+        "seed": 7,
+    }
+    config.update({key.replace("_", "-"): value for key, value in changes.items()})
+    return StudySettings.from_run_config(config)
+
+
+def break_table(path: Path, line: int, column: str, cell: str) -> None:
+    """Write `cell` into `column` of the file's row `line` (the header is row 1)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    cells = lines[line - 1].split(",")
+    cells[header.index(column)] = cell
+    lines[line - 1] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+class Reports:
+    """Snapshots of every report run_study makes."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, object]] = []
+
+    def __call__(self, results: RunResults) -> None:
+        self.snapshots.append(results.to_json())
+
+    @property
+    def statuses(self) -> list[object]:
+        return [snapshot["status"] for snapshot in self.snapshots]
+
+
+def run(grid: FakeGrid, settings: StudySettings, reports: Reports | None = None) -> RunResults:
+    return run_study(
+        grid,  # type: ignore[arg-type]
+        settings,
+        CONTRACT,
+        run_id=RUN_ID,
+        report=reports if reports is not None else Reports(),
+        connect_timeout_s=5.0,
+    )
+
+
+# --- independent references -------------------------------------------------------------------
+
+
+def metric(reply: Message, key: str, kind: type[Any]) -> Any:
+    return wire.get_value(reply.content, wire.METRICS, key, kind)
+
+
+def reference_fedavg(deliveries: Sequence[Delivery]) -> Arrays:
+    """Plain weighted mean of the sites' replied arrays, in float64."""
+    weights = [metric(d.reply, wire.NUM_EXAMPLES, int) for d in deliveries]
+    arrays = [wire.record_to_arrays(d.reply.content) for d in deliveries]
+    return {
+        name: sum(a[name].astype(np.float64) * w for a, w in zip(arrays, weights, strict=True))
+        / sum(weights)
+        for name in arrays[0]
+    }
+
+
+def reference_epsilon(events: Iterable[Any], delta: float) -> float:
+    """Google's dp-accounting RDP over Opacus's orders (those >= 2)."""
+    accountant = rdp.RdpAccountant(orders=[a for a in RDPAccountant.DEFAULT_ALPHAS if a >= 2])
+    for event in events:
+        accountant.compose(
+            dp_accounting.PoissonSampledDpEvent(
+                event.sample_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier)
+            ),
+            event.steps,
+        )
+    return float(accountant.get_epsilon(delta))
+
+
+def weighted(pairs: Iterable[tuple[float, int]]) -> float:
+    pairs = [(value, weight) for value, weight in pairs if np.isfinite(value) and weight > 0]
+    return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+
+
+def assert_arrays_close(actual: Arrays, expected: Arrays) -> None:
+    assert actual.keys() == expected.keys()
+    for name in actual:
+        assert actual[name].dtype == np.float32
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+# --- the tests --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_study_runs_every_round_with_every_site(tmp_path: Path) -> None:
+    sites = consortium(tmp_path)
+    grid = FakeGrid(sites.contexts())
+    reports = Reports()
+    settings = study()
+
+    results = run(grid, settings, reports)
+
+    # Every round, every site took part and no reply was rejected.
+    assert results.status == "completed"
+    assert results.rounds_completed == 3
+    assert results.sites == sorted(sites.nodes.values())
+    for record in results.per_round:
+        assert record.participants == sorted(sites.nodes.values())
+        assert record.rejected == {}
+    assert all(not d.reply.has_error() for d in grid.deliveries)
+    assert reports.statuses[0] == "waiting"
+    assert reports.statuses[-1] == "completed"
+    assert [s["rounds_completed"] for s in reports.snapshots[1:4]] == [1, 2, 3]
+
+    # Round 1 starts from the study's seeded model; each later round from fedavg of the last.
+    initial = state_arrays(build_model("tiny", n_features=len(CONTRACT.features), seed=7))
+    for delivery in grid.train_deliveries(1):
+        assert arrays_sha256(delivery.arrays) == arrays_sha256(initial)
+    for round_number in (2, 3):
+        expected = reference_fedavg(grid.train_deliveries(round_number - 1))
+        for delivery in grid.train_deliveries(round_number):
+            assert_arrays_close(delivery.arrays, expected)
+        assert results.per_round[round_number - 2].model_sha256 == arrays_sha256(
+            grid.train_deliveries(round_number)[0].arrays
+        )
+
+    # The final global model is fedavg of the last round's site arrays.
+    final = grid.final_deliveries()
+    assert sorted(d.node for d in final) == sorted(sites.nodes)
+    expected_final = reference_fedavg(grid.train_deliveries(3))
+    for delivery in final:
+        assert_arrays_close(delivery.arrays, expected_final)
+    assert results.per_round[-1].model_sha256 == arrays_sha256(final[0].arrays)
+
+    # Each site's weight is its own count of training patients.
+    for delivery in grid.train_deliveries(1):
+        table = sites.table(sites.nodes[delivery.node])
+        assert metric(delivery.reply, wire.NUM_EXAMPLES, int) == len(table.train_labels)
+
+    # Metrics are the example-weighted means of what the sites reported.
+    def auroc_of(deliveries: Sequence[Delivery]) -> float:
+        return weighted(
+            (metric(d.reply, wire.EVAL_AUROC, float), metric(d.reply, wire.EVAL_EXAMPLES, int))
+            for d in deliveries
+        )
+
+    assert results.initial_metric == pytest.approx(auroc_of(grid.train_deliveries(1)))
+    assert results.per_round[0].metric == pytest.approx(auroc_of(grid.train_deliveries(2)))
+    assert results.per_round[2].metric == pytest.approx(auroc_of(final))
+
+    def loss_of(deliveries: Sequence[Delivery]) -> float:
+        return weighted(
+            (
+                metric(d.reply, wire.MODEL_TRAIN_LOSS, float),
+                metric(d.reply, wire.NUM_EXAMPLES, int),
+            )
+            for d in deliveries
+        )
+
+    # A round's loss is the new global model's, as the sites report it when they next
+    # receive it; its local loss is the mean DP-SGD loss of the round itself.
+    assert results.initial_loss == pytest.approx(loss_of(grid.train_deliveries(1)))
+    assert results.per_round[0].loss == pytest.approx(loss_of(grid.train_deliveries(2)))
+    assert results.per_round[2].loss == pytest.approx(loss_of(final))
+    assert results.per_round[0].local_loss == pytest.approx(
+        weighted(
+            (metric(d.reply, wire.LOCAL_LOSS, float), metric(d.reply, wire.NUM_EXAMPLES, int))
+            for d in grid.train_deliveries(1)
+        )
+    )
+
+
+@pytest.mark.slow
+def test_epsilon_per_site_grows_each_round_and_matches_its_ledger(tmp_path: Path) -> None:
+    sites = consortium(tmp_path, n_sites=2)
+    settings = study(min_sites=2)
+
+    results = run(FakeGrid(sites.contexts()), settings)
+
+    for site in sites.nodes.values():
+        epsilons = [record.epsilon_by_site[site] for record in results.per_round]
+        assert all(a < b for a, b in itertools.pairwise(epsilons)), epsilons
+
+        fingerprint = sites.table(site).fingerprint
+        ledger = sites.ledger(site)
+        rows = ledger.records(fingerprint)
+        assert [(r.run_id, r.round, r.event.steps) for r in rows] == [
+            (RUN_ID, k, 5) for k in (1, 2, 3)
+        ]
+        assert ledger.records() == rows  # nothing spent against any other dataset
+        assert epsilons[-1] == ledger.epsilon(fingerprint, delta=DELTA)
+        for k, epsilon in enumerate(epsilons, start=1):
+            reference = reference_epsilon([row.event for row in rows[:k]], DELTA)
+            assert epsilon == pytest.approx(reference, rel=1e-3)
+
+
+def test_a_site_with_a_bad_row_is_rejected_and_the_study_goes_on(tmp_path: Path) -> None:
+    sites = consortium(tmp_path)
+    table_path = sites.site_dir("hospital-2") / TABLE_NAME
+    break_table(table_path, 6, "age", "sixty")
+    broken_node = sites.node_of("hospital-2")
+    grid = FakeGrid(sites.contexts())
+
+    results = run(grid, study(num_server_rounds=2, min_sites=2))
+
+    assert results.status == "completed"
+    assert results.sites == ["hospital-1", "hospital-3"]
+    where = f"hospital-2: {table_path}, row 6, column age: 'sixty' is not a number"
+    for record in results.per_round:
+        assert record.participants == ["hospital-1", "hospital-3"]
+        assert list(record.rejected) == [f"node-{broken_node}"]
+        assert where in record.rejected[f"node-{broken_node}"]
+        assert "hospital-2" not in record.epsilon_by_site
+    for delivery in grid.deliveries:
+        if delivery.node == broken_node:
+            assert delivery.reply.has_error()
+            assert delivery.reply.error.code == client_app.ERROR_CODE_REFUSED
+    assert not (sites.site_dir("hospital-2") / LEDGER_NAME).exists()
+    # The final evaluation goes on without it too.
+    final = [d for d in grid.final_deliveries() if d.node != broken_node]
+    assert results.per_round[-1].metric == pytest.approx(
+        weighted(
+            (metric(d.reply, wire.EVAL_AUROC, float), metric(d.reply, wire.EVAL_EXAMPLES, int))
+            for d in final
+        )
+    )
+
+
+def test_too_few_valid_sites_fail_the_round(tmp_path: Path) -> None:
+    sites = consortium(tmp_path)
+    table_path = sites.site_dir("hospital-1") / TABLE_NAME
+    break_table(table_path, 3, "readmitted_30d", "2")
+    reports = Reports()
+
+    with pytest.raises(RoundFailedError) as caught:
+        run(FakeGrid(sites.contexts()), study(min_sites=3), reports)
+
+    message = str(caught.value)
+    assert message.startswith("round 1: 2 valid replies of 3 sites, the study needs 3")
+    assert f"{table_path}, row 3, column readmitted_30d" in message
+    assert reports.statuses[-1] == "failed"
+    assert reports.snapshots[-1]["error"] == message
+    assert reports.snapshots[-1]["rounds_completed"] == 0
+
+
+def test_a_model_altered_in_transit_is_refused_by_its_site(tmp_path: Path) -> None:
+    sites = consortium(tmp_path)
+    victim = sites.node_of("hospital-3")
+
+    def alter_one_value(node: int, message: Message) -> Message:
+        if node != victim:
+            return message
+        arrays = wire.record_to_arrays(message.content)
+        arrays["heads.outcome.bias"] = arrays["heads.outcome.bias"] + np.float32(0.25)
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(arrays),
+                wire.CONFIG: message.content.config_records[wire.CONFIG],
+            }
+        )
+        return Message(content=content, metadata=message.metadata)
+
+    grid = FakeGrid(sites.contexts(), in_transit=alter_one_value)
+    results = run(grid, study(num_server_rounds=2, min_sites=2))
+
+    assert results.status == "completed"
+    for record in results.per_round:
+        assert record.participants == ["hospital-1", "hospital-2"]
+        reason = record.rejected[f"node-{victim}"]
+        assert reason.startswith("site replied with an error: hospital-3: ")
+        assert "does not match its announced digest" in reason
+    assert sites.ledger("hospital-3").records() == []
+    # The others trained on the untouched model.
+    assert all(not d.reply.has_error() for d in grid.deliveries if d.node != victim)
+
+
+def test_a_second_reply_for_the_same_site_is_rejected(tmp_path: Path) -> None:
+    sites = consortium(tmp_path, n_sites=2)
+    impostor_dir = tmp_path / "impostor"
+    impostor_dir.mkdir()
+    (impostor_dir / TABLE_NAME).write_bytes(
+        (sites.site_dir("hospital-1") / TABLE_NAME).read_bytes()
+    )
+    contexts = sites.contexts()
+    impostor = max(contexts) + 1
+    contexts[impostor] = Context(
+        run_id=1,
+        node_id=impostor,
+        node_config={"site-id": "hospital-1", "site-dir": str(impostor_dir)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+    results = run(FakeGrid(contexts), study(num_server_rounds=1, min_sites=2))
+
+    (record,) = results.per_round
+    assert record.participants == ["hospital-1", "hospital-2"]
+    assert record.rejected == {"hospital-1": "a second reply from the same site in one round"}
+
+
+def test_a_silent_site_is_left_out_after_the_round_timeout(tmp_path: Path) -> None:
+    sites = consortium(tmp_path)
+    silent = sites.node_of("hospital-1")
+    grid = FakeGrid(sites.contexts(), silent=frozenset({silent}))
+
+    started = time.monotonic()
+    results = run(grid, study(num_server_rounds=1, min_sites=2, round_timeout_s=0.3))
+    elapsed = time.monotonic() - started
+
+    assert results.status == "completed"
+    assert results.per_round[0].participants == ["hospital-2", "hospital-3"]
+    assert results.per_round[0].rejected == {}
+    assert elapsed >= 0.6  # one wait in the round, one in the final evaluation
+
+
+def test_too_few_connected_sites_fail_after_the_connect_timeout(tmp_path: Path) -> None:
+    sites = consortium(tmp_path, n_sites=1)
+    grid = FakeGrid(sites.contexts())
+    reports = Reports()
+
+    started = time.monotonic()
+    with pytest.raises(
+        RoundFailedError, match=r"only 1 of the 2 sites needed connected within 0\.2 s"
+    ):
+        run_study(
+            grid,  # type: ignore[arg-type]
+            study(min_sites=2),
+            CONTRACT,
+            run_id=RUN_ID,
+            report=reports,
+            connect_timeout_s=0.2,
+        )
+    elapsed = time.monotonic() - started
+
+    assert 0.2 <= elapsed < 3.0
+    assert grid.pushed == 0
+    assert reports.statuses == ["waiting", "failed"]

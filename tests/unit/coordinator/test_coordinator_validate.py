@@ -1,0 +1,328 @@
+"""validate_train_reply / validate_eval_reply over real Flower reply messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from coordinator.validate import (
+    MAX_EXAMPLES,
+    ModelCheck,
+    Rejection,
+    SiteEval,
+    SiteUpdate,
+    validate_eval_reply,
+    validate_train_reply,
+)
+from model import wire
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+NODE = 5
+REFERENCE = {
+    "encoders.clinical.project.weight": np.zeros((4, 3), dtype=np.float32),
+    "encoders.clinical.project.bias": np.zeros(4, dtype=np.float32),
+    "heads.outcome.bias": np.zeros(1, dtype=np.float32),
+}
+GOOD_METRICS: dict[str, int | float] = {
+    wire.NUM_EXAMPLES: 227,
+    wire.LOCAL_LOSS: 0.61,
+    wire.MODEL_TRAIN_LOSS: 0.58,
+    wire.EPSILON: 2.9,
+    wire.EVAL_EXAMPLES: 56,
+    wire.EVAL_AUROC: 0.7,
+    wire.EVAL_LOSS: 0.65,
+    wire.EVAL_ACCURACY: 0.6,
+}
+
+
+def instruction(message_type: str = MessageType.TRAIN) -> Message:
+    """An instruction as the SuperLink delivers it: Flower's link state sets its id."""
+    message = Message(RecordDict(), dst_node_id=NODE, message_type=message_type)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
+
+
+def reply_to(content: RecordDict | Error, message_type: str = MessageType.TRAIN) -> Message:
+    return Message(content, reply_to=instruction(message_type))
+
+
+def site_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(a.shape).astype(np.float32) for name, a in REFERENCE.items()}
+
+
+def train_content(
+    arrays: dict[str, np.ndarray] | None = None,
+    *,
+    metrics: dict[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
+    site_id: str | None = "hospital-2",
+) -> RecordDict:
+    values = {**GOOD_METRICS, **(metrics or {})}
+    records: dict[str, Any] = {
+        wire.ARRAYS: wire.arrays_to_record(site_arrays() if arrays is None else arrays),
+        wire.METRICS: MetricRecord({k: v for k, v in values.items() if k not in drop}),
+    }
+    if site_id is not None:
+        records[wire.SITE] = ConfigRecord({wire.SITE_ID: site_id})
+    return RecordDict({k: v for k, v in records.items() if k not in drop})
+
+
+def rejection_reason(content: RecordDict) -> str:
+    result = validate_train_reply(reply_to(content), REFERENCE)
+    assert isinstance(result, Rejection), result
+    assert result.node_id == NODE
+    return result.reason
+
+
+def test_a_reply_carries_the_instruction_nodes_as_flower_sets_them() -> None:
+    ins = instruction()
+    reply = Message(train_content(), reply_to=ins)
+    assert ins.metadata.message_id != ""
+    assert reply.metadata.reply_to_message_id == ins.metadata.message_id
+    assert reply.metadata.src_node_id == NODE
+
+
+def test_a_good_reply_becomes_a_site_update() -> None:
+    sent = site_arrays(3)
+
+    update = validate_train_reply(reply_to(train_content(sent)), REFERENCE)
+
+    assert isinstance(update, SiteUpdate)
+    assert (update.node_id, update.site_id) == (NODE, "hospital-2")
+    assert update.arrays.keys() == REFERENCE.keys()
+    for name, array in sent.items():
+        np.testing.assert_array_equal(update.arrays[name], array)
+        assert update.arrays[name].dtype == np.float32
+    assert update.num_examples == 227
+    assert update.local_loss == pytest.approx(0.61)
+    assert update.epsilon == pytest.approx(2.9)
+    check = update.check
+    assert (check.num_examples, check.train_loss) == (227, pytest.approx(0.58))
+    assert (check.eval_examples, check.eval_auroc, check.eval_loss) == (
+        56,
+        pytest.approx(0.7),
+        pytest.approx(0.65),
+    )
+
+
+def test_undefined_metrics_are_accepted_as_nan() -> None:
+    content = train_content(
+        metrics={
+            wire.EVAL_AUROC: float("nan"),
+            wire.LOCAL_LOSS: float("nan"),
+            wire.EVAL_EXAMPLES: 0,
+        }
+    )
+    update = validate_train_reply(reply_to(content), REFERENCE)
+    assert isinstance(update, SiteUpdate)
+    assert np.isnan(update.check.eval_auroc)
+    assert np.isnan(update.local_loss)
+
+
+def test_a_nan_training_loss_of_the_received_model_is_rejected() -> None:
+    content = train_content(metrics={wire.MODEL_TRAIN_LOSS: float("nan")})
+    assert "model-train-loss" in rejection_reason(content)
+
+
+def _with(name: str, array: np.ndarray) -> dict[str, np.ndarray]:
+    return {**site_arrays(), name: array}
+
+
+BAD_ARRAYS = [
+    pytest.param(
+        _with("heads.outcome.bias", np.zeros(1, dtype=np.float64)),
+        "array heads.outcome.bias: dtype float64, expected float32",
+        id="float64",
+    ),
+    pytest.param(
+        _with("encoders.clinical.project.weight", np.zeros((3, 4), dtype=np.float32)),
+        "array encoders.clinical.project.weight: shape (3, 4), expected (4, 3)",
+        id="wrong-shape",
+    ),
+    pytest.param(
+        _with("encoders.clinical.project.bias", np.array([0, np.nan, 0, 0], dtype=np.float32)),
+        "array encoders.clinical.project.bias: contains NaN or Inf",
+        id="nan",
+    ),
+    pytest.param(
+        _with("heads.outcome.bias", np.array([np.inf], dtype=np.float32)),
+        "array heads.outcome.bias: contains NaN or Inf",
+        id="inf",
+    ),
+    pytest.param(
+        {**site_arrays(), "heads.extra": np.zeros(2, dtype=np.float32)},
+        "unexpected ['heads.extra']",
+        id="extra-array",
+    ),
+    pytest.param(
+        {k: v for k, v in site_arrays().items() if k != "heads.outcome.bias"},
+        "missing ['heads.outcome.bias']",
+        id="missing-array",
+    ),
+]
+
+
+@pytest.mark.parametrize(("arrays", "reason"), BAD_ARRAYS)
+def test_malformed_arrays_are_rejected(arrays: dict[str, np.ndarray], reason: str) -> None:
+    assert reason in rejection_reason(train_content(arrays))
+
+
+def test_a_missing_array_record_is_rejected() -> None:
+    reason = rejection_reason(train_content(drop=(wire.ARRAYS,)))
+    assert "no array record 'arrays'" in reason
+
+
+def test_an_array_that_is_not_numpy_is_rejected() -> None:
+    content = train_content()
+    record = content.array_records[wire.ARRAYS]
+    good = record["heads.outcome.bias"]
+    record["heads.outcome.bias"] = Array(
+        dtype="float32", shape=(1,), stype="torch.raw", data=good.data
+    )
+    reason = rejection_reason(content)
+    assert reason.startswith("array 'heads.outcome.bias' is not a")
+    assert "numpy array" in reason
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        wire.NUM_EXAMPLES,
+        wire.EPSILON,
+        wire.LOCAL_LOSS,
+        wire.MODEL_TRAIN_LOSS,
+        wire.EVAL_EXAMPLES,
+        wire.EVAL_AUROC,
+    ],
+)
+def test_a_missing_metric_is_named(key: str) -> None:
+    assert f"has no key {key!r}" in rejection_reason(train_content(drop=(key,)))
+
+
+def test_a_missing_metrics_record_is_rejected() -> None:
+    assert "no record 'metrics'" in rejection_reason(train_content(drop=(wire.METRICS,)))
+
+
+def test_a_reply_without_site_id_is_rejected() -> None:
+    result = validate_train_reply(reply_to(train_content(site_id=None)), REFERENCE)
+    assert isinstance(result, Rejection)
+    assert result.site_id is None
+    assert "site.site-id" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        ({wire.NUM_EXAMPLES: 0}, "metrics.num-examples: 0 is out of range"),
+        ({wire.NUM_EXAMPLES: -4}, "metrics.num-examples: -4 is out of range"),
+        ({wire.NUM_EXAMPLES: MAX_EXAMPLES + 1}, f"{MAX_EXAMPLES + 1} is out of range"),
+        ({wire.NUM_EXAMPLES: 2.5}, "metrics.num-examples: expected int, got float"),
+        ({wire.EPSILON: -0.1}, "metrics.epsilon: -0.1 is negative"),
+        ({wire.EPSILON: float("nan")}, "metrics.epsilon: nan is not finite"),
+        ({wire.EPSILON: float("inf")}, "metrics.epsilon: inf is not finite"),
+        ({wire.EVAL_EXAMPLES: -1}, "metrics.eval-examples: -1 is out of range"),
+        ({wire.EVAL_AUROC: 1.5}, "metrics.eval-auroc: 1.5 is not in [0, 1]"),
+        ({wire.EVAL_AUROC: -0.2}, "metrics.eval-auroc: -0.2 is not in [0, 1]"),
+    ],
+)
+def test_bad_metric_values_are_rejected(metrics: dict[str, Any], reason: str) -> None:
+    assert reason in rejection_reason(train_content(metrics=metrics))
+
+
+def test_the_largest_site_is_still_accepted() -> None:
+    content = train_content(metrics={wire.NUM_EXAMPLES: MAX_EXAMPLES})
+    assert isinstance(validate_train_reply(reply_to(content), REFERENCE), SiteUpdate)
+
+
+def test_a_bool_example_count_is_rejected() -> None:
+    # MetricRecord refuses bools, but a site may send its metrics as a ConfigRecord.
+    content = train_content()
+    content[wire.METRICS] = ConfigRecord({**GOOD_METRICS, wire.NUM_EXAMPLES: True})
+    assert "metrics.num-examples: expected int, got bool" in rejection_reason(content)
+
+
+def test_an_error_reply_is_rejected_with_the_sites_reason() -> None:
+    error = Error(code=4001, reason="hospital-3: the model received does not match")
+
+    result = validate_train_reply(reply_to(error), REFERENCE)
+
+    assert isinstance(result, Rejection)
+    assert (result.node_id, result.site_id) == (NODE, None)
+    assert (
+        result.reason == "site replied with an error: hospital-3: the model received does not match"
+    )
+
+
+# --- evaluation replies -------------------------------------------------------------------
+
+
+def eval_content(
+    metrics: dict[str, Any] | None = None, *, drop: tuple[str, ...] = ()
+) -> RecordDict:
+    values = {
+        wire.NUM_EXAMPLES: 230,
+        wire.MODEL_TRAIN_LOSS: 0.55,
+        wire.EVAL_EXAMPLES: 56,
+        wire.EVAL_AUROC: 0.71,
+        wire.EVAL_LOSS: 0.6,
+        wire.EVAL_ACCURACY: 0.64,
+        **(metrics or {}),
+    }
+    return RecordDict(
+        {
+            wire.METRICS: MetricRecord({k: v for k, v in values.items() if k not in drop}),
+            wire.SITE: ConfigRecord({wire.SITE_ID: "hospital-1"}),
+        }
+    )
+
+
+def test_a_good_eval_reply_becomes_a_site_eval() -> None:
+    result = validate_eval_reply(reply_to(eval_content(), MessageType.EVALUATE))
+    assert result == SiteEval(
+        NODE,
+        "hospital-1",
+        ModelCheck(230, pytest.approx(0.55), 56, pytest.approx(0.71), pytest.approx(0.6)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (eval_content(drop=(wire.EVAL_EXAMPLES,)), "has no key 'eval-examples'"),
+        (eval_content(drop=(wire.EVAL_LOSS,)), "has no key 'eval-loss'"),
+        (eval_content(drop=(wire.MODEL_TRAIN_LOSS,)), "has no key 'model-train-loss'"),
+        (eval_content({wire.NUM_EXAMPLES: 0}), "num-examples: 0 is out of range"),
+        (eval_content({wire.EVAL_EXAMPLES: MAX_EXAMPLES + 1}), "out of range"),
+        (eval_content({wire.EVAL_AUROC: 2.0}), "metrics.eval-auroc: 2.0 is not in [0, 1]"),
+    ],
+)
+def test_bad_eval_replies_are_rejected(content: RecordDict, reason: str) -> None:
+    result = validate_eval_reply(reply_to(content, MessageType.EVALUATE))
+    assert isinstance(result, Rejection)
+    assert reason in result.reason
+
+
+def test_an_integer_eval_loss_is_taken_as_a_float() -> None:
+    result = validate_eval_reply(reply_to(eval_content({wire.EVAL_LOSS: 1}), MessageType.EVALUATE))
+    assert isinstance(result, SiteEval)
+    assert type(result.check.eval_loss) is float
+
+
+def test_an_eval_error_reply_is_rejected_with_the_sites_reason() -> None:
+    error = Error(code=4001, reason="hospital-1: table unreadable")
+    result = validate_eval_reply(reply_to(error, MessageType.EVALUATE))
+    assert isinstance(result, Rejection)
+    assert result.reason.endswith("hospital-1: table unreadable")
