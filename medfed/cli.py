@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from medfed.errors import MedfedError
 
@@ -32,7 +33,8 @@ stdout = Console()
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    stderr.print(f"[bold red]medfed: error:[/] {message}", highlight=False, soft_wrap=True)
+    # The message is plain text: brackets in it (`flwr[simulation]`) are not markup.
+    stderr.print(Text.assemble(("medfed: error: ", "bold red"), message), soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -1,0 +1,409 @@
+"""Seconds per round: `medfed demo` beside a stock Flower deployment, measured in one run.
+
+Runs the stock baseline (`stock_flower_rounds.sh`: plain FedAvg over a tiny MLP, no TLS,
+no DP) and `medfed demo --json` with the same rounds and sites, alternating the order
+from one repeat to the next (stock first, then medfed first, ...) so that drifting machine
+load falls on both sides. Prints one JSON document on stdout; progress goes to stderr.
+It reports figures and never passes or fails on them: it exits 1 only if a side fails.
+
+    .venv/bin/python bench/round_time.py [--rounds 3] [--sites 3] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+Side = Literal["stock", "medfed"]
+
+DEFAULT_BASELINE = Path("/work/shared/baselines/stock_flower_rounds.sh")
+TIMEOUT_S = 900.0
+"""Wall-clock limit of one side's run, start to finish."""
+GRACE_S = 30.0
+"""How long a timed-out run gets to stop its own SuperLink and SuperNodes after SIGTERM."""
+STDERR_TAIL_LINES = 20
+
+NOTES = [
+    "per_round_s compares the time a coordinator spends per training round; both"
+    " exclude process start-up. stock: Flower's 'Strategy execution finished in' time"
+    " divided by rounds (FedAvg.start: send_and_receive for training, then an empty"
+    " evaluation step since fraction_evaluate=0). medfed: the mean of per_round[].duration_s"
+    " (push the model, poll for replies, validate, aggregate); the final evaluation"
+    " message after the last round is not in any duration_s, but it is in medfed wall_s.",
+    "medfed: TLS on the SuperLink plus SuperNode authentication (registered EC keys);"
+    " each site evaluates the incoming global model on its training and held-out rows,"
+    " then trains 30 local DP-SGD steps with Opacus (Poisson-sampled batches, sample"
+    " rate 0.05, noise multiplier 1.2, clipping 5.0), writes the spend to its SQLite"
+    " privacy ledger and computes epsilon; the coordinator checks every reply and polls"
+    " the SuperLink for replies every 50 ms.",
+    "stock: no TLS, no SuperNode authentication, no DP, no evaluation; 5 full-batch SGD"
+    " steps of a 32-64-2 MLP on 512 random rows; Flower's Grid.send_and_receive sleeps"
+    " 3 s between pulls for replies. Its FedAvg asks for min_available_nodes=1, so a round"
+    " could run with fewer than all SuperNodes if some had not connected yet.",
+    "Both: one flower-superlink and one flower-supernode per site on loopback, default"
+    " subprocess isolation, so every message starts a fresh flwr-clientapp process at the"
+    " site (medfed's imports torch and opacus in it; the stock app imports torch).",
+    "medfed wall_s is the whole `medfed demo` command: synthetic data, PKI, SuperLink and"
+    " SuperNode start-up, key registration, all rounds and the final evaluation.",
+    "Ratios use the medians over repeats; these shared machines are noisy, so only figures"
+    " measured side by side in one run compare.",
+]
+
+
+class BenchError(Exception):
+    """One side of the benchmark failed; the message says how."""
+
+    def __init__(self, side: Side, reason: str, *, returncode: int | None, stderr: str) -> None:
+        super().__init__(f"{side}: {reason}")
+        self.side = side
+        self.reason = reason
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run: the same rounds and sites on both sides, `repeats` times each."""
+
+    rounds: int
+    sites: int
+    repeats: int
+    baseline: Path
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a finished subprocess left: exit status, output, and its wall-clock seconds."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+    timed_out: bool
+
+
+@dataclass(frozen=True)
+class StockRun:
+    """One run of the stock baseline."""
+
+    per_round_s: float
+    strategy_s: float
+    flwr_run_wall_s: float
+    process_wall_s: float
+
+
+@dataclass(frozen=True)
+class MedfedRun:
+    """One run of `medfed demo --json`."""
+
+    duration_s: list[float]
+    wall_s: float
+    process_wall_s: float
+
+    @property
+    def per_round_s(self) -> float:
+        return statistics.fmean(self.duration_s)
+
+
+@dataclass
+class Measured:
+    """Everything measured so far, in the order it ran."""
+
+    order: list[list[Side]] = field(default_factory=list)
+    stock: list[StockRun] = field(default_factory=list)
+    medfed: list[MedfedRun] = field(default_factory=list)
+
+
+def log(message: str) -> None:
+    print(f"[round_time] {message}", file=sys.stderr, flush=True)
+
+
+def run_process(argv: list[str], *, env: dict[str, str], cwd: Path) -> Finished:
+    """Run `argv` in its own session; on timeout SIGTERM the session, then SIGKILL it."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    timed_out = False
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        stdout, stderr = _stop(process)
+    return Finished(
+        returncode=process.returncode,
+        stdout=stdout,
+        stderr=stderr,
+        wall_s=round(time.monotonic() - started, 2),
+        timed_out=timed_out,
+    )
+
+
+def _stop(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """Ask the process's session to stop (both sides clean up on SIGTERM); then force it."""
+    for sig, wait_s in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return process.communicate(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return "", ""
+
+
+def last_json_line(finished: Finished) -> dict[str, object] | None:
+    """The JSON object on the last non-empty stdout line, or None if there is none."""
+    lines = [line for line in finished.stdout.splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        document = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def number(document: dict[str, object], key: str) -> float:
+    value = document.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key!r} is {value!r}, not a finite number")
+    return float(value)
+
+
+def check_finished(side: Side, finished: Finished) -> dict[str, object]:
+    """The side's JSON document, or a `BenchError` saying why there is none."""
+    if finished.timed_out:
+        reason = f"did not finish within {TIMEOUT_S:g} s (stopped)"
+    elif finished.returncode != 0:
+        reason = f"exited with status {finished.returncode}"
+    elif (document := last_json_line(finished)) is None:
+        reason = "printed no JSON object on stdout"
+    else:
+        return document
+    raise BenchError(side, reason, returncode=finished.returncode, stderr=finished.stderr)
+
+
+def run_stock(baseline: Path, rounds: int, sites: int, env: dict[str, str]) -> StockRun:
+    argv = ["bash", str(baseline), str(rounds), str(sites)]
+    finished = run_process(argv, env=env, cwd=baseline.parent)
+    document = check_finished("stock", finished)
+    try:
+        if document.get("exit") != 0:
+            raise ValueError(f"flwr run exited with status {document.get('exit')!r}")
+        return StockRun(
+            per_round_s=number(document, "per_round_s"),
+            strategy_s=number(document, "strategy_s"),
+            flwr_run_wall_s=number(document, "flwr_run_wall_s"),
+            process_wall_s=finished.wall_s,
+        )
+    except ValueError as exc:
+        reason = f"{exc}; it printed: {finished.stdout.strip()[-400:]}"
+        raise BenchError(
+            "stock", reason, returncode=finished.returncode, stderr=finished.stderr
+        ) from exc
+
+
+def run_medfed(medfed: Path, rounds: int, sites: int, env: dict[str, str]) -> MedfedRun:
+    argv = [str(medfed), "demo", "--sites", str(sites), "--rounds", str(rounds), "--json"]
+    finished = run_process(argv, env=env, cwd=Path.cwd())
+    document = check_finished("medfed", finished)
+    try:
+        per_round = document.get("per_round")
+        if not isinstance(per_round, list) or len(per_round) != rounds:
+            raise ValueError(f"per_round should list {rounds} rounds; it is {per_round!r:.200}")
+        durations = [number(record, "duration_s") for record in per_round if _is_dict(record)]
+        if len(durations) != rounds:
+            raise ValueError("a per_round entry is not an object")
+        return MedfedRun(
+            duration_s=durations, wall_s=number(document, "wall_s"), process_wall_s=finished.wall_s
+        )
+    except ValueError as exc:
+        raise BenchError(
+            "medfed", str(exc), returncode=finished.returncode, stderr=finished.stderr
+        ) from exc
+
+
+def _is_dict(value: object) -> bool:
+    return isinstance(value, dict)
+
+
+def order_of(repeat: int) -> list[Side]:
+    """Stock first on even repeats, medfed first on odd ones (A B, B A, A B, ...)."""
+    return ["stock", "medfed"] if repeat % 2 == 0 else ["medfed", "stock"]
+
+
+def measure(options: Options, env: dict[str, str], measured: Measured) -> None:
+    """Run every repeat, appending to `measured` as it goes; raises `BenchError` on a failure."""
+    medfed = Path(sys.executable).parent / "medfed"
+    for repeat in range(options.repeats):
+        order = order_of(repeat)
+        measured.order.append(order)
+        for side in order:
+            log(
+                f"repeat {repeat + 1}/{options.repeats}: {side}, {options.rounds} rounds, {options.sites} sites ..."
+            )
+            if side == "stock":
+                stock = run_stock(options.baseline, options.rounds, options.sites, env)
+                measured.stock.append(stock)
+                log(f"  stock: {stock.per_round_s:.2f} s per round ({stock.process_wall_s:.0f} s)")
+            else:
+                run = run_medfed(medfed, options.rounds, options.sites, env)
+                measured.medfed.append(run)
+                log(f"  medfed: {run.per_round_s:.2f} s per round (wall {run.wall_s:.0f} s)")
+
+
+def machine_facts() -> dict[str, object]:
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "flwr": version("flwr"),
+        "torch": version("torch"),
+        "opacus": version("opacus"),
+        "loadavg_at_start": [round(load, 2) for load in os.getloadavg()],
+    }
+
+
+def cpu_model() -> str | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return platform.processor() or None
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return None
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def summary(measured: Measured) -> dict[str, object]:
+    """The figures: every repeat and the medians, per side, and the medfed/stock ratio."""
+    stock_per_round = [run.per_round_s for run in measured.stock]
+    medfed_per_round = [round(run.per_round_s, 3) for run in measured.medfed]
+    stock_median, medfed_median = median(stock_per_round), median(medfed_per_round)
+    ratio = None
+    if stock_median and medfed_median is not None:
+        ratio = round(medfed_median / stock_median, 2)
+    return {
+        "stock": {
+            "per_round_s": stock_per_round,
+            "per_round_s_median": stock_median,
+            "strategy_s": [run.strategy_s for run in measured.stock],
+            "flwr_run_wall_s": [run.flwr_run_wall_s for run in measured.stock],
+            "process_wall_s": [run.process_wall_s for run in measured.stock],
+        },
+        "medfed": {
+            "per_round_s": medfed_per_round,
+            "per_round_s_median": medfed_median,
+            "duration_s_by_round": [run.duration_s for run in measured.medfed],
+            "wall_s": [run.wall_s for run in measured.medfed],
+            "wall_s_median": median([run.wall_s for run in measured.medfed]),
+        },
+        "ratio_medfed_per_round_to_stock_per_round": ratio,
+        "ratio_by_repeat": [
+            round(m.per_round_s / s.per_round_s, 2) if s.per_round_s else None
+            for s, m in zip(measured.stock, measured.medfed, strict=False)
+        ],
+    }
+
+
+def failure_record(error: BenchError) -> dict[str, object]:
+    return {
+        "side": error.side,
+        "reason": error.reason,
+        "returncode": error.returncode,
+        "stderr_tail": error.stderr.strip().splitlines()[-STDERR_TAIL_LINES:],
+    }
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
+    parser.add_argument(
+        "--sites", type=int, default=3, help="sites, one SuperNode each (default 3)"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side (default 1)")
+    parser.add_argument(
+        "--baseline", type=Path, default=DEFAULT_BASELINE, help="the stock_flower_rounds.sh to run"
+    )
+    args = parser.parse_args(argv)
+    options = Options(
+        rounds=args.rounds, sites=args.sites, repeats=args.repeats, baseline=args.baseline
+    )
+    for name in ("rounds", "sites", "repeats"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not options.baseline.is_file():
+        parser.error(f"no baseline script at {options.baseline}")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    venv_bin = str(Path(sys.executable).parent)
+    # The baseline needs flower-superlink etc. and a `python3` that imports flwr and torch.
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    date_utc = datetime.now(UTC).isoformat(timespec="seconds")
+    machine = machine_facts()
+    measured = Measured()
+    failure: BenchError | None = None
+    try:
+        measure(options, env, measured)
+    except BenchError as exc:
+        failure = exc
+        log(f"FAILED: {exc}")
+    document: dict[str, object] = {
+        "benchmark": "round_time",
+        "date_utc": date_utc,
+        "ok": failure is None,
+        "failure": None if failure is None else failure_record(failure),
+        "config": {
+            "rounds": options.rounds,
+            "sites": options.sites,
+            "repeats": options.repeats,
+            "order": measured.order,
+            "timeout_s": TIMEOUT_S,
+            "baseline": str(options.baseline),
+        },
+        "machine": machine,
+        **summary(measured),
+        "notes": NOTES,
+    }
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    return 0 if failure is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
