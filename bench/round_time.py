@@ -12,6 +12,7 @@ It reports figures and never passes or fails on them: it exits 1 only if a side 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -160,17 +161,20 @@ def run_process(argv: list[str], *, env: dict[str, str], cwd: Path) -> Finished:
 
 
 def _stop(process: subprocess.Popen[str]) -> tuple[str, str]:
-    """Ask the process's session to stop (both sides clean up on SIGTERM); then force it."""
-    for sig, wait_s in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            return process.communicate(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    return "", ""
+    """SIGTERM the process's session (both sides then stop their SuperLink and SuperNodes,
+    which run in sessions of their own); SIGKILL it if it is still there after a grace."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        return process.communicate(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        log(f"still running {GRACE_S:g} s after SIGTERM; sending SIGKILL")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    try:
+        return process.communicate(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        return "", "(no output: something it started still holds its pipes open)"
 
 
 def last_json_line(finished: Finished) -> dict[str, object] | None:
@@ -261,9 +265,8 @@ def measure(options: Options, env: dict[str, str], measured: Measured) -> None:
         order = order_of(repeat)
         measured.order.append(order)
         for side in order:
-            log(
-                f"repeat {repeat + 1}/{options.repeats}: {side}, {options.rounds} rounds, {options.sites} sites ..."
-            )
+            where = f"{options.rounds} rounds, {options.sites} sites"
+            log(f"repeat {repeat + 1}/{options.repeats}: {side}, {where} ...")
             if side == "stock":
                 stock = run_stock(options.baseline, options.rounds, options.sites, env)
                 measured.stock.append(stock)

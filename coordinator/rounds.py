@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.aggregate import fedavg
-from coordinator.errors import RoundFailedError
+from coordinator.errors import CoordinatorError, RoundFailedError
 from coordinator.results import RoundRecord, RunResults
 from coordinator.study import StudySettings
 from coordinator.validate import (
@@ -168,9 +168,12 @@ def run_study(
     results.status = "running"
     try:
         _run_rounds(grid, study, contract, run_id, results, report, connect_timeout_s)
-    except RoundFailedError as exc:
+    except Exception as exc:
+        # Whoever watches the results (the demo, `round status`) learns that the run ended.
         results.status = "failed"
-        results.error = str(exc)
+        results.error = (
+            str(exc) if isinstance(exc, CoordinatorError) else f"internal error: {exc!r}"
+        )
         report(results)
         raise
     results.status = "completed"

@@ -116,16 +116,10 @@ def demo(
     )
     task = bar.add_task("rounds", total=rounds)
 
-    announced = 0
-
     def progress(results: RunResults) -> None:
-        nonlocal announced
         bar.update(task, completed=results.rounds_completed)
-        if not show_bar and not as_json and results.rounds_completed > announced:
-            announced = results.rounds_completed
-            stderr.print(f"round {announced}/{rounds} done", highlight=False)
 
-    if not as_json:
+    if show_bar:
         where = "Flower's simulation runtime" if simulation else "TLS, one SuperNode per site"
         stderr.print(f"medfed demo: {sites} sites, {rounds} rounds ({where}); starting ...")
     try:

@@ -493,3 +493,26 @@ def test_too_few_connected_sites_fail_after_the_connect_timeout(tmp_path: Path) 
     assert 0.2 <= elapsed < 3.0
     assert grid.pushed == 0
     assert reports.statuses == ["waiting", "failed"]
+
+
+class BrokenGrid:
+    """A grid whose SuperLink connection breaks: every call raises."""
+
+    def get_node_ids(self) -> list[int]:
+        raise ConnectionError("SuperLink went away")
+
+
+def test_an_unexpected_error_marks_the_run_failed_before_it_propagates() -> None:
+    reports = Reports()
+    with pytest.raises(ConnectionError):
+        run_study(
+            BrokenGrid(),  # type: ignore[arg-type]
+            study(),
+            CONTRACT,
+            run_id=RUN_ID,
+            report=reports,
+            connect_timeout_s=1.0,
+        )
+    assert reports.statuses[-1] == "failed"
+    error = str(reports.snapshots[-1]["error"])
+    assert "internal error" in error and "SuperLink went away" in error
