@@ -59,6 +59,8 @@ NOTES = [
     " site (medfed's imports torch and opacus in it; the stock app imports torch).",
     "medfed wall_s is the whole `medfed demo` command: synthetic data, PKI, SuperLink and"
     " SuperNode start-up, key registration, all rounds and the final evaluation.",
+    "load_1min_after is the machine's 1-minute load average as each run ended: well above"
+    " nproc means other work shared the CPUs during that run, and its figures are inflated.",
     "Ratios use the medians over repeats; these shared machines are noisy, so only figures"
     " measured side by side in one run compare.",
 ]
@@ -94,6 +96,8 @@ class Finished:
     stderr: str
     wall_s: float
     timed_out: bool
+    load_1min_after: float
+    """The machine's 1-minute load average when it ended: other work shows up here."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class StockRun:
     strategy_s: float
     flwr_run_wall_s: float
     process_wall_s: float
+    load_1min_after: float
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class MedfedRun:
     duration_s: list[float]
     wall_s: float
     process_wall_s: float
+    load_1min_after: float
 
     @property
     def per_round_s(self) -> float:
@@ -157,6 +163,7 @@ def run_process(argv: list[str], *, env: dict[str, str], cwd: Path) -> Finished:
         stderr=stderr,
         wall_s=round(time.monotonic() - started, 2),
         timed_out=timed_out,
+        load_1min_after=round(os.getloadavg()[0], 2),
     )
 
 
@@ -221,6 +228,7 @@ def run_stock(baseline: Path, rounds: int, sites: int, env: dict[str, str]) -> S
             strategy_s=number(document, "strategy_s"),
             flwr_run_wall_s=number(document, "flwr_run_wall_s"),
             process_wall_s=finished.wall_s,
+            load_1min_after=finished.load_1min_after,
         )
     except ValueError as exc:
         reason = f"{exc}; it printed: {finished.stdout.strip()[-400:]}"
@@ -241,7 +249,10 @@ def run_medfed(medfed: Path, rounds: int, sites: int, env: dict[str, str]) -> Me
         if len(durations) != rounds:
             raise ValueError("a per_round entry is not an object")
         return MedfedRun(
-            duration_s=durations, wall_s=number(document, "wall_s"), process_wall_s=finished.wall_s
+            duration_s=durations,
+            wall_s=number(document, "wall_s"),
+            process_wall_s=finished.wall_s,
+            load_1min_after=finished.load_1min_after,
         )
     except ValueError as exc:
         raise BenchError(
@@ -326,6 +337,7 @@ def summary(measured: Measured) -> dict[str, object]:
             "strategy_s": [run.strategy_s for run in measured.stock],
             "flwr_run_wall_s": [run.flwr_run_wall_s for run in measured.stock],
             "process_wall_s": [run.process_wall_s for run in measured.stock],
+            "load_1min_after": [run.load_1min_after for run in measured.stock],
         },
         "medfed": {
             "per_round_s": medfed_per_round,
@@ -333,6 +345,7 @@ def summary(measured: Measured) -> dict[str, object]:
             "duration_s_by_round": [run.duration_s for run in measured.medfed],
             "wall_s": [run.wall_s for run in measured.medfed],
             "wall_s_median": median([run.wall_s for run in measured.medfed]),
+            "load_1min_after": [run.load_1min_after for run in measured.medfed],
         },
         "ratio_medfed_per_round_to_stock_per_round": ratio,
         "ratio_by_repeat": [

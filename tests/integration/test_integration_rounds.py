@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting import rdp
 from flwr.app import Context, Message, MessageType, RecordDict
-from opacus.accountants import RDPAccountant
 
 from client import client_app
 from client.trainer import LEDGER_NAME
@@ -30,6 +27,7 @@ from model.network import arrays_sha256, build_model, state_arrays
 from privacy.ledger import PrivacyLedger
 from sites.synthetic import TABLE_NAME, write_synthetic_consortium
 from sites.tabular import SiteTable, read_site_table
+from tests.references import dp_accounting_epsilon
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -221,17 +219,7 @@ def reference_fedavg(deliveries: Sequence[Delivery]) -> Arrays:
     }
 
 
-def reference_epsilon(events: Iterable[Any], delta: float) -> float:
-    """Google's dp-accounting RDP over Opacus's orders (those >= 2)."""
-    accountant = rdp.RdpAccountant(orders=[a for a in RDPAccountant.DEFAULT_ALPHAS if a >= 2])
-    for event in events:
-        accountant.compose(
-            dp_accounting.PoissonSampledDpEvent(
-                event.sample_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier)
-            ),
-            event.steps,
-        )
-    return float(accountant.get_epsilon(delta))
+reference_epsilon = dp_accounting_epsilon
 
 
 def weighted(pairs: Iterable[tuple[float, int]]) -> float:

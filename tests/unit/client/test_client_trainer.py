@@ -6,12 +6,9 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import dp_accounting
 import numpy as np
 import pytest
 import torch
-from dp_accounting import rdp
-from opacus.accountants import RDPAccountant
 
 import client.trainer as trainer_module
 from client.errors import SiteRefusal
@@ -19,11 +16,11 @@ from client.protocol import EvaluateRequest, TrainRequest
 from client.trainer import LEDGER_NAME, STUDY_NAME, SiteTrainer
 from model.contract import DEMO_CONTRACT as CONTRACT
 from model.network import arrays_sha256, build_model, load_arrays, state_arrays
-from privacy.events import DpSgdEvent
 from privacy.ledger import PrivacyLedger
 from sites.errors import DataError
 from sites.synthetic import TABLE_NAME, write_synthetic_consortium
 from sites.tabular import SiteTable, read_site_table
+from tests.references import dp_accounting_epsilon
 
 SITE = "hospital-1"
 # 0.07 of a site's ~230 training rows is not a whole batch: Opacus rounds the rate.
@@ -88,17 +85,7 @@ def opacus_rate(rows: int, requested: float) -> float:
     return 1.0 / math.ceil(rows / batch_size)
 
 
-def reference_epsilon(events: list[DpSgdEvent], delta: float) -> float:
-    """Google's dp-accounting RDP over Opacus's orders (those >= 2: the optimum lies there)."""
-    accountant = rdp.RdpAccountant(orders=[a for a in RDPAccountant.DEFAULT_ALPHAS if a >= 2])
-    for event in events:
-        accountant.compose(
-            dp_accounting.PoissonSampledDpEvent(
-                event.sample_rate, dp_accounting.GaussianDpEvent(event.noise_multiplier)
-            ),
-            event.steps,
-        )
-    return float(accountant.get_epsilon(delta))
+reference_epsilon = dp_accounting_epsilon
 
 
 def test_a_train_records_its_spend_before_replying(site_dir: Path, table: SiteTable) -> None:
