@@ -46,10 +46,10 @@ NOTES = [
     " message after the last round is not in any duration_s, but it is in medfed wall_s.",
     "medfed: TLS on the SuperLink plus SuperNode authentication (registered EC keys);"
     " each site evaluates the incoming global model on its training and held-out rows,"
-    " then trains 30 local DP-SGD steps with Opacus (Poisson-sampled batches, sample"
-    " rate 0.05, noise multiplier 1.2, clipping 5.0), writes the spend to its SQLite"
-    " privacy ledger and computes epsilon; the coordinator checks every reply and polls"
-    " the SuperLink for replies every 50 ms.",
+    " then trains 30 local DP-SGD steps with Opacus (Poisson-sampled batches, per-sample"
+    " clipping, Gaussian noise), writes the spend to its SQLite privacy ledger and"
+    " computes epsilon; the coordinator checks every reply and polls the SuperLink for"
+    " replies every 50 ms.",
     "stock: no TLS, no SuperNode authentication, no DP, no evaluation; 5 full-batch SGD"
     " steps of a 32-64-2 MLP on 512 random rows; Flower's Grid.send_and_receive sleeps"
     " 3 s between pulls for replies. Its FedAvg asks for min_available_nodes=1, so a round"
@@ -59,8 +59,13 @@ NOTES = [
     " site (medfed's imports torch and opacus in it; the stock app imports torch).",
     "medfed wall_s is the whole `medfed demo` command: synthetic data, PKI, SuperLink and"
     " SuperNode start-up, key registration, all rounds and the final evaluation.",
-    "load_1min_after is the machine's 1-minute load average as each run ended: well above"
-    " nproc means other work shared the CPUs during that run, and its figures are inflated.",
+    "stock flwr_run_wall_s is its `flwr run --stream` command; process_wall_s (both sides)"
+    " is the whole subprocess as this script timed it, for stock including the baseline's"
+    " fixed 9 s of sleeps while its SuperLink and SuperNodes start.",
+    "load_1min_after is the 1-minute load average as each run ended. It counts the run's"
+    " own processes (medfed's three ClientApps at once take a 2-core machine past 3), so"
+    " read it beside loadavg_at_start and the other side's: far above both means other"
+    " work shared the CPUs and that run's figures are inflated.",
     "Ratios use the medians over repeats; these shared machines are noisy, so only figures"
     " measured side by side in one run compare.",
 ]
@@ -245,9 +250,10 @@ def run_medfed(medfed: Path, rounds: int, sites: int, env: dict[str, str]) -> Me
         per_round = document.get("per_round")
         if not isinstance(per_round, list) or len(per_round) != rounds:
             raise ValueError(f"per_round should list {rounds} rounds; it is {per_round!r:.200}")
-        durations = [number(record, "duration_s") for record in per_round if _is_dict(record)]
-        if len(durations) != rounds:
+        records = [record for record in per_round if isinstance(record, dict)]
+        if len(records) != rounds:
             raise ValueError("a per_round entry is not an object")
+        durations = [number(record, "duration_s") for record in records]
         return MedfedRun(
             duration_s=durations,
             wall_s=number(document, "wall_s"),
@@ -258,10 +264,6 @@ def run_medfed(medfed: Path, rounds: int, sites: int, env: dict[str, str]) -> Me
         raise BenchError(
             "medfed", str(exc), returncode=finished.returncode, stderr=finished.stderr
         ) from exc
-
-
-def _is_dict(value: object) -> bool:
-    return isinstance(value, dict)
 
 
 def order_of(repeat: int) -> list[Side]:
@@ -305,6 +307,33 @@ def machine_facts() -> dict[str, object]:
         "opacus": version("opacus"),
         "loadavg_at_start": [round(load, 2) for load in os.getloadavg()],
     }
+
+
+def source_facts() -> dict[str, object]:
+    """Which medfed was measured: the checkout's commit, and how many files outside bench/
+    differ from it (the venv's editable install runs the working tree, not the commit)."""
+    repo = Path(__file__).resolve().parent.parent
+    status = _git(repo, "status", "--porcelain", "--", ".", ":(exclude)bench")
+    return {
+        "checkout": str(repo),
+        "commit": _git(repo, "rev-parse", "HEAD"),
+        "uncommitted_files": None if status is None else len(status.splitlines()),
+    }
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        completed = subprocess.run(
+            ["git", "-C", str(repo), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
 
 
 def cpu_model() -> str | None:
@@ -393,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     date_utc = datetime.now(UTC).isoformat(timespec="seconds")
     machine = machine_facts()
+    source = source_facts()
     measured = Measured()
     failure: BenchError | None = None
     try:
@@ -414,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline": str(options.baseline),
         },
         "machine": machine,
+        "medfed_source": source,
         **summary(measured),
         "notes": NOTES,
     }

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.errors import ClientError, RequestError
+from client.config import SITE_TOML, load_site_config
+from client.errors import BudgetRefusal, ClientError, RequestError
 from model import wire
 from model.presets import PRESET_NAMES, PresetName
 from privacy.errors import PrivacyError
@@ -30,24 +31,25 @@ app = ClientApp()
 
 ERROR_CODE_REFUSED = 4001
 """The error code of a reply in which the site refuses the instruction (reason attached)."""
+ERROR_CODE_OUT_OF_BUDGET = 4002
+"""The error code of a refusal because the round would exceed the approval or the cap."""
 
 REFUSALS = (wire.WireError, ClientError, SiteError, PrivacyError)
 """Errors that become a refusal reply: a bad instruction, or the site's data or privacy rules."""
 
 
-def site_location(context: Context) -> tuple[str, Path]:
-    """This site's id and data folder: from the SuperNode's node config, or in a simulation
-    from the run config's `sites-root` and the virtual node's partition id."""
+def site_config_path(context: Context) -> Path:
+    """This site's `site.toml`: from the SuperNode's node config, or in a simulation from
+    the run config's `sites-root` and the virtual node's partition id."""
     node = context.node_config
-    if "site-id" in node and "site-dir" in node:
-        return str(node["site-id"]), Path(str(node["site-dir"]))
+    if "site-config" in node:
+        return Path(str(node["site-config"]))
     root = str(context.run_config.get("sites-root", ""))
     if root and "partition-id" in node:
-        site_id = f"hospital-{int(node['partition-id']) + 1}"
-        return site_id, Path(root) / site_id
+        return Path(root) / f"hospital-{int(node['partition-id']) + 1}" / SITE_TOML
     raise RequestError(
         "this SuperNode does not say which site it is: start it with"
-        ' --node-config \'site-id="..." site-dir="..."\''
+        " --node-config 'site-config=\"/path/to/site.toml\"'"
     )
 
 
@@ -55,17 +57,17 @@ def _trainer(context: Context) -> SiteTrainer:
     from client.trainer import SiteTrainer
     from model.contract import DEMO_CONTRACT
 
-    site_id, site_dir = site_location(context)
-    return SiteTrainer(site_id, site_dir, DEMO_CONTRACT)
+    return SiteTrainer(load_site_config(site_config_path(context)), DEMO_CONTRACT)
 
 
-def _refusal(msg: Message, context: Context, reason: str) -> Message:
+def _refusal(msg: Message, context: Context, error: Exception) -> Message:
     try:
-        site = site_location(context)[0]
-    except RequestError:
+        site = load_site_config(site_config_path(context)).site.id
+    except ClientError:
         site = "unidentified site"
-    log.warning("%s refuses %s message: %s", site, msg.metadata.message_type, reason)
-    return Message(Error(code=ERROR_CODE_REFUSED, reason=f"{site}: {reason}"), reply_to=msg)
+    code = ERROR_CODE_OUT_OF_BUDGET if isinstance(error, BudgetRefusal) else ERROR_CODE_REFUSED
+    log.warning("%s refuses %s message: %s", site, msg.metadata.message_type, error)
+    return Message(Error(code=code, reason=f"{site}: {error}"), reply_to=msg)
 
 
 def _preset(content: RecordDict) -> PresetName:
@@ -95,25 +97,29 @@ def train(msg: Message, context: Context) -> Message:
     try:
         request = TrainRequest(
             run_id=wire.get_value(content, wire.CONFIG, wire.RUN_ID, str),
+            study=wire.get_value(content, wire.CONFIG, wire.STUDY, str),
+            study_sha256=wire.get_value(content, wire.CONFIG, wire.STUDY_SHA256, str),
             round=wire.get_value(content, wire.CONFIG, wire.ROUND, int),
+            planned_rounds=wire.get_value(content, wire.CONFIG, wire.PLANNED_ROUNDS, int),
             arrays=wire.record_to_arrays(content),
             model_sha256=wire.get_value(content, wire.CONFIG, wire.MODEL_SHA256, str),
             preset=_preset(content),
             n_features=wire.get_value(content, wire.CONFIG, wire.N_FEATURES, int),
             local_steps=wire.get_value(content, wire.CONFIG, wire.LOCAL_STEPS, int),
             learning_rate=wire.get_value(content, wire.CONFIG, wire.LEARNING_RATE, float),
-            noise_multiplier=wire.get_value(content, wire.CONFIG, wire.NOISE_MULTIPLIER, float),
+            target_epsilon=wire.get_value(content, wire.CONFIG, wire.TARGET_EPSILON, float),
             max_grad_norm=wire.get_value(content, wire.CONFIG, wire.MAX_GRAD_NORM, float),
             sample_rate=wire.get_value(content, wire.CONFIG, wire.SAMPLE_RATE, float),
             delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
         )
         reply = _trainer(context).train(request)
     except REFUSALS as exc:
-        return _refusal(msg, context, str(exc))
+        return _refusal(msg, context, exc)
     metrics = MetricRecord(
         {
             wire.LOCAL_LOSS: reply.local_loss,
             wire.EPSILON: reply.epsilon,
+            wire.NOISE_MULTIPLIER: reply.noise_multiplier,
             **_check_metrics(reply.incoming),
         }
     )
@@ -144,7 +150,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
         reply = _trainer(context).evaluate(request)
     except REFUSALS as exc:
-        return _refusal(msg, context, str(exc))
+        return _refusal(msg, context, exc)
     content = RecordDict(
         {
             wire.METRICS: MetricRecord(_check_metrics(reply.result)),

@@ -11,3 +11,8 @@ class RequestError(ClientError):
 
 class SiteRefusal(ClientError):
     """The site declines a well-formed instruction (wrong model, budget, policy)."""
+
+
+class BudgetRefusal(SiteRefusal):
+    """The round would exceed the study's approval or the dataset's cap: refused before
+    any training step, nothing spent."""

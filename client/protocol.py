@@ -19,14 +19,17 @@ class TrainRequest:
     """Train the global model for some local steps under DP-SGD."""
 
     run_id: str
+    study: str
+    study_sha256: str
     round: int
+    planned_rounds: int
     arrays: dict[str, np.ndarray]
     model_sha256: str
     preset: PresetName
     n_features: int
     local_steps: int
     learning_rate: float
-    noise_multiplier: float
+    target_epsilon: float
     max_grad_norm: float
     sample_rate: float
     delta: float
@@ -50,6 +53,7 @@ class TrainReply:
     arrays: dict[str, np.ndarray]
     local_loss: float
     epsilon: float
+    noise_multiplier: float
     incoming: ModelCheck
 
     @property

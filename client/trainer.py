@@ -1,23 +1,25 @@
 """The site trainer: everything a site does for a round, callable in-process.
 
 It loads and validates the site's data once, checks the incoming model against its
-announced digest, trains with DP-SGD, and records the spend in the site's ledger
-before the update is handed back. Simulation and tests call it directly; the
-Flower ClientApp calls it for each message.
+announced digest, asks the privacy gate for the round's noise and permission, trains
+with DP-SGD, and records the signed spend before the update is handed back.
+Simulation and tests call it directly; the Flower ClientApp calls it for each message.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from client.config import SiteConfig
 from client.errors import SiteRefusal
+from client.privacy_gate import PrivacyGate
 from client.protocol import (
     EvaluateReply,
     EvaluateRequest,
@@ -34,26 +36,25 @@ from model.network import (
     load_arrays,
     state_arrays,
 )
-from model.train import evaluate, train_steps
+from model.train import EvalResult, evaluate, train_steps
 from privacy.dpsgd import DpSgdSettings, make_private
-from privacy.ledger import PrivacyLedger, SpendRecord
+from privacy.ledger import PrivacyLedger
 from sites.synthetic import TABLE_NAME
 from sites.tabular import SiteTable, read_site_table
 
 log = logging.getLogger(__name__)
 
-LEDGER_NAME = "privacy-ledger.sqlite"
-STUDY_NAME = "demo"
-
 
 class SiteTrainer:
-    """One site's data, ledger and training logic."""
+    """One site's data, ledger, privacy gate and training logic."""
 
-    def __init__(self, site_id: str, site_dir: Path, contract: StudyContract) -> None:
-        self.site_id = site_id
+    def __init__(self, config: SiteConfig, contract: StudyContract) -> None:
+        self.site_id = config.site.id
+        self._config = config
         self._contract = contract
-        self._table: SiteTable = read_site_table(site_dir / TABLE_NAME, contract)
-        self._ledger = PrivacyLedger(site_dir / LEDGER_NAME)
+        self._table: SiteTable = read_site_table(config.data_dir / TABLE_NAME, contract)
+        self._ledger = PrivacyLedger(config.ledger_path)
+        self._gate = PrivacyGate(config, self._ledger)
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -99,15 +100,21 @@ class SiteTrainer:
         )
 
     def _check(self, model: MedModel) -> ModelCheck:
+        """How `model` does here. Held-out metrics over fewer patients than the policy's
+        minimum cohort are withheld (reported as 0 patients, undefined values)."""
         on_train = evaluate(model, *self._train_tensors())
+        held_out = evaluate(model, *self._eval_tensors())
+        if held_out.examples < self._config.privacy.min_cohort_k:
+            held_out = EvalResult(examples=0, loss=math.nan, auroc=math.nan, accuracy=math.nan)
         return ModelCheck(
-            train_examples=on_train.examples,
-            train_loss=on_train.loss,
-            held_out=evaluate(model, *self._eval_tensors()),
+            train_examples=on_train.examples, train_loss=on_train.loss, held_out=held_out
         )
 
     def train(self, request: TrainRequest) -> TrainReply:
-        """Train for the requested steps with DP-SGD and record the spend before replying."""
+        """Pre-flight, train with DP-SGD, and record the spend before replying.
+
+        A round that the policy or budget forbids is refused before any training step.
+        """
         dataset = self._table.fingerprint
         already = [
             record
@@ -122,45 +129,39 @@ class SiteTrainer:
         model = self._model_for(
             request.arrays, request.model_sha256, request.preset, request.n_features
         )
+        train_set = TensorDataset(*self._train_tensors())
+        plan = self._gate.plan(request, dataset=dataset, patients=len(train_set))
         incoming = self._check(model)
         settings = DpSgdSettings(
-            noise_multiplier=request.noise_multiplier,
+            noise_multiplier=plan.event.noise_multiplier,
             max_grad_norm=request.max_grad_norm,
             sample_rate=request.sample_rate,
         )
-        train_set = TensorDataset(*self._train_tensors())
         private = make_private(
             model, train_set, settings=settings, learning_rate=request.learning_rate
         )
+        if private.event(request.local_steps) != plan.event:
+            raise SiteRefusal("the training would not match the planned privacy event")
         with warnings.catch_warnings():
             # Opacus's hooks fire on module outputs since inputs need no gradient: expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             result = train_steps(
                 private.model, private.optimizer, private.loader, steps=request.local_steps
             )
-        recorded = self._ledger.record(
-            SpendRecord(
-                dataset=dataset,
-                study=STUDY_NAME,
-                run_id=request.run_id,
-                round=request.round,
-                event=private.event(result.steps),
-                delta=request.delta,
-            )
-        )
-        if not recorded:
+        if not self._gate.record(request, plan, dataset=dataset):
             # Another process trained this round meanwhile and recorded it first; its
             # update is the one that may leave, this one is withheld.
             raise SiteRefusal(
                 f"run {request.run_id} round {request.round} was trained here concurrently;"
                 " withholding this second update so privacy is not spent twice"
             )
-        epsilon = self._ledger.epsilon(dataset, delta=request.delta)
+        epsilon = self._gate.dataset_epsilon(dataset, delta=request.delta)
         log.info(
-            "site %s round %s: %d steps, loss %.4f, epsilon %.3f",
+            "site %s round %s: %d steps, noise %.3f, loss %.4f, epsilon %.3f",
             self.site_id,
             request.round,
             result.steps,
+            plan.event.noise_multiplier,
             result.mean_loss,
             epsilon,
         )
@@ -169,11 +170,22 @@ class SiteTrainer:
             arrays=state_arrays(model),
             local_loss=result.mean_loss,
             epsilon=epsilon,
+            noise_multiplier=plan.event.noise_multiplier,
             incoming=incoming,
         )
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
-        """Evaluate the global model on this site's held-out patients."""
+        """Evaluate the global model on this site's held-out patients.
+
+        A site with fewer training patients than the policy's minimum cohort reports
+        nothing: even a loss over so few patients says too much about each of them.
+        """
+        minimum = self._config.privacy.min_cohort_k
+        if len(self._table.train_labels) < minimum:
+            raise SiteRefusal(
+                f"the dataset has {len(self._table.train_labels)} training patients, fewer than"
+                f" the site's minimum cohort {minimum}; no metric is reported"
+            )
         model = self._model_for(
             request.arrays, request.model_sha256, request.preset, request.n_features
         )

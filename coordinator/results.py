@@ -35,6 +35,7 @@ class RoundRecord:
     metric: float | None = None
     metric_name: str = "auroc"
     epsilon_by_site: dict[str, float] = field(default_factory=dict)
+    noise_by_site: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     model_sha256: str = ""
     duration_s: float = 0.0

@@ -99,13 +99,16 @@ def _instruction(
     config = ConfigRecord(
         {
             wire.RUN_ID: run_id,
+            wire.STUDY: study.name,
+            wire.STUDY_SHA256: study.sha256(),
             wire.ROUND: round_number,
+            wire.PLANNED_ROUNDS: study.num_rounds,
+            wire.TARGET_EPSILON: study.target_epsilon,
             wire.MODEL_SHA256: arrays_sha256(arrays),
             wire.PRESET: study.preset,
             wire.N_FEATURES: len(contract.features),
             wire.LOCAL_STEPS: study.local_steps,
             wire.LEARNING_RATE: study.learning_rate,
-            wire.NOISE_MULTIPLIER: study.noise_multiplier,
             wire.MAX_GRAD_NORM: study.max_grad_norm,
             wire.SAMPLE_RATE: study.sample_rate,
             wire.DELTA: study.delta,
@@ -235,6 +238,9 @@ def _run_rounds(
                 participants=sorted(update.site_id for update in updates),
                 local_loss=_weighted((u.local_loss, u.num_examples) for u in updates),
                 epsilon_by_site={u.site_id: u.epsilon for u in sorted(updates, key=_by_site)},
+                noise_by_site={
+                    u.site_id: u.noise_multiplier for u in sorted(updates, key=_by_site)
+                },
                 rejected=rejected,
                 model_sha256=arrays_sha256(global_arrays),
                 duration_s=round(time.monotonic() - started, 3),

@@ -1,8 +1,17 @@
-"""The study's settings as a strict, frozen model parsed from Flower's run config at the edge."""
+"""The study: what a run trains, how, and how much privacy it asks each site for.
+
+One strict, frozen model serves both edges: Flower's run config (flat keys with
+hyphens) and `study.toml` (the same keys under `[study]`). Its digest identifies the
+study: an officer's approval at a site is bound to it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -10,16 +19,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from coordinator.errors import StudyConfigError
 from model.presets import PresetName
 
+RUN_PLUMBING = frozenset({"results_path", "sites_root"})
+"""Fields that say where a run writes, not what the study is: left out of its digest."""
+
+_FLOAT_KEYS = (
+    "learning-rate",
+    "target-epsilon",
+    "max-grad-norm",
+    "delta",
+    "sample-rate",
+    "round-timeout-s",
+)
+
 
 class StudySettings(BaseModel):
     """What a run trains, how, and for how long. Keys are the run config's, with hyphens."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
+    name: str = Field(alias="study-name", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     num_rounds: int = Field(alias="num-server-rounds", ge=1, le=10_000)
     local_steps: int = Field(alias="local-steps", ge=1, le=1_000_000)
     learning_rate: float = Field(alias="learning-rate", gt=0, le=100)
-    noise_multiplier: float = Field(alias="noise-multiplier", gt=0, le=1_000)
+    target_epsilon: float = Field(alias="target-epsilon", gt=0, le=100)
     max_grad_norm: float = Field(alias="max-grad-norm", gt=0, le=1_000)
     delta: float = Field(alias="delta", gt=0, lt=1)
     sample_rate: float = Field(alias="sample-rate", gt=0, le=1)
@@ -33,15 +55,12 @@ class StudySettings(BaseModel):
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StudySettings:
         """Parse Flower's run config; a bad key raises `StudyConfigError` naming it."""
-        values = dict(run_config)
-        for key in (
-            "learning-rate",
-            "noise-multiplier",
-            "max-grad-norm",
-            "delta",
-            "sample-rate",
-            "round-timeout-s",
-        ):
+        return cls._parse(run_config, where="run config")
+
+    @classmethod
+    def _parse(cls, values: Mapping[str, Any], *, where: str) -> StudySettings:
+        values = dict(values)
+        for key in _FLOAT_KEYS:
             # TOML writes 1.0 as a float but 1 as an int; both mean the same number here.
             if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
                 values[key] = float(values[key])
@@ -49,5 +68,31 @@ class StudySettings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "run config"
-            raise StudyConfigError(f"run config key {where}: {first['msg']}") from exc
+            key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            raise StudyConfigError(f"{where} key {key}: {first['msg']}") from exc
+
+    def sha256(self) -> str:
+        """The study's identity: a digest of every field but where the run writes."""
+        fields = self.model_dump(by_alias=True, exclude=set(RUN_PLUMBING))
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The run config that carries this study to the ServerApp."""
+        return self.model_dump(by_alias=True)
+
+
+def load_study_file(path: Path) -> StudySettings:
+    """Read `study.toml` (the run config's keys under `[study]`); errors name file and key."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StudyConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise StudyConfigError(f"{path}: is not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyConfigError(f"{path}: is not valid TOML ({exc})") from exc
+    unknown = sorted(set(document) - {"study"})
+    if unknown or not isinstance(document.get("study"), dict):
+        raise StudyConfigError(f"{path}: expected one [study] table, found {sorted(document)}")
+    return StudySettings._parse(document["study"], where=f"{path}: [study]")

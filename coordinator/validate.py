@@ -35,6 +35,7 @@ class SiteUpdate:
     arrays: dict[str, np.ndarray]
     local_loss: float
     epsilon: float
+    noise_multiplier: float
     check: ModelCheck
 
     @property
@@ -124,11 +125,14 @@ def validate_train_reply(
         epsilon = wire.get_value(reply.content, wire.METRICS, wire.EPSILON, float)
         if epsilon < 0:
             raise wire.WireError(f"metrics.{wire.EPSILON}: {epsilon} is negative")
+        noise = wire.get_value(reply.content, wire.METRICS, wire.NOISE_MULTIPLIER, float)
+        if noise <= 0:
+            raise wire.WireError(f"metrics.{wire.NOISE_MULTIPLIER}: {noise} is not positive")
         local_loss = wire.get_value(reply.content, wire.METRICS, wire.LOCAL_LOSS, float)
         check = _model_check(reply)
     except wire.WireError as exc:
         return Rejection(node_id, site_id, str(exc))
-    return SiteUpdate(node_id, site_id, arrays, local_loss, epsilon, check)
+    return SiteUpdate(node_id, site_id, arrays, local_loss, epsilon, noise, check)
 
 
 def validate_eval_reply(reply: Message) -> SiteEval | Rejection:

@@ -10,8 +10,10 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +22,11 @@ from rich.table import Table
 from rich.text import Text
 
 from medfed.errors import MedfedError
+
+if TYPE_CHECKING:
+    from client.config import SiteConfig
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="medfed",
@@ -82,6 +89,12 @@ def _number(value: float | None, digits: int) -> str:
 def demo(
     sites: Annotated[int, typer.Option(min=1, max=64, help="Number of hospitals.")] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=1000, help="Number of rounds.")] = 3,
+    epsilon: Annotated[
+        float,
+        typer.Option(
+            min=0.1, max=10.0, help="Epsilon the study asks of each site over all its rounds."
+        ),
+    ] = 3.0,
     simulation: Annotated[
         bool,
         typer.Option("--simulation", help="Run the sites on Flower's simulation runtime (Ray)."),
@@ -102,7 +115,9 @@ def demo(
 
     _setup_logging(verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    options = DemoOptions(sites=sites, rounds=rounds, simulation=simulation, keep=keep)
+    options = DemoOptions(
+        sites=sites, rounds=rounds, simulation=simulation, keep=keep, target_epsilon=epsilon
+    )
     started = time.monotonic()
     show_bar = stderr.is_terminal and not as_json
     bar = Progress(
@@ -146,6 +161,123 @@ def demo(
     else:
         stdout.print(_round_table(results))
         stdout.print(f"finished in {wall_s:.1f} s", highlight=False)
+
+
+budget_app = typer.Typer(
+    help="The privacy officer's commands: budgets spent, approvals, signed-record checks.",
+    no_args_is_help=True,
+)
+app.add_typer(budget_app, name="budget")
+
+SiteToml = Annotated[
+    Path, typer.Argument(help="The site's site.toml.", exists=False, dir_okay=False)
+]
+
+
+def _site_config(path: Path) -> SiteConfig:
+    from client.config import load_site_config
+
+    return load_site_config(path)
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run `action`; any medfed error becomes one line on stderr and exit 1."""
+    from client.errors import ClientError
+    from coordinator.errors import CoordinatorError
+    from privacy.errors import PrivacyError
+    from sites.errors import SiteError
+
+    try:
+        return action()
+    except (MedfedError, ClientError, CoordinatorError, PrivacyError, SiteError) as exc:
+        _fail(str(exc), getattr(exc, "exit_code", 1))
+
+
+@budget_app.command("show")
+def budget_show(
+    site_toml: SiteToml,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Epsilon spent per dataset against the cap, per study and run; exit 1 if any cap is
+    exceeded or a ledger row fails its signature check."""
+    from medfed.budget import budget_summary
+
+    summary = _guard(lambda: budget_summary(_site_config(site_toml)))
+    if as_json:
+        sys.stdout.write(json.dumps(summary.to_json()) + "\n")
+    else:
+        table = Table(title=f"privacy budget of {summary.site_id} (delta {summary.delta:g})")
+        for column in ("dataset", "study", "epsilon", "approved", "cap", "remaining", "runs"):
+            table.add_column(column)
+        for budget in summary.datasets:
+            table.add_row(
+                Text(budget.dataset[:16]), "(all studies)", f"{budget.epsilon_spent:.3f}", "",
+                f"{budget.epsilon_cap:g} ({budget.window})", f"{budget.remaining:.3f}", "",
+            )  # fmt: skip
+            for spend in budget.studies:
+                table.add_row(
+                    "", Text(spend.study), f"{spend.epsilon:.3f}",
+                    "" if spend.approved_epsilon is None else f"{spend.approved_epsilon:g}",
+                    "", "", Text(", ".join(f"{r}: {n}" for r, n in spend.runs.items())),
+                )  # fmt: skip
+        stdout.print(table)
+        stdout.print(
+            f"{summary.ledger_rows} ledger rows, signatures "
+            + ("verified" if not summary.ledger_problems else "FAILED"),
+            highlight=False,
+        )
+        for problem in summary.ledger_problems:
+            stderr.print(Text(f"ledger: {problem}"))
+    if summary.ledger_problems or any(b.exceeded for b in summary.datasets):
+        raise typer.Exit(1)
+
+
+@budget_app.command("approve")
+def budget_approve(
+    site_toml: SiteToml,
+    study: Annotated[Path, typer.Option("--study", help="The study's study.toml.")],
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Epsilon approved for the study.")],
+    officer_key: Annotated[
+        Path, typer.Option("--officer-key", help="The officer's Ed25519 private key (PEM).")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Record the officer's signed approval of a study at this site, up to EPSILON."""
+    from medfed.budget import approve_study
+
+    approval = _guard(
+        lambda: approve_study(site_toml, study, epsilon=epsilon, officer_key=officer_key)
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(approval) + "\n")
+    else:
+        stdout.print(
+            Text(
+                f"approved study {approval['study']} ({str(approval['study_sha256'])[:16]}) at"
+                f" {approval['site_id']} up to epsilon {approval['epsilon']:g}"
+            )
+        )
+
+
+@budget_app.command("report")
+def budget_report(
+    site_toml: SiteToml,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the HTML report.")],
+) -> None:
+    """Write the officer's HTML report: epsilon over time per dataset and study, approvals,
+    runs, and the check of every ledger signature; exit 1 if a check fails."""
+    from medfed.budget import write_report
+
+    summary = _guard(lambda: write_report(_site_config(site_toml), out))
+    stdout.print(Text(f"wrote {out}"))
+    for problem in summary.ledger_problems:
+        stderr.print(Text(f"ledger: {problem}"))
+    if summary.ledger_problems or any(b.exceeded for b in summary.datasets):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -21,13 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.config import SITE_TOML
 from coordinator.results import RunResults
+from coordinator.study import StudySettings
 from medfed.app_bundle import build_app_dir
+from medfed.consortium import DEMO_POLICY, demo_study, write_demo_consortium
 from medfed.errors import DemoFailedError, MissingDependencyError
 from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
-from model.contract import DEMO_CONTRACT
 from privacy.pki import Provisioned, SiteKeys, provision_loopback
-from sites.synthetic import site_ids, write_synthetic_consortium
+from sites.synthetic import site_ids
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class DemoOptions:
     rounds: int = 3
     simulation: bool = False
     local_steps: int = 30
-    noise_multiplier: float = 1.2
+    target_epsilon: float = 3.0
     seed: int = 7
     timeout_s: float = 900.0
     keep: bool = False
@@ -57,6 +59,10 @@ class DemoOptions:
             raise ValueError(f"--sites must be between 1 and 64, got {self.sites}")
         if not 1 <= self.rounds <= 1000:
             raise ValueError(f"--rounds must be between 1 and 1000, got {self.rounds}")
+        if not 0 < self.target_epsilon <= DEMO_POLICY.epsilon_cap:
+            raise ValueError(
+                f"--epsilon must be in (0, {DEMO_POLICY.epsilon_cap:g}], got {self.target_epsilon}"
+            )
 
 
 Progress = Callable[[RunResults], None]
@@ -80,18 +86,9 @@ def _programs(simulation: bool) -> _Programs:
     return programs
 
 
-def _run_config(options: DemoOptions, results_path: Path, sites_root: Path) -> dict[str, object]:
+def _run_config(study: StudySettings, results_path: Path, sites_root: Path) -> dict[str, object]:
     return {
-        "num-server-rounds": options.rounds,
-        "local-steps": options.local_steps,
-        "learning-rate": 0.08,
-        "noise-multiplier": options.noise_multiplier,
-        "max-grad-norm": 5.0,
-        "delta": 1e-5,
-        "sample-rate": 0.05,
-        "min-sites": options.sites,
-        "round-timeout-s": 600.0,
-        "seed": options.seed,
+        **study.to_run_config(),
         "results-path": str(results_path),
         "sites-root": str(sites_root),
     }
@@ -171,7 +168,7 @@ def _start_sites(
         _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
               what=f"registering {keys.site_id}'s key with the SuperLink")  # fmt: skip
     for keys in pki.sites:
-        node_config = f'site-id="{keys.site_id}" site-dir="{sites_root / keys.site_id}"'
+        node_config = f'site-config="{sites_root / keys.site_id / SITE_TOML}"'
 
         def argv(
             runtime_port: int, keys: SiteKeys = keys, node_config: str = node_config
@@ -248,14 +245,19 @@ def run_demo(options: DemoOptions, progress: Progress) -> RunResults:
     succeeded = False
     try:
         sites_root = work / "sites"
-        write_synthetic_consortium(
-            sites_root, DEMO_CONTRACT, n_sites=options.sites, seed=options.seed
+        study = demo_study(
+            rounds=options.rounds,
+            sites=options.sites,
+            target_epsilon=options.target_epsilon,
+            seed=options.seed,
+            local_steps=options.local_steps,
         )
+        write_demo_consortium(sites_root, study, n_sites=options.sites, seed=options.seed)
         pki = provision_loopback(work / "pki", site_ids(options.sites))
         flwr_home = work / "flwr-home"
         env = {"FLWR_HOME": str(flwr_home)}
         results_path = work / "results.json"
-        app_dir = build_app_dir(work / "app", _run_config(options, results_path, sites_root))
+        app_dir = build_app_dir(work / "app", _run_config(study, results_path, sites_root))
         with ProcessGroup(log_dir=work / "logs") as group:
             port = _start_superlink(group, programs, work, pki, simulation=options.simulation)
             _write_flwr_config(flwr_home, port, pki, options.sites if options.simulation else None)

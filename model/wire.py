@@ -18,11 +18,15 @@ SITE: Final = "site"
 
 # Keys of the CONFIG record sent with a train or evaluate instruction.
 RUN_ID: Final = "run-id"
+STUDY: Final = "study"  # the study's name
+STUDY_SHA256: Final = "study-sha256"  # the study's digest: what an officer's approval names
 ROUND: Final = "round"
+PLANNED_ROUNDS: Final = "planned-rounds"
+TARGET_EPSILON: Final = "target-epsilon"  # epsilon the study asks of each site, all rounds
 MODEL_SHA256: Final = "model-sha256"
 LOCAL_STEPS: Final = "local-steps"
 LEARNING_RATE: Final = "learning-rate"
-NOISE_MULTIPLIER: Final = "noise-multiplier"
+NOISE_MULTIPLIER: Final = "noise-multiplier"  # in replies: the noise the site chose
 MAX_GRAD_NORM: Final = "max-grad-norm"
 SAMPLE_RATE: Final = "sample-rate"
 DELTA: Final = "delta"

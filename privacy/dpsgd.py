@@ -67,6 +67,16 @@ def _secure_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
+def poisson_rate(patients: int, sample_rate: float) -> float:
+    """The sampling rate Opacus really uses for `sample_rate` over `patients` rows.
+
+    Opacus samples each row with probability 1 / (batches per epoch) of the loader it
+    wraps; `make_private` builds that loader with this batch size.
+    """
+    batch_size = max(1, round(sample_rate * patients))
+    return 1.0 / math.ceil(patients / batch_size)
+
+
 def make_private(
     model: nn.Module,
     dataset: TensorDataset,

@@ -15,3 +15,28 @@ class LedgerError(PrivacyError):
 
 class DpConfigError(PrivacyError):
     """A differential-privacy setting is out of range or would weaken privacy silently."""
+
+
+class KeyFileError(PkiError):
+    """A signing or verifying key file is missing, malformed, of the wrong type or too open."""
+
+
+class SigningError(PrivacyError):
+    """A value cannot be signed: it has no canonical JSON form (NaN, a non-string key, ...)."""
+
+
+class ApprovalError(PrivacyError):
+    """An officer's approval is out of range, malformed or signed with the wrong key."""
+
+
+class AuditLogError(PrivacyError):
+    """The audit log cannot be read or appended to."""
+
+
+class AccountingError(PrivacyError):
+    """The accountant cannot compute epsilon for these events (a setting far beyond any
+    meaningful guarantee, or outside what its numerics can resolve)."""
+
+
+class InfeasibleBudgetError(DpConfigError):
+    """No noise multiplier within bounds meets the privacy budget asked for."""

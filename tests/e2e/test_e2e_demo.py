@@ -51,6 +51,10 @@ def _check_document(document: dict[str, object], *, sites: int, rounds: int) -> 
     # round need improve under DP noise; the start-to-end gap is wide, see docs/demo.md.)
     assert per_round[-1]["loss"] < document["initial_loss"] - 0.05
     assert per_round[-1]["metric"] > document["initial_metric"] + 0.1
+    # Each site calibrated its noise so that the planned rounds end at the study's
+    # target epsilon (3 by default): never above it, and within 5% of it.
+    for epsilon in per_round[-1]["epsilon_by_site"].values():
+        assert 0.95 * 3.0 <= epsilon <= 3.0
     previous: dict[str, float] = {}
     for record in per_round:
         assert sorted(record["participants"]) == document["sites"]
@@ -89,7 +93,7 @@ def _wait_for_supernode(tag: str, site_id: str, timeout_s: float) -> int:
     while time.monotonic() < deadline:
         for pid in pids_with_env(TEST_TAG_VARIABLE, tag):
             command = _cmdline(pid)
-            if "flower-supernode" in command and f'site-id="{site_id}"' in command:
+            if "flower-supernode" in command and f"/{site_id}/site.toml" in command:
                 return pid
         time.sleep(0.2)
     raise AssertionError(f"the SuperNode of {site_id} never started")
@@ -108,7 +112,7 @@ def test_demo_names_a_dead_site_stops_the_rest_and_fails(process_tag: str) -> No
     finally:
         if demo.poll() is None:
             demo.kill()
-            demo.wait()
+        demo.communicate()
     assert demo.returncode == 1
     assert stdout == ""
     assert "hospital-2" in stderr
@@ -130,7 +134,7 @@ def test_demo_stops_everything_on_ctrl_c(process_tag: str) -> None:
     finally:
         if demo.poll() is None:
             demo.kill()
-            demo.wait()
+        demo.communicate()
     assert demo.returncode == 130
     assert "interrupted" in stderr
     assert "Traceback" not in stderr

@@ -1,9 +1,11 @@
 """run_study end to end in-process: the real round loop, over a fake Grid, against the real
-ClientApp handlers of sites whose synthetic tables and privacy ledgers live in tmp_path."""
+ClientApp handlers of demo sites (synthetic table, keys, site.toml, the officer's approval
+of the study, privacy ledger) that live in tmp_path."""
 
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,18 +18,28 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from client import client_app
-from client.trainer import LEDGER_NAME
+from client.config import SITE_TOML
 from coordinator.errors import RoundFailedError
 from coordinator.results import RunResults
 from coordinator.rounds import run_study
 from coordinator.study import StudySettings
+from medfed.consortium import DemoSite, approve
 from model import wire
 from model.contract import DEMO_CONTRACT as CONTRACT
 from model.network import arrays_sha256, build_model, state_arrays
 from privacy.ledger import PrivacyLedger
-from sites.synthetic import TABLE_NAME, write_synthetic_consortium
-from sites.tabular import SiteTable, read_site_table
+from sites.tabular import SiteTable
 from tests.references import dp_accounting_epsilon
+from tests.sitekit import (
+    POLICY,
+    break_table,
+    ledger_of,
+    node_context,
+    officer_of,
+    table_of,
+    table_path,
+    write_sites,
+)
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -115,46 +127,68 @@ class FakeGrid:
 class Consortium:
     root: Path
     nodes: dict[int, str]  # node id -> site id
+    sites: dict[str, DemoSite]
 
-    def site_dir(self, site: str) -> Path:
-        return self.root / site
+    def site_toml(self, site: str) -> Path:
+        return self.sites[site].site_toml
 
     def node_of(self, site: str) -> int:
         return next(node for node, name in self.nodes.items() if name == site)
 
     def table(self, site: str) -> SiteTable:
-        return read_site_table(self.site_dir(site) / TABLE_NAME, CONTRACT)
+        return table_of(self.site_toml(site))
+
+    def table_path(self, site: str) -> Path:
+        return table_path(self.site_toml(site))
 
     def contexts(self) -> dict[int, Context]:
+        """Each SuperNode names its site.toml in its node config."""
         return {
-            node: Context(
-                run_id=1,
-                node_id=node,
-                node_config={"site-id": site, "site-dir": str(self.site_dir(site))},
-                state=RecordDict(),
-                run_config={},
+            node: node_context(node, {"site-config": str(self.site_toml(site))})
+            for node, site in self.nodes.items()
+        }
+
+    def simulation_contexts(self, settings: StudySettings) -> dict[int, Context]:
+        """Flower's simulation: virtual nodes know only their partition; the run config
+        names the folder that holds every site."""
+        run_config = {**settings.to_run_config(), "sites-root": str(self.root)}
+        return {
+            node: node_context(
+                node,
+                {
+                    "partition-id": int(site.removeprefix("hospital-")) - 1,
+                    "num-partitions": len(self.nodes),
+                },
+                run_config,
             )
             for node, site in self.nodes.items()
         }
 
     def ledger(self, site: str) -> PrivacyLedger:
-        return PrivacyLedger(self.site_dir(site) / LEDGER_NAME)
+        return ledger_of(self.site_toml(site))
 
 
-def consortium(tmp_path: Path, n_sites: int = 3) -> Consortium:
-    sites = write_synthetic_consortium(tmp_path, CONTRACT, n_sites=n_sites, seed=21)
+def consortium(tmp_path: Path, settings: StudySettings, n_sites: int = 3) -> Consortium:
+    """Demo sites under tmp_path, each with `settings` approved at its target epsilon."""
+    sites = write_sites(tmp_path, settings, n_sites=n_sites, seed=21)
     # Node ids as a SuperLink hands them out: large and unordered.
     return Consortium(
-        tmp_path, {7_000 + 13 * (n_sites - i): s.site_id for i, s in enumerate(sites)}
+        tmp_path,
+        {7_000 + 13 * (n_sites - i): s.site_id for i, s in enumerate(sites)},
+        {s.site_id: s for s in sites},
     )
+
+
+TARGET_EPSILON = 2.0
 
 
 def study(**changes: Any) -> StudySettings:
     config = {
+        "study-name": "integration",
         "num-server-rounds": 3,
         "local-steps": 5,
         "learning-rate": 0.1,
-        "noise-multiplier": 1.0,
+        "target-epsilon": TARGET_EPSILON,
         "max-grad-norm": 1.0,
         "delta": DELTA,
         "sample-rate": 0.1,
@@ -164,16 +198,6 @@ def study(**changes: Any) -> StudySettings:
     }
     config.update({key.replace("_", "-"): value for key, value in changes.items()})
     return StudySettings.from_run_config(config)
-
-
-def break_table(path: Path, line: int, column: str, cell: str) -> None:
-    """Write `cell` into `column` of the file's row `line` (the header is row 1)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split(",")
-    cells = lines[line - 1].split(",")
-    cells[header.index(column)] = cell
-    lines[line - 1] = ",".join(cells)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 class Reports:
@@ -239,10 +263,10 @@ def assert_arrays_close(actual: Arrays, expected: Arrays) -> None:
 
 @pytest.mark.slow
 def test_a_study_runs_every_round_with_every_site(tmp_path: Path) -> None:
-    sites = consortium(tmp_path)
+    settings = study()
+    sites = consortium(tmp_path, settings)
     grid = FakeGrid(sites.contexts())
     reports = Reports()
-    settings = study()
 
     results = run(grid, settings, reports)
 
@@ -318,10 +342,11 @@ def test_a_study_runs_every_round_with_every_site(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_epsilon_per_site_grows_each_round_and_matches_its_ledger(tmp_path: Path) -> None:
-    sites = consortium(tmp_path, n_sites=2)
     settings = study(min_sites=2)
+    sites = consortium(tmp_path, settings, n_sites=2)
+    grid = FakeGrid(sites.contexts())
 
-    results = run(FakeGrid(sites.contexts()), settings)
+    results = run(grid, settings)
 
     for site in sites.nodes.values():
         epsilons = [record.epsilon_by_site[site] for record in results.per_round]
@@ -330,24 +355,94 @@ def test_epsilon_per_site_grows_each_round_and_matches_its_ledger(tmp_path: Path
         fingerprint = sites.table(site).fingerprint
         ledger = sites.ledger(site)
         rows = ledger.records(fingerprint)
-        assert [(r.run_id, r.round, r.event.steps) for r in rows] == [
-            (RUN_ID, k, 5) for k in (1, 2, 3)
+        assert [(r.study, r.run_id, r.round, r.event.steps) for r in rows] == [
+            (f"{settings.name}@{settings.sha256()}", RUN_ID, k, 5) for k in (1, 2, 3)
         ]
         assert ledger.records() == rows  # nothing spent against any other dataset
         assert epsilons[-1] == ledger.epsilon(fingerprint, delta=DELTA)
+        # The reference composes the events the site recorded, with the noise it chose.
         for k, epsilon in enumerate(epsilons, start=1):
             reference = reference_epsilon([row.event for row in rows[:k]], DELTA)
             assert epsilon == pytest.approx(reference, rel=1e-3)
 
 
+@pytest.mark.slow
+def test_each_site_reports_the_noise_it_recorded_and_ends_at_the_target(tmp_path: Path) -> None:
+    settings = study(min_sites=2)
+    sites = consortium(tmp_path, settings, n_sites=2)
+    grid = FakeGrid(sites.contexts())
+
+    results = run(grid, settings)
+
+    for node, site in sites.nodes.items():
+        rows = sites.ledger(site).records()
+        assert [row.round for row in rows] == [1, 2, 3]
+        for record, row in zip(results.per_round, rows, strict=True):
+            (delivery,) = [d for d in grid.train_deliveries(record.round) if d.node == node]
+            replied = metric(delivery.reply, wire.NOISE_MULTIPLIER, float)
+            assert record.noise_by_site[site] == replied == row.event.noise_multiplier
+            assert replied >= POLICY.min_noise_multiplier
+        # Calibrated over the planned rounds: the last one ends within 5% below the target.
+        final = results.per_round[-1].epsilon_by_site[site]
+        assert 0.95 * settings.target_epsilon <= final <= settings.target_epsilon
+        assert final == pytest.approx(
+            reference_epsilon([row.event for row in rows], DELTA), rel=1e-3
+        )
+
+
+def test_a_simulation_finds_each_site_by_its_partition(tmp_path: Path) -> None:
+    settings = study(num_server_rounds=1, min_sites=3)
+    sites = consortium(tmp_path, settings)
+    grid = FakeGrid(sites.simulation_contexts(settings))
+
+    results = run(grid, settings)
+
+    (record,) = results.per_round
+    assert record.participants == ["hospital-1", "hospital-2", "hospital-3"]
+    assert record.rejected == {}
+    for delivery in grid.train_deliveries(1):
+        site = sites.nodes[delivery.node]
+        assert wire.get_value(delivery.reply.content, wire.SITE, wire.SITE_ID, str) == site
+        table = sites.table(site)
+        assert metric(delivery.reply, wire.NUM_EXAMPLES, int) == len(table.train_labels)
+        (row,) = sites.ledger(site).records()
+        assert row.dataset == table.fingerprint
+        assert record.noise_by_site[site] == row.event.noise_multiplier
+
+
+def test_a_site_out_of_budget_is_rejected_and_the_study_goes_on(tmp_path: Path) -> None:
+    settings = study(num_server_rounds=2, min_sites=2)
+    sites = consortium(tmp_path, settings)
+    # Its officer's newest approval of the study is far below what a round would spend.
+    stingy = sites.sites["hospital-3"]
+    approve(stingy.site_toml, settings, epsilon=0.01, officer_key=officer_of(stingy))
+    stingy_node = sites.node_of("hospital-3")
+    grid = FakeGrid(sites.contexts())
+
+    results = run(grid, settings)
+
+    assert results.status == "completed"
+    for record in results.per_round:
+        assert record.participants == ["hospital-1", "hospital-2"]
+        reason = record.rejected[f"node-{stingy_node}"]
+        assert reason.startswith("site replied with an error: hospital-3: out of budget: ")
+        assert "hospital-3" not in record.epsilon_by_site
+        assert "hospital-3" not in record.noise_by_site
+    for delivery in grid.train_deliveries(1) + grid.train_deliveries(2):
+        if delivery.node == stingy_node:
+            assert delivery.reply.error.code == client_app.ERROR_CODE_OUT_OF_BUDGET
+    assert sites.ledger("hospital-3").records() == []
+
+
 def test_a_site_with_a_bad_row_is_rejected_and_the_study_goes_on(tmp_path: Path) -> None:
-    sites = consortium(tmp_path)
-    table_path = sites.site_dir("hospital-2") / TABLE_NAME
+    settings = study(num_server_rounds=2, min_sites=2)
+    sites = consortium(tmp_path, settings)
+    table_path = sites.table_path("hospital-2")
     break_table(table_path, 6, "age", "sixty")
     broken_node = sites.node_of("hospital-2")
     grid = FakeGrid(sites.contexts())
 
-    results = run(grid, study(num_server_rounds=2, min_sites=2))
+    results = run(grid, settings)
 
     assert results.status == "completed"
     assert results.sites == ["hospital-1", "hospital-3"]
@@ -361,7 +456,7 @@ def test_a_site_with_a_bad_row_is_rejected_and_the_study_goes_on(tmp_path: Path)
         if delivery.node == broken_node:
             assert delivery.reply.has_error()
             assert delivery.reply.error.code == client_app.ERROR_CODE_REFUSED
-    assert not (sites.site_dir("hospital-2") / LEDGER_NAME).exists()
+    assert sites.ledger("hospital-2").records() == []  # it spent nothing
     # The final evaluation goes on without it too.
     final = [d for d in grid.final_deliveries() if d.node != broken_node]
     assert results.per_round[-1].metric == pytest.approx(
@@ -373,13 +468,14 @@ def test_a_site_with_a_bad_row_is_rejected_and_the_study_goes_on(tmp_path: Path)
 
 
 def test_too_few_valid_sites_fail_the_round(tmp_path: Path) -> None:
-    sites = consortium(tmp_path)
-    table_path = sites.site_dir("hospital-1") / TABLE_NAME
+    settings = study(min_sites=3)
+    sites = consortium(tmp_path, settings)
+    table_path = sites.table_path("hospital-1")
     break_table(table_path, 3, "readmitted_30d", "2")
     reports = Reports()
 
     with pytest.raises(RoundFailedError) as caught:
-        run(FakeGrid(sites.contexts()), study(min_sites=3), reports)
+        run(FakeGrid(sites.contexts()), settings, reports)
 
     message = str(caught.value)
     assert message.startswith("round 1: 2 valid replies of 3 sites, the study needs 3")
@@ -390,7 +486,8 @@ def test_too_few_valid_sites_fail_the_round(tmp_path: Path) -> None:
 
 
 def test_a_model_altered_in_transit_is_refused_by_its_site(tmp_path: Path) -> None:
-    sites = consortium(tmp_path)
+    settings = study(num_server_rounds=2, min_sites=2)
+    sites = consortium(tmp_path, settings)
     victim = sites.node_of("hospital-3")
 
     def alter_one_value(node: int, message: Message) -> Message:
@@ -407,7 +504,7 @@ def test_a_model_altered_in_transit_is_refused_by_its_site(tmp_path: Path) -> No
         return Message(content=content, metadata=message.metadata)
 
     grid = FakeGrid(sites.contexts(), in_transit=alter_one_value)
-    results = run(grid, study(num_server_rounds=2, min_sites=2))
+    results = run(grid, settings)
 
     assert results.status == "completed"
     for record in results.per_round:
@@ -421,36 +518,33 @@ def test_a_model_altered_in_transit_is_refused_by_its_site(tmp_path: Path) -> No
 
 
 def test_a_second_reply_for_the_same_site_is_rejected(tmp_path: Path) -> None:
-    sites = consortium(tmp_path, n_sites=2)
+    settings = study(num_server_rounds=1, min_sites=2)
+    sites = consortium(tmp_path, settings, n_sites=2)
+    # A copy of hospital-1 (its site.toml, keys, table and approval) on another node.
     impostor_dir = tmp_path / "impostor"
-    impostor_dir.mkdir()
-    (impostor_dir / TABLE_NAME).write_bytes(
-        (sites.site_dir("hospital-1") / TABLE_NAME).read_bytes()
-    )
+    shutil.copytree(sites.site_toml("hospital-1").parent, impostor_dir)
     contexts = sites.contexts()
     impostor = max(contexts) + 1
-    contexts[impostor] = Context(
-        run_id=1,
-        node_id=impostor,
-        node_config={"site-id": "hospital-1", "site-dir": str(impostor_dir)},
-        state=RecordDict(),
-        run_config={},
-    )
+    contexts[impostor] = node_context(impostor, {"site-config": str(impostor_dir / SITE_TOML)})
 
-    results = run(FakeGrid(contexts), study(num_server_rounds=1, min_sites=2))
+    grid = FakeGrid(contexts)
+    results = run(grid, settings)
 
     (record,) = results.per_round
     assert record.participants == ["hospital-1", "hospital-2"]
     assert record.rejected == {"hospital-1": "a second reply from the same site in one round"}
+    # The impostor's reply was a real update, not a refusal: the coordinator caught it.
+    assert all(not d.reply.has_error() for d in grid.train_deliveries(1))
 
 
 def test_a_silent_site_is_left_out_after_the_round_timeout(tmp_path: Path) -> None:
-    sites = consortium(tmp_path)
+    settings = study(num_server_rounds=1, min_sites=2, round_timeout_s=0.3)
+    sites = consortium(tmp_path, settings)
     silent = sites.node_of("hospital-1")
     grid = FakeGrid(sites.contexts(), silent=frozenset({silent}))
 
     started = time.monotonic()
-    results = run(grid, study(num_server_rounds=1, min_sites=2, round_timeout_s=0.3))
+    results = run(grid, settings)
     elapsed = time.monotonic() - started
 
     assert results.status == "completed"
@@ -460,7 +554,8 @@ def test_a_silent_site_is_left_out_after_the_round_timeout(tmp_path: Path) -> No
 
 
 def test_too_few_connected_sites_fail_after_the_connect_timeout(tmp_path: Path) -> None:
-    sites = consortium(tmp_path, n_sites=1)
+    settings = study(min_sites=2)
+    sites = consortium(tmp_path, settings, n_sites=1)
     grid = FakeGrid(sites.contexts())
     reports = Reports()
 
@@ -470,7 +565,7 @@ def test_too_few_connected_sites_fail_after_the_connect_timeout(tmp_path: Path) 
     ):
         run_study(
             grid,  # type: ignore[arg-type]
-            study(min_sites=2),
+            settings,
             CONTRACT,
             run_id=RUN_ID,
             report=reports,

@@ -1,4 +1,5 @@
-"""The ClientApp's train/evaluate handlers: decoding, replies, and refusals with code 4001."""
+"""The ClientApp's train/evaluate handlers: finding site.toml, decoding, replies, and
+refusals with code 4001 (refused) or 4002 (out of budget)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,54 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.client_app import ERROR_CODE_REFUSED, evaluate, site_location, train
+import client.trainer as trainer_module
+from client.client_app import (
+    ERROR_CODE_OUT_OF_BUDGET,
+    ERROR_CODE_REFUSED,
+    evaluate,
+    site_config_path,
+    train,
+)
+from client.config import SITE_TOML
 from client.errors import RequestError
+from medfed.consortium import DemoSite, approve
 from model import wire
 from model.contract import DEMO_CONTRACT as CONTRACT
 from model.network import arrays_sha256, build_model, state_arrays
-from sites.synthetic import TABLE_NAME, write_synthetic_consortium
-from sites.tabular import read_site_table
+from tests.sitekit import (
+    POLICY,
+    make_study,
+    node_context,
+    officer_of,
+    rewrite_policy,
+    spend_rows,
+    table_of,
+    table_path,
+    write_sites,
+)
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
 NODE = 12
+STUDY = make_study(rounds=2, sites=2, target_epsilon=2.0, local_steps=3)
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    write_synthetic_consortium(tmp_path, CONTRACT, n_sites=2, seed=4)
+def sites(tmp_path: Path) -> tuple[DemoSite, ...]:
+    return write_sites(tmp_path, STUDY, n_sites=2, seed=4)
+
+
+@pytest.fixture
+def root(sites: tuple[DemoSite, ...], tmp_path: Path) -> Path:
     return tmp_path
 
 
 def context(node_config: dict[str, Any], run_config: dict[str, Any] | None = None) -> Context:
-    return Context(
-        run_id=1,
-        node_id=NODE,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config=run_config or {},
-    )
+    return node_context(NODE, node_config, run_config)
 
 
 def site_context(root: Path, site: str = "hospital-1") -> Context:
-    return context({"site-id": site, "site-dir": str(root / site)})
+    return context({"site-config": str(root / site / SITE_TOML)})
 
 
 def instruction(
@@ -51,16 +69,19 @@ def instruction(
     arrays = state_arrays(build_model("tiny", n_features=len(CONTRACT.features), seed=7))
     values: dict[str, Any] = {
         wire.RUN_ID: "run-9",
+        wire.STUDY: STUDY.name,
+        wire.STUDY_SHA256: STUDY.sha256(),
         wire.ROUND: 1,
+        wire.PLANNED_ROUNDS: STUDY.num_rounds,
         wire.MODEL_SHA256: arrays_sha256(arrays),
         wire.PRESET: "tiny",
         wire.N_FEATURES: len(CONTRACT.features),
-        wire.LOCAL_STEPS: 3,
-        wire.LEARNING_RATE: 0.1,
-        wire.NOISE_MULTIPLIER: 1.0,
-        wire.MAX_GRAD_NORM: 1.0,
-        wire.SAMPLE_RATE: 0.1,
-        wire.DELTA: 1e-5,
+        wire.LOCAL_STEPS: STUDY.local_steps,
+        wire.LEARNING_RATE: STUDY.learning_rate,
+        wire.TARGET_EPSILON: STUDY.target_epsilon,
+        wire.MAX_GRAD_NORM: STUDY.max_grad_norm,
+        wire.SAMPLE_RATE: STUDY.sample_rate,
+        wire.DELTA: STUDY.delta,
         **(config or {}),
     }
     values.pop(drop or "", None)
@@ -72,16 +93,27 @@ def instruction(
     return message
 
 
-def refusal_reason(reply: Message) -> str:
+def refusal_reason(reply: Message, code: int = ERROR_CODE_REFUSED) -> str:
     assert reply.has_error(), reply
-    assert reply.error.code == ERROR_CODE_REFUSED
+    assert reply.error.code == code, reply.error
     assert reply.error.reason is not None
     return reply.error.reason
 
 
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any training step starts."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a training step ran although the round should have been refused")
+
+    monkeypatch.setattr(trainer_module, "train_steps", forbidden)
+
+
 def test_a_train_reply_answers_the_instruction(root: Path) -> None:
     ins = instruction()
-    table = read_site_table(root / "hospital-1" / TABLE_NAME, CONTRACT)
+    site_toml = root / "hospital-1" / SITE_TOML
+    table = table_of(site_toml)
 
     reply = train(ins, site_context(root))
 
@@ -98,10 +130,26 @@ def test_a_train_reply_answers_the_instruction(root: Path) -> None:
     received = wire.record_to_arrays(content)
     assert received.keys() == sent.keys()
     assert all(received[name].dtype == np.float32 for name in received)
+    # The noise the site chose travels in the reply, and is the one its ledger holds.
+    (row,) = spend_rows(site_toml)
+    noise = wire.get_value(content, wire.METRICS, wire.NOISE_MULTIPLIER, float)
+    assert noise == row.event.noise_multiplier
+    assert noise >= POLICY.min_noise_multiplier
+    assert (row.study, row.run_id, row.round) == (f"{STUDY.name}@{STUDY.sha256()}", "run-9", 1)
+
+
+def test_a_noise_multiplier_sent_by_the_coordinator_is_ignored(root: Path) -> None:
+    # The site calibrates its own noise; an instruction cannot lower it.
+    reply = train(instruction(config={wire.NOISE_MULTIPLIER: 0.01}), site_context(root))
+
+    assert not reply.has_error(), reply
+    (row,) = spend_rows(root / "hospital-1" / SITE_TOML)
+    noise = wire.get_value(reply.content, wire.METRICS, wire.NOISE_MULTIPLIER, float)
+    assert noise == row.event.noise_multiplier >= POLICY.min_noise_multiplier
 
 
 def test_an_evaluate_reply_counts_the_held_out_patients(root: Path) -> None:
-    table = read_site_table(root / "hospital-2" / TABLE_NAME, CONTRACT)
+    table = table_of(root / "hospital-2" / SITE_TOML)
 
     reply = evaluate(instruction(MessageType.EVALUATE), site_context(root, "hospital-2"))
 
@@ -117,11 +165,24 @@ def test_an_evaluate_reply_counts_the_held_out_patients(root: Path) -> None:
     [
         (wire.RUN_ID, None, "record 'config' has no key 'run-id'"),
         (wire.MODEL_SHA256, None, "record 'config' has no key 'model-sha256'"),
+        (wire.STUDY, None, "record 'config' has no key 'study'"),
+        (wire.STUDY_SHA256, None, "record 'config' has no key 'study-sha256'"),
+        (wire.PLANNED_ROUNDS, None, "record 'config' has no key 'planned-rounds'"),
+        (wire.TARGET_EPSILON, None, "record 'config' has no key 'target-epsilon'"),
         (None, {wire.ROUND: "one"}, "config.round: expected int, got str"),
         (None, {wire.PRESET: "huge"}, "config.preset: unknown preset 'huge'"),
         (None, {wire.LEARNING_RATE: float("nan")}, "config.learning-rate: nan is not finite"),
-        (None, {wire.NOISE_MULTIPLIER: 0.0}, "noise_multiplier must be positive"),
+        (None, {wire.TARGET_EPSILON: float("inf")}, "config.target-epsilon: inf is not finite"),
+        (None, {wire.SAMPLE_RATE: 0.0}, "sample_rate must be in (0, 1]"),
+        (None, {wire.MAX_GRAD_NORM: 50.0}, "clipping norm 50 exceeds the site's maximum 10"),
+        (None, {wire.DELTA: 5e-5}, "delta 5e-05 exceeds the site's maximum 1e-05"),
+        (None, {wire.ROUND: 3}, "round 3 is beyond the 2 rounds planned"),
         (None, {wire.MODEL_SHA256: "0" * 64}, "does not match its announced digest"),
+        (
+            None,
+            {wire.STUDY_SHA256: "f" * 64},
+            f"study '{STUDY.name}' has no valid approval from this site's privacy officer",
+        ),
     ],
 )
 def test_a_bad_train_instruction_is_refused_with_the_site_named(
@@ -132,6 +193,31 @@ def test_a_bad_train_instruction_is_refused_with_the_site_named(
     text = refusal_reason(reply)
     assert text.startswith("hospital-1: ")
     assert reason in text
+    assert spend_rows(root / "hospital-1" / SITE_TOML) == []
+
+
+def test_a_round_beyond_the_approval_is_refused_out_of_budget_before_any_step(
+    sites: tuple[DemoSite, ...], root: Path, no_training: None
+) -> None:
+    # The officer's newest approval of the study is far below what the round would spend.
+    approve(sites[0].site_toml, STUDY, epsilon=0.01, officer_key=officer_of(sites[0]))
+
+    text = refusal_reason(train(instruction(), site_context(root)), ERROR_CODE_OUT_OF_BUDGET)
+
+    assert text.startswith("hospital-1: out of budget: ")
+    assert spend_rows(sites[0].site_toml) == []
+
+
+def test_a_round_beyond_the_datasets_cap_is_refused_out_of_budget(
+    sites: tuple[DemoSite, ...], root: Path, no_training: None
+) -> None:
+    rewrite_policy(sites[0].site_toml, epsilon_cap=0.5)
+
+    text = refusal_reason(train(instruction(), site_context(root)), ERROR_CODE_OUT_OF_BUDGET)
+
+    assert text.startswith("hospital-1: out of budget: the dataset would reach epsilon ")
+    assert text.endswith("above the site's cap 0.5")
+    assert spend_rows(sites[0].site_toml) == []
 
 
 def test_a_bad_evaluate_instruction_is_refused(root: Path) -> None:
@@ -146,10 +232,11 @@ def test_a_replayed_round_is_refused(root: Path) -> None:
     text = refusal_reason(train(instruction(), site_context(root)))
 
     assert text.startswith("hospital-1: run run-9 round 1 was already trained here")
+    assert len(spend_rows(root / "hospital-1" / SITE_TOML)) == 1
 
 
 def test_a_broken_table_is_refused_with_file_row_and_column(root: Path) -> None:
-    path = root / "hospital-1" / TABLE_NAME
+    path = table_path(root / "hospital-1" / SITE_TOML)
     lines = path.read_text(encoding="utf-8").splitlines()
     cells = lines[3].split(",")
     cells[-1] = "maybe"
@@ -166,31 +253,105 @@ def test_a_supernode_that_does_not_name_its_site_is_refused() -> None:
     assert text.startswith("unidentified site: this SuperNode does not say which site it is")
 
 
+def test_a_missing_site_toml_is_refused_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / SITE_TOML
+
+    text = refusal_reason(train(instruction(), context({"site-config": str(path)})))
+
+    assert text.startswith(f"unidentified site: {path}: cannot be read")
+
+
+def test_a_bad_site_toml_is_refused_naming_file_and_key(root: Path) -> None:
+    site_toml = root / "hospital-1" / SITE_TOML
+    text = site_toml.read_text(encoding="utf-8")
+    site_toml.write_text(text.replace("epsilon_cap = 10.0", "epsilon_cap = -1.0"), encoding="utf-8")
+
+    reason = refusal_reason(train(instruction(), site_context(root)))
+
+    assert reason.startswith(f"unidentified site: {site_toml}: key privacy.epsilon_cap: ")
+
+
 def test_the_site_comes_from_the_node_config() -> None:
-    assert site_location(context({"site-id": "h-x", "site-dir": "/data/x"})) == (
-        "h-x",
-        Path("/data/x"),
+    ctx = context({"site-config": "/data/x/site.toml"})
+    assert site_config_path(ctx) == Path("/data/x/site.toml")
+
+
+def test_the_node_config_wins_over_a_simulation_partition(root: Path) -> None:
+    ctx = context(
+        {"site-config": "/data/x/site.toml", "partition-id": 0}, {"sites-root": str(root)}
     )
+    assert site_config_path(ctx) == Path("/data/x/site.toml")
 
 
 def test_in_a_simulation_the_partition_names_the_site(root: Path) -> None:
     ctx = context({"partition-id": 1}, {"sites-root": str(root)})
-    assert site_location(ctx) == ("hospital-2", root / "hospital-2")
+    assert site_config_path(ctx) == root / "hospital-2" / SITE_TOML
+
+
+@pytest.mark.parametrize(
+    ("node_config", "run_config", "site"),
+    [
+        ({"site-config": "ROOT/hospital-2/site.toml"}, {}, "hospital-2"),
+        ({"partition-id": 0}, {"sites-root": "ROOT"}, "hospital-1"),
+        ({"partition-id": 1}, {"sites-root": "ROOT"}, "hospital-2"),
+    ],
+    ids=["node-config", "partition-0", "partition-1"],
+)
+def test_both_ways_of_naming_the_site_reach_its_data_and_ledger(
+    root: Path, node_config: dict[str, Any], run_config: dict[str, Any], site: str
+) -> None:
+    def rooted(values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: value.replace("ROOT", str(root)) if isinstance(value, str) else value
+            for key, value in values.items()
+        }
+
+    reply = train(instruction(), context(rooted(node_config), rooted(run_config)))
+
+    assert not reply.has_error(), reply
+    assert wire.get_value(reply.content, wire.SITE, wire.SITE_ID, str) == site
+    table = table_of(root / site / SITE_TOML)
+    assert wire.get_value(reply.content, wire.METRICS, wire.NUM_EXAMPLES, int) == len(
+        table.train_labels
+    )
+    (row,) = spend_rows(root / site / SITE_TOML)
+    assert row.dataset == table.fingerprint
+    other = "hospital-1" if site == "hospital-2" else "hospital-2"
+    assert spend_rows(root / other / SITE_TOML) == []
 
 
 def test_without_node_config_or_sites_root_there_is_no_site() -> None:
     with pytest.raises(RequestError):
-        site_location(context({"partition-id": 0}))
+        site_config_path(context({"partition-id": 0}))
 
 
-def test_a_site_too_small_for_dp_sgd_is_refused(tmp_path: Path) -> None:
-    site_dir = tmp_path / "hospital-1"
-    site_dir.mkdir()
+def _one_patient_table(site_toml: Path) -> None:
     header = ",".join([CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.outcome])
-    (site_dir / TABLE_NAME).write_text(
+    table_path(site_toml).write_text(
         f"{header}\nonly-one,62,27,132,78,6.2,90,13.5,40,1\n", encoding="utf-8"
     )
 
-    text = refusal_reason(train(instruction(), site_context(tmp_path)))
+
+def test_a_site_below_its_minimum_cohort_is_refused(root: Path, no_training: None) -> None:
+    site_toml = root / "hospital-1" / SITE_TOML
+    _one_patient_table(site_toml)
+
+    text = refusal_reason(train(instruction(), site_context(root)))
+
+    assert text == (
+        "hospital-1: the dataset has 1 patients, fewer than the site's minimum cohort"
+        f" {POLICY.min_cohort_k}"
+    )
+    assert spend_rows(site_toml) == []
+
+
+def test_a_site_too_small_for_dp_sgd_is_refused(root: Path) -> None:
+    # A policy that allows a cohort of one still cannot run DP-SGD on one patient.
+    site_toml = root / "hospital-1" / SITE_TOML
+    _one_patient_table(site_toml)
+    rewrite_policy(site_toml, min_cohort_k=1)
+
+    text = refusal_reason(train(instruction(), site_context(root)))
 
     assert text.startswith("hospital-1: DP-SGD needs at least 2 patients")
+    assert spend_rows(site_toml) == []

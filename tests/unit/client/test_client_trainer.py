@@ -1,7 +1,9 @@
-"""SiteTrainer in-process: the digest check, DP-SGD spend in the ledger, refusal of a replay."""
+"""SiteTrainer in-process: the digest check, the noise the site calibrates for itself, the
+signed DP-SGD spend in its ledger, and refusal of a replay."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -12,71 +14,60 @@ import torch
 
 import client.trainer as trainer_module
 from client.errors import SiteRefusal
-from client.protocol import EvaluateRequest, TrainRequest
-from client.trainer import LEDGER_NAME, STUDY_NAME, SiteTrainer
+from client.trainer import SiteTrainer
+from medfed.consortium import DemoSite, approve
 from model.contract import DEMO_CONTRACT as CONTRACT
-from model.network import arrays_sha256, build_model, load_arrays, state_arrays
-from privacy.ledger import PrivacyLedger
+from model.network import arrays_sha256, build_model, load_arrays
+from privacy.accountant import AccountantKind
 from sites.errors import DataError
-from sites.synthetic import TABLE_NAME, write_synthetic_consortium
-from sites.tabular import SiteTable, read_site_table
+from sites.tabular import SiteTable
 from tests.references import dp_accounting_epsilon
+from tests.sitekit import (
+    DELTA,
+    POLICY,
+    evaluate_request,
+    global_arrays,
+    ledger_of,
+    make_study,
+    officer_of,
+    rewrite_policy,
+    site_config,
+    site_public_key,
+    spend_rows,
+    table_of,
+    table_path,
+    train_request,
+    write_sites,
+)
 
 SITE = "hospital-1"
-# 0.07 of a site's ~230 training rows is not a whole batch: Opacus rounds the rate.
+# 0.07 of a site's training rows is not a whole batch: Opacus rounds the rate.
 SAMPLE_RATE = 0.07
-DELTA = 1e-5
+STUDY = make_study(rounds=3, sites=1, target_epsilon=2.0, local_steps=4, sample_rate=SAMPLE_RATE)
+CALIBRATION_TIGHTNESS = 0.05
+"""After the last planned round a site has spent at least 95% of its target epsilon."""
 
 
 @pytest.fixture
-def site_dir(tmp_path: Path) -> Path:
-    write_synthetic_consortium(tmp_path, CONTRACT, n_sites=1, seed=3)
-    return tmp_path / SITE
+def site(tmp_path: Path) -> DemoSite:
+    (only,) = write_sites(tmp_path, STUDY, n_sites=1, seed=3)
+    assert only.site_id == SITE
+    return only
 
 
 @pytest.fixture
-def table(site_dir: Path) -> SiteTable:
+def site_toml(site: DemoSite) -> Path:
+    return site.site_toml
+
+
+@pytest.fixture
+def table(site_toml: Path) -> SiteTable:
     """The site's table read on its own, as the reference for what the trainer used."""
-    return read_site_table(site_dir / TABLE_NAME, CONTRACT)
+    return table_of(site_toml)
 
 
-def global_arrays(seed: int = 7) -> dict[str, np.ndarray]:
-    return state_arrays(build_model("tiny", n_features=len(CONTRACT.features), seed=seed))
-
-
-def train_request(round_number: int = 1, **changes: object) -> TrainRequest:
-    arrays = global_arrays()
-    request = TrainRequest(
-        run_id="run-1",
-        round=round_number,
-        arrays=arrays,
-        model_sha256=arrays_sha256(arrays),
-        preset="tiny",
-        n_features=len(CONTRACT.features),
-        local_steps=4,
-        learning_rate=0.1,
-        noise_multiplier=1.1,
-        max_grad_norm=1.0,
-        sample_rate=SAMPLE_RATE,
-        delta=DELTA,
-    )
-    return replace(request, **changes)  # type: ignore[arg-type]
-
-
-def evaluate_request(arrays: dict[str, np.ndarray]) -> EvaluateRequest:
-    return EvaluateRequest(
-        run_id="run-1",
-        round=1,
-        arrays=arrays,
-        model_sha256=arrays_sha256(arrays),
-        preset="tiny",
-        n_features=len(CONTRACT.features),
-    )
-
-
-def ledger_rows(site_dir: Path) -> list:  # type: ignore[type-arg]
-    """The ledger as another process would see it: a fresh connection to the file."""
-    return PrivacyLedger(site_dir / LEDGER_NAME).records()
+def trainer_of(site_toml: Path) -> SiteTrainer:
+    return SiteTrainer(site_config(site_toml), CONTRACT)
 
 
 def opacus_rate(rows: int, requested: float) -> float:
@@ -88,31 +79,106 @@ def opacus_rate(rows: int, requested: float) -> float:
 reference_epsilon = dp_accounting_epsilon
 
 
-def test_a_train_records_its_spend_before_replying(site_dir: Path, table: SiteTable) -> None:
-    request = train_request()
+def test_a_train_records_its_signed_spend_before_replying(
+    site_toml: Path, table: SiteTable
+) -> None:
+    request = train_request(STUDY)
     n_train = len(table.train_labels)
     assert opacus_rate(n_train, SAMPLE_RATE) != SAMPLE_RATE
 
-    reply = SiteTrainer(SITE, site_dir, CONTRACT).train(request)
+    reply = trainer_of(site_toml).train(request)
 
-    (row,) = ledger_rows(site_dir)
+    (row,) = spend_rows(site_toml)
     assert row.dataset == table.fingerprint
-    assert (row.study, row.run_id, row.round) == (STUDY_NAME, "run-1", 1)
+    assert (row.study, row.run_id, row.round) == (f"{STUDY.name}@{STUDY.sha256()}", "run-1", 1)
     assert row.event.steps == request.local_steps
-    assert row.event.noise_multiplier == request.noise_multiplier
+    assert row.event.noise_multiplier == reply.noise_multiplier
     assert row.event.sample_rate == pytest.approx(opacus_rate(n_train, SAMPLE_RATE), rel=1e-12)
     assert row.delta == request.delta
-    assert reply.epsilon == PrivacyLedger(site_dir / LEDGER_NAME).epsilon(
-        table.fingerprint, delta=DELTA
-    )
+    # Signed with the site's key from site.toml, checked against the key file on disk.
+    verification = ledger_of(site_toml).verify(site_public_key(site_toml))
+    assert verification.ok, verification.bad
+    assert verification.rows_checked == 1
+    assert reply.epsilon == ledger_of(site_toml).epsilon(table.fingerprint, delta=DELTA)
     assert reply.epsilon == pytest.approx(reference_epsilon([row.event], DELTA), rel=1e-3)
 
 
-def test_a_train_reply_describes_the_sites_data_and_a_new_model(
-    site_dir: Path, table: SiteTable
+def test_the_noise_a_site_reports_is_its_ledgers_and_at_least_the_policy_minimum(
+    site_toml: Path,
 ) -> None:
-    request = train_request()
-    trainer = SiteTrainer(SITE, site_dir, CONTRACT)
+    trainer = trainer_of(site_toml)
+    replies = [trainer.train(train_request(STUDY, k)) for k in (1, 2, 3)]
+
+    rows = spend_rows(site_toml)
+    assert [row.round for row in rows] == [1, 2, 3]
+    for reply, row in zip(replies, rows, strict=True):
+        assert reply.noise_multiplier == row.event.noise_multiplier
+        assert reply.noise_multiplier >= POLICY.min_noise_multiplier
+    # The site chose its noise from the budget: less noise would have overspent it.
+    # (The reference is dp-accounting over the ledger's events, not medfed's accountant;
+    # over orders from 2 up it may sit up to 0.5% above ours, see test_privacy_calibration.)
+    events = [row.event for row in rows]
+    assert reference_epsilon(events, DELTA) <= STUDY.target_epsilon * 1.005
+    less = [replace(event, noise_multiplier=event.noise_multiplier * 0.9) for event in events]
+    assert reference_epsilon(less, DELTA) > STUDY.target_epsilon
+
+
+def test_the_policy_minimum_noise_wins_over_a_looser_budget(site_toml: Path) -> None:
+    rewrite_policy(site_toml, min_noise_multiplier=2.5)
+
+    reply = trainer_of(site_toml).train(train_request(STUDY))
+
+    (row,) = spend_rows(site_toml)
+    assert reply.noise_multiplier == row.event.noise_multiplier == 2.5
+    assert reply.epsilon < STUDY.target_epsilon
+
+
+@pytest.mark.parametrize(
+    "accountant",
+    [
+        "rdp",
+        pytest.param(
+            "prv",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_after_the_last_planned_round_a_site_has_spent_its_target_within_5_percent(
+    site_toml: Path, accountant: AccountantKind
+) -> None:
+    rewrite_policy(site_toml, accountant=accountant)
+    trainer = trainer_of(site_toml)
+
+    replies = [trainer.train(train_request(STUDY, k)) for k in range(1, STUDY.num_rounds + 1)]
+
+    final = replies[-1].epsilon
+    target = STUDY.target_epsilon
+    assert (1 - CALIBRATION_TIGHTNESS) * target <= final <= target
+    assert all(a.epsilon < b.epsilon for a, b in itertools.pairwise(replies))
+    if accountant == "rdp":
+        events = [row.event for row in spend_rows(site_toml)]
+        assert final == pytest.approx(reference_epsilon(events, DELTA), rel=1e-3)
+
+
+def test_the_officers_approval_caps_the_target(site: DemoSite) -> None:
+    generous = make_study(
+        rounds=2, sites=1, target_epsilon=3.0, local_steps=4, sample_rate=SAMPLE_RATE
+    )
+    approve(site.site_toml, generous, epsilon=1.5, officer_key=officer_of(site))
+    trainer = trainer_of(site.site_toml)
+
+    replies = [trainer.train(train_request(generous, k)) for k in (1, 2)]
+
+    events = [row.event for row in spend_rows(site.site_toml)]
+    assert (1 - CALIBRATION_TIGHTNESS) * 1.5 <= replies[-1].epsilon <= 1.5
+    assert replies[-1].epsilon == pytest.approx(reference_epsilon(events, DELTA), rel=1e-3)
+
+
+def test_a_train_reply_describes_the_sites_data_and_a_new_model(
+    site_toml: Path, table: SiteTable
+) -> None:
+    request = train_request(STUDY)
+    trainer = trainer_of(site_toml)
 
     reply = trainer.train(request)
 
@@ -133,26 +199,30 @@ def test_a_train_reply_describes_the_sites_data_and_a_new_model(
     assert reply.incoming.train_loss == pytest.approx(incoming.train_loss, rel=1e-6)
 
 
-def test_a_second_train_of_the_same_round_is_refused(site_dir: Path) -> None:
-    trainer = SiteTrainer(SITE, site_dir, CONTRACT)
-    trainer.train(train_request())
+def test_a_second_train_of_the_same_round_is_refused(site_toml: Path) -> None:
+    trainer = trainer_of(site_toml)
+    trainer.train(train_request(STUDY))
 
     with pytest.raises(SiteRefusal, match="run run-1 round 1 was already trained here"):
-        trainer.train(train_request())
+        trainer.train(train_request(STUDY))
     # Also from a fresh trainer (another ClientApp process) with other settings.
     with pytest.raises(SiteRefusal, match="already trained"):
-        SiteTrainer(SITE, site_dir, CONTRACT).train(train_request(local_steps=9))
+        trainer_of(site_toml).train(train_request(STUDY, local_steps=9))
 
-    assert len(ledger_rows(site_dir)) == 1
+    assert len(spend_rows(site_toml)) == 1
 
 
-def test_rounds_compose_in_the_ledger(site_dir: Path, table: SiteTable) -> None:
-    trainer = SiteTrainer(SITE, site_dir, CONTRACT)
-    first = trainer.train(train_request(1))
-    second = trainer.train(train_request(2, local_steps=6))
+def test_rounds_compose_in_the_ledger(site_toml: Path) -> None:
+    trainer = trainer_of(site_toml)
+    first = trainer.train(train_request(STUDY, 1))
+    second = trainer.train(train_request(STUDY, 2, local_steps=6))
 
-    rows = ledger_rows(site_dir)
+    rows = spend_rows(site_toml)
     assert [(row.round, row.event.steps) for row in rows] == [(1, 4), (2, 6)]
+    assert [row.event.noise_multiplier for row in rows] == [
+        first.noise_multiplier,
+        second.noise_multiplier,
+    ]
     assert second.epsilon > first.epsilon
     assert second.epsilon == pytest.approx(
         reference_epsilon([row.event for row in rows], DELTA), rel=1e-3
@@ -160,9 +230,9 @@ def test_rounds_compose_in_the_ledger(site_dir: Path, table: SiteTable) -> None:
 
 
 def test_evaluate_scores_the_held_out_patients_and_spends_nothing(
-    site_dir: Path, table: SiteTable
+    site_toml: Path, table: SiteTable
 ) -> None:
-    reply = SiteTrainer(SITE, site_dir, CONTRACT).evaluate(evaluate_request(global_arrays()))
+    reply = trainer_of(site_toml).evaluate(evaluate_request(global_arrays()))
 
     assert reply.site_id == SITE
     held_out = reply.result.held_out
@@ -180,40 +250,74 @@ def test_evaluate_scores_the_held_out_patients_and_spends_nothing(
         )
     assert reply.result.train_examples == len(table.train_labels)
     assert reply.result.train_loss == pytest.approx(float(expected), rel=1e-5)
-    assert ledger_rows(site_dir) == []
+    assert spend_rows(site_toml) == []
 
 
-def test_a_model_that_does_not_match_its_digest_is_refused(site_dir: Path) -> None:
-    request = train_request()
+def test_held_out_metrics_below_the_minimum_cohort_are_withheld(
+    site_toml: Path, table: SiteTable
+) -> None:
+    n_eval, n_train = len(table.eval_labels), len(table.train_labels)
+    assert n_eval < n_train
+    rewrite_policy(site_toml, min_cohort_k=n_eval + 1)
+    trainer = trainer_of(site_toml)
+
+    checks = [
+        trainer.evaluate(evaluate_request(global_arrays())).result,
+        trainer.train(train_request(STUDY)).incoming,
+    ]
+
+    for check in checks:
+        assert check.held_out.examples == 0
+        assert math.isnan(check.held_out.loss)
+        assert math.isnan(check.held_out.auroc)
+        assert math.isnan(check.held_out.accuracy)
+        assert check.train_examples == n_train  # the training cohort is large enough
+
+
+def test_no_metric_of_a_cohort_below_the_minimum_leaves_the_site(
+    site_toml: Path, table: SiteTable
+) -> None:
+    rewrite_policy(site_toml, min_cohort_k=len(table.train_labels) + 1)
+
+    try:
+        check = trainer_of(site_toml).evaluate(evaluate_request(global_arrays())).result
+    except SiteRefusal:
+        return  # refusing the evaluation outright also keeps the cohort's loss at the site
+    assert check.train_examples == 0
+    assert math.isnan(check.train_loss)
+
+
+def test_a_model_that_does_not_match_its_digest_is_refused(site_toml: Path) -> None:
+    request = train_request(STUDY)
     tampered = {name: array.copy() for name, array in request.arrays.items()}
     tampered["heads.outcome.bias"][0] += 1e-3
 
-    trainer = SiteTrainer(SITE, site_dir, CONTRACT)
+    trainer = trainer_of(site_toml)
     with pytest.raises(SiteRefusal, match="does not match its announced digest"):
         trainer.train(replace(request, arrays=tampered))
     with pytest.raises(SiteRefusal, match="does not match its announced digest"):
         trainer.evaluate(replace(evaluate_request(request.arrays), arrays=tampered))
-    assert ledger_rows(site_dir) == []
+    assert spend_rows(site_toml) == []
 
 
-def test_a_model_for_another_contract_is_refused(site_dir: Path) -> None:
+def test_a_model_for_another_contract_is_refused(site_toml: Path) -> None:
     with pytest.raises(SiteRefusal, match="asks for 9 features"):
-        SiteTrainer(SITE, site_dir, CONTRACT).train(train_request(n_features=9))
-    assert ledger_rows(site_dir) == []
+        trainer_of(site_toml).train(train_request(STUDY, n_features=9))
+    assert spend_rows(site_toml) == []
 
 
-def test_a_model_of_the_wrong_shape_is_refused_even_with_its_digest(site_dir: Path) -> None:
+def test_a_model_of_the_wrong_shape_is_refused_even_with_its_digest(site_toml: Path) -> None:
     arrays = global_arrays()
     arrays["heads.outcome.bias"] = np.zeros(2, dtype=np.float32)
-    request = train_request(arrays=arrays, model_sha256=arrays_sha256(arrays))
+    request = train_request(STUDY, arrays=arrays, model_sha256=arrays_sha256(arrays))
 
     with pytest.raises(SiteRefusal, match="does not fit the study's network"):
-        SiteTrainer(SITE, site_dir, CONTRACT).train(request)
-    assert ledger_rows(site_dir) == []
+        trainer_of(site_toml).train(request)
+    assert spend_rows(site_toml) == []
 
 
-def test_a_site_with_a_broken_table_cannot_start(site_dir: Path) -> None:
-    path = site_dir / TABLE_NAME
+def test_a_site_with_a_broken_table_cannot_start(site_toml: Path) -> None:
+    path = table_path(site_toml)
     lines = path.read_text(encoding="utf-8").splitlines()
     cells = lines[5].split(",")
     cells[2] = "heavy"  # bmi
@@ -221,23 +325,41 @@ def test_a_site_with_a_broken_table_cannot_start(site_dir: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     with pytest.raises(DataError, match=r"row 6, column bmi: 'heavy' is not a number"):
-        SiteTrainer(SITE, site_dir, CONTRACT)
+        trainer_of(site_toml)
 
 
 def test_an_overlapping_train_of_the_same_round_is_refused(
-    site_dir: Path, monkeypatch: pytest.MonkeyPatch
+    site_toml: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    request = train_request()
-    first = SiteTrainer(SITE, site_dir, CONTRACT)
-    other_process = SiteTrainer(SITE, site_dir, CONTRACT)
+    request = train_request(STUDY)
+    first = trainer_of(site_toml)
+    other_process = trainer_of(site_toml)
     real_train_steps = trainer_module.train_steps
+    other_replies = []
 
     def meanwhile_the_other_process_trains(*args: object, **kwargs: object) -> object:
         monkeypatch.setattr(trainer_module, "train_steps", real_train_steps)
-        other_process.train(request)  # passes the ledger check too, and records first
+        # It passes the ledger check too, and records first.
+        other_replies.append(other_process.train(request))
         return real_train_steps(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(trainer_module, "train_steps", meanwhile_the_other_process_trains)
 
-    with pytest.raises(SiteRefusal):
+    with pytest.raises(SiteRefusal, match="trained here concurrently"):
         first.train(request)
+    (row,) = spend_rows(site_toml)
+    (other,) = other_replies
+    assert row.event.noise_multiplier == other.noise_multiplier
+
+
+def test_a_study_with_another_digest_is_another_study(site_toml: Path) -> None:
+    # The approval names the study's digest: the same name with other settings is not it.
+    edited = make_study(
+        rounds=3, sites=1, target_epsilon=2.0, local_steps=5, sample_rate=SAMPLE_RATE
+    )
+    assert edited.name == STUDY.name
+    assert edited.sha256() != STUDY.sha256()
+
+    with pytest.raises(SiteRefusal, match="has no valid approval"):
+        trainer_of(site_toml).train(train_request(edited))
+    assert spend_rows(site_toml) == []

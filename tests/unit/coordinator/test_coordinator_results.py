@@ -35,6 +35,7 @@ def results_with_undefined_metrics() -> RunResults:
                 loss=0.69,
                 metric=math.nan,
                 epsilon_by_site={"hospital-1": 1.5, "hospital-2": math.inf},
+                noise_by_site={"hospital-1": 1.07, "hospital-2": math.nan},
                 rejected={"node-9": "site replied with an error: hospital-3: refused"},
                 model_sha256="ab" * 32,
                 duration_s=4.25,
@@ -52,6 +53,7 @@ def test_undefined_numbers_become_null_everywhere() -> None:
     assert isinstance(rounds, list)
     assert rounds[0]["metric"] is None
     assert rounds[0]["epsilon_by_site"] == {"hospital-1": 1.5, "hospital-2": None}
+    assert rounds[0]["noise_by_site"] == {"hospital-1": 1.07, "hospital-2": None}
     assert rounds[0]["loss"] == 0.69
     assert rounds[1]["loss"] is None
     assert document["rounds_completed"] == 2
@@ -87,6 +89,7 @@ def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> Non
                 "metric": None,
                 "metric_name": "auroc",
                 "epsilon_by_site": {"hospital-1": 1.5, "hospital-2": None},
+                "noise_by_site": {"hospital-1": 1.07, "hospital-2": None},
                 "rejected": {"node-9": "site replied with an error: hospital-3: refused"},
                 "model_sha256": "ab" * 32,
                 "duration_s": 4.25,
@@ -99,6 +102,7 @@ def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> Non
                 "metric": None,
                 "metric_name": "auroc",
                 "epsilon_by_site": {},
+                "noise_by_site": {},
                 "rejected": {},
                 "model_sha256": "",
                 "duration_s": 0.0,

@@ -1,4 +1,5 @@
-"""validate_train_reply / validate_eval_reply over real Flower reply messages."""
+"""validate_train_reply / validate_eval_reply over real Flower reply messages: a training
+reply carries the noise multiplier the site chose, as well as its epsilon."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ GOOD_METRICS: dict[str, int | float] = {
     wire.LOCAL_LOSS: 0.61,
     wire.MODEL_TRAIN_LOSS: 0.58,
     wire.EPSILON: 2.9,
+    wire.NOISE_MULTIPLIER: 1.07,
     wire.EVAL_EXAMPLES: 56,
     wire.EVAL_AUROC: 0.7,
     wire.EVAL_LOSS: 0.65,
@@ -109,6 +111,7 @@ def test_a_good_reply_becomes_a_site_update() -> None:
     assert update.num_examples == 227
     assert update.local_loss == pytest.approx(0.61)
     assert update.epsilon == pytest.approx(2.9)
+    assert update.noise_multiplier == pytest.approx(1.07)
     check = update.check
     assert (check.num_examples, check.train_loss) == (227, pytest.approx(0.58))
     assert (check.eval_examples, check.eval_auroc, check.eval_loss) == (
@@ -202,6 +205,7 @@ def test_an_array_that_is_not_numpy_is_rejected() -> None:
     [
         wire.NUM_EXAMPLES,
         wire.EPSILON,
+        wire.NOISE_MULTIPLIER,
         wire.LOCAL_LOSS,
         wire.MODEL_TRAIN_LOSS,
         wire.EVAL_EXAMPLES,
@@ -233,6 +237,10 @@ def test_a_reply_without_site_id_is_rejected() -> None:
         ({wire.EPSILON: -0.1}, "metrics.epsilon: -0.1 is negative"),
         ({wire.EPSILON: float("nan")}, "metrics.epsilon: nan is not finite"),
         ({wire.EPSILON: float("inf")}, "metrics.epsilon: inf is not finite"),
+        ({wire.NOISE_MULTIPLIER: 0.0}, "metrics.noise-multiplier: 0.0 is not positive"),
+        ({wire.NOISE_MULTIPLIER: -1.2}, "metrics.noise-multiplier: -1.2 is not positive"),
+        ({wire.NOISE_MULTIPLIER: float("nan")}, "metrics.noise-multiplier: nan is not finite"),
+        ({wire.NOISE_MULTIPLIER: float("inf")}, "metrics.noise-multiplier: inf is not finite"),
         ({wire.EVAL_EXAMPLES: -1}, "metrics.eval-examples: -1 is out of range"),
         ({wire.EVAL_AUROC: 1.5}, "metrics.eval-auroc: 1.5 is not in [0, 1]"),
         ({wire.EVAL_AUROC: -0.2}, "metrics.eval-auroc: -0.2 is not in [0, 1]"),

@@ -1,0 +1,122 @@
+"""`site.toml`: a hospital's configuration, parsed strictly at the edge.
+
+Unknown keys and wrong types are refused with the key's path. Relative paths are
+taken relative to the folder that holds `site.toml`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from client.errors import ClientError
+from privacy.policy import PrivacyPolicy
+
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+SITE_TOML = "site.toml"
+
+
+class SiteConfigError(ClientError):
+    """`site.toml` is missing, not TOML, or does not match the schema; names file and key."""
+
+
+class SiteSection(BaseModel):
+    """Who the site is and where its files are."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=SITE_ID_PATTERN)
+    name: str = ""
+    data_dir: Path = Path("data")
+    state_dir: Path = Path("state")
+    signing_key: Path = Path("keys/site-signing.key")
+    officer_public_key: Path = Path("keys/officer.pub")
+
+
+class SiteConfig(BaseModel):
+    """The whole of `site.toml`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site: SiteSection
+    privacy: PrivacyPolicy
+    source: Path = Field(default=Path("site.toml"), exclude=True)
+
+    def resolve(self, path: Path) -> Path:
+        """`path` from this file, taken relative to the folder of `site.toml`."""
+        return path if path.is_absolute() else self.source.parent / path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.site.data_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.site.state_dir)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "privacy-ledger.sqlite"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.jsonl"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.resolve(self.site.signing_key)
+
+    @property
+    def officer_public_key_path(self) -> Path:
+        return self.resolve(self.site.officer_public_key)
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate `site.toml`; raise `SiteConfigError` naming the file and the key."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SiteConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise SiteConfigError(f"{path}: is not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SiteConfigError(f"{path}: is not valid TOML ({exc})") from exc
+    try:
+        return SiteConfig.model_validate({**document, "source": path})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise SiteConfigError(f"{path}: key {key}: {first['msg']}{more}") from exc
+
+
+def render_site_toml(config: SiteConfig) -> str:
+    """`site.toml` text for `config` (what provisioning and the demo write)."""
+    site = config.site
+    privacy = config.privacy
+    lines = [
+        "[site]",
+        f'id = "{site.id}"',
+        f"name = {_toml_string(site.name)}",
+        f"data_dir = {_toml_string(str(site.data_dir))}",
+        f"state_dir = {_toml_string(str(site.state_dir))}",
+        f"signing_key = {_toml_string(str(site.signing_key))}",
+        f"officer_public_key = {_toml_string(str(site.officer_public_key))}",
+        "",
+        "[privacy]",
+        f"epsilon_cap = {privacy.epsilon_cap!r}",
+        f'cap_window = "{privacy.cap_window}"',
+        f"max_delta = {privacy.max_delta!r}",
+        f"min_noise_multiplier = {privacy.min_noise_multiplier!r}",
+        f"max_grad_norm = {privacy.max_grad_norm!r}",
+        f"min_cohort_k = {privacy.min_cohort_k}",
+        f"require_approval = {'true' if privacy.require_approval else 'false'}",
+        f'accountant = "{privacy.accountant}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,379 @@
+"""The privacy officer's view of a site: budgets spent, approvals, and signed-record checks.
+
+`budget_summary` is what `medfed budget show` prints; `render_report` writes the HTML
+report of `medfed budget report`, with an inline SVG plot and no outside resources.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.config import SiteConfig
+from privacy.accountant import AccountantKind, epsilon_of
+from privacy.ledger import PrivacyLedger, RecordedSpend
+from privacy.policy import PastSpend, counted
+from privacy.signing import SigningKey, VerifyKey
+
+
+def split_study(label: str) -> tuple[str, str]:
+    """The (name, digest) of a study as the ledger labels it (`name@sha256`)."""
+    name, _, digest = label.rpartition("@")
+    return (name, digest) if name else (label, "")
+
+
+@dataclass
+class StudySpend:
+    """One study's spend on one dataset."""
+
+    study: str
+    study_sha256: str
+    epsilon: float
+    approved_epsilon: float | None
+    runs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetBudget:
+    """One dataset's budget: spent (in the policy's window), cap, and per study."""
+
+    dataset: str
+    epsilon_spent: float
+    epsilon_cap: float
+    window: str
+    studies: list[StudySpend]
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.epsilon_cap - self.epsilon_spent)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.epsilon_spent > self.epsilon_cap
+
+
+@dataclass
+class BudgetSummary:
+    """What `medfed budget show` reports."""
+
+    site_id: str
+    delta: float
+    datasets: list[DatasetBudget]
+    ledger_rows: int
+    ledger_problems: list[str]
+    approvals: list[dict[str, object]]
+    invalid_approvals: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "site_id": self.site_id,
+            "delta": self.delta,
+            "ledger_rows": self.ledger_rows,
+            "ledger_verified": not self.ledger_problems,
+            "ledger_problems": self.ledger_problems,
+            "approvals": self.approvals,
+            "invalid_approvals": self.invalid_approvals,
+            "datasets": [
+                {
+                    "dataset": budget.dataset,
+                    "epsilon_spent": budget.epsilon_spent,
+                    "epsilon_cap": budget.epsilon_cap,
+                    "epsilon_remaining": budget.remaining,
+                    "window": budget.window,
+                    "exceeded": budget.exceeded,
+                    "studies": [
+                        {
+                            "study": spend.study,
+                            "study_sha256": spend.study_sha256,
+                            "epsilon": spend.epsilon,
+                            "approved_epsilon": spend.approved_epsilon,
+                            "rounds_by_run": spend.runs,
+                        }
+                        for spend in budget.studies
+                    ],
+                }
+                for budget in self.datasets
+            ],
+        }
+
+
+def _officer(config: SiteConfig) -> VerifyKey:
+    return VerifyKey.load(config.officer_public_key_path)
+
+
+def budget_summary(config: SiteConfig, *, now: dt.datetime | None = None) -> BudgetSummary:
+    """Every dataset's spend against the cap, per study and run, and the records' checks."""
+    now = now or dt.datetime.now(dt.UTC)
+    policy = config.privacy
+    ledger = PrivacyLedger(config.ledger_path)
+    records = ledger.records()
+    verification = ledger.verify(SigningKey.load(config.signing_key_path).public)
+    officer = _officer(config)
+    valid = ledger.approvals_verified(officer)
+    approved = {approval.study_sha256: approval.epsilon for approval in valid}
+    by_dataset: dict[str, list[RecordedSpend]] = defaultdict(list)
+    for record in records:
+        by_dataset[record.dataset].append(record)
+    datasets: list[DatasetBudget] = []
+    for dataset, rows in sorted(by_dataset.items()):
+        past = [PastSpend(r.study, r.event, r.recorded_at) for r in rows]
+        window = counted(past, policy.cap_window, now)
+        spent = epsilon_of(
+            [spend.event for spend in window], delta=policy.max_delta, accountant=policy.accountant
+        )
+        studies: list[StudySpend] = []
+        for label in sorted({r.study for r in rows}):
+            name, digest = split_study(label)
+            mine = [r for r in rows if r.study == label]
+            runs: dict[str, int] = defaultdict(int)
+            for r in mine:
+                runs[r.run_id] += 1
+            studies.append(
+                StudySpend(
+                    study=name,
+                    study_sha256=digest,
+                    epsilon=epsilon_of(
+                        [r.event for r in mine],
+                        delta=policy.max_delta,
+                        accountant=policy.accountant,
+                    ),
+                    approved_epsilon=approved.get(digest),
+                    runs=dict(runs),
+                )
+            )
+        datasets.append(
+            DatasetBudget(dataset, spent, policy.epsilon_cap, policy.cap_window, studies)
+        )
+    return BudgetSummary(
+        site_id=config.site.id,
+        delta=policy.max_delta,
+        datasets=datasets,
+        ledger_rows=verification.rows_checked,
+        ledger_problems=[f"row {seq}: {reason}" for seq, reason in verification.bad],
+        approvals=[
+            {
+                "study": a.study,
+                "study_sha256": a.study_sha256,
+                "epsilon": a.epsilon,
+                "delta": a.delta,
+                "approved_at": a.approved_at,
+            }
+            for a in valid
+        ],
+        invalid_approvals=[
+            f"approval {seq}: {reason}" for seq, reason in ledger.invalid_approvals(officer)
+        ],
+    )
+
+
+# --- the HTML report -----------------------------------------------------------------------
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _epsilon_series(
+    rows: list[RecordedSpend], delta: float, accountant: AccountantKind
+) -> list[tuple[dt.datetime, float]]:
+    """Cumulative epsilon after each recorded spend."""
+    return [
+        (
+            rows[index].recorded_at,
+            epsilon_of(
+                [row.event for row in rows[: index + 1]], delta=delta, accountant=accountant
+            ),
+        )
+        for index in range(len(rows))
+    ]
+
+
+def _svg_plot(series: dict[str, list[tuple[dt.datetime, float]]], cap: float) -> str:
+    """A small line plot of cumulative epsilon over time, one line per series, with the cap."""
+    width, height, pad = 720, 300, 48
+    times = [t for points in series.values() for t, _ in points]
+    if not times:
+        return "<p>No spend recorded yet.</p>"
+    t0, t1 = min(times), max(times)
+    span = max((t1 - t0).total_seconds(), 1.0)
+    top = max(cap, *(e for points in series.values() for _, e in points)) * 1.1
+
+    def x(t: dt.datetime) -> float:
+        return pad + (width - 2 * pad) * (t - t0).total_seconds() / span
+
+    def y(e: float) -> float:
+        return height - pad - (height - 2 * pad) * e / top
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
+        ' role="img" aria-label="cumulative epsilon over time">',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}"'
+        ' stroke="#333"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#333"/>',
+        f'<line x1="{pad}" y1="{y(cap):.1f}" x2="{width - pad}" y2="{y(cap):.1f}"'
+        ' stroke="#d00" stroke-dasharray="6 4"/>',
+        f'<text x="{width - pad}" y="{y(cap) - 4:.1f}" text-anchor="end" font-size="12"'
+        f' fill="#d00">cap {cap:g}</text>',
+        f'<text x="12" y="{pad - 12}" font-size="12">epsilon</text>',
+        f'<text x="{pad}" y="{height - 16}" font-size="11">'
+        f"{html.escape(t0.isoformat(timespec='seconds'))}</text>",
+        f'<text x="{width - pad}" y="{height - 16}" font-size="11" text-anchor="end">'
+        f"{html.escape(t1.isoformat(timespec='seconds'))}</text>",
+    ]
+    for tick in range(0, 5):
+        value = top * tick / 4
+        parts.append(
+            f'<text x="{pad - 6}" y="{y(value) + 4:.1f}" font-size="11" text-anchor="end">'
+            f"{value:.1f}</text>"
+        )
+    for index, (name, points) in enumerate(sorted(series.items())):
+        colour = _COLOURS[index % len(_COLOURS)]
+        path = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in points)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        for t, e in points:
+            parts.append(f'<circle cx="{x(t):.1f}" cy="{y(e):.1f}" r="3" fill="{colour}"/>')
+        parts.append(
+            f'<text x="{pad + 8}" y="{pad + 14 * (index + 1)}" font-size="12" fill="{colour}">'
+            f"{html.escape(name)}</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _approved(epsilon: float | None) -> str:
+    return "" if epsilon is None else f"{epsilon:g}"
+
+
+def render_report(
+    config: SiteConfig, *, now: dt.datetime | None = None
+) -> tuple[str, BudgetSummary]:
+    """The officer's HTML report and the summary it shows."""
+    summary = budget_summary(config, now=now)
+    policy = config.privacy
+    ledger = PrivacyLedger(config.ledger_path)
+    records = ledger.records()
+    e = html.escape
+    sections: list[str] = []
+    verified = (
+        f'<p class="ok">All {summary.ledger_rows} ledger rows carry valid signatures of this'
+        " site's key.</p>"
+        if not summary.ledger_problems
+        else '<p class="bad">Ledger verification FAILED:</p><ul>'
+        + "".join(f"<li>{e(problem)}</li>" for problem in summary.ledger_problems)
+        + "</ul>"
+    )
+    sections.append(f"<h2>Signed records</h2>{verified}")
+    for budget in summary.datasets:
+        rows = [r for r in records if r.dataset == budget.dataset]
+        series = {
+            f"{split_study(label)[0]} ({split_study(label)[1][:8]})": _epsilon_series(
+                [r for r in rows if r.study == label], policy.max_delta, policy.accountant
+            )
+            for label in sorted({r.study for r in rows})
+        }
+        series["dataset total"] = _epsilon_series(rows, policy.max_delta, policy.accountant)
+        study_rows = "".join(
+            f"<tr><td>{e(s.study)}</td><td><code>{e(s.study_sha256[:16])}</code></td>"
+            f"<td>{s.epsilon:.3f}</td><td>{_approved(s.approved_epsilon)}</td>"
+            f"<td>{e(', '.join(f'{run}: {n} rounds' for run, n in s.runs.items()))}</td></tr>"
+            for s in budget.studies
+        )
+        state = '<span class="bad">EXCEEDED</span>' if budget.exceeded else "within cap"
+        sections.append(
+            f"<h2>Dataset <code>{e(budget.dataset[:16])}</code></h2>"
+            f"<p>epsilon spent {budget.epsilon_spent:.3f} of cap {budget.epsilon_cap:g}"
+            f" ({e(budget.window)}), remaining {budget.remaining:.3f} at delta"
+            f" {summary.delta:g}: {state}</p>"
+            f"{_svg_plot(series, budget.epsilon_cap)}"
+            "<table><tr><th>study</th><th>digest</th><th>epsilon</th><th>approved</th>"
+            f"<th>runs</th></tr>{study_rows}</table>"
+        )
+    approvals = "".join(
+        f"<tr><td>{e(str(a['study']))}</td><td><code>{e(str(a['study_sha256'])[:16])}</code></td>"
+        f"<td>{a['epsilon']}</td><td>{a['delta']}</td><td>{e(str(a['approved_at']))}</td></tr>"
+        for a in summary.approvals
+    )
+    invalid = "".join(f"<li>{e(reason)}</li>" for reason in summary.invalid_approvals)
+    sections.append(
+        "<h2>Approvals (signatures verified with the officer's key)</h2>"
+        "<table><tr><th>study</th><th>digest</th><th>epsilon</th><th>delta</th><th>approved at</th>"
+        f"</tr>{approvals}</table>"
+        + (
+            f'<p class="bad">Approvals whose signature does not verify:</p><ul>{invalid}</ul>'
+            if invalid
+            else ""
+        )
+    )
+    generated = (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")
+    required = "required" if policy.require_approval else "not required"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Privacy budget report: {e(config.site.id)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 60em; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: left; }}
+.ok {{ color: #060; }} .bad {{ color: #b00; font-weight: bold; }}
+</style></head><body>
+<h1>Privacy budget report: {e(config.site.name or config.site.id)}</h1>
+<p>Site <code>{e(config.site.id)}</code>. Generated {e(generated)}. Policy: cap
+{policy.epsilon_cap:g} per dataset ({e(policy.cap_window)}), max delta {policy.max_delta:g},
+minimum noise {policy.min_noise_multiplier:g}, maximum clipping norm {policy.max_grad_norm:g},
+minimum cohort {policy.min_cohort_k}, approvals {required},
+accountant {e(policy.accountant)}.</p>
+{"".join(sections)}
+</body></html>
+"""
+    return page, summary
+
+
+def write_report(config: SiteConfig, out: Path) -> BudgetSummary:
+    """Write the HTML report to `out` (atomically) and return its summary."""
+    from privacy.pki import write_atomic
+
+    page, summary = render_report(config)
+    write_atomic(out, page.encode("utf-8"))
+    return summary
+
+
+def approve_study(
+    site_toml: Path, study_toml: Path, *, epsilon: float, officer_key: Path
+) -> dict[str, object]:
+    """`medfed budget approve`: check the officer's key and the request against the site's
+    policy, then record the signed approval. Returns what was approved."""
+    from client.config import load_site_config
+    from coordinator.study import load_study_file
+    from medfed.consortium import approve
+    from medfed.errors import MedfedError
+
+    config = load_site_config(site_toml)
+    study = load_study_file(study_toml)
+    key = SigningKey.load(officer_key)
+    expected = _officer(config)
+    if key.public.key_id != expected.key_id:
+        raise MedfedError(
+            f"{officer_key}: this is not the officer key that {site_toml} names"
+            f" ({config.officer_public_key_path}, key {expected.key_id})"
+        )
+    if not (math.isfinite(epsilon) and 0 < epsilon <= config.privacy.epsilon_cap):
+        raise MedfedError(
+            f"--epsilon {epsilon:g} must be positive and at most the site's cap"
+            f" {config.privacy.epsilon_cap:g}"
+        )
+    if study.delta > config.privacy.max_delta:
+        raise MedfedError(
+            f"{study_toml}: delta {study.delta:g} exceeds the site's maximum"
+            f" {config.privacy.max_delta:g}"
+        )
+    approval = approve(site_toml, study, epsilon=epsilon, officer_key=key)
+    return {
+        "site_id": approval.site_id,
+        "study": approval.study,
+        "study_sha256": approval.study_sha256,
+        "epsilon": approval.epsilon,
+        "delta": approval.delta,
+        "approved_at": approval.approved_at,
+        "officer_key_id": approval.officer_key_id,
+    }

@@ -1,0 +1,107 @@
+"""The demo's consortium on disk: per hospital its data, keys, `site.toml` and the privacy
+officer's signed approval of the demo study.
+
+In a real consortium each hospital's operator and officer do these steps themselves
+(`medfed budget approve` is the officer's); the demo plays every part in one folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.config import SITE_TOML, SiteConfig, SiteSection, render_site_toml
+from coordinator.study import StudySettings
+from model.contract import DEMO_CONTRACT
+from privacy.approvals import Approval, sign_approval
+from privacy.ledger import PrivacyLedger
+from privacy.policy import PrivacyPolicy
+from privacy.signing import SigningKey
+from sites.synthetic import site_ids, write_synthetic_consortium
+
+DEMO_POLICY = PrivacyPolicy(
+    epsilon_cap=10.0,
+    cap_window="lifetime",
+    max_delta=1e-5,
+    min_noise_multiplier=0.5,
+    max_grad_norm=10.0,
+    min_cohort_k=20,
+    require_approval=True,
+)
+"""Each demo hospital's policy: a lifetime cap of 10 per dataset, approvals required."""
+
+
+@dataclass(frozen=True)
+class DemoSite:
+    """Where one demo hospital's files are."""
+
+    site_id: str
+    site_toml: Path
+    officer_key: Path
+
+
+def demo_study(
+    *, rounds: int, sites: int, target_epsilon: float, seed: int, local_steps: int = 30
+) -> StudySettings:
+    """The demo's study: 30-day readmission on eight clinical features, DP-SGD at every site."""
+    return StudySettings.model_validate(
+        {
+            "study-name": "readmission-demo",
+            "num-server-rounds": rounds,
+            "local-steps": local_steps,
+            "learning-rate": 0.08,
+            "target-epsilon": target_epsilon,
+            "max-grad-norm": 5.0,
+            "delta": 1e-5,
+            "sample-rate": 0.05,
+            "min-sites": sites,
+            "round-timeout-s": 600.0,
+            "seed": seed,
+        }
+    )
+
+
+def approve(
+    site_toml: Path, study: StudySettings, *, epsilon: float, officer_key: SigningKey
+) -> Approval:
+    """Record the officer's signed approval of `study` at the site, up to `epsilon`."""
+    from client.config import load_site_config
+
+    config = load_site_config(site_toml)
+    approval = Approval(
+        site_id=config.site.id,
+        study=study.name,
+        study_sha256=study.sha256(),
+        epsilon=epsilon,
+        delta=study.delta,
+        approved_at=dt.datetime.now(dt.UTC).isoformat(),
+        officer_key_id=officer_key.public.key_id,
+    )
+    PrivacyLedger(config.ledger_path).add_approval(sign_approval(approval, officer_key))
+    return approval
+
+
+def write_demo_consortium(
+    root: Path, study: StudySettings, *, n_sites: int, seed: int
+) -> tuple[DemoSite, ...]:
+    """Write every demo hospital under `root/<site id>/` and approve `study` at each."""
+    write_synthetic_consortium(root, DEMO_CONTRACT, n_sites=n_sites, seed=seed)
+    sites: list[DemoSite] = []
+    for site_id in site_ids(n_sites):
+        folder = root / site_id
+        signing = SigningKey.generate()
+        signing.save(folder / "keys" / "site-signing.key")
+        officer = SigningKey.generate()
+        officer_key = folder / "officer" / "officer.key"
+        officer.save(officer_key)
+        officer.public.save(folder / "keys" / "officer.pub")
+        config = SiteConfig(
+            site=SiteSection(id=site_id, name=f"Demo hospital {site_id[-1]}", data_dir=Path(".")),
+            privacy=DEMO_POLICY,
+        )
+        site_toml = folder / SITE_TOML
+        site_toml.write_text(render_site_toml(config), encoding="utf-8")
+        approve(site_toml, study, epsilon=study.target_epsilon, officer_key=officer)
+        sites.append(DemoSite(site_id, site_toml, officer_key))
+    return tuple(sites)
