@@ -21,10 +21,10 @@ from coordinator.study import StudySettings
 from medfed.cli import app
 from medfed.consortium import approve, demo_study, write_demo_consortium
 from model.contract import DEMO_CONTRACT
-from model.network import arrays_sha256, build_model, state_arrays
 from privacy.audit import verify_audit_log
 from privacy.signing import SigningKey
 from tests.references import dp_accounting_epsilon
+from tests.sitekit import train_request
 
 STEPS = 5
 
@@ -40,25 +40,7 @@ def _study(name: str = "study-a", *, rounds: int = 2, epsilon: float = 2.0) -> S
 
 
 def _request(study: StudySettings, round_number: int, **changes: Any) -> TrainRequest:
-    arrays = state_arrays(build_model("tiny", n_features=len(DEMO_CONTRACT.features), seed=1))
-    fields: dict[str, Any] = {
-        "run_id": f"run-{study.name}",
-        "study": study.name,
-        "study_sha256": study.sha256(),
-        "round": round_number,
-        "planned_rounds": study.num_rounds,
-        "arrays": arrays,
-        "model_sha256": arrays_sha256(arrays),
-        "preset": "tiny",
-        "n_features": len(DEMO_CONTRACT.features),
-        "local_steps": study.local_steps,
-        "learning_rate": study.learning_rate,
-        "target_epsilon": study.target_epsilon,
-        "max_grad_norm": study.max_grad_norm,
-        "sample_rate": study.sample_rate,
-        "delta": study.delta,
-    }
-    return TrainRequest(**{**fields, **changes})
+    return train_request(study, round_number, run_id=f"run-{study.name}", **changes)
 
 
 @pytest.fixture
