@@ -15,6 +15,8 @@ from pathlib import Path
 
 from client.config import SiteConfig
 from privacy.accountant import AccountantKind, epsilon_of
+from privacy.audit import AuditLog, verify_audit_log
+from privacy.errors import AuditLogError
 from privacy.ledger import PrivacyLedger, RecordedSpend
 from privacy.policy import PastSpend, counted
 from privacy.signing import SigningKey, VerifyKey
@@ -67,9 +69,21 @@ class BudgetSummary:
     ledger_problems: list[str]
     approvals: list[dict[str, object]]
     invalid_approvals: list[str]
+    audit_entries: int = 0
+    audit_problem: str | None = None
+    refusals: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        """True when every ledger row and audit entry verifies."""
+        return not self.ledger_problems and self.audit_problem is None
 
     def to_json(self) -> dict[str, object]:
         return {
+            "audit_entries": self.audit_entries,
+            "audit_verified": self.audit_problem is None,
+            "audit_problem": self.audit_problem,
+            "refusals": self.refusals,
             "site_id": self.site_id,
             "delta": self.delta,
             "ledger_rows": self.ledger_rows,
@@ -148,7 +162,11 @@ def budget_summary(config: SiteConfig, *, now: dt.datetime | None = None) -> Bud
         datasets.append(
             DatasetBudget(dataset, spent, policy.epsilon_cap, policy.cap_window, studies)
         )
+    audit_entries, audit_problem, refusals = _audit(config)
     return BudgetSummary(
+        audit_entries=audit_entries,
+        audit_problem=audit_problem,
+        refusals=refusals,
         site_id=config.site.id,
         delta=policy.max_delta,
         datasets=datasets,
@@ -170,8 +188,31 @@ def budget_summary(config: SiteConfig, *, now: dt.datetime | None = None) -> Bud
     )
 
 
+def _audit(config: SiteConfig) -> tuple[int, str | None, list[dict[str, object]]]:
+    """The site's audit log: entries checked, the first problem, and the refused rounds."""
+    path = config.audit_path
+    if not path.exists():
+        return 0, None, []
+    public = SigningKey.load(config.signing_key_path).public
+    verification = verify_audit_log(path, public)
+    problem = None
+    if verification.first_bad is not None:
+        line, reason = verification.first_bad
+        problem = f"{path}: line {line}: {reason}"
+    refusals: list[dict[str, object]] = []
+    try:
+        entries = AuditLog(path, None).entries()
+    except AuditLogError:
+        entries = []
+    for entry in entries:
+        if entry.event == "round refused":
+            refusals.append({"time": entry.time, **dict(entry.details)})
+    return verification.entries_checked, problem, refusals
+
+
 # --- the HTML report -----------------------------------------------------------------------
 
+TOTAL = "dataset total (all studies)"
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
@@ -192,7 +233,8 @@ def _epsilon_series(
 
 def _svg_plot(series: dict[str, list[tuple[dt.datetime, float]]], cap: float) -> str:
     """A small line plot of cumulative epsilon over time, one line per series, with the cap."""
-    width, height, pad = 720, 300, 48
+    width, plot_height, pad = 720, 300, 48
+    height = plot_height + 18 * len(series)  # the legend goes below the plot
     times = [t for points in series.values() for t, _ in points]
     if not times:
         return "<p>No spend recorded yet.</p>"
@@ -204,22 +246,22 @@ def _svg_plot(series: dict[str, list[tuple[dt.datetime, float]]], cap: float) ->
         return pad + (width - 2 * pad) * (t - t0).total_seconds() / span
 
     def y(e: float) -> float:
-        return height - pad - (height - 2 * pad) * e / top
+        return plot_height - pad - (plot_height - 2 * pad) * e / top
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
         ' role="img" aria-label="cumulative epsilon over time">',
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}"'
+        f'<line x1="{pad}" y1="{plot_height - pad}" x2="{width - pad}" y2="{plot_height - pad}"'
         ' stroke="#333"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#333"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{plot_height - pad}" stroke="#333"/>',
         f'<line x1="{pad}" y1="{y(cap):.1f}" x2="{width - pad}" y2="{y(cap):.1f}"'
         ' stroke="#d00" stroke-dasharray="6 4"/>',
         f'<text x="{width - pad}" y="{y(cap) - 4:.1f}" text-anchor="end" font-size="12"'
         f' fill="#d00">cap {cap:g}</text>',
         f'<text x="12" y="{pad - 12}" font-size="12">epsilon</text>',
-        f'<text x="{pad}" y="{height - 16}" font-size="11">'
+        f'<text x="{pad}" y="{plot_height - 24}" font-size="11">'
         f"{html.escape(t0.isoformat(timespec='seconds'))}</text>",
-        f'<text x="{width - pad}" y="{height - 16}" font-size="11" text-anchor="end">'
+        f'<text x="{width - pad}" y="{plot_height - 24}" font-size="11" text-anchor="end">'
         f"{html.escape(t1.isoformat(timespec='seconds'))}</text>",
     ]
     for tick in range(0, 5):
@@ -231,12 +273,14 @@ def _svg_plot(series: dict[str, list[tuple[dt.datetime, float]]], cap: float) ->
     for index, (name, points) in enumerate(sorted(series.items())):
         colour = _COLOURS[index % len(_COLOURS)]
         path = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in points)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        # The dataset's total is drawn wide and dashed: with one study it lies under it.
+        style = 'stroke-width="5" stroke-opacity="0.45"' if name == TOTAL else 'stroke-width="2"'
+        parts.append(f'<polyline fill="none" stroke="{colour}" {style} points="{path}"/>')
         for t, e in points:
             parts.append(f'<circle cx="{x(t):.1f}" cy="{y(e):.1f}" r="3" fill="{colour}"/>')
         parts.append(
-            f'<text x="{pad + 8}" y="{pad + 14 * (index + 1)}" font-size="12" fill="{colour}">'
-            f"{html.escape(name)}</text>"
+            f'<text x="{pad}" y="{plot_height + 18 * index}" font-size="12" fill="{colour}">'
+            f"&#9632; {html.escape(name)}</text>"
         )
     parts.append("</svg>")
     return "\n".join(parts)
@@ -264,7 +308,24 @@ def render_report(
         + "".join(f"<li>{e(problem)}</li>" for problem in summary.ledger_problems)
         + "</ul>"
     )
-    sections.append(f"<h2>Signed records</h2>{verified}")
+    audit = (
+        f'<p class="ok">All {summary.audit_entries} audit-log entries verify (signatures and'
+        " hash chain).</p>"
+        if summary.audit_problem is None
+        else f'<p class="bad">Audit log verification FAILED: {e(summary.audit_problem)}</p>'
+    )
+    sections.append(f"<h2>Signed records</h2>{verified}{audit}")
+    if summary.refusals:
+        refused = "".join(
+            f"<tr><td>{e(str(r.get('time', '')))}</td><td>{e(str(r.get('study', '')))}</td>"
+            f"<td>{e(str(r.get('run_id', '')))}</td><td>{e(str(r.get('round', '')))}</td>"
+            f"<td>{e(str(r.get('reason', '')))}</td></tr>"
+            for r in summary.refusals
+        )
+        sections.append(
+            "<h2>Rounds refused before training</h2><table><tr><th>time</th><th>study</th>"
+            f"<th>run</th><th>round</th><th>reason</th></tr>{refused}</table>"
+        )
     for budget in summary.datasets:
         rows = [r for r in records if r.dataset == budget.dataset]
         series = {
@@ -273,7 +334,7 @@ def render_report(
             )
             for label in sorted({r.study for r in rows})
         }
-        series["dataset total"] = _epsilon_series(rows, policy.max_delta, policy.accountant)
+        series[TOTAL] = _epsilon_series(rows, policy.max_delta, policy.accountant)
         study_rows = "".join(
             f"<tr><td>{e(s.study)}</td><td><code>{e(s.study_sha256[:16])}</code></td>"
             f"<td>{s.epsilon:.3f}</td><td>{_approved(s.approved_epsilon)}</td>"

@@ -230,7 +230,9 @@ def budget_show(
         )
         for problem in summary.ledger_problems:
             stderr.print(Text(f"ledger: {problem}"))
-    if summary.ledger_problems or any(b.exceeded for b in summary.datasets):
+    if summary.audit_problem is not None:
+        stderr.print(Text(f"audit log: {summary.audit_problem}"))
+    if not summary.verified or any(b.exceeded for b in summary.datasets):
         raise typer.Exit(1)
 
 
@@ -276,7 +278,60 @@ def budget_report(
     stdout.print(Text(f"wrote {out}"))
     for problem in summary.ledger_problems:
         stderr.print(Text(f"ledger: {problem}"))
-    if summary.ledger_problems or any(b.exceeded for b in summary.datasets):
+    if summary.audit_problem is not None:
+        stderr.print(Text(f"audit log: {summary.audit_problem}"))
+    if not summary.verified or any(b.exceeded for b in summary.datasets):
+        raise typer.Exit(1)
+
+
+audit_app = typer.Typer(
+    help="Check medfed's signed, hash-chained audit logs.", no_args_is_help=True
+)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    path: Annotated[Path, typer.Argument(help="The audit log (JSON lines).")],
+    key: Annotated[
+        Path,
+        typer.Option(
+            "--key",
+            help="The public key (PEM) of whoever signs the log, or a site.toml whose site's"
+            " signing key signs it.",
+        ),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Check every entry's signature and the hash chain; name the first bad entry (exit 1)."""
+    from privacy.audit import verify_audit_log
+    from privacy.signing import SigningKey, VerifyKey
+
+    def public() -> VerifyKey:
+        if key.suffix == ".toml":
+            return SigningKey.load(_site_config(key).signing_key_path).public
+        return VerifyKey.load(key)
+
+    verification = _guard(lambda: verify_audit_log(path, public()))
+    first_bad = verification.first_bad
+    if as_json:
+        document = {
+            "path": str(path),
+            "entries_checked": verification.entries_checked,
+            "verified": first_bad is None,
+            "first_bad": None
+            if first_bad is None
+            else {"line": first_bad[0], "reason": first_bad[1]},
+            "last_hash": verification.last_hash,
+        }
+        sys.stdout.write(json.dumps(document) + "\n")
+    elif first_bad is None:
+        stdout.print(Text(f"{path}: {verification.entries_checked} entries verified"))
+    if first_bad is not None:
+        if not as_json:
+            stderr.print(Text(f"{path}: line {first_bad[0]}: {first_bad[1]}"))
         raise typer.Exit(1)
 
 

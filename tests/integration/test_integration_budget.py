@@ -211,3 +211,32 @@ def test_budget_show_matches_an_independent_accountant(site: Path) -> None:
     assert spend["approved_epsilon"] == 2.0
     assert spend["rounds_by_run"] == {"run-study-a": 2}
     assert np.isclose(spend["epsilon"], dataset["epsilon_spent"])
+
+
+def test_refusals_and_a_tampered_audit_log_reach_the_officer(site: Path, tmp_path: Path) -> None:
+    config = load_site_config(site)
+    trainer = SiteTrainer(config, DEMO_CONTRACT)
+    trainer.train(_request(_study(), 1))
+    with pytest.raises(SiteRefusal):
+        trainer.train(_request(_renamed(_study(), "study-b"), 1))
+    runner = CliRunner()
+    shown = json.loads(runner.invoke(app, ["budget", "show", str(site), "--json"]).stdout)
+    (refusal,) = shown["refusals"]
+    assert refusal["study"] == "study-b" and "no valid approval" in refusal["reason"]
+    assert shown["audit_verified"] is True
+
+    audit = ["audit", "verify", str(config.audit_path), "--key", str(site), "--json"]
+    verified = runner.invoke(app, audit)
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["entries_checked"] == 2
+
+    # Swap the two entries: the chain names line 1 as the first bad entry.
+    lines = config.audit_path.read_text().splitlines(keepends=True)
+    config.audit_path.write_text(lines[1] + lines[0])
+    broken = runner.invoke(app, audit)
+    assert broken.exit_code == 1
+    assert json.loads(broken.stdout)["first_bad"]["line"] == 1
+    report = tmp_path / "report.html"
+    result = runner.invoke(app, ["budget", "report", str(site), "--out", str(report)])
+    assert result.exit_code == 1
+    assert "Audit log verification FAILED" in report.read_text()
+    assert "audit log:" in result.stderr and "line 1" in result.stderr
