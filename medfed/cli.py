@@ -139,7 +139,7 @@ def demo(
         stderr.print(f"medfed demo: {sites} sites, {rounds} rounds ({where}); starting ...")
     try:
         with bar:
-            results = run_demo(options, progress)
+            results = run_demo(options, progress, notify=lambda line: stderr.print(Text(line)))
     except MedfedError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:

@@ -238,7 +238,9 @@ def _watch(
     raise DemoFailedError(f"the run did not finish within {options.timeout_s:g} s")
 
 
-def run_demo(options: DemoOptions, progress: Progress) -> RunResults:
+def run_demo(
+    options: DemoOptions, progress: Progress, *, notify: Callable[[str], None] = log.warning
+) -> RunResults:
     """Run the whole demo; stop every process it started, whatever happens."""
     programs = _programs(options.simulation)
     work = Path(tempfile.mkdtemp(prefix="medfed-demo-"))
@@ -273,4 +275,4 @@ def run_demo(options: DemoOptions, progress: Progress) -> RunResults:
         if succeeded and not options.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            log.warning("the demo's files and logs are kept in %s", work)
+            notify(f"the demo's files and logs are kept in {work}")

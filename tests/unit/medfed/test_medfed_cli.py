@@ -44,7 +44,7 @@ def test_demo_json_prints_one_document_with_the_promised_keys(
 ) -> None:
     seen: list[DemoOptions] = []
 
-    def fake_run_demo(options: DemoOptions, progress: object) -> RunResults:
+    def fake_run_demo(options: DemoOptions, progress: object, **kwargs: object) -> RunResults:
         seen.append(options)
         return _results()
 
@@ -59,7 +59,7 @@ def test_demo_json_prints_one_document_with_the_promised_keys(
 
 
 def test_demo_table_shows_every_round(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(medfed.demo, "run_demo", lambda options, progress: _results())
+    monkeypatch.setattr(medfed.demo, "run_demo", lambda options, progress, **kwargs: _results())
     result = runner.invoke(app, ["demo", "--sites", "2", "--rounds", "2"])
     assert result.exit_code == 0
     for text in ("0 (initial)", "0.7400", "0.5000", "0.800", "hospital-2 3.20"):
@@ -77,7 +77,7 @@ def test_demo_table_shows_every_round(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_demo_errors_are_one_message_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch, error: BaseException, code: int
 ) -> None:
-    def failing(options: DemoOptions, progress: object) -> RunResults:
+    def failing(options: DemoOptions, progress: object, **kwargs: object) -> RunResults:
         raise error
 
     monkeypatch.setattr(medfed.demo, "run_demo", failing)
