@@ -40,3 +40,16 @@ class AccountingError(PrivacyError):
 
 class InfeasibleBudgetError(DpConfigError):
     """No noise multiplier within bounds meets the privacy budget asked for."""
+
+
+class SecAggError(PrivacyError):
+    """Secure aggregation cannot proceed: a bad setting, share or key."""
+
+
+class SecAggAbort(SecAggError):
+    """Too few survivors or shares to unmask the round; nothing about any input is revealed."""
+
+
+class UnsafeUnmaskError(SecAggError):
+    """An unmasking request would reveal an input: both a site's self-mask seed and its mask key,
+    or the mask key of a site whose masked update arrived."""
