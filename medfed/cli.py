@@ -335,6 +335,135 @@ def audit_verify(
         raise typer.Exit(1)
 
 
+ConsortiumToml = Annotated[
+    Path, typer.Argument(help="The consortium's consortium.toml.", dir_okay=False)
+]
+PkiDir = Annotated[
+    Path, typer.Option("--pki", help="The folder `medfed provision --out` wrote.", file_okay=False)
+]
+
+
+@app.command()
+def provision(
+    consortium_toml: ConsortiumToml,
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the CA, SuperLink and site kits.")
+    ],
+    add_site: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--add-site",
+            help="Only add this site's kit (listed in consortium.toml), reusing the CA.",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Issue the consortium CA, the SuperLink's TLS certificate and one startup kit per
+    site; never re-issues (a second run is refused unless it only adds sites)."""
+    from coordinator.consortium import load_consortium
+    from medfed.provision import provision as run_provision
+
+    report = _guard(
+        lambda: run_provision(
+            load_consortium(consortium_toml), out, add_sites=tuple(add_site or ())
+        )
+    )
+    document = _guard(report.to_json)
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+        return
+    if report.issued_ca:
+        lines = [
+            f"CA: {document['ca_cert']} (valid until {document['ca_not_valid_after']});"
+            f" its key stays in {report.layout.ca_key}",
+            f"SuperLink: {document['superlink_cert']} (valid until"
+            f" {document['superlink_not_valid_after']})",
+        ]
+        for line in lines:
+            stdout.print(Text(line), soft_wrap=True)
+    for site in report.sites_added:
+        stdout.print(
+            Text(f"site kit: {report.layout.site_dir(site)} (see its README.txt)"), soft_wrap=True
+        )
+
+
+coordinator_app = typer.Typer(
+    help="The consortium lead's commands: run and check the consortium's SuperLink.",
+    no_args_is_help=True,
+)
+app.add_typer(coordinator_app, name="coordinator")
+
+
+@coordinator_app.command("start")
+def coordinator_start(consortium_toml: ConsortiumToml, pki: PkiDir) -> None:
+    """Start the consortium's TLS SuperLink with SuperNode authentication, register every
+    provisioned site's key, and supervise it until Ctrl-C or SIGTERM."""
+    from coordinator.consortium import load_consortium
+    from medfed.coordinator import start_coordinator
+    from medfed.provision import PkiLayout
+
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if not stopping:  # a second signal must not cut the shutdown short
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    config = _guard(lambda: load_consortium(consortium_toml))
+    try:
+        _guard(
+            lambda: start_coordinator(
+                config,
+                PkiLayout(pki),
+                say=lambda line: stdout.print(Text(line), soft_wrap=True),
+                warn=lambda line: stderr.print(Text(line), soft_wrap=True),
+            )
+        )
+    except KeyboardInterrupt:
+        stdout.print(Text("stopped the SuperLink and everything it started"), soft_wrap=True)
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    consortium_toml: ConsortiumToml,
+    pki: PkiDir,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Expiry of the CA's and SuperLink's certificates (warning within 30 days), and whether
+    the SuperLink answers over TLS; exit 1 if a certificate expired or it does not answer."""
+    from coordinator.consortium import load_consortium
+    from medfed.coordinator import coordinator_status as read_status
+    from medfed.provision import PkiLayout
+
+    status = _guard(lambda: read_status(load_consortium(consortium_toml), PkiLayout(pki)))
+    if as_json:
+        sys.stdout.write(json.dumps(status.to_json()) + "\n")
+    else:
+        table = Table(title=f"consortium SuperLink at {status.address}")
+        for column in ("certificate", "valid until", "days left", "file"):
+            table.add_column(column)
+        for expiry in status.certificates:
+            table.add_row(
+                expiry.name, expiry.not_valid_after.strftime("%Y-%m-%d %H:%M UTC"),
+                str(expiry.days_left), Text(str(expiry.path)),
+            )  # fmt: skip
+        stdout.print(table)
+        answer = "answers over TLS" if status.healthy else "does NOT answer over TLS"
+        stdout.print(Text(f"SuperLink {status.address} {answer}"), soft_wrap=True)
+    for expiry in status.certificates:
+        if expiry.warning is not None:
+            stderr.print(Text(f"warning: {expiry.warning}"), soft_wrap=True)
+    if not status.ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 def version() -> None:
     """Print medfed's version."""

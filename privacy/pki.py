@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -25,6 +26,8 @@ from privacy.errors import PkiError
 CA_CERT_NAME = "ca.pem"
 SERVER_CERT_NAME = "superlink.pem"
 SERVER_KEY_NAME = "superlink.key"
+EXPIRY_WARNING_DAYS = 30
+"""A certificate that expires within this many days is worth a warning."""
 SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 """Site ids name folders and files, so they may hold no path separators or dots."""
 
@@ -81,20 +84,52 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def create_ca(
-    common_name: str, *, valid_days: int
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """Create the consortium's self-signed CA key and certificate."""
-    key = ec.generate_private_key(ec.SECP384R1())
+def pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """`key` as an unencrypted PEM PKCS8 private key (write it with mode 0600)."""
+    return _pem_key(key)
+
+
+def pem_certificate(cert: x509.Certificate) -> bytes:
+    """`cert` as PEM."""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _validity(
+    valid_days: int | None, not_valid_after: dt.datetime | None
+) -> tuple[dt.datetime, dt.datetime]:
+    """(not before, not after) for a new certificate: `valid_days` from now, or an explicit
+    end (which may lie in the past, to test expiry)."""
     now = dt.datetime.now(dt.UTC)
+    if valid_days is not None and not_valid_after is not None:
+        raise PkiError("give a certificate valid_days or not_valid_after, not both")
+    if not_valid_after is None:
+        if valid_days is None:
+            raise PkiError("give a certificate valid_days or not_valid_after")
+        if valid_days < 1:
+            raise PkiError(f"a certificate must be valid for at least 1 day, not {valid_days}")
+        not_valid_after = now + dt.timedelta(days=valid_days)
+    not_before = min(now - dt.timedelta(minutes=5), not_valid_after - dt.timedelta(days=1))
+    return not_before, not_valid_after
+
+
+def create_ca(
+    common_name: str,
+    *,
+    valid_days: int | None = None,
+    not_valid_after: dt.datetime | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """Create the consortium's self-signed CA key and certificate, valid for `valid_days`
+    from now or until `not_valid_after`."""
+    not_before, not_after = _validity(valid_days, not_valid_after)
+    key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(_name(common_name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
@@ -121,9 +156,12 @@ def issue_server_certificate(
     ca_cert: x509.Certificate,
     *,
     hosts: tuple[str, ...],
-    valid_days: int,
+    valid_days: int | None = None,
+    not_valid_after: dt.datetime | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """Issue a TLS server certificate for `hosts` (IP addresses or DNS names), signed by the CA."""
+    """Issue a TLS server certificate for `hosts` (IP addresses or DNS names), signed by the
+    CA, valid for `valid_days` from now or until `not_valid_after`."""
+    not_before, not_after = _validity(valid_days, not_valid_after)
     if not hosts:
         raise PkiError("a server certificate needs at least one host name or address")
     alt_names: list[x509.GeneralName] = []
@@ -133,15 +171,14 @@ def issue_server_certificate(
         except ValueError:
             alt_names.append(x509.DNSName(host))
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(hosts[0]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
@@ -203,3 +240,82 @@ def provision_loopback(
         write_atomic(public_path, public)
         sites.append(SiteKeys(site_id, private_path, public_path))
     return Provisioned(ca_path, server_cert_path, server_key_path, tuple(sites))
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """Read a PEM certificate, or raise `PkiError` naming the file."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise PkiError(f"{path}: no such certificate file") from exc
+    except OSError as exc:
+        raise PkiError(f"{path}: cannot be read ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a PEM certificate") from exc
+
+
+def load_ec_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """Read an unencrypted PEM EC private key (the CA's), or raise `PkiError`."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise PkiError(f"{path}: no such key file") from exc
+    except OSError as exc:
+        raise PkiError(f"{path}: cannot be read ({exc.strerror})") from exc
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"{path}: not an unencrypted PEM private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path}: not an EC private key")
+    return key
+
+
+def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """True if `ca_cert` signed `cert` (signature and issuer name both match)."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class CertificateExpiry:
+    """When one certificate expires, seen at `checked_at`."""
+
+    name: str
+    path: Path
+    not_valid_after: dt.datetime
+    checked_at: dt.datetime
+
+    @property
+    def days_left(self) -> int:
+        """Whole days until expiry: 0 on its last day, negative once expired."""
+        return (self.not_valid_after - self.checked_at).days
+
+    @property
+    def expired(self) -> bool:
+        """Expired, or expiring within 0 (whole) days: too late to start a service on it."""
+        return self.days_left <= 0
+
+    @property
+    def warning(self) -> str | None:
+        """One line if the certificate has expired or expires within `EXPIRY_WARNING_DAYS`."""
+        when = self.not_valid_after.strftime("%Y-%m-%d %H:%M UTC")
+        if self.not_valid_after <= self.checked_at:
+            return f"the {self.name} certificate {self.path} expired on {when}"
+        if self.days_left < EXPIRY_WARNING_DAYS:
+            return (
+                f"the {self.name} certificate {self.path} expires on {when}"
+                f" ({self.days_left} days left)"
+            )
+        return None
+
+
+def certificate_expiry(
+    name: str, path: Path, *, now: dt.datetime | None = None
+) -> CertificateExpiry:
+    """Read the certificate at `path` and say when it expires."""
+    cert = load_certificate(path)
+    return CertificateExpiry(
+        name, path, cert.not_valid_after_utc, now if now is not None else dt.datetime.now(dt.UTC)
+    )

@@ -1,0 +1,233 @@
+"""`medfed coordinator start | status`: the consortium's SuperLink, run from a provisioned PKI.
+
+`start` checks the certificates' expiry, starts `flower-superlink` with TLS, SuperNode
+authentication and a persistent database under the run directory, waits until it
+answers over TLS, writes the `flwr` connection config, registers every provisioned
+site's SuperNode key, and then supervises until interrupted; whatever it started is
+stopped by PID on the way out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import ipaddress
+import json
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.consortium import ConsortiumConfig
+from medfed.errors import MedfedError
+from medfed.processes import ProcessGroup, find_program, tls_health_ok
+from medfed.provision import PkiLayout
+from privacy.pki import CertificateExpiry, certificate_expiry
+
+FLWR_HINT = "pip install 'flwr==1.42.*'"
+CONNECTION = "medfed-consortium"
+START_TIMEOUT_S = 60.0
+SUPERVISE_INTERVAL_S = 0.5
+DATABASE_NAME = "superlink-state.db"
+FLWR_HOME_NAME = "flwr-home"
+
+
+class CoordinatorStartError(MedfedError):
+    """The SuperLink could not be started, or a site's key could not be registered."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A site whose SuperNode key the SuperLink now admits."""
+
+    site_id: str
+    node_id: str | None
+    """None when the SuperLink's database held the key from an earlier start."""
+
+
+def certificate_expiries(
+    layout: PkiLayout, *, now: dt.datetime | None = None
+) -> list[CertificateExpiry]:
+    """The expiry of the CA's and the SuperLink's certificates."""
+    return [
+        certificate_expiry("CA", layout.ca_cert, now=now),
+        certificate_expiry("SuperLink", layout.server_cert, now=now),
+    ]
+
+
+def check_certificates(layout: PkiLayout, warn: Callable[[str], None]) -> None:
+    """Refuse if a certificate has expired (or expires within 0 days); warn if soon."""
+    expiries = certificate_expiries(layout)
+    for expiry in expiries:
+        if expiry.expired:
+            raise CoordinatorStartError(
+                f"refusing to start: {expiry.warning}; provision a new consortium PKI"
+            )
+    for expiry in expiries:
+        if expiry.warning is not None:
+            warn(f"warning: {expiry.warning}")
+
+
+def superlink_healthy(config: ConsortiumConfig, ca_cert: Path) -> bool:
+    """True if the consortium's SuperLink answers health over TLS with our CA's certificate."""
+    host = config.consortium.host
+    if host in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
+        return tls_health_ok(config.consortium.port, ca_cert)
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    connection = http.client.HTTPSConnection(
+        host, config.consortium.port, timeout=2, context=context
+    )
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def _bind_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def write_flwr_config(config: ConsortiumConfig, layout: PkiLayout) -> Path:
+    """`$FLWR_HOME/config.toml` under the run directory, naming the consortium's SuperLink."""
+    flwr_home = config.run_dir / FLWR_HOME_NAME
+    address = config.consortium.address
+    if config.consortium.host in ("0.0.0.0", "::"):
+        address = f"127.0.0.1:{config.consortium.port}"
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{address}"',
+        f'root-certificates = "{layout.ca_cert.resolve()}"',
+    ]
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return flwr_home
+
+
+def _register(flwr: str, site_id: str, public_key: Path, env: dict[str, str]) -> Registered:
+    completed = subprocess.run(
+        [flwr, "supernode", "register", str(public_key), CONNECTION,
+         "--name", site_id, "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    output = (completed.stdout + completed.stderr).strip()
+    try:
+        document = json.loads(completed.stdout)
+    except json.JSONDecodeError:
+        document = {}
+    if completed.returncode != 0 or not document.get("success", True):
+        already = "already" in output.lower()
+        if already:
+            return Registered(site_id, None)
+        last = " ".join(output.splitlines()[-3:])[:300]
+        raise CoordinatorStartError(
+            f"registering {site_id}'s key {public_key} failed (flwr exit"
+            f" {completed.returncode}): {last}"
+        )
+    return Registered(site_id, str(document.get("node-id", document.get("node_id", "?"))))
+
+
+def start_coordinator(
+    config: ConsortiumConfig,
+    layout: PkiLayout,
+    *,
+    say: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> None:
+    """Start and supervise the SuperLink until KeyboardInterrupt; stop it on the way out."""
+    check_certificates(layout, warn)
+    for path in (layout.ca_cert, layout.server_cert, layout.server_key):
+        if not path.is_file():
+            raise CoordinatorStartError(f"{path} is missing; run `medfed provision` first")
+    keys = layout.supernode_public_keys()
+    members = {site.id for site in config.sites}
+    for site_id in sorted(set(keys) - members):
+        warn(f"warning: not registering {site_id}: its kit is in {layout.sites_dir}"
+             f" but it is not listed in {config.source}")  # fmt: skip
+    superlink = find_program("flower-superlink", install_hint=FLWR_HINT)
+    flwr = find_program("flwr", install_hint=FLWR_HINT)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with ProcessGroup(log_dir=run_dir / "logs") as group:
+        process = group.start(
+            "superlink",
+            [
+                superlink,
+                "--ssl-ca-certfile", str(layout.ca_cert),
+                "--ssl-certfile", str(layout.server_cert),
+                "--ssl-keyfile", str(layout.server_key),
+                "--enable-supernode-auth",
+                "--database", str(run_dir / DATABASE_NAME),
+                "--disable-runtime-dependency-installation",
+                "--host", _bind_host(config.consortium.host),
+                "--port", str(config.consortium.port),
+            ],
+        )  # fmt: skip
+        group.wait_until_ready(
+            process, lambda: superlink_healthy(config, layout.ca_cert), timeout_s=START_TIMEOUT_S
+        )
+        flwr_home = write_flwr_config(config, layout)
+        env = {**group.env, "FLWR_HOME": str(flwr_home)}
+        say(f"SuperLink serving on {config.consortium.address} (TLS, SuperNode authentication);"
+            f" pid {process.pid}, log {process.log_path}")  # fmt: skip
+        for site_id in sorted(set(keys) & members):
+            registered = _register(flwr, site_id, keys[site_id], env)
+            node = (
+                "already registered" if registered.node_id is None else f"node {registered.node_id}"
+            )
+            say(f"registered {site_id} ({node})")
+        say(f"ready: {len(set(keys) & members)} sites registered; flwr connection"
+            f" '{CONNECTION}' in {flwr_home}; stop with Ctrl-C or SIGTERM")  # fmt: skip
+        while True:
+            group.check_alive()
+            time.sleep(SUPERVISE_INTERVAL_S)
+
+
+@dataclass(frozen=True)
+class CoordinatorStatus:
+    """The consortium's certificates' expiry and whether its SuperLink answers."""
+
+    address: str
+    certificates: list[CertificateExpiry]
+    healthy: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.healthy and not any(expiry.expired for expiry in self.certificates)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "address": self.address,
+            "superlink_healthy": self.healthy,
+            "certificates": [
+                {
+                    "name": expiry.name,
+                    "path": str(expiry.path),
+                    "not_valid_after": expiry.not_valid_after.isoformat(),
+                    "days_left": expiry.days_left,
+                    "expired": expiry.expired,
+                    "warning": expiry.warning,
+                }
+                for expiry in self.certificates
+            ],
+        }
+
+
+def coordinator_status(config: ConsortiumConfig, layout: PkiLayout) -> CoordinatorStatus:
+    """Read both certificates' expiry and ask the SuperLink for its health over TLS."""
+    return CoordinatorStatus(
+        config.consortium.address,
+        certificate_expiries(layout),
+        superlink_healthy(config, layout.ca_cert),
+    )
