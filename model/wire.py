@@ -60,7 +60,7 @@ class WireError(ValueError):
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named numpy arrays as an ArrayRecord (numpy's own format, never pickle)."""
+    """Named numpy arrays as an ArrayRecord (numpy's own .npy format; loading runs no code)."""
     return ArrayRecord(
         {name: Array.from_numpy_ndarray(np.asarray(arrays[name])) for name in arrays}
     )
