@@ -127,7 +127,9 @@ def train(msg: Message, context: Context) -> Message:
         {
             wire.ARRAYS: wire.arrays_to_record(reply.arrays),
             wire.METRICS: metrics,
-            wire.SITE: ConfigRecord({wire.SITE_ID: reply.site_id}),
+            wire.SITE: ConfigRecord(
+                {wire.SITE_ID: reply.site_id, wire.RECEIPT_SIGNATURE: reply.receipt_signature}
+            ),
         }
     )
     return Message(content=content, reply_to=msg)

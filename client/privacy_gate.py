@@ -24,6 +24,7 @@ from privacy.errors import InfeasibleBudgetError
 from privacy.events import DpSgdEvent
 from privacy.ledger import PrivacyLedger, SpendRecord
 from privacy.policy import PastSpend, PlannedRound, preflight
+from privacy.receipts import UpdateReceipt
 from privacy.signing import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class PrivacyGate:
     @property
     def audit(self) -> AuditLog:
         return self._audit
+
+    def sign_receipt(self, receipt: UpdateReceipt) -> str:
+        """The site's signature of an update it is about to send."""
+        return receipt.sign(self._signer)
 
     def _approval(self, request: TrainRequest) -> Approval | None:
         return self._ledger.approval_for(

@@ -55,6 +55,7 @@ class TrainReply:
     epsilon: float
     noise_multiplier: float
     incoming: ModelCheck
+    receipt_signature: str
 
     @property
     def num_examples(self) -> int:

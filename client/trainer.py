@@ -39,6 +39,7 @@ from model.network import (
 from model.train import EvalResult, evaluate, train_steps
 from privacy.dpsgd import DpSgdSettings, make_private
 from privacy.ledger import PrivacyLedger
+from privacy.receipts import UpdateReceipt
 from sites.synthetic import TABLE_NAME
 from sites.tabular import SiteTable, read_site_table
 
@@ -165,9 +166,19 @@ class SiteTrainer:
             result.mean_loss,
             epsilon,
         )
+        arrays = state_arrays(model)
+        receipt = UpdateReceipt(
+            run_id=request.run_id,
+            study_sha256=request.study_sha256,
+            round=request.round,
+            model_sha256=request.model_sha256,
+            update_sha256=arrays_sha256(arrays),
+            site_id=self.site_id,
+        )
         return TrainReply(
             site_id=self.site_id,
-            arrays=state_arrays(model),
+            arrays=arrays,
+            receipt_signature=self._gate.sign_receipt(receipt),
             local_loss=result.mean_loss,
             epsilon=epsilon,
             noise_multiplier=plan.event.noise_multiplier,

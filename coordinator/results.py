@@ -49,6 +49,7 @@ class RunResults:
     status: RunStatus
     num_rounds: int
     sites: list[str] = field(default_factory=list)
+    signed_updates: bool = False  # every accepted update's signed receipt was verified
     initial_loss: float | None = None
     initial_metric: float | None = None
     per_round: list[RoundRecord] = field(default_factory=list)

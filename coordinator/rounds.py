@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -18,9 +19,11 @@ from flwr.serverapp import Grid
 from coordinator.aggregate import fedavg
 from coordinator.errors import CoordinatorError, RoundFailedError
 from coordinator.results import RoundRecord, RunResults
+from coordinator.site_keys import load_site_keys
 from coordinator.study import StudySettings
 from coordinator.validate import (
     ModelCheck,
+    ReceiptCheck,
     Rejection,
     SiteEval,
     SiteUpdate,
@@ -206,6 +209,10 @@ def _run_rounds(
         build_model(study.preset, n_features=len(contract.features), seed=study.seed)
     )
     known_sites: dict[int, str] = {}
+    site_keys = load_site_keys(Path(study.site_keys_dir)) if study.site_keys_dir else None
+    results.signed_updates = site_keys is not None
+    if site_keys is None:
+        log.warning("no site-keys-dir in the run config: site updates are NOT signature-checked")
     for round_number in range(1, study.num_rounds + 1):
         started = time.monotonic()
         nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
@@ -217,8 +224,20 @@ def _run_rounds(
             group=str(round_number),
             timeout_s=study.round_timeout_s,
         )
+        receipts = (
+            None
+            if site_keys is None
+            else ReceiptCheck(
+                run_id=run_id,
+                study_sha256=study.sha256(),
+                round=round_number,
+                model_sha256=arrays_sha256(global_arrays),
+                site_keys=site_keys,
+            )
+        )
         accepted, rejected = _split(
-            (validate_train_reply(reply, global_arrays) for reply in replies), known_sites
+            (validate_train_reply(r, global_arrays, receipts=receipts) for r in replies),
+            known_sites,
         )
         updates = [update for update in accepted if isinstance(update, SiteUpdate)]
         for site, reason in rejected.items():

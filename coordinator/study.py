@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from coordinator.errors import StudyConfigError
 from model.presets import PresetName
 
-RUN_PLUMBING = frozenset({"results_path", "sites_root"})
+RUN_PLUMBING = frozenset({"results_path", "sites_root", "site_keys_dir"})
 """Fields that say where a run writes, not what the study is: left out of its digest."""
 
 _FLOAT_KEYS = (
@@ -50,6 +50,7 @@ class StudySettings(BaseModel):
     seed: int = Field(alias="seed", ge=0)
     results_path: str = Field(alias="results-path", default="")
     sites_root: str = Field(alias="sites-root", default="")
+    site_keys_dir: str = Field(alias="site-keys-dir", default="")
     preset: PresetName = "tiny"
 
     @classmethod

@@ -10,6 +10,9 @@ import numpy as np
 from flwr.app import Message
 
 from model import wire
+from model.network import arrays_sha256
+from privacy.receipts import UpdateReceipt
+from privacy.signing import VerifyKey
 
 MAX_EXAMPLES = 10_000_000
 """More patients than any one site of a consortium holds: a larger count is bogus."""
@@ -51,6 +54,37 @@ class SiteEval:
     node_id: int
     site_id: str
     check: ModelCheck
+
+
+@dataclass(frozen=True)
+class ReceiptCheck:
+    """What the coordinator knows of a round, to check each site's signed update receipt."""
+
+    run_id: str
+    study_sha256: str
+    round: int
+    model_sha256: str
+    site_keys: Mapping[str, VerifyKey]
+
+    def problem(self, site_id: str, arrays: Mapping[str, np.ndarray], signature: str) -> str | None:
+        """Why the receipt does not verify, or None if it does."""
+        public = self.site_keys.get(site_id)
+        if public is None:
+            return f"{site_id} is not a registered site (no signing key for it)"
+        receipt = UpdateReceipt(
+            run_id=self.run_id,
+            study_sha256=self.study_sha256,
+            round=self.round,
+            model_sha256=self.model_sha256,
+            update_sha256=arrays_sha256(arrays),
+            site_id=site_id,
+        )
+        if not receipt.verify(public, signature):
+            return (
+                "the update's signature does not verify: altered in transit, replayed from"
+                " another round or run, or trained on another model"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -110,9 +144,13 @@ def _error_reason(reply: Message) -> str:
 
 
 def validate_train_reply(
-    reply: Message, reference: Mapping[str, np.ndarray]
+    reply: Message,
+    reference: Mapping[str, np.ndarray],
+    *,
+    receipts: ReceiptCheck | None = None,
 ) -> SiteUpdate | Rejection:
-    """A `SiteUpdate` if the reply is well-formed, else a `Rejection` with the reason."""
+    """A `SiteUpdate` if the reply is well-formed (and, given `receipts`, signed by its
+    site for this round and model), else a `Rejection` with the reason."""
     node_id = reply.metadata.src_node_id
     site_id = _site_id(reply)
     if reply.has_error():
@@ -122,6 +160,11 @@ def validate_train_reply(
             raise wire.WireError(f"reply has no {wire.SITE}.{wire.SITE_ID}")
         arrays = wire.record_to_arrays(reply.content)
         check_arrays(arrays, reference)
+        if receipts is not None:
+            signature = wire.get_value(reply.content, wire.SITE, wire.RECEIPT_SIGNATURE, str)
+            problem = receipts.problem(site_id, arrays, signature)
+            if problem is not None:
+                raise wire.WireError(problem)
         epsilon = wire.get_value(reply.content, wire.METRICS, wire.EPSILON, float)
         if epsilon < 0:
             raise wire.WireError(f"metrics.{wire.EPSILON}: {epsilon} is negative")

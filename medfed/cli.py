@@ -152,6 +152,7 @@ def demo(
             "rounds_completed": document["rounds_completed"],
             "sites": document["sites"],
             "per_round": document["per_round"],
+            "signed_updates": document["signed_updates"],
             "initial_loss": document["initial_loss"],
             "initial_metric": document["initial_metric"],
             "metric_name": "auroc",

@@ -83,15 +83,27 @@ def approve(
 
 
 def write_demo_consortium(
-    root: Path, study: StudySettings, *, n_sites: int, seed: int
+    root: Path,
+    study: StudySettings,
+    *,
+    n_sites: int,
+    seed: int,
+    site_keys_dir: Path | None = None,
 ) -> tuple[DemoSite, ...]:
-    """Write every demo hospital under `root/<site id>/` and approve `study` at each."""
+    """Write every demo hospital under `root/<site id>/` and approve `study` at each.
+
+    With `site_keys_dir`, each site's public signing key is also written there as
+    `<site id>.pub`, where the coordinator reads it to check signed updates.
+    """
     write_synthetic_consortium(root, DEMO_CONTRACT, n_sites=n_sites, seed=seed)
     sites: list[DemoSite] = []
     for site_id in site_ids(n_sites):
         folder = root / site_id
         signing = SigningKey.generate()
         signing.save(folder / "keys" / "site-signing.key")
+        signing.public.save(folder / "keys" / "site-signing.pub")
+        if site_keys_dir is not None:
+            signing.public.save(site_keys_dir / f"{site_id}.pub")
         officer = SigningKey.generate()
         officer_key = folder / "officer" / "officer.key"
         officer.save(officer_key)

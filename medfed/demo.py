@@ -254,12 +254,18 @@ def run_demo(
             seed=options.seed,
             local_steps=options.local_steps,
         )
-        write_demo_consortium(sites_root, study, n_sites=options.sites, seed=options.seed)
+        site_keys = work / "site-keys"
+        write_demo_consortium(
+            sites_root, study, n_sites=options.sites, seed=options.seed, site_keys_dir=site_keys
+        )
         pki = provision_loopback(work / "pki", site_ids(options.sites))
         flwr_home = work / "flwr-home"
         env = {"FLWR_HOME": str(flwr_home)}
         results_path = work / "results.json"
-        app_dir = build_app_dir(work / "app", _run_config(study, results_path, sites_root))
+        app_dir = build_app_dir(
+            work / "app",
+            {**_run_config(study, results_path, sites_root), "site-keys-dir": str(site_keys)},
+        )
         with ProcessGroup(log_dir=work / "logs") as group:
             port = _start_superlink(group, programs, work, pki, simulation=options.simulation)
             _write_flwr_config(flwr_home, port, pki, options.sites if options.simulation else None)

@@ -36,6 +36,7 @@ N_FEATURES: Final = "n-features"
 
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"
+RECEIPT_SIGNATURE: Final = "receipt-signature"  # hex Ed25519 signature of the update receipt
 
 # Keys of the METRICS record in a reply.
 NUM_EXAMPLES: Final = "num-examples"  # training patients; FedAvg's weight

@@ -40,6 +40,7 @@ def _assert_nothing_left(tag: str) -> None:
 
 def _check_document(document: dict[str, object], *, sites: int, rounds: int) -> None:
     assert document["rounds_completed"] == rounds
+    assert document["signed_updates"] is True, "every update's signed receipt must be checked"
     assert document["sites"] == [f"hospital-{i + 1}" for i in range(sites)]
     assert isinstance(document["run_id"], str) and document["run_id"]
     assert isinstance(document["wall_s"], float) and document["wall_s"] > 0

@@ -78,6 +78,7 @@ def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> Non
         "status": "running",
         "num_rounds": 3,
         "sites": ["hospital-1", "hospital-2"],
+        "signed_updates": False,
         "initial_loss": None,
         "initial_metric": None,
         "per_round": [

@@ -31,6 +31,7 @@ RUN_CONFIG: dict[str, Any] = {
     "seed": 7,
     "results-path": "",
     "sites-root": "",
+    "site-keys-dir": "",
 }
 
 FLOAT_KEYS = [
@@ -41,7 +42,7 @@ FLOAT_KEYS = [
     "sample-rate",
     "round-timeout-s",
 ]
-OPTIONAL_KEYS = ("results-path", "sites-root")
+OPTIONAL_KEYS = ("results-path", "sites-root", "site-keys-dir")
 """Where a run writes: not part of the study, so not required and not in its digest."""
 
 
