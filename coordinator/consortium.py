@@ -8,7 +8,6 @@ Unknown keys and wrong types are refused with the file and the key's path. A rel
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 from pydantic import (
@@ -23,6 +22,7 @@ from pydantic import (
 )
 
 from coordinator.errors import CoordinatorError
+from coordinator.tomlfile import first_problem, read_toml
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 """The same rule as `privacy.pki.SITE_ID_PATTERN`: site ids name folders and files."""
@@ -111,18 +111,8 @@ class ConsortiumConfig(BaseModel):
 
 def load_consortium(path: Path) -> ConsortiumConfig:
     """Read and validate `consortium.toml`; raise `ConsortiumConfigError` naming file and key."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConsortiumConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise ConsortiumConfigError(f"{path}: is not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConsortiumConfigError(f"{path}: is not valid TOML ({exc})") from exc
+    document = read_toml(path, ConsortiumConfigError)
     try:
         return ConsortiumConfig.model_validate({**document, "source": path})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise ConsortiumConfigError(f"{path}: key {key}: {first['msg']}{more}") from exc
+        raise ConsortiumConfigError(f"{path}: {first_problem(exc)}") from exc

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator.errors import StudyConfigError
+from coordinator.tomlfile import read_toml
 from model.presets import PresetName
 
 RUN_PLUMBING = frozenset({"results_path", "sites_root", "site_keys_dir"})
@@ -85,14 +85,7 @@ class StudySettings(BaseModel):
 
 def load_study_file(path: Path) -> StudySettings:
     """Read `study.toml` (the run config's keys under `[study]`); errors name file and key."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StudyConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise StudyConfigError(f"{path}: is not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise StudyConfigError(f"{path}: is not valid TOML ({exc})") from exc
+    document = read_toml(path, StudyConfigError)
     unknown = sorted(set(document) - {"study"})
     if unknown or not isinstance(document.get("study"), dict):
         raise StudyConfigError(f"{path}: expected one [study] table, found {sorted(document)}")
