@@ -20,6 +20,7 @@ from model import wire
 from model.presets import PRESET_NAMES, PresetName
 from privacy.errors import PrivacyError
 from sites.errors import SiteError
+from sites.synthetic import site_id
 
 if TYPE_CHECKING:
     from client.protocol import ModelCheck
@@ -46,7 +47,7 @@ def site_config_path(context: Context) -> Path:
         return Path(str(node["site-config"]))
     root = str(context.run_config.get("sites-root", ""))
     if root and "partition-id" in node:
-        return Path(root) / f"hospital-{int(node['partition-id']) + 1}" / SITE_TOML
+        return Path(root) / site_id(int(node["partition-id"])) / SITE_TOML
     raise RequestError(
         "this SuperNode does not say which site it is: start it with"
         " --node-config 'site-config=\"/path/to/site.toml\"'"

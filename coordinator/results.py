@@ -89,3 +89,17 @@ def write_results(path: Path, results: RunResults) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_results(path: Path) -> RunResults | None:
+    """The results last written to `path`, or None while there are none yet.
+
+    Undefined metrics come back as None (JSON has no NaN), as `write_results` wrote them.
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    rounds = [RoundRecord(**record) for record in document.pop("per_round")]
+    document.pop("rounds_completed", None)
+    return RunResults(**document, per_round=rounds)

@@ -10,10 +10,8 @@ stopped by PID on the way out.
 from __future__ import annotations
 
 import datetime as dt
-import http.client
 import ipaddress
 import json
-import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,13 +20,12 @@ from pathlib import Path
 
 from coordinator.consortium import ConsortiumConfig
 from medfed.errors import MedfedError
+from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
 from medfed.processes import ProcessGroup, find_program, tls_health_ok
 from medfed.provision import PkiLayout
 from privacy.pki import CertificateExpiry, certificate_expiry
 
-FLWR_HINT = "pip install 'flwr==1.42.*'"
 CONNECTION = "medfed-consortium"
-START_TIMEOUT_S = 60.0
 SUPERVISE_INTERVAL_S = 0.5
 DATABASE_NAME = "superlink-state.db"
 FLWR_HOME_NAME = "flwr-home"
@@ -73,19 +70,9 @@ def check_certificates(layout: PkiLayout, warn: Callable[[str], None]) -> None:
 def superlink_healthy(config: ConsortiumConfig, ca_cert: Path) -> bool:
     """True if the consortium's SuperLink answers health over TLS with our CA's certificate."""
     host = config.consortium.host
-    if host in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
-        return tls_health_ok(config.consortium.port, ca_cert)
-    context = ssl.create_default_context(cafile=str(ca_cert))
-    connection = http.client.HTTPSConnection(
-        host, config.consortium.port, timeout=2, context=context
-    )
-    try:
-        connection.request("GET", "/health")
-        return connection.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
+    if host in ("0.0.0.0", "::", "localhost"):
+        host = "127.0.0.1"
+    return tls_health_ok(config.consortium.port, ca_cert, host=host)
 
 
 def _bind_host(host: str) -> str:
@@ -97,21 +84,12 @@ def _bind_host(host: str) -> str:
 
 def write_flwr_config(config: ConsortiumConfig, layout: PkiLayout) -> Path:
     """`$FLWR_HOME/config.toml` under the run directory, naming the consortium's SuperLink."""
-    flwr_home = config.run_dir / FLWR_HOME_NAME
     address = config.consortium.address
     if config.consortium.host in ("0.0.0.0", "::"):
         address = f"127.0.0.1:{config.consortium.port}"
-    lines = [
-        "[superlink]",
-        f'default = "{CONNECTION}"',
-        "",
-        f"[superlink.{CONNECTION}]",
-        f'address = "{address}"',
-        f'root-certificates = "{layout.ca_cert.resolve()}"',
-    ]
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return flwr_home
+    return write_connection(
+        config.run_dir / FLWR_HOME_NAME, name=CONNECTION, address=address, ca_cert=layout.ca_cert
+    )
 
 
 def _register(flwr: str, site_id: str, public_key: Path, env: dict[str, str]) -> Registered:
@@ -162,18 +140,16 @@ def start_coordinator(
     with ProcessGroup(log_dir=run_dir / "logs") as group:
         process = group.start(
             "superlink",
-            [
+            superlink_argv(
                 superlink,
-                "--ssl-ca-certfile", str(layout.ca_cert),
-                "--ssl-certfile", str(layout.server_cert),
-                "--ssl-keyfile", str(layout.server_key),
-                "--enable-supernode-auth",
-                "--database", str(run_dir / DATABASE_NAME),
-                "--disable-runtime-dependency-installation",
-                "--host", _bind_host(config.consortium.host),
-                "--port", str(config.consortium.port),
-            ],
-        )  # fmt: skip
+                ca_cert=layout.ca_cert,
+                server_cert=layout.server_cert,
+                server_key=layout.server_key,
+                database=run_dir / DATABASE_NAME,
+                host=_bind_host(config.consortium.host),
+                port=config.consortium.port,
+            ),
+        )
         group.wait_until_ready(
             process, lambda: superlink_healthy(config, layout.ca_cert), timeout_s=START_TIMEOUT_S
         )

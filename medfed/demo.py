@@ -22,21 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import SITE_TOML
-from coordinator.results import RunResults
+from coordinator.results import RunResults, read_results
 from coordinator.study import StudySettings
 from medfed.app_bundle import build_app_dir
 from medfed.consortium import DEMO_POLICY, demo_study, write_demo_consortium
 from medfed.errors import DemoFailedError, MissingDependencyError
+from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
 from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
 from privacy.pki import Provisioned, SiteKeys, provision_loopback
 from sites.synthetic import site_ids
 
 log = logging.getLogger(__name__)
 
-FLWR_HINT = "pip install 'flwr==1.42.*'"
 RAY_HINT = "pip install 'flwr[simulation]==1.42.*'"
 CONNECTION = "medfed-demo"
-START_TIMEOUT_S = 60.0
 SUPERNODE_READY = "SuperNode ID:"
 """What flwr 1.42's SuperNode logs once the SuperLink accepted its key over TLS."""
 
@@ -97,18 +96,13 @@ def _run_config(study: StudySettings, results_path: Path, sites_root: Path) -> d
 def _write_flwr_config(
     flwr_home: Path, port: int, pki: Provisioned, num_supernodes: int | None
 ) -> None:
-    lines = [
-        "[superlink]",
-        f'default = "{CONNECTION}"',
-        "",
-        f"[superlink.{CONNECTION}]",
-        f'address = "127.0.0.1:{port}"',
-        f'root-certificates = "{pki.ca_cert}"',
-    ]
-    if num_supernodes is not None:
-        lines.append(f"options.num-supernodes = {num_supernodes}")
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_connection(
+        flwr_home,
+        name=CONNECTION,
+        address=f"127.0.0.1:{port}",
+        ca_cert=pki.ca_cert,
+        num_supernodes=num_supernodes,
+    )
 
 
 def _flwr(programs: _Programs, args: list[str], *, env: dict[str, str], what: str) -> str:
@@ -136,17 +130,16 @@ def _start_superlink(
     """Start a TLS SuperLink on a free loopback port; return the port once it is healthy."""
 
     def argv(port: int) -> list[str]:
-        return [
+        return superlink_argv(
             programs.superlink,
-            "--ssl-ca-certfile", str(pki.ca_cert),
-            "--ssl-certfile", str(pki.server_cert),
-            "--ssl-keyfile", str(pki.server_key),
-            "--database", str(work / "superlink-state.db"),
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--disable-runtime-dependency-installation",
-            *(["--simulation"] if simulation else ["--enable-supernode-auth"]),
-        ]  # fmt: skip
+            ca_cert=pki.ca_cert,
+            server_cert=pki.server_cert,
+            server_key=pki.server_key,
+            database=work / "superlink-state.db",
+            host="127.0.0.1",
+            port=port,
+            simulation=simulation,
+        )
 
     _, port = group.start_on_free_port(
         "superlink", argv, lambda port, _: tls_health_ok(port, pki.ca_cert),
@@ -206,18 +199,6 @@ def _submit(programs: _Programs, app_dir: Path, env: dict[str, str]) -> str:
         ) from exc
 
 
-def _read_results(path: Path) -> RunResults | None:
-    from coordinator.results import RoundRecord
-
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    rounds = [RoundRecord(**record) for record in document.pop("per_round")]
-    document.pop("rounds_completed", None)
-    return RunResults(**document, per_round=rounds)
-
-
 def _watch(
     group: ProcessGroup, results_path: Path, options: DemoOptions, progress: Progress
 ) -> RunResults:
@@ -225,7 +206,7 @@ def _watch(
     last_seen = -1
     while time.monotonic() < deadline:
         group.check_alive()
-        results = _read_results(results_path)
+        results = read_results(results_path)
         if results is not None:
             if results.rounds_completed != last_seen or results.status in ("completed", "failed"):
                 last_seen = results.rounds_completed

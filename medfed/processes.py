@@ -68,14 +68,14 @@ def tagged_pids(tag: str) -> Iterator[int]:
             yield int(entry.name)
 
 
-def tls_health_ok(port: int, ca_cert: Path) -> bool:
-    """True if a server on 127.0.0.1:`port` proves a certificate from our CA and is healthy.
+def tls_health_ok(port: int, ca_cert: Path, *, host: str = "127.0.0.1") -> bool:
+    """True if a server on `host`:`port` proves a certificate from our CA and is healthy.
 
     Checking the certificate, not only the port, means a stranger already listening
     on that port is never taken for our SuperLink.
     """
     context = ssl.create_default_context(cafile=str(ca_cert))
-    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=context)
+    connection = http.client.HTTPSConnection(host, port, timeout=2, context=context)
     try:
         connection.request("GET", "/health")
         return connection.getresponse().status == 200

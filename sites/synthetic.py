@@ -31,9 +31,14 @@ class SyntheticSite:
     patients: int
 
 
+def site_id(index: int) -> str:
+    """The id of a synthetic consortium's site number `index` (from 0): hospital-1, ..."""
+    return f"hospital-{index + 1}"
+
+
 def site_ids(n_sites: int) -> tuple[str, ...]:
     """The ids of a synthetic consortium's sites: hospital-1, hospital-2, ..."""
-    return tuple(f"hospital-{i + 1}" for i in range(n_sites))
+    return tuple(site_id(i) for i in range(n_sites))
 
 
 def _site_rows(
