@@ -34,6 +34,15 @@ SEED: Final = "seed"
 PRESET: Final = "preset"
 N_FEATURES: Final = "n-features"
 
+# Keys of the METRICS record in a reply to a query message (the scheduler's view of a site).
+IN_WINDOW: Final = "in-window"  # 1 if the site may train now, else 0
+WINDOW_ENDS: Final = "window-ends"  # epoch seconds when the current window closes; 0: no end
+NEXT_WINDOW_START: Final = "next-window-start"  # epoch seconds; 0 when in a window now
+ACCELERATOR: Final = "accelerator"  # in the SITE record: cpu, cuda or rbln
+THROUGHPUT: Final = "throughput"  # measured DP-SGD samples per second on the study's model
+BUDGET_LEFT: Final = "budget-left"  # epsilon the approval and cap still allow on the dataset
+PATIENTS: Final = "patients"  # training patients (the site's aggregation weight)
+
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"
 RECEIPT_SIGNATURE: Final = "receipt-signature"  # hex Ed25519 signature of the update receipt
