@@ -71,7 +71,10 @@ def check_protein(sequence: str, spec: ProteinSpec) -> tuple[int, str] | None:
         if residue not in alphabet:
             return position, f"residue {residue!r} is not in the alphabet {spec.alphabet}"
     if len(sequence) > spec.max_length:
-        return 0, f"sequence has {len(sequence)} residues, more than the contract's {spec.max_length}"
+        return (
+            0,
+            f"sequence has {len(sequence)} residues, more than the contract's {spec.max_length}",
+        )
     return None
 
 

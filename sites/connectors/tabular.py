@@ -7,6 +7,7 @@ by each feature's rule.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from model.contract import StudyContract
@@ -18,9 +19,7 @@ from sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_tim
 
 def read_tabular(dataset: DatasetConfig, contract: StudyContract, base: Path) -> DatasetRead:
     """Read every file of a `csv`, `parquet` or tabular `smiles` dataset."""
-    builder = RecordBuilder(
-        contract, dataset, one_row_per_patient=dataset.time_column is None
-    )
+    builder = RecordBuilder(contract, dataset, one_row_per_patient=dataset.time_column is None)
     builder.check_mapping(Where(f"dataset {dataset.name}"))
     for relative in dataset.paths:
         path = relative if relative.is_absolute() else base / relative
@@ -73,23 +72,20 @@ def _map_rows(table: Table, dataset: DatasetConfig, builder: RecordBuilder) -> N
                 time=time,
                 where=Where(table.file, line, column),
             )
-        for name, source in builder.categorical_sources().items():
-            column = source.column or name
+        for name, coded in builder.categorical_sources().items():
+            column = coded.column or name
             cell = row.get(column)
             if not is_blank(cell):
-                codes = [code.strip() for code in str(cell).split(source.separator)]
+                codes = [code.strip() for code in str(cell).split(coded.separator)]
                 builder.add_codes(
                     patient_id, name, [c for c in codes if c], Where(table.file, line, column)
                 )
         for name, target in builder.target_sources().items():
             column = target.column or name
             builder.add_target(patient_id, name, row.get(column), Where(table.file, line, column))
-        if dataset.format == "smiles" and contract_has_molecules(builder):
-            _add_smiles(row, dataset, builder, patient_id, Where(table.file, line, dataset.smiles_column))
-
-
-def contract_has_molecules(builder: RecordBuilder) -> bool:
-    return builder.contract.molecule is not None
+        if dataset.format == "smiles":
+            where = Where(table.file, line, dataset.smiles_column)
+            _add_smiles(row, dataset, builder, patient_id, where)
 
 
 def _add_smiles(
@@ -100,7 +96,9 @@ def _add_smiles(
         return
     smiles = str(cell).strip()
     molecule = builder.contract.molecule
-    assert molecule is not None
+    if molecule is None:
+        builder.problem(where, "the study contract has no molecules")
+        return
     problem = check_smiles(smiles, molecule)
     if problem is not None:
         builder.problem(where, problem)
@@ -114,7 +112,7 @@ def _add_smiles(
 
 def _row_time(
     row: Row, dataset: DatasetConfig, file: str, line: int, builder: RecordBuilder
-) -> object:
+) -> dt.datetime | None:
     if dataset.time_column is None:
         return None
     cell = row.get(dataset.time_column)

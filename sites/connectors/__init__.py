@@ -1,0 +1,47 @@
+"""Connectors: each reads one dataset format into per-patient partial records and problems.
+
+Every connector is a `Connector`: given the dataset's config, the study contract and
+the folder its relative paths start from, it returns a `DatasetRead` and never raises
+for bad data (problems name file, row and column). `CONNECTORS` maps each format of
+`site.toml` to its connector; one shared test suite runs over all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from model.contract import StudyContract
+from sites.config import DatasetConfig, DatasetFormat
+from sites.connectors.fhir import read_fhir
+from sites.connectors.molecules import read_fasta, read_smi
+from sites.connectors.omics import read_omics
+from sites.connectors.omop import read_omop
+from sites.connectors.tabular import read_tabular
+from sites.records import DatasetRead
+
+
+class Connector(Protocol):
+    """Reads one dataset: `(dataset, contract, base folder) -> DatasetRead`."""
+
+    def __call__(
+        self, dataset: DatasetConfig, contract: StudyContract, base: Path
+    ) -> DatasetRead: ...
+
+
+CONNECTORS: Mapping[DatasetFormat, Connector] = {
+    "csv": read_tabular,
+    "parquet": read_tabular,
+    "fhir": read_fhir,
+    "omop": read_omop,
+    "omop-sql": read_omop,
+    "smiles": read_smi,
+    "fasta": read_fasta,
+    "omics": read_omics,
+}
+
+
+def read_dataset(dataset: DatasetConfig, contract: StudyContract, base: Path) -> DatasetRead:
+    """Read `dataset` with its format's connector."""
+    return CONNECTORS[dataset.format](dataset, contract, base)
