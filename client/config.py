@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.errors import ClientError
 from privacy.policy import PrivacyPolicy
+from sites.config import Accelerator, Datasets
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 SITE_TOML = "site.toml"
@@ -42,6 +43,8 @@ class SiteConfig(BaseModel):
 
     site: SiteSection
     privacy: PrivacyPolicy
+    datasets: Datasets = ()  # none: the demo's data_dir/patients.csv (sites.manifest)
+    accelerator: Accelerator = "cpu"
     source: Path = Field(default=Path("site.toml"), exclude=True)
 
     def resolve(self, path: Path) -> Path:
