@@ -465,6 +465,11 @@ def coordinator_status(
         raise typer.Exit(1)
 
 
+from medfed.site_cli import site_app  # noqa: E402  (site_cli imports this module lazily)
+
+app.add_typer(site_app, name="site")
+
+
 @app.command()
 def version() -> None:
     """Print medfed's version."""

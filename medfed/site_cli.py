@@ -1,0 +1,206 @@
+"""`medfed site ...`: the site operator's commands (a Typer sub-app registered in `cli.py`).
+
+`medfed site check SITE_TOML [--study STUDY_TOML] [--json]` validates site.toml, every
+dataset against the study's contract, the accelerator and the credential files, and
+prints per dataset the patients, coverage per modality, missingness per feature and
+every problem with file, row and column. Exit 0 when all is well, 1 when anything is
+wrong, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from client.config import SiteConfig
+    from model.contract import StudyContract
+    from sites.errors import DataProblem
+    from sites.manifest import SiteData
+
+site_app = typer.Typer(
+    help="The site operator's commands: check the site's configuration and data.",
+    no_args_is_help=True,
+)
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """What `medfed site check` found: the data, and the accelerator and credential checks."""
+
+    site_toml: Path
+    site_id: str
+    contract: StudyContract
+    data: SiteData
+    accelerator: str
+    accelerator_problem: str | None
+    credentials: dict[str, bool]
+
+    @property
+    def problems(self) -> list[DataProblem]:
+        from sites.errors import DataProblem
+
+        found = list(self.data.problems)
+        if self.accelerator_problem is not None:
+            found.append(
+                DataProblem(str(self.site_toml), None, "accelerator", self.accelerator_problem)
+            )
+        for path, exists in self.credentials.items():
+            if not exists:
+                found.append(
+                    DataProblem(path, None, None, "credential file named in site.toml is missing")
+                )
+        return found
+
+    def to_json(self) -> dict[str, object]:
+        from sites.manifest import problem_json
+
+        return {
+            "site_toml": str(self.site_toml),
+            "site_id": self.site_id,
+            "ok": not self.problems,
+            "contract": self.contract.name,
+            "contract_sha256": self.contract.sha256(),
+            "manifest": self.data.manifest.to_json(),
+            "train_patients": len(self.data.train),
+            "held_out_patients": len(self.data.held_out),
+            "datasets": [summary.to_json() for summary in self.data.datasets],
+            "accelerator": {
+                "name": self.accelerator,
+                "available": self.accelerator_problem is None,
+                "problem": self.accelerator_problem,
+            },
+            "credentials": [{"path": p, "exists": e} for p, e in self.credentials.items()],
+            "problems": [problem_json(problem) for problem in self.problems],
+        }
+
+
+def load_study_contract(path: Path | None) -> StudyContract:
+    """The contract in study.toml's `[contract]` table; the demo contract without one
+    (or without `--study`). Errors name the file and the key."""
+    from pydantic import ValidationError
+
+    from coordinator.errors import StudyConfigError
+    from coordinator.tomlfile import first_problem, read_toml
+    from model.contract import DEMO_CONTRACT, StudyContract
+
+    if path is None:
+        return DEMO_CONTRACT
+    document = read_toml(path, StudyConfigError)
+    table = document.get("contract")
+    if table is None:
+        return DEMO_CONTRACT
+    if not isinstance(table, dict):
+        raise StudyConfigError(f"{path}: contract must be a table ([contract])")
+    try:
+        return StudyContract.from_toml_table(table)
+    except ValidationError as exc:
+        raise StudyConfigError(f"{path}: [contract] {first_problem(exc)}") from exc
+
+
+def accelerator_problem(accelerator: str) -> str | None:
+    """Why `accelerator` cannot be used here, or None: never a silent fall back to CPU."""
+    if accelerator == "cpu":
+        return None
+    if accelerator == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+        return "accelerator 'cuda' is not available here (torch sees no CUDA device)"
+    if importlib.util.find_spec("torch_rbln") is None:
+        return "accelerator 'rbln' needs the torch-rbln package, which is not installed"
+    return None
+
+
+def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
+    """Everything `medfed site check` reports; config errors raise (one line, exit 1)."""
+    from client.config import load_site_config
+    from sites.manifest import load_site_data
+
+    config: SiteConfig = load_site_config(site_toml)
+    contract = load_study_contract(study_toml)
+    data = load_site_data(config, contract)
+    credentials = {
+        str(path): path.is_file()
+        for path in (config.signing_key_path, config.officer_public_key_path)
+    }
+    return SiteCheck(
+        site_toml=site_toml,
+        site_id=config.site.id,
+        contract=contract,
+        data=data,
+        accelerator=config.accelerator,
+        accelerator_problem=accelerator_problem(config.accelerator),
+        credentials=credentials,
+    )
+
+
+@site_app.command("check")
+def site_check(
+    site_toml: Annotated[Path, typer.Argument(help="The site's site.toml.", dir_okay=False)],
+    study: Annotated[
+        Path | None,
+        typer.Option("--study", help="The study.toml whose [contract] the data must meet."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Check site.toml, every dataset against the study's contract, the accelerator and
+    the credentials; print patients, coverage, missingness and every problem (exit 1)."""
+    from medfed.cli import _guard, stdout
+
+    check = _guard(lambda: run_site_check(site_toml, study))
+    problems = check.problems
+    if as_json:
+        sys.stdout.write(json.dumps(check.to_json()) + "\n")
+    else:
+        _print_check(check, stdout)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _print_check(check: SiteCheck, console: object) -> None:
+    from rich.console import Console
+
+    assert isinstance(console, Console)
+    modalities = check.contract.modalities
+    table = Table(title=f"site {check.site_id}: data against contract {check.contract.name}")
+    for column in ("dataset", "format", "patients", *modalities, "problems"):
+        table.add_column(column)
+    for summary in check.data.datasets:
+        table.add_row(
+            Text(summary.name),
+            summary.format,
+            str(summary.patients),
+            *(str(summary.coverage.get(m, 0)) for m in modalities),
+            str(len(summary.problems)),
+        )
+    console.print(table)
+    for summary in check.data.datasets:
+        missing = ", ".join(f"{name} {count}" for name, count in summary.missing.items() if count)
+        if missing:
+            console.print(Text(f"{summary.name}: patients missing {missing}"), soft_wrap=True)
+    manifest = check.data.manifest
+    console.print(
+        Text(
+            f"{manifest.patients} patients ({len(check.data.train)} train,"
+            f" {len(check.data.held_out)} held out); fingerprint {manifest.fingerprint[:16]};"
+            f" accelerator {check.accelerator}"
+            + ("" if check.accelerator_problem is None else " NOT available")
+        ),
+        soft_wrap=True,
+    )
+    problems = check.problems
+    for problem in problems:
+        console.print(Text(f"problem: {problem}"), soft_wrap=True)
+    console.print(Text("all checks passed" if not problems else f"{len(problems)} problems"))
