@@ -135,13 +135,13 @@ def load_site_data(
     summaries = tuple(
         _summary(dataset, read, contract) for dataset, read in zip(datasets, reads, strict=True)
     )
-    if not samples:
-        problems.append(
-            DataProblem("site.toml", None, None, "the site's datasets hold no patients")
-        )
     for summary in summaries:
         if summary.patients == 0 and not summary.problems:
             problems.append(DataProblem(f"dataset {summary.name}", None, None, "holds no patients"))
+    if not samples and not problems:
+        problems.append(
+            DataProblem("site.toml", None, None, "the site's datasets hold no patients")
+        )
     train, held_out = split_by_patient(samples, per_mille=held_out_per_mille)
     return SiteData(
         samples=tuple(samples),

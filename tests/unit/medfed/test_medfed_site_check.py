@@ -1,0 +1,198 @@
+"""`medfed site check`: exit 0 on good data, 1 with every problem located, one JSON document."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medfed.cli import app
+from model.contract import DEMO_CONTRACT
+from sites.synthetic import write_synthetic_consortium
+
+runner = CliRunner()
+
+SITE_TOML = """
+[site]
+id = "h1"
+signing_key = "keys/site.key"
+officer_public_key = "keys/officer.pub"
+
+[privacy]
+epsilon_cap = 5.0
+
+[[datasets]]
+name = "clinic"
+format = "csv"
+paths = ["clinic.csv"]
+patient_id = "mrn"
+[datasets.numeric]
+age = {}
+glucose = { column = "glu", unit = "mg/dL" }
+[datasets.targets]
+readmitted_30d = { column = "readmit" }
+"""
+
+STUDY_TOML = """
+[study]
+study-name = "cohort"
+
+[contract]
+name = "cohort"
+[[contract.numeric]]
+name = "age"
+unit = "a"
+minimum = 0
+maximum = 120
+reference_mean = 60
+reference_scale = 15
+[[contract.numeric]]
+name = "glucose"
+unit = "mmol/L"
+minimum = 1.5
+maximum = 40
+reference_mean = 6
+reference_scale = 2
+[[contract.tasks]]
+name = "readmission"
+kind = "binary"
+target = "readmitted_30d"
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "site.key").write_text("k")
+    (tmp_path / "keys" / "officer.pub").write_text("k")
+    (tmp_path / "site.toml").write_text(SITE_TOML)
+    (tmp_path / "study.toml").write_text(STUDY_TOML)
+    rows = [f"p{i},{40 + i},{90 + i},{i % 2}" for i in range(30)]
+    (tmp_path / "clinic.csv").write_text("mrn,age,glu,readmit\n" + "\n".join(rows) + "\n")
+    return tmp_path
+
+
+def _check(site: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    result = runner.invoke(
+        app,
+        [
+            "site",
+            "check",
+            str(site / "site.toml"),
+            "--study",
+            str(site / "study.toml"),
+            "--json",
+            *extra,
+        ],
+    )
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_a_good_site_passes_with_counts(site: Path) -> None:
+    code, document = _check(site)
+    assert code == 0, document
+    assert document["ok"] is True and document["problems"] == []
+    manifest = document["manifest"]
+    assert isinstance(manifest, dict) and manifest["patients"] == 30
+    (dataset,) = document["datasets"]  # type: ignore[misc]
+    assert dataset["patients"] == 30 and dataset["coverage"] == {"clinical": 30}
+    assert dataset["missing"] == {"age": 0, "glucose": 0, "readmitted_30d": 0}
+    assert document["accelerator"] == {"name": "cpu", "available": True, "problem": None}
+
+
+def test_the_table_report_ends_in_all_checks_passed(site: Path) -> None:
+    result = runner.invoke(
+        app, ["site", "check", str(site / "site.toml"), "--study", str(site / "study.toml")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "all checks passed" in result.stdout
+    assert "30 patients" in result.stdout
+
+
+def test_bad_rows_fail_with_every_problem_located(site: Path) -> None:
+    text = (
+        (site / "clinic.csv")
+        .read_text()
+        .replace("p3,43,93", "p3,-43,93")
+        .replace("p7,47,97", "p7,47,lots")
+    )
+    (site / "clinic.csv").write_text(text)
+    code, document = _check(site)
+    assert code == 1
+    problems = document["problems"]
+    assert isinstance(problems, list)
+    assert [(Path(p["file"]).name, p["row"], p["column"]) for p in problems] == [
+        ("clinic.csv", 5, "age"),
+        ("clinic.csv", 9, "glu"),
+    ]
+    assert problems[1]["message"] == "'lots' is not a number"
+
+
+def test_missing_credentials_and_accelerator_are_problems(site: Path) -> None:
+    if importlib.util.find_spec("torch_rbln") is not None:
+        pytest.skip("torch-rbln is installed here: the rbln accelerator may be available")
+    (site / "keys" / "officer.pub").unlink()
+    # accelerator is a top-level key: it must come before the first table
+    toml = 'accelerator = "rbln"\n' + (site / "site.toml").read_text()
+    (site / "site.toml").write_text(toml)
+    code, document = _check(site)
+    assert code == 1
+    messages = [p["message"] for p in document["problems"]]  # type: ignore[union-attr, index]
+    assert "credential file named in site.toml is missing" in messages
+    assert any("torch-rbln" in m for m in messages)
+
+
+def test_a_config_with_an_unknown_key_is_one_line(site: Path) -> None:
+    (site / "site.toml").write_text(
+        SITE_TOML.replace('format = "csv"', 'format = "csv"\ncolour = 1')
+    )
+    result = runner.invoke(app, ["site", "check", str(site / "site.toml")])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "key datasets.0.colour: Extra inputs are not permitted" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_contract_in_study_toml_is_one_line(site: Path) -> None:
+    (site / "study.toml").write_text(
+        STUDY_TOML.replace("reference_scale = 2", "reference_scale = -2")
+    )
+    result = runner.invoke(
+        app, ["site", "check", str(site / "site.toml"), "--study", str(site / "study.toml")]
+    )
+    assert result.exit_code == 1
+    assert "[contract] key numeric.1.reference_scale" in result.stderr
+
+
+def test_a_legacy_demo_site_without_datasets_reads_data_dir(tmp_path: Path) -> None:
+    write_synthetic_consortium(tmp_path / "data", DEMO_CONTRACT, n_sites=1, seed=2)
+    (tmp_path / "keys").mkdir()
+    for name in ("site-signing.key", "officer.pub"):
+        (tmp_path / "keys" / name).write_text("k")
+    (tmp_path / "site.toml").write_text(
+        '[site]\nid = "h1"\ndata_dir = "data/hospital-1"\n[privacy]\nepsilon_cap = 5.0\n'
+    )
+    result = runner.invoke(app, ["site", "check", str(tmp_path / "site.toml"), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    csv_rows = (tmp_path / "data" / "hospital-1" / "patients.csv").read_text().count("\n") - 1
+    assert document["manifest"]["patients"] == csv_rows
+
+
+def test_usage_errors_exit_2(site: Path) -> None:
+    assert runner.invoke(app, ["site", "check"]).exit_code == 2
+    assert runner.invoke(app, ["site", "check", str(site / "site.toml"), "--bogus"]).exit_code == 2
+
+
+def test_a_copy_of_a_good_site_with_a_deleted_table_fails(site: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(site, copy)
+    (copy / "clinic.csv").unlink()
+    code, document = _check(copy)
+    assert code == 1
+    (problem,) = document["problems"]  # type: ignore[misc]
+    assert problem["file"].endswith("clinic.csv") and "cannot be read" in problem["message"]
