@@ -16,6 +16,7 @@ from sites.connectors import read_dataset
 from sites.records import DatasetRead
 
 from .cohort import CONTRACT as CLINICAL
+from .cohort import LOINC
 
 CONTRACT = CLINICAL.model_copy(
     update={
@@ -79,10 +80,19 @@ _cell = st.one_of(
 _lines = st.lists(st.lists(_cell, min_size=1, max_size=6), max_size=6)
 
 
+_headers = st.sampled_from(
+    [
+        "id,age,glucose,diagnoses,readmitted_30d,t,smiles",
+        "id\tage\tt",
+        "gene\tp1\tp2",
+        "id,TP53,EGFR",
+    ]
+)
+
+
 @pytest.mark.parametrize("index", [0, 1, 5, 6, 7, 8, 9], ids=lambda i: FILES[i][1])
 @FUZZ
-@given(lines=_lines, header=st.sampled_from(["id,age,glucose,diagnoses,readmitted_30d,t,smiles",
-                                             "id\tage\tt", "gene\tp1\tp2", "id,TP53,EGFR"]))  # fmt: skip
+@given(lines=_lines, header=_headers)
 def test_near_valid_text(root: Path, index: int, lines: list[list[str]], header: str) -> None:
     separator = "\t" if "\t" in header else ","
     body = "\n".join(separator.join(cells) for cells in lines)
@@ -107,7 +117,7 @@ _resource = st.fixed_dictionaries(
         "id": st.text(max_size=5),
         "status": st.sampled_from(["final", "active", "x"]),
         "subject": st.one_of(_json, st.just({"reference": "Patient/p1"})),
-        "code": st.one_of(_json, st.just({"coding": [{"system": "http://loinc.org", "code": "2345-7"}]})),
+        "code": st.one_of(_json, st.just({"coding": [{"system": LOINC, "code": "2345-7"}]})),
         "valueQuantity": st.one_of(_json, st.just({"value": 5, "unit": "mg/dL"})),
         "valueInteger": _json,
         "effectiveDateTime": st.one_of(_json, st.just("2024-01-01")),
