@@ -12,6 +12,7 @@ import datetime as dt
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def parse_number(cell: object) -> float | None:
     """A finite float from a cell (text or number); None if it is not one."""
     if isinstance(cell, bool):
         return float(cell)
-    if isinstance(cell, int | float):
+    if isinstance(cell, int | float | Decimal):
         value = float(cell)
     elif isinstance(cell, str):
         try:
