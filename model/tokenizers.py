@@ -364,8 +364,9 @@ def _label(task: TaskSpec, targets: Mapping[str, float], *, patient_id: str) -> 
         missing = sorted(set(task.label_fields) - set(given))
         raise TokenizeError(patient_id, f"task {task.name} is missing {missing}")
     values = [targets[field] for field in task.label_fields]
-    if not all(math.isfinite(value) for value in values):
-        raise TokenizeError(patient_id, f"task {task.name}: label {values} is not finite")
+    for field, value in zip(task.label_fields, values, strict=True):
+        if not math.isfinite(value):
+            raise TokenizeError(patient_id, f"{field} = {value} is not finite")
     value = values[0]
     if task.kind == "binary" and value not in (0.0, 1.0):
         raise TokenizeError(patient_id, f"{task.target} = {value} is not 0 or 1")
