@@ -6,7 +6,7 @@ DP optimiser and Poisson data loader; this module itself imports nothing of Opac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,9 +35,22 @@ class EvalResult:
     accuracy: float
 
 
-def _cycle(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+Batch = Sequence[torch.Tensor]
+"""The model's input tensors, then the labels."""
+
+
+def _logits(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The single task's outputs (a study with one binary task, as the demo has)."""
+    outputs = model(*inputs)
+    if isinstance(outputs, Mapping):
+        if len(outputs) != 1:
+            raise ValueError(f"expected one task's outputs, got {sorted(outputs)}")
+        (outputs,) = outputs.values()
+    logits: torch.Tensor = outputs
+    return logits
+
+
+def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
     while True:
         produced = False
         for batch in batches:
@@ -50,7 +63,7 @@ def _cycle(
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[Batch],
     *,
     steps: int,
 ) -> TrainResult:
@@ -67,9 +80,9 @@ def train_steps(
     seen = 0
     source = _cycle(batches)
     for _ in range(steps):
-        features, labels = next(source)
+        *inputs, labels = next(source)
         optimizer.zero_grad()
-        logits = model(features)
+        logits = _logits(model, inputs)
         if len(labels) > 0:
             loss = loss_fn(logits, labels.float())
             losses.append(float(loss.detach()))
@@ -85,12 +98,12 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+def evaluate(model: nn.Module, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> EvalResult:
     """Loss, AUROC and accuracy of `model` on one labelled set."""
     model.eval()
     if len(labels) == 0:
         return EvalResult(examples=0, loss=float("nan"), auroc=float("nan"), accuracy=float("nan"))
-    logits = model(features)
+    logits = _logits(model, inputs)
     loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels.float()))
     scores = logits.cpu().numpy()
     truth = labels.cpu().numpy()

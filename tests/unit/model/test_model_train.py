@@ -12,19 +12,25 @@ from torch import nn
 from model.metrics import auroc
 from model.network import MedModel, build_model, state_arrays
 from model.train import evaluate, train_steps
+from tests.modelkit import TASK, numeric_contract
 
 N_FEATURES = 4
+CONTRACT = numeric_contract(N_FEATURES)
 
 
 def model() -> MedModel:
-    return build_model("tiny", n_features=N_FEATURES, seed=21)
+    return build_model("tiny", contract=CONTRACT, seed=21)
 
 
-def batch(n: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return features, torch.ones(features.shape, dtype=torch.bool)
+
+
+def batch(n: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(n, N_FEATURES, generator=generator)
     labels = (features[:, 0] > 0).long()
-    return features, labels
+    return *inputs(features), labels
 
 
 class CountingOptimizer(torch.optim.SGD):
@@ -51,14 +57,14 @@ def test_takes_exactly_the_steps_asked_cycling_the_batches() -> None:
 
 def test_mean_loss_is_the_loss_before_each_step() -> None:
     net = model()
-    reference = build_model("tiny", n_features=N_FEATURES, seed=21)
-    features, labels = batch(16, seed=2)
+    reference = build_model("tiny", contract=CONTRACT, seed=21)
+    features, known, labels = batch(16, seed=2)
     result = train_steps(
-        net, torch.optim.SGD(net.parameters(), lr=0.0), [(features, labels)], steps=3
+        net, torch.optim.SGD(net.parameters(), lr=0.0), [(features, known, labels)], steps=3
     )
     with torch.no_grad():
         expected = nn.functional.binary_cross_entropy_with_logits(
-            reference(features), labels.float()
+            reference(features, known)[TASK], labels.float()
         )
     assert result.mean_loss == pytest.approx(float(expected), rel=1e-6)
 
@@ -77,7 +83,7 @@ def test_an_empty_batch_takes_a_step_without_loss() -> None:
     net = model()
     optimizer = CountingOptimizer(net.parameters(), lr=0.1)
     before = state_arrays(net)
-    empty = [(torch.empty(0, N_FEATURES), torch.empty(0, dtype=torch.long))]
+    empty = [(*inputs(torch.empty(0, N_FEATURES)), torch.empty(0, dtype=torch.long))]
     result = train_steps(net, optimizer, empty, steps=2)
     assert optimizer.steps_taken == 2
     assert result.samples_seen == 0
@@ -100,12 +106,12 @@ def test_refuses_a_source_without_batches() -> None:
 
 def test_evaluate_matches_the_metrics_by_hand() -> None:
     net = model()
-    features, labels = batch(40, seed=4)
+    features, known, labels = batch(40, seed=4)
     net.train()
-    result = evaluate(net, features, labels)
+    result = evaluate(net, (features, known), labels)
     assert not net.training
     with torch.no_grad():
-        logits = net(features)
+        logits = net(features, known)[TASK]
     expected_loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
     assert result.examples == 40
     assert result.loss == pytest.approx(float(expected_loss), rel=1e-6)
@@ -115,19 +121,20 @@ def test_evaluate_matches_the_metrics_by_hand() -> None:
 
 def test_evaluate_does_not_touch_gradients() -> None:
     net = model()
-    features, labels = batch(8, seed=5)
-    evaluate(net, features, labels)
+    features, known, labels = batch(8, seed=5)
+    evaluate(net, (features, known), labels)
     assert all(p.grad is None for p in net.parameters())
 
 
 def test_evaluate_on_nothing_is_undefined() -> None:
-    result = evaluate(model(), torch.empty(0, N_FEATURES), torch.empty(0, dtype=torch.long))
+    empty = inputs(torch.empty(0, N_FEATURES))
+    result = evaluate(model(), empty, torch.empty(0, dtype=torch.long))
     assert result.examples == 0
     assert all(math.isnan(v) for v in (result.loss, result.auroc, result.accuracy))
 
 
 def test_evaluate_with_one_class_has_no_auroc() -> None:
-    features, _ = batch(6, seed=6)
-    result = evaluate(model(), features, torch.ones(6, dtype=torch.long))
+    features, known, _ = batch(6, seed=6)
+    result = evaluate(model(), (features, known), torch.ones(6, dtype=torch.long))
     assert math.isnan(result.auroc)
     assert math.isfinite(result.loss)
