@@ -9,7 +9,6 @@ wrong, 2 on usage errors.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -107,18 +106,17 @@ def load_study_contract(path: Path | None) -> StudyContract:
 
 
 def accelerator_problem(accelerator: str) -> str | None:
-    """Why `accelerator` cannot be used here, or None: never a silent fall back to CPU."""
+    """Why `accelerator` cannot be used here, or None: never a silent fall back to CPU.
+    Asks `model.devices`, the registry training uses (not for cpu: torch loads slowly)."""
     if accelerator == "cpu":
         return None
-    if accelerator == "cuda":
-        import torch
+    from model.devices import BACKENDS
 
-        if torch.cuda.is_available():
-            return None
-        return "accelerator 'cuda' is not available here (torch sees no CUDA device)"
-    if importlib.util.find_spec("torch_rbln") is None:
-        return "accelerator 'rbln' needs the torch-rbln package, which is not installed"
-    return None
+    backend = BACKENDS.get(accelerator)  # type: ignore[call-overload]
+    if backend is None:
+        return f"accelerator {accelerator!r} is not one medfed knows"
+    reason = backend.unavailable_reason()
+    return None if reason is None else f"accelerator {accelerator!r} is not available: {reason}"
 
 
 def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:

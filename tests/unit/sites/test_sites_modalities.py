@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.contract import MoleculeSpec, OmicsPanel, ProteinSpec, StudyContract, TaskSpec
+from model.errors import TokenizeError
+from model.tokenizers import ProteinTokenizer, SmilesTokenizer
 from sites.config import DatasetConfig
 from sites.connectors import read_dataset
-from sites.connectors.molecules import check_smiles, smiles_tokens
+from sites.connectors.molecules import check_protein, check_smiles, smiles_tokens
 
 CONTRACT = StudyContract(
     name="multiscale",
@@ -141,3 +145,29 @@ def test_omics_text_in_a_value_is_named(tmp_path: Path) -> None:
     assert [(p.row, p.column, p.message) for p in read.problems] == [
         (2, "BRCA1", "'high' is not a number")
     ]
+
+
+_smiles_text = st.text(alphabet="CNOSPFIBrlcnos()[]=#-+@H123%0.\\/", max_size=24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(smiles=st.one_of(_smiles_text, st.sampled_from(["CCO", "c1ccccc1", "C[C@@H](N)C(=O)O"])))
+def test_what_sites_accept_the_model_tokenizes(smiles: str) -> None:
+    """The site's check is at least as strict as the model's tokenizer: a molecule that
+    passes `medfed site check` never fails later in training."""
+    assert CONTRACT.molecule is not None
+    if check_smiles(smiles, CONTRACT.molecule) is None:
+        tokens = SmilesTokenizer(CONTRACT.molecule).tokenize(smiles, patient_id="p")
+        assert tokens == smiles_tokens(smiles)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sequence=st.text(alphabet="ACDEFGHIKLMNPQRSTVWYXBZ*a", max_size=40))
+def test_what_sites_accept_the_protein_tokenizer_encodes(sequence: str) -> None:
+    assert CONTRACT.protein is not None
+    tokenizer = ProteinTokenizer(CONTRACT.protein)
+    if check_protein(sequence, CONTRACT.protein) is None:
+        assert len(tokenizer.encode(sequence, patient_id="p")) == len(sequence)
+    else:
+        with pytest.raises(TokenizeError):
+            tokenizer.encode(sequence, patient_id="p")
