@@ -163,7 +163,7 @@ class _Mapper:
             self._codes(resource.medicationCodeableConcept, _MEDICATION_SYSTEMS, patient_id, where)
 
     def _observation(self, resource: Any, patient_id: str, where: Where) -> None:
-        codings = resource.code.coding or [] if resource.code is not None else []
+        codings = (resource.code.coding or []) if resource.code is not None else []
         time = _time_of(resource)
         for coding in codings:
             code = str(coding.code or "")

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from model.contract import DEMO_CONTRACT
 from sites.config import DatasetConfig, SiteDataConfig
 from sites.connectors import read_dataset
-from sites.errors import DataProblem
+from sites.errors import DataError, DataProblem
 from sites.join import join_patients
 
 from .cohort import CONTRACT
@@ -223,3 +223,27 @@ def test_demo_contract_table_without_targets_column_is_named(tmp_path: Path) -> 
     read = read_dataset(dataset, DEMO_CONTRACT, tmp_path)
     assert read.problems[0].message.startswith("column is missing")
     assert read.problems[0].row == 1
+
+
+def test_a_dataset_with_a_header_and_no_rows_holds_no_patients(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    from sites.manifest import load_site_data
+
+    @dataclass(frozen=True)
+    class Site:
+        datasets: tuple[DatasetConfig, ...]
+        source: Path
+        data_dir: Path
+
+    (tmp_path / "t.csv").write_text(HEADER + "\n", encoding="utf-8")
+    data = load_site_data(Site((_csv_dataset(),), tmp_path / "site.toml", tmp_path), CONTRACT)
+    assert [str(p) for p in data.problems] == ["dataset clinic: holds no patients"]
+    assert data.samples == () and not data.ok
+    with pytest.raises(DataError, match="holds no patients"):
+        data.require_clean()  # what the trainer calls: nothing trains on bad data
+
+
+def test_a_time_that_is_not_a_date(tmp_path: Path) -> None:
+    found = _problems(tmp_path, f"{HEADER},t\np1,60,100,0,yesterday\n", time_column="t")
+    assert found == [("t.csv", 2, "t", "'yesterday' is not an ISO date or date-time")]
