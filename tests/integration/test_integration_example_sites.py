@@ -198,3 +198,15 @@ def test_corrupted_copies_fail_naming_where(tmp_path: Path, name: str) -> None:
         and message in p["message"]
         for p in problems
     ), problems
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_every_example_site_encodes_into_the_models_tensors(tmp_path: Path, site: str) -> None:
+    """What a site check passes, the model's tokenizers take whole (one row per patient)."""
+    from model.tokenizers import encode
+
+    study = EXAMPLES / "studies" / f"{site.split('-')[0]}.toml"
+    contract = StudyContract.from_toml_table(read_toml(study, ValueError)["contract"])
+    data = load_site_data(load_site_config(_copy(site, tmp_path) / "site.toml"), contract)
+    batch = encode(data.samples, contract)
+    assert len(batch) == len(data.samples)
