@@ -210,7 +210,9 @@ def _fhir_resources(pid: str) -> list[dict[str, Any]]:
     for n, code in enumerate(drugs):
         resources.append(
             {
-                "resourceType": "MedicationStatement",
+                # p2's drug is an order, the others are statements: both resource types
+                "resourceType": "MedicationRequest" if pid == "p2" else "MedicationStatement",
+                **({"intent": "order"} if pid == "p2" else {}),
                 "id": f"{pid}-m{n}",
                 "status": "active",
                 "subject": subject,
