@@ -119,6 +119,18 @@ def accelerator_problem(accelerator: str) -> str | None:
     return None if reason is None else f"accelerator {accelerator!r} is not available: {reason}"
 
 
+def credential_paths(config: SiteConfig) -> list[Path]:
+    """The credential files site.toml names: the site's signing key, the officer's public
+    key and, when site.toml has a `[coordinator]` section, its CA and SuperNode key."""
+    paths = [config.signing_key_path, config.officer_public_key_path]
+    coordinator = getattr(config, "coordinator", None)
+    for name in ("root_certificates", "auth_private_key"):
+        path = getattr(coordinator, name, None)
+        if isinstance(path, Path):
+            paths.append(config.resolve(path))
+    return paths
+
+
 def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
     """Everything `medfed site check` reports; config errors raise (one line, exit 1)."""
     from client.config import load_site_config
@@ -127,10 +139,7 @@ def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
     config: SiteConfig = load_site_config(site_toml)
     contract = load_study_contract(study_toml)
     data = load_site_data(config, contract)
-    credentials = {
-        str(path): path.is_file()
-        for path in (config.signing_key_path, config.officer_public_key_path)
-    }
+    credentials = {str(path): path.is_file() for path in credential_paths(config)}
     return SiteCheck(
         site_toml=site_toml,
         site_id=config.site.id,
@@ -142,7 +151,6 @@ def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
     )
 
 
-@site_app.command("check")
 def site_check(
     site_toml: Annotated[Path, typer.Argument(help="The site's site.toml.", dir_okay=False)],
     study: Annotated[
@@ -165,6 +173,14 @@ def site_check(
         _print_check(check, stdout)
     if problems:
         raise typer.Exit(1)
+
+
+def add_check_command(app: typer.Typer) -> None:
+    """Register `check` on a `site` sub-app (this module's, or another module's)."""
+    app.command("check")(site_check)
+
+
+add_check_command(site_app)
 
 
 def _print_check(check: SiteCheck, console: object) -> None:
