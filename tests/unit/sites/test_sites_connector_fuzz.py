@@ -139,3 +139,32 @@ def test_fhir_resources_of_any_shape(
         _read(root, 3, content.encode())
     else:
         _read(root, 4, "\n".join(json.dumps(r) for r in resources).encode())
+
+
+@FUZZ
+@given(content=st.binary(max_size=300), table=st.sampled_from(["person", "measurement"]))
+def test_omop_tables_of_arbitrary_bytes(root: Path, content: bytes, table: str) -> None:
+    folder = root / "omop"
+    folder.mkdir(exist_ok=True)
+    (folder / "person.csv").write_text("person_id\np1\n")
+    (folder / "measurement.csv").write_text(
+        "person_id,measurement_source_value,value_as_number,unit_source_value\n"
+        "p1,2345-7,100,mg/dL\n"
+    )
+    (folder / f"{table}.csv").write_bytes(content)
+    dataset = DatasetConfig.model_validate(
+        {"name": "cdm", "format": "omop", "paths": ["omop"], "numeric": {"glucose": {}}}
+    )
+    read = read_dataset(dataset, CONTRACT, root)
+    assert all(problem.file for problem in read.problems)
+
+
+@FUZZ
+@given(content=st.binary(max_size=300))
+def test_an_omop_database_of_arbitrary_bytes(root: Path, content: bytes) -> None:
+    (root / "cdm.sqlite").write_bytes(content)
+    dataset = DatasetConfig.model_validate(
+        {"name": "cdm", "format": "omop-sql", "connection": "sqlite:///cdm.sqlite"}
+    )
+    read = read_dataset(dataset, CONTRACT, root)
+    assert read.records == {} and read.problems
