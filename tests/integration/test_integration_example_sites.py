@@ -210,3 +210,35 @@ def test_every_example_site_encodes_into_the_models_tensors(tmp_path: Path, site
     data = load_site_data(load_site_config(_copy(site, tmp_path) / "site.toml"), contract)
     batch = encode(data.samples, contract)
     assert len(batch) == len(data.samples)
+
+
+@pytest.mark.slow  # a fresh interpreter imports medfed: 5-30 s on a shared machine
+def test_the_console_script_fails_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    """The real `python -m medfed` process, on a copy whose table is gone."""
+    import subprocess
+    import sys
+
+    folder = _copy("lung-csv", tmp_path)
+    (folder / "data" / "lung.csv").unlink()
+    study = EXAMPLES / "studies" / "lung.toml"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medfed",
+            "site",
+            "check",
+            str(folder / "site.toml"),
+            "--study",
+            str(study),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert f"problem: {folder / 'data' / 'lung.csv'}: cannot be read" in done.stdout.replace(
+        "\n", ""
+    )
