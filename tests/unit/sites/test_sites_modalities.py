@@ -171,3 +171,15 @@ def test_what_sites_accept_the_protein_tokenizer_encodes(sequence: str) -> None:
     else:
         with pytest.raises(TokenizeError):
             tokenizer.encode(sequence, patient_id="p")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [("smiles", "m.smi"), ("smiles", "m.csv"), ("fasta", "p.fasta"), ("omics", "o.csv")],
+)
+def test_a_missing_file_is_a_problem_naming_it(tmp_path: Path, fmt: str, name: str) -> None:
+    read = read_dataset(_dataset(fmt, [name]), CONTRACT, tmp_path)
+    assert read.records == {}
+    assert [(p.file, p.message) for p in read.problems] == [
+        (str(tmp_path / name), "cannot be read (No such file or directory)")
+    ]
