@@ -44,7 +44,7 @@ class Preset:
 
 
 PRESETS: Mapping[PresetName, Preset] = {
-    "tiny": Preset("tiny", hidden=32, heads=2, lower_layers=1, upper_layers=1, ffn_multiplier=2),
+    "tiny": Preset("tiny", hidden=32, heads=4, lower_layers=1, upper_layers=1, ffn_multiplier=2),
     "small": Preset("small", hidden=256, heads=8, lower_layers=2, upper_layers=6, ffn_multiplier=4),
     "base": Preset("base", hidden=768, heads=12, lower_layers=4, upper_layers=9, ffn_multiplier=4),
     "large": Preset(
