@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
 
 from model.contract import DEMO_CONTRACT, MODALITY_ORDER
 from model.errors import InputError, UnknownPresetError
 from model.network import MedModel, build_model, model_identity, state_arrays
 from model.presets import Preset
-from model.tokenizers import encode
+from model.tokenizers import encode, split_tensors
 from tests.modelkit import SUBSETS, all_modalities_contract, sample
 
 CONTRACT = all_modalities_contract()
@@ -195,3 +199,21 @@ def test_model_identity_is_preset_and_contract() -> None:
     assert CONTRACT.sha256() in identity
     assert identity != model_identity("small", CONTRACT)
     assert identity != model_identity("tiny", DEMO_CONTRACT)
+
+
+def test_opacus_poisson_loader_carries_the_tensors_empty_batches_included(
+    model: MedModel,
+) -> None:
+    batch = encode([sample(f"p{i}", s, seed=i) for i, s in enumerate(SUBSETS)], CONTRACT)
+    loader = DPDataLoader.from_data_loader(
+        DataLoader(TensorDataset(*batch.tensors()), batch_size=1),  # rate 1/18
+        generator=torch.Generator().manual_seed(0),
+    )
+    sizes = []
+    for tensors in itertools.islice(itertools.cycle(loader), 40):
+        inputs, targets = split_tensors(CONTRACT, tensors)
+        sizes.append(len(targets["stage"][0]))
+        assert [t.dtype for t in inputs] == [t.dtype for t in batch.inputs]
+        outputs = model(*inputs)
+        assert outputs["stage"].shape == (sizes[-1], 3)
+    assert 0 in sizes and max(sizes) > 0

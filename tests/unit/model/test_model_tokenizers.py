@@ -223,10 +223,20 @@ def test_bad_values_are_refused_naming_the_patient(
         encode(samples, CONTRACT)
 
 
-def test_a_modality_the_contract_lacks_is_refused() -> None:
-    numeric_only = CONTRACT.model_copy(update={"molecule": None})
-    with pytest.raises(TokenizeError, match="patient p1: has a molecule; the contract has none"):
-        encode([full_sample()], numeric_only)
+@pytest.mark.parametrize(
+    ("dropped", "message"),
+    [
+        ({"molecule": None}, "has a molecule"),
+        ({"protein": None}, "has a protein"),
+        ({"omics": None}, "has omics"),
+        ({"numeric": ()}, "has numeric features"),
+        ({"categorical": ()}, "categorical feature 'diagnoses' is not in the contract"),
+    ],
+)
+def test_a_modality_the_contract_lacks_is_refused(dropped: dict[str, object], message: str) -> None:
+    narrower = CONTRACT.model_validate(CONTRACT.model_dump() | dropped)
+    with pytest.raises(TokenizeError, match=f"patient p1: {message}"):
+        encode([full_sample()], narrower)
 
 
 def test_targets_and_labelled_masks() -> None:
