@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
+def _fab_hash(grid: Grid) -> str:
+    """The SHA-256 of the app bundle this run was submitted with, as Flower recorded it."""
+    try:
+        return str(grid.run.fab_hash or "")
+    except Exception:  # an in-memory grid may carry no run
+        return ""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the study named by the run config; write progress to its results path."""
@@ -37,7 +45,9 @@ def main(grid: Grid, context: Context) -> None:
         report(RunResults(run_id=run_id, status="failed", num_rounds=0, error=str(exc)))
         raise
     try:
-        run_study(grid, study, DEMO_CONTRACT, run_id=run_id, report=report)
+        run_study(
+            grid, study, DEMO_CONTRACT, run_id=run_id, report=report, app_sha256=_fab_hash(grid)
+        )
     except CoordinatorError as exc:
         log.error("run %s failed: %s", run_id, exc)
         raise

@@ -133,9 +133,11 @@ class AdaptiveOptimizer:
     second: Arrays = field(default_factory=dict)
 
     def step(
-        self, global_arrays: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray],
+        self,
+        global_arrays: Mapping[str, np.ndarray],
+        averaged: Mapping[str, np.ndarray],
         trained: Iterable[str],
-    ) -> Arrays:  # fmt: skip
+    ) -> Arrays:
         """The next global model from the average of this round's updates."""
         result = {name: np.array(array, copy=True) for name, array in global_arrays.items()}
         for name in trained:

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coordinator.errors import StudyConfigError
-from coordinator.tomlfile import read_toml
 from coordinator.strategies import StrategyName
+from coordinator.tomlfile import read_toml
 from model.presets import PresetName
 
 RUN_PLUMBING = frozenset({"results_path", "sites_root", "site_keys_dir", "run_dir", "resume"})

@@ -49,9 +49,7 @@ def statuses(draw: st.DrawFn) -> list[SiteStatus]:
                 next_window_start=0.0
                 if in_window
                 else draw(st.sampled_from([0.0, NOW + 60, NOW + 3600, NOW + 7200])),
-                throughput_sps=draw(
-                    st.sampled_from([0.0, 0.5, 3.0, 40.0, 1e3, 5e4, math.nan])
-                ),
+                throughput_sps=draw(st.sampled_from([0.0, 0.5, 3.0, 40.0, 1e3, 5e4, math.nan])),
                 budget_left=draw(st.sampled_from([-0.1, 0.0, 0.01, 2.0, math.inf])),
                 patients=draw(st.integers(min_value=0, max_value=100_000)),
                 approved=draw(st.booleans()),

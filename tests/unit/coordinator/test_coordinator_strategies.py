@@ -74,9 +74,9 @@ def test_a_site_without_omics_leaves_the_omics_encoder_as_the_others_average_mak
     np.testing.assert_array_equal(result.arrays[omics], reference.arrays[omics])
     # ... while every other group is averaged over all three sites.
     clinical = "encoders.clinical.0.weight"
-    expected = sum(
-        c.weight * c.arrays[clinical].astype(np.float64) for c in [*with_omics, without]
-    ) / 540
+    expected = (
+        sum(c.weight * c.arrays[clinical].astype(np.float64) for c in [*with_omics, without]) / 540
+    )
     np.testing.assert_allclose(result.arrays[clinical], expected, rtol=1e-6)
     assert result.trained_by["encoders.omics"] == ["a", "b"]
     assert result.trained_by["fusion"] == ["a", "b", "c"]
@@ -138,19 +138,24 @@ def test_fedadam_and_fedyogi_follow_reddi_et_al(kind: str) -> None:
         updates = [
             Contribution(
                 s,
-                {k: (v + rng.normal(scale=0.3, size=v.shape)).astype(np.float32)
-                 for k, v in current.items()},
+                {
+                    k: (v + rng.normal(scale=0.3, size=v.shape)).astype(np.float32)
+                    for k, v in current.items()
+                },
                 w,
                 ALL,
-            )  # fmt: skip
+            )
             for s, w in (("a", 2), ("b", 5))
         ]
         averages.append(
             {
-                k: (2 * updates[0].arrays[k].astype(np.float64)
-                    + 5 * updates[1].arrays[k].astype(np.float64)) / 7
+                k: (
+                    2 * updates[0].arrays[k].astype(np.float64)
+                    + 5 * updates[1].arrays[k].astype(np.float64)
+                )
+                / 7
                 for k in current
-            }  # fmt: skip
+            }
         )
         current = strategy.aggregate(current, updates).arrays
         history.append(current)
@@ -161,8 +166,7 @@ def test_fedadam_and_fedyogi_follow_reddi_et_al(kind: str) -> None:
             # The reference walks the same pseudo-gradients (average minus the model they
             # were computed against) for this one element.
             deltas = [
-                float(averages[r][name][index]) - float(history[r][name][index])
-                for r in range(4)
+                float(averages[r][name][index]) - float(history[r][name][index]) for r in range(4)
             ]
             expected = reference_adaptive(
                 kind, float(history[0][name][index]), deltas, eta, b1, b2, tau
