@@ -1,0 +1,404 @@
+"""The round loop with deterministic fake sites over an in-memory Grid: a run killed
+mid-round and resumed ends with the same model as an uninterrupted one; the audit chain
+verifies after it and names an edited entry; the scheduler's wait, a straggler, the norm
+bound and modality-aware averaging as the loop applies them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME
+from coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
+from coordinator.errors import CheckpointError
+from coordinator.results import RunResults
+from coordinator.rounds import Clock, run_study
+from coordinator.study import StudySettings
+from model import wire
+from model.contract import DEMO_CONTRACT as CONTRACT
+from model.network import arrays_sha256
+from privacy.audit import verify_audit_log
+from privacy.signing import VerifyKey
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+Arrays = dict[str, np.ndarray]
+NOW = 1_750_000_000.0
+
+
+class Killed(BaseException):
+    """What SIGKILL does to the coordinator: nothing after it runs (not even `except`)."""
+
+
+@dataclass
+class FakeSite:
+    """A deterministic site: its update is a function of (site, round, seed, model)."""
+
+    site_id: str
+    patients: int
+    status: dict[str, Any] | None = None  # None: answers the query with an error
+    trained_groups: str | None = None
+    scale: float = 1.0
+    silent: bool = False
+
+    def train(self, message: Message) -> Message:
+        config = message.content.config_records[wire.CONFIG]
+        arrays = wire.record_to_arrays(message.content)
+        key = f"{self.site_id}/{config[wire.ROUND]}/{config[wire.SEED]}/{config[wire.MODEL_SHA256]}"
+        rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
+        steps = int(config[wire.LOCAL_STEPS])  # type: ignore[arg-type]
+        update = {
+            name: (array + self.scale * 0.01 * steps * rng.normal(size=array.shape)).astype(
+                np.float32
+            )
+            for name, array in arrays.items()
+        }
+        site: dict[str, Any] = {wire.SITE_ID: self.site_id, wire.DATASET_SHA256: "d" + self.site_id}
+        if self.trained_groups is not None:
+            site[wire.TRAINED_GROUPS] = self.trained_groups
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(update),
+                wire.SITE: ConfigRecord(site),
+                wire.METRICS: MetricRecord(
+                    {
+                        **self._checks(arrays),
+                        wire.EPSILON: 0.1 * int(config[wire.ROUND]),  # type: ignore[arg-type]
+                        wire.NOISE_MULTIPLIER: 1.1,
+                        wire.LOCAL_LOSS: 0.5,
+                    }
+                ),
+            }
+        )
+        return Message(content, reply_to=message)
+
+    def _checks(self, arrays: Arrays) -> dict[str, int | float]:
+        level = float(np.mean([np.mean(np.abs(a)) for a in arrays.values()]))
+        return {
+            wire.NUM_EXAMPLES: self.patients,
+            wire.EVAL_EXAMPLES: 10,
+            wire.MODEL_TRAIN_LOSS: level,
+            wire.EVAL_AUROC: 0.6,
+            wire.EVAL_LOSS: level,
+        }
+
+    def evaluate(self, message: Message) -> Message:
+        arrays = wire.record_to_arrays(message.content)
+        content = RecordDict(
+            {
+                wire.SITE: ConfigRecord({wire.SITE_ID: self.site_id}),
+                wire.METRICS: MetricRecord(self._checks(arrays)),  # type: ignore[arg-type]
+            }
+        )
+        return Message(content, reply_to=message)
+
+    def query(self, message: Message) -> Message:
+        if self.status is None:
+            return Message(Error(code=0, reason="no query function"), reply_to=message)
+        content = RecordDict(
+            {
+                wire.SITE: ConfigRecord({wire.SITE_ID: self.site_id, wire.ACCELERATOR: "cpu"}),
+                wire.METRICS: MetricRecord(
+                    {
+                        wire.IN_WINDOW: 1,
+                        wire.WINDOW_ENDS: 0.0,
+                        wire.NEXT_WINDOW_START: 0.0,
+                        wire.THROUGHPUT: 1000.0,
+                        wire.BUDGET_LEFT: 5.0,
+                        wire.PATIENTS: self.patients,
+                        **self.status,
+                    }
+                ),
+            }
+        )
+        return Message(content, reply_to=message)
+
+
+@dataclass
+class FakeGrid:
+    """An in-memory Grid over `FakeSite`s; `kill_at` = (message type, group) raises Killed
+    when the first such message is pushed, as a coordinator killed mid-round."""
+
+    sites: dict[int, FakeSite]
+    kill_at: tuple[str, str] | None = None
+    sent: list[Message] = field(default_factory=list)
+    _replies: dict[str, Message] = field(default_factory=dict)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.sites)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            kind, group = message.metadata.message_type, message.metadata.group_id
+            if self.kill_at == (kind, group):
+                raise Killed
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            self.sent.append(message)
+            site = self.sites[message.metadata.dst_node_id]
+            handler = {
+                MessageType.TRAIN: site.train,
+                MessageType.EVALUATE: site.evaluate,
+                MessageType.QUERY: site.query,
+            }[kind]
+            reply = handler(message)
+            if not (site.silent and kind == MessageType.TRAIN):
+                self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def final_model(self) -> Arrays:
+        (message, *_) = [m for m in self.sent if m.metadata.group_id == "final"]
+        return wire.record_to_arrays(message.content)
+
+    def seeds(self) -> list[int]:
+        return [
+            int(m.content.config_records[wire.CONFIG][wire.SEED])  # type: ignore[arg-type]
+            for m in self.sent
+            if m.metadata.message_type == MessageType.TRAIN
+        ]
+
+
+def consortium(**changes: Any) -> dict[int, FakeSite]:
+    sites = {
+        9001: FakeSite("hospital-1", 120),
+        9002: FakeSite("hospital-2", 300, status={}),
+        9003: FakeSite("hospital-3", 80, status={wire.THROUGHPUT: 50.0}),
+    }
+    for node, site_changes in changes.items():
+        for key, value in site_changes.items():
+            setattr(sites[int(node)], key, value)
+    return sites
+
+
+def study(run_dir: Path | None, **changes: Any) -> StudySettings:
+    config: dict[str, Any] = {
+        "study-name": "resume",
+        "num-server-rounds": 4,
+        "local-steps": 6,
+        "learning-rate": 0.1,
+        "target-epsilon": 2.0,
+        "max-grad-norm": 1.0,
+        "delta": 1e-5,
+        "sample-rate": 0.1,
+        "min-sites": 2,
+        "round-timeout-s": 5.0,
+        "seed": 11,
+        "strategy": "fedadam",
+        "server-learning-rate": 0.05,
+        "run-dir": "" if run_dir is None else str(run_dir),
+    }
+    config.update({key.replace("_", "-"): value for key, value in changes.items()})
+    return StudySettings.from_run_config(config)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = NOW
+        self.sleeps: list[float] = []
+
+    def clock(self) -> Clock:
+        return Clock(now=lambda: self.now_s, sleep=self.sleep)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now_s += seconds
+
+
+def run(grid: FakeGrid, settings: StudySettings, run_id: str = "run-1", **kw: Any) -> RunResults:
+    snapshots: list[RunResults] = []
+    return run_study(
+        grid,  # type: ignore[arg-type]
+        settings,
+        CONTRACT,
+        run_id=run_id,
+        report=snapshots.append,
+        connect_timeout_s=2.0,
+        clock=kw.get("clock", FakeClock().clock()),
+    )
+
+
+def assert_same(a: Arrays, b: Arrays) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def audit_entries(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / AUDIT_NAME).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kill_round", [1, 3])
+def test_a_run_killed_mid_round_and_resumed_ends_with_the_uninterrupted_model(
+    tmp_path: Path, kill_round: int
+) -> None:
+    reference_grid = FakeGrid(consortium())
+    run(reference_grid, study(tmp_path / "reference"))
+
+    run_dir = tmp_path / "killed"
+    killed = FakeGrid(consortium(), kill_at=(MessageType.TRAIN, str(kill_round)))
+    with pytest.raises(Killed):
+        run(killed, study(run_dir))
+    assert CheckpointStore(run_dir / CHECKPOINTS_NAME).rounds() == list(range(kill_round))
+
+    resumed_grid = FakeGrid(consortium())
+    results = run(resumed_grid, study(run_dir, resume=True), run_id="flower-run-2")
+
+    assert results.status == "completed"
+    assert results.run_id == "run-1"  # the run keeps its id: sites see the same (run, round)
+    assert results.resumed_from == [kill_round - 1]
+    assert [r.round for r in results.per_round] == [1, 2, 3, 4]
+    assert_same(resumed_grid.final_model(), reference_grid.final_model())
+    # The coordinator's RNG came back too: the resumed rounds were sent the same seeds.
+    assert killed.seeds() + resumed_grid.seeds() == reference_grid.seeds()
+    last = CheckpointStore(run_dir / CHECKPOINTS_NAME).load()
+    assert last is not None and last.round == 4
+    assert_same(last.arrays, reference_grid.final_model())
+
+    # The chain verifies across the kill, and records the resumption.
+    public = VerifyKey.load(run_dir / PUBLIC_KEY_NAME)
+    verification = verify_audit_log(run_dir / AUDIT_NAME, public)
+    assert verification.ok, verification.first_bad
+    events = [entry["event"] for entry in audit_entries(run_dir)]
+    assert events[0] == "run.started"
+    assert events.count("run.resumed") == 1
+    assert events[-1] == "run.finished"
+    assert events.count("round.aggregated") == 4
+
+
+def test_an_edited_deleted_or_reordered_audit_entry_is_named(tmp_path: Path) -> None:
+    run(FakeGrid(consortium()), study(tmp_path, num_server_rounds=2))
+    path, public = tmp_path / AUDIT_NAME, VerifyKey.load(tmp_path / PUBLIC_KEY_NAME)
+    lines = path.read_bytes().split(b"\n")[:-1]
+    aggregated = next(i for i, line in enumerate(lines) if b'"round.aggregated"' in line)
+
+    edited = list(lines)
+    edited[aggregated] = edited[aggregated].replace(b'"round":1', b'"round":7')
+    path.write_bytes(b"\n".join(edited) + b"\n")
+    bad = verify_audit_log(path, public).first_bad
+    assert bad is not None and bad[0] == aggregated + 1 and "signature" in bad[1]
+
+    path.write_bytes(b"\n".join(lines[:3] + lines[4:]) + b"\n")
+    bad = verify_audit_log(path, public).first_bad
+    assert bad is not None and bad[0] == 4
+
+    path.write_bytes(b"\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + b"\n")
+    bad = verify_audit_log(path, public).first_bad
+    assert bad is not None and bad[0] == 2
+
+
+def test_checkpoints_carry_the_lineage_of_their_model(tmp_path: Path) -> None:
+    run(FakeGrid(consortium()), study(tmp_path, num_server_rounds=2), clock=FakeClock().clock())
+
+    last = CheckpointStore(tmp_path / CHECKPOINTS_NAME).load()
+    assert last is not None
+    lineage = last.state["lineage"]
+    assert lineage["run_id"] == "run-1"
+    assert lineage["study_sha256"] == study(tmp_path, num_server_rounds=2).sha256()
+    assert [r["round"] for r in lineage["rounds"]] == [1, 2]
+    assert lineage["rounds"][-1]["model_sha256"] == arrays_sha256(last.arrays)
+    assert lineage["sites"]["hospital-2"] == {
+        "datasets": ["dhospital-2"],
+        "rounds": [1, 2],
+        "epsilon": pytest.approx(0.2),
+        "delta": 1e-5,
+    }
+    # The strategy's server optimiser state is in the checkpoint, one moment per array.
+    assert {k.split("/", 1)[0] for k in last.strategy_state} == {"m", "v"}
+
+
+def test_a_run_folder_is_not_reused_for_a_new_run_and_resume_checks_the_study(
+    tmp_path: Path,
+) -> None:
+    run(FakeGrid(consortium()), study(tmp_path, num_server_rounds=1))
+
+    with pytest.raises(CheckpointError, match="already holds run run-1"):
+        run(FakeGrid(consortium()), study(tmp_path, num_server_rounds=1))
+    with pytest.raises(CheckpointError, match="another study"):
+        run(FakeGrid(consortium()), study(tmp_path, num_server_rounds=2, resume=True))
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        run(FakeGrid(consortium()), study(tmp_path / "empty", resume=True))
+
+
+def test_the_loop_waits_for_windows_then_sizes_steps_by_throughput(tmp_path: Path) -> None:
+    # Only hospital-2 is in its window; hospital-3's opens in an hour.
+    sites = consortium(
+        **{"9001": {"status": {wire.IN_WINDOW: 0, wire.NEXT_WINDOW_START: NOW + 7200}},
+           "9003": {"status": {wire.IN_WINDOW: 0, wire.NEXT_WINDOW_START: NOW + 3600,
+                               wire.THROUGHPUT: 4.0}}}
+    )  # fmt: skip
+    fake = FakeClock()
+    statuses_by_time: list[float] = []
+
+    def opening_query(message: Message, site: FakeSite = sites[9003]) -> Message:
+        statuses_by_time.append(fake.now_s)
+        if fake.now_s >= NOW + 3600:
+            site.status = {wire.THROUGHPUT: 4.0}
+        return FakeSite.query(site, message)
+
+    sites[9003].query = opening_query  # type: ignore[method-assign]
+    grid = FakeGrid(sites)
+
+    results = run(grid, study(tmp_path, num_server_rounds=1), clock=fake.clock())
+
+    assert results.status == "completed"
+    assert fake.now_s == pytest.approx(NOW + 3600)  # slept until the ETA, in 60 s naps
+    assert max(fake.sleeps) <= 60.0
+    (record,) = results.per_round
+    assert record.participants == ["hospital-2", "hospital-3"]
+    assert record.refused == {"hospital-1": "outside its training window"}
+    # 0.1 * 80 = 8 samples a step at 4 samples/s: 2 s a step, 4 s of a 5 s deadline: 2 steps.
+    assert record.local_steps_by_site == {"hospital-2": 6, "hospital-3": 2}
+    events = [entry["event"] for entry in audit_entries(tmp_path)]
+    assert events.count("round.waiting") == len(fake.sleeps)
+    assert "site.refused" in events
+
+
+def test_a_straggler_is_dropped_and_a_poisoned_update_is_clipped_and_flagged(
+    tmp_path: Path,
+) -> None:
+    # Honest updates have a norm near 4 here; hospital-3's is scaled x100.
+    sites = consortium(**{"9001": {"silent": True, "status": {}}, "9003": {"scale": 100.0}})
+    settings = study(tmp_path, num_server_rounds=1, round_timeout_s=0.3,
+                     strategy="fedavg", update_norm_bound=10.0)  # fmt: skip
+
+    results = run(FakeGrid(sites), settings)
+
+    (record,) = results.per_round
+    assert record.participants == ["hospital-2", "hospital-3"]
+    assert record.rejected == {"hospital-1": "no reply within the 0.3 s deadline (dropped)"}
+    assert list(record.clipped) == ["hospital-3"]
+    flagged = [e for e in audit_entries(tmp_path) if e["event"] == "update.clipped"]
+    assert [e["details"]["site"] for e in flagged] == ["hospital-3"]
+
+
+def test_a_site_without_a_group_leaves_it_to_the_others(tmp_path: Path) -> None:
+    sites = consortium(**{"9002": {"trained_groups": "fusion,heads.outcome"}})
+    grid = FakeGrid(sites)
+
+    run(grid, study(None, num_server_rounds=1, strategy="fedavg"))
+
+    replies = {}
+    for node, site in sites.items():
+        (message,) = [m for m in grid.sent if m.metadata.dst_node_id == node
+                      and m.metadata.message_type == MessageType.TRAIN]  # fmt: skip
+        replies[site.site_id] = wire.record_to_arrays(site.train(message).content)
+    final = grid.final_model()
+    for name in final:
+        takers = ["hospital-1", "hospital-3"] if name.startswith("encoders.") else list(replies)
+        weights = {s.site_id: s.patients for s in sites.values() if s.site_id in takers}
+        expected = sum(replies[s][name].astype(np.float64) * w for s, w in weights.items())
+        expected = expected / sum(weights.values())
+        np.testing.assert_allclose(final[name], expected, rtol=1e-6, err_msg=name)
