@@ -44,6 +44,9 @@ class RoundRecord:
     local_steps_by_site: dict[str, int] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
     """Sites whose update was clipped to the norm bound, with the norm it had."""
+    loss_by_site: dict[str, float] = field(default_factory=dict)
+    metric_by_site: dict[str, float] = field(default_factory=dict)
+    """`loss` and `metric` as each site reported them (filled in as they are)."""
 
 
 @dataclass

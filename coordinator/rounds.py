@@ -284,11 +284,15 @@ def run_study(
     return results
 
 
-def _record_scores(results: RunResults, checks: Sequence[ModelCheck]) -> None:
-    """Scores of the model the sites just received: the initial one, or the last round's."""
-    loss, auroc = _scores(checks)
+def _record_scores(results: RunResults, checks: Mapping[str, ModelCheck]) -> None:
+    """Scores of the model the sites just received (the initial one, or the last round's),
+    over all sites and per site."""
+    loss, auroc = _scores(list(checks.values()))
     if results.per_round:
-        results.per_round[-1].loss, results.per_round[-1].metric = loss, auroc
+        record = results.per_round[-1]
+        record.loss, record.metric = loss, auroc
+        record.loss_by_site = {site: check.train_loss for site, check in sorted(checks.items())}
+        record.metric_by_site = {site: check.eval_auroc for site, check in sorted(checks.items())}
     else:
         results.initial_loss, results.initial_metric = loss, auroc
 
@@ -432,7 +436,7 @@ def _run_rounds(
                 f"round {round_number}: {len(updates)} valid replies of {len(plan.planned)}"
                 f" sites, the study needs {study.min_sites}" + (f" ({reasons})" if reasons else "")
             )
-        _record_scores(results, [update.check for update in updates])
+        _record_scores(results, {update.site_id: update.check for update in updates})
         aggregated = strategy.aggregate(
             state.arrays,
             [Contribution(u.site_id, u.arrays, u.num_examples, u.trained_groups) for u in updates],
@@ -534,7 +538,7 @@ def final_checks(
     run_id: str,
     arrays: Mapping[str, np.ndarray],
     known_sites: dict[int, str],
-) -> list[ModelCheck]:
+) -> dict[str, ModelCheck]:
     """How the final model does at every connected site (an EVALUATE message to each)."""
     content = _instruction(study, contract, run_id, study.num_rounds, arrays)
     replies = exchange(
@@ -547,4 +551,4 @@ def final_checks(
     accepted, rejected = _split((validate_eval_reply(reply) for reply in replies), known_sites)
     for site, reason in rejected.items():
         log.warning("final evaluation: reply of %s rejected: %s", site, reason)
-    return [result.check for result in accepted if isinstance(result, SiteEval)]
+    return {result.site_id: result.check for result in accepted if isinstance(result, SiteEval)}

@@ -466,6 +466,37 @@ def coordinator_status(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run folder (results.json, checkpoints, audit chain).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the HTML report.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Write a run's report: metrics per round and site, participation, epsilon per site,
+    and a model card with the lineage; exit 1 if the audit chain does not verify."""
+    from medfed.run_report import write_report
+
+    folder = _guard(lambda: write_report(run_dir, out))
+    if as_json:
+        document = {
+            "out": str(out),
+            "run_id": folder.results.run_id,
+            "rounds_completed": folder.results.rounds_completed,
+            "audit_verified": folder.audit_ok,
+            "audit": folder.audit,
+        }
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        stdout.print(Text(f"wrote {out}"), soft_wrap=True)
+    if folder.audit_ok is False:
+        stderr.print(Text(f"audit chain: {folder.audit}"), soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def version() -> None:
     """Print medfed's version."""
     from medfed import __version__

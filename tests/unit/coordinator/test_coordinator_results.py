@@ -66,7 +66,13 @@ def test_to_json_leaves_the_results_themselves_unchanged() -> None:
     assert math.isinf(results.per_round[0].epsilon_by_site["hospital-2"])
 
 
-NEW_ROUND_FIELDS = {"refused": {}, "local_steps_by_site": {}, "clipped": {}}
+NEW_ROUND_FIELDS: dict[str, dict[str, object]] = {
+    "refused": {},
+    "local_steps_by_site": {},
+    "clipped": {},
+    "loss_by_site": {},
+    "metric_by_site": {},
+}
 
 
 def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> None:
