@@ -469,7 +469,10 @@ def _run_rounds(
             model_sha256=arrays_sha256(state.arrays),
             duration_s=round(time.monotonic() - started, 3),
             refused=dict(plan.refused),
-            local_steps_by_site={p.site_id: p.local_steps for p in plan.planned},
+            # By the names the replies gave: a site of unknown status was planned by node id.
+            local_steps_by_site={
+                known_sites.get(p.node_id, p.site_id): p.local_steps for p in plan.planned
+            },
             clipped=dict(aggregated.clipped),
         )
         results.sites = sorted({*results.sites, *record.participants})

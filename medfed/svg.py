@@ -32,8 +32,10 @@ def line_chart(
     y_label: str = "",
     width: int = 640,
     height: int = 300,
+    integer_x: bool = True,
 ) -> str:
-    """A line chart of `series` (name to (x, y) points; a None y breaks the line)."""
+    """A line chart of `series` (name to (x, y) points; a None y breaks the line); with
+    `integer_x` (rounds) only whole numbers are marked on the x axis."""
     values = [(x, y) for points in series.values() for x, y in points if y is not None]
     left, right, top, bottom = 60, 150, 30, 40
     parts = [
@@ -68,6 +70,8 @@ def line_chart(
             f' text-anchor="end">{tick:.4g}</text>'
         )
     for tick in _ticks(x_low, x_high):
+        if integer_x and tick != int(tick):
+            continue
         parts.append(
             f'<text x="{px(tick):.1f}" y="{top + plot_h + 15}" text-anchor="middle">'
             f"{tick:.4g}</text>"
