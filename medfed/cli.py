@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from medfed.errors import MedfedError
+from medfed.round_cli import round_app
 
 if TYPE_CHECKING:
     from client.config import SiteConfig
@@ -502,6 +503,9 @@ def version() -> None:
     from medfed import __version__
 
     stdout.print(__version__)
+
+
+app.add_typer(round_app, name="round")
 
 
 def main() -> None:
