@@ -310,6 +310,7 @@ def _plan(
     """Ask the connected sites for their status and plan the round; while the plan is to
     wait, record it, sleep towards its ETA and ask again."""
     policy = schedule_policy(study)
+    recorded: dict[str, object] | None = None  # the wait last written to the audit chain
     while True:
         nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
         replies = exchange(
@@ -330,7 +331,9 @@ def _plan(
         plan = plan_round(statuses, policy, now)
         if plan.action == "train":
             return plan
-        audit.record("round.waiting", {"round": state.round + 1, **_json(plan.to_json())})
+        if plan.to_json() != recorded:  # one entry per change, not one per nap
+            recorded = plan.to_json()
+            audit.record("round.waiting", {"round": state.round + 1, **_json(recorded)})
         state.results.status = "waiting"
         state.results.waiting_until = plan.eta
         report(state.results)
