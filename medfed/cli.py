@@ -459,6 +459,9 @@ def coordinator_status(
         stdout.print(table)
         answer = "answers over TLS" if status.healthy else "does NOT answer over TLS"
         stdout.print(Text(f"SuperLink {status.address} {answer}"), soft_wrap=True)
+        for run in status.runs:
+            done = f"{run['rounds_completed']} of {run['num_rounds'] or '?'} rounds"
+            stdout.print(Text(f"run {run['run']}: {run['status']}, {done}"), soft_wrap=True)
     for expiry in status.certificates:
         if expiry.warning is not None:
             stderr.print(Text(f"warning: {expiry.warning}"), soft_wrap=True)
