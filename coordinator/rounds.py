@@ -23,7 +23,7 @@ from coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from coordinator.errors import CoordinatorError, RoundFailedError
 from coordinator.results import RoundRecord, RunResults
 from coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
-from coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
+from coordinator.scheduler import RoundPlan, SchedulePolicy, SiteStatus, plan_round
 from coordinator.site_keys import load_site_keys
 from coordinator.site_status import parse_status, status_query, unknown_status
 from coordinator.strategies import Contribution, Strategy, make_strategy
@@ -313,20 +313,7 @@ def _plan(
     recorded: dict[str, object] | None = None  # the wait last written to the audit chain
     while True:
         nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
-        replies = exchange(
-            grid,
-            {node: status_query(state.run_id, study) for node in nodes},
-            message_type=MessageType.QUERY,
-            group=f"status-{state.round + 1}",
-            timeout_s=min(STATUS_TIMEOUT_S, study.round_deadline_s),
-        )
-        answered = {reply.metadata.src_node_id: reply for reply in replies}
-        statuses = [
-            parse_status(answered[node], known_sites)
-            if node in answered
-            else unknown_status(node, known_sites)
-            for node in nodes
-        ]
+        statuses = _statuses(grid, nodes, study, state, known_sites)
         now = clock.now()
         plan = plan_round(statuses, policy, now)
         if plan.action == "train":
@@ -344,6 +331,34 @@ def _plan(
         )
         pause = WAIT_POLL_S if plan.eta is None else min(max(plan.eta - now, 1.0), WAIT_POLL_S)
         clock.sleep(pause)
+
+
+def _statuses(
+    grid: Grid,
+    nodes: Sequence[int],
+    study: StudySettings,
+    state: RunState,
+    known_sites: dict[int, str],
+) -> list[SiteStatus]:
+    """Each node's status. A node that answered a query with an error cannot answer it
+    (its software has no such function) and is not asked again in this run: each query
+    costs a ClientApp start at the site."""
+    asked = [node for node in nodes if node not in state.unqueryable]
+    replies = exchange(
+        grid,
+        {node: status_query(state.run_id, study) for node in asked},
+        message_type=MessageType.QUERY,
+        group=f"status-{state.round + 1}",
+        timeout_s=min(STATUS_TIMEOUT_S, study.round_deadline_s),
+    )
+    answered = {reply.metadata.src_node_id: reply for reply in replies}
+    state.unqueryable.update(node for node, reply in answered.items() if reply.has_error())
+    return [
+        parse_status(answered[node], known_sites)
+        if node in answered
+        else unknown_status(node, known_sites)
+        for node in nodes
+    ]
 
 
 def _json(value: dict[str, object]) -> dict[str, JsonValue]:

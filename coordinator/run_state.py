@@ -36,6 +36,9 @@ class RunState:
     rng: np.random.Generator
     results: RunResults
     lineage: dict[str, Any] = field(default_factory=dict)
+    unqueryable: set[int] = field(default_factory=set)
+    """Nodes that answered a status query with an error: not asked again (not checkpointed:
+    a resumed run asks once more)."""
 
 
 def new_lineage(study: StudySettings, run_id: str, app_sha256: str) -> dict[str, Any]:

@@ -200,3 +200,20 @@ def test_a_site_without_a_group_leaves_it_to_the_others(tmp_path: Path) -> None:
         expected = sum(replies[s][name].astype(np.float64) * w for s, w in weights.items())
         expected = expected / sum(weights.values())
         np.testing.assert_allclose(final[name], expected, rtol=1e-6, err_msg=name)
+
+
+def test_a_site_that_cannot_answer_the_status_query_is_asked_once(tmp_path: Path) -> None:
+    grid = FakeGrid(consortium())  # hospital-1 answers queries with an error
+
+    run(grid, study(None, num_server_rounds=3, strategy="fedavg"))
+
+    queried = [
+        m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MessageType.QUERY
+    ]
+    assert queried.count(9001) == 1
+    assert queried.count(9002) == queried.count(9003) == 3
+    # It still trained every round, with the study's steps.
+    trained = [
+        m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
+    ]
+    assert trained.count(9001) == 3
