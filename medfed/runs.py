@@ -72,6 +72,15 @@ class RunView:
     record: RunRecord
     results: RunResults | None
 
+    @property
+    def status(self) -> str:
+        """The ServerApp's last word, or `stopped` if the lead stopped it before its end."""
+        if self.results is not None and self.results.status in ("completed", "failed"):
+            return self.results.status
+        if self.record.stopped:
+            return "stopped"
+        return "submitted" if self.results is None else self.results.status
+
     def to_json(self) -> dict[str, object]:
         results = self.results
         return {
@@ -80,7 +89,7 @@ class RunView:
             "study": self.record.study,
             "flower_run_ids": self.record.flower_run_ids,
             "stopped": self.record.stopped,
-            "status": "submitted" if results is None else results.status,
+            "status": self.status,
             "rounds_completed": 0 if results is None else results.rounds_completed,
             "num_rounds": None if results is None else results.num_rounds,
             "waiting_until": None if results is None else results.waiting_until,

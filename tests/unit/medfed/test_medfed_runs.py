@@ -127,7 +127,7 @@ def test_resume_resubmits_with_resume_and_stop_stops_the_latest_flower_run(lead:
     assert bundle_config(folder)["resume"] is True
 
     code, stopped, _ = invoke("round", "stop", name)
-    assert code == 0 and stopped["stopped"] is True
+    assert code == 0 and stopped["stopped"] is True and stopped["status"] == "stopped"
     assert calls(lead)[-1].endswith("stop 1002 medfed-consortium")
 
     write_results(folder / "results.json", RunResults(run_id="1001", status="completed",
