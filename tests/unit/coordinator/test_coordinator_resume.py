@@ -217,3 +217,21 @@ def test_a_site_that_cannot_answer_the_status_query_is_asked_once(tmp_path: Path
         m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
     ]
     assert trained.count(9001) == 3
+
+
+def test_fedprox_sends_its_mu_and_each_site_its_planned_steps_and_the_rounds_seed() -> None:
+    grid = FakeGrid(consortium())
+
+    run(grid, study(None, num_server_rounds=2, strategy="fedprox", proximal_mu=0.3))
+
+    trains = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(trains) == 6
+    for message in trains:
+        config = message.content.config_records[wire.CONFIG]
+        assert config[wire.PROXIMAL_MU] == 0.3
+        assert config[wire.LOCAL_STEPS] == 6
+    seeds = {m.metadata.group_id: set() for m in trains}  # type: dict[str, set[object]]
+    for message in trains:
+        seeds[message.metadata.group_id].add(message.content.config_records[wire.CONFIG][wire.SEED])
+    assert all(len(values) == 1 for values in seeds.values())  # one seed per round
+    assert seeds["1"] != seeds["2"]
