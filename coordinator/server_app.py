@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.errors import CoordinatorError, StudyConfigError
-from coordinator.results import RunResults, write_results
+from coordinator.results import RunResults, read_results, write_results
 from coordinator.rounds import run_study
 from coordinator.study import StudySettings
 from model.contract import DEMO_CONTRACT
@@ -50,4 +50,19 @@ def main(grid: Grid, context: Context) -> None:
         )
     except CoordinatorError as exc:
         log.error("run %s failed: %s", run_id, exc)
+        _mark_failed(results_path, run_id, study, str(exc))
         raise
+
+
+def _mark_failed(path: Path | None, run_id: str, study: StudySettings, error: str) -> None:
+    """Say that the run failed, keeping the rounds already reported: a run refused before
+    its first round (a resume that finds no checkpoint) would otherwise still read as
+    running from its last life."""
+    if path is None:
+        return
+    results = read_results(path) or RunResults(
+        run_id=run_id, status="failed", num_rounds=study.num_rounds
+    )
+    if results.status != "failed":
+        results.status, results.error = "failed", error
+        write_results(path, results)

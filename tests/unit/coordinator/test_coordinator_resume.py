@@ -235,3 +235,30 @@ def test_fedprox_sends_its_mu_and_each_site_its_planned_steps_and_the_rounds_see
         seeds[message.metadata.group_id].add(message.content.config_records[wire.CONFIG][wire.SEED])
     assert all(len(values) == 1 for values in seeds.values())  # one seed per round
     assert seeds["1"] != seeds["2"]
+
+
+def test_a_resume_the_server_app_refuses_marks_the_run_failed_keeping_its_rounds(
+    tmp_path: Path,
+) -> None:
+    from flwr.app import Context, RecordDict
+
+    from coordinator import server_app
+    from coordinator.errors import CoordinatorError
+    from coordinator.results import RoundRecord, RunResults, read_results, write_results
+
+    stale = RunResults(run_id="run-1", status="running", num_rounds=4)
+    stale.per_round.append(RoundRecord(round=1, participants=["hospital-2"]))
+    write_results(tmp_path / "results.json", stale)
+    config = {
+        **study(tmp_path / "empty", resume=True).to_run_config(),
+        "results-path": str(tmp_path / "results.json"),
+    }
+    context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+
+    with pytest.raises(CoordinatorError, match="nothing to resume"):
+        server_app.main(FakeGrid(consortium()), context)  # type: ignore[arg-type]
+
+    results = read_results(tmp_path / "results.json")
+    assert results is not None and results.status == "failed"
+    assert results.error is not None and "nothing to resume" in results.error
+    assert [r.round for r in results.per_round] == [1]
