@@ -1,4 +1,4 @@
-"""The round loop: send the global model, collect and validate replies, aggregate, report.
+"""The round loop: plan, send the global model, validate replies, aggregate, checkpoint, report.
 
 It talks to sites only through Flower's `Grid` (push, then poll for replies), so the
 same loop runs on a deployment's SuperLink, in Flower's simulation, and in tests.
@@ -15,17 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 
 from coordinator.audit_chain import CoordinatorAudit, NoAudit
 from coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from coordinator.errors import CoordinatorError, RoundFailedError
+from coordinator.messages import exchange, instruction, wait_for_sites
 from coordinator.results import RoundRecord, RunResults
 from coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
-from coordinator.scheduler import RoundPlan, SchedulePolicy, SiteStatus, plan_round
+from coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
 from coordinator.site_keys import load_site_keys
-from coordinator.site_status import parse_status, status_query, unknown_status
+from coordinator.site_status import query_statuses
 from coordinator.strategies import Contribution, Strategy, make_strategy
 from coordinator.study import StudySettings
 from coordinator.validate import (
@@ -44,95 +45,10 @@ from privacy.signing import JsonValue
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 0.05
-"""How often to ask the SuperLink for replies (Flower's own helper waits 3 s)."""
-STATUS_TIMEOUT_S = 30.0
-"""How long sites have to answer a status query; a site that does not is 'unknown'."""
 WAIT_POLL_S = 60.0
 """While too few sites can train: the longest sleep before asking them again."""
 
 Report = Callable[[RunResults], None]
-
-
-def wait_for_sites(grid: Grid, minimum: int, *, timeout_s: float) -> list[int]:
-    """The connected node ids once at least `minimum` are connected; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= minimum:
-            return nodes
-        if time.monotonic() > deadline:
-            raise RoundFailedError(
-                f"only {len(nodes)} of the {minimum} sites needed connected within {timeout_s:g} s"
-            )
-        time.sleep(0.5)
-
-
-def exchange(
-    grid: Grid,
-    contents: Mapping[int, RecordDict],
-    *,
-    message_type: str,
-    group: str,
-    timeout_s: float,
-) -> list[Message]:
-    """Send each node its content and return the replies that arrive before the timeout."""
-    messages = [
-        Message(
-            content=content,
-            dst_node_id=node,
-            message_type=message_type,
-            group_id=group,
-            ttl=timeout_s,
-        )
-        for node, content in contents.items()
-    ]
-    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-        if pending:
-            time.sleep(POLL_INTERVAL_S)
-    if pending:
-        log.warning(
-            "round %s: %d site(s) did not reply within %g s", group, len(pending), timeout_s
-        )
-    return replies
-
-
-def _instruction(
-    study: StudySettings,
-    contract: StudyContract,
-    run_id: str,
-    round_number: int,
-    arrays: Mapping[str, np.ndarray],
-    *,
-    local_steps: int | None = None,
-    extra: Mapping[str, int | float | str] | None = None,
-) -> RecordDict:
-    config = ConfigRecord(
-        {
-            wire.RUN_ID: run_id,
-            wire.STUDY: study.name,
-            wire.STUDY_SHA256: study.sha256(),
-            wire.ROUND: round_number,
-            wire.PLANNED_ROUNDS: study.num_rounds,
-            wire.TARGET_EPSILON: study.target_epsilon,
-            wire.MODEL_SHA256: arrays_sha256(arrays),
-            wire.PRESET: study.preset,
-            wire.N_FEATURES: len(contract.features),
-            wire.LOCAL_STEPS: study.local_steps if local_steps is None else local_steps,
-            wire.LEARNING_RATE: study.learning_rate,
-            wire.MAX_GRAD_NORM: study.max_grad_norm,
-            wire.SAMPLE_RATE: study.sample_rate,
-            wire.DELTA: study.delta,
-            **(extra or {}),
-        }
-    )
-    return RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: config})
 
 
 def _weighted(values: Iterable[tuple[float, int]]) -> float | None:
@@ -313,7 +229,9 @@ def _plan(
     recorded: dict[str, object] | None = None  # the wait last written to the audit chain
     while True:
         nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
-        statuses = _statuses(grid, nodes, study, state, known_sites)
+        statuses = query_statuses(
+            grid, nodes, study, state.run_id, state.round + 1, known_sites, state.unqueryable
+        )
         now = clock.now()
         plan = plan_round(statuses, policy, now)
         if plan.action == "train":
@@ -331,34 +249,6 @@ def _plan(
         )
         pause = WAIT_POLL_S if plan.eta is None else min(max(plan.eta - now, 1.0), WAIT_POLL_S)
         clock.sleep(pause)
-
-
-def _statuses(
-    grid: Grid,
-    nodes: Sequence[int],
-    study: StudySettings,
-    state: RunState,
-    known_sites: dict[int, str],
-) -> list[SiteStatus]:
-    """Each node's status. A node that answered a query with an error cannot answer it
-    (its software has no such function) and is not asked again in this run: each query
-    costs a ClientApp start at the site."""
-    asked = [node for node in nodes if node not in state.unqueryable]
-    replies = exchange(
-        grid,
-        {node: status_query(state.run_id, study) for node in asked},
-        message_type=MessageType.QUERY,
-        group=f"status-{state.round + 1}",
-        timeout_s=min(STATUS_TIMEOUT_S, study.round_deadline_s),
-    )
-    answered = {reply.metadata.src_node_id: reply for reply in replies}
-    state.unqueryable.update(node for node, reply in answered.items() if reply.has_error())
-    return [
-        parse_status(answered[node], known_sites)
-        if node in answered
-        else unknown_status(node, known_sites)
-        for node in nodes
-    ]
 
 
 def _json(value: dict[str, object]) -> dict[str, JsonValue]:
@@ -402,7 +292,7 @@ def _run_rounds(
             )
         round_seed = int(state.rng.integers(0, 2**31 - 1))
         contents = {
-            planned.node_id: _instruction(
+            planned.node_id: instruction(
                 study,
                 contract,
                 state.run_id,
@@ -561,7 +451,7 @@ def final_checks(
     known_sites: dict[int, str],
 ) -> dict[str, ModelCheck]:
     """How the final model does at every connected site (an EVALUATE message to each)."""
-    content = _instruction(study, contract, run_id, study.num_rounds, arrays)
+    content = instruction(study, contract, run_id, study.num_rounds, arrays)
     replies = exchange(
         grid,
         {node: content for node in sorted(grid.get_node_ids())},

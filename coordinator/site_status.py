@@ -10,15 +10,20 @@ it with the study's default steps, and the site itself refuses what it may not d
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
+from coordinator.messages import exchange
 from coordinator.scheduler import SiteStatus
 from coordinator.study import StudySettings
 from model import wire
 
 log = logging.getLogger(__name__)
 
+STATUS_TIMEOUT_S = 30.0
+"""How long sites have to answer a status query; a site that does not is 'unknown'."""
 MAX_PATIENTS = 10_000_000
 """As `validate.MAX_EXAMPLES`: a larger count is bogus."""
 
@@ -85,3 +90,33 @@ def parse_status(reply: Message, known_sites: dict[int, str]) -> SiteStatus:
         return unknown_status(node_id, known_sites)
     known_sites[node_id] = site_id
     return status
+
+
+def query_statuses(
+    grid: Grid,
+    nodes: Sequence[int],
+    study: StudySettings,
+    run_id: str,
+    round_number: int,
+    known_sites: dict[int, str],
+    unqueryable: set[int],
+) -> list[SiteStatus]:
+    """Each node's status. A node that answered a query with an error cannot answer it
+    (its software has no such function) and is added to `unqueryable`, not to be asked
+    again in this run: each query costs a ClientApp start at the site."""
+    asked = [node for node in nodes if node not in unqueryable]
+    replies = exchange(
+        grid,
+        {node: status_query(run_id, study) for node in asked},
+        message_type=MessageType.QUERY,
+        group=f"status-{round_number}",
+        timeout_s=min(STATUS_TIMEOUT_S, study.round_deadline_s),
+    )
+    answered = {reply.metadata.src_node_id: reply for reply in replies}
+    unqueryable.update(node for node, reply in answered.items() if reply.has_error())
+    return [
+        parse_status(answered[node], known_sites)
+        if node in answered
+        else unknown_status(node, known_sites)
+        for node in nodes
+    ]
