@@ -11,3 +11,11 @@ class StudyConfigError(CoordinatorError):
 
 class RoundFailedError(CoordinatorError):
     """A round could not be completed (too few sites, too few valid replies)."""
+
+
+class CheckpointError(CoordinatorError):
+    """A checkpoint cannot be written or read back, or belongs to another run or study."""
+
+
+class AuditChainError(CoordinatorError):
+    """The coordinator's audit chain or its signing key cannot be used."""

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 RunStatus = Literal["waiting", "running", "completed", "failed"]
 
@@ -39,6 +39,14 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)
     model_sha256: str = ""
     duration_s: float = 0.0
+    refused: dict[str, str] = field(default_factory=dict)
+    """Sites the scheduler left out of the round, and why."""
+    local_steps_by_site: dict[str, int] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)
+    """Sites whose update was clipped to the norm bound, with the norm it had."""
+    loss_by_site: dict[str, float] = field(default_factory=dict)
+    metric_by_site: dict[str, float] = field(default_factory=dict)
+    """`loss` and `metric` as each site reported them (filled in as they are)."""
 
 
 @dataclass
@@ -54,6 +62,12 @@ class RunResults:
     initial_metric: float | None = None
     per_round: list[RoundRecord] = field(default_factory=list)
     error: str | None = None
+    strategy: str = "fedavg"
+    delta: float | None = None
+    waiting_until: float | None = None
+    """While waiting for enough sites to be in their windows: when (epoch s), if known."""
+    resumed_from: list[int] = field(default_factory=list)
+    """Rounds after whose checkpoint the run was resumed."""
 
     @property
     def rounds_completed(self) -> int:
@@ -100,6 +114,12 @@ def read_results(path: Path) -> RunResults | None:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    return results_from_json(document)
+
+
+def results_from_json(document: dict[str, Any]) -> RunResults:
+    """The `RunResults` whose `to_json` gave `document`."""
+    document = dict(document)
     rounds = [RoundRecord(**record) for record in document.pop("per_round")]
     document.pop("rounds_completed", None)
     return RunResults(**document, per_round=rounds)

@@ -1,4 +1,4 @@
-"""The round loop: send the global model, collect and validate replies, aggregate, report.
+"""The round loop: plan, send the global model, validate replies, aggregate, checkpoint, report.
 
 It talks to sites only through Flower's `Grid` (push, then poll for replies), so the
 same loop runs on a deployment's SuperLink, in Flower's simulation, and in tests.
@@ -6,20 +6,28 @@ same loop runs on a deployment's SuperLink, in Flower's simulation, and in tests
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 
-from coordinator.aggregate import fedavg
+from coordinator.audit_chain import CoordinatorAudit, NoAudit
+from coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from coordinator.errors import CoordinatorError, RoundFailedError
+from coordinator.messages import exchange, instruction, wait_for_sites
 from coordinator.results import RoundRecord, RunResults
+from coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
+from coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
 from coordinator.site_keys import load_site_keys
+from coordinator.site_status import query_statuses
+from coordinator.strategies import Contribution, Strategy, make_strategy
 from coordinator.study import StudySettings
 from coordinator.validate import (
     ModelCheck,
@@ -33,91 +41,14 @@ from coordinator.validate import (
 from model import wire
 from model.contract import StudyContract
 from model.network import arrays_sha256, build_model, state_arrays
+from privacy.signing import JsonValue
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 0.05
-"""How often to ask the SuperLink for replies (Flower's own helper waits 3 s)."""
+WAIT_POLL_S = 60.0
+"""While too few sites can train: the longest sleep before asking them again."""
 
 Report = Callable[[RunResults], None]
-
-
-def wait_for_sites(grid: Grid, minimum: int, *, timeout_s: float) -> list[int]:
-    """The connected node ids once at least `minimum` are connected; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= minimum:
-            return nodes
-        if time.monotonic() > deadline:
-            raise RoundFailedError(
-                f"only {len(nodes)} of the {minimum} sites needed connected within {timeout_s:g} s"
-            )
-        time.sleep(0.5)
-
-
-def exchange(
-    grid: Grid,
-    nodes: Sequence[int],
-    content: RecordDict,
-    *,
-    message_type: str,
-    group: str,
-    timeout_s: float,
-) -> list[Message]:
-    """Send `content` to every node and return the replies that arrive before the timeout."""
-    messages = [
-        Message(
-            content=content,
-            dst_node_id=node,
-            message_type=message_type,
-            group_id=group,
-            ttl=timeout_s,
-        )
-        for node in nodes
-    ]
-    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-        if pending:
-            time.sleep(POLL_INTERVAL_S)
-    if pending:
-        log.warning(
-            "round %s: %d site(s) did not reply within %g s", group, len(pending), timeout_s
-        )
-    return replies
-
-
-def _instruction(
-    study: StudySettings,
-    contract: StudyContract,
-    run_id: str,
-    round_number: int,
-    arrays: Mapping[str, np.ndarray],
-) -> RecordDict:
-    config = ConfigRecord(
-        {
-            wire.RUN_ID: run_id,
-            wire.STUDY: study.name,
-            wire.STUDY_SHA256: study.sha256(),
-            wire.ROUND: round_number,
-            wire.PLANNED_ROUNDS: study.num_rounds,
-            wire.TARGET_EPSILON: study.target_epsilon,
-            wire.MODEL_SHA256: arrays_sha256(arrays),
-            wire.PRESET: study.preset,
-            wire.N_FEATURES: len(contract.numeric),
-            wire.LOCAL_STEPS: study.local_steps,
-            wire.LEARNING_RATE: study.learning_rate,
-            wire.MAX_GRAD_NORM: study.max_grad_norm,
-            wire.SAMPLE_RATE: study.sample_rate,
-            wire.DELTA: study.delta,
-        }
-    )
-    return RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: config})
 
 
 def _weighted(values: Iterable[tuple[float, int]]) -> float | None:
@@ -159,6 +90,37 @@ def _scores(checks: Sequence[ModelCheck]) -> tuple[float | None, float | None]:
     return loss, auroc
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Wall time for the scheduler and a way to wait: a fake one in tests."""
+
+    now: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+
+
+def schedule_policy(study: StudySettings) -> SchedulePolicy:
+    """What the scheduler reads of the study."""
+    return SchedulePolicy(
+        min_sites=study.min_sites,
+        deadline_s=study.round_deadline_s,
+        local_steps=study.local_steps,
+        sample_rate=study.sample_rate,
+    )
+
+
+def strategy_of(study: StudySettings) -> Strategy:
+    """The study's strategy with its parameters."""
+    return make_strategy(
+        study.strategy,
+        proximal_mu=study.proximal_mu,
+        update_norm_bound=study.update_norm_bound or None,
+        server_learning_rate=study.server_learning_rate,
+        beta1=study.server_beta1,
+        beta2=study.server_beta2,
+        tau=study.server_tau,
+    )
+
+
 def run_study(
     grid: Grid,
     study: StudySettings,
@@ -167,13 +129,56 @@ def run_study(
     run_id: str,
     report: Report,
     connect_timeout_s: float = 120.0,
+    app_sha256: str = "",
+    clock: Clock = Clock(),
 ) -> RunResults:
-    """Run every round of `study`; report progress after each; return the final results."""
-    results = RunResults(run_id=run_id, status="waiting", num_rounds=study.num_rounds)
+    """Run (or, with `study.resume`, continue) every round of `study`; report progress
+    after each; return the final results.
+
+    With `study.run_dir` set, a checkpoint is written after every round and every step is
+    signed into the run folder's audit chain; `run_id` is then the id of the run the
+    folder holds when resuming.
+    """
+    run_dir = Path(study.run_dir) if study.run_dir else None
+    store = CheckpointStore(run_dir / CHECKPOINTS_NAME) if run_dir else None
+    audit = CoordinatorAudit.open(run_dir) if run_dir else NoAudit()
+    strategy = strategy_of(study)
+    initial = state_arrays(build_model(study.preset, contract=contract, seed=study.seed))
+    state, resumed = start_or_resume(
+        store, study, strategy, initial, run_id=run_id, app_sha256=app_sha256
+    )
+    if resumed:
+        log.warning(
+            "resuming run %s after round %d (this Flower run: %s)",
+            state.run_id,
+            state.round,
+            run_id,
+        )
+        audit.record(
+            "run.resumed",
+            {"run_id": state.run_id, "after_round": state.round, "flower_run_id": run_id},
+        )
+    else:
+        audit.record(
+            "run.started",
+            {
+                "run_id": run_id,
+                "study": study.name,
+                "study_sha256": study.sha256(),
+                "app_sha256": app_sha256,
+                "strategy": study.strategy,
+                "model_sha256": arrays_sha256(initial),
+                "num_rounds": study.num_rounds,
+            },
+        )
+        checkpoint(store, audit, study, state, strategy, None)
+    results = state.results
     report(results)
     results.status = "running"
     try:
-        _run_rounds(grid, study, contract, run_id, results, report, connect_timeout_s)
+        _run_rounds(
+            grid, study, contract, state, strategy, audit, report, connect_timeout_s, store, clock
+        )
     except Exception as exc:
         # Whoever watches the results (the demo, `round status`) learns that the run ended.
         results.status = "failed"
@@ -181,90 +186,254 @@ def run_study(
             str(exc) if isinstance(exc, CoordinatorError) else f"internal error: {exc!r}"
         )
         report(results)
+        with contextlib.suppress(CoordinatorError):
+            audit.record("run.failed", {"round": state.round + 1, "error": results.error})
         raise
     results.status = "completed"
+    results.waiting_until = None
+    audit.record(
+        "run.finished", {"rounds": state.round, "model_sha256": arrays_sha256(state.arrays)}
+    )
     report(results)
     return results
 
 
-def _record_scores(results: RunResults, checks: Sequence[ModelCheck]) -> None:
-    """Scores of the model the sites just received: the initial one, or the last round's."""
-    loss, auroc = _scores(checks)
+def _record_scores(results: RunResults, checks: Mapping[str, ModelCheck]) -> None:
+    """Scores of the model the sites just received (the initial one, or the last round's),
+    over all sites and per site."""
+    loss, auroc = _scores(list(checks.values()))
     if results.per_round:
-        results.per_round[-1].loss, results.per_round[-1].metric = loss, auroc
+        record = results.per_round[-1]
+        record.loss, record.metric = loss, auroc
+        record.loss_by_site = {site: check.train_loss for site, check in sorted(checks.items())}
+        record.metric_by_site = {site: check.eval_auroc for site, check in sorted(checks.items())}
     else:
         results.initial_loss, results.initial_metric = loss, auroc
+
+
+def _plan(
+    grid: Grid,
+    study: StudySettings,
+    state: RunState,
+    audit: CoordinatorAudit,
+    report: Report,
+    known_sites: dict[int, str],
+    connect_timeout_s: float,
+    clock: Clock,
+) -> RoundPlan:
+    """Ask the connected sites for their status and plan the round; while the plan is to
+    wait, record it, sleep towards its ETA and ask again."""
+    policy = schedule_policy(study)
+    recorded: dict[str, object] | None = None  # the wait last written to the audit chain
+    while True:
+        nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
+        statuses = query_statuses(
+            grid, nodes, study, state.run_id, state.round + 1, known_sites, state.unqueryable
+        )
+        now = clock.now()
+        plan = plan_round(statuses, policy, now)
+        if plan.action == "train":
+            return plan
+        if plan.to_json() != recorded:  # one entry per change, not one per nap
+            recorded = plan.to_json()
+            audit.record("round.waiting", {"round": state.round + 1, **_json(recorded)})
+        state.results.status = "waiting"
+        state.results.waiting_until = plan.eta
+        report(state.results)
+        log.warning(
+            "round %d: too few sites can train now; waiting until %s",
+            state.round + 1,
+            "unknown" if plan.eta is None else plan.eta,
+        )
+        pause = WAIT_POLL_S if plan.eta is None else min(max(plan.eta - now, 1.0), WAIT_POLL_S)
+        clock.sleep(pause)
+
+
+def _json(value: dict[str, object]) -> dict[str, JsonValue]:
+    return value  # type: ignore[return-value]
 
 
 def _run_rounds(
     grid: Grid,
     study: StudySettings,
     contract: StudyContract,
-    run_id: str,
-    results: RunResults,
+    state: RunState,
+    strategy: Strategy,
+    audit: CoordinatorAudit,
     report: Report,
     connect_timeout_s: float,
+    store: CheckpointStore | None,
+    clock: Clock,
 ) -> None:
-    global_arrays = state_arrays(build_model(study.preset, contract=contract, seed=study.seed))
+    results = state.results
     known_sites: dict[int, str] = {}
     site_keys = load_site_keys(Path(study.site_keys_dir)) if study.site_keys_dir else None
     results.signed_updates = site_keys is not None
     if site_keys is None:
         log.warning("no site-keys-dir in the run config: site updates are NOT signature-checked")
-    for round_number in range(1, study.num_rounds + 1):
+    while state.round < study.num_rounds:
+        round_number = state.round + 1
+        plan = _plan(grid, study, state, audit, report, known_sites, connect_timeout_s, clock)
+        results.status, results.waiting_until = "running", None
         started = time.monotonic()
-        nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
+        audit.record("round.planned", {"round": round_number, **_json(plan.to_json())})
+        for site, reason in plan.refused.items():
+            audit.record("site.refused", {"round": round_number, "site": site, "reason": reason})
+        for planned in plan.planned:
+            audit.record(
+                "site.selected",
+                {
+                    "round": round_number,
+                    "site": planned.site_id,
+                    "local_steps": planned.local_steps,
+                },
+            )
+        round_seed = int(state.rng.integers(0, 2**31 - 1))
+        contents = {
+            planned.node_id: instruction(
+                study,
+                contract,
+                state.run_id,
+                round_number,
+                state.arrays,
+                local_steps=planned.local_steps,
+                extra={wire.SEED: round_seed, **strategy.instruction_config()},
+            )
+            for planned in plan.planned
+        }
         replies = exchange(
             grid,
-            nodes,
-            _instruction(study, contract, run_id, round_number, global_arrays),
+            contents,
             message_type=MessageType.TRAIN,
             group=str(round_number),
-            timeout_s=study.round_timeout_s,
+            timeout_s=study.round_deadline_s,
         )
         receipts = (
             None
             if site_keys is None
             else ReceiptCheck(
-                run_id=run_id,
+                run_id=state.run_id,
                 study_sha256=study.sha256(),
                 round=round_number,
-                model_sha256=arrays_sha256(global_arrays),
+                model_sha256=arrays_sha256(state.arrays),
                 site_keys=site_keys,
             )
         )
         accepted, rejected = _split(
-            (validate_train_reply(r, global_arrays, receipts=receipts) for r in replies),
+            (validate_train_reply(r, state.arrays, receipts=receipts) for r in replies),
             known_sites,
         )
-        updates = [update for update in accepted if isinstance(update, SiteUpdate)]
-        for site, reason in rejected.items():
-            log.warning("round %d: reply of %s rejected: %s", round_number, site, reason)
+        updates = sorted(
+            (update for update in accepted if isinstance(update, SiteUpdate)), key=_by_site
+        )
+        missing = {
+            p.site_id
+            for p in plan.planned
+            if p.node_id not in {r.metadata.src_node_id for r in replies}
+        }
+        for site in sorted(missing - set(rejected)):
+            rejected[known_sites.get(_node_of(plan, site), site)] = (
+                f"no reply within the {study.round_deadline_s:g} s deadline (dropped)"
+            )
+        _audit_replies(audit, round_number, updates, rejected)
         if len(updates) < study.min_sites:
             reasons = "; ".join(f"{site}: {reason}" for site, reason in rejected.items())
             raise RoundFailedError(
-                f"round {round_number}: {len(updates)} valid replies of {len(nodes)} sites,"
-                f" the study needs {study.min_sites}" + (f" ({reasons})" if reasons else "")
+                f"round {round_number}: {len(updates)} valid replies of {len(plan.planned)}"
+                f" sites, the study needs {study.min_sites}" + (f" ({reasons})" if reasons else "")
             )
-        _record_scores(results, [update.check for update in updates])
-        global_arrays = fedavg([(update.arrays, update.num_examples) for update in updates])
-        results.sites = sorted({*results.sites, *(update.site_id for update in updates)})
-        results.per_round.append(
-            RoundRecord(
-                round=round_number,
-                participants=sorted(update.site_id for update in updates),
-                local_loss=_weighted((u.local_loss, u.num_examples) for u in updates),
-                epsilon_by_site={u.site_id: u.epsilon for u in sorted(updates, key=_by_site)},
-                noise_by_site={
-                    u.site_id: u.noise_multiplier for u in sorted(updates, key=_by_site)
-                },
-                rejected=rejected,
-                model_sha256=arrays_sha256(global_arrays),
-                duration_s=round(time.monotonic() - started, 3),
-            )
+        _record_scores(results, {update.site_id: update.check for update in updates})
+        aggregated = strategy.aggregate(
+            state.arrays,
+            [Contribution(u.site_id, u.arrays, u.num_examples, u.trained_groups) for u in updates],
         )
+        for site, norm in aggregated.clipped.items():
+            log.warning(
+                "round %d: %s's update (norm %.4g) clipped to %g",
+                round_number,
+                site,
+                norm,
+                study.update_norm_bound,
+            )
+            audit.record(
+                "update.clipped",
+                {
+                    "round": round_number,
+                    "site": site,
+                    "norm": norm,
+                    "bound": study.update_norm_bound,
+                },
+            )
+        state.arrays = aggregated.arrays
+        record = RoundRecord(
+            round=round_number,
+            participants=[u.site_id for u in updates],
+            local_loss=_weighted((u.local_loss, u.num_examples) for u in updates),
+            epsilon_by_site={u.site_id: u.epsilon for u in updates},
+            noise_by_site={u.site_id: u.noise_multiplier for u in updates},
+            rejected=rejected,
+            model_sha256=arrays_sha256(state.arrays),
+            duration_s=round(time.monotonic() - started, 3),
+            refused=dict(plan.refused),
+            # By the names the replies gave: a site of unknown status was planned by node id.
+            local_steps_by_site={
+                known_sites.get(p.node_id, p.site_id): p.local_steps for p in plan.planned
+            },
+            clipped=dict(aggregated.clipped),
+        )
+        results.sites = sorted({*results.sites, *record.participants})
+        results.per_round.append(record)
+        extend_lineage(
+            state.lineage,
+            record,
+            {u.site_id: u.dataset_sha256 for u in updates if u.dataset_sha256 is not None},
+        )
+        audit.record(
+            "round.aggregated",
+            {
+                "round": round_number,
+                "model_sha256": record.model_sha256,
+                "participants": record.participants,
+                "strategy": study.strategy,
+                "weights": {u.site_id: u.num_examples for u in updates},
+                "trained_by": _json(dict(aggregated.trained_by)),
+            },
+        )
+        state.round = round_number
+        checkpoint(store, audit, study, state, strategy, plan.to_json())
         report(results)
-    _record_scores(results, final_checks(grid, study, contract, run_id, global_arrays, known_sites))
+    _record_scores(
+        results, final_checks(grid, study, contract, state.run_id, state.arrays, known_sites)
+    )
+
+
+def _node_of(plan: RoundPlan, site: str) -> int:
+    return next(p.node_id for p in plan.planned if p.site_id == site)
+
+
+def _audit_replies(
+    audit: CoordinatorAudit,
+    round_number: int,
+    updates: Sequence[SiteUpdate],
+    rejected: Mapping[str, str],
+) -> None:
+    for update in updates:
+        audit.record(
+            "update.received",
+            {
+                "round": round_number,
+                "site": update.site_id,
+                "update_sha256": arrays_sha256(update.arrays),
+                "num_examples": update.num_examples,
+                "epsilon": update.epsilon,
+                "noise_multiplier": update.noise_multiplier,
+                "trained_groups": sorted(update.trained_groups),
+                "dataset_sha256": update.dataset_sha256,
+            },
+        )
+    for site, reason in sorted(rejected.items()):
+        log.warning("round %d: reply of %s rejected: %s", round_number, site, reason)
+        audit.record("update.rejected", {"round": round_number, "site": site, "reason": reason})
 
 
 def _by_site(update: SiteUpdate) -> str:
@@ -278,13 +447,12 @@ def final_checks(
     run_id: str,
     arrays: Mapping[str, np.ndarray],
     known_sites: dict[int, str],
-) -> list[ModelCheck]:
+) -> dict[str, ModelCheck]:
     """How the final model does at every connected site (an EVALUATE message to each)."""
-    nodes = sorted(grid.get_node_ids())
+    content = instruction(study, contract, run_id, study.num_rounds, arrays)
     replies = exchange(
         grid,
-        nodes,
-        _instruction(study, contract, run_id, study.num_rounds, arrays),
+        {node: content for node in sorted(grid.get_node_ids())},
         message_type=MessageType.EVALUATE,
         group="final",
         timeout_s=study.round_timeout_s,
@@ -292,4 +460,4 @@ def final_checks(
     accepted, rejected = _split((validate_eval_reply(reply) for reply in replies), known_sites)
     for site, reason in rejected.items():
         log.warning("final evaluation: reply of %s rejected: %s", site, reason)
-    return [result.check for result in accepted if isinstance(result, SiteEval)]
+    return {result.site_id: result.check for result in accepted if isinstance(result, SiteEval)}

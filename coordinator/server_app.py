@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.errors import CoordinatorError, StudyConfigError
-from coordinator.results import RunResults, write_results
+from coordinator.results import RunResults, read_results, write_results
 from coordinator.rounds import run_study
 from coordinator.study import StudySettings
 from model.contract import DEMO_CONTRACT
@@ -17,6 +17,14 @@ from model.contract import DEMO_CONTRACT
 log = logging.getLogger(__name__)
 
 app = ServerApp()
+
+
+def _fab_hash(grid: Grid) -> str:
+    """The SHA-256 of the app bundle this run was submitted with, as Flower recorded it."""
+    try:
+        return str(grid.run.fab_hash or "")
+    except Exception:  # an in-memory grid may carry no run
+        return ""
 
 
 @app.main()
@@ -37,7 +45,24 @@ def main(grid: Grid, context: Context) -> None:
         report(RunResults(run_id=run_id, status="failed", num_rounds=0, error=str(exc)))
         raise
     try:
-        run_study(grid, study, DEMO_CONTRACT, run_id=run_id, report=report)
+        run_study(
+            grid, study, DEMO_CONTRACT, run_id=run_id, report=report, app_sha256=_fab_hash(grid)
+        )
     except CoordinatorError as exc:
         log.error("run %s failed: %s", run_id, exc)
+        _mark_failed(results_path, run_id, study, str(exc))
         raise
+
+
+def _mark_failed(path: Path | None, run_id: str, study: StudySettings, error: str) -> None:
+    """Say that the run failed, keeping the rounds already reported: a run refused before
+    its first round (a resume that finds no checkpoint) would otherwise still read as
+    running from its last life."""
+    if path is None:
+        return
+    results = read_results(path) or RunResults(
+        run_id=run_id, status="failed", num_rounds=study.num_rounds
+    )
+    if results.status != "failed":
+        results.status, results.error = "failed", error
+        write_results(path, results)

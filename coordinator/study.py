@@ -13,13 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coordinator.errors import StudyConfigError
+from coordinator.strategies import StrategyName
 from coordinator.tomlfile import read_toml
 from model.presets import PresetName
 
-RUN_PLUMBING = frozenset({"results_path", "sites_root", "site_keys_dir"})
+RUN_PLUMBING = frozenset({"results_path", "sites_root", "site_keys_dir", "run_dir", "resume"})
 """Fields that say where a run writes, not what the study is: left out of its digest."""
 
 _FLOAT_KEYS = (
@@ -29,6 +30,13 @@ _FLOAT_KEYS = (
     "delta",
     "sample-rate",
     "round-timeout-s",
+    "deadline-s",
+    "proximal-mu",
+    "server-learning-rate",
+    "server-beta1",
+    "server-beta2",
+    "server-tau",
+    "update-norm-bound",
 )
 
 
@@ -52,6 +60,34 @@ class StudySettings(BaseModel):
     sites_root: str = Field(alias="sites-root", default="")
     site_keys_dir: str = Field(alias="site-keys-dir", default="")
     preset: PresetName = "tiny"
+    strategy: StrategyName = "fedavg"
+    proximal_mu: float = Field(alias="proximal-mu", default=0.0, ge=0, le=100)
+    server_learning_rate: float = Field(alias="server-learning-rate", default=0.01, gt=0, le=10)
+    server_beta1: float = Field(alias="server-beta1", default=0.9, ge=0, lt=1)
+    server_beta2: float = Field(alias="server-beta2", default=0.99, ge=0, lt=1)
+    server_tau: float = Field(alias="server-tau", default=1e-3, gt=0, le=1)
+    update_norm_bound: float = Field(alias="update-norm-bound", default=0.0, ge=0)
+    """L2 bound on each site's update before averaging; 0: no bound."""
+    deadline_s: float = Field(alias="deadline-s", default=0.0, ge=0)
+    """Round deadline: steps are sized to finish inside it, later replies are dropped;
+    0: `round-timeout-s`."""
+    run_dir: str = Field(alias="run-dir", default="")
+    """Where the coordinator keeps checkpoints and its audit chain; empty: none."""
+    resume: bool = False
+    """Continue the run whose last checkpoint is in `run-dir`."""
+
+    @model_validator(mode="after")
+    def _strategy_parameters(self) -> StudySettings:
+        if self.proximal_mu > 0 and self.strategy != "fedprox":
+            raise ValueError(f"proximal-mu is set but strategy is {self.strategy!r}, not fedprox")
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("strategy fedprox needs proximal-mu > 0")
+        return self
+
+    @property
+    def round_deadline_s(self) -> float:
+        """Seconds a round may take: `deadline-s`, or `round-timeout-s` when that is 0."""
+        return self.deadline_s or self.round_timeout_s
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StudySettings:
@@ -69,7 +105,9 @@ class StudySettings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            key = ".".join(str(part) for part in first["loc"])
+            if not key:  # a rule across keys, whose message names them
+                raise StudyConfigError(f"{where}: {first['msg']}") from exc
             raise StudyConfigError(f"{where} key {key}: {first['msg']}") from exc
 
     def sha256(self) -> str:

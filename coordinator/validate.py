@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
+from coordinator.strategies import parameter_groups
 from model import wire
 from model.network import arrays_sha256
 from privacy.receipts import UpdateReceipt
@@ -40,6 +41,10 @@ class SiteUpdate:
     epsilon: float
     noise_multiplier: float
     check: ModelCheck
+    trained_groups: frozenset[str] = frozenset()
+    """The parameter groups the site trained (every group of the model unless it said)."""
+    dataset_sha256: str | None = None
+    """The fingerprint of the data it trained on, if the site sent one."""
 
     @property
     def num_examples(self) -> int:
@@ -120,6 +125,27 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
             raise wire.WireError(f"array {name}: contains NaN or Inf")
 
 
+def _optional_site_value(reply: Message, key: str) -> str | None:
+    records = reply.content.config_records
+    if wire.SITE not in records or key not in records[wire.SITE]:
+        return None
+    return wire.get_value(reply.content, wire.SITE, key, str)
+
+
+def _trained_groups(reply: Message, names: frozenset[str]) -> frozenset[str]:
+    """The groups the reply says it trained, each a group of the model; default all."""
+    listed = _optional_site_value(reply, wire.TRAINED_GROUPS)
+    if listed is None:
+        return names
+    groups = frozenset(group.strip() for group in listed.split(",") if group.strip())
+    unknown = sorted(groups - names)
+    if unknown:
+        raise wire.WireError(f"{wire.SITE}.{wire.TRAINED_GROUPS}: unknown groups {unknown}")
+    if not groups:
+        raise wire.WireError(f"{wire.SITE}.{wire.TRAINED_GROUPS}: names no group")
+    return groups
+
+
 def _model_check(reply: Message) -> ModelCheck:
     def metric(key: str, kind: type[wire.T]) -> wire.T:
         return wire.get_value(reply.content, wire.METRICS, key, kind)
@@ -173,9 +199,11 @@ def validate_train_reply(
             raise wire.WireError(f"metrics.{wire.NOISE_MULTIPLIER}: {noise} is not positive")
         local_loss = wire.get_value(reply.content, wire.METRICS, wire.LOCAL_LOSS, float)
         check = _model_check(reply)
+        groups = _trained_groups(reply, parameter_groups(reference))
+        dataset = _optional_site_value(reply, wire.DATASET_SHA256)
     except wire.WireError as exc:
         return Rejection(node_id, site_id, str(exc))
-    return SiteUpdate(node_id, site_id, arrays, local_loss, epsilon, noise, check)
+    return SiteUpdate(node_id, site_id, arrays, local_loss, epsilon, noise, check, groups, dataset)
 
 
 def validate_eval_reply(reply: Message) -> SiteEval | Rejection:

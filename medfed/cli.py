@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from medfed.errors import MedfedError
+from medfed.round_cli import round_app
 
 if TYPE_CHECKING:
     from client.config import SiteConfig
@@ -458,6 +459,9 @@ def coordinator_status(
         stdout.print(table)
         answer = "answers over TLS" if status.healthy else "does NOT answer over TLS"
         stdout.print(Text(f"SuperLink {status.address} {answer}"), soft_wrap=True)
+        for run in status.runs:
+            done = f"{run['rounds_completed']} of {run['num_rounds'] or '?'} rounds"
+            stdout.print(Text(f"run {run['run']}: {run['status']}, {done}"), soft_wrap=True)
     for expiry in status.certificates:
         if expiry.warning is not None:
             stderr.print(Text(f"warning: {expiry.warning}"), soft_wrap=True)
@@ -471,11 +475,45 @@ app.add_typer(site_app, name="site")
 
 
 @app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run folder (results.json, checkpoints, audit chain).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the HTML report.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Write a run's report: metrics per round and site, participation, epsilon per site,
+    and a model card with the lineage; exit 1 if the audit chain does not verify."""
+    from medfed.run_report import write_report
+
+    folder = _guard(lambda: write_report(run_dir, out))
+    if as_json:
+        document = {
+            "out": str(out),
+            "run_id": folder.results.run_id,
+            "rounds_completed": folder.results.rounds_completed,
+            "audit_verified": folder.audit_ok,
+            "audit": folder.audit,
+        }
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        stdout.print(Text(f"wrote {out}"), soft_wrap=True)
+    if folder.audit_ok is False:
+        stderr.print(Text(f"audit chain: {folder.audit}"), soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def version() -> None:
     """Print medfed's version."""
     from medfed import __version__
 
     stdout.print(__version__)
+
+
+app.add_typer(round_app, name="round")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.consortium import ConsortiumConfig
@@ -177,6 +177,8 @@ class CoordinatorStatus:
     address: str
     certificates: list[CertificateExpiry]
     healthy: bool
+    runs: list[dict[str, object]] = field(default_factory=list)
+    """Every run under the run directory: name, status, rounds (see `medfed round list`)."""
 
     @property
     def ok(self) -> bool:
@@ -186,6 +188,7 @@ class CoordinatorStatus:
         return {
             "address": self.address,
             "superlink_healthy": self.healthy,
+            "runs": self.runs,
             "certificates": [
                 {
                     "name": expiry.name,
@@ -201,9 +204,18 @@ class CoordinatorStatus:
 
 
 def coordinator_status(config: ConsortiumConfig, layout: PkiLayout) -> CoordinatorStatus:
-    """Read both certificates' expiry and ask the SuperLink for its health over TLS."""
+    """Read both certificates' expiry, ask the SuperLink for its health over TLS, and read
+    the state of every run."""
+    from medfed.runs import list_runs  # it imports this module's names
+
+    runs = []
+    for run in list_runs(config):
+        document = run.to_json()
+        document.pop("results")
+        runs.append(document)
     return CoordinatorStatus(
         config.consortium.address,
         certificate_expiries(layout),
         superlink_healthy(config, layout.ca_cert),
+        runs,
     )

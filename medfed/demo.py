@@ -89,6 +89,9 @@ def _run_config(study: StudySettings, results_path: Path, sites_root: Path) -> d
     return {
         **study.to_run_config(),
         "results-path": str(results_path),
+        # The coordinator's checkpoints and audit chain, beside the results: a run folder
+        # that `medfed report` renders (kept with --keep).
+        "run-dir": str(results_path.parent),
         "sites-root": str(sites_root),
     }
 
@@ -242,7 +245,7 @@ def run_demo(
         pki = provision_loopback(work / "pki", site_ids(options.sites))
         flwr_home = work / "flwr-home"
         env = {"FLWR_HOME": str(flwr_home)}
-        results_path = work / "results.json"
+        results_path = work / "run" / "results.json"
         app_dir = build_app_dir(
             work / "app",
             {**_run_config(study, results_path, sites_root), "site-keys-dir": str(site_keys)},

@@ -33,6 +33,7 @@ DELTA: Final = "delta"
 SEED: Final = "seed"
 PRESET: Final = "preset"
 N_FEATURES: Final = "n-features"
+PROXIMAL_MU: Final = "proximal-mu"  # FedProx's mu: the site adds (mu/2)||w - w_global||^2
 
 # Keys of the METRICS record in a reply to a query message (the scheduler's view of a site).
 IN_WINDOW: Final = "in-window"  # 1 if the site may train now, else 0
@@ -46,6 +47,11 @@ PATIENTS: Final = "patients"  # training patients (the site's aggregation weight
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"
 RECEIPT_SIGNATURE: Final = "receipt-signature"  # hex Ed25519 signature of the update receipt
+# Parameter groups the update trained, comma-separated (`encoders.clinical,fusion,heads.outcome`);
+# absent: every group. A site without a modality's data leaves that encoder out, so the
+# coordinator does not average its untouched copy into the others' updates.
+TRAINED_GROUPS: Final = "trained-groups"
+DATASET_SHA256: Final = "dataset-sha256"  # optional: the fingerprint of the data trained on
 
 # Keys of the METRICS record in a reply.
 NUM_EXAMPLES: Final = "num-examples"  # training patients; FedAvg's weight

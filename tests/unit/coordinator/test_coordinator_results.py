@@ -66,6 +66,15 @@ def test_to_json_leaves_the_results_themselves_unchanged() -> None:
     assert math.isinf(results.per_round[0].epsilon_by_site["hospital-2"])
 
 
+NEW_ROUND_FIELDS: dict[str, dict[str, object]] = {
+    "refused": {},
+    "local_steps_by_site": {},
+    "clipped": {},
+    "loss_by_site": {},
+    "metric_by_site": {},
+}
+
+
 def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "results.json"
     results = results_with_undefined_metrics()
@@ -94,6 +103,7 @@ def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> Non
                 "rejected": {"node-9": "site replied with an error: hospital-3: refused"},
                 "model_sha256": "ab" * 32,
                 "duration_s": 4.25,
+                **NEW_ROUND_FIELDS,
             },
             {
                 "round": 2,
@@ -107,10 +117,15 @@ def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> Non
                 "rejected": {},
                 "model_sha256": "",
                 "duration_s": 0.0,
+                **NEW_ROUND_FIELDS,
             },
         ],
         "error": None,
         "rounds_completed": 2,
+        "strategy": "fedavg",
+        "delta": None,
+        "waiting_until": None,
+        "resumed_from": [],
     }
 
 

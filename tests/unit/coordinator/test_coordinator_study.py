@@ -43,6 +43,19 @@ FLOAT_KEYS = [
     "round-timeout-s",
 ]
 OPTIONAL_KEYS = ("results-path", "sites-root", "site-keys-dir")
+STRATEGY_DEFAULTS: dict[str, Any] = {
+    "strategy": "fedavg",
+    "proximal-mu": 0.0,
+    "server-learning-rate": 0.01,
+    "server-beta1": 0.9,
+    "server-beta2": 0.99,
+    "server-tau": 1e-3,
+    "update-norm-bound": 0.0,
+    "deadline-s": 0.0,
+    "run-dir": "",
+    "resume": False,
+}
+"""Optional keys (strategy, deadline, checkpoints) and their defaults."""
 """Where a run writes: not part of the study, so not required and not in its digest."""
 
 
@@ -80,7 +93,7 @@ def test_the_repositorys_app_defaults_parse() -> None:
 
     study = StudySettings.from_run_config(defaults)
 
-    assert study.to_run_config().keys() == {*RUN_CONFIG, "preset"}
+    assert study.to_run_config().keys() == {*RUN_CONFIG, "preset", *STRATEGY_DEFAULTS}
 
 
 # No integer lies in delta's open range (0, 1); every other float key takes 1.
@@ -253,6 +266,7 @@ def test_the_run_config_carries_the_study_unchanged() -> None:
         "results-path": "/tmp/r.json",
         "sites-root": "/srv/sites",
         "preset": "tiny",
+        **STRATEGY_DEFAULTS,
     }
     again = StudySettings.from_run_config(config)
     assert again == study
@@ -328,3 +342,31 @@ def test_a_study_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b'[study]\n"study-name" = "\xff"\n')
     with pytest.raises(StudyConfigError, match="is not UTF-8 text"):
         load_study_file(path)
+
+
+def test_strategy_keys_default_to_plain_fedavg_without_a_bound() -> None:
+    study = StudySettings.from_run_config(RUN_CONFIG)
+
+    assert {key: study.model_dump(by_alias=True)[key] for key in STRATEGY_DEFAULTS} == (
+        STRATEGY_DEFAULTS
+    )
+    assert study.round_deadline_s == 600.0
+    assert parse(deadline_s=120).round_deadline_s == 120.0
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedyogi"])
+def test_a_strategy_is_one_of_the_known_names(name: str) -> None:
+    assert parse(strategy=name).strategy == name
+    assert "key strategy:" in refusal({**RUN_CONFIG, "strategy": "fedmedian"})
+
+
+def test_fedprox_needs_a_positive_mu_and_only_fedprox_takes_one() -> None:
+    assert parse(strategy="fedprox", proximal_mu=0.01).proximal_mu == 0.01
+    assert "fedprox needs proximal-mu > 0" in refusal({**RUN_CONFIG, "strategy": "fedprox"})
+    message = refusal({**RUN_CONFIG, "strategy": "fedavg", "proximal-mu": 0.1})
+    assert "proximal-mu is set but strategy is 'fedavg'" in message
+
+
+def test_the_run_plumbing_is_not_part_of_the_studys_digest() -> None:
+    assert parse(run_dir="/x", resume=True).sha256() == parse().sha256()
+    assert parse(strategy="fedadam").sha256() != parse().sha256()

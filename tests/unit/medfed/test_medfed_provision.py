@@ -241,4 +241,5 @@ def test_cli_status_reports_expiry_and_an_unanswering_superlink(tmp_path: Path) 
     )
     assert result.exit_code == 1  # nothing answers on that port
     assert '"superlink_healthy": false' in result.stdout
+    assert '"runs": []' in result.stdout  # the run state, beside the SuperLink's health
     assert "SuperLink certificate" in result.stderr

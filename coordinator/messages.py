@@ -1,0 +1,105 @@
+"""Messages to the sites over Flower's `Grid`: wait for sites, push and poll, and the
+train or evaluate instruction every site receives. Push, then poll for replies: the
+same code runs on a deployment's SuperLink, in Flower's simulation and in tests."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.errors import RoundFailedError
+from coordinator.study import StudySettings
+from model import wire
+from model.contract import StudyContract
+from model.network import arrays_sha256
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.05
+"""How often to ask the SuperLink for replies (Flower's own helper waits 3 s)."""
+
+
+def wait_for_sites(grid: Grid, minimum: int, *, timeout_s: float) -> list[int]:
+    """The connected node ids once at least `minimum` are connected; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RoundFailedError(
+                f"only {len(nodes)} of the {minimum} sites needed connected within {timeout_s:g} s"
+            )
+        time.sleep(0.5)
+
+
+def exchange(
+    grid: Grid,
+    contents: Mapping[int, RecordDict],
+    *,
+    message_type: str,
+    group: str,
+    timeout_s: float,
+) -> list[Message]:
+    """Send each node its content and return the replies that arrive before the timeout."""
+    messages = [
+        Message(
+            content=content,
+            dst_node_id=node,
+            message_type=message_type,
+            group_id=group,
+            ttl=timeout_s,
+        )
+        for node, content in contents.items()
+    ]
+    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if pending:
+            time.sleep(POLL_INTERVAL_S)
+    if pending:
+        log.warning(
+            "round %s: %d site(s) did not reply within %g s", group, len(pending), timeout_s
+        )
+    return replies
+
+
+def instruction(
+    study: StudySettings,
+    contract: StudyContract,
+    run_id: str,
+    round_number: int,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    local_steps: int | None = None,
+    extra: Mapping[str, int | float | str] | None = None,
+) -> RecordDict:
+    config = ConfigRecord(
+        {
+            wire.RUN_ID: run_id,
+            wire.STUDY: study.name,
+            wire.STUDY_SHA256: study.sha256(),
+            wire.ROUND: round_number,
+            wire.PLANNED_ROUNDS: study.num_rounds,
+            wire.TARGET_EPSILON: study.target_epsilon,
+            wire.MODEL_SHA256: arrays_sha256(arrays),
+            wire.PRESET: study.preset,
+            wire.N_FEATURES: len(contract.numeric),
+            wire.LOCAL_STEPS: study.local_steps if local_steps is None else local_steps,
+            wire.LEARNING_RATE: study.learning_rate,
+            wire.MAX_GRAD_NORM: study.max_grad_norm,
+            wire.SAMPLE_RATE: study.sample_rate,
+            wire.DELTA: study.delta,
+            **(extra or {}),
+        }
+    )
+    return RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: config})

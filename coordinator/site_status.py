@@ -1,0 +1,122 @@
+"""Asking the sites for their status before a round (a Flower `query` message).
+
+A site answers with the METRICS keys of `model.wire` (in window, window end, next
+window, throughput, budget left, patients) and its accelerator in the SITE record. A
+site that replies with an error (its software predates the query), malformed content,
+or not at all within the timeout has an *unknown* status: the scheduler still plans
+it with the study's default steps, and the site itself refuses what it may not do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.messages import exchange
+from coordinator.scheduler import SiteStatus
+from coordinator.study import StudySettings
+from model import wire
+
+log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT_S = 30.0
+"""How long sites have to answer a status query; a site that does not is 'unknown'."""
+MAX_PATIENTS = 10_000_000
+"""As `validate.MAX_EXAMPLES`: a larger count is bogus."""
+
+
+def status_query(run_id: str, study: StudySettings) -> RecordDict:
+    """The content of a status query: which run and study the site is asked about."""
+    return RecordDict(
+        {
+            wire.CONFIG: ConfigRecord(
+                {
+                    wire.RUN_ID: run_id,
+                    wire.STUDY: study.name,
+                    wire.STUDY_SHA256: study.sha256(),
+                    wire.PRESET: study.preset,
+                    wire.SAMPLE_RATE: study.sample_rate,
+                    wire.LOCAL_STEPS: study.local_steps,
+                }
+            )
+        }
+    )
+
+
+def unknown_status(node_id: int, known_sites: dict[int, str]) -> SiteStatus:
+    """The status of a site that did not say: named as last seen, else by its node id."""
+    return SiteStatus(node_id, known_sites.get(node_id, f"node-{node_id}"), known=False)
+
+
+def parse_status(reply: Message, known_sites: dict[int, str]) -> SiteStatus:
+    """The site's status from its reply, or an unknown status if it is an error or malformed."""
+    node_id = reply.metadata.src_node_id
+    if reply.has_error():
+        log.info("node %s answered the status query with an error: %s", node_id, reply.error.reason)
+        return unknown_status(node_id, known_sites)
+    content = reply.content
+
+    def metric(key: str, kind: type[wire.T]) -> wire.T:
+        return wire.get_value(content, wire.METRICS, key, kind)
+
+    try:
+        site_id = wire.get_value(content, wire.SITE, wire.SITE_ID, str)
+        accelerator = wire.get_value(content, wire.SITE, wire.ACCELERATOR, str)
+        in_window = metric(wire.IN_WINDOW, int)
+        patients = metric(wire.PATIENTS, int)
+        throughput = metric(wire.THROUGHPUT, float)
+        if in_window not in (0, 1):
+            raise wire.WireError(f"metrics.{wire.IN_WINDOW}: {in_window} is not 0 or 1")
+        if not 0 <= patients <= MAX_PATIENTS:
+            raise wire.WireError(f"metrics.{wire.PATIENTS}: {patients} is out of range")
+        if throughput < 0:
+            raise wire.WireError(f"metrics.{wire.THROUGHPUT}: {throughput} is negative")
+        status = SiteStatus(
+            node_id=node_id,
+            site_id=site_id,
+            in_window=bool(in_window),
+            window_ends=metric(wire.WINDOW_ENDS, float),
+            next_window_start=metric(wire.NEXT_WINDOW_START, float),
+            accelerator=accelerator,
+            throughput_sps=throughput,
+            budget_left=metric(wire.BUDGET_LEFT, float),
+            patients=patients,
+        )
+    except wire.WireError as exc:
+        log.warning("node %s sent a malformed status (%s); its status is unknown", node_id, exc)
+        return unknown_status(node_id, known_sites)
+    known_sites[node_id] = site_id
+    return status
+
+
+def query_statuses(
+    grid: Grid,
+    nodes: Sequence[int],
+    study: StudySettings,
+    run_id: str,
+    round_number: int,
+    known_sites: dict[int, str],
+    unqueryable: set[int],
+) -> list[SiteStatus]:
+    """Each node's status. A node that answered a query with an error cannot answer it
+    (its software has no such function) and is added to `unqueryable`, not to be asked
+    again in this run: each query costs a ClientApp start at the site."""
+    asked = [node for node in nodes if node not in unqueryable]
+    replies = exchange(
+        grid,
+        {node: status_query(run_id, study) for node in asked},
+        message_type=MessageType.QUERY,
+        group=f"status-{round_number}",
+        timeout_s=min(STATUS_TIMEOUT_S, study.round_deadline_s),
+    )
+    answered = {reply.metadata.src_node_id: reply for reply in replies}
+    unqueryable.update(node for node, reply in answered.items() if reply.has_error())
+    return [
+        parse_status(answered[node], known_sites)
+        if node in answered
+        else unknown_status(node, known_sites)
+        for node in nodes
+    ]

@@ -1,0 +1,218 @@
+"""`medfed round start | status | list | resume | stop`: the lead's runs, from the CLI.
+
+Registered in `medfed/cli.py` as the `round` sub-app; the work is in `medfed/runs.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from coordinator.consortium import ConsortiumConfig
+
+T = TypeVar("T")
+stderr = Console(stderr=True)
+stdout = Console()
+
+round_app = typer.Typer(
+    help="The lead's runs: start a study on the consortium, follow, resume and stop it.",
+    no_args_is_help=True,
+)
+
+ConsortiumOption = Annotated[
+    Path,
+    typer.Option("--consortium", help="The consortium's consortium.toml.", dir_okay=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+RunArgument = Annotated[str, typer.Argument(help="The run's name (see `medfed round list`).")]
+FOLLOW_POLL_S = 1.0
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """`medfed.cli._guard`: a medfed error becomes one line and its exit code. (Imported
+    when called: `medfed.cli` imports this module to register it.)"""
+    from medfed.cli import _guard as guard
+
+    return guard(action)
+
+
+def _config(path: Path) -> ConsortiumConfig:
+    from coordinator.consortium import load_consortium
+
+    return _guard(lambda: load_consortium(path))
+
+
+def _flwr() -> str:
+    from medfed.flower import FLWR_HINT
+    from medfed.processes import find_program
+
+    return _guard(lambda: find_program("flwr", install_hint=FLWR_HINT))
+
+
+def _print_view(document: dict[str, object]) -> None:
+    done = f"{document['rounds_completed']} of {document['num_rounds'] or '?'} rounds"
+    line = f"run {document['run']}: {document['status']}, {done}"
+    if document.get("waiting_until"):
+        eta = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(document["waiting_until"])))  # type: ignore[arg-type]
+        line += f"; waiting for enough sites in their windows until {eta}"
+    stdout.print(Text(line), soft_wrap=True)
+    if document.get("error"):
+        stderr.print(Text(f"error: {document['error']}"), soft_wrap=True)
+
+
+def _follow(folder: Path, total: int) -> dict[str, object]:
+    """Show a progress bar of rounds until the run completes or fails; its last view."""
+    from medfed.runs import view
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=stderr, disable=not stderr.is_terminal,
+    )  # fmt: skip
+    task = bar.add_task("rounds", total=total)
+    with bar:
+        while True:
+            document = view(folder).to_json()
+            bar.update(task, completed=int(document["rounds_completed"]))  # type: ignore[call-overload]
+            description = "waiting for windows" if document["status"] == "waiting" else "rounds"
+            bar.update(task, description=description)
+            if document["status"] in ("completed", "failed"):
+                return document
+            time.sleep(FOLLOW_POLL_S)
+
+
+@round_app.command("start")
+def round_start(
+    study_toml: Annotated[Path, typer.Argument(help="The study's study.toml.", dir_okay=False)],
+    consortium: ConsortiumOption = Path("consortium.toml"),
+    pki: Annotated[
+        Path | None,
+        typer.Option("--pki", help="The PKI folder, to check each site's signed updates."),
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Show a progress bar until the run ends.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit STUDY_TOML to the consortium's SuperLink as a new run (`coordinator start`
+    must be running); with --follow, show its rounds until it ends."""
+    from coordinator.study import load_study_file
+    from medfed.provision import PkiLayout
+    from medfed.runs import start_run
+
+    config = _config(consortium)
+    study = _guard(lambda: load_study_file(study_toml))
+    if pki is None:
+        stderr.print(Text("warning: no --pki: site updates will NOT be signature-checked"))
+    layout = None if pki is None else PkiLayout(pki)
+    started = _guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
+    document = started.to_json()
+    if follow:
+        document = _follow(started.folder, study.num_rounds)
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        stdout.print(Text(f"submitted run {started.record.name} (Flower run"
+                          f" {started.record.flower_run_ids[-1]}); files in {started.folder}"),
+                     soft_wrap=True)  # fmt: skip
+        if follow:
+            _print_view(document)
+    if document["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@round_app.command("status")
+def round_status(run: RunArgument, consortium: ConsortiumOption = Path("consortium.toml"),
+                 as_json: JsonOption = False) -> None:  # fmt: skip
+    """A run's status and rounds; exit 1 if it failed."""
+    from medfed.runs import run_folder, view
+
+    config = _config(consortium)
+    current = _guard(lambda: view(run_folder(config, run)))
+    document = current.to_json()
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        _print_view(document)
+        if current.results is not None and current.results.per_round:
+            from medfed.cli import _round_table
+
+            stdout.print(_round_table(current.results))
+    if document["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@round_app.command("list")
+def round_list(consortium: ConsortiumOption = Path("consortium.toml"),
+               as_json: JsonOption = False) -> None:  # fmt: skip
+    """Every run of the consortium, oldest first."""
+    from medfed.runs import list_runs
+
+    config = _config(consortium)
+    views = _guard(lambda: list_runs(config))
+    documents = [v.to_json() for v in views]
+    if as_json:
+        for document in documents:
+            document.pop("results")
+        sys.stdout.write(json.dumps({"runs": documents}) + "\n")
+        return
+    table = Table(title=f"runs in {config.run_dir}")
+    for column in ("run", "study", "status", "rounds", "Flower run ids"):
+        table.add_column(column)
+    for d in documents:
+        table.add_row(
+            Text(str(d["run"])), Text(str(d["study"])), str(d["status"]),
+            f"{d['rounds_completed']}/{d['num_rounds'] or '?'}",
+            ", ".join(map(str, d["flower_run_ids"])),  # type: ignore[call-overload]
+        )  # fmt: skip
+    stdout.print(table)
+
+
+@round_app.command("resume")
+def round_resume(
+    run: RunArgument,
+    consortium: ConsortiumOption = Path("consortium.toml"),
+    follow: Annotated[bool, typer.Option("--follow", help="Show a progress bar.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit RUN again: it continues from its last checkpoint, under its first id."""
+    from medfed.runs import resume_run
+
+    config = _config(consortium)
+    resumed = _guard(lambda: resume_run(config, run, flwr=_flwr()))
+    document = resumed.to_json()
+    if follow:
+        document = _follow(resumed.folder, int(document["num_rounds"] or 0))  # type: ignore[call-overload]
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        stdout.print(Text(f"resumed run {run} as Flower run {resumed.record.flower_run_ids[-1]}"))
+        if follow:
+            _print_view(document)
+    if document["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@round_app.command("stop")
+def round_stop(run: RunArgument, consortium: ConsortiumOption = Path("consortium.toml"),
+               as_json: JsonOption = False) -> None:  # fmt: skip
+    """Stop RUN (`flwr stop`); `medfed round resume` continues it later."""
+    from medfed.runs import stop_run
+
+    config = _config(consortium)
+    stopped = _guard(lambda: stop_run(config, run, flwr=_flwr()))
+    if as_json:
+        sys.stdout.write(json.dumps(stopped.to_json()) + "\n")
+    else:
+        stdout.print(Text(f"stopped run {run} (Flower run {stopped.record.flower_run_ids[-1]})"))

@@ -1,0 +1,250 @@
+"""The lead's runs: submit a study to the consortium's SuperLink, follow, resume, stop.
+
+`medfed coordinator start` runs the SuperLink and writes the `flwr` connection
+`medfed-consortium` under the consortium's run directory. Each run gets a folder
+`<run_dir>/runs/<run name>/` that holds its app bundle, `run.json` (what was submitted,
+and every Flower run id it ran under), and what the ServerApp writes there:
+`results.json`, `checkpoints.db`, the signed `audit.jsonl` and the coordinator's public
+key. Resuming submits the same study again with `resume = true`: the ServerApp
+continues from the last checkpoint under the run's first id, so sites see the same
+(run, round) and spend nothing twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from coordinator.consortium import ConsortiumConfig
+from coordinator.results import RunResults, read_results
+from coordinator.study import StudySettings
+from medfed.app_bundle import build_app_dir
+from medfed.coordinator import CONNECTION, FLWR_HOME_NAME
+from medfed.errors import MedfedError
+from medfed.provision import PkiLayout
+from medfed.run_report import RESULTS_NAME
+from privacy.pki import write_atomic
+
+RUNS_DIR = "runs"
+RUN_FILE = "run.json"
+SITE_KEYS_DIR = "site-keys"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class RunError(MedfedError):
+    """A run cannot be found, submitted, resumed or stopped; the message says why."""
+
+
+@dataclass
+class RunRecord:
+    """`run.json`: what the lead submitted, and the Flower runs it ran as."""
+
+    name: str
+    study: str
+    study_sha256: str
+    submitted: str
+    flower_run_ids: list[str] = field(default_factory=list)
+    stopped: bool = False
+
+    def save(self, folder: Path) -> None:
+        write_atomic(folder / RUN_FILE, json.dumps(asdict(self), indent=1).encode("utf-8"))
+
+    @classmethod
+    def load(cls, folder: Path) -> RunRecord:
+        try:
+            return cls(**json.loads((folder / RUN_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise RunError(f"{folder / RUN_FILE}: not a run record ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run as `status` and `list` show it."""
+
+    folder: Path
+    record: RunRecord
+    results: RunResults | None
+
+    @property
+    def status(self) -> str:
+        """The ServerApp's last word, or `stopped` if the lead stopped it before its end."""
+        if self.results is not None and self.results.status in ("completed", "failed"):
+            return self.results.status
+        if self.record.stopped:
+            return "stopped"
+        return "submitted" if self.results is None else self.results.status
+
+    def to_json(self) -> dict[str, object]:
+        results = self.results
+        return {
+            "run": self.record.name,
+            "folder": str(self.folder),
+            "study": self.record.study,
+            "flower_run_ids": self.record.flower_run_ids,
+            "stopped": self.record.stopped,
+            "status": self.status,
+            "rounds_completed": 0 if results is None else results.rounds_completed,
+            "num_rounds": None if results is None else results.num_rounds,
+            "waiting_until": None if results is None else results.waiting_until,
+            "error": None if results is None else results.error,
+            "results": None if results is None else results.to_json(),
+        }
+
+
+def runs_root(config: ConsortiumConfig) -> Path:
+    """Where the consortium's runs live, as an absolute path: the ServerApp writes there
+    from another working directory."""
+    return config.run_dir.resolve() / RUNS_DIR
+
+
+def run_folder(config: ConsortiumConfig, name: str) -> Path:
+    """The folder of run `name`; a name that is not a run is an error naming it."""
+    if not _RUN_NAME.fullmatch(name):
+        raise RunError(f"{name!r} is not a run name")
+    folder = runs_root(config) / name
+    if not (folder / RUN_FILE).is_file():
+        raise RunError(f"no run {name!r} in {runs_root(config)} (see `medfed round list`)")
+    return folder
+
+
+def view(folder: Path) -> RunView:
+    return RunView(folder, RunRecord.load(folder), read_results(folder / RESULTS_NAME))
+
+
+def list_runs(config: ConsortiumConfig) -> list[RunView]:
+    """Every run of the consortium, oldest first."""
+    root = runs_root(config)
+    if not root.is_dir():
+        return []
+    folders = [path for path in root.iterdir() if (path / RUN_FILE).is_file()]
+    views = [view(folder) for folder in folders]
+    return sorted(views, key=lambda v: (v.record.submitted, v.record.name))
+
+
+def _copy_site_keys(layout: PkiLayout, config: ConsortiumConfig, dest: Path) -> int:
+    """Each member site's public signing key as `<site>.pub` in `dest`; how many."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for site in config.sites:
+        public = layout.site_dir(site.id) / "site-signing.pub"
+        if public.is_file():
+            shutil.copyfile(public, dest / f"{site.id}.pub")
+            copied += 1
+    return copied
+
+
+def _run_config(study: StudySettings, folder: Path, *, resume: bool) -> dict[str, object]:
+    config: dict[str, object] = {
+        **study.to_run_config(),
+        "results-path": str(folder / RESULTS_NAME),
+        "run-dir": str(folder),
+        "resume": resume,
+    }
+    if (folder / SITE_KEYS_DIR).is_dir():
+        config["site-keys-dir"] = str(folder / SITE_KEYS_DIR)
+    return config
+
+
+def _flwr(flwr: str, config: ConsortiumConfig, args: list[str], what: str) -> str:
+    env = {**os.environ, "FLWR_HOME": str(config.run_dir.resolve() / FLWR_HOME_NAME)}
+    try:
+        completed = subprocess.run(
+            [flwr, *args], env=env, capture_output=True, text=True, timeout=180,
+            check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RunError(f"{what}: flwr could not be run ({exc})") from exc
+    if completed.returncode != 0:
+        last = " ".join((completed.stdout + completed.stderr).strip().splitlines()[-4:])[:400]
+        raise RunError(f"{what} failed (flwr exit {completed.returncode}): {last}")
+    return completed.stdout
+
+
+def _submit(flwr: str, config: ConsortiumConfig, app_dir: Path) -> str:
+    output = _flwr(flwr, config, ["run", str(app_dir), CONNECTION, "--format", "json"],
+                   "submitting the run")  # fmt: skip
+    try:
+        return str(json.loads(output)["run-id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"flwr run answered something unexpected: {output.strip()[:200]}") from exc
+
+
+def start_run(
+    config: ConsortiumConfig,
+    study: StudySettings,
+    *,
+    flwr: str,
+    pki: PkiLayout | None = None,
+    now: dt.datetime | None = None,
+) -> RunView:
+    """Make the run's folder and app bundle and submit it to the consortium's SuperLink."""
+    if not (config.run_dir / FLWR_HOME_NAME / "config.toml").is_file():
+        raise RunError(
+            f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"
+            " with `medfed coordinator start` first"
+        )
+    moment = now or dt.datetime.now(dt.UTC)
+    name = f"{study.name}-{moment.strftime('%Y%m%dT%H%M%S')}"
+    folder = runs_root(config) / name
+    if folder.exists():
+        raise RunError(f"{folder} exists already; wait a second and start again")
+    folder.mkdir(parents=True)
+    if pki is not None:
+        _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
+    record = RunRecord(name, study.name, study.sha256(), moment.isoformat())
+    record.save(folder)
+    app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=False))
+    record.flower_run_ids.append(_submit(flwr, config, app_dir))
+    record.save(folder)
+    return view(folder)
+
+
+def resume_run(config: ConsortiumConfig, name: str, *, flwr: str) -> RunView:
+    """Submit run `name` again (the study its bundle carries), to continue from its last
+    checkpoint."""
+    folder = run_folder(config, name)
+    record = RunRecord.load(folder)
+    study = study_of(folder)
+    if study.sha256() != record.study_sha256:
+        raise RunError(f"run {name} ran study {record.study} ({record.study_sha256[:12]});"
+                       f" {study.name} ({study.sha256()[:12]}) is another study")  # fmt: skip
+    current = read_results(folder / RESULTS_NAME)
+    if current is not None and current.status == "completed":
+        raise RunError(f"run {name} has completed; there is nothing to resume")
+    shutil.rmtree(folder / "app", ignore_errors=True)
+    app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=True))
+    record.flower_run_ids.append(_submit(flwr, config, app_dir))
+    record.stopped = False
+    record.save(folder)
+    return view(folder)
+
+
+def stop_run(config: ConsortiumConfig, name: str, *, flwr: str) -> RunView:
+    """Stop the Flower run that run `name` is running as (`flwr stop`)."""
+    folder = run_folder(config, name)
+    record = RunRecord.load(folder)
+    if not record.flower_run_ids:
+        raise RunError(f"run {name} was never submitted")
+    _flwr(flwr, config, ["stop", record.flower_run_ids[-1], CONNECTION], f"stopping run {name}")
+    record.stopped = True
+    record.save(folder)
+    return view(folder)
+
+
+def study_of(folder: Path) -> StudySettings:
+    """The study a run folder's app bundle carries (what `resume` submits again)."""
+    try:
+        document = tomllib.loads((folder / "app" / "pyproject.toml").read_text(encoding="utf-8"))
+        values = dict(document["tool"]["flwr"]["app"]["config"])
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
+        raise RunError(f"{folder}: its app bundle's run config cannot be read ({exc})") from exc
+    for key in ("results-path", "run-dir", "resume", "site-keys-dir"):
+        values.pop(key, None)
+    return StudySettings.from_run_config(values)
