@@ -21,7 +21,7 @@ from privacy.signing import SigningKey
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
-REFERENCE = {"heads.outcome.bias": np.zeros(3, dtype=np.float32)}
+REFERENCE = {"heads.readmission.bias": np.zeros(3, dtype=np.float32)}
 SITE = "hospital-1"
 KEY = SigningKey.generate()
 METRICS = {
@@ -70,7 +70,7 @@ def _signed(arrays: dict[str, np.ndarray], round_number: int = 2, key: SigningKe
     return receipt.sign(key)
 
 
-UPDATE = {"heads.outcome.bias": np.array([0.1, -0.2, 0.3], dtype=np.float32)}
+UPDATE = {"heads.readmission.bias": np.array([0.1, -0.2, 0.3], dtype=np.float32)}
 
 
 def test_the_signature_is_plain_ed25519_over_the_canonical_receipt() -> None:
@@ -98,7 +98,7 @@ def test_a_signed_update_is_taken() -> None:
         # Altered in transit: one value changed after signing.
         (
             lambda: _reply(
-                {"heads.outcome.bias": np.array([0.1, -0.2, 9.9], dtype=np.float32)},
+                {"heads.readmission.bias": np.array([0.1, -0.2, 9.9], dtype=np.float32)},
                 _signed(UPDATE),
             ),
             _check(),

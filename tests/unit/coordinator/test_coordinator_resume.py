@@ -183,7 +183,7 @@ def test_a_straggler_is_dropped_and_a_poisoned_update_is_clipped_and_flagged(
 
 
 def test_a_site_without_a_group_leaves_it_to_the_others(tmp_path: Path) -> None:
-    sites = consortium(**{"9002": {"trained_groups": "fusion,heads.outcome"}})
+    sites = consortium(**{"9002": {"trained_groups": "fusion,heads.readmission"}})
     grid = FakeGrid(sites)
 
     run(grid, study(None, num_server_rounds=1, strategy="fedavg"))

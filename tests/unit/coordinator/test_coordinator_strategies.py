@@ -17,15 +17,15 @@ from coordinator.strategies import (
 )
 from model import wire
 
-ALL = frozenset({"encoders.clinical", "encoders.omics", "fusion", "heads.outcome"})
+ALL = frozenset({"encoders.clinical", "encoders.omics", "fusion", "heads.readmission"})
 NO_OMICS = ALL - {"encoders.omics"}
 SHAPES = {
     "encoders.clinical.0.weight": (4, 3),
     "encoders.clinical.0.bias": (4,),
     "encoders.omics.0.weight": (4, 5),
     "fusion.weight": (4, 8),
-    "heads.outcome.weight": (1, 4),
-    "heads.outcome.bias": (1,),
+    "heads.readmission.weight": (1, 4),
+    "heads.readmission.bias": (1,),
 }
 
 

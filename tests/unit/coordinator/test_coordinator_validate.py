@@ -34,7 +34,7 @@ NODE = 5
 REFERENCE = {
     "encoders.clinical.project.weight": np.zeros((4, 3), dtype=np.float32),
     "encoders.clinical.project.bias": np.zeros(4, dtype=np.float32),
-    "heads.outcome.bias": np.zeros(1, dtype=np.float32),
+    "heads.readmission.bias": np.zeros(1, dtype=np.float32),
 }
 GOOD_METRICS: dict[str, int | float] = {
     wire.NUM_EXAMPLES: 227,
@@ -146,8 +146,8 @@ def _with(name: str, array: np.ndarray) -> dict[str, np.ndarray]:
 
 BAD_ARRAYS = [
     pytest.param(
-        _with("heads.outcome.bias", np.zeros(1, dtype=np.float64)),
-        "array heads.outcome.bias: dtype float64, expected float32",
+        _with("heads.readmission.bias", np.zeros(1, dtype=np.float64)),
+        "array heads.readmission.bias: dtype float64, expected float32",
         id="float64",
     ),
     pytest.param(
@@ -161,8 +161,8 @@ BAD_ARRAYS = [
         id="nan",
     ),
     pytest.param(
-        _with("heads.outcome.bias", np.array([np.inf], dtype=np.float32)),
-        "array heads.outcome.bias: contains NaN or Inf",
+        _with("heads.readmission.bias", np.array([np.inf], dtype=np.float32)),
+        "array heads.readmission.bias: contains NaN or Inf",
         id="inf",
     ),
     pytest.param(
@@ -171,8 +171,8 @@ BAD_ARRAYS = [
         id="extra-array",
     ),
     pytest.param(
-        {k: v for k, v in site_arrays().items() if k != "heads.outcome.bias"},
-        "missing ['heads.outcome.bias']",
+        {k: v for k, v in site_arrays().items() if k != "heads.readmission.bias"},
+        "missing ['heads.readmission.bias']",
         id="missing-array",
     ),
 ]
@@ -191,12 +191,12 @@ def test_a_missing_array_record_is_rejected() -> None:
 def test_an_array_that_is_not_numpy_is_rejected() -> None:
     content = train_content()
     record = content.array_records[wire.ARRAYS]
-    good = record["heads.outcome.bias"]
-    record["heads.outcome.bias"] = Array(
+    good = record["heads.readmission.bias"]
+    record["heads.readmission.bias"] = Array(
         dtype="float32", shape=(1,), stype="torch.raw", data=good.data
     )
     reason = rejection_reason(content)
-    assert reason.startswith("array 'heads.outcome.bias' is not a")
+    assert reason.startswith("array 'heads.readmission.bias' is not a")
     assert "numpy array" in reason
 
 
