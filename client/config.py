@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.errors import ClientError
+from client.windows import TrainingWindow
 from privacy.policy import PrivacyPolicy
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -35,6 +36,16 @@ class SiteSection(BaseModel):
     officer_public_key: Path = Path("keys/officer.pub")
 
 
+class CoordinatorSection(BaseModel):
+    """`[coordinator]`: where `medfed site start` connects (outbound only) and with what."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    superlink: str = Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
+    root_certificates: Path = Path("kit/ca.pem")
+    auth_private_key: Path = Path("kit/supernode.key")
+
+
 class SiteConfig(BaseModel):
     """The whole of `site.toml`."""
 
@@ -42,6 +53,8 @@ class SiteConfig(BaseModel):
 
     site: SiteSection
     privacy: PrivacyPolicy
+    windows: tuple[TrainingWindow, ...] = ()
+    coordinator: CoordinatorSection | None = None
     source: Path = Field(default=Path("site.toml"), exclude=True)
 
     def resolve(self, path: Path) -> Path:
