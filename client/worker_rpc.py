@@ -14,13 +14,12 @@ import os
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
 from client import codec
 from client.codec import CodecError, Frame
-from client.config import SiteConfig
 from client.errors import (
     BudgetRefusal,
     ClientError,
@@ -39,7 +38,10 @@ from client.protocol import (
     TrainReply,
     TrainRequest,
 )
-from client.site_api import SiteApi
+
+if TYPE_CHECKING:  # both import torch-heavy modules; this module must stay light
+    from client.config import SiteConfig
+    from client.site_api import SiteApi
 
 log = logging.getLogger(__name__)
 
