@@ -4,6 +4,7 @@ ClientApp that forwards to it without importing torch."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import stat
 import subprocess
@@ -168,3 +169,31 @@ def test_the_thin_client_app_refuses_clearly_when_the_worker_is_gone(tmp_path: P
     assert result["torch"] is False
     assert result["error"] is True
     assert "not running" in str(result["reason"])
+
+
+WINDOW = """
+[[windows]]
+days = ["sat", "sun"]
+start = "22:00"
+end = "06:00"
+timezone = "Europe/Berlin"
+"""
+
+
+def test_outside_its_window_a_site_refuses_to_train_and_says_when(site_toml: Path) -> None:
+    from client.errors import OutsideWindow
+
+    site_toml.write_text(site_toml.read_text() + WINDOW)
+    config = site_config(site_toml)
+    tuesday_noon = datetime.datetime(2026, 6, 2, 10, 0, tzinfo=datetime.UTC)
+    service = SiteService(config, CONTRACT, clock=lambda: tuesday_noon)
+    with pytest.raises(OutsideWindow, match="2026-06-06T20:00:00"):  # Saturday 22:00 CEST
+        service.train(train_request(STUDY))
+    assert spend_rows(site_toml) == []
+    reply = service.query(QueryRequest())
+    assert not reply.in_window
+    assert reply.next_window_start == datetime.datetime(2026, 6, 6, 20, tzinfo=datetime.UTC).timestamp()
+    sunday_night = datetime.datetime(2026, 6, 7, 23, 0, tzinfo=datetime.UTC)  # Mon 01:00 CEST
+    inside = SiteService(config, CONTRACT, clock=lambda: sunday_night).query(QueryRequest())
+    assert inside.in_window and inside.next_window_start == 0.0
+    assert inside.window_ends == datetime.datetime(2026, 6, 8, 4, tzinfo=datetime.UTC).timestamp()
