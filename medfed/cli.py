@@ -465,6 +465,11 @@ def coordinator_status(
         raise typer.Exit(1)
 
 
+from medfed.site_daemon import site_app  # noqa: E402 (registered after the helpers it uses)
+
+app.add_typer(site_app, name="site")
+
+
 @app.command()
 def version() -> None:
     """Print medfed's version."""
