@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 WORKER_SOCKET = "worker-socket"
 """The node-config key that points the ClientApp at the site worker's socket."""
+WORKER_WAIT = "worker-wait-s"
+"""The node-config key for how long a message waits for a restarting worker (seconds)."""
+DEFAULT_WORKER_WAIT_S = 60.0
 SITE_CONFIG = "site-config"
 """The node-config key that names the site's site.toml (in-process mode)."""
 
@@ -79,7 +82,8 @@ def site_api(context: Context) -> SiteApi:
     if socket is not None:
         from client.worker_rpc import WorkerClient
 
-        return WorkerClient(socket)
+        wait_s = float(str(context.node_config.get(WORKER_WAIT, DEFAULT_WORKER_WAIT_S)))
+        return WorkerClient(socket, wait_s=wait_s)
     from client.config import load_site_config
     from client.site_api import SiteService
     from model.contract import DEMO_CONTRACT

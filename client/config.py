@@ -44,6 +44,8 @@ class CoordinatorSection(BaseModel):
     superlink: str = Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
     root_certificates: Path = Path("kit/ca.pem")
     auth_private_key: Path = Path("kit/supernode.key")
+    poll_interval_s: float = Field(default=1.0, ge=0.05, le=3.0)
+    """How often the idle SuperNode asks the coordinator for work (Flower's own: 3 s)."""
 
 
 class SiteConfig(BaseModel):

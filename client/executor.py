@@ -127,9 +127,12 @@ class WarmExecutor:
         context: Context | None = None
         reply: Message | None = None
         status, details = SubStatus.FAILED, "the task failed"
+        marks = [time.monotonic()]
         try:
             message, context, run, fab = pull_task_input(client)
+            marks.append(time.monotonic())
             reply = chain(self._app(run, fab), [self._guard])(message, context)
+            marks.append(time.monotonic())
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:
             log.exception("a ClientApp task failed")
@@ -144,9 +147,12 @@ class WarmExecutor:
             except Exception:
                 log.exception("could not push the reply to the SuperNode")
             push_task_output(client=client, context=context, sub_status=status, details=details)
+            marks.append(time.monotonic())
             heartbeat.stop()
             client.close()
             self.tasks_run += 1
+            phases = ", ".join(f"{b - a:.2f}" for a, b in zip(marks, marks[1:], strict=False))
+            log.info("task phases (pull, app, push) in s: %s", phases)
 
     def serve(self, stop: threading.Event, *, poll_interval_s: float = POLL_INTERVAL_S) -> None:
         """Acquire and run tasks until `stop` is set; a SuperNode that is away (restarting)
@@ -174,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret-file", type=Path, help="The SuperExec auth secret (raw bytes).")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     from client.client_app import GUARD
 
     secret = args.secret_file.read_bytes() if args.secret_file else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -99,7 +100,14 @@ class SiteService:
         """Train one round, if inside a training window (else `OutsideWindow`)."""
         with self._lock:
             self._check_window()
-            return self._trainer.train(request)
+            log.info("training run %s round %d", request.run_id, request.round)
+            started = time.perf_counter()
+            reply = self._trainer.train(request)
+            log.info(
+                "trained run %s round %d in %.3f s",
+                request.run_id, request.round, time.perf_counter() - started,
+            )  # fmt: skip
+            return reply
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
         """Evaluate the global model on the held-out patients (allowed outside windows:

@@ -8,6 +8,7 @@ or SIGINT. The socket appearing is the sign that it is ready.
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import signal
 import sys
@@ -21,7 +22,10 @@ from client.worker_rpc import serve, worker_socket_path
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 3.0
+TORCH_THREADS_VARIABLE = "MEDFED_TORCH_THREADS"
+"""If set, the worker's torch uses this many CPU threads (the demo runs several sites on
+one machine; a hospital's worker takes all cores by default)."""
 
 
 def run_worker(site_toml: Path, *, stop: threading.Event | None = None) -> None:
@@ -56,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("site_toml", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    threads = os.environ.get(TORCH_THREADS_VARIABLE)
+    if threads:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
     from privacy.errors import PrivacyError
     from sites.errors import SiteError
 

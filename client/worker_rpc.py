@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
@@ -152,11 +153,24 @@ def serve(api: SiteApi, socket_path: Path) -> grpc.Server:
 class WorkerClient:
     """The site API over the worker's socket; raises what the worker would have raised."""
 
-    def __init__(self, socket_path: Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, socket_path: Path, *, timeout_s: float = DEFAULT_TIMEOUT_S, wait_s: float = 0.0
+    ) -> None:
+        """`wait_s`: how long a request waits for a worker that is not up (restarting)
+        before it is refused. A request the worker took and then lost (it crashed
+        mid-way) is never sent again: it may have been half done."""
         self._socket_path = socket_path
         self._timeout_s = timeout_s
+        self._wait_s = wait_s
+
+    def _await_worker(self) -> None:
+        deadline = time.monotonic() + self._wait_s
+        while time.monotonic() < deadline and not self.ping(timeout_s=1.0):
+            time.sleep(0.2)
 
     def _call(self, frame: Frame, *, timeout_s: float | None = None) -> Frame:
+        if self._wait_s > 0 and frame.kind != "ping":
+            self._await_worker()
         if not self._socket_path.exists():
             raise WorkerUnavailable(
                 f"the site worker is not running (no socket at {self._socket_path});"

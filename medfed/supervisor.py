@@ -160,7 +160,8 @@ class SiteDaemon:
         self.runtime_port = free_port()
         self.superlink = superlink
         secret = _secret(self.state_dir / SECRET_FILE)
-        supernode = find_program("flower-supernode", install_hint=FLWR_HINT)
+        find_program("flower-supernode", install_hint=FLWR_HINT)  # flwr is installed
+        poll_s = str(config.coordinator.poll_interval_s) if config.coordinator else "1.0"
         socket_path = worker_socket_path(config)
         node_config = f'worker-socket="{socket_path}" site-config="{config.source.resolve()}"'
         flwr_home = {"FLWR_HOME": str(self.state_dir / "flwr")}
@@ -170,7 +171,10 @@ class SiteDaemon:
             Child(
                 "supernode",
                 lambda: [
-                    supernode,
+                    python,
+                    "-m",
+                    "client.supernode",
+                    poll_s,
                     "--superlink",
                     superlink,
                     "--root-certificates",

@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from client.client_app import GUARD, app
 from client.config import SITE_TOML
@@ -127,8 +135,10 @@ def test_a_raw_data_array_an_extra_metric_and_a_stray_key_are_dropped(site_toml:
     [
         lambda arrays: {**arrays, "data": np.zeros((5, 4), np.float32)},  # an extra array
         lambda arrays: {n: a.astype(np.float64) for n, a in arrays.items()},  # float64
-        lambda arrays: {n: np.concatenate([a.ravel(), [1.0]]).astype(np.float32)  # reshaped
-                        for n, a in arrays.items()},
+        lambda arrays: {
+            n: np.concatenate([a.ravel(), [1.0]]).astype(np.float32)  # reshaped
+            for n, a in arrays.items()
+        },
         lambda arrays: dict(list(arrays.items())[1:]),  # one array missing
     ],
     ids=["extra-array", "float64", "wrong-shape", "missing"],
@@ -157,7 +167,10 @@ def test_metrics_over_fewer_than_k_patients_do_not_leave(site_toml: Path) -> Non
 
 
 def test_a_query_reply_may_not_carry_arrays_or_training_metrics(site_toml: Path) -> None:
-    records = {wire.ARRAYS: global_arrays(), wire.METRICS: {wire.IN_WINDOW: 1, wire.LOCAL_LOSS: 0.2}}
+    records = {
+        wire.ARRAYS: global_arrays(),
+        wire.METRICS: {wire.IN_WINDOW: 1, wire.LOCAL_LOSS: 0.2},
+    }
     reply = _guarded(site_toml, records, MessageType.QUERY)
     assert set(reply.content) == {wire.METRICS}
     assert dict(reply.content.metric_records[wire.METRICS]) == {wire.IN_WINDOW: 1}

@@ -132,7 +132,8 @@ THIN = textwrap.dedent(
     from client.client_app import app
     msg = Message(RecordDict(), dst_node_id=5, message_type="query", group_id="1")
     msg.metadata.__dict__["_message_id"] = msg.object_id
-    ctx = Context(run_id=1, node_id=5, node_config={"worker-socket": sys.argv[1]},
+    ctx = Context(run_id=1, node_id=5,
+                  node_config={"worker-socket": sys.argv[1], "worker-wait-s": "0"},
                   state=RecordDict(), run_config={})
     reply = app(msg, ctx)
     out = {"torch": "torch" in sys.modules, "error": reply.has_error()}
@@ -159,8 +160,12 @@ def test_the_thin_client_app_forwards_without_torch(site_toml: Path, worker: Wor
     result = _thin(worker_socket_path(site_config(site_toml)))
     assert result["torch"] is False
     assert result["error"] is False, result
-    assert result["metrics"] == {"in-window": 1, "window-ends": 0.0, "next-window-start": 0.0,
-                                 "patients": pytest.approx(result["metrics"]["patients"])}  # type: ignore[index]
+    assert result["metrics"] == {
+        "in-window": 1,
+        "window-ends": 0.0,
+        "next-window-start": 0.0,
+        "patients": pytest.approx(result["metrics"]["patients"]),
+    }  # type: ignore[index]
     assert result["site"] == {"site-id": "hospital-1", "accelerator": "cpu"}
 
 
@@ -192,7 +197,10 @@ def test_outside_its_window_a_site_refuses_to_train_and_says_when(site_toml: Pat
     assert spend_rows(site_toml) == []
     reply = service.query(QueryRequest())
     assert not reply.in_window
-    assert reply.next_window_start == datetime.datetime(2026, 6, 6, 20, tzinfo=datetime.UTC).timestamp()
+    assert (
+        reply.next_window_start
+        == datetime.datetime(2026, 6, 6, 20, tzinfo=datetime.UTC).timestamp()
+    )
     sunday_night = datetime.datetime(2026, 6, 7, 23, 0, tzinfo=datetime.UTC)  # Mon 01:00 CEST
     inside = SiteService(config, CONTRACT, clock=lambda: sunday_night).query(QueryRequest())
     assert inside.in_window and inside.next_window_start == 0.0
