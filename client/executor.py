@@ -22,6 +22,7 @@ This module imports no torch: with a worker socket configured, neither does the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import signal
 import sys
@@ -151,7 +152,7 @@ class WarmExecutor:
             heartbeat.stop()
             client.close()
             self.tasks_run += 1
-            phases = ", ".join(f"{b - a:.2f}" for a, b in zip(marks, marks[1:], strict=False))
+            phases = ", ".join(f"{b - a:.2f}" for a, b in itertools.pairwise(marks))
             log.info("task phases (pull, app, push) in s: %s", phases)
 
     def serve(self, stop: threading.Event, *, poll_interval_s: float = POLL_INTERVAL_S) -> None:

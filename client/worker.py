@@ -8,8 +8,8 @@ or SIGINT. The socket appearing is the sign that it is ready.
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import signal
 import sys
 import threading
