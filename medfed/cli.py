@@ -469,6 +469,10 @@ from medfed.site_daemon import site_app  # noqa: E402 (registered after the help
 
 app.add_typer(site_app, name="site")
 
+from medfed.bench_cli import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+
 
 @app.command()
 def version() -> None:
