@@ -380,10 +380,9 @@ def test_a_query_reports_the_site_status_in_process(root: Path) -> None:
 
 
 def test_outside_its_window_the_site_refuses_with_its_own_code(root: Path) -> None:
-    from client.client_app import ERROR_CODE_OUTSIDE_WINDOW
-
     import datetime as dt
 
+    from client.client_app import ERROR_CODE_OUTSIDE_WINDOW
     from client.windows import WEEKDAYS
 
     site_toml = root / "hospital-1" / SITE_TOML
