@@ -40,6 +40,52 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.05
 """How often an idle executor asks the SuperNode for a task (Flower's SuperExec: 1 s)."""
+OBJECT_BACKOFF_S = (0.05, 0.5)
+"""First and largest wait before asking again for a part of the message the SuperNode is
+still fetching (Flower's `flwr-clientapp`: 1 s doubling to 10 s, most of a short round)."""
+
+
+def pull_task_input(client: Any) -> tuple[Message, Context, Any, Any]:
+    """The task's message, context, run and app bundle: Flower 1.42's `pull_task_input`
+    (flwr.supernode.runtime.run_clientapp) with shorter backoffs for missing objects."""
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    started = time.monotonic()
+    task = client.PullTaskInput(PullTaskInputRequest())
+    took_task = time.monotonic() - started
+    TaskIdentity.task_id = task.task_id
+    TaskIdentity.run_id = task.run.run_id
+    TaskIdentity.node_id = task.context.node_id
+    context = context_from_proto(task.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode handed over a task without a message")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message: Message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        initial_backoff=OBJECT_BACKOFF_S[0],
+        backoff_cap=OBJECT_BACKOFF_S[1],
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does
+    log.info(
+        "pulled the task input in %.2f s (%.2f s for context, run and bundle)",
+        time.monotonic() - started, took_task,
+    )  # fmt: skip
+    return message, context, run_from_proto(task.run), fab_from_proto(task.fab)
 
 
 def _runtime_client(address: str, interceptors: list[Any]) -> Any:
@@ -109,11 +155,7 @@ class WarmExecutor:
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
         )
-        from flwr.supernode.runtime.run_clientapp import (
-            pull_task_input,
-            push_message,
-            push_task_output,
-        )
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = _runtime_client(
             self._address,
