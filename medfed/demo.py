@@ -3,7 +3,8 @@
 In a temporary folder it writes a synthetic consortium (one table per hospital),
 provisions a CA, the SuperLink's TLS certificate and one SuperNode key pair per
 site, starts a `flower-superlink` with TLS and SuperNode authentication, registers
-the sites' keys, starts one `flower-supernode` per site, and runs the study with
+the sites' keys, runs one site daemon (`medfed site start`: worker, SuperNode, warm
+executor) per site, and runs the study with
 `flwr run`. With `simulation`, the same app runs on Flower's simulation runtime
 (Ray) behind a TLS SuperLink instead of real SuperNodes.
 """
