@@ -205,3 +205,24 @@ def test_outside_its_window_a_site_refuses_to_train_and_says_when(site_toml: Pat
     inside = SiteService(config, CONTRACT, clock=lambda: sunday_night).query(QueryRequest())
     assert inside.in_window and inside.next_window_start == 0.0
     assert inside.window_ends == datetime.datetime(2026, 6, 8, 4, tzinfo=datetime.UTC).timestamp()
+
+
+def test_throughput_is_measured_once_and_cached_per_model_and_accelerator(
+    site_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.throughput as throughput
+
+    config = site_config(site_toml)
+    service = SiteService(config, CONTRACT)
+    ask = QueryRequest(preset="tiny", n_features=len(CONTRACT.features))
+    first = service.query(ask).throughput
+    assert first is not None and first > 0
+    cached = json.loads((config.state_dir / throughput.CACHE_NAME).read_text())
+    assert cached == {f"tiny/{len(CONTRACT.features)}@cpu": first}
+
+    def no_second_run(*args: object) -> float:
+        raise AssertionError("calibrated again although the figure is cached")
+
+    monkeypatch.setattr(throughput, "calibrate", no_second_run)
+    assert service.query(ask).throughput == first
+    assert spend_rows(site_toml) == []  # calibration touches no patient and spends nothing
