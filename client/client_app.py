@@ -1,8 +1,13 @@
-"""The Flower ClientApp: decodes the coordinator's messages, calls the trainer, encodes replies.
+"""The Flower ClientApp: a thin messenger between the coordinator and the site.
 
-It imports no torch at module level (the trainer is imported per message), so a
-message that is refused early costs little. A malformed or refused instruction gets
-an error reply that names the reason; the coordinator lists it and goes on.
+It decodes the coordinator's train, evaluate and query messages, hands them to the
+site API (`client.site_api`) and encodes the answers. When the SuperNode's node config
+names a `worker-socket`, the API is the site worker over its Unix socket and this module
+never imports torch nor touches a data file; without one (simulation) it runs
+`SiteService` in-process. Every reply passes the egress guard (`client.egress`).
+
+A malformed or refused instruction gets an error reply that names the reason (a gone
+worker too); the coordinator lists it and goes on, and the SuperNode keeps running.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.config import SITE_TOML, load_site_config
-from client.errors import BudgetRefusal, ClientError, RequestError
+from client.egress import AuditSink, egress_guard
+from client.errors import BudgetRefusal, ClientError, OutsideWindow, RequestError
+from client.protocol import EgressRules, QueryRequest
 from model import wire
 from model.presets import PRESET_NAMES, PresetName
 from privacy.errors import PrivacyError
@@ -24,16 +30,24 @@ from sites.synthetic import site_id
 
 if TYPE_CHECKING:
     from client.protocol import ModelCheck
-    from client.trainer import SiteTrainer
+    from client.site_api import SiteApi
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+WORKER_SOCKET = "worker-socket"
+"""The node-config key that points the ClientApp at the site worker's socket."""
+WORKER_WAIT = "worker-wait-s"
+"""The node-config key for how long a message waits for a restarting worker (seconds)."""
+DEFAULT_WORKER_WAIT_S = 60.0
+SITE_CONFIG = "site-config"
+"""The node-config key that names the site's site.toml (in-process mode)."""
 
 ERROR_CODE_REFUSED = 4001
 """The error code of a reply in which the site refuses the instruction (reason attached)."""
 ERROR_CODE_OUT_OF_BUDGET = 4002
 """The error code of a refusal because the round would exceed the approval or the cap."""
+ERROR_CODE_OUTSIDE_WINDOW = 4003
+"""The error code of a refusal to train outside the site's training windows (not a fault)."""
 
 REFUSALS = (wire.WireError, ClientError, SiteError, PrivacyError)
 """Errors that become a refusal reply: a bad instruction, or the site's data or privacy rules."""
@@ -42,31 +56,89 @@ REFUSALS = (wire.WireError, ClientError, SiteError, PrivacyError)
 def site_config_path(context: Context) -> Path:
     """This site's `site.toml`: from the SuperNode's node config, or in a simulation from
     the run config's `sites-root` and the virtual node's partition id."""
+    from client.config import SITE_TOML
+
     node = context.node_config
-    if "site-config" in node:
-        return Path(str(node["site-config"]))
+    if SITE_CONFIG in node:
+        return Path(str(node[SITE_CONFIG]))
     root = str(context.run_config.get("sites-root", ""))
     if root and "partition-id" in node:
         return Path(root) / site_id(int(node["partition-id"])) / SITE_TOML
     raise RequestError(
         "this SuperNode does not say which site it is: start it with"
-        " --node-config 'site-config=\"/path/to/site.toml\"'"
+        " --node-config 'worker-socket=\"/path/to/worker.sock\"' (`medfed site start` does)"
+        " or 'site-config=\"/path/to/site.toml\"'"
     )
 
 
-def _trainer(context: Context) -> SiteTrainer:
-    from client.trainer import SiteTrainer
+def _worker_socket(context: Context) -> Path | None:
+    value = context.node_config.get(WORKER_SOCKET)
+    return None if value is None else Path(str(value))
+
+
+def site_api(context: Context) -> SiteApi:
+    """The site API for this message: the worker when one is configured, else in-process."""
+    socket = _worker_socket(context)
+    if socket is not None:
+        from client.worker_rpc import WorkerClient
+
+        wait_s = float(str(context.node_config.get(WORKER_WAIT, DEFAULT_WORKER_WAIT_S)))
+        return WorkerClient(socket, wait_s=wait_s)
+    from client.config import load_site_config
+    from client.site_api import SiteService
     from model.contract import DEMO_CONTRACT
 
-    return SiteTrainer(load_site_config(site_config_path(context)), DEMO_CONTRACT)
+    return SiteService(load_site_config(site_config_path(context)), DEMO_CONTRACT)
+
+
+def _rules(context: Context) -> EgressRules:
+    socket = _worker_socket(context)
+    if socket is not None:
+        from client.worker_rpc import WorkerClient
+
+        return WorkerClient(socket).egress_rules()
+    from client.config import load_site_config
+
+    config = load_site_config(site_config_path(context))
+    return EgressRules(site_id=config.site.id, min_cohort_k=config.privacy.min_cohort_k)
+
+
+def _audit_sink(context: Context) -> AuditSink:
+    socket = _worker_socket(context)
+    if socket is not None:
+        from client.worker_rpc import WorkerClient
+
+        return WorkerClient(socket).audit
+    from client.config import load_site_config
+    from privacy.audit import AuditLog
+    from privacy.signing import SigningKey
+
+    config = load_site_config(site_config_path(context))
+    log_ = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+    return log_.append  # type: ignore[return-value]
+
+
+GUARD = egress_guard(_rules, _audit_sink)
+"""The egress guard, as this app's outermost mod (the warm executor adds its own too)."""
+
+app = ClientApp(mods=[GUARD])
+
+
+def _site_name(context: Context) -> str:
+    try:
+        return _rules(context).site_id
+    except ClientError:
+        return "unidentified site"
 
 
 def _refusal(msg: Message, context: Context, error: Exception) -> Message:
-    try:
-        site = load_site_config(site_config_path(context)).site.id
-    except ClientError:
-        site = "unidentified site"
-    code = ERROR_CODE_OUT_OF_BUDGET if isinstance(error, BudgetRefusal) else ERROR_CODE_REFUSED
+    site = _site_name(context)
+    if isinstance(error, BudgetRefusal):
+        code = ERROR_CODE_OUT_OF_BUDGET
+    elif isinstance(error, OutsideWindow):
+        code = ERROR_CODE_OUTSIDE_WINDOW
+    else:
+        code = ERROR_CODE_REFUSED
     log.warning("%s refuses %s message: %s", site, msg.metadata.message_type, error)
     return Message(Error(code=code, reason=f"{site}: {error}"), reply_to=msg)
 
@@ -113,7 +185,7 @@ def train(msg: Message, context: Context) -> Message:
             sample_rate=wire.get_value(content, wire.CONFIG, wire.SAMPLE_RATE, float),
             delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
         )
-        reply = _trainer(context).train(request)
+        reply = site_api(context).train(request)
     except REFUSALS as exc:
         return _refusal(msg, context, exc)
     metrics = MetricRecord(
@@ -151,7 +223,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             preset=_preset(content),
             n_features=wire.get_value(content, wire.CONFIG, wire.N_FEATURES, int),
         )
-        reply = _trainer(context).evaluate(request)
+        reply = site_api(context).evaluate(request)
     except REFUSALS as exc:
         return _refusal(msg, context, exc)
     content = RecordDict(
@@ -161,3 +233,41 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _optional(content: RecordDict, key: str, kind: type[wire.T]) -> wire.T | None:
+    if wire.CONFIG not in content.config_records or key not in content.config_records[wire.CONFIG]:
+        return None
+    return wire.get_value(content, wire.CONFIG, key, kind)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the scheduler how this site stands: window, accelerator, throughput, budget."""
+    content = msg.content
+    try:
+        preset = _optional(content, wire.PRESET, str)
+        if preset is not None and preset not in PRESET_NAMES:
+            raise wire.WireError(f"config.{wire.PRESET}: unknown preset {preset!r}")
+        request = QueryRequest(
+            study=_optional(content, wire.STUDY, str),
+            study_sha256=_optional(content, wire.STUDY_SHA256, str),
+            preset=preset,  # type: ignore[arg-type]
+            n_features=_optional(content, wire.N_FEATURES, int),
+            delta=_optional(content, wire.DELTA, float),
+        )
+        reply = site_api(context).query(request)
+    except REFUSALS as exc:
+        return _refusal(msg, context, exc)
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        wire.IN_WINDOW: int(reply.in_window),
+        wire.WINDOW_ENDS: reply.window_ends,
+        wire.NEXT_WINDOW_START: reply.next_window_start,
+        wire.PATIENTS: reply.patients,
+    }
+    if reply.throughput is not None:
+        metrics[wire.THROUGHPUT] = reply.throughput
+    if reply.budget_left is not None:
+        metrics[wire.BUDGET_LEFT] = reply.budget_left
+    site = ConfigRecord({wire.SITE_ID: reply.site_id, wire.ACCELERATOR: reply.accelerator})
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics), wire.SITE: site}), reply_to=msg)

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.errors import ClientError
+from client.windows import TrainingWindow
 from privacy.policy import PrivacyPolicy
 from sites.config import Accelerator, Datasets
 
@@ -36,6 +37,18 @@ class SiteSection(BaseModel):
     officer_public_key: Path = Path("keys/officer.pub")
 
 
+class CoordinatorSection(BaseModel):
+    """`[coordinator]`: where `medfed site start` connects (outbound only) and with what."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    superlink: str = Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
+    root_certificates: Path = Path("kit/ca.pem")
+    auth_private_key: Path = Path("kit/supernode.key")
+    poll_interval_s: float = Field(default=1.0, ge=0.05, le=3.0)
+    """How often the idle SuperNode asks the coordinator for work (Flower's own: 3 s)."""
+
+
 class SiteConfig(BaseModel):
     """The whole of `site.toml`."""
 
@@ -45,6 +58,8 @@ class SiteConfig(BaseModel):
     privacy: PrivacyPolicy
     datasets: Datasets = ()  # none: the demo's data_dir/patients.csv (sites.manifest)
     accelerator: Accelerator = "cpu"
+    windows: tuple[TrainingWindow, ...] = ()
+    coordinator: CoordinatorSection | None = None
     source: Path = Field(default=Path("site.toml"), exclude=True)
 
     def resolve(self, path: Path) -> Path:

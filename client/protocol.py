@@ -7,11 +7,36 @@ The same values travel in-process (simulation, tests) and inside Flower messages
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from model.network import PresetName
-from model.train import EvalResult
+from model.presets import PresetName
+
+
+class HeldOutMetrics(Protocol):
+    """Metrics of a model on the held-out patients: `model.train.EvalResult` in the worker,
+    `HeldOut` where a reply was decoded off the wire (this module imports no torch, so the
+    thin ClientApp can use it)."""
+
+    @property
+    def examples(self) -> int: ...
+    @property
+    def loss(self) -> float: ...
+    @property
+    def auroc(self) -> float: ...
+    @property
+    def accuracy(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out metrics as they arrive from the site worker."""
+
+    examples: int
+    loss: float
+    auroc: float
+    accuracy: float
 
 
 @dataclass(frozen=True)
@@ -42,7 +67,7 @@ class ModelCheck:
 
     train_examples: int
     train_loss: float
-    held_out: EvalResult
+    held_out: HeldOutMetrics
 
 
 @dataclass(frozen=True)
@@ -81,3 +106,42 @@ class EvaluateReply:
 
     site_id: str
     result: ModelCheck
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    """The coordinator's scheduler asks how this site stands for a study (all optional:
+    a query without a study still gets the window and the accelerator)."""
+
+    study: str | None = None
+    study_sha256: str | None = None
+    preset: PresetName | None = None
+    n_features: int | None = None
+    delta: float | None = None
+
+
+@dataclass(frozen=True)
+class QueryReply:
+    """What the scheduler needs to plan a round at this site.
+
+    Times are epoch seconds; 0 stands for "none" (no end to the current window, or in a
+    window now). `throughput` and `budget_left` are None when the query named no study.
+    """
+
+    site_id: str
+    in_window: bool
+    window_ends: float
+    next_window_start: float
+    accelerator: str
+    throughput: float | None
+    budget_left: float | None
+    patients: int
+
+
+@dataclass(frozen=True)
+class EgressRules:
+    """What the site lets out of it (see `client.egress`): its id, and the least number of
+    patients an aggregate metric may be computed over (the policy's `min_cohort_k`)."""
+
+    site_id: str
+    min_cohort_k: int

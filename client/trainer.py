@@ -66,6 +66,11 @@ class SiteTrainer:
     def dataset_fingerprint(self) -> str:
         return self._table.fingerprint
 
+    @property
+    def patients(self) -> int:
+        """Training patients: the site's aggregation weight, reported to the scheduler."""
+        return len(self._table.train_labels)
+
     def _model_for(
         self, arrays: Mapping[str, np.ndarray], digest: str, preset: PresetName, n_features: int
     ) -> MedModel:

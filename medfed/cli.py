@@ -469,9 +469,15 @@ def coordinator_status(
         raise typer.Exit(1)
 
 
-from medfed.site_cli import site_app  # noqa: E402  (site_cli imports this module lazily)
+from medfed.site_cli import add_check_command  # noqa: E402
+from medfed.site_daemon import site_app  # noqa: E402 (registered after the helpers it uses)
 
+add_check_command(site_app)
 app.add_typer(site_app, name="site")
+
+from medfed.bench_cli import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
 
 
 @app.command()

@@ -3,7 +3,8 @@
 In a temporary folder it writes a synthetic consortium (one table per hospital),
 provisions a CA, the SuperLink's TLS certificate and one SuperNode key pair per
 site, starts a `flower-superlink` with TLS and SuperNode authentication, registers
-the sites' keys, starts one `flower-supernode` per site, and runs the study with
+the sites' keys, runs one site daemon (`medfed site start`: worker, SuperNode, warm
+executor) per site, and runs the study with
 `flwr run`. With `simulation`, the same app runs on Flower's simulation runtime
 (Ray) behind a TLS SuperLink instead of real SuperNodes.
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import SITE_TOML
+from client.config import SITE_TOML, SiteConfig
 from coordinator.results import RunResults, read_results
 from coordinator.study import StudySettings
 from medfed.app_bundle import build_app_dir
@@ -186,6 +187,49 @@ def _start_sites(
         )  # fmt: skip
 
 
+def _start_site_daemons(
+    group: ProcessGroup,
+    programs: _Programs,
+    port: int,
+    pki: Provisioned,
+    sites_root: Path,
+    env: dict[str, str],
+) -> None:
+    """Register every site's key, then run `medfed site start` for each site (worker,
+    SuperNode and warm executor, as a hospital runs them) and wait until each connected."""
+    import sys
+
+    from client.config import load_site_config
+    from client.worker import TORCH_THREADS_VARIABLE
+    from medfed.supervisor import read_state
+
+    for keys in pki.sites:
+        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
+              what=f"registering {keys.site_id}'s key with the SuperLink")  # fmt: skip
+    for keys in pki.sites:
+        site_toml = sites_root / keys.site_id / SITE_TOML
+        with site_toml.open("a", encoding="utf-8") as out:
+            out.write(
+                "\n[coordinator]\n"
+                f'superlink = "127.0.0.1:{port}"\n'
+                f'root_certificates = "{pki.ca_cert.resolve()}"\n'
+                f'auth_private_key = "{keys.private_key.resolve()}"\n'
+                "poll_interval_s = 0.2\n"
+            )
+        config = load_site_config(site_toml)
+        daemon = group.start(
+            keys.site_id,
+            [sys.executable, "-m", "medfed", "site", "start", str(site_toml)],
+            env={**env, TORCH_THREADS_VARIABLE: "1"},  # several sites share this machine's cores
+        )
+
+        def connected(config: SiteConfig = config) -> bool:
+            state = read_state(config)
+            return bool(state and state.get("connected"))
+
+        group.wait_until_ready(daemon, connected, timeout_s=START_TIMEOUT_S)
+
+
 def _submit(programs: _Programs, app_dir: Path, env: dict[str, str]) -> str:
     output = _flwr(
         programs,
@@ -255,7 +299,7 @@ def run_demo(
             _write_flwr_config(flwr_home, port, pki, options.sites if options.simulation else None)
             full_env = {**group.env, **env}
             if not options.simulation:
-                _start_sites(group, programs, port, pki, sites_root, full_env)
+                _start_site_daemons(group, programs, port, pki, sites_root, full_env)
             run_id = _submit(programs, app_dir, full_env)
             log.info("submitted run %s", run_id)
             results = _watch(group, results_path, options, progress)

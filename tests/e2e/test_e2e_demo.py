@@ -89,15 +89,17 @@ def test_demo_simulation_runs_on_ray(process_tag: str) -> None:
     _assert_nothing_left(process_tag)
 
 
-def _wait_for_supernode(tag: str, site_id: str, timeout_s: float) -> int:
+def _wait_for_site_daemon(tag: str, site_id: str, timeout_s: float) -> int:
+    """The PID of the site's `medfed site start` (the demo runs one daemon per site; the
+    daemon itself restarts a SuperNode that dies, see tests/unit/medfed)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for pid in pids_with_env(TEST_TAG_VARIABLE, tag):
             command = _cmdline(pid)
-            if "flower-supernode" in command and f"/{site_id}/site.toml" in command:
+            if " site start " in command and f"/{site_id}/site.toml" in command:
                 return pid
         time.sleep(0.2)
-    raise AssertionError(f"the SuperNode of {site_id} never started")
+    raise AssertionError(f"the site daemon of {site_id} never started")
 
 
 def test_demo_names_a_dead_site_stops_the_rest_and_fails(process_tag: str) -> None:
@@ -106,7 +108,7 @@ def test_demo_names_a_dead_site_stops_the_rest_and_fails(process_tag: str) -> No
         env=_env(process_tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        victim = _wait_for_supernode(process_tag, "hospital-2", timeout_s=120)
+        victim = _wait_for_site_daemon(process_tag, "hospital-2", timeout_s=120)
         time.sleep(2)
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = demo.communicate(timeout=120)
@@ -129,7 +131,7 @@ def test_demo_stops_everything_on_ctrl_c(process_tag: str) -> None:
         env=_env(process_tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _wait_for_supernode(process_tag, "hospital-2", timeout_s=120)
+        _wait_for_site_daemon(process_tag, "hospital-2", timeout_s=120)
         demo.send_signal(signal.SIGINT)
         _, stderr = demo.communicate(timeout=60)
     finally:

@@ -355,3 +355,41 @@ def test_a_site_too_small_for_dp_sgd_is_refused(root: Path) -> None:
 
     assert text.startswith("hospital-1: DP-SGD needs at least 2 patients")
     assert spend_rows(site_toml) == []
+
+
+def test_a_query_reports_the_site_status_in_process(root: Path) -> None:
+    from client.client_app import query
+
+    config = {wire.STUDY: STUDY.name, wire.STUDY_SHA256: STUDY.sha256()}
+    message = Message(
+        RecordDict({wire.CONFIG: ConfigRecord(config)}),
+        dst_node_id=NODE,
+        message_type=MessageType.QUERY,
+        group_id="q",
+    )
+    message.metadata.__dict__["_message_id"] = message.object_id
+    reply = query(message, site_context(root))
+    assert not reply.has_error(), reply
+    metrics = reply.content.metric_records[wire.METRICS]
+    assert metrics[wire.IN_WINDOW] == 1 and metrics[wire.NEXT_WINDOW_START] == 0.0
+    assert metrics[wire.PATIENTS] == len(table_of(root / "hospital-1" / SITE_TOML).train_labels)
+    assert metrics[wire.BUDGET_LEFT] == pytest.approx(STUDY.target_epsilon)
+    assert wire.THROUGHPUT not in metrics  # the query named no model
+    site = reply.content.config_records[wire.SITE]
+    assert site[wire.SITE_ID] == "hospital-1" and site[wire.ACCELERATOR] == "cpu"
+
+
+def test_outside_its_window_the_site_refuses_with_its_own_code(root: Path) -> None:
+    import datetime as dt
+
+    from client.client_app import ERROR_CODE_OUTSIDE_WINDOW
+    from client.windows import WEEKDAYS
+
+    site_toml = root / "hospital-1" / SITE_TOML
+    other_day = WEEKDAYS[(dt.datetime.now(dt.UTC).weekday() + 3) % 7]  # not today, nor soon
+    window = f'\n[[windows]]\ndays = ["{other_day}"]\nstart = "10:00"\nend = "11:00"\n'
+    site_toml.write_text(site_toml.read_text() + window + 'timezone = "UTC"\n')
+    reply = train(instruction(), site_context(root))
+    reason = refusal_reason(reply, ERROR_CODE_OUTSIDE_WINDOW)
+    assert "outside the site's training windows" in reason and "next" in reason
+    assert spend_rows(site_toml) == []

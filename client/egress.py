@@ -1,0 +1,272 @@
+"""The egress guard: what may leave the site in a reply, decided by the site's code.
+
+It is a middleware around the ClientApp (Flower's mods are the model: one callable
+type, `ReplyMod`, chained by `chain`). The site's own warm executor wraps whatever
+ClientApp the coordinator shipped with it, so a ClientApp that tries to send more
+than the contract allows is stopped even if it leaves the guard out of its own mods.
+
+What passes, and nothing else:
+
+- a train reply's `arrays` record, only if it holds exactly the instruction's array
+  names with the same shapes, as finite float32 (the study's model; nothing more);
+- the `metrics` record's whitelisted keys for that message type (`model.wire`), as
+  single numbers; aggregates over training patients only when the reply's patient
+  count is at least the policy's `min_cohort_k`, held-out aggregates only when the
+  held-out count is;
+- the `site` record's site id (this site's), receipt signature (hex) and accelerator;
+- an error reply's code, and its reason cut to `MAX_REASON_CHARS`.
+
+Everything else is dropped and the drop is written to the site's audit log. A train
+reply whose arrays do not match is blocked whole: it becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from functools import reduce
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from client.protocol import EgressRules
+from model import wire
+
+log = logging.getLogger(__name__)
+
+ConfigValue = (
+    int
+    | float
+    | str
+    | bytes
+    | bool
+    | list[int]
+    | list[float]
+    | list[str]
+    | list[bytes]
+    | list[bool]
+)
+Handler = Callable[[Message, Context], Message]
+"""A ClientApp, or a ClientApp already wrapped in mods."""
+ReplyMod = Callable[[Message, Context, Handler], Message]
+"""A middleware: gets the instruction and the next handler, returns the reply (Flower's `Mod`)."""
+
+ERROR_CODE_BLOCKED = 4010
+"""The code of the error reply that replaces a reply the guard blocked whole."""
+MAX_REASON_CHARS = 400
+ACCELERATORS = frozenset({"cpu", "cuda", "rbln"})
+_HEX_SIGNATURE = re.compile(r"[0-9a-f]{128}")
+
+TRAIN_POPULATION_METRICS = frozenset({wire.LOCAL_LOSS, wire.MODEL_TRAIN_LOSS})
+"""Aggregates over the training patients: sent only for at least k of them."""
+HELD_OUT_METRICS = frozenset({wire.EVAL_LOSS, wire.EVAL_AUROC, wire.EVAL_ACCURACY})
+"""Aggregates over the held-out patients: sent only for at least k of them."""
+ALLOWED_METRICS: dict[str, frozenset[str]] = {
+    MessageType.TRAIN: frozenset(
+        {wire.NUM_EXAMPLES, wire.EPSILON, wire.NOISE_MULTIPLIER, wire.EVAL_EXAMPLES}
+        | TRAIN_POPULATION_METRICS
+        | HELD_OUT_METRICS
+    ),
+    MessageType.EVALUATE: frozenset({wire.NUM_EXAMPLES, wire.EVAL_EXAMPLES})
+    | TRAIN_POPULATION_METRICS
+    | HELD_OUT_METRICS,
+    MessageType.QUERY: frozenset(
+        {
+            wire.IN_WINDOW,
+            wire.WINDOW_ENDS,
+            wire.NEXT_WINDOW_START,
+            wire.THROUGHPUT,
+            wire.BUDGET_LEFT,
+            wire.PATIENTS,
+        }
+    ),
+}
+
+
+AuditSink = Callable[[str, dict[str, object]], None]
+"""Where the guard reports what it dropped (the site's audit log)."""
+
+
+def chain(handler: Handler, mods: Sequence[ReplyMod]) -> Handler:
+    """`handler` wrapped in `mods`; the first mod is the outermost (sees the final reply)."""
+
+    def wrap(inner: Handler, mod: ReplyMod) -> Handler:
+        return lambda message, context: mod(message, context, inner)
+
+    return reduce(wrap, reversed(mods), handler)
+
+
+def _category(message: Message) -> str:
+    return message.metadata.message_type.split(".", 1)[0]
+
+
+def _arrays_problem(instruction: Message, record: ArrayRecord) -> str | None:
+    """Why the reply's arrays are not the instruction's model; None if they are."""
+    try:
+        expected = wire.record_to_arrays(instruction.content)
+    except wire.WireError:
+        return "the instruction carried no model to compare the update with"
+    names = list(record.keys())
+    if sorted(names) != sorted(expected):
+        extra = sorted(set(names) - set(expected))[:5]
+        missing = sorted(set(expected) - set(names))[:5]
+        return f"array names differ from the model's (extra {extra}, missing {missing})"
+    for name in names:
+        array = record[name]
+        if array.dtype != "float32" or tuple(array.shape) != expected[name].shape:
+            return (
+                f"array {name!r} is {array.dtype} {tuple(array.shape)}, the model's is float32"
+                f" {expected[name].shape}"
+            )
+        values = array.numpy()
+        if values.dtype != np.float32 or not np.isfinite(values).all():
+            return f"array {name!r} is not finite float32"
+    return None
+
+
+def _count(metrics: MetricRecord, key: str) -> int:
+    value = metrics.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _filter_metrics(
+    category: str, metrics: MetricRecord, rules: EgressRules, dropped: list[str]
+) -> MetricRecord:
+    allowed = ALLOWED_METRICS.get(category, frozenset())
+    training = _count(metrics, wire.NUM_EXAMPLES)
+    held_out = _count(metrics, wire.EVAL_EXAMPLES)
+    kept: dict[str, int | float | list[int] | list[float]] = {}
+    for key, value in metrics.items():
+        scalar = isinstance(value, int | float) and not isinstance(value, bool)
+        if key not in allowed or not scalar:
+            dropped.append(f"metrics.{key}")
+        elif key in TRAIN_POPULATION_METRICS and training < rules.min_cohort_k:
+            dropped.append(f"metrics.{key} (over {training} < k patients)")
+        elif (
+            key in HELD_OUT_METRICS
+            and held_out < rules.min_cohort_k
+            and not (isinstance(value, float) and math.isnan(value))  # withheld: says nothing
+        ):
+            dropped.append(f"metrics.{key} (over {held_out} < k patients)")
+        else:
+            kept[key] = value
+    return MetricRecord(kept)
+
+
+def _filter_site(record: ConfigRecord, rules: EgressRules, dropped: list[str]) -> ConfigRecord:
+    kept: dict[str, ConfigValue] = {}
+    for key, value in record.items():
+        ok = (
+            (key == wire.SITE_ID and value == rules.site_id)
+            or (key == wire.RECEIPT_SIGNATURE and isinstance(value, str)
+                and _HEX_SIGNATURE.fullmatch(value) is not None)
+            or (key == wire.ACCELERATOR and value in ACCELERATORS)
+        )  # fmt: skip
+        if ok:
+            kept[key] = str(value)
+        else:
+            dropped.append(f"site.{key}")
+    return ConfigRecord(kept)
+
+
+def filter_reply(
+    instruction: Message, reply: Message, rules: EgressRules
+) -> tuple[Message, list[str]]:
+    """The reply as it may leave the site, and what was dropped from it (empty if nothing)."""
+    dropped: list[str] = []
+    if reply.has_error():
+        reason = reply.error.reason or ""
+        if len(reason) > MAX_REASON_CHARS:
+            dropped.append(f"error reason beyond {MAX_REASON_CHARS} characters")
+        error = Error(code=reply.error.code, reason=reason[:MAX_REASON_CHARS])
+        return Message(error, reply_to=instruction), dropped
+    category = _category(instruction)
+    content = reply.content
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
+    for name in content:
+        if name == wire.ARRAYS and category == MessageType.TRAIN and name in content.array_records:
+            problem = _arrays_problem(instruction, content.array_records[name])
+            if problem is not None:
+                return _blocked(instruction, f"update blocked: {problem}"), [f"arrays: {problem}"]
+            records[name] = content.array_records[name]
+        elif name == wire.METRICS and name in content.metric_records:
+            records[name] = _filter_metrics(category, content.metric_records[name], rules, dropped)
+        elif name == wire.SITE and name in content.config_records:
+            records[name] = _filter_site(content.config_records[name], rules, dropped)
+        else:
+            dropped.append(f"record {name!r}")
+    if category == MessageType.TRAIN:
+        if wire.ARRAYS not in records:
+            return _blocked(instruction, "a train reply without the model update"), dropped
+        if _count(content.metric_records.get(wire.METRICS, MetricRecord()), wire.NUM_EXAMPLES) < (
+            rules.min_cohort_k
+        ):
+            return _blocked(instruction, "an update over fewer than k patients"), dropped
+    return Message(RecordDict(records), reply_to=instruction), dropped
+
+
+def _blocked(instruction: Message, reason: str) -> Message:
+    return Message(
+        Error(code=ERROR_CODE_BLOCKED, reason=f"egress guard: {reason}"[:MAX_REASON_CHARS]),
+        reply_to=instruction,
+    )
+
+
+def egress_guard(
+    rules_of: Callable[[Context], EgressRules], audit_of: Callable[[Context], AuditSink]
+) -> ReplyMod:
+    """The guard as a `ReplyMod`: `rules_of` and `audit_of` find the site from the context
+    (its node config), so one guard serves whichever site runs it."""
+
+    def guard(message: Message, context: Context, call_next: Handler) -> Message:
+        reply = call_next(message, context)
+        try:
+            rules = (
+                EgressRules(site_id="", min_cohort_k=1) if reply.has_error() else rules_of(context)
+            )
+        except Exception as exc:  # fail closed: without the site's rules nothing leaves
+            log.error("egress guard cannot read the site's rules: %s", exc)
+            return _blocked(message, f"cannot read the site's rules ({exc})")
+        guarded, dropped = filter_reply(message, reply, rules)
+        if dropped:
+            log.warning("egress guard dropped %s", ", ".join(dropped))
+            _audit(
+                audit_of,
+                context,
+                "egress blocked",
+                {
+                    "message_type": message.metadata.message_type,
+                    "run_id": message.metadata.run_id,
+                    "group_id": message.metadata.group_id,
+                    "dropped": list(dropped),
+                    "blocked_whole": guarded.has_error() and not reply.has_error(),
+                },
+            )
+        return guarded
+
+    return guard
+
+
+def _audit(
+    audit_of: Callable[[Context], AuditSink],
+    context: Context,
+    event: str,
+    details: dict[str, object],
+) -> None:
+    """Write the drop to the site's audit log; a log that cannot be written is logged
+    loudly, but the (already filtered) reply still goes."""
+    try:
+        audit_of(context)(event, details)
+    except Exception as exc:
+        log.error("egress guard could not write the audit log: %s (%s)", exc, details)

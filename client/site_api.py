@@ -1,0 +1,183 @@
+"""The site API: one interface, two transports.
+
+`SiteApi` is what a ClientApp calls for a train, evaluate or query message. `SiteService`
+implements it in-process on top of `SiteTrainer` (simulation, tests, and inside the
+site worker); `client.worker_rpc.WorkerClient` implements it over gRPC on the worker's
+Unix socket. Both answer a declined request by raising a `SiteRefusal` (an
+`OutsideWindow` outside the training windows, a `BudgetRefusal` when out of budget).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from client.config import SiteConfig
+from client.errors import OutsideWindow
+from client.protocol import (
+    EgressRules,
+    EvaluateReply,
+    EvaluateRequest,
+    QueryReply,
+    QueryRequest,
+    TrainReply,
+    TrainRequest,
+)
+from client.windows import in_window, next_window_start, window_end
+from model.contract import StudyContract
+from privacy.accountant import epsilon_of
+from privacy.audit import AuditLog
+from privacy.policy import PastSpend, counted
+from privacy.signing import JsonValue, SigningKey, VerifyKey
+
+if TYPE_CHECKING:
+    from client.trainer import SiteTrainer
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class SiteApi(Protocol):
+    """What a site answers; raises a `client.errors.ClientError` for a request it declines."""
+
+    def train(self, request: TrainRequest) -> TrainReply: ...
+
+    def evaluate(self, request: EvaluateRequest) -> EvaluateReply: ...
+
+    def query(self, request: QueryRequest) -> QueryReply: ...
+
+    def egress_rules(self) -> EgressRules: ...
+
+    def audit(self, event: str, details: Mapping[str, JsonValue]) -> None: ...
+
+
+def accelerator_kind(config: SiteConfig) -> str:
+    """The accelerator this site trains on. The CPU until `site.toml` names one (the
+    sites package adds `accelerator`); never a silent fallback once it does."""
+    return str(getattr(config, "accelerator", None) or "cpu")
+
+
+class SiteService:
+    """The site API in-process: windows, then the trainer (pre-flight, DP-SGD, ledger).
+
+    Calls are serialised: one round trains at a time, and the ledger's SQLite file is
+    used from one thread at a time.
+    """
+
+    def __init__(
+        self, config: SiteConfig, contract: StudyContract, *, clock: Clock = utc_now
+    ) -> None:
+        from client.trainer import SiteTrainer  # torch: only where the service runs
+
+        self._config = config
+        self._trainer = SiteTrainer(config, contract)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+
+    @property
+    def trainer(self) -> SiteTrainer:
+        return self._trainer
+
+    def _check_window(self) -> None:
+        now = self._clock()
+        if in_window(self._config.windows, now):
+            return
+        opens = next_window_start(self._config.windows, now)
+        when = "no window opens in the next days" if opens is None else f"next {opens.isoformat()}"
+        raise OutsideWindow(f"outside the site's training windows ({when})")
+
+    def train(self, request: TrainRequest) -> TrainReply:
+        """Train one round, if inside a training window (else `OutsideWindow`)."""
+        with self._lock:
+            self._check_window()
+            log.info("training run %s round %d", request.run_id, request.round)
+            started = time.perf_counter()
+            reply = self._trainer.train(request)
+            log.info(
+                "trained run %s round %d in %.3f s",
+                request.run_id, request.round, time.perf_counter() - started,
+            )  # fmt: skip
+            return reply
+
+    def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
+        """Evaluate the global model on the held-out patients (allowed outside windows:
+        it spends no privacy budget and little compute)."""
+        with self._lock:
+            return self._trainer.evaluate(request)
+
+    def query(self, request: QueryRequest) -> QueryReply:
+        """The site's status for the scheduler."""
+        now = self._clock()
+        windows = self._config.windows
+        inside = in_window(windows, now)
+        ends = window_end(windows, now) if inside else None
+        opens = None if inside else next_window_start(windows, now)
+        accelerator = accelerator_kind(self._config)
+        throughput = None
+        with self._lock:
+            if request.preset is not None and request.n_features is not None:
+                from client.throughput import ThroughputCache
+
+                throughput = ThroughputCache(self._config.state_dir).get(
+                    request.preset, request.n_features, accelerator
+                )
+            budget = None if request.study_sha256 is None else self._budget_left(request, now)
+            patients = self._trainer.patients
+        return QueryReply(
+            site_id=self._config.site.id,
+            in_window=inside,
+            window_ends=0.0 if ends is None else ends.timestamp(),
+            next_window_start=0.0 if opens is None else opens.timestamp(),
+            accelerator=accelerator,
+            throughput=throughput,
+            budget_left=budget,
+            patients=patients,
+        )
+
+    def egress_rules(self) -> EgressRules:
+        """What the egress guard enforces for this site."""
+        return EgressRules(
+            site_id=self._config.site.id, min_cohort_k=self._config.privacy.min_cohort_k
+        )
+
+    def audit(self, event: str, details: Mapping[str, JsonValue]) -> None:
+        """Append an event to the site's signed audit log (the guard reports drops here)."""
+        self._audit.append(event, details)
+
+    def _budget_left(self, request: QueryRequest, now: dt.datetime) -> float:
+        """Epsilon this study may still spend here: the least of what the dataset's cap
+        and the officer's approval (if the policy requires one) leave."""
+        from client.privacy_gate import study_label
+
+        policy = self._config.privacy
+        delta = request.delta if request.delta is not None else policy.max_delta
+        records = self._trainer.ledger.records(self._trainer.dataset_fingerprint)
+        spends = [PastSpend(r.study, r.event, r.recorded_at) for r in records]
+        in_cap = counted(spends, policy.cap_window, now)
+        dataset_eps = epsilon_of(
+            [s.event for s in in_cap], delta=delta, accountant=policy.accountant
+        )
+        left = policy.epsilon_cap - dataset_eps
+        label = study_label(request.study or "", request.study_sha256 or "")
+        approval = self._trainer.ledger.approval_for(
+            request.study_sha256 or "",
+            VerifyKey.load(self._config.officer_public_key_path),
+            site_id=self._config.site.id,
+        )
+        if approval is not None:
+            study_events = [s.event for s in spends if s.study_key == label]
+            study_eps = epsilon_of(study_events, delta=delta, accountant=policy.accountant)
+            left = min(left, approval.epsilon - study_eps)
+        elif policy.require_approval:
+            left = 0.0
+        return max(0.0, left)

@@ -1,0 +1,145 @@
+"""`medfed site start` and `medfed site status`: the site operator's daemon commands.
+
+A Typer sub-app; `medfed/cli.py` registers it as `site` (beside `site check`).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+site_app = typer.Typer(
+    help="The site operator's commands: check the site, run its daemon, see its status.",
+    no_args_is_help=True,
+)
+
+SiteTomlArg = Annotated[Path, typer.Argument(help="The site's site.toml.", dir_okay=False)]
+
+
+@site_app.command("start")
+def site_start(site_toml: SiteTomlArg) -> None:
+    """Run the site daemon: the site worker, the SuperNode (outbound TLS to the coordinator)
+    and the warm task executor, restarted with backoff if they exit, until Ctrl-C or SIGTERM."""
+    from medfed import cli
+    from medfed.supervisor import SiteDaemon
+
+    config = cli._guard(lambda: cli._site_config(site_toml))
+    daemon = cli._guard(lambda: SiteDaemon(config))
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cli.stderr.print(
+        Text(
+            f"site {config.site.id}: daemon started; connecting to {daemon.superlink};"
+            f" logs in {daemon.log_dir}"
+        ),
+        soft_wrap=True,
+    )
+    daemon.run(stop)
+    cli.stderr.print(Text(f"site {config.site.id}: stopped"), soft_wrap=True)
+
+
+def _last_round(site_toml: Path) -> dict[str, Any] | None:
+    from medfed import cli
+    from privacy.ledger import PrivacyLedger
+
+    records = PrivacyLedger(cli._site_config(site_toml).ledger_path).records()
+    if not records:
+        return None
+    last = max(records, key=lambda record: record.recorded_at)
+    return {"run_id": last.run_id, "round": last.round, "at": last.recorded_at.isoformat()}
+
+
+def site_status_document(site_toml: Path) -> dict[str, Any]:
+    """What `medfed site status --json` prints: processes, connection, last round, budget."""
+    from medfed import cli
+    from medfed.budget import budget_summary
+    from medfed.supervisor import pid_alive, read_state
+
+    config = cli._site_config(site_toml)
+    state = read_state(config) or {}
+    running = bool(state.get("running")) and pid_alive(state.get("daemon_pid"))
+    children = state.get("children", {}) if running else {}
+    processes = {
+        name: {**child, "alive": pid_alive(child.get("pid"))}
+        for name, child in children.items()
+        if isinstance(child, dict)
+    }
+    summary = budget_summary(config).to_json()
+    return {
+        "site_id": config.site.id,
+        "running": running,
+        "daemon_pid": state.get("daemon_pid") if running else None,
+        "superlink": None if config.coordinator is None else config.coordinator.superlink,
+        "connected": bool(state.get("connected")) and running,
+        "processes": processes,
+        "last_round": _last_round(site_toml),
+        "budget": [
+            {
+                key: dataset[key]
+                for key in (
+                    "dataset",
+                    "epsilon_spent",
+                    "epsilon_cap",
+                    "epsilon_remaining",
+                    "exceeded",
+                )
+            }
+            for dataset in summary["datasets"]  # type: ignore[attr-defined]
+        ],
+        "ok": running and all(child["alive"] for child in processes.values()),
+    }
+
+
+@site_app.command("status")
+def site_status(
+    site_toml: SiteTomlArg,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """The daemon's processes, its connection to the coordinator, the last round trained
+    and the budget; exit 1 if the daemon or one of its processes is not running."""
+    from medfed import cli
+
+    document = cli._guard(lambda: site_status_document(site_toml))
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        state = "running" if document["running"] else "NOT running"
+        link = "connected" if document["connected"] else "not connected"
+        cli.stdout.print(
+            Text(f"site {document['site_id']}: daemon {state}; {link} to {document['superlink']}"),
+            soft_wrap=True,
+        )
+        table = Table(title="processes")
+        for column in ("process", "pid", "alive", "restarts"):
+            table.add_column(column)
+        for name, child in document["processes"].items():
+            table.add_row(name, str(child.get("pid")), str(child["alive"]), str(child["restarts"]))
+        cli.stdout.print(table)
+        last = document["last_round"]
+        cli.stdout.print(
+            Text("last round: none" if last is None else
+                 f"last round: run {last['run_id']} round {last['round']} at {last['at']}"),
+        )  # fmt: skip
+        for budget in document["budget"]:
+            cli.stdout.print(
+                Text(f"dataset {budget['dataset'][:16]}: epsilon {budget['epsilon_spent']:.3f}"
+                     f" of {budget['epsilon_cap']:g}")
+            )  # fmt: skip
+    if not document["ok"]:
+        raise typer.Exit(1)

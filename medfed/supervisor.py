@@ -1,0 +1,314 @@
+"""`medfed site start`: the site daemon that supervises the worker, the SuperNode and the
+warm task executor.
+
+Three children, each in its own session so it is stopped by PID with what it started:
+
+- the site worker (`python -m client.worker SITE_TOML`): data, model, ledger, policy;
+- `flower-supernode --isolation process`: outbound TLS to the coordinator's SuperLink
+  with the site's SuperNode key; retries without limit when the coordinator restarts;
+  its Runtime API listens on 127.0.0.1 only;
+- the warm executor (`python -m client.executor`): runs the ClientApp tasks in one
+  process, behind the egress guard, so no process starts per message.
+
+A child that exits is restarted with exponential backoff (1 s doubling to 60 s, reset
+after 60 s of good health). The daemon logs to a rotating file in the state dir and
+writes its state (children, PIDs, restarts, ports) atomically to `daemon.json` there,
+which `medfed site status` reads. SIGTERM or SIGINT stops every child by PID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import logging.handlers
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from client.config import SiteConfig, SiteConfigError
+from client.worker_rpc import worker_socket_path
+from medfed.errors import MedfedError
+from medfed.flower import FLWR_HINT
+from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port
+
+log = logging.getLogger(__name__)
+
+STATE_FILE: Final = "daemon.json"
+SECRET_FILE: Final = "superexec.secret"
+LOG_DIR: Final = "logs"
+LOG_MAX_BYTES: Final = 5 * 1024 * 1024
+LOG_BACKUPS: Final = 5
+BACKOFF_FIRST_S: Final = 1.0
+BACKOFF_MAX_S: Final = 60.0
+HEALTHY_AFTER_S: Final = 60.0
+TICK_S: Final = 0.25
+SUPERNODE_READY: Final = "SuperNode ID:"
+
+
+class DaemonError(MedfedError):
+    """The site daemon cannot start: a missing section, file or program; names which."""
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, and its restart history."""
+
+    name: str
+    argv: Callable[[], Sequence[str]]
+    env: dict[str, str] = field(default_factory=dict)
+    process: ManagedProcess | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start_at: float = 0.0
+    backoff_s: float = BACKOFF_FIRST_S
+    last_exit: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        alive = self.process is not None and not self.process.died()
+        return {
+            "pid": self.process.pid if self.process is not None else None,
+            "alive": alive,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "log": str(self.process.log_path) if self.process is not None else None,
+        }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def _secret(path: Path) -> Path:
+    """A fresh random SuperExec secret, readable by the site's user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+    with os.fdopen(handle, "wb") as out:
+        out.write(secrets.token_bytes(32))
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, path)
+    return path
+
+
+def _rotate(path: Path) -> None:
+    """Keep a child's log below `LOG_MAX_BYTES`: move it aside (`.1` ... `.5`) at restart."""
+    try:
+        if path.stat().st_size < LOG_MAX_BYTES:
+            return
+    except OSError:
+        return
+    for index in range(LOG_BACKUPS - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+
+
+def _daemon_log(log_dir: Path) -> logging.Handler:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        log_dir / "site.log", maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def _check_files(config: SiteConfig) -> tuple[str, Path, Path]:
+    coordinator = config.coordinator
+    if coordinator is None:
+        raise SiteConfigError(
+            f'{config.source}: has no [coordinator] section: add superlink = "HOST:PORT",'
+            " root_certificates and auth_private_key (from the site's startup kit)"
+        )
+    ca = config.resolve(coordinator.root_certificates)
+    key = config.resolve(coordinator.auth_private_key)
+    for what, path in (
+        ("coordinator.root_certificates", ca),
+        ("coordinator.auth_private_key", key),
+    ):
+        if not path.is_file():
+            raise SiteConfigError(f"{config.source}: key {what}: {path} does not exist")
+    if key.stat().st_mode & 0o077:
+        raise SiteConfigError(
+            f"{config.source}: key coordinator.auth_private_key: {key} is readable by others;"
+            f" run: chmod 600 {key}"
+        )
+    return coordinator.superlink, ca, key
+
+
+class SiteDaemon:
+    """The supervisor of one site's processes."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        superlink, ca, key = _check_files(config)
+        self.config = config
+        self.state_dir = config.state_dir
+        self.log_dir = self.state_dir / LOG_DIR
+        self.runtime_port = free_port()
+        self.superlink = superlink
+        secret = _secret(self.state_dir / SECRET_FILE)
+        find_program("flower-supernode", install_hint=FLWR_HINT)  # flwr is installed
+        poll_s = str(config.coordinator.poll_interval_s) if config.coordinator else "1.0"
+        socket_path = worker_socket_path(config)
+        node_config = f'worker-socket="{socket_path}" site-config="{config.source.resolve()}"'
+        flwr_home = {"FLWR_HOME": str(self.state_dir / "flwr")}
+        python = sys.executable
+        self.children = [
+            Child("worker", lambda: [python, "-m", "client.worker", str(config.source)]),
+            Child(
+                "supernode",
+                lambda: [
+                    python,
+                    "-m",
+                    "client.supernode",
+                    poll_s,
+                    "--superlink",
+                    superlink,
+                    "--root-certificates",
+                    str(ca),
+                    "--auth-supernode-private-key",
+                    str(key),
+                    "--isolation",
+                    "process",
+                    "--superexec-auth-secret-file",
+                    str(secret),
+                    "--node-config",
+                    node_config,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.runtime_port),
+                ],
+                env=flwr_home,
+            ),
+            Child(
+                "executor",
+                lambda: [
+                    python,
+                    "-m",
+                    "client.executor",
+                    "--runtime",
+                    f"127.0.0.1:{self.runtime_port}",
+                    "--secret-file",
+                    str(secret),
+                ],
+                env=flwr_home,
+            ),
+        ]
+        self.group = ProcessGroup(log_dir=self.log_dir)
+        self.started = dt.datetime.now(dt.UTC)
+
+    def _start(self, child: Child) -> None:
+        if child.process is not None and child.process in self.group.processes:
+            self.group.processes.remove(child.process)
+        _rotate(self.log_dir / f"{child.name}.log")
+        child.process = self.group.start(child.name, child.argv(), env=child.env)
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.process.pid)
+
+    def _tend(self, child: Child) -> None:
+        """Restart `child` if it exited, once its backoff has passed."""
+        now = time.monotonic()
+        process = child.process
+        if process is not None and not process.died():
+            if now - child.started_at > HEALTHY_AFTER_S:
+                child.backoff_s = BACKOFF_FIRST_S
+            return
+        if process is not None and child.next_start_at == 0.0:
+            child.last_exit = process.popen.returncode
+            child.next_start_at = now + child.backoff_s
+            log.warning(
+                "%s (pid %d) exited with code %s; restarting in %.0f s",
+                child.name, process.pid, child.last_exit, child.backoff_s,
+            )  # fmt: skip
+            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+            return
+        if now >= child.next_start_at:
+            if process is not None:
+                child.restarts += 1
+            child.next_start_at = 0.0
+            self._start(child)
+
+    def connected(self) -> bool:
+        """Whether the SuperNode has authenticated with the SuperLink since it last started."""
+        supernode = self.children[1].process
+        if supernode is None or supernode.died():
+            return False
+        try:
+            text = supernode.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+        return SUPERNODE_READY in text.rsplit("Starting Flower SuperNode", 1)[-1]
+
+    def state(self, *, running: bool) -> dict[str, Any]:
+        return {
+            "site_id": self.config.site.id,
+            "running": running,
+            "daemon_pid": os.getpid(),
+            "started_at": self.started.isoformat(),
+            "updated_at": dt.datetime.now(dt.UTC).isoformat(),
+            "superlink": self.superlink,
+            "runtime_port": self.runtime_port,
+            "connected": self.connected() if running else False,
+            "children": {child.name: child.to_json() for child in self.children},
+        }
+
+    def write_state(self, *, running: bool = True) -> None:
+        _write_atomic(self.state_dir / STATE_FILE, json.dumps(self.state(running=running)) + "\n")
+
+    def run(self, stop: threading.Event) -> None:
+        """Supervise until `stop` is set; then stop every child by PID."""
+        handler = _daemon_log(self.log_dir)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+        try:
+            for child in self.children:
+                self._start(child)
+            last_write = 0.0
+            while not stop.is_set():
+                for child in self.children:
+                    self._tend(child)
+                if time.monotonic() - last_write > 1.0:
+                    self.write_state()
+                    last_write = time.monotonic()
+                stop.wait(TICK_S)
+        finally:
+            log.info("stopping the site's processes")
+            self.group.stop_all()
+            self.write_state(running=False)
+            root.removeHandler(handler)
+            handler.close()
+
+
+def read_state(config: SiteConfig) -> dict[str, Any] | None:
+    """The daemon's last written state, or None if it never ran here."""
+    try:
+        document = json.loads((config.state_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this PID exists (and is not a zombie)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return status.rsplit(")", 1)[-1].split()[0] != "Z"

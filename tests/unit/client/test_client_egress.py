@@ -1,0 +1,180 @@
+"""The egress guard: a ClientApp that tries to send more than the contract allows is
+stopped, the drop is in the site's signed audit log, and an honest reply passes as is."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from client.client_app import GUARD, app
+from client.config import SITE_TOML
+from client.egress import ERROR_CODE_BLOCKED, chain
+from model import wire
+from privacy.audit import verify_audit_log
+from tests.sitekit import (
+    global_arrays,
+    make_study,
+    node_context,
+    site_config,
+    site_public_key,
+    table_of,
+    write_sites,
+)
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+STUDY = make_study(rounds=2, sites=1, target_epsilon=2.0, local_steps=2)
+SIGNATURE = "ab" * 64
+
+
+@pytest.fixture
+def site_toml(tmp_path: Path) -> Path:
+    write_sites(tmp_path, STUDY, n_sites=1, seed=5)
+    return tmp_path / "hospital-1" / SITE_TOML
+
+
+def _context(site_toml: Path) -> Context:
+    return node_context(3, {"site-config": str(site_toml)})
+
+
+def _instruction(message_type: str = MessageType.TRAIN) -> Message:
+    content = RecordDict({wire.ARRAYS: wire.arrays_to_record(global_arrays())})
+    message = Message(content, dst_node_id=3, message_type=message_type, group_id="1")
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
+
+
+def _honest(patients: int = 60) -> dict[str, Any]:
+    return {
+        wire.ARRAYS: {name: a + 0.01 for name, a in global_arrays().items()},
+        wire.METRICS: {wire.NUM_EXAMPLES: patients, wire.LOCAL_LOSS: 0.5, wire.EPSILON: 0.3,
+                       wire.EVAL_EXAMPLES: 30, wire.EVAL_AUROC: 0.7},
+        wire.SITE: {wire.SITE_ID: "hospital-1", wire.RECEIPT_SIGNATURE: SIGNATURE},
+    }  # fmt: skip
+
+
+def _app_sending(records: dict[str, Any]) -> Callable[[Message, Context], Message]:
+    """A ClientApp (as a coordinator might ship one) that replies with `records`."""
+
+    def handler(message: Message, context: Context) -> Message:
+        content = RecordDict()
+        for name, value in records.items():
+            if name in (wire.ARRAYS, "raw"):
+                content[name] = ArrayRecord({k: _array(v) for k, v in value.items()})
+            elif name == wire.METRICS:
+                content[name] = MetricRecord(value)
+            else:
+                content[name] = ConfigRecord(value)
+        return Message(content, reply_to=message)
+
+    return handler
+
+
+def _array(value: np.ndarray) -> Any:
+    from flwr.app import Array
+
+    return Array.from_numpy_ndarray(value)
+
+
+def _guarded(site_toml: Path, records: dict[str, Any], kind: str = MessageType.TRAIN) -> Message:
+    return chain(_app_sending(records), [GUARD])(_instruction(kind), _context(site_toml))
+
+
+def _audit_events(site_toml: Path) -> list[dict[str, Any]]:
+    config = site_config(site_toml)
+    assert verify_audit_log(config.audit_path, site_public_key(site_toml)).first_bad is None
+    lines = config.audit_path.read_text().splitlines()
+    return [json.loads(line) for line in lines if json.loads(line)["event"] == "egress blocked"]
+
+
+def test_an_honest_reply_passes_unchanged(site_toml: Path) -> None:
+    records = _honest()
+    reply = _guarded(site_toml, records)
+    assert not reply.has_error()
+    assert dict(reply.content.metric_records[wire.METRICS]) == records[wire.METRICS]
+    sent = wire.record_to_arrays(reply.content)
+    assert all(np.array_equal(sent[n], a) for n, a in records[wire.ARRAYS].items())
+    assert not site_config(site_toml).audit_path.exists() or _audit_events(site_toml) == []
+
+
+def test_a_raw_data_array_an_extra_metric_and_a_stray_key_are_dropped(site_toml: Path) -> None:
+    table = table_of(site_toml)
+    records = _honest()
+    records["raw"] = {"features": table.train_features}
+    records[wire.METRICS] = {**records[wire.METRICS], "mean-age": 61.5, "ages": [61.0, 70.0]}
+    records[wire.SITE] = {**records[wire.SITE], "note": "patient 17 is ..."}
+    reply = _guarded(site_toml, records)
+    assert not reply.has_error()
+    assert set(reply.content) == {wire.ARRAYS, wire.METRICS, wire.SITE}
+    assert "mean-age" not in reply.content.metric_records[wire.METRICS]
+    assert "ages" not in reply.content.metric_records[wire.METRICS]
+    assert dict(reply.content.config_records[wire.SITE]) == {
+        wire.SITE_ID: "hospital-1",
+        wire.RECEIPT_SIGNATURE: SIGNATURE,
+    }
+    (event,) = _audit_events(site_toml)
+    dropped = event["details"]["dropped"]
+    assert "record 'raw'" in dropped and "metrics.mean-age" in dropped and "site.note" in dropped
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda arrays: {**arrays, "data": np.zeros((5, 4), np.float32)},  # an extra array
+        lambda arrays: {n: a.astype(np.float64) for n, a in arrays.items()},  # float64
+        lambda arrays: {
+            n: np.concatenate([a.ravel(), [1.0]]).astype(np.float32)  # reshaped
+            for n, a in arrays.items()
+        },
+        lambda arrays: dict(list(arrays.items())[1:]),  # one array missing
+    ],
+    ids=["extra-array", "float64", "wrong-shape", "missing"],
+)
+def test_an_update_beyond_the_contract_is_blocked_whole(
+    site_toml: Path, tamper: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+) -> None:
+    records = _honest()
+    records[wire.ARRAYS] = tamper(records[wire.ARRAYS])
+    reply = _guarded(site_toml, records)
+    assert reply.has_error() and reply.error.code == ERROR_CODE_BLOCKED
+    (event,) = _audit_events(site_toml)
+    assert event["details"]["blocked_whole"] is True
+
+
+def test_metrics_over_fewer_than_k_patients_do_not_leave(site_toml: Path) -> None:
+    k = site_config(site_toml).privacy.min_cohort_k
+    records = _honest(patients=k - 1)
+    assert _guarded(site_toml, records).error.code == ERROR_CODE_BLOCKED
+    evaluation = {wire.METRICS: {wire.NUM_EXAMPLES: 60, wire.EVAL_EXAMPLES: k - 1,
+                                 wire.EVAL_AUROC: 0.9, wire.EVAL_LOSS: float("nan")}}  # fmt: skip
+    reply = _guarded(site_toml, evaluation, MessageType.EVALUATE)
+    metrics = dict(reply.content.metric_records[wire.METRICS])
+    assert wire.EVAL_AUROC not in metrics  # computed over too few
+    assert np.isnan(metrics[wire.EVAL_LOSS])  # withheld already: says nothing
+
+
+def test_a_query_reply_may_not_carry_arrays_or_training_metrics(site_toml: Path) -> None:
+    records = {
+        wire.ARRAYS: global_arrays(),
+        wire.METRICS: {wire.IN_WINDOW: 1, wire.LOCAL_LOSS: 0.2},
+    }
+    reply = _guarded(site_toml, records, MessageType.QUERY)
+    assert set(reply.content) == {wire.METRICS}
+    assert dict(reply.content.metric_records[wire.METRICS]) == {wire.IN_WINDOW: 1}
+
+
+def test_the_shipped_client_app_runs_behind_the_guard(site_toml: Path) -> None:
+    assert GUARD in app._mods  # noqa: SLF001: Flower keeps mods private
