@@ -47,7 +47,7 @@ PATIENTS: Final = "patients"  # training patients (the site's aggregation weight
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"
 RECEIPT_SIGNATURE: Final = "receipt-signature"  # hex Ed25519 signature of the update receipt
-# Parameter groups the update trained, comma-separated (`encoders.clinical,fusion,heads.readmission`);
+# Parameter groups the update trained, comma-separated (`encoders.clinical,fusion,heads.x`);
 # absent: every group. A site without a modality's data leaves that encoder out, so the
 # coordinator does not average its untouched copy into the others' updates.
 TRAINED_GROUPS: Final = "trained-groups"
