@@ -187,7 +187,7 @@ def canary_losses(model: nn.Module, features: torch.Tensor, labels: torch.Tensor
 
 
 def wrap(dataset: TensorDataset, *, noise: float, model_seed: int) -> PrivateTraining:
-    model = build_model("tiny", n_features=len(DEMO_CONTRACT.features), seed=model_seed)
+    model = build_model("tiny", n_features=len(DEMO_CONTRACT.numeric), seed=model_seed)
     settings = DpSgdSettings(
         noise_multiplier=noise, max_grad_norm=MAX_GRAD_NORM, sample_rate=SAMPLE_RATE
     )

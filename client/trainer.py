@@ -68,10 +68,10 @@ class SiteTrainer:
     def _model_for(
         self, arrays: Mapping[str, np.ndarray], digest: str, preset: PresetName, n_features: int
     ) -> MedModel:
-        if n_features != len(self._contract.features):
+        if n_features != len(self._contract.numeric):
             raise SiteRefusal(
                 f"the study asks for {n_features} features; this site's contract has"
-                f" {len(self._contract.features)}"
+                f" {len(self._contract.numeric)}"
             )
         actual = arrays_sha256(arrays)
         if actual != digest:

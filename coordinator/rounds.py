@@ -109,7 +109,7 @@ def _instruction(
             wire.TARGET_EPSILON: study.target_epsilon,
             wire.MODEL_SHA256: arrays_sha256(arrays),
             wire.PRESET: study.preset,
-            wire.N_FEATURES: len(contract.features),
+            wire.N_FEATURES: len(contract.numeric),
             wire.LOCAL_STEPS: study.local_steps,
             wire.LEARNING_RATE: study.learning_rate,
             wire.MAX_GRAD_NORM: study.max_grad_norm,
@@ -206,7 +206,7 @@ def _run_rounds(
     connect_timeout_s: float,
 ) -> None:
     global_arrays = state_arrays(
-        build_model(study.preset, n_features=len(contract.features), seed=study.seed)
+        build_model(study.preset, n_features=len(contract.numeric), seed=study.seed)
     )
     known_sites: dict[int, str] = {}
     site_keys = load_site_keys(Path(study.site_keys_dir)) if study.site_keys_dir else None

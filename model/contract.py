@@ -1,29 +1,48 @@
-"""The data contract of a study: which features the model reads, in what units and ranges.
+"""The data contract of a study: its modalities, features, vocabularies and tasks.
 
 The network is sized from the contract, and every site maps its local data onto it.
 Standardisation uses the contract's reference mean and scale, never a site's own
 statistics, so all sites feed the model the same way and nothing site-specific leaks.
+The contract's digest (`StudyContract.sha256`) is part of the model's identity.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["clinical", "omics", "molecule", "protein"]
+MODALITY_ORDER: tuple[Modality, ...] = ("clinical", "omics", "molecule", "protein")
+"""The fixed order of modalities wherever they are listed (tensors, documents, parameters)."""
+
+_SNAKE = r"^[a-z][a-z0-9_]*$"
 
 
-class NumericFeature(BaseModel):
-    """One numeric clinical feature: its unit, plausible range and reference scaling."""
+def _repeated(values: tuple[str, ...] | list[str]) -> list[str]:
+    return sorted({value for value in values if list(values).count(value) > 1})
 
+
+class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    unit: str
+
+class NumericFeature(_Frozen):
+    """One numeric clinical feature: its unit, plausible range and reference scaling."""
+
+    name: str = Field(pattern=_SNAKE)
+    unit: str = Field(min_length=1)
     minimum: float
     maximum: float
     reference_mean: float
     reference_scale: float = Field(gt=0)
+    reduce: Literal["latest", "mean", "min", "max", "first"] = "latest"
+    """How repeated measurements of one patient are reduced to one value."""
+    loinc: str | None = None
+    """The LOINC code that FHIR or OMOP observations of this feature map from."""
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> NumericFeature:
@@ -32,34 +51,212 @@ class NumericFeature(BaseModel):
         return self
 
 
-class StudyContract(BaseModel):
-    """The clinical features and binary outcome a study trains on."""
+CodeSystem = Literal["icd10", "atc", "rxnorm", "snomed", "loinc", "local"]
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: int = 1
-    patient_id: str = "patient_id"
-    features: tuple[NumericFeature, ...] = Field(min_length=1)
-    outcome: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+class CategoricalFeature(_Frozen):
+    """A set-valued coded feature (e.g. diagnoses): the exact codes the model knows.
+
+    Codes match exactly (no prefix hierarchy); a code outside the vocabulary is a data
+    problem that the site reports, never silently dropped.
+    """
+
+    name: str = Field(pattern=_SNAKE)
+    system: CodeSystem
+    vocabulary: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _codes_are_unique_and_non_empty(cls, vocabulary: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not code.strip() or code != code.strip() for code in vocabulary):
+            raise ValueError("codes must be non-empty and carry no surrounding spaces")
+        repeated = _repeated(vocabulary)
+        if repeated:
+            raise ValueError(f"codes repeat: {repeated}")
+        return vocabulary
+
+
+class OmicsPanel(_Frozen):
+    """An ordered gene panel; values are transformed, then standardised by the reference."""
+
+    genes: tuple[str, ...] = Field(min_length=1)
+    transform: Literal["log1p", "none"] = "log1p"
+    reference_mean: float = 0.0
+    reference_scale: float = Field(default=1.0, gt=0)
+
+    @field_validator("genes")
+    @classmethod
+    def _genes_are_unique(cls, genes: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not gene.strip() or gene != gene.strip() for gene in genes):
+            raise ValueError("gene symbols must be non-empty and carry no surrounding spaces")
+        repeated = _repeated(genes)
+        if repeated:
+            raise ValueError(f"genes repeat: {repeated}")
+        return genes
+
+
+_BRACKET_ATOMS = (
+    "[nH]", "[NH+]", "[NH2+]", "[NH3+]", "[N+]", "[N-]", "[n+]", "[O-]", "[O+]", "[S-]",
+    "[S+]", "[s+]", "[P+]", "[C@@H]", "[C@H]", "[C@@]", "[C@]", "[S@@]", "[S@]", "[N@@]",
+    "[N@]", "[N@+]", "[N@@+]", "[P@@]", "[P@]", "[Si]", "[Se]", "[se]", "[B-]", "[Na+]",
+    "[K+]", "[Li+]", "[Ca+2]", "[Mg+2]", "[Zn+2]", "[Fe+2]", "[Fe+3]", "[Cl-]", "[Br-]",
+    "[I-]", "[H]", "[2H]", "[CH]", "[CH2]", "[C-]", "[c-]", "[Pt]", "[Cu+2]", "[Co+2]",
+    "[As]", "[Hg]", "[Al]", "[Ag+]", "[Sn]", "[Ge]",
+)  # fmt: skip
+DEFAULT_SMILES_VOCABULARY: tuple[str, ...] = (
+    *("B", "C", "N", "O", "P", "S", "F", "Cl", "Br", "I"),
+    *("b", "c", "n", "o", "p", "s"),
+    *_BRACKET_ATOMS,
+    *("=", "#", "-", "/", "\\", ":", "(", ")", ".", "+"),
+)
+"""Atom-level SMILES tokens known by default. Ring-closure digits (1-9, %10-%99) are
+always known to the tokenizer and need not be listed."""
+
+
+class MoleculeSpec(_Frozen):
+    """Molecules as SMILES: the atom-level tokens the model knows and the maximum length."""
+
+    max_length: int = Field(ge=1)
+    vocabulary: tuple[str, ...] = Field(default=DEFAULT_SMILES_VOCABULARY, min_length=1)
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _tokens_are_unique(cls, vocabulary: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not token or token != token.strip() for token in vocabulary):
+            raise ValueError("tokens must be non-empty and carry no spaces")
+        repeated = _repeated(vocabulary)
+        if repeated:
+            raise ValueError(f"tokens repeat: {repeated}")
+        return vocabulary
+
+
+class ProteinSpec(_Frozen):
+    """Protein sequences: one token per residue over `alphabet`, at most `max_length`."""
+
+    max_length: int = Field(ge=1)
+    alphabet: str = Field(default="ACDEFGHIKLMNPQRSTVWY", min_length=1)
+
+    @field_validator("alphabet")
+    @classmethod
+    def _alphabet_is_letters(cls, alphabet: str) -> str:
+        if not alphabet.isalpha() or not alphabet.isupper():
+            raise ValueError("the alphabet must be upper-case letters")
+        repeated = _repeated(list(alphabet))
+        if repeated:
+            raise ValueError(f"residues repeat: {repeated}")
+        return alphabet
+
+
+TaskKind = Literal["binary", "multiclass", "regression", "survival"]
+
+
+class TaskSpec(_Frozen):
+    """One prediction task: its head's kind and the field(s) holding its label.
+
+    `target` is the label's field (for survival: the time); `event` is the survival
+    event indicator (1 = event); `classes` names a multiclass task's classes in order.
+    """
+
+    name: str = Field(pattern=_SNAKE)
+    kind: TaskKind
+    target: str = Field(pattern=_SNAKE)
+    event: str | None = Field(default=None, pattern=_SNAKE)
+    classes: tuple[str, ...] = ()
 
     @model_validator(mode="after")
-    def _names_are_unique(self) -> StudyContract:
-        names = [feature.name for feature in self.features]
-        duplicated = sorted({name for name in names if names.count(name) > 1})
-        if duplicated:
-            raise ValueError(f"feature names repeat: {duplicated}")
-        if self.outcome in names or self.patient_id in names:
-            raise ValueError("outcome and patient id must not also be features")
+    def _fields_fit_the_kind(self) -> TaskSpec:
+        if self.kind == "survival":
+            if self.event is None:
+                raise ValueError(f"task {self.name}: a survival task needs an event field")
+            if self.event == self.target:
+                raise ValueError(f"task {self.name}: event and target must differ")
+        elif self.event is not None:
+            raise ValueError(f"task {self.name}: only a survival task has an event field")
+        if self.kind == "multiclass":
+            if len(self.classes) < 2:
+                raise ValueError(f"task {self.name}: a multiclass task needs at least 2 classes")
+            if _repeated(self.classes):
+                raise ValueError(f"task {self.name}: classes repeat: {_repeated(self.classes)}")
+        elif self.classes:
+            raise ValueError(f"task {self.name}: only a multiclass task has classes")
         return self
 
     @property
+    def label_fields(self) -> tuple[str, ...]:
+        """The sample target fields this task reads: (target,) or (target, event)."""
+        return (self.target,) if self.event is None else (self.target, self.event)
+
+    @property
+    def outputs(self) -> int:
+        """Outputs of the task's head per sample."""
+        return len(self.classes) if self.kind == "multiclass" else 1
+
+
+class StudyContract(_Frozen):
+    """Everything a study's data must be: modalities, features, vocabularies and tasks."""
+
+    version: int = 2
+    name: str = "study"
+    patient_id: str = Field(default="patient_id", min_length=1)
+    numeric: tuple[NumericFeature, ...] = ()
+    categorical: tuple[CategoricalFeature, ...] = ()
+    omics: OmicsPanel | None = None
+    molecule: MoleculeSpec | None = None
+    protein: ProteinSpec | None = None
+    tasks: tuple[TaskSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_are_consistent(self) -> StudyContract:
+        features = [f.name for f in self.numeric] + [f.name for f in self.categorical]
+        if _repeated(features):
+            raise ValueError(f"feature names repeat: {_repeated(features)}")
+        tasks = [task.name for task in self.tasks]
+        if _repeated(tasks):
+            raise ValueError(f"task names repeat: {_repeated(tasks)}")
+        labels = {field for task in self.tasks for field in task.label_fields}
+        clash = sorted(labels & set(features))
+        if clash:
+            raise ValueError(f"targets must not also be features: {clash}")
+        if self.patient_id in features or self.patient_id in labels:
+            raise ValueError(f"the patient id {self.patient_id!r} must not also be a feature")
+        if not self.modalities:
+            raise ValueError(
+                "a study needs at least one modality: features, omics, molecule or protein"
+            )
+        return self
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        """The modalities this study uses, in `MODALITY_ORDER`."""
+        present: dict[Modality, bool] = {
+            "clinical": bool(self.numeric or self.categorical),
+            "omics": self.omics is not None,
+            "molecule": self.molecule is not None,
+            "protein": self.protein is not None,
+        }
+        return tuple(modality for modality in MODALITY_ORDER if present[modality])
+
+    @property
     def feature_names(self) -> tuple[str, ...]:
-        return tuple(feature.name for feature in self.features)
+        """Names of the numeric clinical features, in order."""
+        return tuple(feature.name for feature in self.numeric)
+
+    def task(self, name: str) -> TaskSpec:
+        """The task called `name`; KeyError if the study has none."""
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)
 
     def sha256(self) -> str:
-        """A stable digest of the contract; part of the model's identity."""
+        """A stable digest of the contract's canonical JSON; part of the model's identity."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @classmethod
+    def from_toml_table(cls, table: Mapping[str, Any]) -> StudyContract:
+        """Parse a contract from a TOML table (a plain `model_validate`)."""
+        return cls.model_validate(table)
 
 
 def _feature(
@@ -71,7 +268,7 @@ def _feature(
 
 
 DEMO_CONTRACT = StudyContract(
-    features=(
+    numeric=(
         _feature("age", "a", 18, 110, 62, 14),
         _feature("bmi", "kg/m2", 12, 70, 27, 5),
         _feature("systolic_bp", "mm[Hg]", 60, 260, 132, 18),
@@ -81,6 +278,6 @@ DEMO_CONTRACT = StudyContract(
         _feature("hemoglobin", "g/dL", 4, 22, 13.5, 1.7),
         _feature("albumin", "g/L", 10, 60, 40, 5),
     ),
-    outcome="readmitted_30d",
+    tasks=(TaskSpec(name="readmission", kind="binary", target="readmitted_30d"),),
 )
 """The demo study's contract: eight routine clinical measurements and 30-day readmission."""

@@ -44,7 +44,7 @@ def site_ids(n_sites: int) -> tuple[str, ...]:
 def _site_rows(
     contract: StudyContract, rng: np.random.Generator, index: int, patients: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    n_features = len(contract.features)
+    n_features = len(contract.numeric)
     weights = (
         _TRUE_WEIGHTS[:n_features]
         if n_features <= len(_TRUE_WEIGHTS)
@@ -56,7 +56,7 @@ def _site_rows(
     logits = standardised @ weights + intercept
     outcomes = (rng.random(patients) < 1.0 / (1.0 + np.exp(-logits))).astype(int)
     values = np.empty_like(standardised)
-    for column, feature in enumerate(contract.features):
+    for column, feature in enumerate(contract.numeric):
         raw = feature.reference_mean + feature.reference_scale * standardised[:, column]
         values[:, column] = np.clip(raw, feature.minimum, feature.maximum)
     return values, outcomes
@@ -75,7 +75,7 @@ def write_synthetic_consortium(
         values, outcomes = _site_rows(contract, rng, index, patients)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([contract.patient_id, *contract.feature_names, contract.outcome])
+        writer.writerow([contract.patient_id, *contract.feature_names, contract.tasks[0].target])
         for row in range(patients):
             writer.writerow(
                 [f"{site_id}-p{row:05d}", *(f"{value:.2f}" for value in values[row]), outcomes[row]]

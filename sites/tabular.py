@@ -92,7 +92,7 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
         header = reader.fieldnames or []
     except csv.Error as exc:
         raise DataError([DataProblem(name, 1, None, f"is not valid CSV ({exc})")]) from exc
-    required = [contract.patient_id, *contract.feature_names, contract.outcome]
+    required = [contract.patient_id, *contract.feature_names, contract.tasks[0].target]
     missing = [column for column in required if column not in header]
     if missing:
         raise DataError([DataProblem(name, 1, column, "column is missing") for column in missing])
@@ -114,7 +114,7 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
             )
         seen_ids.add(patient_id)
         values: list[float] = []
-        for feature in contract.features:
+        for feature in contract.numeric:
             cell = (row[feature.name] or "").strip()
             value = _parse_number(cell)
             if value is None:
@@ -133,12 +133,14 @@ def read_site_table(path: Path, contract: StudyContract) -> SiteTable:
                 )
             else:
                 values.append((value - feature.reference_mean) / feature.reference_scale)
-        outcome = (row[contract.outcome] or "").strip()
+        outcome = (row[contract.tasks[0].target] or "").strip()
         if outcome not in ("0", "1"):
             problems.append(
-                DataProblem(name, row_number, contract.outcome, f"{outcome!r} is not 0 or 1")
+                DataProblem(
+                    name, row_number, contract.tasks[0].target, f"{outcome!r} is not 0 or 1"
+                )
             )
-        if len(values) == len(contract.features) and outcome in ("0", "1"):
+        if len(values) == len(contract.numeric) and outcome in ("0", "1"):
             rows.append((patient_id, values, int(outcome)))
     if problems:
         raise DataError(problems)

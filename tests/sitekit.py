@@ -108,7 +108,7 @@ def rewrite_policy(site_toml: Path, **changes: Any) -> SiteConfig:
 
 
 def global_arrays(seed: int = 7) -> Arrays:
-    return state_arrays(build_model("tiny", n_features=len(CONTRACT.features), seed=seed))
+    return state_arrays(build_model("tiny", n_features=len(CONTRACT.numeric), seed=seed))
 
 
 def train_request(
@@ -130,7 +130,7 @@ def train_request(
         "arrays": arrays,
         "model_sha256": arrays_sha256(arrays),
         "preset": study.preset,
-        "n_features": len(CONTRACT.features),
+        "n_features": len(CONTRACT.numeric),
         "local_steps": study.local_steps,
         "learning_rate": study.learning_rate,
         "target_epsilon": study.target_epsilon,
@@ -150,7 +150,7 @@ def evaluate_request(
         arrays=arrays,
         model_sha256=arrays_sha256(arrays),
         preset="tiny",
-        n_features=len(CONTRACT.features),
+        n_features=len(CONTRACT.numeric),
     )
 
 

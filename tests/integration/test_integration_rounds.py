@@ -283,7 +283,7 @@ def test_a_study_runs_every_round_with_every_site(tmp_path: Path) -> None:
     assert [s["rounds_completed"] for s in reports.snapshots[1:4]] == [1, 2, 3]
 
     # Round 1 starts from the study's seeded model; each later round from fedavg of the last.
-    initial = state_arrays(build_model("tiny", n_features=len(CONTRACT.features), seed=7))
+    initial = state_arrays(build_model("tiny", n_features=len(CONTRACT.numeric), seed=7))
     for delivery in grid.train_deliveries(1):
         assert arrays_sha256(delivery.arrays) == arrays_sha256(initial)
     for round_number in (2, 3):

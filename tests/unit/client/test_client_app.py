@@ -66,7 +66,7 @@ def instruction(
     config: dict[str, Any] | None = None,
     drop: str | None = None,
 ) -> Message:
-    arrays = state_arrays(build_model("tiny", n_features=len(CONTRACT.features), seed=7))
+    arrays = state_arrays(build_model("tiny", n_features=len(CONTRACT.numeric), seed=7))
     values: dict[str, Any] = {
         wire.RUN_ID: "run-9",
         wire.STUDY: STUDY.name,
@@ -75,7 +75,7 @@ def instruction(
         wire.PLANNED_ROUNDS: STUDY.num_rounds,
         wire.MODEL_SHA256: arrays_sha256(arrays),
         wire.PRESET: "tiny",
-        wire.N_FEATURES: len(CONTRACT.features),
+        wire.N_FEATURES: len(CONTRACT.numeric),
         wire.LOCAL_STEPS: STUDY.local_steps,
         wire.LEARNING_RATE: STUDY.learning_rate,
         wire.TARGET_EPSILON: STUDY.target_epsilon,
@@ -326,7 +326,7 @@ def test_without_node_config_or_sites_root_there_is_no_site() -> None:
 
 
 def _one_patient_table(site_toml: Path) -> None:
-    header = ",".join([CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.outcome])
+    header = ",".join([CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.tasks[0].target])
     table_path(site_toml).write_text(
         f"{header}\nonly-one,62,27,132,78,6.2,90,13.5,40,1\n", encoding="utf-8"
     )

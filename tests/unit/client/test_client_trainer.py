@@ -241,7 +241,7 @@ def test_evaluate_scores_the_held_out_patients_and_spends_nothing(
     assert 0.0 <= held_out.auroc <= 1.0
     assert 0.0 <= held_out.accuracy <= 1.0
     # The training-set loss, against BCE computed here from the same arrays.
-    model = build_model("tiny", n_features=len(CONTRACT.features), seed=0)
+    model = build_model("tiny", n_features=len(CONTRACT.numeric), seed=0)
     load_arrays(model, global_arrays())
     with torch.no_grad():
         logits = model(torch.from_numpy(table.train_features))

@@ -13,7 +13,7 @@ from model.contract import DEMO_CONTRACT as CONTRACT
 from sites.errors import DataError
 from sites.tabular import SiteTable, read_site_table
 
-HEADER = (CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.outcome)
+HEADER = (CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.tasks[0].target)
 FUZZ = settings(max_examples=150, deadline=None)
 
 
@@ -34,7 +34,7 @@ def _check_outcome(path: Path) -> None:
             assert problem.column is None or problem.column in HEADER
         return
     assert isinstance(table, SiteTable)
-    n_features = len(CONTRACT.features)
+    n_features = len(CONTRACT.numeric)
     assert table.train_features.shape == (len(table.train_labels), n_features)
     assert table.eval_features.shape == (len(table.eval_labels), n_features)
     assert table.patients >= 1

@@ -52,7 +52,7 @@ def test_every_table_passes_the_contract(tmp_path: Path) -> None:
         assert site.table == tmp_path / site.site_id / TABLE_NAME
         with site.table.open(encoding="utf-8", newline="") as handle:
             rows = list(csv.reader(handle))
-        assert rows[0] == [CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.outcome]
+        assert rows[0] == [CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.tasks[0].target]
         assert len(rows) - 1 == site.patients
         table = read_site_table(site.table, CONTRACT)
         assert table.patients == site.patients

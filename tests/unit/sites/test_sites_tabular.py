@@ -13,14 +13,14 @@ from model.contract import DEMO_CONTRACT as CONTRACT
 from sites.errors import DataError, DataProblem
 from sites.tabular import SiteTable, read_site_table
 
-HEADER = (CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.outcome)
-FEATURES = {feature.name: feature for feature in CONTRACT.features}
+HEADER = (CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.tasks[0].target)
+FEATURES = {feature.name: feature for feature in CONTRACT.numeric}
 
 
 def row_at_means(index: int, **cells: str) -> dict[str, str]:
     """A valid row: every feature at its reference mean; `cells` override by column."""
-    row = {CONTRACT.patient_id: f"p{index:05d}", CONTRACT.outcome: str(index % 2)}
-    row.update({feature.name: f"{feature.reference_mean:g}" for feature in CONTRACT.features})
+    row = {CONTRACT.patient_id: f"p{index:05d}", CONTRACT.tasks[0].target: str(index % 2)}
+    row.update({feature.name: f"{feature.reference_mean:g}" for feature in CONTRACT.numeric})
     row.update(cells)
     return row
 
@@ -70,10 +70,10 @@ BAD_CELLS = [
     pytest.param(CONTRACT.patient_id, "", "is empty", id="empty-patient-id"),
     pytest.param(CONTRACT.patient_id, "   ", "is empty", id="blank-patient-id"),
     pytest.param(CONTRACT.patient_id, "p00000", "repeats patient 'p00000'", id="repeated-id"),
-    pytest.param(CONTRACT.outcome, "2", "'2' is not 0 or 1", id="outcome-2"),
-    pytest.param(CONTRACT.outcome, "yes", "'yes' is not 0 or 1", id="outcome-yes"),
-    pytest.param(CONTRACT.outcome, "1.0", "'1.0' is not 0 or 1", id="outcome-1.0"),
-    pytest.param(CONTRACT.outcome, "", "'' is not 0 or 1", id="outcome-empty"),
+    pytest.param(CONTRACT.tasks[0].target, "2", "'2' is not 0 or 1", id="outcome-2"),
+    pytest.param(CONTRACT.tasks[0].target, "yes", "'yes' is not 0 or 1", id="outcome-yes"),
+    pytest.param(CONTRACT.tasks[0].target, "1.0", "'1.0' is not 0 or 1", id="outcome-1.0"),
+    pytest.param(CONTRACT.tasks[0].target, "", "'' is not 0 or 1", id="outcome-empty"),
 ]
 
 
@@ -115,8 +115,8 @@ def test_out_of_range_message_names_the_unit_and_the_range(tmp_path: Path) -> No
 
 def test_values_on_the_range_bounds_are_accepted(tmp_path: Path) -> None:
     rows = [
-        row_at_means(0, **{f.name: f"{f.minimum:g}" for f in CONTRACT.features}),
-        row_at_means(1, **{f.name: f"{f.maximum:g}" for f in CONTRACT.features}),
+        row_at_means(0, **{f.name: f"{f.minimum:g}" for f in CONTRACT.numeric}),
+        row_at_means(1, **{f.name: f"{f.maximum:g}" for f in CONTRACT.numeric}),
     ]
     assert table_of(rows, tmp_path).patients == 2
 
@@ -134,7 +134,7 @@ def test_a_row_with_more_fields_than_the_header_is_named(tmp_path: Path) -> None
     assert "more fields than the header" in problems[0].message
 
 
-@pytest.mark.parametrize("dropped", ["bmi", CONTRACT.patient_id, CONTRACT.outcome])
+@pytest.mark.parametrize("dropped", ["bmi", CONTRACT.patient_id, CONTRACT.tasks[0].target])
 def test_a_missing_column_is_named_on_the_header_row(tmp_path: Path, dropped: str) -> None:
     header = [column for column in HEADER if column != dropped]
     path = write_table(tmp_path / "patients.csv", [row_at_means(0)], header)
@@ -214,7 +214,7 @@ def test_every_problem_of_every_row_is_reported(tmp_path: Path) -> None:
     assert [(p.row, p.column) for p in problems] == [
         (3, "age"),
         (3, "bmi"),
-        (9, CONTRACT.outcome),
+        (9, CONTRACT.tasks[0].target),
         (10, CONTRACT.patient_id),
     ]
 
@@ -261,14 +261,14 @@ def test_a_row_at_the_reference_means_standardises_to_zeros(tmp_path: Path) -> N
     table = table_of([row_at_means(i) for i in range(50)], tmp_path)
 
     both = np.concatenate([table.train_features, table.eval_features])
-    assert both.shape == (50, len(CONTRACT.features))
+    assert both.shape == (50, len(CONTRACT.numeric))
     assert both.dtype == np.float32
     np.testing.assert_array_equal(both, np.zeros_like(both))
 
 
 def test_standardisation_uses_the_contract_reference_scale(tmp_path: Path) -> None:
-    plus_one = {f.name: f"{f.reference_mean + f.reference_scale:g}" for f in CONTRACT.features}
-    minus_two = {f.name: f"{f.reference_mean - 2 * f.reference_scale:g}" for f in CONTRACT.features}
+    plus_one = {f.name: f"{f.reference_mean + f.reference_scale:g}" for f in CONTRACT.numeric}
+    minus_two = {f.name: f"{f.reference_mean - 2 * f.reference_scale:g}" for f in CONTRACT.numeric}
     rows = [row_at_means(i, **plus_one) for i in range(30)]
     rows += [row_at_means(i, **minus_two) for i in range(30, 60)]
 
@@ -283,14 +283,16 @@ def test_standardised_rows_match_an_independent_parse(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     rows = []
     for i in range(120):
-        cells = {f.name: f"{rng.uniform(f.minimum, f.maximum):.3f}" for f in CONTRACT.features}
+        cells = {f.name: f"{rng.uniform(f.minimum, f.maximum):.3f}" for f in CONTRACT.numeric}
         rows.append(row_at_means(i, **cells, readmitted_30d=str(int(rng.integers(0, 2)))))
     table = table_of(rows, tmp_path)
 
-    means = np.array([f.reference_mean for f in CONTRACT.features])
-    scales = np.array([f.reference_scale for f in CONTRACT.features])
-    raw = np.array([[float(row[f.name]) for f in CONTRACT.features] for row in rows])
-    expected = np.column_stack([(raw - means) / scales, [int(r[CONTRACT.outcome]) for r in rows]])
+    means = np.array([f.reference_mean for f in CONTRACT.numeric])
+    scales = np.array([f.reference_scale for f in CONTRACT.numeric])
+    raw = np.array([[float(row[f.name]) for f in CONTRACT.numeric] for row in rows])
+    expected = np.column_stack(
+        [(raw - means) / scales, [int(r[CONTRACT.tasks[0].target]) for r in rows]]
+    )
     actual = np.column_stack(
         [
             np.concatenate([table.train_features, table.eval_features]),
@@ -349,7 +351,9 @@ def test_the_fingerprint_is_stable_and_changes_with_one_value(tmp_path: Path) ->
     assert table_of(rows, tmp_path).fingerprint != first
 
     rows[13] = row_at_means(13)
-    rows[4] = row_at_means(4, readmitted_30d="1" if rows[4][CONTRACT.outcome] == "0" else "0")
+    rows[4] = row_at_means(
+        4, readmitted_30d="1" if rows[4][CONTRACT.tasks[0].target] == "0" else "0"
+    )
     assert table_of(rows, tmp_path).fingerprint != first
 
 
