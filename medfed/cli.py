@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from medfed.bench_cli import bench_app
 from medfed.errors import MedfedError
 
 if TYPE_CHECKING:
@@ -395,6 +396,7 @@ coordinator_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(bench_app, name="bench")
 
 
 @coordinator_app.command("start")
