@@ -39,6 +39,7 @@ from torch.utils.data import TensorDataset
 
 from model.contract import DEMO_CONTRACT
 from model.network import build_model
+from model.tokenizers import complete_numeric_inputs
 from model.train import train_steps
 from privacy.accountant import epsilon_of
 from privacy.calibration import calibrate_noise
@@ -181,13 +182,15 @@ def canary_losses(model: nn.Module, features: torch.Tensor, labels: torch.Tensor
     model.eval()
     with torch.no_grad():
         losses = nn.functional.binary_cross_entropy_with_logits(
-            model(features), labels.float(), reduction="none"
+            model(*complete_numeric_inputs(features))["readmission"],
+            labels.float(),
+            reduction="none",
         )
     return np.asarray(losses.numpy(), dtype=np.float64)
 
 
 def wrap(dataset: TensorDataset, *, noise: float, model_seed: int) -> PrivateTraining:
-    model = build_model("tiny", n_features=len(DEMO_CONTRACT.numeric), seed=model_seed)
+    model = build_model("tiny", contract=DEMO_CONTRACT, seed=model_seed)
     settings = DpSgdSettings(
         noise_multiplier=noise, max_grad_norm=MAX_GRAD_NORM, sample_rate=SAMPLE_RATE
     )
@@ -211,7 +214,7 @@ def audit(
     canary_y = rng.integers(0, 2, canaries).astype(np.int64)
     included = rng.random(canaries) < 0.5
     train = TensorDataset(
-        torch.from_numpy(np.concatenate([features, canary_x[included]])),
+        *complete_numeric_inputs(torch.from_numpy(np.concatenate([features, canary_x[included]]))),
         torch.from_numpy(np.concatenate([labels, canary_y[included]])),
     )
     model_seed = seed + 1

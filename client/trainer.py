@@ -36,6 +36,7 @@ from model.network import (
     load_arrays,
     state_arrays,
 )
+from model.tokenizers import complete_numeric_inputs
 from model.train import EvalResult, evaluate, train_steps
 from privacy.dpsgd import DpSgdSettings, make_private
 from privacy.ledger import PrivacyLedger
@@ -79,7 +80,7 @@ class SiteTrainer:
                 f"the model received does not match its announced digest ({actual[:12]} !="
                 f" {digest[:12]}); refusing to train on it"
             )
-        model = build_model(preset, n_features=n_features, seed=0)
+        model = build_model(preset, contract=self._contract, seed=0)
         try:
             load_arrays(model, arrays)
         except ValueError as exc:
@@ -88,17 +89,13 @@ class SiteTrainer:
             ) from exc
         return model
 
-    def _eval_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            torch.from_numpy(self._table.eval_features),
-            torch.from_numpy(self._table.eval_labels),
-        )
+    def _eval_tensors(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        inputs = complete_numeric_inputs(torch.from_numpy(self._table.eval_features))
+        return inputs, torch.from_numpy(self._table.eval_labels)
 
-    def _train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            torch.from_numpy(self._table.train_features),
-            torch.from_numpy(self._table.train_labels),
-        )
+    def _train_tensors(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        inputs = complete_numeric_inputs(torch.from_numpy(self._table.train_features))
+        return inputs, torch.from_numpy(self._table.train_labels)
 
     def _check(self, model: MedModel) -> ModelCheck:
         """How `model` does here. Held-out metrics over fewer patients than the policy's
@@ -130,7 +127,8 @@ class SiteTrainer:
         model = self._model_for(
             request.arrays, request.model_sha256, request.preset, request.n_features
         )
-        train_set = TensorDataset(*self._train_tensors())
+        inputs, labels = self._train_tensors()
+        train_set = TensorDataset(*inputs, labels)
         plan = self._gate.plan(request, dataset=dataset, patients=len(train_set))
         incoming = self._check(model)
         settings = DpSgdSettings(

@@ -205,9 +205,7 @@ def _run_rounds(
     report: Report,
     connect_timeout_s: float,
 ) -> None:
-    global_arrays = state_arrays(
-        build_model(study.preset, n_features=len(contract.numeric), seed=study.seed)
-    )
+    global_arrays = state_arrays(build_model(study.preset, contract=contract, seed=study.seed))
     known_sites: dict[int, str] = {}
     site_keys = load_site_keys(Path(study.site_keys_dir)) if study.site_keys_dir else None
     results.signed_updates = site_keys is not None

@@ -108,7 +108,7 @@ def rewrite_policy(site_toml: Path, **changes: Any) -> SiteConfig:
 
 
 def global_arrays(seed: int = 7) -> Arrays:
-    return state_arrays(build_model("tiny", n_features=len(CONTRACT.numeric), seed=seed))
+    return state_arrays(build_model("tiny", contract=CONTRACT, seed=seed))
 
 
 def train_request(

@@ -283,7 +283,7 @@ def test_a_study_runs_every_round_with_every_site(tmp_path: Path) -> None:
     assert [s["rounds_completed"] for s in reports.snapshots[1:4]] == [1, 2, 3]
 
     # Round 1 starts from the study's seeded model; each later round from fedavg of the last.
-    initial = state_arrays(build_model("tiny", n_features=len(CONTRACT.numeric), seed=7))
+    initial = state_arrays(build_model("tiny", contract=CONTRACT, seed=7))
     for delivery in grid.train_deliveries(1):
         assert arrays_sha256(delivery.arrays) == arrays_sha256(initial)
     for round_number in (2, 3):
@@ -494,7 +494,7 @@ def test_a_model_altered_in_transit_is_refused_by_its_site(tmp_path: Path) -> No
         if node != victim:
             return message
         arrays = wire.record_to_arrays(message.content)
-        arrays["heads.outcome.bias"] = arrays["heads.outcome.bias"] + np.float32(0.25)
+        arrays["heads.readmission.bias"] = arrays["heads.readmission.bias"] + np.float32(0.25)
         content = RecordDict(
             {
                 wire.ARRAYS: wire.arrays_to_record(arrays),

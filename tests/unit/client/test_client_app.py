@@ -66,7 +66,7 @@ def instruction(
     config: dict[str, Any] | None = None,
     drop: str | None = None,
 ) -> Message:
-    arrays = state_arrays(build_model("tiny", n_features=len(CONTRACT.numeric), seed=7))
+    arrays = state_arrays(build_model("tiny", contract=CONTRACT, seed=7))
     values: dict[str, Any] = {
         wire.RUN_ID: "run-9",
         wire.STUDY: STUDY.name,

@@ -241,10 +241,11 @@ def test_evaluate_scores_the_held_out_patients_and_spends_nothing(
     assert 0.0 <= held_out.auroc <= 1.0
     assert 0.0 <= held_out.accuracy <= 1.0
     # The training-set loss, against BCE computed here from the same arrays.
-    model = build_model("tiny", n_features=len(CONTRACT.numeric), seed=0)
+    model = build_model("tiny", contract=CONTRACT, seed=0)
     load_arrays(model, global_arrays())
+    features = torch.from_numpy(table.train_features)
     with torch.no_grad():
-        logits = model(torch.from_numpy(table.train_features))
+        logits = model(features, torch.ones(features.shape, dtype=torch.bool))["readmission"]
         expected = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, torch.from_numpy(table.train_labels).float()
         )
@@ -290,7 +291,7 @@ def test_no_metric_of_a_cohort_below_the_minimum_leaves_the_site(
 def test_a_model_that_does_not_match_its_digest_is_refused(site_toml: Path) -> None:
     request = train_request(STUDY)
     tampered = {name: array.copy() for name, array in request.arrays.items()}
-    tampered["heads.outcome.bias"][0] += 1e-3
+    tampered["heads.readmission.bias"][0] += 1e-3
 
     trainer = trainer_of(site_toml)
     with pytest.raises(SiteRefusal, match="does not match its announced digest"):
@@ -308,7 +309,7 @@ def test_a_model_for_another_contract_is_refused(site_toml: Path) -> None:
 
 def test_a_model_of_the_wrong_shape_is_refused_even_with_its_digest(site_toml: Path) -> None:
     arrays = global_arrays()
-    arrays["heads.outcome.bias"] = np.zeros(2, dtype=np.float32)
+    arrays["heads.readmission.bias"] = np.zeros(2, dtype=np.float32)
     request = train_request(STUDY, arrays=arrays, model_sha256=arrays_sha256(arrays))
 
     with pytest.raises(SiteRefusal, match="does not fit the study's network"):

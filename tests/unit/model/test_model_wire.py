@@ -22,6 +22,7 @@ with warnings.catch_warnings():
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
     from model import wire
+    from model.contract import DEMO_CONTRACT
     from model.network import build_model, state_arrays
     from model.wire import WireError, arrays_to_record, get_value, record_to_arrays
 
@@ -54,7 +55,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def test_model_arrays_round_trip() -> None:
-    arrays = state_arrays(build_model("tiny", n_features=3, seed=1))
+    arrays = state_arrays(build_model("tiny", contract=DEMO_CONTRACT, seed=1))
     back = round_trip(arrays)
     assert list(back) == list(arrays)
     for name, array in arrays.items():

@@ -15,8 +15,10 @@ from model.train import train_steps
 from privacy.dpsgd import DpSgdSettings, PrivateTraining, make_private
 from privacy.errors import DpConfigError
 from privacy.events import DpSgdEvent
+from tests.modelkit import TASK, numeric_contract
 
 N_FEATURES = 5
+CONTRACT = numeric_contract(N_FEATURES)
 
 # Opacus's hooks make torch warn that a full backward hook fires with no input needing
 # gradients (the features never do); third-party noise, silenced in the client as well.
@@ -27,7 +29,7 @@ def dataset(n: int, *, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(n, N_FEATURES, generator=generator) * 2.0
     labels = (torch.rand(n, generator=generator) < 0.5).long()
-    return TensorDataset(features, labels)
+    return TensorDataset(features, torch.ones(n, N_FEATURES, dtype=torch.bool), labels)
 
 
 def settings(
@@ -42,9 +44,10 @@ def micro_batch_gradients(model: nn.Module, data: TensorDataset) -> list[dict[st
     """Each sample's gradient of its own loss, from a plain model, one sample at a time."""
     loss_fn = nn.BCEWithLogitsLoss()
     gradients = []
-    for features, label in zip(*data.tensors, strict=True):
+    for features, known, label in zip(*data.tensors, strict=True):
         model.zero_grad()
-        loss_fn(model(features.unsqueeze(0)), label.unsqueeze(0).float()).backward()
+        logits = model(features.unsqueeze(0), known.unsqueeze(0))[TASK]
+        loss_fn(logits, label.unsqueeze(0).float()).backward()
         gradients.append(
             {name: p.grad.detach().clone() for name, p in model.named_parameters()}  # type: ignore[union-attr]
         )
@@ -57,7 +60,7 @@ def wrapped_parameters(private: PrivateTraining) -> dict[str, nn.Parameter]:
 
 
 def fresh_model(seed: int = 3) -> MedModel:
-    return build_model("tiny", n_features=N_FEATURES, seed=seed)
+    return build_model("tiny", contract=CONTRACT, seed=seed)
 
 
 def test_per_sample_gradients_match_micro_batches() -> None:
@@ -65,10 +68,10 @@ def test_per_sample_gradients_match_micro_batches() -> None:
     model = fresh_model()
     reference = copy.deepcopy(model)
     private = make_private(model, data, settings=settings(sample_rate=1.0), learning_rate=0.1)
-    features, labels = next(iter(private.loader))
+    features, known, labels = next(iter(private.loader))
     assert len(labels) == len(data)  # rate 1: Poisson sampling takes every patient
     private.optimizer.zero_grad()
-    nn.BCEWithLogitsLoss()(private.model(features), labels.float()).backward()
+    nn.BCEWithLogitsLoss()(private.model(features, known)[TASK], labels.float()).backward()
 
     expected = micro_batch_gradients(reference, data)
     parameters = wrapped_parameters(private)
@@ -126,9 +129,9 @@ def test_empty_poisson_batches_still_step() -> None:
 
     class Recorded:
         def __iter__(self):  # type: ignore[no-untyped-def]
-            for features, labels in private.loader:
+            for features, known, labels in private.loader:
                 sizes.append(len(labels))
-                yield features, labels
+                yield features, known, labels
 
     result = train_steps(private.model, private.optimizer, Recorded(), steps=30)
     assert result.steps == 30
@@ -142,7 +145,13 @@ def test_an_empty_batch_adds_noise() -> None:
         fresh_model(), dataset(10), settings=settings(sample_rate=0.1), learning_rate=0.1
     )
     before = [p.detach().clone() for p in private.model.parameters()]
-    empty = [(torch.empty(0, N_FEATURES), torch.empty(0, dtype=torch.long))]
+    empty = [
+        (
+            torch.empty(0, N_FEATURES),
+            torch.empty(0, N_FEATURES, dtype=torch.bool),
+            torch.empty(0, dtype=torch.long),
+        )
+    ]
     result = train_steps(private.model, private.optimizer, empty, steps=1)
     assert result.samples_seen == 0
     assert math.isnan(result.mean_loss)
