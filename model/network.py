@@ -47,7 +47,9 @@ Tokens = tuple[torch.Tensor, torch.Tensor]
 
 
 def _positions(n: int, length: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(length, device=device).expand(n, length)
+    # Contiguous, not an expanded view: Opacus's ghost-clipping norm sampler for
+    # embeddings takes a `.view` of the ids and fails on a stride-0 tensor.
+    return torch.arange(length, device=device).expand(n, length).contiguous()
 
 
 class ClinicalEncoder(nn.Module):

@@ -114,7 +114,8 @@ class _GhostLoss:
     """Ghost clipping's two-pass loss, with an empty batch taking an ordinary zero step.
 
     On an empty Poisson batch there are no per-sample norms to clip by; a zero loss's
-    backward leaves zero gradients, and the optimiser's step still adds the noise.
+    backward (hooks off, see `_EmptyBatchGuard`) leaves zero gradients, and the
+    optimiser's step still adds the noise.
     """
 
     def __init__(self, wrapped: DPLossFastGradientClipping) -> None:
@@ -126,31 +127,42 @@ class _GhostLoss:
         return self._wrapped(per_sample)
 
 
-class _ExpandedWeightsOrEmpty(nn.Module):
-    """Opacus's expanded-weights module, but taking empty Poisson batches too.
+class _EmptyBatchGuard(nn.Module):
+    """Opacus's wrapped module, made to take empty Poisson batches in every mode.
 
-    Torch's expanded weights refuse a batch of zero rows. Such a batch runs through the
-    plain module instead, with empty per-sample gradients, so the optimiser still
-    steps and adds its noise (as in the other modes). Parameters keep the names the
-    other modes give them (`_module.*`).
+    Per-sample machinery fails on a batch of zero rows (expanded weights refuse it,
+    functorch and ghost clipping cannot shape their empty results). Such a batch has
+    no data gradient to clip, so it runs through the plain module with Opacus's hooks
+    off and empty per-sample gradients; the optimiser's step still adds its noise. The
+    next non-empty batch turns the hooks back on. Parameters keep the names Opacus
+    gives them (`_module.*`).
     """
 
-    def __init__(self, expanded: nn.Module) -> None:
+    def __init__(self, wrapped: nn.Module, *, ghost: bool) -> None:
         super().__init__()
-        inner = expanded._module
+        inner = wrapped._module
         if not isinstance(inner, nn.Module):
-            raise TypeError("Opacus's expanded-weights module holds no module")
+            raise TypeError("Opacus's wrapped module holds no module")
         self._module: nn.Module = inner
-        self._expanded = (expanded,)  # a tuple: not registered twice as a submodule
+        self._wrapped = (wrapped,)  # a tuple: not registered twice as a submodule
+        self._ghost = ghost
+
+    def _hooks(self, enabled: bool) -> None:
+        switch = getattr(self._wrapped[0], "enable_hooks" if enabled else "disable_hooks", None)
+        if switch is not None:
+            switch()
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         if inputs and inputs[0].shape[0] == 0:
-            for parameter in self._module.parameters():
-                if parameter.requires_grad:
-                    empty = parameter.new_zeros((0, *parameter.shape))
-                    parameter.grad_sample = empty  # type: ignore[attr-defined]
+            self._hooks(False)
+            if not self._ghost:  # ghost clipping reads `.grad`, the others `.grad_sample`
+                for parameter in self._module.parameters():
+                    if parameter.requires_grad:
+                        empty = parameter.new_zeros((0, *parameter.shape))
+                        parameter.grad_sample = empty  # type: ignore[attr-defined]
             return self._module(*inputs)
-        return self._expanded[0](*inputs)
+        self._hooks(True)
+        return self._wrapped[0](*inputs)
 
 
 def make_private(
@@ -204,8 +216,7 @@ def make_private(
     else:
         private_model, private_optimizer, private_loader = private
         reduce_loss = mean_loss
-    if grad_sample_mode == "ew":
-        private_model = _ExpandedWeightsOrEmpty(private_model)
+    private_model = _EmptyBatchGuard(private_model, ghost=grad_sample_mode == "ghost")
     private_loader.batch_sampler.generator = _secure_generator()
     sample_rate = float(private_loader.sample_rate)
     return PrivateTraining(
