@@ -95,7 +95,7 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
 
     from bench.workload import BENCH_CONTRACT, synthetic_tensors
     from model.network import build_model
-    from model.train import mean_loss, train_steps
+    from model.train import LossReducer, mean_loss, train_steps
     from privacy.dpsgd import DpSgdSettings, make_private
 
     torch.set_num_threads(config.threads)
@@ -103,8 +103,11 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
     model = build_model(config.preset, contract=BENCH_CONTRACT, seed=config.seed).to(device)  # type: ignore[arg-type]
     parameters = sum(p.numel() for p in model.parameters())
     batch = tuple(t.to(device) for t in synthetic_tensors(config.batch, seed=config.seed))
+    trained: torch.nn.Module = model
+    optimizer: torch.optim.Optimizer
+    reduce: LossReducer = mean_loss
     if variant == "plain":
-        trained, optimizer, reduce = model, torch.optim.SGD(model.parameters(), lr=0.01), mean_loss
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     else:
         settings = DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
         private = make_private(
@@ -134,9 +137,7 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (
-        torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
-    )
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
     return VariantFigures(
         variant=variant,
         step_s_median=statistics.median(times),
@@ -161,7 +162,7 @@ def _run_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
 
 
 def _machine(config: DpBenchConfig) -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("torch", "opacus"):
         try:
             versions[package] = metadata.version(package)

@@ -59,9 +59,7 @@ def synthetic_samples(n: int, *, seed: int) -> list[PatientSample]:
     vocabulary = BENCH_CONTRACT.categorical[0].vocabulary
     samples = []
     for i in range(n):
-        numeric = {
-            f.name: float(rng.uniform(f.minimum, f.maximum)) for f in BENCH_CONTRACT.numeric
-        }
+        numeric = {f.name: float(rng.uniform(f.minimum, f.maximum)) for f in BENCH_CONTRACT.numeric}
         codes = {"diagnoses": frozenset(rng.choice(vocabulary, size=2, replace=False).tolist())}
         length = int(rng.integers(20, 65))
         samples.append(

@@ -185,7 +185,7 @@ def _task_metrics(
         metrics["auroc"] = auroc(truth, scores)
         metrics["accuracy"] = accuracy(truth, scores)
     elif task.kind == "multiclass":
-        metrics["accuracy"] = multiclass_accuracy(truth, scores.reshape(len(truth), -1))
+        metrics["accuracy"] = multiclass_accuracy(truth, scores.reshape(len(truth), task.outputs))
     elif task.kind == "regression":
         metrics["rmse"] = rmse(truth, scores)
     else:

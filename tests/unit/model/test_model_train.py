@@ -57,12 +57,17 @@ def samples(n: int, *, seed: int, labelled: float = 1.0) -> list[PatientSample]:
     rng = np.random.default_rng(seed)
     result = []
     for i in range(n):
-        numeric = {f.name: float(rng.uniform(f.minimum, f.maximum)) for f in CONTRACT.numeric}
+        numeric = {
+            f.name: float(
+                np.clip(f.reference_mean + f.reference_scale * rng.normal(), f.minimum, f.maximum)
+            )
+            for f in CONTRACT.numeric
+        }
         z = (numeric["age"] - 62) / 14
         targets = {
             "readmitted_30d": float(z > 0),
             "stage": float(min(2, int(abs(z) * 2))),
-            "length_of_stay": 3 + 2 * z,
+            "length_of_stay": 1 + z,
             "survival_days": float(rng.integers(10, 40)),  # ties are common
             "died": float(rng.random() < 0.7),
         }
