@@ -65,6 +65,7 @@ class VariantFigures:
     variant: str
     step_s_median: float
     step_s: list[float]
+    cpu_s_median: float
     peak_bytes: int
     baseline_bytes: int
     parameters: int
@@ -130,18 +131,20 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
         baseline = _status_bytes("VmRSS")
     for _ in range(config.warmup_steps):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(config.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
     return VariantFigures(
         variant=variant,
         step_s_median=statistics.median(times),
         step_s=[round(t, 6) for t in times],
+        cpu_s_median=statistics.median(cpu_times),
         peak_bytes=max(0, peak - baseline),
         baseline_bytes=baseline,
         parameters=parameters,
@@ -182,6 +185,7 @@ def _summary(runs: Sequence[VariantFigures]) -> dict[str, Any]:
     return {
         "step_s_median": statistics.median(r.step_s_median for r in runs),
         "step_s_by_repeat": [round(r.step_s_median, 6) for r in runs],
+        "cpu_s_median": statistics.median(r.cpu_s_median for r in runs),
         "peak_bytes_median": int(statistics.median(r.peak_bytes for r in runs)),
         "peak_bytes_by_repeat": [r.peak_bytes for r in runs],
     }
@@ -205,6 +209,7 @@ def run_dp_bench(
     for mode in config.modes:
         figures = _summary(runs[mode])
         figures["time_ratio"] = round(figures["step_s_median"] / plain["step_s_median"], 3)
+        figures["cpu_time_ratio"] = round(figures["cpu_s_median"] / plain["cpu_s_median"], 3)
         figures["memory_ratio"] = (
             round(figures["peak_bytes_median"] / plain["peak_bytes_median"], 3)
             if plain["peak_bytes_median"] > 0
@@ -231,6 +236,8 @@ def run_dp_bench(
             " the whole batch (no Poisson sampling) so that every variant does the same work.",
             "time_ratio and memory_ratio are DP over plain, medians over the repeats of each"
             " run's median step time and peak memory above baseline.",
+            "cpu_time_ratio is the same over the process's CPU time per step (all threads):"
+            " less sensitive than wall time to other work on a shared machine.",
         ],
     }
 

@@ -38,13 +38,17 @@ def _render(report: dict[str, Any]) -> None:
             f" {config['threads']} threads, {config['repeats']} repeats"
         )
     )
-    for column in ("variant", "step (ms)", "peak memory (MiB)", "time ratio", "memory ratio"):
+    columns = ("variant", "step (ms)", "CPU (ms)", "peak memory (MiB)", "time ratio",
+               "CPU ratio", "memory ratio")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right" if column != "variant" else "left")
     plain = report["plain"]
     table.add_row(
         "plain SGD",
         f"{plain['step_s_median'] * 1000:.1f}",
+        f"{plain['cpu_s_median'] * 1000:.1f}",
         _megabytes(plain["peak_bytes_median"]),
+        "1",
         "1",
         "1",
     )
@@ -53,8 +57,10 @@ def _render(report: dict[str, Any]) -> None:
         table.add_row(
             f"DP-SGD {mode}",
             f"{figures['step_s_median'] * 1000:.1f}",
+            f"{figures['cpu_s_median'] * 1000:.1f}",
             _megabytes(figures["peak_bytes_median"]),
             f"{figures['time_ratio']:.2f}",
+            f"{figures['cpu_time_ratio']:.2f}",
             "n/a" if memory_ratio is None else f"{memory_ratio:.2f}",
         )
     stdout.print(table)
