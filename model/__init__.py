@@ -1,4 +1,5 @@
-"""The shared model: its network, training and evaluation steps, and the wire contract.
+"""The shared model: data contract, samples and tokenizers, the fusion network and presets,
+devices, training and evaluation steps, and the wire contract.
 
 Imports no other medfed package.
 """

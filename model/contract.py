@@ -20,6 +20,7 @@ MODALITY_ORDER: tuple[Modality, ...] = ("clinical", "omics", "molecule", "protei
 """The fixed order of modalities wherever they are listed (tensors, documents, parameters)."""
 
 _SNAKE = r"^[a-z][a-z0-9_]*$"
+_FIELD = r"^\S+$"  # a sample's target field: any name without spaces
 
 
 def _repeated(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -159,8 +160,8 @@ class TaskSpec(_Frozen):
 
     name: str = Field(pattern=_SNAKE)
     kind: TaskKind
-    target: str = Field(pattern=_SNAKE)
-    event: str | None = Field(default=None, pattern=_SNAKE)
+    target: str = Field(pattern=_FIELD)
+    event: str | None = Field(default=None, pattern=_FIELD)
     classes: tuple[str, ...] = ()
 
     @model_validator(mode="after")

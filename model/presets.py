@@ -1,8 +1,8 @@
 """The network's size presets, from CPU-tiny to accelerator-large, all from one `Preset`.
 
 No torch here: light modules (the CLI, configs) check preset names without importing it.
-Approximate sizes (fusion layers only; embeddings add what the contract's vocabularies
-and panel need): tiny ~25 k, small ~6 M, base ~100 M, large ~1 B parameters.
+Sizes for the demo's contract (embeddings add what a contract's vocabularies, panel and
+lengths need): tiny 18 k, small 6.3 M, base 92 M, large 1.0 B parameters.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Preset:
 
 
 PRESETS: Mapping[PresetName, Preset] = {
-    "tiny": Preset("tiny", hidden=32, heads=2, lower_layers=1, upper_layers=1, ffn_multiplier=2),
+    "tiny": Preset("tiny", hidden=32, heads=4, lower_layers=1, upper_layers=1, ffn_multiplier=2),
     "small": Preset("small", hidden=256, heads=8, lower_layers=2, upper_layers=6, ffn_multiplier=4),
     "base": Preset("base", hidden=768, heads=12, lower_layers=4, upper_layers=9, ffn_multiplier=4),
     "large": Preset(

@@ -364,8 +364,9 @@ def _label(task: TaskSpec, targets: Mapping[str, float], *, patient_id: str) -> 
         missing = sorted(set(task.label_fields) - set(given))
         raise TokenizeError(patient_id, f"task {task.name} is missing {missing}")
     values = [targets[field] for field in task.label_fields]
-    if not all(math.isfinite(value) for value in values):
-        raise TokenizeError(patient_id, f"task {task.name}: label {values} is not finite")
+    for field, value in zip(task.label_fields, values, strict=True):
+        if not math.isfinite(value):
+            raise TokenizeError(patient_id, f"{field} = {value} is not finite")
     value = values[0]
     if task.kind == "binary" and value not in (0.0, 1.0):
         raise TokenizeError(patient_id, f"{task.target} = {value} is not 0 or 1")
@@ -413,54 +414,73 @@ def _padded(rows: list[list[int]], width: int) -> torch.Tensor:
     return torch.from_numpy(ids)
 
 
-def encode(samples: Sequence[PatientSample], contract: StudyContract) -> EncodedBatch:
-    """Encode patients under `contract`; the first bad value raises `TokenizeError`."""
-    clinical, smiles, protein = tokenizers_for(contract)
-    n = len(samples)
+def _clinical_inputs(
+    samples: Sequence[PatientSample], contract: StudyContract
+) -> list[torch.Tensor]:
+    clinical = tokenizers_for(contract)[0]
     inputs: list[torch.Tensor] = []
     if contract.numeric:
-        pairs = [clinical.numeric_values(s.numeric, patient_id=s.patient_id) for s in samples]
-        width = len(contract.numeric)
-        inputs.append(
-            torch.from_numpy(
-                np.stack([p[0] for p in pairs]) if n else np.zeros((0, width), np.float32)
+        values = np.zeros((len(samples), len(contract.numeric)), dtype=np.float32)
+        known = np.zeros(values.shape, dtype=bool)
+        for row, sample in enumerate(samples):
+            values[row], known[row] = clinical.numeric_values(
+                sample.numeric, patient_id=sample.patient_id
             )
-        )
-        inputs.append(
-            torch.from_numpy(np.stack([p[1] for p in pairs]) if n else np.zeros((0, width), bool))
-        )
-    elif any(s.numeric for s in samples):
-        patient = next(s for s in samples if s.numeric).patient_id
-        raise TokenizeError(patient, "has numeric features; the contract has none")
+        inputs += [torch.from_numpy(values), torch.from_numpy(known)]
+    else:
+        for sample in samples:
+            if sample.numeric:
+                raise TokenizeError(
+                    sample.patient_id, "has numeric features; the contract has none"
+                )
     codes = [clinical.code_ids(s.codes, patient_id=s.patient_id) for s in samples]
     if contract.categorical:
+        # As wide as the most codes any patient here has (at least 1), so batches stay small.
         inputs.append(_padded(codes, max([1, *map(len, codes)])))
-    if contract.omics is not None:
-        genes = len(contract.omics.genes)
-        values = np.zeros((n, genes), dtype=np.float32)
-        known = np.zeros((n, genes), dtype=bool)
-        for row, sample in enumerate(samples):
+    return inputs
+
+
+def _omics_inputs(samples: Sequence[PatientSample], contract: StudyContract) -> list[torch.Tensor]:
+    if contract.omics is None:
+        for sample in samples:
             if sample.omics is not None:
-                values[row], known[row] = omics_values(
-                    sample.omics, contract.omics, patient_id=sample.patient_id
-                )
-        inputs += [torch.from_numpy(values), torch.from_numpy(known)]
-    for modality, tokenizer, attribute in (
-        ("molecule", smiles, "smiles"),
-        ("protein", protein, "protein"),
-    ):
-        texts: list[str | None] = [getattr(s, attribute) for s in samples]
-        if tokenizer is None:
-            holder = next((s for s, t in zip(samples, texts, strict=True) if t is not None), None)
-            if holder is not None:
-                raise TokenizeError(holder.patient_id, f"has a {modality}; the contract has none")
-            continue
-        rows = [
-            [] if text is None else tokenizer.encode(text, patient_id=s.patient_id)
-            for s, text in zip(samples, texts, strict=True)
-        ]
-        inputs.append(_padded(rows, tokenizer.max_length))
-    for sample in samples:
-        if sample.omics is not None and contract.omics is None:
-            raise TokenizeError(sample.patient_id, "has omics; the contract has none")
+                raise TokenizeError(sample.patient_id, "has omics; the contract has none")
+        return []
+    values = np.zeros((len(samples), len(contract.omics.genes)), dtype=np.float32)
+    known = np.zeros(values.shape, dtype=bool)
+    for row, sample in enumerate(samples):
+        if sample.omics is not None:
+            values[row], known[row] = omics_values(
+                sample.omics, contract.omics, patient_id=sample.patient_id
+            )
+    return [torch.from_numpy(values), torch.from_numpy(known)]
+
+
+def _sequence_inputs(
+    samples: Sequence[PatientSample],
+    texts: Sequence[str | None],
+    tokenizer: SmilesTokenizer | ProteinTokenizer | None,
+    modality: str,
+) -> list[torch.Tensor]:
+    if tokenizer is None:
+        for sample, text in zip(samples, texts, strict=True):
+            if text is not None:
+                raise TokenizeError(sample.patient_id, f"has a {modality}; the contract has none")
+        return []
+    rows = [
+        [] if text is None else tokenizer.encode(text, patient_id=sample.patient_id)
+        for sample, text in zip(samples, texts, strict=True)
+    ]
+    return [_padded(rows, tokenizer.max_length)]
+
+
+def encode(samples: Sequence[PatientSample], contract: StudyContract) -> EncodedBatch:
+    """Encode patients under `contract`; the first bad value raises `TokenizeError`."""
+    _, smiles, protein = tokenizers_for(contract)
+    inputs = [
+        *_clinical_inputs(samples, contract),
+        *_omics_inputs(samples, contract),
+        *_sequence_inputs(samples, [s.smiles for s in samples], smiles, "molecule"),
+        *_sequence_inputs(samples, [s.protein for s in samples], protein, "protein"),
+    ]
     return EncodedBatch(contract, tuple(inputs), _targets(contract, samples))

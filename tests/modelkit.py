@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
+
 from model.contract import (
+    MODALITY_ORDER,
     MoleculeSpec,
     NumericFeature,
     OmicsPanel,
@@ -10,6 +15,7 @@ from model.contract import (
     StudyContract,
     TaskSpec,
 )
+from model.sample import PatientSample
 
 TASK = "outcome"
 """The binary task of `numeric_contract`."""
@@ -74,4 +80,31 @@ def all_modalities_contract() -> StudyContract:
                 {"name": "survival", "kind": "survival", "target": "time_d", "event": "died"},
             ],
         }
+    )
+
+
+SUBSETS = [  # every subset of the four modalities, the empty one included
+    frozenset(combination)
+    for size in range(len(MODALITY_ORDER) + 1)
+    for combination in itertools.combinations(MODALITY_ORDER, size)
+]
+
+
+def sample(patient_id: str, modalities: frozenset[str], *, seed: int = 0) -> PatientSample:
+    """A patient of `all_modalities_contract` with exactly `modalities`, every task labelled."""
+    rng = np.random.default_rng(seed)
+    return PatientSample(
+        patient_id,
+        {"age": float(rng.uniform(20, 90))} if "clinical" in modalities else {},
+        {"diagnoses": frozenset({"I10"})} if "clinical" in modalities else {},
+        omics=rng.uniform(0, 20, 5) if "omics" in modalities else None,
+        smiles=["CCO", "c1ccccc1O", "CC(=O)N"][seed % 3] if "molecule" in modalities else None,
+        protein=["MKV", "ACDEFG", "WWY"][seed % 3] if "protein" in modalities else None,
+        targets={
+            "readmitted": seed % 2,
+            "stage": seed % 3,
+            "egfr_slope": 0.5,
+            "time_d": 9,
+            "died": 1,
+        },
     )

@@ -210,6 +210,8 @@ def test_default_vocabularies_hold_the_usual_tokens() -> None:
         (task(classes=["a", "b"]), "only a multiclass task"),
         (task(kind="ordinal"), "kind"),
         (task(name="Readmission"), "name"),
+        (task(target="readmitted 30d"), "target"),
+        (task(target=""), "target"),
     ],
 )
 def test_tasks_are_checked_per_kind(values: dict[str, Any], message: str) -> None:
@@ -282,3 +284,8 @@ def test_demo_contract_round_trips_through_json() -> None:
     assert DEMO_CONTRACT.tasks == (
         TaskSpec(name="readmission", kind="binary", target="readmitted_30d"),
     )
+
+
+def test_a_target_field_may_keep_its_source_spelling() -> None:
+    spec = TaskSpec.model_validate(task(kind="survival", target="t.tdm", event="e.tdm"))
+    assert spec.label_fields == ("t.tdm", "e.tdm")
