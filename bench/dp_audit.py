@@ -213,9 +213,11 @@ def audit(
     canary_x = rng.standard_normal((canaries, features.shape[1])).astype(np.float32)
     canary_y = rng.integers(0, 2, canaries).astype(np.int64)
     included = rng.random(canaries) < 0.5
-    train = TensorDataset(
+    all_labels = torch.from_numpy(np.concatenate([labels, canary_y[included]]).astype(np.float32))
+    train = TensorDataset(  # the layout of EncodedBatch.tensors(): inputs, target, labelled
         *complete_numeric_inputs(torch.from_numpy(np.concatenate([features, canary_x[included]]))),
-        torch.from_numpy(np.concatenate([labels, canary_y[included]])),
+        all_labels,
+        torch.ones(len(all_labels), dtype=torch.bool),
     )
     model_seed = seed + 1
     noise = setting.noise_multiplier
@@ -238,7 +240,14 @@ def audit(
     with warnings.catch_warnings():
         # Opacus's hooks fire on module outputs since inputs need no gradient: expected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        train_steps(private.model, private.optimizer, private.loader, steps=setting.steps)
+        train_steps(
+            private.model,
+            private.optimizer,
+            private.loader,
+            steps=setting.steps,
+            contract=DEMO_CONTRACT,
+            reduce_loss=private.reduce_loss,
+        )
     trained = canary_losses(private.model, canary_features, canary_labels)
     by_loss = guess(-trained, included, per_side)
     by_drop = guess(initial - trained, included, per_side)

@@ -27,7 +27,10 @@ from client.protocol import (
     TrainReply,
     TrainRequest,
 )
-from model.contract import StudyContract
+from client.site_samples import site_table_samples
+from model.contract import StudyContract, TaskSpec
+from model.errors import ModelError
+from model.losses import SURVIVAL_DP_CAVEAT
 from model.network import (
     MedModel,
     PresetName,
@@ -36,9 +39,9 @@ from model.network import (
     load_arrays,
     state_arrays,
 )
-from model.tokenizers import complete_numeric_inputs
-from model.train import EvalResult, evaluate, train_steps
-from privacy.dpsgd import DpSgdSettings, make_private
+from model.tokenizers import encode
+from model.train import EvalResult, TaskMetrics, binary_result, evaluate, train_steps
+from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE, DpSgdSettings, GradSampleMode, make_private
 from privacy.ledger import PrivacyLedger
 from privacy.receipts import UpdateReceipt
 from sites.synthetic import TABLE_NAME
@@ -47,14 +50,44 @@ from sites.tabular import SiteTable, read_site_table
 log = logging.getLogger(__name__)
 
 
+def _reported_task(contract: StudyContract) -> TaskSpec:
+    """The task whose metrics a site reports in `ModelCheck`: the first binary task (the
+    coordinator ranks models by its AUROC), else the first task (loss only)."""
+    binary = [task for task in contract.tasks if task.kind == "binary"]
+    return binary[0] if binary else contract.tasks[0]
+
+
+def _encoded(
+    table: SiteTable, contract: StudyContract
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The table's (training, held-out) patients as `EncodedBatch.tensors()`."""
+    train, held_out = site_table_samples(table, contract)
+    try:
+        return encode(train, contract).tensors(), encode(held_out, contract).tensors()
+    except ModelError as exc:
+        raise SiteRefusal(f"the site's data does not fit the study's contract: {exc}") from exc
+
+
 class SiteTrainer:
     """One site's data, ledger, privacy gate and training logic."""
 
-    def __init__(self, config: SiteConfig, contract: StudyContract) -> None:
+    def __init__(
+        self,
+        config: SiteConfig,
+        contract: StudyContract,
+        *,
+        grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE,
+    ) -> None:
         self.site_id = config.site.id
         self._config = config
         self._contract = contract
+        self._grad_sample_mode: GradSampleMode = grad_sample_mode
+        self._reported_task = _reported_task(contract)
         self._table: SiteTable = read_site_table(config.data_dir / TABLE_NAME, contract)
+        # Encoded once at start-up and kept warm: every round trains on these tensors.
+        self._train, self._eval = _encoded(self._table, contract)
+        if any(task.kind == "survival" for task in contract.tasks):
+            log.warning("site %s: WARNING: %s", self.site_id, SURVIVAL_DP_CAVEAT)
         self._ledger = PrivacyLedger(config.ledger_path)
         self._gate = PrivacyGate(config, self._ledger)
 
@@ -94,24 +127,30 @@ class SiteTrainer:
             ) from exc
         return model
 
-    def _eval_tensors(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        inputs = complete_numeric_inputs(torch.from_numpy(self._table.eval_features))
-        return inputs, torch.from_numpy(self._table.eval_labels)
-
-    def _train_tensors(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        inputs = complete_numeric_inputs(torch.from_numpy(self._table.train_features))
-        return inputs, torch.from_numpy(self._table.train_labels)
+    def _reported(self, metrics: dict[str, TaskMetrics]) -> EvalResult:
+        """The reported task's metrics as the `EvalResult` the coordinator reads."""
+        task = metrics[self._reported_task.name]
+        if self._reported_task.kind == "binary":
+            return binary_result(task)
+        return EvalResult(
+            examples=int(task["examples"]), loss=task["loss"], auroc=math.nan, accuracy=math.nan
+        )
 
     def _check(self, model: MedModel) -> ModelCheck:
         """How `model` does here. Held-out metrics over fewer patients than the policy's
         minimum cohort are withheld (reported as 0 patients, undefined values)."""
-        on_train = evaluate(model, *self._train_tensors())
-        held_out = evaluate(model, *self._eval_tensors())
+        on_train = self._reported(evaluate(model, self._train, self._contract))
+        held_out = self._reported(evaluate(model, self._eval, self._contract))
         if held_out.examples < self._config.privacy.min_cohort_k:
             held_out = EvalResult(examples=0, loss=math.nan, auroc=math.nan, accuracy=math.nan)
         return ModelCheck(
-            train_examples=on_train.examples, train_loss=on_train.loss, held_out=held_out
+            train_examples=self.train_patients, train_loss=on_train.loss, held_out=held_out
         )
+
+    @property
+    def train_patients(self) -> int:
+        """Training patients: DP-SGD's population and this site's FedAvg weight."""
+        return int(self._train[0].shape[0])
 
     def train(self, request: TrainRequest) -> TrainReply:
         """Pre-flight, train with DP-SGD, and record the spend before replying.
@@ -132,8 +171,7 @@ class SiteTrainer:
         model = self._model_for(
             request.arrays, request.model_sha256, request.preset, request.n_features
         )
-        inputs, labels = self._train_tensors()
-        train_set = TensorDataset(*inputs, labels)
+        train_set = TensorDataset(*self._train)
         plan = self._gate.plan(request, dataset=dataset, patients=len(train_set))
         incoming = self._check(model)
         settings = DpSgdSettings(
@@ -142,15 +180,26 @@ class SiteTrainer:
             sample_rate=request.sample_rate,
         )
         private = make_private(
-            model, train_set, settings=settings, learning_rate=request.learning_rate
+            model,
+            train_set,
+            settings=settings,
+            learning_rate=request.learning_rate,
+            grad_sample_mode=self._grad_sample_mode,
         )
         if private.event(request.local_steps) != plan.event:
             raise SiteRefusal("the training would not match the planned privacy event")
         with warnings.catch_warnings():
             # Opacus's hooks fire on module outputs since inputs need no gradient: expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            # Opacus's functorch mode asks for a float32 autocast, which CPU autocast ignores.
+            warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
             result = train_steps(
-                private.model, private.optimizer, private.loader, steps=request.local_steps
+                private.model,
+                private.optimizer,
+                private.loader,
+                steps=request.local_steps,
+                contract=self._contract,
+                reduce_loss=private.reduce_loss,
             )
         if not self._gate.record(request, plan, dataset=dataset):
             # Another process trained this round meanwhile and recorded it first; its
@@ -195,9 +244,9 @@ class SiteTrainer:
         nothing: even a loss over so few patients says too much about each of them.
         """
         minimum = self._config.privacy.min_cohort_k
-        if len(self._table.train_labels) < minimum:
+        if self.train_patients < minimum:
             raise SiteRefusal(
-                f"the dataset has {len(self._table.train_labels)} training patients, fewer than"
+                f"the dataset has {self.train_patients} training patients, fewer than"
                 f" the site's minimum cohort {minimum}; no metric is reported"
             )
         model = self._model_for(

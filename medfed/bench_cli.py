@@ -1,20 +1,132 @@
-"""`medfed bench ...`: benchmarks that print figures (never pass/fail on timing).
+"""`medfed bench ...`: benchmarks that print figures (never pass or fail on them).
 
-A Typer sub-app, one command per benchmark; `medfed/cli.py` registers it as `bench`.
-The benchmarks themselves live in the `bench` package.
+A Typer sub-app of its own, registered by `medfed.cli`; other benchmarks add their
+commands to `bench_app`. Heavy imports happen inside each command.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
-bench_app = typer.Typer(help="Benchmarks that print figures as JSON.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: DP-SGD cost and more; figures as a table or one JSON document.",
+    no_args_is_help=True,
+)
+
+_MODES = ("hooks", "functorch", "ew", "ghost")
+
+
+def _megabytes(value: int) -> str:
+    return f"{value / 2**20:.1f}"
+
+
+def _render(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from medfed.cli import stdout
+
+    config = report["config"]
+    table = Table(
+        title=(
+            f"DP-SGD vs plain SGD: preset {config['preset']} ({report['model']['parameters']:,}"
+            f" parameters), batch {config['batch']}, {config['device']},"
+            f" {config['threads']} threads, {config['repeats']} repeats"
+        )
+    )
+    columns = ("variant", "step (ms)", "CPU (ms)", "peak memory (MiB)", "time ratio",
+               "best-run ratio", "CPU ratio", "memory ratio")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right" if column != "variant" else "left")
+    plain = report["plain"]
+    table.add_row(
+        "plain SGD",
+        f"{plain['step_s_median'] * 1000:.1f}",
+        f"{plain['cpu_s_median'] * 1000:.1f}",
+        _megabytes(plain["peak_bytes_median"]),
+        "1",
+        "1",
+        "1",
+        "1",
+    )
+    for mode, figures in report["dp"].items():
+        memory_ratio = figures["memory_ratio"]
+        table.add_row(
+            f"DP-SGD {mode}",
+            f"{figures['step_s_median'] * 1000:.1f}",
+            f"{figures['cpu_s_median'] * 1000:.1f}",
+            _megabytes(figures["peak_bytes_median"]),
+            f"{figures['time_ratio']:.2f}",
+            f"{figures['best_time_ratio']:.2f}",
+            f"{figures['cpu_time_ratio']:.2f}",
+            "n/a" if memory_ratio is None else f"{memory_ratio:.2f}",
+        )
+    stdout.print(table)
+    targets = report["targets"]
+    stdout.print(
+        f"targets on CPU: time ratio <= {targets['time_ratio']}, memory ratio <="
+        f" {targets['memory_ratio']}; memory: {report['memory_method']}",
+        soft_wrap=True,
+    )
+
+
+@bench_app.command("dp")
+def bench_dp(
+    preset: Annotated[str, typer.Option(help="Model preset: tiny, small, base or large.")] = (
+        "small"
+    ),
+    steps: Annotated[int, typer.Option(min=1, max=10_000, help="Timed steps per run.")] = 10,
+    batch: Annotated[int, typer.Option(min=1, max=65_536, help="Patients per batch.")] = 32,
+    mode: Annotated[
+        list[str] | None,
+        typer.Option(help="Grad-sample mode (repeat the option): hooks, functorch, ew, ghost."),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, max=100, help="Interleaved runs of each variant.")
+    ] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads per run.")] = 2,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Step time and peak memory of DP-SGD vs plain SGD on the same model, data and batch."""
+    from bench.dp import DpBenchConfig, run_dp_bench
+    from medfed.cli import _fail, stderr
+    from model.presets import PRESET_NAMES
+
+    if preset not in PRESET_NAMES:
+        _fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
+    modes = tuple(mode or ("hooks", "ew", "ghost"))
+    unknown = [name for name in modes if name not in _MODES]
+    if unknown:
+        _fail(f"unknown grad-sample mode {unknown[0]!r}; choose from {', '.join(_MODES)}", 2)
+    if device not in ("cpu", "cuda"):
+        _fail(f"unknown device {device!r}; choose cpu or cuda", 2)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("device cuda was asked for, but torch sees no CUDA device here")
+    config = DpBenchConfig(
+        preset=preset, batch=batch, steps=steps, modes=modes, repeats=repeats,  # type: ignore[arg-type]
+        device=device, threads=threads,  # type: ignore[arg-type]
+    )  # fmt: skip
+    show = None if as_json or not stderr.is_terminal else stderr.print
+    try:
+        report = run_dp_bench(config, progress=show)
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        _fail(f"the benchmark failed: {exc}")
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        _render(report)
 
 
 @bench_app.command("round")

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from medfed.bench_cli import bench_app
 from medfed.errors import MedfedError
 from medfed.round_cli import round_app
 
@@ -396,6 +397,7 @@ coordinator_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(bench_app, name="bench")
 
 
 @coordinator_app.command("start")
@@ -474,10 +476,6 @@ from medfed.site_daemon import site_app  # noqa: E402 (registered after the help
 
 add_check_command(site_app)
 app.add_typer(site_app, name="site")
-
-from medfed.bench_cli import bench_app  # noqa: E402
-
-app.add_typer(bench_app, name="bench")
 
 
 @app.command()

@@ -1,19 +1,36 @@
-"""Training and evaluation steps for the model; differential privacy is wired in by the caller.
+"""Training and evaluation steps for the multitask network; DP is wired in by the caller.
 
 `train_steps` takes any optimiser and batch source, so the site can pass Opacus's
-DP optimiser and Poisson data loader; this module itself imports nothing of Opacus.
+DP optimiser and Poisson data loader, and a `reduce_loss` that turns the batch's
+per-sample losses into what `.backward()` runs on (ghost clipping needs that); this
+module itself imports nothing of Opacus. Batches are tuples of tensors laid out as
+`EncodedBatch.tensors()`; `split_tensors` tells inputs from targets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from model.metrics import accuracy, auroc
+from model.contract import StudyContract, TaskSpec
+from model.losses import RegressionLoss, mean_task_loss, per_sample_loss
+from model.metrics import accuracy, auroc, concordance_index, multiclass_accuracy, rmse
+from model.tokenizers import split_tensors
+
+Batch = Sequence[torch.Tensor]
+"""One batch: the network's input tensors, then (target, labelled) per task."""
+
+LossReducer = Callable[[torch.Tensor], Any]
+"""Per-sample losses (n,) -> what `.backward()` is called on (a tensor, or Opacus's
+ghost-clipping loss). The default is the mean, a zero on an empty batch."""
+
+EVAL_CHUNK_ROWS = 1024
+"""Patients evaluated per forward pass: bounds evaluation's memory on large sets."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +44,7 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Metrics of a model on one labelled set."""
+    """A binary task's metrics on one labelled set (what sites report to the coordinator)."""
 
     examples: int
     loss: float
@@ -35,19 +52,16 @@ class EvalResult:
     accuracy: float
 
 
-Batch = Sequence[torch.Tensor]
-"""The model's input tensors, then the labels."""
+TaskMetrics = dict[str, float]
+"""One task's metrics: `examples` and `loss` always; binary: `auroc`, `accuracy`;
+multiclass: `accuracy`; regression: `rmse`; survival: `c_index`. NaN when undefined."""
 
 
-def _logits(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The single task's outputs (a study with one binary task, as the demo has)."""
-    outputs = model(*inputs)
-    if isinstance(outputs, Mapping):
-        if len(outputs) != 1:
-            raise ValueError(f"expected one task's outputs, got {sorted(outputs)}")
-        (outputs,) = outputs.values()
-    logits: torch.Tensor = outputs
-    return logits
+def mean_loss(per_sample: torch.Tensor) -> torch.Tensor:
+    """The mean of per-sample losses; on an empty batch a zero that still backpropagates."""
+    if per_sample.numel() == 0:
+        return per_sample.sum()
+    return per_sample.mean()
 
 
 def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
@@ -60,56 +74,152 @@ def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
             raise ValueError("the batch source produced no batches")
 
 
+def _anchored(
+    model: nn.Module, anchor: Mapping[str, torch.Tensor]
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Each trainable parameter with its anchor; a wrapper's `_module.` prefix is ignored."""
+    pairs = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        key = name if name in anchor else name.removeprefix("_module.")
+        if key not in anchor:
+            raise ValueError(f"the anchor has no parameter {key!r}")
+        target = anchor[key].to(device=parameter.device, dtype=parameter.dtype)
+        if target.shape != parameter.shape:
+            raise ValueError(f"anchor {key!r} has shape {tuple(target.shape)}")
+        pairs.append((parameter, target))
+    return pairs
+
+
+@torch.no_grad()
+def _proximal_step(
+    optimizer: torch.optim.Optimizer,
+    pairs: list[tuple[nn.Parameter, torch.Tensor]],
+    mu: float,
+) -> None:
+    """FedProx's pull towards the anchor, w <- w - lr * mu * (w - anchor).
+
+    It depends on no patient's data, so it is applied outside the private gradient:
+    clipping and noise stay exactly those of the data's gradient.
+    """
+    lr = float(optimizer.param_groups[0]["lr"])
+    for parameter, target in pairs:
+        parameter.sub_(lr * mu * (parameter - target))
+
+
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Batch],
     *,
     steps: int,
+    contract: StudyContract,
+    proximal_mu: float = 0.0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
+    reduce_loss: LossReducer = mean_loss,
+    regression: RegressionLoss = "mse",
 ) -> TrainResult:
-    """Run exactly `steps` optimiser steps of binary cross-entropy over `batches` (cycled).
+    """Run exactly `steps` optimiser steps of the multitask loss over `batches` (cycled).
 
     An empty batch (possible under Poisson sampling) still takes its step, so a DP
-    optimiser adds its noise and the accountant's step count stays true.
+    optimiser adds its noise and the accountant's step count stays true. With
+    `proximal_mu` > 0 each step is followed by FedProx's pull towards `anchor`.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if proximal_mu < 0 or not np.isfinite(proximal_mu):
+        raise ValueError(f"proximal_mu must be finite and >= 0, got {proximal_mu}")
+    if proximal_mu > 0 and anchor is None:
+        raise ValueError("proximal_mu > 0 needs the anchor (the global model's parameters)")
+    pairs = _anchored(model, anchor) if proximal_mu > 0 and anchor is not None else []
     model.train()
-    loss_fn = nn.BCEWithLogitsLoss()
     losses: list[float] = []
     seen = 0
     source = _cycle(batches)
     for _ in range(steps):
-        *inputs, labels = next(source)
+        inputs, targets = split_tensors(contract, next(source))
         optimizer.zero_grad()
-        logits = _logits(model, inputs)
-        if len(labels) > 0:
-            loss = loss_fn(logits, labels.float())
-            losses.append(float(loss.detach()))
-            seen += len(labels)
-        else:
-            # An empty Poisson batch: a zero loss still runs the backward pass, so a
-            # DP optimiser sees (empty) per-sample gradients and adds its noise.
-            loss = logits.sum() * 0.0
-        loss.backward()
+        outputs = model(*inputs)
+        per_sample = per_sample_loss(contract, outputs, targets, regression=regression)
+        if per_sample.numel() > 0:
+            losses.append(float(per_sample.detach().mean()))
+            seen += per_sample.numel()
+        reduce_loss(per_sample).backward()
         optimizer.step()
-    mean_loss = float(np.mean(losses)) if losses else float("nan")
-    return TrainResult(steps=steps, mean_loss=mean_loss, samples_seen=seen)
+        if pairs:
+            _proximal_step(optimizer, pairs, proximal_mu)
+    mean = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult(steps=steps, mean_loss=mean, samples_seen=seen)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> EvalResult:
-    """Loss, AUROC and accuracy of `model` on one labelled set."""
+def predict(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's outputs per task over all rows of `inputs`, in chunks, in eval mode."""
     model.eval()
-    if len(labels) == 0:
-        return EvalResult(examples=0, loss=float("nan"), auroc=float("nan"), accuracy=float("nan"))
-    logits = _logits(model, inputs)
-    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels.float()))
-    scores = logits.cpu().numpy()
-    truth = labels.cpu().numpy()
+    n = int(inputs[0].shape[0])
+    chunks: list[Mapping[str, torch.Tensor]] = [
+        model(*(tensor[start : start + EVAL_CHUNK_ROWS] for tensor in inputs))
+        for start in range(0, n, EVAL_CHUNK_ROWS)
+    ]
+    if not chunks:
+        chunks = [model(*inputs)]
+    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+
+def _task_metrics(
+    task: TaskSpec,
+    output: torch.Tensor,
+    target: torch.Tensor,
+    labelled: torch.Tensor,
+    regression: RegressionLoss,
+) -> TaskMetrics:
+    mask = labelled.reshape(-1).to(torch.bool)
+    metrics: TaskMetrics = {
+        "examples": float(int(mask.sum())),
+        "loss": mean_task_loss(task, output, target, labelled, regression=regression),
+    }
+    scores = output[mask].detach().cpu().numpy().astype(np.float64)
+    truth = target[mask].detach().cpu().numpy().astype(np.float64)
+    if task.kind == "binary":
+        metrics["auroc"] = auroc(truth, scores)
+        metrics["accuracy"] = accuracy(truth, scores)
+    elif task.kind == "multiclass":
+        metrics["accuracy"] = multiclass_accuracy(truth, scores.reshape(len(truth), task.outputs))
+    elif task.kind == "regression":
+        metrics["rmse"] = rmse(truth, scores)
+    else:
+        truth = truth.reshape(-1, 2)
+        metrics["c_index"] = concordance_index(truth[:, 0], truth[:, 1], scores)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tensors: Batch,
+    contract: StudyContract,
+    *,
+    regression: RegressionLoss = "mse",
+) -> dict[str, TaskMetrics]:
+    """Per task, the loss (mean over its labelled patients) and the kind's metrics.
+
+    `tensors` is a whole labelled set laid out as `EncodedBatch.tensors()`. The Cox
+    loss and the c-index use the whole set's risk sets, not a batch's.
+    """
+    inputs, targets = split_tensors(contract, tensors)
+    outputs = predict(model, inputs)
+    return {
+        task.name: _task_metrics(task, outputs[task.name], *targets[task.name], regression)
+        for task in contract.tasks
+    }
+
+
+def binary_result(metrics: TaskMetrics) -> EvalResult:
+    """A binary task's metrics as the `EvalResult` that sites report."""
     return EvalResult(
-        examples=len(labels),
-        loss=loss,
-        auroc=auroc(truth, scores),
-        accuracy=accuracy(truth, scores),
+        examples=int(metrics["examples"]),
+        loss=metrics["loss"],
+        auroc=metrics["auroc"],
+        accuracy=metrics["accuracy"],
     )

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:Use
 def dataset(n: int, *, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(n, N_FEATURES, generator=generator) * 2.0
-    labels = (torch.rand(n, generator=generator) < 0.5).long()
-    return TensorDataset(features, torch.ones(n, N_FEATURES, dtype=torch.bool), labels)
+    labels = (torch.rand(n, generator=generator) < 0.5).float()
+    known = torch.ones(n, N_FEATURES, dtype=torch.bool)
+    # The layout of `EncodedBatch.tensors()`: inputs, then the task's target and mask.
+    return TensorDataset(features, known, labels, torch.ones(n, dtype=torch.bool))
 
 
 def settings(
@@ -44,7 +46,7 @@ def micro_batch_gradients(model: nn.Module, data: TensorDataset) -> list[dict[st
     """Each sample's gradient of its own loss, from a plain model, one sample at a time."""
     loss_fn = nn.BCEWithLogitsLoss()
     gradients = []
-    for features, known, label in zip(*data.tensors, strict=True):
+    for features, known, label, _ in zip(*data.tensors, strict=True):
         model.zero_grad()
         logits = model(features.unsqueeze(0), known.unsqueeze(0))[TASK]
         loss_fn(logits, label.unsqueeze(0).float()).backward()
@@ -68,7 +70,7 @@ def test_per_sample_gradients_match_micro_batches() -> None:
     model = fresh_model()
     reference = copy.deepcopy(model)
     private = make_private(model, data, settings=settings(sample_rate=1.0), learning_rate=0.1)
-    features, known, labels = next(iter(private.loader))
+    features, known, labels, _ = next(iter(private.loader))
     assert len(labels) == len(data)  # rate 1: Poisson sampling takes every patient
     private.optimizer.zero_grad()
     nn.BCEWithLogitsLoss()(private.model(features, known)[TASK], labels.float()).backward()
@@ -98,7 +100,9 @@ def test_one_step_applies_clipped_mean_of_per_sample_gradients() -> None:
         settings=settings(noise=1e-6, max_grad_norm=max_grad_norm, sample_rate=1.0),
         learning_rate=learning_rate,
     )
-    result = train_steps(private.model, private.optimizer, private.loader, steps=1)
+    result = train_steps(
+        private.model, private.optimizer, private.loader, steps=1, contract=CONTRACT
+    )
     assert result.samples_seen == len(data)
 
     per_sample = micro_batch_gradients(reference, data)
@@ -129,11 +133,11 @@ def test_empty_poisson_batches_still_step() -> None:
 
     class Recorded:
         def __iter__(self):  # type: ignore[no-untyped-def]
-            for features, known, labels in private.loader:
-                sizes.append(len(labels))
-                yield features, known, labels
+            for batch in private.loader:
+                sizes.append(len(batch[0]))
+                yield batch
 
-    result = train_steps(private.model, private.optimizer, Recorded(), steps=30)
+    result = train_steps(private.model, private.optimizer, Recorded(), steps=30, contract=CONTRACT)
     assert result.steps == 30
     assert len(sizes) == 30
     assert 0 in sizes
@@ -149,10 +153,11 @@ def test_an_empty_batch_adds_noise() -> None:
         (
             torch.empty(0, N_FEATURES),
             torch.empty(0, N_FEATURES, dtype=torch.bool),
-            torch.empty(0, dtype=torch.long),
+            torch.empty(0),
+            torch.empty(0, dtype=torch.bool),
         )
     ]
-    result = train_steps(private.model, private.optimizer, empty, steps=1)
+    result = train_steps(private.model, private.optimizer, empty, steps=1, contract=CONTRACT)
     assert result.samples_seen == 0
     assert math.isnan(result.mean_loss)
     after = list(private.model.parameters())
