@@ -33,8 +33,10 @@ from coordinator.validate import (
     ModelCheck,
     ReceiptCheck,
     Rejection,
+    Sender,
     SiteEval,
     SiteUpdate,
+    size_limit_bytes,
     validate_eval_reply,
     validate_train_reply,
 )
@@ -220,9 +222,10 @@ def _plan(
     known_sites: dict[int, str],
     connect_timeout_s: float,
     clock: Clock,
-) -> RoundPlan:
+) -> tuple[RoundPlan, dict[int, Sender]]:
     """Ask the connected sites for their status and plan the round; while the plan is to
-    wait, record it, sleep towards its ETA and ask again."""
+    wait, record it, sleep towards its ETA and ask again. Also returns, per node that
+    answered, the site id and patients it gave: each reply is checked against them."""
     policy = schedule_policy(study)
     recorded: dict[str, object] | None = None  # the wait last written to the audit chain
     while True:
@@ -233,7 +236,12 @@ def _plan(
         now = clock.now()
         plan = plan_round(statuses, policy, now)
         if plan.action == "train":
-            return plan
+            senders = {
+                status.node_id: Sender(status.site_id, status.patients)
+                for status in statuses
+                if status.known
+            }
+            return plan, senders
         if plan.to_json() != recorded:  # one entry per change, not one per nap
             recorded = plan.to_json()
             audit.record("round.waiting", {"round": state.round + 1, **_json(recorded)})
@@ -271,9 +279,12 @@ def _run_rounds(
     results.signed_updates = site_keys is not None
     if site_keys is None:
         log.warning("no site-keys-dir in the run config: site updates are NOT signature-checked")
+    max_bytes = size_limit_bytes(state.arrays)
     while state.round < study.num_rounds:
         round_number = state.round + 1
-        plan = _plan(grid, study, state, audit, report, known_sites, connect_timeout_s, clock)
+        plan, senders = _plan(
+            grid, study, state, audit, report, known_sites, connect_timeout_s, clock
+        )
         results.status, results.waiting_until = "running", None
         started = time.monotonic()
         audit.record("round.planned", {"round": round_number, **_json(plan.to_json())})
@@ -320,7 +331,16 @@ def _run_rounds(
             )
         )
         accepted, rejected = _split(
-            (validate_train_reply(r, state.arrays, receipts=receipts) for r in replies),
+            (
+                validate_train_reply(
+                    r,
+                    state.arrays,
+                    receipts=receipts,
+                    max_bytes=max_bytes,
+                    sender=senders.get(r.metadata.src_node_id),
+                )
+                for r in replies
+            ),
             known_sites,
         )
         updates = sorted(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from coordinator.strategies import parameter_groups
 from model import wire
@@ -17,6 +17,38 @@ from privacy.signing import VerifyKey
 
 MAX_EXAMPLES = 10_000_000
 """More patients than any one site of a consortium holds: a larger count is bogus."""
+
+SIZE_SLACK = 1.1
+"""A reply's arrays may weigh this much more than the float32 model (npy headers)..."""
+SIZE_MARGIN_BYTES = 64 * 1024
+"""...plus this, so a tiny model's per-array headers still fit."""
+
+
+def size_limit_bytes(reference: Mapping[str, np.ndarray]) -> int:
+    """The most bytes a reply's arrays may hold: the float32 model, 10% and 64 KiB more.
+
+    Flower itself accepts messages of up to 2 GB; checking the size before the arrays
+    are decoded keeps an oversized reply from being copied into numpy at all.
+    """
+    float32_bytes = sum(int(array.size) * 4 for array in reference.values())
+    return int(float32_bytes * SIZE_SLACK) + SIZE_MARGIN_BYTES
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """The bytes of every array in `content`, counted from Flower's `Array` objects
+    without decoding them."""
+    return sum(
+        len(array.data) for record in content.array_records.values() for array in record.values()
+    )
+
+
+@dataclass(frozen=True)
+class Sender:
+    """What the coordinator learnt of a node from its status this round: the site id it
+    gave and the patients it holds (an upper bound on the examples it can train on)."""
+
+    site_id: str
+    patients: int
 
 
 @dataclass(frozen=True)
@@ -146,13 +178,18 @@ def _trained_groups(reply: Message, names: frozenset[str]) -> frozenset[str]:
     return groups
 
 
-def _model_check(reply: Message) -> ModelCheck:
+def _model_check(reply: Message, max_examples: int = MAX_EXAMPLES) -> ModelCheck:
     def metric(key: str, kind: type[wire.T]) -> wire.T:
         return wire.get_value(reply.content, wire.METRICS, key, kind)
 
     num_examples = metric(wire.NUM_EXAMPLES, int)
     if not 1 <= num_examples <= MAX_EXAMPLES:
         raise wire.WireError(f"metrics.{wire.NUM_EXAMPLES}: {num_examples} is out of range")
+    if num_examples > max_examples:
+        raise wire.WireError(
+            f"metrics.{wire.NUM_EXAMPLES}: {num_examples} is more than the {max_examples}"
+            " patients the site reported holding"
+        )
     eval_examples = metric(wire.EVAL_EXAMPLES, int)
     if not 0 <= eval_examples <= MAX_EXAMPLES:
         raise wire.WireError(f"metrics.{wire.EVAL_EXAMPLES}: {eval_examples} is out of range")
@@ -169,21 +206,47 @@ def _error_reason(reply: Message) -> str:
     return f"site replied with an error: {reply.error.reason}"
 
 
+def _check_size(content: RecordDict, max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    size = payload_bytes(content)
+    if size > max_bytes:
+        raise wire.WireError(
+            f"oversized update: its arrays hold {size} bytes, the limit is {max_bytes}"
+        )
+
+
 def validate_train_reply(
     reply: Message,
     reference: Mapping[str, np.ndarray],
     *,
     receipts: ReceiptCheck | None = None,
+    max_bytes: int | None = None,
+    sender: Sender | None = None,
 ) -> SiteUpdate | Rejection:
-    """A `SiteUpdate` if the reply is well-formed (and, given `receipts`, signed by its
-    site for this round and model), else a `Rejection` with the reason."""
+    """A `SiteUpdate` if the reply is well-formed, else a `Rejection` with the reason.
+
+    Given `receipts`, the update must be signed by its site for this run, round and
+    model; given `max_bytes`, its arrays must not weigh more (checked before they are
+    decoded); given `sender`, the reply must name the site its node answered the
+    status query as, with no more examples than the patients it reported.
+    """
     node_id = reply.metadata.src_node_id
     site_id = _site_id(reply)
     if reply.has_error():
         return Rejection(node_id, site_id, _error_reason(reply))
+    if sender is not None and site_id is not None and site_id != sender.site_id:
+        # Listed under the name its node gave, not the one it claims.
+        return Rejection(
+            node_id,
+            sender.site_id,
+            f"the reply names site {site_id!r}, but node {node_id} answered this round's"
+            f" status as {sender.site_id!r}",
+        )
     try:
         if site_id is None:
             raise wire.WireError(f"reply has no {wire.SITE}.{wire.SITE_ID}")
+        _check_size(reply.content, max_bytes)
         arrays = wire.record_to_arrays(reply.content)
         check_arrays(arrays, reference)
         if receipts is not None:
@@ -198,7 +261,9 @@ def validate_train_reply(
         if noise <= 0:
             raise wire.WireError(f"metrics.{wire.NOISE_MULTIPLIER}: {noise} is not positive")
         local_loss = wire.get_value(reply.content, wire.METRICS, wire.LOCAL_LOSS, float)
-        check = _model_check(reply)
+        check = _model_check(
+            reply, MAX_EXAMPLES if sender is None or sender.patients <= 0 else sender.patients
+        )
         groups = _trained_groups(reply, parameter_groups(reference))
         dataset = _optional_site_value(reply, wire.DATASET_SHA256)
     except wire.WireError as exc:

@@ -10,6 +10,9 @@ import importlib
 import shutil
 from pathlib import Path
 
+from privacy.bundle_signing import sign_bundle
+from privacy.signing import SigningKey
+
 APP_PACKAGES = ("client", "coordinator", "model", "privacy", "sites")
 SERVER_APP = "coordinator.server_app:app"
 CLIENT_APP = "client.client_app:app"
@@ -64,3 +67,15 @@ def build_app_dir(dest: Path, run_config_defaults: dict[str, object]) -> Path:
         _PYPROJECT.format(server=SERVER_APP, client=CLIENT_APP, config=config), encoding="utf-8"
     )
     return dest
+
+
+def sign_app(app_dir: Path, key: SigningKey, *, key_id: str, signed_at: int) -> str:
+    """The `app-signature` run-config value for the bundle `flwr run app_dir` will submit.
+
+    Flower builds FABs deterministically (sorted files, a fixed zip date), so the bundle
+    built here is byte-identical to the one `flwr run` sends, and a site checks the
+    signature against the bytes Flower delivers it.
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    return sign_bundle(build_fab_from_disk(app_dir), key, key_id=key_id, signed_at=signed_at)

@@ -168,3 +168,49 @@ def bench_round(
     if not document["ok"]:
         failure = document["failure"]
         cli._fail(f"the benchmark failed: {failure}")
+
+
+def _numbers(text: str, *, name: str) -> list[int]:
+    try:
+        values = [int(float(part)) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(value < 1 for value in values):
+        from medfed import cli
+
+        cli._fail(f"--{name}: expected positive numbers separated by commas, got {text!r}", 2)
+    return values
+
+
+@bench_app.command("secagg")
+def bench_secagg(
+    sites: Annotated[str, typer.Option(help="Site counts, comma-separated.")] = "3,5,10",
+    params: Annotated[str, typer.Option(help="Parameter counts, e.g. 1e5,1e6.")] = "1e5,1e6",
+    repeats: Annotated[int, typer.Option(min=1, max=20, help="Rounds per row.")] = 1,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Secure aggregation (mask, share, unmask, in-process) beside a plain float32 sum:
+    seconds and bytes uploaded per site, side by side."""
+    from bench.secagg import Options, run_benchmark
+    from medfed import cli
+
+    site_counts, param_counts = _numbers(sites, name="sites"), _numbers(params, name="params")
+    if min(site_counts) < 2:
+        cli._fail("--sites: secure aggregation needs at least 2 sites", 2)
+    document = run_benchmark(Options(site_counts, param_counts, repeats))
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+        return
+    rows = document["rows"]
+    assert isinstance(rows, list)
+    for row in rows:
+        cli.stdout.print(
+            Text(
+                f"{row['sites']} sites, {row['params']} params: plain sum {row['plain_sum_s']} s,"
+                f" SecAgg serial {row['secagg_round_serial_s']} s, critical path"
+                f" {row['critical_path_s']} s; upload x{row['upload_ratio_secagg_to_float32']}"
+                " of float32"
+            )
+        )

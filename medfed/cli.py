@@ -359,14 +359,34 @@ def provision(
             help="Only add this site's kit (listed in consortium.toml), reusing the CA.",
         ),
     ] = None,
+    renew: Annotated[
+        bool,
+        typer.Option("--renew", help="Only re-issue the SuperLink's certificate, same CA."),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
 ) -> None:
     """Issue the consortium CA, the SuperLink's TLS certificate and one startup kit per
-    site; never re-issues (a second run is refused unless it only adds sites)."""
+    site; never re-issues (a second run is refused unless it only adds sites or renews
+    the SuperLink's certificate)."""
     from coordinator.consortium import load_consortium
+    from medfed.lifecycle import renew_superlink
+    from medfed.provision import PkiLayout
     from medfed.provision import provision as run_provision
+
+    if renew:
+        if add_site:
+            _fail("--renew and --add-site do one thing each: run them separately", 2)
+        renewed = _guard(lambda: renew_superlink(load_consortium(consortium_toml), PkiLayout(out)))
+        if as_json:
+            sys.stdout.write(json.dumps(renewed.to_json()) + "\n")
+        else:
+            stdout.print(
+                Text(f"SuperLink: {renewed.cert} renewed, valid until {renewed.not_valid_after};"
+                     " restart the coordinator to serve it"), soft_wrap=True,
+            )  # fmt: skip
+        return
 
     report = _guard(
         lambda: run_provision(
@@ -469,6 +489,29 @@ def coordinator_status(
             stderr.print(Text(f"warning: {expiry.warning}"), soft_wrap=True)
     if not status.ok:
         raise typer.Exit(1)
+
+
+@coordinator_app.command("revoke")
+def coordinator_revoke(
+    consortium_toml: ConsortiumToml,
+    pki: PkiDir,
+    site: Annotated[str, typer.Argument(help="The site id to revoke.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Revoke a site: record it in the PKI folder's revoked.json (no later start registers
+    its key) and unregister its SuperNode from the running SuperLink."""
+    from coordinator.consortium import load_consortium
+    from medfed.coordinator import revoke_site
+    from medfed.provision import PkiLayout
+
+    revoked = _guard(lambda: revoke_site(load_consortium(consortium_toml), PkiLayout(pki), site))
+    if as_json:
+        sys.stdout.write(json.dumps(revoked.to_json()) + "\n")
+    else:
+        stdout.print(Text(f"{site} revoked at {revoked.revoked_at}: {revoked.note}"),
+                     soft_wrap=True)  # fmt: skip
 
 
 from medfed.site_cli import add_check_command  # noqa: E402

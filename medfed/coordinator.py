@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +22,13 @@ from pathlib import Path
 from coordinator.consortium import ConsortiumConfig
 from medfed.errors import MedfedError
 from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
+from medfed.lifecycle import (
+    REVOKED_NAME,
+    is_revoked,
+    record_revocation,
+    registered_nodes,
+    remember_node,
+)
 from medfed.processes import ProcessGroup, find_program, tls_health_ok
 from medfed.provision import PkiLayout
 from privacy.pki import CertificateExpiry, certificate_expiry
@@ -133,6 +141,10 @@ def start_coordinator(
     for site_id in sorted(set(keys) - members):
         warn(f"warning: not registering {site_id}: its kit is in {layout.sites_dir}"
              f" but it is not listed in {config.source}")  # fmt: skip
+    for site_id in sorted(set(keys) & members):
+        if is_revoked(layout, site_id, keys[site_id]):
+            warn(f"warning: not registering {site_id}: it was revoked ({REVOKED_NAME})")
+            del keys[site_id]
     superlink = find_program("flower-superlink", install_hint=FLWR_HINT)
     flwr = find_program("flwr", install_hint=FLWR_HINT)
     run_dir = config.run_dir
@@ -159,6 +171,8 @@ def start_coordinator(
             f" pid {process.pid}, log {process.log_path}")  # fmt: skip
         for site_id in sorted(set(keys) & members):
             registered = _register(flwr, site_id, keys[site_id], env)
+            if registered.node_id is not None:
+                remember_node(run_dir, site_id, registered.node_id)
             node = (
                 "already registered" if registered.node_id is None else f"node {registered.node_id}"
             )
@@ -219,3 +233,48 @@ def coordinator_status(config: ConsortiumConfig, layout: PkiLayout) -> Coordinat
         superlink_healthy(config, layout.ca_cert),
         runs,
     )
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """What `revoke_site` did: recorded always; unregistered when the SuperLink answered."""
+
+    site_id: str
+    revoked_at: str
+    unregistered_node: str | None
+    note: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "site": self.site_id,
+            "revoked_at": self.revoked_at,
+            "unregistered_node": self.unregistered_node,
+            "note": self.note,
+        }
+
+
+def revoke_site(config: ConsortiumConfig, layout: PkiLayout, site_id: str) -> Revoked:
+    """Record `site_id` as revoked (no later start registers it) and unregister its
+    SuperNode from the running SuperLink, which then refuses its next request."""
+    entry = record_revocation(layout, site_id)
+    node = registered_nodes(config.run_dir).get(site_id)
+    if node is None:
+        note = "no node id recorded for it: restart the SuperLink to drop its key"
+        return Revoked(site_id, entry["revoked_at"], None, note)
+    if not superlink_healthy(config, layout.ca_cert):
+        note = "the SuperLink does not answer: its key is not registered at the next start"
+        return Revoked(site_id, entry["revoked_at"], None, note)
+    flwr = find_program("flwr", install_hint=FLWR_HINT)
+    env = {**os.environ, "FLWR_HOME": str(write_flwr_config(config, layout))}
+    completed = subprocess.run(
+        [flwr, "supernode", "unregister", node, CONNECTION, "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    if completed.returncode != 0:
+        last = " ".join((completed.stdout + completed.stderr).strip().splitlines()[-3:])[:300]
+        raise CoordinatorStartError(
+            f"{site_id} is recorded as revoked, but unregistering node {node} failed"
+            f" (flwr exit {completed.returncode}): {last}"
+        )
+    return Revoked(site_id, entry["revoked_at"], node, "unregistered from the SuperLink")

@@ -20,6 +20,8 @@ from pathlib import Path
 from client.config import SITE_TOML, SiteConfig, SiteSection, render_site_toml
 from coordinator.consortium import ConsortiumConfig, SiteEntry
 from medfed.errors import MedfedError
+from privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
+from privacy.errors import PrivacyError
 from privacy.pki import (
     CA_CERT_NAME,
     SERVER_CERT_NAME,
@@ -33,7 +35,7 @@ from privacy.pki import (
     write_atomic,
 )
 from privacy.policy import PrivacyPolicy
-from privacy.signing import SigningKey
+from privacy.signing import SigningKey, VerifyKey
 
 CA_KEY_NAME = "ca.key"
 SUPERNODE_KEY_NAME = "supernode.key"
@@ -42,6 +44,10 @@ SIGNING_KEY_NAME = "site-signing.key"
 SIGNING_PUBLIC_KEY_NAME = "site-signing.pub"
 OFFICER_PUBLIC_KEY_NAME = "officer.pub"
 README_NAME = "README.txt"
+APP_SIGNING_KEY_NAME = "app-signing.key"
+APP_SIGNING_PUBLIC_KEY_NAME = "app-signing.pub"
+APP_SIGNING_KEY_ID = "medfed-consortium"
+"""The id under which sites trust the consortium's app-signing key (trusted-entities.yaml)."""
 
 TEMPLATE_POLICY = PrivacyPolicy(
     epsilon_cap=1.0,
@@ -96,6 +102,14 @@ class PkiLayout:
 
     def site_dir(self, site_id: str) -> Path:
         return self.sites_dir / site_id
+
+    @property
+    def app_signing_key(self) -> Path:
+        return self.ca_dir / APP_SIGNING_KEY_NAME
+
+    @property
+    def app_signing_public_key(self) -> Path:
+        return self.ca_dir / APP_SIGNING_PUBLIC_KEY_NAME
 
     def supernode_public_keys(self) -> dict[str, Path]:
         """Every site kit's SuperNode public key, by site id."""
@@ -159,8 +173,14 @@ def provision(
         staged.superlink_dir.mkdir(mode=0o700)
         write_atomic(staged.server_cert, pem_certificate(server_cert))
         write_atomic(staged.server_key, pem_private_key(server_key), mode=0o600)
+        app_key = SigningKey.generate()
+        app_key.save(staged.app_signing_key)
+        app_key.public.save(staged.app_signing_public_key)
+        trusted = trusted_entities_yaml({APP_SIGNING_KEY_ID: app_key.public})
         for site in config.sites:
-            _write_site_kit(staged.site_dir(site.id), site, config, pem_certificate(ca_cert))
+            _write_site_kit(
+                staged.site_dir(site.id), site, config, pem_certificate(ca_cert), trusted
+            )
         staged.sites_dir.mkdir(exist_ok=True)
     return ProvisionReport(layout, True, tuple(site.id for site in config.sites))
 
@@ -178,6 +198,7 @@ def _add_sites(
         )
     ca_pem = layout.ca_cert.read_bytes()
     load_certificate(layout.ca_cert)
+    trusted = _trusted_entities(layout)
     sites: list[SiteEntry] = []
     for site_id in site_ids:
         site = config.site(site_id)
@@ -192,7 +213,7 @@ def _add_sites(
         sites.append(site)
     for site in sites:
         with _staging(layout.site_dir(site.id)) as stage:
-            _write_site_kit(stage, site, config, ca_pem)
+            _write_site_kit(stage, site, config, ca_pem, trusted)
     return ProvisionReport(layout, False, site_ids)
 
 
@@ -211,10 +232,24 @@ def _staging(destination: Path) -> Iterator[Path]:
         raise
 
 
-def _write_site_kit(kit: Path, site: SiteEntry, config: ConsortiumConfig, ca_pem: bytes) -> None:
+def _trusted_entities(layout: PkiLayout) -> str:
+    """The trusted-entities file of the consortium's existing app-signing key."""
+    try:
+        public = VerifyKey.load(layout.app_signing_public_key)
+    except PrivacyError as exc:
+        raise ProvisionError(
+            f"{exc}; this PKI predates signed app bundles: re-provision it to add one"
+        ) from exc
+    return trusted_entities_yaml({APP_SIGNING_KEY_ID: public})
+
+
+def _write_site_kit(
+    kit: Path, site: SiteEntry, config: ConsortiumConfig, ca_pem: bytes, trusted: str
+) -> None:
     """One site's startup kit: what its operator needs to join, and nothing of the CA's."""
     kit.mkdir(parents=True, exist_ok=True)
     write_atomic(kit / CA_CERT_NAME, ca_pem)
+    write_atomic(kit / TRUSTED_ENTITIES_NAME, trusted.encode("ascii"))
     private, public = create_supernode_keys()
     write_atomic(kit / SUPERNODE_KEY_NAME, private, mode=0o600)
     write_atomic(kit / SUPERNODE_PUBLIC_KEY_NAME, public)

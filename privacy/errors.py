@@ -53,3 +53,7 @@ class SecAggAbort(SecAggError):
 class UnsafeUnmaskError(SecAggError):
     """An unmasking request would reveal an input: both a site's self-mask seed and its mask key,
     or the mask key of a site whose masked update arrived."""
+
+
+class BundleSignatureError(PrivacyError):
+    """An app bundle is unsigned, tampered with, or signed by no key the site trusts."""

@@ -151,3 +151,48 @@ def test_coordinator_refuses_an_expired_superlink_certificate(
     assert "SuperLink certificate" in lines[0]
     assert "expired on" in lines[0]
     assert pids_with_env(TEST_TAG_VARIABLE, process_tag) == []
+
+
+def test_a_revoked_site_is_unregistered_at_once_and_not_registered_after_a_restart(
+    tmp_path: Path, process_tag: str
+) -> None:
+    port = free_port()
+    path = _consortium(tmp_path, "north", ("hospital-1", "hospital-2"), port)
+    provision(load_consortium(path), tmp_path / "pki")
+    layout = PkiLayout(tmp_path / "pki")
+    env = {**os.environ, TEST_TAG_VARIABLE: process_tag, "PYTHONUNBUFFERED": "1"}
+    start = _medfed("coordinator", "start", str(path), "--pki", str(layout.root))
+    site = layout.site_dir("hospital-1")
+
+    def run_coordinator(out_path: Path, ready: bytes) -> subprocess.Popen[bytes]:
+        with open(out_path, "wb") as out:
+            process = subprocess.Popen(start, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        _wait_for("coordinator not ready", lambda: ready in out_path.read_bytes(), 60, out_path)
+        return process
+
+    first = run_coordinator(tmp_path / "first.out", b"ready: 2 sites")
+    try:
+        revoked = subprocess.run(
+            _medfed("coordinator", "revoke", str(path), "--pki", str(layout.root), "hospital-1",
+                    "--json"),
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+        assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+        assert "unregistered from the SuperLink" in revoked.stdout
+        with ProcessGroup(log_dir=tmp_path / "logs", env=env) as group:
+            refused = _supernode(group, "revoked", port, site / "ca.pem", site / "supernode.key",
+                                 tmp_path)  # fmt: skip
+            time.sleep(8)  # it has tried by now, more than once
+            assert not log_contains(refused, SUPERNODE_READY)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+    second = run_coordinator(tmp_path / "second.out", b"ready: 1 sites")
+    try:
+        output = (tmp_path / "second.out").read_text()
+        assert "not registering hospital-1: it was revoked" in output
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)

@@ -21,8 +21,11 @@ from coordinator.validate import (
     MAX_EXAMPLES,
     ModelCheck,
     Rejection,
+    Sender,
     SiteEval,
     SiteUpdate,
+    payload_bytes,
+    size_limit_bytes,
     validate_eval_reply,
     validate_train_reply,
 )
@@ -334,3 +337,56 @@ def test_an_eval_error_reply_is_rejected_with_the_sites_reason() -> None:
     result = validate_eval_reply(reply_to(error, MessageType.EVALUATE))
     assert isinstance(result, Rejection)
     assert result.reason.endswith("hospital-1: table unreadable")
+
+
+def test_the_size_limit_is_the_float32_model_with_ten_percent_and_64_kib_to_spare() -> None:
+    float32_bytes = (4 * 3 + 4 + 1) * 4
+    assert size_limit_bytes(REFERENCE) == int(float32_bytes * 1.1) + 65536
+
+
+def test_an_oversized_reply_is_rejected_before_its_arrays_are_decoded() -> None:
+    content = train_content()
+    # Bytes that are no .npy at all: decoding them would fail with another reason.
+    content.array_records[wire.ARRAYS]["heads.readmission.bias"] = Array(
+        dtype="float32", shape=(70_000,), stype="numpy.ndarray", data=b"\xff" * 280_000
+    )
+    result = validate_train_reply(
+        reply_to(content), REFERENCE, max_bytes=size_limit_bytes(REFERENCE)
+    )
+    assert isinstance(result, Rejection)
+    assert result.reason.startswith("oversized update: its arrays hold")
+    assert payload_bytes(content) > 280_000
+
+
+def test_a_reply_within_the_size_limit_is_taken() -> None:
+    content = train_content()
+    assert payload_bytes(content) <= size_limit_bytes(REFERENCE)
+    update = validate_train_reply(
+        reply_to(content), REFERENCE, max_bytes=size_limit_bytes(REFERENCE)
+    )
+    assert isinstance(update, SiteUpdate)
+
+
+def test_a_reply_naming_another_site_than_its_node_is_listed_under_its_nodes_name() -> None:
+    result = validate_train_reply(
+        reply_to(train_content(site_id="hospital-1")),
+        REFERENCE,
+        sender=Sender("hospital-2", 500),
+    )
+    assert isinstance(result, Rejection)
+    assert result.site_id == "hospital-2"
+    assert "names site 'hospital-1'" in result.reason
+
+
+@pytest.mark.parametrize(("patients", "taken"), [(227, True), (226, False), (0, True)])
+def test_the_example_count_is_bounded_by_the_patients_the_site_reported(
+    patients: int, taken: bool
+) -> None:
+    # 0 patients: the status said nothing usable, so only MAX_EXAMPLES bounds the count.
+    result = validate_train_reply(
+        reply_to(train_content()), REFERENCE, sender=Sender("hospital-2", patients)
+    )
+    assert isinstance(result, SiteUpdate) is taken
+    if not taken:
+        assert isinstance(result, Rejection)
+        assert "227 is more than the 226 patients" in result.reason

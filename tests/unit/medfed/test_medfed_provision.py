@@ -18,6 +18,7 @@ from coordinator.consortium import ConsortiumConfigError, load_consortium
 from medfed.cli import app
 from medfed.coordinator import CoordinatorStartError, check_certificates
 from medfed.provision import PkiLayout, ProvisionError, provision
+from privacy.bundle_signing import load_trusted_entities
 from privacy.pki import (
     certificate_expiry,
     create_ca,
@@ -116,8 +117,14 @@ def test_provision_writes_ca_superlink_and_site_kits(tmp_path: Path) -> None:
     kit = layout.site_dir("hospital-1")
     assert sorted(p.name for p in kit.iterdir()) == [
         "README.txt", "ca.pem", "site-signing.key", "site-signing.pub", "site.toml",
-        "supernode.key", "supernode.key.pub",
+        "supernode.key", "supernode.key.pub", "trusted-entities.yaml",
     ]  # fmt: skip
+    # Each site trusts the consortium's app-signing key, which stays with the CA.
+    app_key = SigningKey.load(layout.app_signing_key)
+    assert _mode(layout.app_signing_key) == 0o600
+    assert load_trusted_entities(kit / "trusted-entities.yaml") == {
+        "medfed-consortium": app_key.public
+    }
     assert (kit / "ca.pem").read_bytes() == layout.ca_cert.read_bytes()
     assert _mode(kit / "supernode.key") == 0o600
     assert _mode(kit / "site-signing.key") == 0o600
