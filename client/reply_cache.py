@@ -59,6 +59,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def instruction_sha256(request: TrainRequest) -> str:
+    """A digest of everything in `request` but its arrays (which `model_sha256` names)."""
+    fields = {
+        name: _hex(value) if isinstance(value, float) else value
+        for name, value in vars(request).items()
+        if name != "arrays"
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def _arrays_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, *arrays.values())  # stored as arr_0, arr_1, ... in this order
@@ -89,6 +99,7 @@ class ReplyCache:
             "run_id": request.run_id,
             "round": request.round,
             "model_sha256": request.model_sha256,
+            "instruction_sha256": instruction_sha256(request),
             "arrays_npz_sha256": hashlib.sha256(data).hexdigest(),
             "names": list(reply.arrays),
             "site_id": reply.site_id,
@@ -110,9 +121,9 @@ class ReplyCache:
         self._prune(keep=npz_path.parent)
 
     def get(self, request: TrainRequest) -> TrainReply | None:
-        """The reply stored for this very instruction (same run, round and model), or None:
-        none stored, another model asked for, or a stored reply that does not read back
-        whole (logged; the trainer then decides, as if nothing were stored)."""
+        """The reply stored for this very instruction (same run, round, model and
+        settings), or None: none stored, another instruction, or a stored reply that does
+        not read back whole (logged; the trainer then decides, as if nothing were stored)."""
         npz_path, json_path = self._paths(request.run_id, request.round)
         if not json_path.exists():
             return None
@@ -124,11 +135,11 @@ class ReplyCache:
                 or document.get("round") != request.round
             ):
                 raise ValueError("it names another format, run or round")
-            if document.get("model_sha256") != request.model_sha256:
+            if document.get("instruction_sha256") != instruction_sha256(request):
                 log.warning(
-                    "run %s round %d was answered for model %.12s, now asked for %.12s",
-                    request.run_id, request.round, document.get("model_sha256"),
-                    request.model_sha256,
+                    "run %s round %d was answered for another instruction (model %.12s,"
+                    " now %.12s)", request.run_id, request.round,
+                    document.get("model_sha256"), request.model_sha256,
                 )  # fmt: skip
                 return None
             return self._reply(document, npz_path.read_bytes())

@@ -103,6 +103,11 @@ def test_a_stored_reply_round_trips_exactly(tmp_path: Path) -> None:
     }
     assert cache.get(dataclasses.replace(request, round=4)) is None
     assert cache.get(dataclasses.replace(request, model_sha256="0" * 64)) is None
+    assert cache.get(dataclasses.replace(request, local_steps=request.local_steps + 1)) is None
+    assert (
+        cache.get(dataclasses.replace(request, target_epsilon=request.target_epsilon * 2)) is None
+    )
+    assert cache.get(dataclasses.replace(request, arrays={})) is not None  # named by its digest
 
 
 def test_a_damaged_store_is_ignored(tmp_path: Path) -> None:
