@@ -27,6 +27,7 @@ from client.protocol import (
     TrainReply,
     TrainRequest,
 )
+from client.reply_cache import ReplyCache
 from client.windows import in_window, next_window_start, window_end
 from model.contract import StudyContract
 from privacy.accountant import epsilon_of
@@ -83,6 +84,7 @@ class SiteService:
         self._clock = clock
         self._lock = threading.Lock()
         self._audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+        self._replies = ReplyCache(config.state_dir / "replies")
 
     @property
     def trainer(self) -> SiteTrainer:
@@ -97,12 +99,33 @@ class SiteService:
         raise OutsideWindow(f"outside the site's training windows ({when})")
 
     def train(self, request: TrainRequest) -> TrainReply:
-        """Train one round, if inside a training window (else `OutsideWindow`)."""
+        """Train one round, if inside a training window (else `OutsideWindow`).
+
+        The identical instruction again (a coordinator resumed mid-round) gets the reply
+        sent before, stored before it left, and spends nothing.
+        """
         with self._lock:
             self._check_window()
+            stored = self._replies.get(request)
+            if stored is not None:
+                log.info(
+                    "run %s round %d: resending the stored reply", request.run_id, request.round
+                )
+                return stored
             log.info("training run %s round %d", request.run_id, request.round)
             started = time.perf_counter()
             reply = self._trainer.train(request)
+            try:
+                self._replies.put(request, reply)
+            except OSError as exc:
+                # The spend is recorded and the update is good: send it. Only a resend
+                # of this round would be refused, as before replies were stored.
+                log.warning(
+                    "could not store run %s round %d's reply: %s",
+                    request.run_id,
+                    request.round,
+                    exc,
+                )
             log.info(
                 "trained run %s round %d in %.3f s",
                 request.run_id, request.round, time.perf_counter() - started,

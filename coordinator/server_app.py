@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.errors import CoordinatorError, StudyConfigError
+from coordinator.object_pulls import shorten_object_pull_backoff
 from coordinator.results import RunResults, read_results, write_results
 from coordinator.rounds import run_study
 from coordinator.study import StudySettings
@@ -30,6 +31,7 @@ def _fab_hash(grid: Grid) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the study named by the run config; write progress to its results path."""
+    shorten_object_pull_backoff()  # replies' parts in transit: ask again within 0.5 s
     run_id = str(context.run_id)
     raw_path = str(context.run_config.get("results-path", ""))
     results_path = Path(raw_path) if raw_path else None

@@ -225,13 +225,15 @@ def test_a_bad_evaluate_instruction_is_refused(root: Path) -> None:
     assert refusal_reason(reply) == "hospital-1: record 'config' has no key 'n-features'"
 
 
-def test_a_replayed_round_is_refused(root: Path) -> None:
-    ins = instruction()
-    assert not train(ins, site_context(root)).has_error()
+def test_a_resent_round_gets_the_same_reply_and_spends_once(root: Path) -> None:
+    first = train(instruction(), site_context(root))
+    assert not first.has_error()
 
-    text = refusal_reason(train(instruction(), site_context(root)))
+    again = train(instruction(), site_context(root))
 
-    assert text.startswith("hospital-1: run run-9 round 1 was already trained here")
+    assert not again.has_error()
+    sent, resent = wire.record_to_arrays(first.content), wire.record_to_arrays(again.content)
+    assert {n: a.tobytes() for n, a in resent.items()} == {n: a.tobytes() for n, a in sent.items()}
     assert len(spend_rows(root / "hospital-1" / SITE_TOML)) == 1
 
 
