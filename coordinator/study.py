@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from coordinator.errors import StudyConfigError
 from coordinator.strategies import StrategyName
@@ -84,6 +91,12 @@ class StudySettings(BaseModel):
     check it, the study's digest leaves it out)."""
     contract: StudyContract = DEMO_CONTRACT
     """The data contract: modalities, features and tasks; the network is sized from it."""
+
+    @field_validator("contract", mode="before")
+    @classmethod
+    def _contract_from_json(cls, value: object) -> object:
+        """The run config carries the contract as its canonical JSON text."""
+        return StudyContract.model_validate_json(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _strategy_parameters(self) -> StudySettings:
