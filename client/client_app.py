@@ -86,9 +86,8 @@ def site_api(context: Context) -> SiteApi:
         return WorkerClient(socket, wait_s=wait_s)
     from client.config import load_site_config
     from client.site_api import SiteService
-    from model.contract import DEMO_CONTRACT
 
-    return SiteService(load_site_config(site_config_path(context)), DEMO_CONTRACT)
+    return SiteService(load_site_config(site_config_path(context)))
 
 
 def _rules(context: Context) -> EgressRules:
@@ -158,6 +157,8 @@ def _check_metrics(check: ModelCheck) -> dict[str, int | float | list[int] | lis
         wire.EVAL_LOSS: check.held_out.loss,
         wire.EVAL_AUROC: check.held_out.auroc,
         wire.EVAL_ACCURACY: check.held_out.accuracy,
+        wire.EVAL_C_INDEX: check.held_out.c_index,
+        wire.EVAL_RMSE: check.held_out.rmse,
     }
 
 
@@ -177,13 +178,15 @@ def train(msg: Message, context: Context) -> Message:
             arrays=wire.record_to_arrays(content),
             model_sha256=wire.get_value(content, wire.CONFIG, wire.MODEL_SHA256, str),
             preset=_preset(content),
-            n_features=wire.get_value(content, wire.CONFIG, wire.N_FEATURES, int),
+            contract_json=wire.get_value(content, wire.CONFIG, wire.CONTRACT, str),
+            contract_sha256=wire.get_value(content, wire.CONFIG, wire.CONTRACT_SHA256, str),
             local_steps=wire.get_value(content, wire.CONFIG, wire.LOCAL_STEPS, int),
             learning_rate=wire.get_value(content, wire.CONFIG, wire.LEARNING_RATE, float),
             target_epsilon=wire.get_value(content, wire.CONFIG, wire.TARGET_EPSILON, float),
             max_grad_norm=wire.get_value(content, wire.CONFIG, wire.MAX_GRAD_NORM, float),
             sample_rate=wire.get_value(content, wire.CONFIG, wire.SAMPLE_RATE, float),
             delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
+            proximal_mu=_optional(content, wire.PROXIMAL_MU, float) or 0.0,
         )
         reply = site_api(context).train(request)
     except REFUSALS as exc:
@@ -201,7 +204,12 @@ def train(msg: Message, context: Context) -> Message:
             wire.ARRAYS: wire.arrays_to_record(reply.arrays),
             wire.METRICS: metrics,
             wire.SITE: ConfigRecord(
-                {wire.SITE_ID: reply.site_id, wire.RECEIPT_SIGNATURE: reply.receipt_signature}
+                {
+                    wire.SITE_ID: reply.site_id,
+                    wire.RECEIPT_SIGNATURE: reply.receipt_signature,
+                    **({wire.TRAINED_GROUPS: reply.trained_groups} if reply.trained_groups else {}),
+                    **({wire.DATASET_SHA256: reply.dataset_sha256} if reply.dataset_sha256 else {}),
+                }
             ),
         }
     )
@@ -221,7 +229,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             arrays=wire.record_to_arrays(content),
             model_sha256=wire.get_value(content, wire.CONFIG, wire.MODEL_SHA256, str),
             preset=_preset(content),
-            n_features=wire.get_value(content, wire.CONFIG, wire.N_FEATURES, int),
+            contract_json=wire.get_value(content, wire.CONFIG, wire.CONTRACT, str),
+            contract_sha256=wire.get_value(content, wire.CONFIG, wire.CONTRACT_SHA256, str),
         )
         reply = site_api(context).evaluate(request)
     except REFUSALS as exc:
@@ -253,7 +262,8 @@ def query(msg: Message, context: Context) -> Message:
             study=_optional(content, wire.STUDY, str),
             study_sha256=_optional(content, wire.STUDY_SHA256, str),
             preset=preset,  # type: ignore[arg-type]
-            n_features=_optional(content, wire.N_FEATURES, int),
+            contract_json=_optional(content, wire.CONTRACT, str),
+            contract_sha256=_optional(content, wire.CONTRACT_SHA256, str),
             delta=_optional(content, wire.DELTA, float),
         )
         reply = site_api(context).query(request)

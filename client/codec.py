@@ -203,6 +203,8 @@ def _check(check: ModelCheck) -> dict[str, Scalar]:
         "eval_loss": held.loss,
         "eval_auroc": held.auroc,
         "eval_accuracy": held.accuracy,
+        "eval_c_index": held.c_index,
+        "eval_rmse": held.rmse,
     }
 
 
@@ -215,6 +217,8 @@ def _model_check(frame: Frame) -> ModelCheck:
             loss=_take(frame, "eval_loss", float),
             auroc=_take(frame, "eval_auroc", float),
             accuracy=_take(frame, "eval_accuracy", float),
+            c_index=_take(frame, "eval_c_index", float),
+            rmse=_take(frame, "eval_rmse", float),
         ),
     )
 
@@ -231,8 +235,10 @@ def train_request(frame: Frame) -> TrainRequest:
         arrays=frame.arrays,
         model_sha256=_take(frame, "model_sha256", str),
         preset=_preset(frame),
-        n_features=_take(frame, "n_features", int),
+        contract_json=_take(frame, "contract_json", str),
+        contract_sha256=_take(frame, "contract_sha256", str),
         local_steps=_take(frame, "local_steps", int),
+        proximal_mu=_finite(frame, "proximal_mu"),
         **floats,
     )
 
@@ -245,7 +251,8 @@ def evaluate_request(frame: Frame) -> EvaluateRequest:
         arrays=frame.arrays,
         model_sha256=_take(frame, "model_sha256", str),
         preset=_preset(frame),
-        n_features=_take(frame, "n_features", int),
+        contract_json=_take(frame, "contract_json", str),
+        contract_sha256=_take(frame, "contract_sha256", str),
     )
 
 
@@ -256,7 +263,8 @@ def query_request(frame: Frame) -> QueryRequest:
         study=_optional(frame, "study", str),
         study_sha256=_optional(frame, "study_sha256", str),
         preset=preset,
-        n_features=_optional(frame, "n_features", int),
+        contract_json=_optional(frame, "contract_json", str),
+        contract_sha256=_optional(frame, "contract_sha256", str),
         delta=_optional(frame, "delta", float),
     )
 
@@ -271,6 +279,8 @@ def train_reply(frame: Frame) -> TrainReply:
         noise_multiplier=_take(frame, "noise_multiplier", float),
         incoming=_model_check(frame),
         receipt_signature=_take(frame, "receipt_signature", str),
+        trained_groups=_take(frame, "trained_groups", str),
+        dataset_sha256=_take(frame, "dataset_sha256", str),
     )
 
 

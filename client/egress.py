@@ -67,10 +67,15 @@ ERROR_CODE_BLOCKED = 4010
 MAX_REASON_CHARS = 400
 ACCELERATORS = frozenset({"cpu", "cuda", "rbln"})
 _HEX_SIGNATURE = re.compile(r"[0-9a-f]{128}")
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GROUPS = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?(,[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?)*")
+"""`trained-groups`: comma-separated parameter group names (`encoders.clinical,fusion`)."""
 
 TRAIN_POPULATION_METRICS = frozenset({wire.LOCAL_LOSS, wire.MODEL_TRAIN_LOSS})
 """Aggregates over the training patients: sent only for at least k of them."""
-HELD_OUT_METRICS = frozenset({wire.EVAL_LOSS, wire.EVAL_AUROC, wire.EVAL_ACCURACY})
+HELD_OUT_METRICS = frozenset(
+    {wire.EVAL_LOSS, wire.EVAL_AUROC, wire.EVAL_ACCURACY, wire.EVAL_C_INDEX, wire.EVAL_RMSE}
+)
 """Aggregates over the held-out patients: sent only for at least k of them."""
 ALLOWED_METRICS: dict[str, frozenset[str]] = {
     MessageType.TRAIN: frozenset(
@@ -172,6 +177,10 @@ def _filter_site(record: ConfigRecord, rules: EgressRules, dropped: list[str]) -
             or (key == wire.RECEIPT_SIGNATURE and isinstance(value, str)
                 and _HEX_SIGNATURE.fullmatch(value) is not None)
             or (key == wire.ACCELERATOR and value in ACCELERATORS)
+            or (key == wire.DATASET_SHA256 and isinstance(value, str)
+                and _HEX_SHA256.fullmatch(value) is not None)
+            or (key == wire.TRAINED_GROUPS and isinstance(value, str)
+                and len(value) <= MAX_REASON_CHARS and _GROUPS.fullmatch(value) is not None)
         )  # fmt: skip
         if ok:
             kept[key] = str(value)

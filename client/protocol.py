@@ -6,6 +6,7 @@ The same values travel in-process (simulation, tests) and inside Flower messages
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +28,10 @@ class HeldOutMetrics(Protocol):
     def auroc(self) -> float: ...
     @property
     def accuracy(self) -> float: ...
+    @property
+    def c_index(self) -> float: ...
+    @property
+    def rmse(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class HeldOut:
     loss: float
     auroc: float
     accuracy: float
+    c_index: float = math.nan
+    rmse: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -51,13 +58,15 @@ class TrainRequest:
     arrays: dict[str, np.ndarray]
     model_sha256: str
     preset: PresetName
-    n_features: int
+    contract_json: str  # the study's contract, canonical JSON (decoded at the worker)
+    contract_sha256: str
     local_steps: int
     learning_rate: float
     target_epsilon: float
     max_grad_norm: float
     sample_rate: float
     delta: float
+    proximal_mu: float = 0.0  # FedProx's mu; 0: plain local training
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,8 @@ class TrainReply:
     noise_multiplier: float
     incoming: ModelCheck
     receipt_signature: str
+    trained_groups: str = ""  # comma-separated parameter groups; empty: every group
+    dataset_sha256: str = ""  # the manifest fingerprint of the data trained on
 
     @property
     def num_examples(self) -> int:
@@ -97,7 +108,8 @@ class EvaluateRequest:
     arrays: dict[str, np.ndarray]
     model_sha256: str
     preset: PresetName
-    n_features: int
+    contract_json: str  # the study's contract, canonical JSON (decoded at the worker)
+    contract_sha256: str
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,8 @@ class QueryRequest:
     study: str | None = None
     study_sha256: str | None = None
     preset: PresetName | None = None
-    n_features: int | None = None
+    contract_json: str | None = None
+    contract_sha256: str | None = None
     delta: float | None = None
 
 

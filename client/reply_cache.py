@@ -33,7 +33,7 @@ from client.protocol import HeldOut, ModelCheck, TrainReply, TrainRequest
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 """The stored layout's version; a file of another version is ignored, never guessed at."""
 
 DEFAULT_KEEP_RUNS = 8
@@ -107,6 +107,8 @@ class ReplyCache:
             "epsilon": _hex(reply.epsilon),
             "noise_multiplier": _hex(reply.noise_multiplier),
             "receipt_signature": reply.receipt_signature,
+            "trained_groups": reply.trained_groups,
+            "dataset_sha256": reply.dataset_sha256,
             "train_examples": reply.incoming.train_examples,
             "train_loss": _hex(reply.incoming.train_loss),
             "held_out": {
@@ -114,6 +116,8 @@ class ReplyCache:
                 "loss": _hex(held_out.loss),
                 "auroc": _hex(held_out.auroc),
                 "accuracy": _hex(held_out.accuracy),
+                "c_index": _hex(held_out.c_index),
+                "rmse": _hex(held_out.rmse),
             },
         }
         _write_atomically(npz_path, data)
@@ -172,8 +176,12 @@ class ReplyCache:
                     loss=float.fromhex(held_out["loss"]),
                     auroc=float.fromhex(held_out["auroc"]),
                     accuracy=float.fromhex(held_out["accuracy"]),
+                    c_index=float.fromhex(held_out["c_index"]),
+                    rmse=float.fromhex(held_out["rmse"]),
                 ),
             ),
+            trained_groups=str(document["trained_groups"]),
+            dataset_sha256=str(document["dataset_sha256"]),
         )
 
     def _prune(self, *, keep: Path) -> None:

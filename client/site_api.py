@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from client.config import SiteConfig
-from client.errors import OutsideWindow
+from client.errors import OutsideWindow, SiteRefusal
 from client.protocol import (
     EgressRules,
     EvaluateReply,
@@ -75,20 +75,47 @@ class SiteService:
     """
 
     def __init__(
-        self, config: SiteConfig, contract: StudyContract, *, clock: Clock = utc_now
+        self, config: SiteConfig, contract: StudyContract | None = None, *, clock: Clock = utc_now
     ) -> None:
-        from client.trainer import SiteTrainer  # torch: only where the service runs
-
         self._config = config
-        self._trainer = SiteTrainer(config, contract)
+        self._trainers: dict[str, SiteTrainer] = {}
+        self._default: str | None = None
         self._clock = clock
         self._lock = threading.Lock()
         self._audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
         self._replies = ReplyCache(config.state_dir / "replies")
+        if contract is not None:  # warm up for a contract known in advance
+            self._default = contract.sha256()
+            self._trainer_of(contract)
 
     @property
     def trainer(self) -> SiteTrainer:
-        return self._trainer
+        """The trainer of the contract given at start, else of the last one asked for."""
+        if self._default is None:
+            raise SiteRefusal("no study has asked this site for anything yet")
+        return self._trainers[self._default]
+
+    def _trainer_of(self, contract: StudyContract) -> SiteTrainer:
+        """The warm trainer of `contract` (its data read and encoded once), built on first use.
+        Every trainer shares the site's one ledger."""
+        from client.trainer import SiteTrainer  # torch: only where the service runs
+
+        key = contract.sha256()
+        if key not in self._trainers:
+            ledger = next(iter(self._trainers.values())).ledger if self._trainers else None
+            self._trainers[key] = SiteTrainer(self._config, contract, ledger=ledger)
+        self._default = key
+        return self._trainers[key]
+
+    def _trainer_for(self, contract_json: str, contract_sha256: str) -> SiteTrainer:
+        from client.study_contract import decode_contract
+
+        if contract_sha256 in self._trainers:
+            cached = self._trainers[contract_sha256]
+            if contract_json == cached.contract.canonical_json():
+                self._default = contract_sha256
+                return cached
+        return self._trainer_of(decode_contract(contract_json, contract_sha256))
 
     def _check_window(self) -> None:
         now = self._clock()
@@ -114,7 +141,8 @@ class SiteService:
                 return stored
             log.info("training run %s round %d", request.run_id, request.round)
             started = time.perf_counter()
-            reply = self._trainer.train(request)
+            trainer = self._trainer_for(request.contract_json, request.contract_sha256)
+            reply = trainer.train(request)
             try:
                 self._replies.put(request, reply)
             except OSError as exc:
@@ -136,7 +164,8 @@ class SiteService:
         """Evaluate the global model on the held-out patients (allowed outside windows:
         it spends no privacy budget and little compute)."""
         with self._lock:
-            return self._trainer.evaluate(request)
+            trainer = self._trainer_for(request.contract_json, request.contract_sha256)
+            return trainer.evaluate(request)
 
     def query(self, request: QueryRequest) -> QueryReply:
         """The site's status for the scheduler."""
@@ -148,14 +177,21 @@ class SiteService:
         accelerator = accelerator_kind(self._config)
         throughput = None
         with self._lock:
-            if request.preset is not None and request.n_features is not None:
+            trainer = None
+            if request.contract_json is not None and request.contract_sha256 is not None:
+                trainer = self._trainer_for(request.contract_json, request.contract_sha256)
+            elif self._default is not None:
+                trainer = self._trainers[self._default]
+            if request.preset is not None and trainer is not None:
                 from client.throughput import ThroughputCache
 
                 throughput = ThroughputCache(self._config.state_dir).get(
-                    request.preset, request.n_features, accelerator
+                    request.preset, trainer.contract, accelerator
                 )
-            budget = None if request.study_sha256 is None else self._budget_left(request, now)
-            patients = self._trainer.patients
+            budget = None
+            if request.study_sha256 is not None and trainer is not None:
+                budget = self._budget_left(trainer, request, now)
+            patients = 0 if trainer is None else trainer.patients
         return QueryReply(
             site_id=self._config.site.id,
             in_window=inside,
@@ -177,14 +213,14 @@ class SiteService:
         """Append an event to the site's signed audit log (the guard reports drops here)."""
         self._audit.append(event, details)
 
-    def _budget_left(self, request: QueryRequest, now: dt.datetime) -> float:
+    def _budget_left(self, trainer: SiteTrainer, request: QueryRequest, now: dt.datetime) -> float:
         """Epsilon this study may still spend here: the least of what the dataset's cap
         and the officer's approval (if the policy requires one) leave."""
         from client.privacy_gate import study_label
 
         policy = self._config.privacy
         delta = request.delta if request.delta is not None else policy.max_delta
-        records = self._trainer.ledger.records(self._trainer.dataset_fingerprint)
+        records = trainer.ledger.records(trainer.dataset_fingerprint)
         spends = [PastSpend(r.study, r.event, r.recorded_at) for r in records]
         in_cap = counted(spends, policy.cap_window, now)
         dataset_eps = epsilon_of(
@@ -192,7 +228,7 @@ class SiteService:
         )
         left = policy.epsilon_cap - dataset_eps
         label = study_label(request.study or "", request.study_sha256 or "")
-        approval = self._trainer.ledger.approval_for(
+        approval = trainer.ledger.approval_for(
             request.study_sha256 or "",
             VerifyKey.load(self._config.officer_public_key_path),
             site_id=self._config.site.id,

@@ -1,6 +1,6 @@
 """Measured DP-SGD throughput of the study's model at this site, for the scheduler.
 
-A short calibration run (a few DP-SGD steps on random inputs of the contract's shape,
+A short calibration run (a few DP-SGD steps on random patients encoded for the contract,
 so no patient is touched and nothing is spent) gives samples per second; the figure is
 cached per model identity and accelerator in the state dir, so it is measured once.
 """
@@ -14,10 +14,13 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+import numpy as np
 from torch.utils.data import TensorDataset
 
-from model.network import PresetName, build_model
+from model.contract import StudyContract, TaskSpec
+from model.network import PresetName, build_model, model_identity
+from model.sample import PatientSample
+from model.tokenizers import encode
 from model.train import train_steps
 from privacy.dpsgd import DpSgdSettings, make_private
 
@@ -26,33 +29,78 @@ CALIBRATION_ROWS = 512
 CALIBRATION_BATCH = 64
 CALIBRATION_STEPS = 6
 WARMUP_STEPS = 2
+_CALIBRATION_SMILES = ("CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CN1CCC[C@H]1c1cccnc1")
 
 
-def model_identity(preset: PresetName, n_features: int) -> str:
-    """What the throughput depends on: the network's preset and input width."""
-    return f"{preset}/{n_features}"
+def _label(task: TaskSpec, rng: np.random.Generator) -> dict[str, float]:
+    if task.kind == "binary":
+        return {task.target: float(rng.integers(0, 2))}
+    if task.kind == "multiclass":
+        return {task.target: float(rng.integers(0, len(task.classes)))}
+    if task.kind == "regression":
+        return {task.target: float(rng.normal())}
+    assert task.event is not None  # a survival task's validator guarantees its event field
+    return {task.target: float(rng.uniform(1.0, 100.0)), task.event: float(rng.integers(0, 2))}
 
 
-def calibrate(preset: PresetName, n_features: int) -> float:
-    """DP-SGD samples per second of `preset` on this process's CPU threads."""
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(CALIBRATION_ROWS, n_features, generator=generator)
-    labels = torch.randint(0, 2, (CALIBRATION_ROWS,), generator=generator).float()
-    model = build_model(preset, n_features=n_features, seed=0)
+def calibration_samples(contract: StudyContract, n: int, *, seed: int = 0) -> list[PatientSample]:
+    """`n` random patients with every modality and label of `contract` (no patient's data)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        protein = contract.protein
+        samples.append(
+            PatientSample(
+                patient_id=f"calibration-{i}",
+                numeric={
+                    f.name: float(rng.uniform(f.minimum, f.maximum)) for f in contract.numeric
+                },
+                codes={f.name: frozenset(f.vocabulary[:1]) for f in contract.categorical},
+                omics=None
+                if contract.omics is None
+                else rng.lognormal(size=len(contract.omics.genes)).astype(np.float32),
+                smiles=None
+                if contract.molecule is None
+                else _CALIBRATION_SMILES[i % len(_CALIBRATION_SMILES)][
+                    : contract.molecule.max_length
+                ],
+                protein=None
+                if protein is None
+                else "".join(rng.choice(list(protein.alphabet), size=protein.max_length)),
+                targets={k: v for task in contract.tasks for k, v in _label(task, rng).items()},
+            )
+        )
+    return samples
+
+
+def calibrate(preset: PresetName, contract: StudyContract) -> float:
+    """DP-SGD samples per second of the study's model on this process's CPU threads."""
+    tensors = encode(calibration_samples(contract, CALIBRATION_ROWS), contract).tensors()
+    model = build_model(preset, contract=contract, seed=0)
     settings = DpSgdSettings(
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         sample_rate=CALIBRATION_BATCH / CALIBRATION_ROWS,
     )
-    private = make_private(
-        model, TensorDataset(features, labels), settings=settings, learning_rate=0.01
-    )
+    private = make_private(model, TensorDataset(*tensors), settings=settings, learning_rate=0.01)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        train_steps(private.model, private.optimizer, private.loader, steps=WARMUP_STEPS)
+        train_steps(
+            private.model,
+            private.optimizer,
+            private.loader,
+            steps=WARMUP_STEPS,
+            contract=contract,
+            reduce_loss=private.reduce_loss,
+        )
         started = time.perf_counter()
         result = train_steps(
-            private.model, private.optimizer, private.loader, steps=CALIBRATION_STEPS
+            private.model,
+            private.optimizer,
+            private.loader,
+            steps=CALIBRATION_STEPS,
+            contract=contract,
+            reduce_loss=private.reduce_loss,
         )
         elapsed = time.perf_counter() - started
     return result.samples_seen / max(elapsed, 1e-9)
@@ -77,13 +125,13 @@ class ThroughputCache:
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0
         }
 
-    def get(self, preset: PresetName, n_features: int, accelerator: str) -> float:
+    def get(self, preset: PresetName, contract: StudyContract, accelerator: str) -> float:
         """The cached figure, or a fresh calibration (then cached, written atomically)."""
-        key = f"{model_identity(preset, n_features)}@{accelerator}"
+        key = f"{model_identity(preset, contract)}@{accelerator}"
         figures = self._read()
         if key in figures:
             return figures[key]
-        figures[key] = calibrate(preset, n_features)
+        figures[key] = calibrate(preset, contract)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=self._path.parent, prefix=".throughput-")
         with os.fdopen(handle, "w", encoding="utf-8") as out:

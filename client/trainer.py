@@ -1,8 +1,9 @@
 """The site trainer: everything a site does for a round, callable in-process.
 
-It loads and validates the site's data once, checks the incoming model against its
-announced digest, asks the privacy gate for the round's noise and permission, trains
-with DP-SGD, and records the signed spend before the update is handed back.
+It loads the site's datasets for the study's contract once (refusing data with any
+problem), checks the incoming model against its announced digest, asks the privacy gate
+for the round's noise and permission, trains with DP-SGD only the parameter groups its
+data can teach, and records the signed spend before the update is handed back.
 Simulation and tests call it directly; the Flower ClientApp calls it for each message.
 """
 
@@ -23,11 +24,11 @@ from client.privacy_gate import PrivacyGate
 from client.protocol import (
     EvaluateReply,
     EvaluateRequest,
+    HeldOut,
     ModelCheck,
     TrainReply,
     TrainRequest,
 )
-from client.site_samples import site_table_samples
 from model.contract import StudyContract, TaskSpec
 from model.errors import ModelError
 from model.losses import SURVIVAL_DP_CAVEAT
@@ -37,45 +38,101 @@ from model.network import (
     arrays_sha256,
     build_model,
     load_arrays,
+    parameter_group,
     state_arrays,
 )
 from model.tokenizers import encode
-from model.train import EvalResult, TaskMetrics, binary_result, evaluate, train_steps
+from model.train import TaskMetrics, evaluate, train_steps
 from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE, DpSgdSettings, GradSampleMode, make_private
 from privacy.ledger import PrivacyLedger
 from privacy.receipts import UpdateReceipt
-from sites.synthetic import TABLE_NAME
-from sites.tabular import SiteTable, read_site_table
+from sites.errors import DataError, SiteError
+from sites.manifest import SiteData, load_site_data, modalities_of
 
 log = logging.getLogger(__name__)
 
+Tensors = tuple[torch.Tensor, ...]
+
 
 def _reported_task(contract: StudyContract) -> TaskSpec:
-    """The task whose metrics a site reports in `ModelCheck`: the first binary task (the
-    coordinator ranks models by its AUROC), else the first task (loss only)."""
+    """The task whose loss a site reports in `ModelCheck`: the first binary task (the
+    coordinator ranks models by its AUROC), else the first task."""
     binary = [task for task in contract.tasks if task.kind == "binary"]
     return binary[0] if binary else contract.tasks[0]
 
 
-def _encoded(
-    table: SiteTable, contract: StudyContract
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """The table's (training, held-out) patients as `EncodedBatch.tensors()`."""
-    train, held_out = site_table_samples(table, contract)
+def load_training_data(config: SiteConfig, contract: StudyContract) -> SiteData:
+    """The site's datasets read for `contract`; `SiteRefusal` naming the first problems
+    if any row is bad (nothing is ever trained on a bad row)."""
     try:
-        return encode(train, contract).tensors(), encode(held_out, contract).tensors()
+        return load_site_data(config, contract).require_clean()
+    except DataError as exc:
+        raise SiteRefusal(f"the site's data does not meet the study's contract: {exc}") from exc
+    except SiteError as exc:
+        raise SiteRefusal(f"the site's data could not be read: {exc}") from exc
+
+
+def trainable_groups(data: SiteData, contract: StudyContract) -> tuple[str, ...]:
+    """The parameter groups this site's training data can teach: the encoder of each
+    modality some training patient has, the fusion, and the head of each task some
+    training patient is labelled for. `SiteRefusal` if the data can feed no modality or
+    no task of the contract."""
+    present = {modality for sample in data.train for modality in modalities_of(sample)}
+    modalities = [m for m in contract.modalities if m in present]
+    tasks = [
+        task.name
+        for task in contract.tasks
+        if any(all(f in s.targets for f in task.label_fields) for s in data.train)
+    ]
+    if not modalities:
+        raise SiteRefusal(
+            f"none of the study's modalities {list(contract.modalities)} is in this site's"
+            " training data"
+        )
+    if not tasks:
+        raise SiteRefusal(
+            f"this site has no labels for any of the study's tasks"
+            f" {[task.name for task in contract.tasks]}"
+        )
+    return (*(f"encoders.{m}" for m in modalities), "fusion", *(f"heads.{t}" for t in tasks))
+
+
+def freeze_untrained(model: torch.nn.Module, groups: tuple[str, ...]) -> None:
+    """Stop gradients to every parameter outside `groups`: done before `make_private`,
+    so neither DP noise nor updates touch what this site does not train."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(parameter_group(name) in groups)
+
+
+def _encoded(data: SiteData, contract: StudyContract) -> tuple[Tensors, Tensors]:
+    """The (training, held-out) patients as `EncodedBatch.tensors()`."""
+    try:
+        return (
+            encode(list(data.train), contract).tensors(),
+            encode(list(data.held_out), contract).tensors(),
+        )
     except ModelError as exc:
         raise SiteRefusal(f"the site's data does not fit the study's contract: {exc}") from exc
 
 
+def _first_of_kind(
+    contract: StudyContract, metrics: Mapping[str, TaskMetrics], kind: str, key: str
+) -> float:
+    for task in contract.tasks:
+        if task.kind == kind:
+            return metrics[task.name][key]
+    return math.nan
+
+
 class SiteTrainer:
-    """One site's data, ledger, privacy gate and training logic."""
+    """One site's data for one contract, its ledger, privacy gate and training logic."""
 
     def __init__(
         self,
         config: SiteConfig,
         contract: StudyContract,
         *,
+        ledger: PrivacyLedger | None = None,
         grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE,
     ) -> None:
         self.site_id = config.site.id
@@ -83,13 +140,18 @@ class SiteTrainer:
         self._contract = contract
         self._grad_sample_mode: GradSampleMode = grad_sample_mode
         self._reported_task = _reported_task(contract)
-        self._table: SiteTable = read_site_table(config.data_dir / TABLE_NAME, contract)
-        # Encoded once at start-up and kept warm: every round trains on these tensors.
-        self._train, self._eval = _encoded(self._table, contract)
+        self._data = load_training_data(config, contract)
+        self._groups = trainable_groups(self._data, contract)
+        # Encoded once and kept warm: every round of this contract trains on these tensors.
+        self._train, self._eval = _encoded(self._data, contract)
         if any(task.kind == "survival" for task in contract.tasks):
             log.warning("site %s: WARNING: %s", self.site_id, SURVIVAL_DP_CAVEAT)
-        self._ledger = PrivacyLedger(config.ledger_path)
+        self._ledger = PrivacyLedger(config.ledger_path) if ledger is None else ledger
         self._gate = PrivacyGate(config, self._ledger)
+
+    @property
+    def contract(self) -> StudyContract:
+        return self._contract
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -97,21 +159,22 @@ class SiteTrainer:
 
     @property
     def dataset_fingerprint(self) -> str:
-        return self._table.fingerprint
+        """The manifest's fingerprint: what the ledger and the audit key spends on."""
+        return self._data.manifest.fingerprint
+
+    @property
+    def trained_groups(self) -> tuple[str, ...]:
+        """The parameter groups this site trains (the others it returns unchanged)."""
+        return self._groups
 
     @property
     def patients(self) -> int:
         """Training patients: the site's aggregation weight, reported to the scheduler."""
-        return len(self._table.train_labels)
+        return len(self._data.train)
 
     def _model_for(
-        self, arrays: Mapping[str, np.ndarray], digest: str, preset: PresetName, n_features: int
+        self, arrays: Mapping[str, np.ndarray], digest: str, preset: PresetName
     ) -> MedModel:
-        if n_features != len(self._contract.numeric):
-            raise SiteRefusal(
-                f"the study asks for {n_features} features; this site's contract has"
-                f" {len(self._contract.numeric)}"
-            )
         actual = arrays_sha256(arrays)
         if actual != digest:
             raise SiteRefusal(
@@ -127,22 +190,32 @@ class SiteTrainer:
             ) from exc
         return model
 
-    def _reported(self, metrics: dict[str, TaskMetrics]) -> EvalResult:
-        """The reported task's metrics as the `EvalResult` the coordinator reads."""
+    def _held_out(self, metrics: Mapping[str, TaskMetrics]) -> HeldOut:
+        """The metrics the coordinator reads: the reported task's examples, loss, AUROC
+        (binary) and accuracy; the first survival task's c-index, regression task's RMSE."""
         task = metrics[self._reported_task.name]
-        if self._reported_task.kind == "binary":
-            return binary_result(task)
-        return EvalResult(
-            examples=int(task["examples"]), loss=task["loss"], auroc=math.nan, accuracy=math.nan
+        binary = self._reported_task.kind == "binary"
+        accuracy = (
+            task["accuracy"]
+            if binary
+            else _first_of_kind(self._contract, metrics, "multiclass", "accuracy")
+        )
+        return HeldOut(
+            examples=int(task["examples"]),
+            loss=task["loss"],
+            auroc=task["auroc"] if binary else math.nan,
+            accuracy=accuracy,
+            c_index=_first_of_kind(self._contract, metrics, "survival", "c_index"),
+            rmse=_first_of_kind(self._contract, metrics, "regression", "rmse"),
         )
 
     def _check(self, model: MedModel) -> ModelCheck:
         """How `model` does here. Held-out metrics over fewer patients than the policy's
         minimum cohort are withheld (reported as 0 patients, undefined values)."""
-        on_train = self._reported(evaluate(model, self._train, self._contract))
-        held_out = self._reported(evaluate(model, self._eval, self._contract))
+        on_train = self._held_out(evaluate(model, self._train, self._contract))
+        held_out = self._held_out(evaluate(model, self._eval, self._contract))
         if held_out.examples < self._config.privacy.min_cohort_k:
-            held_out = EvalResult(examples=0, loss=math.nan, auroc=math.nan, accuracy=math.nan)
+            held_out = HeldOut(examples=0, loss=math.nan, auroc=math.nan, accuracy=math.nan)
         return ModelCheck(
             train_examples=self.train_patients, train_loss=on_train.loss, held_out=held_out
         )
@@ -157,7 +230,7 @@ class SiteTrainer:
 
         A round that the policy or budget forbids is refused before any training step.
         """
-        dataset = self._table.fingerprint
+        dataset = self.dataset_fingerprint
         already = [
             record
             for record in self._ledger.records(dataset)
@@ -168,9 +241,9 @@ class SiteTrainer:
                 f"run {request.run_id} round {request.round} was already trained here;"
                 " training it again would spend privacy twice"
             )
-        model = self._model_for(
-            request.arrays, request.model_sha256, request.preset, request.n_features
-        )
+        model = self._model_for(request.arrays, request.model_sha256, request.preset)
+        anchor = {name: tensor.detach().clone() for name, tensor in model.named_parameters()}
+        freeze_untrained(model, self._groups)
         train_set = TensorDataset(*self._train)
         plan = self._gate.plan(request, dataset=dataset, patients=len(train_set))
         incoming = self._check(model)
@@ -200,6 +273,8 @@ class SiteTrainer:
                 steps=request.local_steps,
                 contract=self._contract,
                 reduce_loss=private.reduce_loss,
+                proximal_mu=request.proximal_mu,
+                anchor=anchor if request.proximal_mu > 0 else None,
             )
         if not self._gate.record(request, plan, dataset=dataset):
             # Another process trained this round meanwhile and recorded it first; its
@@ -235,6 +310,8 @@ class SiteTrainer:
             epsilon=epsilon,
             noise_multiplier=plan.event.noise_multiplier,
             incoming=incoming,
+            trained_groups=",".join(self._groups),
+            dataset_sha256=dataset,
         )
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
@@ -249,7 +326,5 @@ class SiteTrainer:
                 f"the dataset has {self.train_patients} training patients, fewer than"
                 f" the site's minimum cohort {minimum}; no metric is reported"
             )
-        model = self._model_for(
-            request.arrays, request.model_sha256, request.preset, request.n_features
-        )
+        model = self._model_for(request.arrays, request.model_sha256, request.preset)
         return EvaluateReply(site_id=self.site_id, result=self._check(model))

@@ -30,11 +30,12 @@ one machine; a hospital's worker takes all cores by default)."""
 
 def run_worker(site_toml: Path, *, stop: threading.Event | None = None) -> None:
     """Serve the site API for `site_toml` until `stop` is set (or a signal arrives)."""
+    import client.trainer  # noqa: F401  # torch and opacus, imported once before serving
     from client.site_api import SiteService
-    from model.contract import DEMO_CONTRACT
 
     config = load_site_config(site_toml)
-    service = SiteService(config, DEMO_CONTRACT)
+    # Each study's data is read and encoded on its first message, then kept warm.
+    service = SiteService(config)
     socket_path = worker_socket_path(config)
     server = serve(service, socket_path)
     log.info("site worker of %s serving on %s", config.site.id, socket_path)

@@ -13,10 +13,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.errors import RoundFailedError
-from coordinator.study import StudySettings
+from coordinator.study import StudySettings, contract_json
 from model import wire
 from model.contract import StudyContract
-from model.network import arrays_sha256
+from model.network import arrays_sha256, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def instruction(
             wire.TARGET_EPSILON: study.target_epsilon,
             wire.MODEL_SHA256: arrays_sha256(arrays),
             wire.PRESET: study.preset,
-            wire.N_FEATURES: len(contract.numeric),
+            wire.CONTRACT: contract_json(contract),
+            wire.CONTRACT_SHA256: contract.sha256(),
+            wire.MODEL_IDENTITY: model_identity(study.preset, contract),
             wire.LOCAL_STEPS: study.local_steps if local_steps is None else local_steps,
             wire.LEARNING_RATE: study.learning_rate,
             wire.MAX_GRAD_NORM: study.max_grad_norm,

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from flwr.app import MessageType
@@ -85,11 +86,28 @@ def _split(
     return accepted, rejected
 
 
-def _scores(checks: Sequence[ModelCheck]) -> tuple[float | None, float | None]:
-    """A model's training loss and held-out AUROC over all sites, weighted by patients."""
+MetricName = Literal["auroc", "c_index"]
+
+
+def primary_metric(contract: StudyContract) -> MetricName:
+    """The held-out metric a run is followed by: AUROC when the study has a binary task
+    (the sites report its AUROC), else the c-index of a survival study."""
+    if any(task.kind == "binary" for task in contract.tasks):
+        return "auroc"
+    return "c_index" if any(task.kind == "survival" for task in contract.tasks) else "auroc"
+
+
+def _held_out_metric(check: ModelCheck, name: MetricName) -> float:
+    return check.eval_c_index if name == "c_index" else check.eval_auroc
+
+
+def _scores(
+    checks: Sequence[ModelCheck], name: MetricName = "auroc"
+) -> tuple[float | None, float | None]:
+    """A model's training loss and held-out metric over all sites, weighted by patients."""
     loss = _weighted((check.train_loss, check.num_examples) for check in checks)
-    auroc = _weighted((check.eval_auroc, check.eval_examples) for check in checks)
-    return loss, auroc
+    metric = _weighted((_held_out_metric(check, name), check.eval_examples) for check in checks)
+    return loss, metric
 
 
 @dataclass(frozen=True)
@@ -200,17 +218,21 @@ def run_study(
     return results
 
 
-def _record_scores(results: RunResults, checks: Mapping[str, ModelCheck]) -> None:
+def _record_scores(
+    results: RunResults, checks: Mapping[str, ModelCheck], name: MetricName = "auroc"
+) -> None:
     """Scores of the model the sites just received (the initial one, or the last round's),
     over all sites and per site."""
-    loss, auroc = _scores(list(checks.values()))
+    loss, metric = _scores(list(checks.values()), name)
     if results.per_round:
         record = results.per_round[-1]
-        record.loss, record.metric = loss, auroc
+        record.loss, record.metric, record.metric_name = loss, metric, name
         record.loss_by_site = {site: check.train_loss for site, check in sorted(checks.items())}
-        record.metric_by_site = {site: check.eval_auroc for site, check in sorted(checks.items())}
+        record.metric_by_site = {
+            site: _held_out_metric(check, name) for site, check in sorted(checks.items())
+        }
     else:
-        results.initial_loss, results.initial_metric = loss, auroc
+        results.initial_loss, results.initial_metric = loss, metric
 
 
 def _plan(
@@ -362,7 +384,11 @@ def _run_rounds(
                 f"round {round_number}: {len(updates)} valid replies of {len(plan.planned)}"
                 f" sites, the study needs {study.min_sites}" + (f" ({reasons})" if reasons else "")
             )
-        _record_scores(results, {update.site_id: update.check for update in updates})
+        _record_scores(
+            results,
+            {update.site_id: update.check for update in updates},
+            primary_metric(contract),
+        )
         aggregated = strategy.aggregate(
             state.arrays,
             [Contribution(u.site_id, u.arrays, u.num_examples, u.trained_groups) for u in updates],
@@ -423,7 +449,9 @@ def _run_rounds(
         checkpoint(store, audit, study, state, strategy, plan.to_json())
         report(results)
     _record_scores(
-        results, final_checks(grid, study, contract, state.run_id, state.arrays, known_sites)
+        results,
+        final_checks(grid, study, contract, state.run_id, state.arrays, known_sites),
+        primary_metric(contract),
     )
 
 

@@ -13,7 +13,6 @@ from coordinator.object_pulls import shorten_object_pull_backoff
 from coordinator.results import RunResults, read_results, write_results
 from coordinator.rounds import run_study
 from coordinator.study import StudySettings
-from model.contract import DEMO_CONTRACT
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     try:
         run_study(
-            grid, study, DEMO_CONTRACT, run_id=run_id, report=report, app_sha256=_fab_hash(grid)
+            grid, study, study.contract, run_id=run_id, report=report, app_sha256=_fab_hash(grid)
         )
     except CoordinatorError as exc:
         log.error("run %s failed: %s", run_id, exc)

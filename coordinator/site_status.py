@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from coordinator.messages import exchange
 from coordinator.scheduler import SiteStatus
-from coordinator.study import StudySettings
+from coordinator.study import StudySettings, contract_json
 from model import wire
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ def status_query(run_id: str, study: StudySettings) -> RecordDict:
                     wire.STUDY: study.name,
                     wire.STUDY_SHA256: study.sha256(),
                     wire.PRESET: study.preset,
+                    wire.DELTA: study.delta,
+                    wire.CONTRACT: contract_json(study.contract),
+                    wire.CONTRACT_SHA256: study.contract.sha256(),
                     wire.SAMPLE_RATE: study.sample_rate,
                     wire.LOCAL_STEPS: study.local_steps,
                 }

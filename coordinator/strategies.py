@@ -24,19 +24,10 @@ from typing import Literal
 import numpy as np
 
 from model import wire
+from model.network import parameter_group
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
 Arrays = dict[str, np.ndarray]
-
-_GROUPED_PREFIXES = ("encoders", "heads")
-
-
-def parameter_group(name: str) -> str:
-    """The group of array `name`: `encoders.<modality>`, `heads.<task>`, else its first part."""
-    parts = name.split(".")
-    if parts[0] in _GROUPED_PREFIXES and len(parts) > 2:
-        return ".".join(parts[:2])
-    return parts[0]
 
 
 def parameter_groups(names: Iterable[str]) -> frozenset[str]:

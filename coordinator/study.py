@@ -1,8 +1,9 @@
 """The study: what a run trains, how, and how much privacy it asks each site for.
 
 One strict, frozen model serves both edges: Flower's run config (flat keys with
-hyphens) and `study.toml` (the same keys under `[study]`). Its digest identifies the
-study: an officer's approval at a site is bound to it.
+hyphens; the contract as its canonical JSON under `contract`) and `study.toml` (the
+same keys under `[study]`, the data contract under `[contract]`). Its digest, which
+covers the contract, identifies the study: an officer's approval at a site is bound to it.
 """
 
 from __future__ import annotations
@@ -13,14 +14,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from coordinator.errors import StudyConfigError
 from coordinator.strategies import StrategyName
-from coordinator.tomlfile import read_toml
+from coordinator.tomlfile import first_problem, read_toml
+from model.contract import DEMO_CONTRACT, StudyContract
 from model.presets import PresetName
 
-RUN_PLUMBING = frozenset({"results_path", "sites_root", "site_keys_dir", "run_dir", "resume"})
+RUN_PLUMBING = frozenset(
+    {"results_path", "sites_root", "site_keys_dir", "run_dir", "resume", "app_signature"}
+)
 """Fields that say where a run writes, not what the study is: left out of its digest."""
 
 _FLOAT_KEYS = (
@@ -75,6 +86,17 @@ class StudySettings(BaseModel):
     """Where the coordinator keeps checkpoints and its audit chain; empty: none."""
     resume: bool = False
     """Continue the run whose last checkpoint is in `run-dir`."""
+    app_signature: str = Field(alias="app-signature", default="")
+    """The signature of the app bundle the run was submitted with (run plumbing: sites
+    check it, the study's digest leaves it out)."""
+    contract: StudyContract = DEMO_CONTRACT
+    """The data contract: modalities, features and tasks; the network is sized from it."""
+
+    @field_validator("contract", mode="before")
+    @classmethod
+    def _contract_from_json(cls, value: object) -> object:
+        """The run config carries the contract as its canonical JSON text."""
+        return StudyContract.model_validate_json(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _strategy_parameters(self) -> StudySettings:
@@ -97,6 +119,8 @@ class StudySettings(BaseModel):
     @classmethod
     def _parse(cls, values: Mapping[str, Any], *, where: str) -> StudySettings:
         values = dict(values)
+        if "contract" in values:
+            values["contract"] = parse_contract(values["contract"], where=f"{where} contract")
         for key in _FLOAT_KEYS:
             # TOML writes 1.0 as a float but 1 as an int; both mean the same number here.
             if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
@@ -118,13 +142,59 @@ class StudySettings(BaseModel):
 
     def to_run_config(self) -> dict[str, Any]:
         """The run config that carries this study to the ServerApp."""
-        return self.model_dump(by_alias=True)
+        config = self.model_dump(by_alias=True)
+        config["contract"] = contract_json(self.contract)
+        return config
+
+
+def contract_json(contract: StudyContract) -> str:
+    """The contract's canonical JSON: what the run config and the sites' instructions carry;
+    its SHA-256 is `StudyContract.sha256()`."""
+    return contract.canonical_json()
+
+
+def parse_contract(value: object, *, where: str) -> StudyContract:
+    """A contract from a TOML table, its JSON text (the run config), or the model itself;
+    `StudyConfigError` naming `where` and the first bad key otherwise."""
+    if isinstance(value, StudyContract):
+        return value
+    try:
+        if isinstance(value, str):
+            return StudyContract.model_validate_json(value)
+        if isinstance(value, dict):
+            return StudyContract.from_toml_table(value)
+    except ValidationError as exc:
+        raise StudyConfigError(f"{where} {first_problem(exc)}") from exc
+    raise StudyConfigError(f"{where}: expected a table, got {type(value).__name__}")
 
 
 def load_study_file(path: Path) -> StudySettings:
     """Read `study.toml` (the run config's keys under `[study]`); errors name file and key."""
     document = read_toml(path, StudyConfigError)
-    unknown = sorted(set(document) - {"study"})
+    unknown = sorted(set(document) - {"study", "contract"})
     if unknown or not isinstance(document.get("study"), dict):
         raise StudyConfigError(f"{path}: expected one [study] table, found {sorted(document)}")
-    return StudySettings._parse(document["study"], where=f"{path}: [study]")
+    values = dict(document["study"])
+    if "contract" in values:
+        raise StudyConfigError(f"{path}: [study] key contract: the contract is its own [contract]")
+    if "contract" in document:
+        values["contract"] = load_study_contract(path, document)
+    return StudySettings._parse(values, where=f"{path}: [study]")
+
+
+def load_study_contract(
+    path: Path | None, document: Mapping[str, Any] | None = None
+) -> StudyContract:
+    """The contract in study.toml's `[contract]` table; the demo contract without one (or
+    without a path). Errors name the file and the key. The one parser of `[contract]`:
+    `medfed site check --study` and the coordinator read it alike."""
+    if path is None:
+        return DEMO_CONTRACT
+    if document is None:
+        document = read_toml(path, StudyConfigError)
+    table = document.get("contract")
+    if table is None:
+        return DEMO_CONTRACT
+    if not isinstance(table, dict):
+        raise StudyConfigError(f"{path}: contract must be a table ([contract])")
+    return parse_contract(table, where=f"{path}: [contract]")

@@ -60,6 +60,8 @@ class ModelCheck:
     eval_examples: int
     eval_auroc: float
     eval_loss: float
+    eval_c_index: float = math.nan
+    """A survival task's held-out concordance (NaN when the study has none)."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,14 @@ def _model_check(reply: Message, max_examples: int = MAX_EXAMPLES) -> ModelCheck
     auroc = metric(wire.EVAL_AUROC, float)
     if not (math.isnan(auroc) or 0.0 <= auroc <= 1.0):
         raise wire.WireError(f"metrics.{wire.EVAL_AUROC}: {auroc} is not in [0, 1]")
-    return ModelCheck(num_examples, train_loss, eval_examples, auroc, metric(wire.EVAL_LOSS, float))
+    c_index = math.nan
+    if wire.EVAL_C_INDEX in reply.content.metric_records.get(wire.METRICS, {}):
+        c_index = metric(wire.EVAL_C_INDEX, float)
+        if not (math.isnan(c_index) or 0.0 <= c_index <= 1.0):
+            raise wire.WireError(f"metrics.{wire.EVAL_C_INDEX}: {c_index} is not in [0, 1]")
+    return ModelCheck(
+        num_examples, train_loss, eval_examples, auroc, metric(wire.EVAL_LOSS, float), c_index
+    )
 
 
 def _error_reason(reply: Message) -> str:

@@ -67,7 +67,8 @@ def _round_table(results: object) -> Table:
     table.add_column("round", justify="right")
     table.add_column("sites")
     table.add_column("train loss (global)", justify="right")
-    table.add_column("AUROC (held-out)", justify="right")
+    label = {"auroc": "AUROC", "c_index": "c-index"}.get(_metric_name(results), "metric")
+    table.add_column(f"{label} (held-out)", justify="right")
     table.add_column("epsilon by site (delta 1e-5)")
     table.add_row(
         "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""
@@ -81,6 +82,12 @@ def _round_table(results: object) -> Table:
             "\n".join(f"{site} {eps:.2f}" for site, eps in record.epsilon_by_site.items()),
         )
     return table
+
+
+def _metric_name(results: object) -> str:
+    """The held-out metric the run was followed by (its rounds name it; AUROC before any)."""
+    records = getattr(results, "per_round", [])
+    return str(records[-1].metric_name) if records else "auroc"
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -105,6 +112,14 @@ def demo(
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the demo's files and logs.")] = False,
+    example: Annotated[
+        str | None,
+        typer.Option(
+            "--example",
+            help="Train an example study of examples/consortium (lung, breast, freesolv, amp)"
+            " on its own sites instead of synthetic hospitals.",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
     ] = False,
@@ -117,9 +132,17 @@ def demo(
 
     _setup_logging(verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    options = DemoOptions(
-        sites=sites, rounds=rounds, simulation=simulation, keep=keep, target_epsilon=epsilon
-    )
+    try:
+        options = DemoOptions(
+            sites=sites,
+            rounds=rounds,
+            simulation=simulation,
+            keep=keep,
+            target_epsilon=epsilon,
+            example=example,
+        )
+    except ValueError as exc:
+        _fail(str(exc), 2)
     started = time.monotonic()
     show_bar = stderr.is_terminal and not as_json
     bar = Progress(
@@ -157,7 +180,7 @@ def demo(
             "signed_updates": document["signed_updates"],
             "initial_loss": document["initial_loss"],
             "initial_metric": document["initial_metric"],
-            "metric_name": "auroc",
+            "metric_name": _metric_name(results),
             "wall_s": wall_s,
         }
         sys.stdout.write(json.dumps(summary) + "\n")

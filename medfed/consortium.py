@@ -117,3 +117,59 @@ def write_demo_consortium(
         approve(site_toml, study, epsilon=study.target_epsilon, officer_key=officer)
         sites.append(DemoSite(site_id, site_toml, officer_key))
     return tuple(sites)
+
+
+EXAMPLES_ROOT = Path(__file__).resolve().parent.parent / "examples" / "consortium"
+"""The example consortium from real data (`examples/consortium/README.md`)."""
+
+
+def example_names(root: Path = EXAMPLES_ROOT) -> tuple[str, ...]:
+    """The example studies: one `studies/<name>.toml` each, with sites `<name>-*/`."""
+    return tuple(sorted(path.stem for path in (root / "studies").glob("*.toml")))
+
+
+def write_example_consortium(
+    root: Path,
+    example: str,
+    *,
+    site_keys_dir: Path | None = None,
+    rounds: int | None = None,
+    examples: Path = EXAMPLES_ROOT,
+) -> tuple[StudySettings, tuple[DemoSite, ...]]:
+    """Copy the example study's sites (each reading its own format) under `root/<site id>/`
+    with fresh signing and officer keys, approve the study at each, and return the study.
+
+    The examples ship no keys: every copy gets its own, as `write_demo_consortium` does.
+    """
+    import shutil
+
+    from client.config import load_site_config
+    from coordinator.study import load_study_file
+
+    if example not in example_names(examples):
+        raise ValueError(f"no example study {example!r}; there are {list(example_names(examples))}")
+    study = load_study_file(examples / "studies" / f"{example}.toml")
+    if rounds is not None:  # before the approvals, which bind the study's digest
+        study = StudySettings.from_run_config(
+            {**study.to_run_config(), "num-server-rounds": rounds}
+        )
+    sites: list[DemoSite] = []
+    for source in sorted(examples.glob(f"{example}-*")):
+        if not (source / SITE_TOML).is_file():
+            continue
+        site_id = load_site_config(source / SITE_TOML).site.id
+        folder = root / site_id
+        shutil.copytree(source, folder)
+        config = load_site_config(folder / SITE_TOML)
+        signing = SigningKey.generate()
+        signing.save(config.signing_key_path)
+        signing.public.save(config.signing_key_path.with_suffix(".pub"))
+        if site_keys_dir is not None:
+            signing.public.save(site_keys_dir / f"{site_id}.pub")
+        officer = SigningKey.generate()
+        officer_key = folder / "officer" / "officer.key"
+        officer.save(officer_key)
+        officer.public.save(config.officer_public_key_path)
+        approve(folder / SITE_TOML, study, epsilon=study.target_epsilon, officer_key=officer)
+        sites.append(DemoSite(site_id, folder / SITE_TOML, officer_key))
+    return study, tuple(sites)

@@ -26,7 +26,13 @@ from client.config import SITE_TOML, SiteConfig
 from coordinator.results import RunResults, read_results
 from coordinator.study import StudySettings
 from medfed.app_bundle import build_app_dir
-from medfed.consortium import DEMO_POLICY, demo_study, write_demo_consortium
+from medfed.consortium import (
+    DEMO_POLICY,
+    demo_study,
+    example_names,
+    write_demo_consortium,
+    write_example_consortium,
+)
 from medfed.errors import DemoFailedError, MissingDependencyError
 from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
 from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
@@ -53,12 +59,22 @@ class DemoOptions:
     seed: int = 7
     timeout_s: float = 900.0
     keep: bool = False
+    example: str | None = None
+    """An example study of `examples/consortium` (e.g. `lung`): its own sites and contract
+    instead of the synthetic hospitals (`sites`, `local_steps` and `target_epsilon` are then
+    the study's own)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.sites <= 64:
             raise ValueError(f"--sites must be between 1 and 64, got {self.sites}")
         if not 1 <= self.rounds <= 1000:
             raise ValueError(f"--rounds must be between 1 and 1000, got {self.rounds}")
+        if self.example is not None and self.example not in example_names():
+            raise ValueError(
+                f"--example must be one of {list(example_names())}, got {self.example!r}"
+            )
+        if self.example is not None and self.simulation:
+            raise ValueError("--example runs the sites as daemons; it cannot use --simulation")
         if not 0 < self.target_epsilon <= DEMO_POLICY.epsilon_cap:
             raise ValueError(
                 f"--epsilon must be in (0, {DEMO_POLICY.epsilon_cap:g}], got {self.target_epsilon}"
@@ -275,18 +291,25 @@ def run_demo(
     succeeded = False
     try:
         sites_root = work / "sites"
-        study = demo_study(
-            rounds=options.rounds,
-            sites=options.sites,
-            target_epsilon=options.target_epsilon,
-            seed=options.seed,
-            local_steps=options.local_steps,
-        )
         site_keys = work / "site-keys"
-        write_demo_consortium(
-            sites_root, study, n_sites=options.sites, seed=options.seed, site_keys_dir=site_keys
-        )
-        pki = provision_loopback(work / "pki", site_ids(options.sites))
+        if options.example is not None:
+            study, demo_sites = write_example_consortium(
+                sites_root, options.example, site_keys_dir=site_keys, rounds=options.rounds
+            )
+            names = tuple(site.site_id for site in demo_sites)
+        else:
+            study = demo_study(
+                rounds=options.rounds,
+                sites=options.sites,
+                target_epsilon=options.target_epsilon,
+                seed=options.seed,
+                local_steps=options.local_steps,
+            )
+            write_demo_consortium(
+                sites_root, study, n_sites=options.sites, seed=options.seed, site_keys_dir=site_keys
+            )
+            names = site_ids(options.sites)
+        pki = provision_loopback(work / "pki", names)
         flwr_home = work / "flwr-home"
         env = {"FLWR_HOME": str(flwr_home)}
         results_path = work / "run" / "results.json"
@@ -296,7 +319,7 @@ def run_demo(
         )
         with ProcessGroup(log_dir=work / "logs") as group:
             port = _start_superlink(group, programs, work, pki, simulation=options.simulation)
-            _write_flwr_config(flwr_home, port, pki, options.sites if options.simulation else None)
+            _write_flwr_config(flwr_home, port, pki, len(names) if options.simulation else None)
             full_env = {**group.env, **env}
             if not options.simulation:
                 _start_site_daemons(group, programs, port, pki, sites_root, full_env)

@@ -83,26 +83,10 @@ class SiteCheck:
 
 
 def load_study_contract(path: Path | None) -> StudyContract:
-    """The contract in study.toml's `[contract]` table; the demo contract without one
-    (or without `--study`). Errors name the file and the key."""
-    from pydantic import ValidationError
+    """The contract in study.toml's `[contract]` table (see `coordinator.study`)."""
+    from coordinator.study import load_study_contract as load
 
-    from coordinator.errors import StudyConfigError
-    from coordinator.tomlfile import first_problem, read_toml
-    from model.contract import DEMO_CONTRACT, StudyContract
-
-    if path is None:
-        return DEMO_CONTRACT
-    document = read_toml(path, StudyConfigError)
-    table = document.get("contract")
-    if table is None:
-        return DEMO_CONTRACT
-    if not isinstance(table, dict):
-        raise StudyConfigError(f"{path}: contract must be a table ([contract])")
-    try:
-        return StudyContract.from_toml_table(table)
-    except ValidationError as exc:
-        raise StudyConfigError(f"{path}: [contract] {first_problem(exc)}") from exc
+    return load(path)
 
 
 def accelerator_problem(accelerator: str) -> str | None:

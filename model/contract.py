@@ -249,10 +249,13 @@ class StudyContract(_Frozen):
                 return task
         raise KeyError(name)
 
+    def canonical_json(self) -> str:
+        """The contract as sorted, compact JSON: what instructions to the sites carry."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
     def sha256(self) -> str:
         """A stable digest of the contract's canonical JSON; part of the model's identity."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     @classmethod
     def from_toml_table(cls, table: Mapping[str, Any]) -> StudyContract:

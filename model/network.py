@@ -295,6 +295,18 @@ def build_model(
     return model if device is None else model.to(device)
 
 
+_GROUPED_PREFIXES = ("encoders", "heads")
+
+
+def parameter_group(name: str) -> str:
+    """The group of parameter `name`: `encoders.<modality>`, `heads.<task>`, else its first
+    part (`fusion`). Sites train, and the coordinator aggregates, group by group."""
+    parts = name.split(".")
+    if parts[0] in _GROUPED_PREFIXES and len(parts) > 2:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters as float32 numpy arrays, keyed by parameter name."""
     return {

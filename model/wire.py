@@ -33,7 +33,10 @@ SAMPLE_RATE: Final = "sample-rate"
 DELTA: Final = "delta"
 SEED: Final = "seed"
 PRESET: Final = "preset"
-N_FEATURES: Final = "n-features"
+CONTRACT: Final = "contract"  # the study's data contract, canonical JSON
+CONTRACT_SHA256: Final = "contract-sha256"  # `StudyContract.sha256()`: the site checks it
+MODEL_IDENTITY: Final = "model-identity"  # `model.network.model_identity(preset, contract)`
+MAX_CONTRACT_BYTES: Final = 1024 * 1024  # a contract's JSON above this is refused unread
 PROXIMAL_MU: Final = "proximal-mu"  # FedProx's mu: the site adds (mu/2)||w - w_global||^2
 
 # Keys of the METRICS record in a reply to a query message (the scheduler's view of a site).
@@ -64,6 +67,8 @@ EVAL_EXAMPLES: Final = "eval-examples"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_AUROC: Final = "eval-auroc"
 EVAL_ACCURACY: Final = "eval-accuracy"
+EVAL_C_INDEX: Final = "eval-c-index"  # a survival task's held-out concordance
+EVAL_RMSE: Final = "eval-rmse"  # a regression task's held-out root mean squared error
 
 
 # --- Codec between named numpy arrays / typed values and Flower records -------------
@@ -217,5 +222,7 @@ def get_value(content: RecordDict, record: str, key: str, kind: type[T]) -> T:
     return value
 
 
-_NAN_ALLOWED = frozenset({EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, LOCAL_LOSS})
+_NAN_ALLOWED = frozenset(
+    {EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, EVAL_C_INDEX, EVAL_RMSE, LOCAL_LOSS}
+)
 """Metrics that are undefined (NaN) in honest edge cases: one class only, or no held-out rows."""

@@ -76,6 +76,14 @@ def table_of(site_toml: Path) -> SiteTable:
     return read_site_table(site_config(site_toml).data_dir / TABLE_NAME, CONTRACT)
 
 
+def fingerprint_of(site_toml: Path) -> str:
+    """The manifest fingerprint of the site's data, read on its own (`sites.manifest`, the
+    reader `medfed site check` uses): what the site's ledger keys its spend on."""
+    from sites.manifest import load_site_data
+
+    return load_site_data(site_config(site_toml), CONTRACT).manifest.fingerprint
+
+
 def table_path(site_toml: Path) -> Path:
     return site_config(site_toml).data_dir / TABLE_NAME
 
@@ -130,7 +138,8 @@ def train_request(
         "arrays": arrays,
         "model_sha256": arrays_sha256(arrays),
         "preset": study.preset,
-        "n_features": len(CONTRACT.numeric),
+        "contract_json": CONTRACT.canonical_json(),
+        "contract_sha256": CONTRACT.sha256(),
         "local_steps": study.local_steps,
         "learning_rate": study.learning_rate,
         "target_epsilon": study.target_epsilon,
@@ -150,7 +159,8 @@ def evaluate_request(
         arrays=arrays,
         model_sha256=arrays_sha256(arrays),
         preset="tiny",
-        n_features=len(CONTRACT.numeric),
+        contract_json=CONTRACT.canonical_json(),
+        contract_sha256=CONTRACT.sha256(),
     )
 
 

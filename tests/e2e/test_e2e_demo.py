@@ -89,6 +89,40 @@ def test_demo_simulation_runs_on_ray(process_tag: str) -> None:
     _assert_nothing_left(process_tag)
 
 
+def test_demo_example_lung_trains_the_example_sites_under_dp(process_tag: str) -> None:
+    """The lung study on its four example sites, each reading its own format (FHIR, OMOP,
+    CSV, Parquet): the study's survival contract reaches the sites, and the run is
+    followed by the sites' held-out c-index."""
+    completed = subprocess.run(
+        [*MEDFED, "demo", "--example", "lung", "--rounds", "2", "--json"],
+        env=_env(process_tag), capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    document = json.loads(completed.stdout)
+    assert document["sites"] == ["lung-csv", "lung-fhir", "lung-omop", "lung-parquet"]
+    assert document["rounds_completed"] == 2
+    assert document["metric_name"] == "c_index"
+    assert document["signed_updates"] is True
+    per_round = document["per_round"]
+    for record in per_round:
+        assert record["metric_name"] == "c_index"
+        assert 0.0 <= record["metric"] <= 1.0
+        assert math.isfinite(record["loss"])
+        for epsilon in record["epsilon_by_site"].values():
+            assert 0.0 < epsilon <= 3.0  # the lung study's target epsilon
+    _assert_nothing_left(process_tag)
+
+
+def test_demo_refuses_an_unknown_example_as_a_usage_error() -> None:
+    completed = subprocess.run(
+        [*MEDFED, "demo", "--example", "nope"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "--example must be one of" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def _wait_for_site_daemon(tag: str, site_id: str, timeout_s: float) -> int:
     """The PID of the site's `medfed site start` (the demo runs one daemon per site; the
     daemon itself restarts a SuperNode that dies, see tests/unit/medfed)."""

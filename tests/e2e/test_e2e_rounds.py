@@ -82,7 +82,7 @@ def running_consortium(tmp_path: Path, process_tag: str, rounds: int) -> Iterato
     _study_toml(tmp_path / "study.toml",
                 {k: v for k, v in study.to_run_config().items()
                  if k not in ("results-path", "sites-root", "site-keys-dir", "run-dir",
-                              "resume")})  # fmt: skip
+                              "resume", "contract")})  # fmt: skip
 
     env = {**os.environ, TEST_TAG_VARIABLE: process_tag, "PYTHONUNBUFFERED": "1"}
     out_path = tmp_path / "coordinator.out"

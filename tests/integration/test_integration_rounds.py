@@ -33,6 +33,7 @@ from tests.references import dp_accounting_epsilon
 from tests.sitekit import (
     POLICY,
     break_table,
+    fingerprint_of,
     ledger_of,
     node_context,
     officer_of,
@@ -359,7 +360,7 @@ def test_epsilon_per_site_grows_each_round_and_matches_its_ledger(tmp_path: Path
         epsilons = [record.epsilon_by_site[site] for record in results.per_round]
         assert all(a < b for a, b in itertools.pairwise(epsilons)), epsilons
 
-        fingerprint = sites.table(site).fingerprint
+        fingerprint = fingerprint_of(sites.site_toml(site))
         ledger = sites.ledger(site)
         rows = ledger.records(fingerprint)
         assert [(r.study, r.run_id, r.round, r.event.steps) for r in rows] == [
@@ -413,7 +414,7 @@ def test_a_simulation_finds_each_site_by_its_partition(tmp_path: Path) -> None:
         table = sites.table(site)
         assert metric(delivery.reply, wire.NUM_EXAMPLES, int) == len(table.train_labels)
         (row,) = sites.ledger(site).records()
-        assert row.dataset == table.fingerprint
+        assert row.dataset == fingerprint_of(sites.site_toml(site))
         assert record.noise_by_site[site] == row.event.noise_multiplier
 
 
@@ -453,7 +454,7 @@ def test_a_site_with_a_bad_row_is_rejected_and_the_study_goes_on(tmp_path: Path)
 
     assert results.status == "completed"
     assert results.sites == ["hospital-1", "hospital-3"]
-    where = f"hospital-2: {table_path}, row 6, column age: 'sixty' is not a number"
+    where = f"{table_path}, row 6, column age: 'sixty' is not a number"
     for record in results.per_round:
         assert record.participants == ["hospital-1", "hospital-3"]
         assert list(record.rejected) == [f"node-{broken_node}"]

@@ -26,6 +26,7 @@ from model.contract import DEMO_CONTRACT as CONTRACT
 from model.network import arrays_sha256, build_model, state_arrays
 from tests.sitekit import (
     POLICY,
+    fingerprint_of,
     make_study,
     node_context,
     officer_of,
@@ -75,7 +76,8 @@ def instruction(
         wire.PLANNED_ROUNDS: STUDY.num_rounds,
         wire.MODEL_SHA256: arrays_sha256(arrays),
         wire.PRESET: "tiny",
-        wire.N_FEATURES: len(CONTRACT.numeric),
+        wire.CONTRACT: CONTRACT.canonical_json(),
+        wire.CONTRACT_SHA256: CONTRACT.sha256(),
         wire.LOCAL_STEPS: STUDY.local_steps,
         wire.LEARNING_RATE: STUDY.learning_rate,
         wire.TARGET_EPSILON: STUDY.target_epsilon,
@@ -221,8 +223,8 @@ def test_a_round_beyond_the_datasets_cap_is_refused_out_of_budget(
 
 
 def test_a_bad_evaluate_instruction_is_refused(root: Path) -> None:
-    reply = evaluate(instruction(MessageType.EVALUATE, drop=wire.N_FEATURES), site_context(root))
-    assert refusal_reason(reply) == "hospital-1: record 'config' has no key 'n-features'"
+    reply = evaluate(instruction(MessageType.EVALUATE, drop=wire.CONTRACT), site_context(root))
+    assert refusal_reason(reply) == "hospital-1: record 'config' has no key 'contract'"
 
 
 def test_a_resent_round_gets_the_same_reply_and_spends_once(root: Path) -> None:
@@ -247,7 +249,10 @@ def test_a_broken_table_is_refused_with_file_row_and_column(root: Path) -> None:
 
     text = refusal_reason(train(instruction(), site_context(root)))
 
-    assert text == f"hospital-1: {path}, row 4, column readmitted_30d: 'maybe' is not 0 or 1"
+    assert text == (
+        "hospital-1: the site's data does not meet the study's contract:"
+        f" {path}, row 4, column readmitted_30d: 'maybe' is not a number"
+    )
 
 
 def test_a_supernode_that_does_not_name_its_site_is_refused() -> None:
@@ -317,7 +322,7 @@ def test_both_ways_of_naming_the_site_reach_its_data_and_ledger(
         table.train_labels
     )
     (row,) = spend_rows(root / site / SITE_TOML)
-    assert row.dataset == table.fingerprint
+    assert row.dataset == fingerprint_of(root / site / SITE_TOML)
     other = "hospital-1" if site == "hospital-2" else "hospital-2"
     assert spend_rows(root / other / SITE_TOML) == []
 
@@ -362,7 +367,12 @@ def test_a_site_too_small_for_dp_sgd_is_refused(root: Path) -> None:
 def test_a_query_reports_the_site_status_in_process(root: Path) -> None:
     from client.client_app import query
 
-    config = {wire.STUDY: STUDY.name, wire.STUDY_SHA256: STUDY.sha256()}
+    config = {
+        wire.STUDY: STUDY.name,
+        wire.STUDY_SHA256: STUDY.sha256(),
+        wire.CONTRACT: CONTRACT.canonical_json(),
+        wire.CONTRACT_SHA256: CONTRACT.sha256(),
+    }
     message = Message(
         RecordDict({wire.CONFIG: ConfigRecord(config)}),
         dst_node_id=NODE,

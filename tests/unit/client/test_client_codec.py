@@ -51,7 +51,9 @@ def test_a_train_reply_keeps_nan_metrics_and_arrays() -> None:
 
 
 def test_query_values_round_trip_with_nulls() -> None:
-    request = QueryRequest(study="s", study_sha256=None, preset="tiny", n_features=3)
+    request = QueryRequest(
+        study="s", study_sha256=None, preset="tiny", contract_json="{}", contract_sha256="ab"
+    )
     assert codec.query_request(codec.decode_frame(codec.encode_frame(codec.to_frame(request)))) == (
         request
     )

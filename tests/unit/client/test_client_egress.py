@@ -130,6 +130,38 @@ def test_a_raw_data_array_an_extra_metric_and_a_stray_key_are_dropped(site_toml:
     assert "record 'raw'" in dropped and "metrics.mean-age" in dropped and "site.note" in dropped
 
 
+def test_trained_groups_the_dataset_digest_and_survival_metrics_may_leave(
+    site_toml: Path,
+) -> None:
+    records = _honest()
+    records[wire.METRICS] = {**records[wire.METRICS], wire.EVAL_C_INDEX: 0.61, wire.EVAL_RMSE: 1.2}
+    site = {wire.TRAINED_GROUPS: "encoders.clinical,fusion,heads.survival",
+            wire.DATASET_SHA256: "ab" * 32}  # fmt: skip
+    records[wire.SITE] = {**records[wire.SITE], **site}
+    reply = _guarded(site_toml, records)
+    assert dict(reply.content.metric_records[wire.METRICS]) == records[wire.METRICS]
+    assert dict(reply.content.config_records[wire.SITE]) == records[wire.SITE]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (wire.TRAINED_GROUPS, "encoders.clinical, patient 17 died"),
+        (wire.TRAINED_GROUPS, "fusion," * 100 + "fusion"),
+        (wire.DATASET_SHA256, "patient 17 is 61 years old"),
+        (wire.DATASET_SHA256, "AB" * 32),
+    ],
+    ids=["free-text-groups", "long-groups", "free-text-digest", "upper-case-digest"],
+)
+def test_free_text_in_the_lineage_keys_does_not_leave(
+    site_toml: Path, key: str, value: str
+) -> None:
+    records = _honest()
+    records[wire.SITE] = {**records[wire.SITE], key: value}
+    reply = _guarded(site_toml, records)
+    assert key not in reply.content.config_records[wire.SITE]
+
+
 @pytest.mark.parametrize(
     "tamper",
     [

@@ -17,15 +17,19 @@ from client.errors import SiteRefusal
 from client.trainer import SiteTrainer
 from medfed.consortium import DemoSite, approve
 from model.contract import DEMO_CONTRACT as CONTRACT
-from model.network import arrays_sha256, build_model, load_arrays
+from model.contract import OmicsPanel, StudyContract, TaskSpec
+from model.network import arrays_sha256, build_model, load_arrays, state_arrays
 from privacy.accountant import AccountantKind
-from sites.errors import DataError
+from sites.config import DatasetConfig, NumericSource, TargetSource
+from sites.export import datasets_toml
+from sites.manifest import load_site_data
 from sites.tabular import SiteTable
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import (
     DELTA,
     POLICY,
     evaluate_request,
+    fingerprint_of,
     global_arrays,
     ledger_of,
     make_study,
@@ -89,7 +93,7 @@ def test_a_train_records_its_signed_spend_before_replying(
     reply = trainer_of(site_toml).train(request)
 
     (row,) = spend_rows(site_toml)
-    assert row.dataset == table.fingerprint
+    assert row.dataset == fingerprint_of(site_toml)
     assert (row.study, row.run_id, row.round) == (f"{STUDY.name}@{STUDY.sha256()}", "run-1", 1)
     assert row.event.steps == request.local_steps
     assert row.event.noise_multiplier == reply.noise_multiplier
@@ -99,7 +103,7 @@ def test_a_train_records_its_signed_spend_before_replying(
     verification = ledger_of(site_toml).verify(site_public_key(site_toml))
     assert verification.ok, verification.bad
     assert verification.rows_checked == 1
-    assert reply.epsilon == ledger_of(site_toml).epsilon(table.fingerprint, delta=DELTA)
+    assert reply.epsilon == ledger_of(site_toml).epsilon(fingerprint_of(site_toml), delta=DELTA)
     assert reply.epsilon == pytest.approx(reference_epsilon([row.event], DELTA), rel=1e-3)
 
 
@@ -301,9 +305,15 @@ def test_a_model_that_does_not_match_its_digest_is_refused(site_toml: Path) -> N
     assert spend_rows(site_toml) == []
 
 
-def test_a_model_for_another_contract_is_refused(site_toml: Path) -> None:
-    with pytest.raises(SiteRefusal, match="asks for 9 features"):
-        trainer_of(site_toml).train(train_request(STUDY, n_features=9))
+def test_a_contract_that_does_not_match_its_digest_is_refused(site_toml: Path) -> None:
+    from client.site_api import SiteService
+
+    other = CONTRACT.model_copy(update={"name": "other"})
+    service = SiteService(site_config(site_toml))
+    with pytest.raises(SiteRefusal, match="contract does not match its announced digest"):
+        service.train(train_request(STUDY, contract_json=other.canonical_json()))
+    with pytest.raises(SiteRefusal, match="contract is malformed"):
+        service.train(train_request(STUDY, contract_json='{"tasks": []}'))
     assert spend_rows(site_toml) == []
 
 
@@ -325,7 +335,7 @@ def test_a_site_with_a_broken_table_cannot_start(site_toml: Path) -> None:
     lines[5] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    with pytest.raises(DataError, match=r"row 6, column bmi: 'heavy' is not a number"):
+    with pytest.raises(SiteRefusal, match=r"row 6, column bmi: 'heavy' is not a number"):
         trainer_of(site_toml)
 
 
@@ -364,3 +374,84 @@ def test_a_study_with_another_digest_is_another_study(site_toml: Path) -> None:
     with pytest.raises(SiteRefusal, match="has no valid approval"):
         trainer_of(site_toml).train(train_request(edited))
     assert spend_rows(site_toml) == []
+
+
+# --- trained groups: a site trains only what its data can teach ----------------------------
+
+
+def wider_contract() -> StudyContract:
+    """The demo contract plus an omics panel and a second task this site has no data for."""
+    return CONTRACT.model_copy(
+        update={
+            "omics": OmicsPanel(genes=("TP53", "EGFR")),
+            "tasks": (*CONTRACT.tasks, TaskSpec(name="mortality", kind="binary", target="died")),
+        }
+    )
+
+
+def map_only_the_demo_columns(site_toml: Path, *, label: bool = True) -> None:
+    """Give site.toml one `[[datasets]]` entry: the demo table's features and (with
+    `label`) its one label."""
+    dataset = DatasetConfig(
+        name="patients",
+        format="csv",
+        paths=(table_path(site_toml).resolve(),),
+        patient_id=CONTRACT.patient_id,
+        numeric={feature.name: NumericSource() for feature in CONTRACT.numeric},
+        targets={CONTRACT.tasks[0].target: TargetSource()} if label else {},
+    )
+    with site_toml.open("a", encoding="utf-8") as out:
+        out.write("\n" + datasets_toml([dataset]))
+
+
+def test_a_site_trains_only_the_groups_its_data_can_teach(site_toml: Path) -> None:
+    map_only_the_demo_columns(site_toml)
+    contract = wider_contract()
+    study = make_study(rounds=3, sites=1, target_epsilon=2.0, local_steps=4, sample_rate=0.07)
+    trainer = SiteTrainer(site_config(site_toml), contract)
+    arrays = state_arrays(build_model("tiny", contract=contract, seed=5))
+    request = train_request(
+        study,
+        arrays=arrays,
+        contract_json=contract.canonical_json(),
+        contract_sha256=contract.sha256(),
+    )
+
+    reply = trainer.train(request)
+
+    assert reply.trained_groups == "encoders.clinical,fusion,heads.readmission"
+    assert (
+        reply.dataset_sha256
+        == load_site_data(site_config(site_toml), contract).manifest.fingerprint
+    )
+    assert reply.arrays.keys() == arrays.keys()  # every array goes back, as validation expects
+    for name, before in arrays.items():
+        after = reply.arrays[name]
+        if name.startswith(("encoders.omics.", "heads.mortality.")):
+            np.testing.assert_array_equal(after, before)  # no update and no DP noise
+    changed = [n for n in arrays if not np.array_equal(arrays[n], reply.arrays[n])]
+    assert any(n.startswith("encoders.clinical.") for n in changed)
+    assert any(n.startswith("fusion.") for n in changed)
+    assert any(n.startswith("heads.readmission.") for n in changed)
+
+
+def test_a_site_without_labels_for_any_task_refuses_the_contract(site_toml: Path) -> None:
+    map_only_the_demo_columns(site_toml, label=False)
+    contract = CONTRACT.model_copy(
+        update={"tasks": (TaskSpec(name="mortality", kind="binary", target="died"),)}
+    )
+    with pytest.raises(SiteRefusal, match="no labels for any of the study's tasks"):
+        SiteTrainer(site_config(site_toml), contract)
+
+
+def test_fedprox_pulls_the_update_towards_the_global_model(site_toml: Path) -> None:
+    # The same seed and noise with and without mu: the proximal pull can only shrink the
+    # distance from the global model (it is a contraction towards the anchor each step).
+    arrays = global_arrays()
+    plain = trainer_of(site_toml).train(train_request(STUDY, run_id="plain"))
+    prox = trainer_of(site_toml).train(train_request(STUDY, run_id="prox", proximal_mu=10.0))
+
+    def distance(update: dict[str, np.ndarray]) -> float:
+        return float(sum(np.sum((update[n] - arrays[n]) ** 2) for n in arrays))
+
+    assert distance(prox.arrays) < distance(plain.arrays)

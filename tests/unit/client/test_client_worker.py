@@ -213,14 +213,17 @@ def test_throughput_is_measured_once_and_cached_per_model_and_accelerator(
     site_toml: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import client.throughput as throughput
+    from model.network import model_identity
 
     config = site_config(site_toml)
     service = SiteService(config, CONTRACT)
-    ask = QueryRequest(preset="tiny", n_features=len(CONTRACT.features))
+    ask = QueryRequest(
+        preset="tiny", contract_json=CONTRACT.canonical_json(), contract_sha256=CONTRACT.sha256()
+    )
     first = service.query(ask).throughput
     assert first is not None and first > 0
     cached = json.loads((config.state_dir / throughput.CACHE_NAME).read_text())
-    assert cached == {f"tiny/{len(CONTRACT.features)}@cpu": first}
+    assert cached == {f"{model_identity('tiny', CONTRACT)}@cpu": first}
 
     def no_second_run(*args: object) -> float:
         raise AssertionError("calibrated again although the figure is cached")

@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.errors import StudyConfigError
 from coordinator.study import StudySettings, load_study_file
+from model.contract import DEMO_CONTRACT, StudyContract
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -54,6 +55,7 @@ STRATEGY_DEFAULTS: dict[str, Any] = {
     "deadline-s": 0.0,
     "run-dir": "",
     "resume": False,
+    "app-signature": "",
 }
 """Optional keys (strategy, deadline, checkpoints) and their defaults."""
 """Where a run writes: not part of the study, so not required and not in its digest."""
@@ -93,7 +95,7 @@ def test_the_repositorys_app_defaults_parse() -> None:
 
     study = StudySettings.from_run_config(defaults)
 
-    assert study.to_run_config().keys() == {*RUN_CONFIG, "preset", *STRATEGY_DEFAULTS}
+    assert study.to_run_config().keys() == {*RUN_CONFIG, "preset", "contract", *STRATEGY_DEFAULTS}
 
 
 # No integer lies in delta's open range (0, 1); every other float key takes 1.
@@ -266,6 +268,7 @@ def test_the_run_config_carries_the_study_unchanged() -> None:
         "results-path": "/tmp/r.json",
         "sites-root": "/srv/sites",
         "preset": "tiny",
+        "contract": DEMO_CONTRACT.canonical_json(),
         **STRATEGY_DEFAULTS,
     }
     again = StudySettings.from_run_config(config)
@@ -370,3 +373,59 @@ def test_fedprox_needs_a_positive_mu_and_only_fedprox_takes_one() -> None:
 def test_the_run_plumbing_is_not_part_of_the_studys_digest() -> None:
     assert parse(run_dir="/x", resume=True).sha256() == parse().sha256()
     assert parse(strategy="fedadam").sha256() != parse().sha256()
+
+
+# --- the study's contract -----------------------------------------------------------------
+
+EXAMPLE_STUDIES = sorted((REPO_ROOT / "examples" / "consortium" / "studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_STUDIES, ids=lambda path: path.stem)
+def test_an_example_studys_contract_is_parsed_into_the_study(path: Path) -> None:
+    document = tomllib.loads(path.read_text(encoding="utf-8"))
+    expected = StudyContract.model_validate(document["contract"])
+
+    study = load_study_file(path)
+
+    assert study.contract == expected
+    assert study.contract != DEMO_CONTRACT
+    again = StudySettings.from_run_config(study.to_run_config())
+    assert again.contract == expected
+    assert again.sha256() == study.sha256()
+
+
+def test_the_digest_covers_the_contract_but_not_the_app_signature() -> None:
+    other = DEMO_CONTRACT.model_copy(update={"name": "other"})
+    base = parse()
+
+    assert (
+        StudySettings.from_run_config({**RUN_CONFIG, "contract": other.canonical_json()}).sha256()
+        != base.sha256()
+    )
+    assert (
+        StudySettings.from_run_config({**RUN_CONFIG, "app-signature": "ab" * 32}).sha256()
+        == base.sha256()
+    )
+
+
+def test_a_bad_contract_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "study.toml"
+    path.write_text(
+        study_toml(RUN_CONFIG)
+        + '[contract]\nname = "x"\ntasks = [{ name = "t", kind = "nope", target = "y" }]\n'
+        + '[[contract.numeric]]\nname = "age"\nunit = "a"\nminimum = 0.0\nmaximum = 1.0\n',
+        encoding="utf-8",
+    )
+
+    with pytest.raises(StudyConfigError) as caught:
+        load_study_file(path)
+
+    assert str(caught.value).startswith(f"{path}: [contract] key ")
+    assert "problems)" in str(caught.value)  # the kind and the numeric feature are both wrong
+
+
+def test_site_check_and_the_coordinator_read_the_same_contract() -> None:
+    from medfed.site_cli import load_study_contract
+
+    for path in EXAMPLE_STUDIES:
+        assert load_study_contract(path) == load_study_file(path).contract

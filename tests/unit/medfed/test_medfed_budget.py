@@ -27,6 +27,7 @@ def site(tmp_path: Path) -> Path:
 def _study_toml(tmp_path: Path, **changes: object) -> Path:
     values = {**demo_study(rounds=2, sites=1, target_epsilon=2.0, seed=1).to_run_config()}
     values.update({"study-name": "new-study", **changes})
+    del values["contract"]  # the demo contract: study.toml writes a contract as [contract]
     lines = ["[study]"] + [f'"{key}" = {json.dumps(value)}' for key, value in values.items()]
     path = tmp_path / "study.toml"
     path.write_text("\n".join(lines) + "\n")
