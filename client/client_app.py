@@ -201,7 +201,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            wire.ARRAYS: wire.arrays_to_record(reply.arrays),
+            wire.ARRAYS: wire.arrays_to_record(reply.arrays, packed=True),
             wire.METRICS: metrics,
             wire.SITE: ConfigRecord(
                 {

@@ -122,20 +122,22 @@ def _arrays_problem(instruction: Message, record: ArrayRecord) -> str | None:
         expected = wire.record_to_arrays(instruction.content)
     except wire.WireError:
         return "the instruction carried no model to compare the update with"
-    names = list(record.keys())
+    try:
+        arrays = wire.record_arrays(record)  # either layout, packed or one Array per name
+    except wire.WireError as exc:
+        return f"the update's arrays cannot be read: {exc}"
+    names = list(arrays)
     if sorted(names) != sorted(expected):
         extra = sorted(set(names) - set(expected))[:5]
         missing = sorted(set(expected) - set(names))[:5]
         return f"array names differ from the model's (extra {extra}, missing {missing})"
-    for name in names:
-        array = record[name]
-        if array.dtype != "float32" or tuple(array.shape) != expected[name].shape:
+    for name, values in arrays.items():
+        if values.dtype != np.float32 or values.shape != expected[name].shape:
             return (
-                f"array {name!r} is {array.dtype} {tuple(array.shape)}, the model's is float32"
+                f"array {name!r} is {values.dtype} {values.shape}, the model's is float32"
                 f" {expected[name].shape}"
             )
-        values = array.numpy()
-        if values.dtype != np.float32 or not np.isfinite(values).all():
+        if not np.isfinite(values).all():
             return f"array {name!r} is not finite float32"
     return None
 

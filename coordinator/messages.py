@@ -104,4 +104,6 @@ def instruction(
             **(extra or {}),
         }
     )
-    return RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: config})
+    # One packed float32 buffer: a few Flower objects to pull instead of one per array.
+    model = wire.arrays_to_record(arrays, packed=True)
+    return RecordDict({wire.ARRAYS: model, wire.CONFIG: config})
