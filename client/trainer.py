@@ -30,7 +30,8 @@ from client.protocol import (
     TrainRequest,
 )
 from model.contract import StudyContract, TaskSpec
-from model.errors import ModelError
+from model.devices import resolve_device
+from model.errors import DeviceUnavailableError, ModelError
 from model.losses import SURVIVAL_DP_CAVEAT
 from model.network import (
     MedModel,
@@ -140,6 +141,11 @@ class SiteTrainer:
         self._contract = contract
         self._grad_sample_mode: GradSampleMode = grad_sample_mode
         self._reported_task = _reported_task(contract)
+        try:
+            # site.toml's accelerator; an unavailable one is refused, never swapped for CPU.
+            self._device = resolve_device(config.accelerator)
+        except DeviceUnavailableError as exc:
+            raise SiteRefusal(f"site.toml's accelerator {config.accelerator!r}: {exc}") from exc
         self._data = load_training_data(config, contract)
         self._groups = trainable_groups(self._data, contract)
         # Encoded once and kept warm: every round of this contract trains on these tensors.
@@ -181,7 +187,7 @@ class SiteTrainer:
                 f"the model received does not match its announced digest ({actual[:12]} !="
                 f" {digest[:12]}); refusing to train on it"
             )
-        model = build_model(preset, contract=self._contract, seed=0)
+        model = build_model(preset, contract=self._contract, seed=0, device=self._device)
         try:
             load_arrays(model, arrays)
         except ValueError as exc:

@@ -137,8 +137,10 @@ def train_steps(
     losses: list[float] = []
     seen = 0
     source = _cycle(batches)
+    device = _device_of(model)
     for _ in range(steps):
-        inputs, targets = split_tensors(contract, next(source))
+        batch = tuple(tensor.to(device) for tensor in next(source))
+        inputs, targets = split_tensors(contract, batch)
         optimizer.zero_grad()
         outputs = model(*inputs)
         per_sample = per_sample_loss(contract, outputs, targets, regression=regression)
@@ -157,14 +159,22 @@ def train_steps(
 def predict(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's outputs per task over all rows of `inputs`, in chunks, in eval mode."""
     model.eval()
+    device = _device_of(model)
     n = int(inputs[0].shape[0])
     chunks: list[Mapping[str, torch.Tensor]] = [
-        model(*(tensor[start : start + EVAL_CHUNK_ROWS] for tensor in inputs))
+        model(*(tensor[start : start + EVAL_CHUNK_ROWS].to(device) for tensor in inputs))
         for start in range(0, n, EVAL_CHUNK_ROWS)
     ]
     if not chunks:
-        chunks = [model(*inputs)]
-    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+        chunks = [model(*(tensor.to(device) for tensor in inputs))]
+    # Outputs come back to the CPU, where the targets and the metrics are.
+    return {name: torch.cat([chunk[name].cpu() for chunk in chunks]) for name in chunks[0]}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are: batches (kept on the CPU) move there per step."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _task_metrics(

@@ -80,8 +80,8 @@ class PrivateTraining:
         return float(self.optimizer.noise_multiplier)  # type: ignore[attr-defined]
 
 
-def _secure_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _secure_generator(device: torch.device | None = None) -> torch.Generator:
+    return torch.Generator(device=device or "cpu").manual_seed(secrets.randbits(63))
 
 
 def poisson_rate(patients: int, sample_rate: float) -> float:
@@ -206,7 +206,8 @@ def make_private(
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=_secure_generator(),
+            # The noise is drawn where the parameters are (cuda: a cuda generator).
+            noise_generator=_secure_generator(_parameter_device(model)),
             grad_sample_mode=grad_sample_mode,
         )
     reduce_loss: LossReducer
@@ -227,3 +228,8 @@ def make_private(
         grad_sample_mode,
         reduce_loss,
     )
+
+
+def _parameter_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device

@@ -455,3 +455,11 @@ def test_fedprox_pulls_the_update_towards_the_global_model(site_toml: Path) -> N
         return float(sum(np.sum((update[n] - arrays[n]) ** 2) for n in arrays))
 
     assert distance(prox.arrays) < distance(plain.arrays)
+
+
+def test_an_unavailable_accelerator_is_refused_not_swapped_for_the_cpu(site_toml: Path) -> None:
+    # site.toml names the Rebellions NPU, whose package is not installed here: the site
+    # must say so rather than quietly train on the CPU.
+    site_toml.write_text('accelerator = "rbln"\n' + site_toml.read_text(encoding="utf-8"))
+    with pytest.raises(SiteRefusal, match=r"accelerator 'rbln'.*torch-rbln"):
+        trainer_of(site_toml)
