@@ -209,4 +209,4 @@ def test_a_query_reply_may_not_carry_arrays_or_training_metrics(site_toml: Path)
 
 
 def test_the_shipped_client_app_runs_behind_the_guard(site_toml: Path) -> None:
-    assert GUARD in app._mods  # noqa: SLF001 (Flower keeps mods private)
+    assert GUARD in app._mods  # Flower keeps mods private
