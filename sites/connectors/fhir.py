@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from model.contract import StudyContract
 from sites.config import DatasetConfig, NumericSource
-from sites.connectors.tables import TableError, decode, read_bytes
+from sites.connectors.tables import dataset_texts
 from sites.records import DatasetRead, RecordBuilder, Where, parse_time
 
 CODE_SYSTEMS: dict[str, tuple[str, ...]] = {
@@ -47,13 +47,7 @@ def read_fhir(dataset: DatasetConfig, contract: StudyContract, base: Path) -> Da
     builder = RecordBuilder(contract, dataset, one_row_per_patient=False)
     builder.check_mapping(Where(f"dataset {dataset.name}"))
     mapper = _Mapper(builder)
-    for relative in dataset.paths:
-        path = relative if relative.is_absolute() else base / relative
-        try:
-            text = decode(path, read_bytes(path), dataset.encoding)
-        except TableError as exc:
-            builder.problems.append(exc.problem)
-            continue
+    for path, text in dataset_texts(dataset.paths, base, dataset.encoding, builder.problems):
         for where, resource in _resources(str(path), text, builder):
             mapper.take(resource, where)
     return builder.result()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from model.contract import MoleculeSpec, ProteinSpec, StudyContract
 from sites.config import DatasetConfig
-from sites.connectors.tables import TableError, decode, read_bytes
+from sites.connectors.tables import dataset_texts
 from sites.records import DatasetRead, RecordBuilder, Where
 
 SMILES_TOKEN = re.compile(
@@ -88,13 +88,7 @@ def read_smi(dataset: DatasetConfig, contract: StudyContract, base: Path) -> Dat
     if contract.molecule is None:
         builder.problem(Where(f"dataset {dataset.name}"), "the study contract has no molecules")
         return builder.result()
-    for relative in dataset.paths:
-        path = relative if relative.is_absolute() else base / relative
-        try:
-            text = decode(path, read_bytes(path), dataset.encoding)
-        except TableError as exc:
-            builder.problems.append(exc.problem)
-            continue
+    for path, text in dataset_texts(dataset.paths, base, dataset.encoding, builder.problems):
         for line, content in enumerate(text.splitlines(), start=1):
             fields = content.split()
             if not fields or content.startswith("#"):
@@ -122,13 +116,7 @@ def read_fasta(dataset: DatasetConfig, contract: StudyContract, base: Path) -> D
     if contract.protein is None:
         builder.problem(Where(f"dataset {dataset.name}"), "the study contract has no proteins")
         return builder.result()
-    for relative in dataset.paths:
-        path = relative if relative.is_absolute() else base / relative
-        try:
-            text = decode(path, read_bytes(path), dataset.encoding)
-        except TableError as exc:
-            builder.problems.append(exc.problem)
-            continue
+    for path, text in dataset_texts(dataset.paths, base, dataset.encoding, builder.problems):
         _read_fasta_text(str(path), text, contract.protein, builder)
     return builder.result()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import _csv
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +76,19 @@ def read_bytes(path: Path) -> bytes:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise TableError(DataProblem(str(path), None, None, f"cannot be read ({reason})")) from exc
+
+
+def dataset_texts(
+    paths: Iterable[Path], base: Path, encoding: str, problems: list[DataProblem]
+) -> Iterator[tuple[Path, str]]:
+    """Each file of a dataset (relative paths taken from `base`) as decoded text; a file
+    that cannot be read or decoded is a problem in `problems` and is skipped."""
+    for relative in paths:
+        path = relative if relative.is_absolute() else base / relative
+        try:
+            yield path, decode(path, read_bytes(path), encoding)
+        except TableError as exc:
+            problems.append(exc.problem)
 
 
 def decode(path: Path, raw: bytes, encoding: str) -> str:
