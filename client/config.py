@@ -47,6 +47,12 @@ class CoordinatorSection(BaseModel):
     auth_private_key: Path = Path("kit/supernode.key")
     poll_interval_s: float = Field(default=1.0, ge=0.05, le=3.0)
     """How often the idle SuperNode asks the coordinator for work (Flower's own: 3 s)."""
+    trusted_entities: Path | None = None
+    """The keys whose signed app bundles this site runs (the kit's `trusted-entities.yaml`);
+    without it `medfed site start` refuses to start, unless `allow_unsigned_bundles`."""
+    allow_unsigned_bundles: bool = False
+    """Run any bundle the coordinator sends, signed or not: weaker, warned loudly at every
+    start and task; for development only."""
 
 
 class SiteConfig(BaseModel):
@@ -89,6 +95,19 @@ class SiteConfig(BaseModel):
     @property
     def officer_public_key_path(self) -> Path:
         return self.resolve(self.site.officer_public_key)
+
+    @property
+    def trusted_entities_path(self) -> Path | None:
+        """The trusted-entities file `[coordinator]` names, resolved; None if it names none."""
+        coordinator = self.coordinator
+        if coordinator is None or coordinator.trusted_entities is None:
+            return None
+        return self.resolve(coordinator.trusted_entities)
+
+    @property
+    def allows_unsigned_bundles(self) -> bool:
+        """Whether `[coordinator] allow_unsigned_bundles = true` (weaker: warned loudly)."""
+        return self.coordinator is not None and self.coordinator.allow_unsigned_bundles
 
 
 def load_site_config(path: Path) -> SiteConfig:
@@ -133,7 +152,24 @@ def render_site_toml(config: SiteConfig) -> str:
         f"require_approval = {'true' if privacy.require_approval else 'false'}",
         f'accountant = "{privacy.accountant}"',
     ]
+    if config.coordinator is not None:
+        lines += ["", *_coordinator_lines(config.coordinator)]
     return "\n".join(lines) + "\n"
+
+
+def _coordinator_lines(coordinator: CoordinatorSection) -> list[str]:
+    lines = [
+        "[coordinator]",
+        f"superlink = {_toml_string(coordinator.superlink)}",
+        f"root_certificates = {_toml_string(str(coordinator.root_certificates))}",
+        f"auth_private_key = {_toml_string(str(coordinator.auth_private_key))}",
+        f"poll_interval_s = {coordinator.poll_interval_s!r}",
+    ]
+    if coordinator.trusted_entities is not None:
+        lines.append(f"trusted_entities = {_toml_string(str(coordinator.trusted_entities))}")
+    if coordinator.allow_unsigned_bundles:
+        lines.append("allow_unsigned_bundles = true")
+    return lines
 
 
 def _toml_string(value: str) -> str:

@@ -16,6 +16,11 @@ Modules this process imported already (medfed's own `client`, `model`, ... packa
 are the site's installed ones: a bundle whose ClientApp is medfed's runs the site's
 installed copy of it. Whatever runs, the guard wraps it.
 
+Before a bundle is installed or loaded, `client.bundle_check.BundleGate` checks that a key
+the site trusts signed its exact bytes (the signature travels in the run's override
+config, `flwr run --run-config`): a refused bundle gets an error reply naming why, a
+`bundle.refused` entry in the site's audit log, and nothing of it is imported.
+
 This module imports no torch: with a worker socket configured, neither does the ClientApp.
 """
 
@@ -28,13 +33,24 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from flwr.app import Context, Error, Message
 
+from client.bundle_check import (
+    BUNDLE_REFUSED,
+    ERROR_CODE_BUNDLE_REFUSED,
+    UNSIGNED_WARNING,
+    BundleGate,
+    UntrustedBundleError,
+)
 from client.egress import Handler, ReplyMod, chain
+
+AuditAppend = Callable[[str, Mapping[str, Any]], object]
+"""Appends one event to the site's audit log (`privacy.audit.AuditLog.append`)."""
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +120,17 @@ def _runtime_client(address: str, interceptors: list[Any]) -> Any:
 class WarmExecutor:
     """Acquires ClientApp tasks from one SuperNode and runs them here, guarded."""
 
-    def __init__(self, runtime_address: str, secret: bytes | None, guard: ReplyMod) -> None:
+    def __init__(
+        self,
+        runtime_address: str,
+        secret: bytes | None,
+        guard: ReplyMod,
+        *,
+        bundles: BundleGate | None,
+        audit: AuditAppend,
+    ) -> None:
+        """`bundles` None runs unsigned bundles (weaker: warned at every task); `audit`
+        records each refused bundle."""
         from flwr.supercore.interceptors import (
             RuntimeVersionHttpInterceptor,
             SuperExecAuthHttpInterceptor,
@@ -121,6 +147,8 @@ class WarmExecutor:
         self._address = runtime_address
         self._client = _runtime_client(runtime_address, interceptors)
         self._guard = guard
+        self._bundles = bundles
+        self._audit = audit
         self._apps: dict[str, Handler] = {}
         self.tasks_run = 0
 
@@ -135,6 +163,22 @@ class WarmExecutor:
         if response.HasField("task") and response.token:
             return str(response.token)
         return None
+
+    def check_bundle(self, run: Any, fab: Any) -> None:
+        """Refuse (`UntrustedBundleError`) a bundle no trusted key signed, before anything
+        of it is installed or imported; record the refusal in the site's audit log."""
+        if self._bundles is None:
+            log.warning("%s (bundle %s, run %s)", UNSIGNED_WARNING, fab.hash_str[:12], run.run_id)
+            return
+        try:
+            self._bundles.check(fab.hash_str, fab.content, run.override_config)
+        except UntrustedBundleError as exc:
+            details = {"fab_hash": fab.hash_str, "run_id": str(run.run_id), "reason": str(exc)}
+            try:
+                self._audit(BUNDLE_REFUSED, details)
+            except Exception:  # the refusal stands; the log says the audit entry is missing
+                log.exception("could not write %s to the audit log: %s", BUNDLE_REFUSED, details)
+            raise
 
     def _app(self, run: Any, fab: Any) -> Handler:
         """The bundle's ClientApp, installed and loaded once per bundle hash."""
@@ -174,9 +218,15 @@ class WarmExecutor:
         try:
             message, context, run, fab = pull_task_input(client)
             marks.append(time.monotonic())
+            self.check_bundle(run, fab)
             reply = chain(self._app(run, fab), [self._guard])(message, context)
             marks.append(time.monotonic())
             status, details = SubStatus.COMPLETED, ""
+        except UntrustedBundleError as exc:
+            details = f"the site refused the app bundle: {exc}"[:400]
+            if message is not None:
+                error = Error(code=ERROR_CODE_BUNDLE_REFUSED, reason=details)
+                reply = Message(error, reply_to=message)
         except Exception as exc:
             log.exception("a ClientApp task failed")
             details = f"{type(exc).__name__}: {exc}"[:400]
@@ -216,18 +266,45 @@ class WarmExecutor:
         self._client.close()
 
 
+def _site_bundles_and_audit(site_toml: Path) -> tuple[BundleGate | None, AuditAppend]:
+    """The site's bundle gate (None: unsigned allowed, warned) and its audit log."""
+    from client.bundle_check import bundle_gate_of
+    from client.config import load_site_config
+    from privacy.audit import AuditLog
+    from privacy.signing import SigningKey
+
+    config = load_site_config(site_toml)
+    gate = bundle_gate_of(config)
+    audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+    if gate is not None:
+        log.info("running only app bundles signed by: %s", ", ".join(gate.trusted_ids))
+    return gate, audit.append
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m client.executor --runtime 127.0.0.1:PORT --secret-file FILE`."""
+    """`python -m client.executor --runtime 127.0.0.1:PORT --secret-file FILE
+    --site-config SITE_TOML`."""
     parser = argparse.ArgumentParser(prog="python -m client.executor")
     parser.add_argument("--runtime", required=True, help="The SuperNode's Runtime API address.")
     parser.add_argument("--secret-file", type=Path, help="The SuperExec auth secret (raw bytes).")
+    parser.add_argument(
+        "--site-config", type=Path, required=True,
+        help="The site's site.toml: the keys whose bundles it runs, its audit log.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     from client.client_app import GUARD
+    from client.errors import ClientError
+    from privacy.errors import PrivacyError
 
+    try:
+        bundles, audit = _site_bundles_and_audit(args.site_config)
+    except (ClientError, PrivacyError) as exc:
+        log.error("the executor cannot start: %s", exc)
+        return 2
     secret = args.secret_file.read_bytes() if args.secret_file else None
     stop = threading.Event()
 
@@ -236,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    WarmExecutor(args.runtime, secret, GUARD).serve(stop)
+    WarmExecutor(args.runtime, secret, GUARD, bundles=bundles, audit=audit).serve(stop)
     return 0
 
 

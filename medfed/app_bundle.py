@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import time
 from pathlib import Path
 
-from privacy.bundle_signing import sign_bundle
+from privacy.bundle_signing import APP_SIGNATURE, sign_bundle
 from privacy.signing import SigningKey
 
 APP_PACKAGES = ("client", "coordinator", "model", "privacy", "sites")
@@ -79,3 +80,13 @@ def sign_app(app_dir: Path, key: SigningKey, *, key_id: str, signed_at: int) -> 
     from flwr.cli.build import build_fab_from_disk
 
     return sign_bundle(build_fab_from_disk(app_dir), key, key_id=key_id, signed_at=signed_at)
+
+
+def signature_run_config(
+    app_dir: Path, key: SigningKey, *, key_id: str, signed_at: int | None = None
+) -> str:
+    """The `flwr run --run-config` argument that carries `app_dir`'s bundle signature
+    (`app-signature="..."`; Flower fuses it over the bundle's empty default). Sign the
+    folder as it will be submitted: a file added after signing changes the bundle."""
+    moment = int(time.time()) if signed_at is None else signed_at
+    return f'{APP_SIGNATURE}="{sign_app(app_dir, key, key_id=key_id, signed_at=moment)}"'

@@ -5,8 +5,9 @@ provisions a CA, the SuperLink's TLS certificate and one SuperNode key pair per
 site, starts a `flower-superlink` with TLS and SuperNode authentication, registers
 the sites' keys, runs one site daemon (`medfed site start`: worker, SuperNode, warm
 executor) per site, and runs the study with
-`flwr run`. With `simulation`, the same app runs on Flower's simulation runtime
-(Ray) behind a TLS SuperLink instead of real SuperNodes.
+`flwr run`, signed with an app-signing key the demo makes and its sites trust. With
+`simulation`, the same app runs on Flower's simulation runtime (Ray) behind a TLS
+SuperLink instead of real SuperNodes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from client.config import SITE_TOML, SiteConfig
 from coordinator.results import RunResults, read_results
 from coordinator.study import StudySettings
-from medfed.app_bundle import build_app_dir
+from medfed.app_bundle import build_app_dir, signature_run_config
 from medfed.consortium import (
     DEMO_POLICY,
     demo_study,
@@ -36,7 +37,9 @@ from medfed.consortium import (
 from medfed.errors import DemoFailedError, MissingDependencyError
 from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
 from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
-from privacy.pki import Provisioned, SiteKeys, provision_loopback
+from privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
+from privacy.pki import Provisioned, SiteKeys, provision_loopback, write_atomic
+from privacy.signing import SigningKey
 from sites.synthetic import site_ids
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,28 @@ class DemoOptions:
 
 
 Progress = Callable[[RunResults], None]
+APP_SIGNING_KEY_ID = "medfed-demo"
+"""The id under which the demo's sites trust its app-signing key."""
+
+
+@dataclass(frozen=True)
+class BundleSigning:
+    """The demo's app-signing key and the trusted-entities file its sites check with."""
+
+    key: SigningKey
+    trusted_entities: Path
+
+    def run_config(self, app_dir: Path) -> str:
+        """The `flwr run --run-config` argument that signs the bundle of `app_dir`."""
+        return signature_run_config(app_dir, self.key, key_id=APP_SIGNING_KEY_ID)
+
+
+def make_bundle_signing(folder: Path) -> BundleSigning:
+    """A fresh app-signing key, and a trusted-entities file (in `folder`) trusting it."""
+    key = SigningKey.generate()
+    trusted = folder / TRUSTED_ENTITIES_NAME
+    write_atomic(trusted, trusted_entities_yaml({APP_SIGNING_KEY_ID: key.public}).encode())
+    return BundleSigning(key, trusted)
 
 
 @dataclass(frozen=True)
@@ -210,9 +235,12 @@ def _start_site_daemons(
     pki: Provisioned,
     sites_root: Path,
     env: dict[str, str],
+    *,
+    trusted_entities: Path,
 ) -> None:
     """Register every site's key, then run `medfed site start` for each site (worker,
-    SuperNode and warm executor, as a hospital runs them) and wait until each connected."""
+    SuperNode and warm executor, as a hospital runs them, running only bundles signed by a
+    key in `trusted_entities`) and wait until each connected."""
     import sys
 
     from client.config import load_site_config
@@ -231,6 +259,7 @@ def _start_site_daemons(
                 f'root_certificates = "{pki.ca_cert.resolve()}"\n'
                 f'auth_private_key = "{keys.private_key.resolve()}"\n'
                 "poll_interval_s = 0.2\n"
+                f'trusted_entities = "{trusted_entities.resolve()}"\n'
             )
         config = load_site_config(site_toml)
         daemon = group.start(
@@ -246,10 +275,14 @@ def _start_site_daemons(
         group.wait_until_ready(daemon, connected, timeout_s=START_TIMEOUT_S)
 
 
-def _submit(programs: _Programs, app_dir: Path, env: dict[str, str]) -> str:
+def _submit(
+    programs: _Programs, app_dir: Path, env: dict[str, str], *, run_config: str | None
+) -> str:
+    """Submit `app_dir` (with `run_config` as `--run-config`, e.g. its signature); the run id."""
+    overrides = [] if run_config is None else ["--run-config", run_config]
     output = _flwr(
         programs,
-        ["run", str(app_dir), CONNECTION, "--format", "json"],
+        ["run", str(app_dir), CONNECTION, *overrides, "--format", "json"],
         env=env,
         what="submitting the run",
     )
@@ -317,13 +350,15 @@ def run_demo(
             work / "app",
             {**_run_config(study, results_path, sites_root), "site-keys-dir": str(site_keys)},
         )
+        signing = make_bundle_signing(work / "app-signing")
         with ProcessGroup(log_dir=work / "logs") as group:
             port = _start_superlink(group, programs, work, pki, simulation=options.simulation)
             _write_flwr_config(flwr_home, port, pki, len(names) if options.simulation else None)
             full_env = {**group.env, **env}
             if not options.simulation:
-                _start_site_daemons(group, programs, port, pki, sites_root, full_env)
-            run_id = _submit(programs, app_dir, full_env)
+                _start_site_daemons(group, programs, port, pki, sites_root, full_env,
+                                    trusted_entities=signing.trusted_entities)  # fmt: skip
+            run_id = _submit(programs, app_dir, full_env, run_config=signing.run_config(app_dir))
             log.info("submitted run %s", run_id)
             results = _watch(group, results_path, options, progress)
         succeeded = True

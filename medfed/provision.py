@@ -17,7 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import SITE_TOML, SiteConfig, SiteSection, render_site_toml
+from client.config import (
+    SITE_TOML,
+    CoordinatorSection,
+    SiteConfig,
+    SiteSection,
+    render_site_toml,
+)
 from coordinator.consortium import ConsortiumConfig, SiteEntry
 from medfed.errors import MedfedError
 from privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
@@ -264,6 +270,12 @@ def _write_site_kit(
             officer_public_key=Path(OFFICER_PUBLIC_KEY_NAME),
         ),
         privacy=TEMPLATE_POLICY,
+        coordinator=CoordinatorSection(
+            superlink=config.consortium.address,
+            root_certificates=Path(CA_CERT_NAME),
+            auth_private_key=Path(SUPERNODE_KEY_NAME),
+            trusted_entities=Path(TRUSTED_ENTITIES_NAME),
+        ),
     )
     write_atomic(kit / SITE_TOML, _site_toml_template(site_config).encode("utf-8"))
     write_atomic(kit / README_NAME, _readme(site, config).encode("utf-8"))
@@ -297,6 +309,8 @@ Files
   {SIGNING_KEY_NAME:<20} SECRET. The site's Ed25519 key that signs its privacy ledger and
   {"":<20} audit log (mode 0600). Never leaves this site.
   {SIGNING_PUBLIC_KEY_NAME:<20} its public half, for anyone checking the site's signed records.
+  {TRUSTED_ENTITIES_NAME:<20} the consortium's app-signing key: the site runs only app
+  {"":<20} bundles it signed (site.toml's [coordinator] trusted_entities).
   {SITE_TOML:<20} a template of the site's configuration; the privacy officer reviews
   {"":<20} its [privacy] block and adds the officer's public key as {OFFICER_PUBLIC_KEY_NAME}.
 

@@ -98,7 +98,11 @@ def round_start(
     consortium: ConsortiumOption = Path("consortium.toml"),
     pki: Annotated[
         Path | None,
-        typer.Option("--pki", help="The PKI folder, to check each site's signed updates."),
+        typer.Option(
+            "--pki",
+            help="The PKI folder: signs the app bundle (sites run only signed bundles) and"
+            " checks each site's signed updates.",
+        ),
     ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", help="Show a progress bar until the run ends.")
@@ -114,7 +118,9 @@ def round_start(
     config = _config(consortium)
     study = _guard(lambda: load_study_file(study_toml))
     if pki is None:
-        stderr.print(Text("warning: no --pki: site updates will NOT be signature-checked"))
+        stderr.print(Text("warning: no --pki: the app bundle is NOT signed (sites that check"
+                          " bundles will refuse it) and site updates will NOT be"
+                          " signature-checked"), soft_wrap=True)  # fmt: skip
     layout = None if pki is None else PkiLayout(pki)
     started = _guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
     document = started.to_json()
@@ -184,13 +190,24 @@ def round_resume(
     run: RunArgument,
     consortium: ConsortiumOption = Path("consortium.toml"),
     follow: Annotated[bool, typer.Option("--follow", help="Show a progress bar.")] = False,
+    pki: Annotated[
+        Path | None,
+        typer.Option(
+            "--pki",
+            help="The PKI folder whose key signs the bundle (default: the"
+            " one the run was started with).",
+            file_okay=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Submit RUN again: it continues from its last checkpoint, under its first id."""
+    """Submit RUN again, signed: it continues from its last checkpoint, under its first id."""
+    from medfed.provision import PkiLayout
     from medfed.runs import resume_run
 
     config = _config(consortium)
-    resumed = _guard(lambda: resume_run(config, run, flwr=_flwr()))
+    layout = None if pki is None else PkiLayout(pki)
+    resumed = _guard(lambda: resume_run(config, run, flwr=_flwr(), pki=layout))
     document = resumed.to_json()
     if follow:
         document = _follow(resumed.folder, int(document["num_rounds"] or 0))  # type: ignore[call-overload]

@@ -8,6 +8,11 @@ and every Flower run id it ran under), and what the ServerApp writes there:
 key. Resuming submits the same study again with `resume = true`: the ServerApp
 continues from the last checkpoint under the run's first id, so sites see the same
 (run, round) and spend nothing twice.
+
+Every submission is signed with the consortium's app-signing key (the PKI folder's
+`ca/app-signing.key`): the signature of the exact bundle `flwr run` sends travels as
+the run-config override `app-signature`, and sites run only bundles a key they trust
+signed (`client.bundle_check`).
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ from pathlib import Path
 from coordinator.consortium import ConsortiumConfig
 from coordinator.results import RunResults, read_results
 from coordinator.study import StudySettings
-from medfed.app_bundle import build_app_dir
+from medfed.app_bundle import build_app_dir, signature_run_config
 from medfed.coordinator import CONNECTION, FLWR_HOME_NAME
 from medfed.errors import MedfedError
-from medfed.provision import PkiLayout
+from medfed.provision import APP_SIGNING_KEY_ID, PkiLayout
 from medfed.run_report import RESULTS_NAME
+from privacy.errors import PrivacyError
 from privacy.pki import write_atomic
+from privacy.signing import SigningKey
 
 RUNS_DIR = "runs"
 RUN_FILE = "run.json"
@@ -52,6 +59,8 @@ class RunRecord:
     submitted: str
     flower_run_ids: list[str] = field(default_factory=list)
     stopped: bool = False
+    pki: str = ""
+    """The PKI folder whose app-signing key signed the bundle (resume signs with it too)."""
 
     def save(self, folder: Path) -> None:
         write_atomic(folder / RUN_FILE, json.dumps(asdict(self), indent=1).encode("utf-8"))
@@ -167,8 +176,24 @@ def _flwr(flwr: str, config: ConsortiumConfig, args: list[str], what: str) -> st
     return completed.stdout
 
 
-def _submit(flwr: str, config: ConsortiumConfig, app_dir: Path) -> str:
-    output = _flwr(flwr, config, ["run", str(app_dir), CONNECTION, "--format", "json"],
+def app_signing_key(pki: PkiLayout) -> SigningKey:
+    """The consortium's app-signing key, or a `RunError` that names why it cannot be read."""
+    try:
+        return SigningKey.load(pki.app_signing_key)
+    except PrivacyError as exc:
+        raise RunError(
+            f"cannot sign the app bundle with the consortium's app-signing key: {exc}"
+        ) from exc
+
+
+def _submit(flwr: str, config: ConsortiumConfig, app_dir: Path, key: SigningKey | None) -> str:
+    """Submit `app_dir` as a run, its bundle signed with `key` (unsigned: None); its id."""
+    signature = (
+        []
+        if key is None
+        else ["--run-config", signature_run_config(app_dir, key, key_id=APP_SIGNING_KEY_ID)]
+    )
+    output = _flwr(flwr, config, ["run", str(app_dir), CONNECTION, *signature, "--format", "json"],
                    "submitting the run")  # fmt: skip
     try:
         return str(json.loads(output)["run-id"])
@@ -190,6 +215,7 @@ def start_run(
             f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"
             " with `medfed coordinator start` first"
         )
+    key = None if pki is None else app_signing_key(pki)
     moment = now or dt.datetime.now(dt.UTC)
     name = f"{study.name}-{moment.strftime('%Y%m%dT%H%M%S')}"
     folder = runs_root(config) / name
@@ -199,18 +225,25 @@ def start_run(
     if pki is not None:
         _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
     record = RunRecord(name, study.name, study.sha256(), moment.isoformat())
+    record.pki = "" if pki is None else str(pki.root.resolve())
     record.save(folder)
     app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=False))
-    record.flower_run_ids.append(_submit(flwr, config, app_dir))
+    record.flower_run_ids.append(_submit(flwr, config, app_dir, key))
     record.save(folder)
     return view(folder)
 
 
-def resume_run(config: ConsortiumConfig, name: str, *, flwr: str) -> RunView:
+def resume_run(
+    config: ConsortiumConfig, name: str, *, flwr: str, pki: PkiLayout | None = None
+) -> RunView:
     """Submit run `name` again (the study its bundle carries), to continue from its last
-    checkpoint."""
+    checkpoint; signed with `pki`'s app-signing key, else with the one the run started
+    with."""
     folder = run_folder(config, name)
     record = RunRecord.load(folder)
+    if pki is None and record.pki:
+        pki = PkiLayout(Path(record.pki))
+    key = None if pki is None else app_signing_key(pki)
     study = study_of(folder)
     if study.sha256() != record.study_sha256:
         raise RunError(f"run {name} ran study {record.study} ({record.study_sha256[:12]});"
@@ -220,7 +253,7 @@ def resume_run(config: ConsortiumConfig, name: str, *, flwr: str) -> RunView:
         raise RunError(f"run {name} has completed; there is nothing to resume")
     shutil.rmtree(folder / "app", ignore_errors=True)
     app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=True))
-    record.flower_run_ids.append(_submit(flwr, config, app_dir))
+    record.flower_run_ids.append(_submit(flwr, config, app_dir, key))
     record.stopped = False
     record.save(folder)
     return view(folder)

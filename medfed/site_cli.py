@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -42,12 +42,19 @@ class SiteCheck:
     accelerator: str
     accelerator_problem: str | None
     credentials: dict[str, bool]
+    bundles: dict[str, object] = field(default_factory=dict)
+    """Which app bundles the site runs (`bundle_check_of`)."""
+    bundles_problem: str | None = None
 
     @property
     def problems(self) -> list[DataProblem]:
         from sites.errors import DataProblem
 
         found = list(self.data.problems)
+        if self.bundles_problem is not None:
+            found.append(
+                DataProblem(str(self.site_toml), None, None, f"app bundles: {self.bundles_problem}")
+            )
         if self.accelerator_problem is not None:
             found.append(
                 DataProblem(str(self.site_toml), None, "accelerator", self.accelerator_problem)
@@ -78,6 +85,7 @@ class SiteCheck:
                 "problem": self.accelerator_problem,
             },
             "credentials": [{"path": p, "exists": e} for p, e in self.credentials.items()],
+            "bundles": {**self.bundles, "problem": self.bundles_problem},
             "problems": [problem_json(problem) for problem in self.problems],
         }
 
@@ -115,6 +123,31 @@ def credential_paths(config: SiteConfig) -> list[Path]:
     return paths
 
 
+def bundle_check_of(config: SiteConfig) -> tuple[dict[str, object], str | None]:
+    """Which app bundles the site runs, and why `site start` would refuse it (or None):
+    the trusted-entities file must parse; without one, only `allow_unsigned_bundles`
+    (reported, weaker) lets the site start. A site without `[coordinator]` runs no
+    bundles from a coordinator: nothing to check."""
+    from client.bundle_check import bundle_gate_of
+    from client.errors import ClientError
+
+    path = config.trusted_entities_path
+    settings: dict[str, object] = {
+        "trusted_entities": None if path is None else str(path),
+        "trusted_ids": [],
+        "unsigned_allowed": path is None and config.allows_unsigned_bundles,
+    }
+    if config.coordinator is None:
+        return settings, None
+    try:
+        gate = bundle_gate_of(config)
+    except ClientError as exc:
+        return settings, str(exc)
+    if gate is not None:
+        settings["trusted_ids"] = list(gate.trusted_ids)
+    return settings, None
+
+
 def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
     """Everything `medfed site check` reports; config errors raise (one line, exit 1)."""
     from client.config import load_site_config
@@ -124,6 +157,7 @@ def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
     contract = load_study_contract(study_toml)
     data = load_site_data(config, contract)
     credentials = {str(path): path.is_file() for path in credential_paths(config)}
+    bundles, bundles_problem = bundle_check_of(config)
     return SiteCheck(
         site_toml=site_toml,
         site_id=config.site.id,
@@ -132,6 +166,8 @@ def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
         accelerator=config.accelerator,
         accelerator_problem=accelerator_problem(config.accelerator),
         credentials=credentials,
+        bundles=bundles,
+        bundles_problem=bundles_problem,
     )
 
 
@@ -198,6 +234,11 @@ def _print_check(check: SiteCheck, console: object) -> None:
         ),
         soft_wrap=True,
     )
+    if check.bundles.get("unsigned_allowed"):
+        console.print(Text("WARNING: this site runs UNSIGNED app bundles"
+                           " (allow_unsigned_bundles = true)", style="bold red"))  # fmt: skip
+    elif check.bundles.get("trusted_ids"):
+        console.print(Text("app bundles signed by: " + ", ".join(check.bundles["trusted_ids"])))  # type: ignore[arg-type]
     problems = check.problems
     for problem in problems:
         console.print(Text(f"problem: {problem}"), soft_wrap=True)

@@ -11,11 +11,14 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from client.config import SiteConfig
 
 site_app = typer.Typer(
     help="The site operator's commands: check the site, run its daemon, see its status.",
@@ -41,6 +44,10 @@ def site_start(site_toml: SiteTomlArg) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if config.trusted_entities_path is None:
+        from client.bundle_check import UNSIGNED_WARNING
+
+        cli.stderr.print(Text(f"WARNING: {UNSIGNED_WARNING}", style="bold red"), soft_wrap=True)
     cli.stderr.print(
         Text(
             f"site {config.site.id}: daemon started; connecting to {daemon.superlink};"
@@ -61,6 +68,15 @@ def _last_round(site_toml: Path) -> dict[str, Any] | None:
         return None
     last = max(records, key=lambda record: record.recorded_at)
     return {"run_id": last.run_id, "round": last.round, "at": last.recorded_at.isoformat()}
+
+
+def bundle_settings(config: SiteConfig) -> dict[str, Any]:
+    """Which app bundles the site runs: its trusted-entities file, or unsigned ones too."""
+    path = config.trusted_entities_path
+    return {
+        "trusted_entities": None if path is None else str(path),
+        "unsigned_allowed": path is None and config.allows_unsigned_bundles,
+    }
 
 
 def site_status_document(site_toml: Path) -> dict[str, Any]:
@@ -87,6 +103,7 @@ def site_status_document(site_toml: Path) -> dict[str, Any]:
         "connected": bool(state.get("connected")) and running,
         "processes": processes,
         "last_round": _last_round(site_toml),
+        "bundles": bundle_settings(config),
         "budget": [
             {
                 key: dataset[key]
@@ -136,6 +153,9 @@ def site_status(
             Text("last round: none" if last is None else
                  f"last round: run {last['run_id']} round {last['round']} at {last['at']}"),
         )  # fmt: skip
+        if document["bundles"]["unsigned_allowed"]:
+            warning = "WARNING: this site runs UNSIGNED app bundles (allow_unsigned_bundles = true)"
+            cli.stdout.print(Text(warning, style="bold red"))
         for budget in document["budget"]:
             cli.stdout.print(
                 Text(f"dataset {budget['dataset'][:16]}: epsilon {budget['epsilon_spent']:.3f}"

@@ -8,7 +8,8 @@ Three children, each in its own session so it is stopped by PID with what it sta
   with the site's SuperNode key; retries without limit when the coordinator restarts;
   its Runtime API listens on 127.0.0.1 only;
 - the warm executor (`python -m client.executor`): runs the ClientApp tasks in one
-  process, behind the egress guard, so no process starts per message.
+  process, behind the egress guard, so no process starts per message, and only app
+  bundles a key in site.toml's `[coordinator] trusted_entities` signed.
 
 A child that exits is restarted with exponential backoff (1 s doubling to 60 s, reset
 after 60 s of good health). The daemon logs to a rotating file in the state dir and
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
 from client.config import SiteConfig, SiteConfigError
 from client.worker_rpc import worker_socket_path
 from medfed.errors import MedfedError
@@ -154,6 +156,7 @@ class SiteDaemon:
 
     def __init__(self, config: SiteConfig) -> None:
         superlink, ca, key = _check_files(config)
+        bundle_gate_of(config)  # a site that cannot check bundles does not start
         self.config = config
         self.state_dir = config.state_dir
         self.log_dir = self.state_dir / LOG_DIR
@@ -204,6 +207,8 @@ class SiteDaemon:
                     f"127.0.0.1:{self.runtime_port}",
                     "--secret-file",
                     str(secret),
+                    "--site-config",
+                    str(config.source.resolve()),
                 ],
                 env=flwr_home,
             ),
@@ -276,6 +281,8 @@ class SiteDaemon:
         root.addHandler(handler)
         root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
         try:
+            if self.config.trusted_entities_path is None:
+                log.warning(UNSIGNED_WARNING)
             for child in self.children:
                 self._start(child)
             last_write = 0.0

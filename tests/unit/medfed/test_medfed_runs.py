@@ -16,6 +16,11 @@ from typer.testing import CliRunner
 from coordinator.results import RoundRecord, RunResults, write_results
 from medfed import round_cli
 from medfed.cli import app
+from medfed.provision import PkiLayout
+from privacy.bundle_signing import flower_verification, openssh_public_line
+from privacy.signing import SigningKey
+
+APP_KEY = SigningKey.generate()
 
 STUDY = """\
 [study]
@@ -47,6 +52,7 @@ def lead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     kit = tmp_path / "pki" / "sites" / "hospital-1"
     kit.mkdir(parents=True)
     (kit / "site-signing.pub").write_text("PUBLIC", encoding="utf-8")
+    APP_KEY.save(PkiLayout(tmp_path / "pki").app_signing_key)
     fake = tmp_path / "flwr"
     fake.write_text(
         "#!/bin/sh\n"
@@ -84,9 +90,9 @@ def test_start_submits_the_study_with_its_run_folder(lead: Path) -> None:
     assert folder.parent == lead / "run" / "runs"
     assert document["status"] == "submitted" and document["flower_run_ids"] == ["1001"]
     (call,) = calls(lead)
-    assert (
-        call == f"{lead / 'run' / 'flwr-home'} run {folder / 'app'} medfed-consortium --format json"
-    )
+    prefix = f"{lead / 'run' / 'flwr-home'} run {folder / 'app'} medfed-consortium --run-config "
+    assert call.startswith(prefix) and call.endswith(" --format json")
+    assert flower_accepts(folder / "app", call)
     config = bundle_config(folder)
     assert config["run-dir"] == str(folder)
     assert config["results-path"] == str(folder / "results.json")
@@ -94,6 +100,41 @@ def test_start_submits_the_study_with_its_run_folder(lead: Path) -> None:
     assert config["strategy"] == "fedadam"
     assert config["site-keys-dir"] == str(folder / "site-keys")
     assert (folder / "site-keys" / "hospital-1.pub").read_text() == "PUBLIC"
+
+
+def flower_accepts(app_dir: Path, call: str) -> bool:
+    """Whether Flower's own FAB check (`flower-supernode --trusted-entities`) accepts the
+    bundle `flwr run app_dir` builds with the signature the call passed, from the key
+    the consortium's sites trust."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.fab import Fab
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    (override,) = [arg for arg in call.split() if arg.startswith("app-signature=")]
+    value = override.removeprefix("app-signature=").strip('"')
+    fab = build_fab_from_disk(app_dir)
+    record = Fab(hashlib.sha256(fab).hexdigest(), fab, flower_verification(value))
+    return bool(_verify_fab(record, {"medfed-consortium": openssh_public_line(APP_KEY.public)}))
+
+
+def test_resume_signs_the_resumed_bundle_with_the_key_the_run_started_with(lead: Path) -> None:
+    _, started, _ = invoke("round", "start", "study.toml", "--pki", "pki")
+    folder, name = Path(str(started["folder"])), str(started["run"])
+    code, _, _ = invoke("round", "resume", name)
+    assert code == 0
+    first, second = calls(lead)
+    assert "--run-config app-signature=" in second and second != first
+    assert flower_accepts(folder / "app", second)  # the resumed bundle (resume = true)
+    assert not flower_accepts(folder / "app", first)
+
+
+def test_start_without_an_app_signing_key_is_one_line(lead: Path) -> None:
+    PkiLayout(lead / "pki").app_signing_key.unlink()
+    code, _, error = invoke("round", "start", "study.toml", "--pki", "pki")
+    assert code == 1 and "cannot sign the app bundle" in error and "Traceback" not in error
+    assert not (lead / "flwr-calls.log").exists() and not (lead / "run" / "runs").exists()
 
 
 def test_status_and_list_read_what_the_server_app_wrote(lead: Path) -> None:

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from client.config import SITE_TOML, load_site_config
 from medfed.cli import app
 from medfed.supervisor import Child, SiteDaemon, pid_alive, read_state
+from privacy.bundle_signing import trusted_entities_yaml
+from privacy.signing import SigningKey
 from tests.conftest import TEST_TAG_VARIABLE
 from tests.sitekit import make_study, write_sites
 
@@ -28,14 +30,24 @@ def site_toml(tmp_path: Path) -> Path:
     return tmp_path / "hospital-1" / SITE_TOML
 
 
-def _add_coordinator(site_toml: Path, *, key_mode: int = 0o600) -> None:
+def _add_coordinator(site_toml: Path, *, key_mode: int = 0o600, bundles: str = "trusted") -> None:
+    """A `[coordinator]` section; `bundles`: "trusted" (the kit's trusted-entities file),
+    "unsigned" (allow_unsigned_bundles) or "none" (neither)."""
     kit = site_toml.parent / "kit"
     kit.mkdir()
     (kit / "ca.pem").write_text("not checked here\n")
     (kit / "supernode.key").write_text("not checked here\n")
     os.chmod(kit / "supernode.key", key_mode)
+    (kit / "trusted-entities.yaml").write_text(
+        trusted_entities_yaml({"medfed-consortium": SigningKey.generate().public})
+    )
+    lines = {
+        "trusted": 'trusted_entities = "kit/trusted-entities.yaml"\n',
+        "unsigned": "allow_unsigned_bundles = true\n",
+        "none": "",
+    }[bundles]
     with site_toml.open("a") as out:
-        out.write('\n[coordinator]\nsuperlink = "127.0.0.1:9092"\n')
+        out.write('\n[coordinator]\nsuperlink = "127.0.0.1:9092"\n' + lines)
 
 
 def test_a_site_without_a_coordinator_section_is_refused_by_name(site_toml: Path) -> None:
@@ -49,6 +61,44 @@ def test_a_supernode_key_others_can_read_is_refused(site_toml: Path) -> None:
     result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
     assert result.exit_code == 1
     assert "coordinator.auth_private_key" in result.output and "chmod 600" in result.output
+
+
+def test_a_site_that_names_no_trusted_entities_does_not_start(site_toml: Path) -> None:
+    _add_coordinator(site_toml, bundles="none")
+    result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+    assert result.exit_code == 1
+    assert "key coordinator.trusted_entities: not set" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_trusted_entities_file_that_does_not_parse_stops_the_start_by_name(
+    site_toml: Path,
+) -> None:
+    _add_coordinator(site_toml)
+    trusted = site_toml.parent / "kit" / "trusted-entities.yaml"
+    trusted.write_text('medfed-consortium: "ssh-rsa AAAAB3NzaC1yc2E"\n')
+    result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+    assert result.exit_code == 1
+    assert f"{trusted}, line 1:" in result.output and "Traceback" not in result.output
+
+
+def test_allowing_unsigned_bundles_is_warned_at_start_and_reported(
+    site_toml: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
+
+    _add_coordinator(site_toml, bundles="unsigned")
+    config = load_site_config(site_toml)
+    with caplog.at_level("WARNING"):
+        assert bundle_gate_of(config) is None
+    assert UNSIGNED_WARNING in caplog.text
+    SiteDaemon(config)  # starts (with the warning), unlike a site that names nothing
+    status = json.loads(
+        CliRunner().invoke(app, ["site", "status", str(site_toml), "--json"]).stdout
+    )
+    assert status["bundles"] == {"trusted_entities": None, "unsigned_allowed": True}
+    check = CliRunner().invoke(app, ["site", "check", str(site_toml), "--json"])
+    assert json.loads(check.stdout)["bundles"]["unsigned_allowed"] is True
 
 
 def test_a_bad_window_in_site_toml_names_the_key(site_toml: Path) -> None:
