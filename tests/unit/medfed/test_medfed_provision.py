@@ -139,6 +139,12 @@ def test_provision_writes_ca_superlink_and_site_kits(tmp_path: Path) -> None:
     assert site.site.id == "hospital-1"
     assert site.privacy.require_approval
     assert site.signing_key_path == kit / "site-signing.key"
+    # The kit's site.toml points at its own trusted-entities file: `site start` runs only
+    # bundles the consortium's app-signing key signed, without an edit.
+    assert site.trusted_entities_path == kit / "trusted-entities.yaml"
+    assert not site.allows_unsigned_bundles
+    assert site.coordinator is not None and site.coordinator.superlink == "127.0.0.1:9092"
+    assert site.resolve(site.coordinator.auth_private_key) == kit / "supernode.key"
     readme = (kit / "README.txt").read_text()
     assert "Never leaves this site" in readme
     assert "127.0.0.1:9092" in readme

@@ -196,3 +196,45 @@ def test_a_copy_of_a_good_site_with_a_deleted_table_fails(site: Path, tmp_path: 
     assert code == 1
     (problem,) = document["problems"]  # type: ignore[misc]
     assert problem["file"].endswith("clinic.csv") and "cannot be read" in problem["message"]
+
+
+def _with_coordinator(site: Path, bundles: str) -> None:
+    """Add a `[coordinator]` whose credential files exist, with `bundles` lines."""
+    for name in ("ca.pem", "supernode.key"):
+        (site / "keys" / name).write_text("k")
+    with (site / "site.toml").open("a") as out:
+        out.write(
+            '\n[coordinator]\nsuperlink = "127.0.0.1:9092"\nroot_certificates = "keys/ca.pem"\n'
+            f'auth_private_key = "keys/supernode.key"\n{bundles}'
+        )
+
+
+def test_the_trusted_entities_file_is_checked_and_its_keys_named(site: Path) -> None:
+    from privacy.bundle_signing import trusted_entities_yaml
+    from privacy.signing import SigningKey
+
+    trusted = site / "keys" / "trusted-entities.yaml"
+    trusted.write_text(trusted_entities_yaml({"medfed-consortium": SigningKey.generate().public}))
+    _with_coordinator(site, 'trusted_entities = "keys/trusted-entities.yaml"\n')
+    code, document = _check(site)
+    assert code == 0, document
+    assert document["bundles"] == {
+        "trusted_entities": str(trusted),
+        "trusted_ids": ["medfed-consortium"],
+        "unsigned_allowed": False,
+        "problem": None,
+    }
+
+    trusted.write_text("# a comment\nmedfed consortium: ssh-ed25519 AAAA\n")
+    code, document = _check(site)
+    assert code == 1
+    (problem,) = document["problems"]  # type: ignore[misc]
+    assert f"{trusted}, line 2: bad key id" in problem["message"]
+
+
+def test_a_site_with_a_coordinator_but_no_trusted_entities_fails_the_check(site: Path) -> None:
+    _with_coordinator(site, "")
+    code, document = _check(site)
+    assert code == 1
+    messages = [problem["message"] for problem in document["problems"]]  # type: ignore[attr-defined]
+    assert any("coordinator.trusted_entities: not set" in message for message in messages)
