@@ -29,6 +29,7 @@ from medfed.demo import (
     _submit,
     _watch,
     _write_flwr_config,
+    make_bundle_signing,
 )
 from medfed.processes import ProcessGroup
 from medfed.supervisor import read_state
@@ -77,14 +78,16 @@ def test_daemons_train_survive_a_killed_worker_and_spend_once(
     )
     env = {**os.environ, TEST_TAG_VARIABLE: process_tag, "FLWR_HOME": str(tmp_path / "flwr")}
     stop, killed = threading.Event(), []
+    signing = make_bundle_signing(tmp_path / "app-signing")
     with ProcessGroup(log_dir=tmp_path / "logs", env=env) as group:
         port = _start_superlink(group, programs, tmp_path, pki, simulation=False)
         _write_flwr_config(tmp_path / "flwr", port, pki, None)
-        _start_site_daemons(group, programs, port, pki, sites_root, group.env)
+        _start_site_daemons(group, programs, port, pki, sites_root, group.env,
+                            trusted_entities=signing.trusted_entities)  # fmt: skip
         killer = threading.Thread(target=_kill_worker_mid_round, args=(sites_root, stop, killed))
         killer.start()
         try:
-            _submit(programs, app_dir, group.env)
+            _submit(programs, app_dir, group.env, run_config=signing.run_config(app_dir))
             results: RunResults = _watch(
                 group, results_path, DemoOptions(timeout_s=600), lambda r: None
             )

@@ -1,0 +1,149 @@
+"""End to end, RELIABILITY row "malicious bundle": a `medfed site start` daemon (worker,
+SuperNode, warm executor) behind a real TLS SuperLink runs only app bundles its trusted
+key signed. An unsigned run, a bundle changed after signing, and a bundle signed by a key
+the site does not trust are each refused: the run fails naming the bundle's signature,
+the site's signed audit log has a `bundle.refused` entry with the bundle's hash, and the
+refused bundle is never installed. Then a properly signed run trains; the bundle the
+coordinator ran (its FAB hash, as Flower records it) is the one that was signed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from client.config import SITE_TOML
+from coordinator.results import RunResults, read_results
+from coordinator.study import StudySettings
+from medfed.app_bundle import build_app_dir, signature_run_config
+from medfed.consortium import write_demo_consortium
+from medfed.demo import (
+    _programs,
+    _run_config,
+    _start_site_daemons,
+    _start_superlink,
+    _submit,
+    _write_flwr_config,
+    make_bundle_signing,
+)
+from medfed.processes import ProcessGroup
+from privacy.audit import AuditLog, verify_audit_log
+from privacy.pki import provision_loopback
+from privacy.signing import SigningKey
+from sites.synthetic import site_ids
+from tests.conftest import TEST_TAG_VARIABLE
+from tests.sitekit import make_study, site_config, site_public_key, spend_rows
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SITE = site_ids(1)[0]
+RUN_TIMEOUT_S = 120.0
+
+
+def _app(tmp_path: Path, name: str, study: StudySettings, sites_root: Path) -> Path:
+    """An app folder whose run writes its results and audit chain to `tmp_path/name/`."""
+    results = tmp_path / name / "results.json"
+    return build_app_dir(tmp_path / name / "app", _run_config(study, results, sites_root))
+
+
+def _finished(group: ProcessGroup, app_dir: Path) -> RunResults:
+    """The run's results once it completed or failed."""
+    path = app_dir.parent / "results.json"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        group.check_alive()
+        results = read_results(path)
+        if results is not None and results.status in ("completed", "failed"):
+            return results
+        time.sleep(0.2)
+    raise AssertionError(f"the run of {app_dir} did not finish within {RUN_TIMEOUT_S:g} s")
+
+
+def _fab_sha256(app_dir: Path) -> str:
+    """The bundle `flwr run app_dir` sends, hashed here (Flower builds it deterministically)."""
+    return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+
+
+def _coordinator_app_sha256(app_dir: Path) -> str:
+    """The FAB hash the ServerApp read from Flower (`grid.run.fab_hash`) for its run."""
+    entries = AuditLog(app_dir.parent / "audit.jsonl", None).entries()
+    (started,) = [entry for entry in entries if entry.event == "run.started"]
+    return str(started.details["app_sha256"])
+
+
+def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains(
+    tmp_path: Path, process_tag: str
+) -> None:
+    programs = _programs(False)
+    study = make_study(rounds=1, sites=1, local_steps=3, min_sites=1, round_timeout_s=60.0)
+    sites_root = tmp_path / "sites"
+    write_demo_consortium(sites_root, study, n_sites=1, seed=3)
+    pki = provision_loopback(tmp_path / "pki", (SITE,))
+    signing = make_bundle_signing(tmp_path / "app-signing")
+    intruder = SigningKey.generate()
+
+    unsigned = _app(tmp_path, "unsigned", study, sites_root)
+    tampered = _app(tmp_path, "tampered", study, sites_root)
+    tampered_signature = signing.run_config(tampered)
+    (tampered / "client" / "backdoor.py").write_text("print('not what was signed')\n")
+    untrusted = _app(tmp_path, "untrusted", study, sites_root)
+    untrusted_signature = signature_run_config(untrusted, intruder, key_id="intruder")
+    signed = _app(tmp_path, "signed", study, sites_root)
+
+    env = {**os.environ, TEST_TAG_VARIABLE: process_tag, "FLWR_HOME": str(tmp_path / "flwr")}
+    refused: dict[str, RunResults] = {}
+    with ProcessGroup(log_dir=tmp_path / "logs", env=env) as group:
+        port = _start_superlink(group, programs, tmp_path, pki, simulation=False)
+        _write_flwr_config(tmp_path / "flwr", port, pki, None)
+        _start_site_daemons(group, programs, port, pki, sites_root, group.env,
+                            trusted_entities=signing.trusted_entities)  # fmt: skip
+        for name, app_dir, run_config in (
+            ("unsigned", unsigned, None),
+            ("tampered", tampered, tampered_signature),
+            ("untrusted", untrusted, untrusted_signature),
+        ):
+            _submit(programs, app_dir, group.env, run_config=run_config)
+            refused[name] = _finished(group, app_dir)
+        _submit(programs, signed, group.env, run_config=signing.run_config(signed))
+        trained = _finished(group, signed)
+
+    reasons = {
+        "unsigned": "the app bundle is unsigned",
+        "tampered": "the app bundle's signature by 'medfed-demo' does not verify: the bundle"
+        " was altered after signing",
+        "untrusted": "the app bundle is signed by 'intruder', a key not trusted",
+    }
+    for name, results in refused.items():
+        assert results.status == "failed", (name, results)
+        assert f"the site refused the app bundle: {reasons[name]}" in str(results.error), name
+        assert results.rounds_completed == 0
+
+    site_toml = sites_root / SITE / SITE_TOML
+    config = site_config(site_toml)
+    assert verify_audit_log(config.audit_path, site_public_key(site_toml)).ok
+    entries = [
+        e for e in AuditLog(config.audit_path, None).entries() if e.event == "bundle.refused"
+    ]
+    by_hash: dict[str, list[str]] = {}  # each refused task: the run's query, then its train
+    for entry in entries:
+        by_hash.setdefault(str(entry.details["fab_hash"]), []).append(str(entry.details["reason"]))
+    apps = {"unsigned": unsigned, "tampered": tampered, "untrusted": untrusted}
+    assert list(by_hash) == [_fab_sha256(app) for app in apps.values()]
+    for name, app_dir in apps.items():
+        assert all(reasons[name] in reason for reason in by_hash[_fab_sha256(app_dir)]), name
+    # The hash the site refused is the bundle the coordinator ran: the tampered one, with
+    # the file added after signing, not the signed one.
+    assert _coordinator_app_sha256(tampered) == _fab_sha256(tampered)
+    # Nothing of a refused bundle was installed; the signed one was.
+    installed = config.state_dir / "flwr" / "apps"
+    assert not list(installed.rglob("backdoor.py"))
+    assert len([path for path in installed.iterdir() if path.is_dir()]) == 1
+
+    assert trained.status == "completed", trained.error
+    assert trained.rounds_completed == 1 and trained.per_round[0].participants == [SITE]
+    assert _coordinator_app_sha256(signed) == _fab_sha256(signed)
+    assert [row.round for row in spend_rows(site_toml)] == [1]  # only the signed run spent
