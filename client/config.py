@@ -35,6 +35,12 @@ class SiteSection(BaseModel):
     state_dir: Path = Path("state")
     signing_key: Path = Path("keys/site-signing.key")
     officer_public_key: Path = Path("keys/officer.pub")
+    identity_certificate: Path | None = None
+    """The consortium CA's certificate of this site's signing key (secure aggregation)."""
+    consortium_ca: Path | None = None
+    """The consortium CA certificate, to check the other sites' identity certificates."""
+    coordinator_public_key: Path | None = None
+    """The coordinator's Ed25519 key, to check its signed round announcements."""
 
 
 class CoordinatorSection(BaseModel):
@@ -89,6 +95,10 @@ class SiteConfig(BaseModel):
     @property
     def officer_public_key_path(self) -> Path:
         return self.resolve(self.site.officer_public_key)
+
+    def optional_path(self, path: Path | None) -> Path | None:
+        """`path` resolved like `resolve`, or None when the key is not set."""
+        return None if path is None else self.resolve(path)
 
 
 def load_site_config(path: Path) -> SiteConfig:
