@@ -93,10 +93,22 @@ def site_api(context: Context) -> SiteApi:
 
         wait_s = float(str(context.node_config.get(WORKER_WAIT, DEFAULT_WORKER_WAIT_S)))
         return WorkerClient(socket, wait_s=wait_s)
+    return _in_process(site_config_path(context))
+
+
+_SERVICES: dict[Path, SiteApi] = {}
+
+
+def _in_process(site_toml: Path) -> SiteApi:
+    """The in-process site of `site_toml`, one per site for the life of this process: its
+    trainers stay warm and a secure-aggregation round's state lives across messages."""
     from client.config import load_site_config
     from client.site_api import SiteService
 
-    return SiteService(load_site_config(site_config_path(context)))
+    key = site_toml.resolve()
+    if key not in _SERVICES:
+        _SERVICES[key] = SiteService(load_site_config(site_toml))
+    return _SERVICES[key]
 
 
 def _rules(context: Context) -> EgressRules:

@@ -132,6 +132,7 @@ def render_site_toml(config: SiteConfig) -> str:
         f"state_dir = {_toml_string(str(site.state_dir))}",
         f"signing_key = {_toml_string(str(site.signing_key))}",
         f"officer_public_key = {_toml_string(str(site.officer_public_key))}",
+        *identity_lines(site),
         "",
         "[privacy]",
         f"epsilon_cap = {privacy.epsilon_cap!r}",
@@ -144,6 +145,16 @@ def render_site_toml(config: SiteConfig) -> str:
         f'accountant = "{privacy.accountant}"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def identity_lines(site: SiteSection) -> list[str]:
+    """`[site]` lines for the secure-aggregation credentials that are set."""
+    entries = {
+        "identity_certificate": site.identity_certificate,
+        "consortium_ca": site.consortium_ca,
+        "coordinator_public_key": site.coordinator_public_key,
+    }
+    return [f"{key} = {_toml_string(str(path))}" for key, path in entries.items() if path]
 
 
 def _toml_string(value: str) -> str:

@@ -10,7 +10,6 @@ over the masked bytes (the coordinator checks that, as it checks plain updates).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from privacy.secagg_protocol import (
     SiteRound,
     dumps,
     loads,
+    masked_sha256,
     reveal_to_json,
     weighted_delta,
 )
@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 
 KEEP_ROUNDS = 4
 """Rounds whose secure-aggregation state is kept (the current one and a few late ones)."""
-
-
-def masked_sha256(masked: np.ndarray) -> str:
-    """What a site signs of its masked update: the SHA-256 of its little-endian uint32 bytes."""
-    return hashlib.sha256(np.ascontiguousarray(masked, dtype="<u4").tobytes()).hexdigest()
 
 
 class SiteSecAgg:

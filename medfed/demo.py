@@ -37,6 +37,7 @@ from medfed.errors import DemoFailedError, MissingDependencyError
 from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
 from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
 from privacy.pki import Provisioned, SiteKeys, provision_loopback
+from privacy.signing import SigningKey
 from sites.synthetic import site_ids
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,16 @@ def _watch(
     raise DemoFailedError(f"the run did not finish within {options.timeout_s:g} s")
 
 
+COORDINATOR_KEY = "coordinator/coordinator-signing.key"
+
+
+def _coordinator_key(work: Path) -> SigningKey:
+    """The key the demo's coordinator signs round announcements with; sites pin it."""
+    key = SigningKey.generate()
+    key.save(work / COORDINATOR_KEY)
+    return key
+
+
 def run_demo(
     options: DemoOptions, progress: Progress, *, notify: Callable[[str], None] = log.warning
 ) -> RunResults:
@@ -292,9 +303,14 @@ def run_demo(
     try:
         sites_root = work / "sites"
         site_keys = work / "site-keys"
+        coordinator_key = _coordinator_key(work)
         if options.example is not None:
             study, demo_sites = write_example_consortium(
-                sites_root, options.example, site_keys_dir=site_keys, rounds=options.rounds
+                sites_root,
+                options.example,
+                site_keys_dir=site_keys,
+                rounds=options.rounds,
+                coordinator_key=coordinator_key.public,
             )
             names = tuple(site.site_id for site in demo_sites)
         else:
@@ -306,7 +322,12 @@ def run_demo(
                 local_steps=options.local_steps,
             )
             write_demo_consortium(
-                sites_root, study, n_sites=options.sites, seed=options.seed, site_keys_dir=site_keys
+                sites_root,
+                study,
+                n_sites=options.sites,
+                seed=options.seed,
+                site_keys_dir=site_keys,
+                coordinator_key=coordinator_key.public,
             )
             names = site_ids(options.sites)
         pki = provision_loopback(work / "pki", names)
@@ -315,7 +336,11 @@ def run_demo(
         results_path = work / "run" / "results.json"
         app_dir = build_app_dir(
             work / "app",
-            {**_run_config(study, results_path, sites_root), "site-keys-dir": str(site_keys)},
+            {
+                **_run_config(study, results_path, sites_root),
+                "site-keys-dir": str(site_keys),
+                "coordinator-key": str(work / COORDINATOR_KEY),
+            },
         )
         with ProcessGroup(log_dir=work / "logs") as group:
             port = _start_superlink(group, programs, work, pki, simulation=options.simulation)

@@ -112,6 +112,11 @@ def loads(text: str, where: str) -> Any:
         raise SecAggError(f"{where}: not JSON ({exc})") from exc
 
 
+def masked_sha256(masked: npt.NDArray[np.uint32]) -> str:
+    """What a site signs of its masked update: the SHA-256 of its little-endian uint32 bytes."""
+    return sha256_hex(np.ascontiguousarray(masked, dtype="<u4").tobytes())
+
+
 def dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
