@@ -16,7 +16,16 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.egress import AuditSink, egress_guard
@@ -29,7 +38,7 @@ from sites.errors import SiteError
 from sites.synthetic import site_id
 
 if TYPE_CHECKING:
-    from client.protocol import ModelCheck
+    from client.protocol import ModelCheck, SecAggStep
     from client.site_api import SiteApi
 
 log = logging.getLogger(__name__)
@@ -84,10 +93,22 @@ def site_api(context: Context) -> SiteApi:
 
         wait_s = float(str(context.node_config.get(WORKER_WAIT, DEFAULT_WORKER_WAIT_S)))
         return WorkerClient(socket, wait_s=wait_s)
+    return _in_process(site_config_path(context))
+
+
+_SERVICES: dict[Path, SiteApi] = {}
+
+
+def _in_process(site_toml: Path) -> SiteApi:
+    """The in-process site of `site_toml`, one per site for the life of this process: its
+    trainers stay warm and a secure-aggregation round's state lives across messages."""
     from client.config import load_site_config
     from client.site_api import SiteService
 
-    return SiteService(load_site_config(site_config_path(context)))
+    key = site_toml.resolve()
+    if key not in _SERVICES:
+        _SERVICES[key] = SiteService(load_site_config(site_toml))
+    return _SERVICES[key]
 
 
 def _rules(context: Context) -> EgressRules:
@@ -187,6 +208,7 @@ def train(msg: Message, context: Context) -> Message:
             sample_rate=wire.get_value(content, wire.CONFIG, wire.SAMPLE_RATE, float),
             delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
             proximal_mu=_optional(content, wire.PROXIMAL_MU, float) or 0.0,
+            secagg=_optional(content, wire.SECAGG, str) or "",
         )
         reply = site_api(context).train(request)
     except REFUSALS as exc:
@@ -199,21 +221,65 @@ def train(msg: Message, context: Context) -> Message:
             **_check_metrics(reply.incoming),
         }
     )
-    content = RecordDict(
+    site = ConfigRecord(
         {
-            wire.ARRAYS: wire.arrays_to_record(reply.arrays, packed=True),
-            wire.METRICS: metrics,
-            wire.SITE: ConfigRecord(
-                {
-                    wire.SITE_ID: reply.site_id,
-                    wire.RECEIPT_SIGNATURE: reply.receipt_signature,
-                    **({wire.TRAINED_GROUPS: reply.trained_groups} if reply.trained_groups else {}),
-                    **({wire.DATASET_SHA256: reply.dataset_sha256} if reply.dataset_sha256 else {}),
-                }
-            ),
+            wire.SITE_ID: reply.site_id,
+            **({wire.RECEIPT_SIGNATURE: reply.receipt_signature} if not reply.secagg else {}),
+            **({wire.SECAGG: reply.secagg} if reply.secagg else {}),
+            **({wire.TRAINED_GROUPS: reply.trained_groups} if reply.trained_groups else {}),
+            **({wire.DATASET_SHA256: reply.dataset_sha256} if reply.dataset_sha256 else {}),
         }
     )
-    return Message(content=content, reply_to=msg)
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+        wire.METRICS: metrics,
+        wire.SITE: site,
+    }
+    if not reply.secagg:  # under secure aggregation the update leaves only masked
+        records[wire.ARRAYS] = wire.arrays_to_record(reply.arrays, packed=True)
+    return Message(content=RecordDict(records), reply_to=msg)
+
+
+def _secagg_step(msg: Message, context: Context, step: SecAggStep) -> Message:
+    """Forward one secure-aggregation step to the site; the masked update comes back as
+    the only array, with the site's receipt signature over it."""
+    from client.protocol import SecAggRequest
+
+    content = msg.content
+    try:
+        request = SecAggRequest(
+            step=step,
+            run_id=wire.get_value(content, wire.CONFIG, wire.RUN_ID, str),
+            round=wire.get_value(content, wire.CONFIG, wire.ROUND, int),
+            payload=wire.get_value(content, wire.CONFIG, wire.SECAGG, str),
+        )
+        reply = site_api(context).secagg(request)
+    except REFUSALS as exc:
+        return _refusal(msg, context, exc)
+    site = {wire.SITE_ID: reply.site_id, wire.SECAGG: reply.payload}
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
+    if reply.masked is not None:
+        site[wire.RECEIPT_SIGNATURE] = reply.receipt_signature
+        records[wire.ARRAYS] = ArrayRecord({wire.MASKED: Array(reply.masked)})
+    records[wire.SITE] = ConfigRecord(site)  # type: ignore[arg-type]
+    return Message(content=RecordDict(records), reply_to=msg)
+
+
+@app.train("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1: check the announcement, answer fresh signed keys."""
+    return _secagg_step(msg, context, "keys")
+
+
+@app.train("secagg_mask")
+def secagg_mask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 3: answer the masked update."""
+    return _secagg_step(msg, context, "mask")
+
+
+@app.train("secagg_reveal")
+def secagg_reveal(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 4: answer the shares that unmask only the sum."""
+    return _secagg_step(msg, context, "reveal")
 
 
 @app.evaluate()

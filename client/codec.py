@@ -32,6 +32,8 @@ from client.protocol import (
     ModelCheck,
     QueryReply,
     QueryRequest,
+    SecAggReply,
+    SecAggRequest,
     TrainReply,
     TrainRequest,
 )
@@ -179,6 +181,13 @@ def to_frame(value: object) -> Frame:
     if isinstance(value, TrainRequest | EvaluateRequest):
         kind = "train" if isinstance(value, TrainRequest) else "evaluate"
         return Frame(kind, _check_fields(value.__dict__), dict(value.arrays))
+    if isinstance(value, SecAggRequest):
+        return Frame("secagg", dict(value.__dict__))
+    if isinstance(value, SecAggReply):
+        reply: dict[str, Scalar] = {"site_id": value.site_id, "payload": value.payload}
+        reply["receipt_signature"] = value.receipt_signature
+        arrays = {} if value.masked is None else {MASKED: value.masked}
+        return Frame("secagg-reply", reply, arrays)
     if isinstance(value, QueryRequest):
         return Frame("query", dict(value.__dict__))
     if isinstance(value, QueryReply):
@@ -239,6 +248,7 @@ def train_request(frame: Frame) -> TrainRequest:
         contract_sha256=_take(frame, "contract_sha256", str),
         local_steps=_take(frame, "local_steps", int),
         proximal_mu=_finite(frame, "proximal_mu"),
+        secagg=_optional(frame, "secagg", str) or "",
         **floats,
     )
 
@@ -281,6 +291,39 @@ def train_reply(frame: Frame) -> TrainReply:
         receipt_signature=_take(frame, "receipt_signature", str),
         trained_groups=_take(frame, "trained_groups", str),
         dataset_sha256=_take(frame, "dataset_sha256", str),
+        secagg=_optional(frame, "secagg", str) or "",
+    )
+
+
+SECAGG_STEPS: Final = ("keys", "mask", "reveal")
+MASKED: Final = "masked"
+
+
+def secagg_request(frame: Frame) -> SecAggRequest:
+    """A secure-aggregation step in `frame`."""
+    step = _take(frame, "step", str)
+    if step not in SECAGG_STEPS:
+        raise CodecError(f"secagg.step: unknown step {step!r}")
+    return SecAggRequest(
+        step=cast(Any, step),
+        run_id=_take(frame, "run_id", str),
+        round=_take(frame, "round", int),
+        payload=_take(frame, "payload", str),
+    )
+
+
+def secagg_reply(frame: Frame) -> SecAggReply:
+    """The worker's answer to a secure-aggregation step."""
+    masked = frame.arrays.get(MASKED)
+    if set(frame.arrays) - {MASKED}:
+        raise CodecError("secagg-reply: only a masked array may come with it")
+    if masked is not None and (masked.dtype != np.uint32 or masked.ndim != 1):
+        raise CodecError("secagg-reply.masked: expected a 1-D uint32 array")
+    return SecAggReply(
+        site_id=_take(frame, "site_id", str),
+        payload=_take(frame, "payload", str),
+        masked=masked,
+        receipt_signature=_take(frame, "receipt_signature", str),
     )
 
 

@@ -35,6 +35,12 @@ class SiteSection(BaseModel):
     state_dir: Path = Path("state")
     signing_key: Path = Path("keys/site-signing.key")
     officer_public_key: Path = Path("keys/officer.pub")
+    identity_certificate: Path | None = None
+    """The consortium CA's certificate of this site's signing key (secure aggregation)."""
+    consortium_ca: Path | None = None
+    """The consortium CA certificate, to check the other sites' identity certificates."""
+    coordinator_public_key: Path | None = None
+    """The coordinator's Ed25519 key, to check its signed round announcements."""
 
 
 class CoordinatorSection(BaseModel):
@@ -109,6 +115,10 @@ class SiteConfig(BaseModel):
         """Whether `[coordinator] allow_unsigned_bundles = true` (weaker: warned loudly)."""
         return self.coordinator is not None and self.coordinator.allow_unsigned_bundles
 
+    def optional_path(self, path: Path | None) -> Path | None:
+        """`path` resolved like `resolve`, or None when the key is not set."""
+        return None if path is None else self.resolve(path)
+
 
 def load_site_config(path: Path) -> SiteConfig:
     """Read and validate `site.toml`; raise `SiteConfigError` naming the file and the key."""
@@ -141,6 +151,7 @@ def render_site_toml(config: SiteConfig) -> str:
         f"state_dir = {_toml_string(str(site.state_dir))}",
         f"signing_key = {_toml_string(str(site.signing_key))}",
         f"officer_public_key = {_toml_string(str(site.officer_public_key))}",
+        *identity_lines(site),
         "",
         "[privacy]",
         f"epsilon_cap = {privacy.epsilon_cap!r}",
@@ -170,6 +181,16 @@ def _coordinator_lines(coordinator: CoordinatorSection) -> list[str]:
     if coordinator.allow_unsigned_bundles:
         lines.append("allow_unsigned_bundles = true")
     return lines
+
+
+def identity_lines(site: SiteSection) -> list[str]:
+    """`[site]` lines for the secure-aggregation credentials that are set."""
+    entries = {
+        "identity_certificate": site.identity_certificate,
+        "consortium_ca": site.consortium_ca,
+        "coordinator_public_key": site.coordinator_public_key,
+    }
+    return [f"{key} = {_toml_string(str(path))}" for key, path in entries.items() if path]
 
 
 def _toml_string(value: str) -> str:

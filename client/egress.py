@@ -22,6 +22,7 @@ reply whose arrays do not match is blocked whole: it becomes an error reply.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -68,6 +69,7 @@ MAX_REASON_CHARS = 400
 ACCELERATORS = frozenset({"cpu", "cuda", "rbln"})
 _HEX_SIGNATURE = re.compile(r"[0-9a-f]{128}")
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-f]*")
 _GROUPS = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?(,[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?)*")
 """`trained-groups`: comma-separated parameter group names (`encoders.clinical,fusion`)."""
 
@@ -142,6 +144,52 @@ def _arrays_problem(instruction: Message, record: ArrayRecord) -> str | None:
     return None
 
 
+def _action(message: Message) -> str:
+    parts = message.metadata.message_type.split(".", 1)
+    return parts[1] if len(parts) == 2 else ""
+
+
+def _secagg_instruction(instruction: Message) -> bool:
+    """A train instruction under secure aggregation: its update may leave only masked."""
+    config = instruction.content.config_records.get(wire.CONFIG)
+    return config is not None and wire.SECAGG in config
+
+
+def _masked_problem(record: ArrayRecord) -> str | None:
+    """Why a mask step's arrays are not one masked update; None if they are."""
+    if list(record) != [wire.MASKED]:
+        return f"a masked update is one array named {wire.MASKED!r}"
+    array = record[wire.MASKED].numpy()
+    if array.dtype != np.uint32 or array.ndim != 1:
+        return f"the masked update is {array.dtype} {array.shape}, not 1-D uint32"
+    return None
+
+
+def _secagg_payload_ok(action: str, value: object, site_id: str) -> bool:
+    """The JSON of a secure-aggregation reply holds only keys, ciphertexts and shares of
+    this site's own round: the structure is checked here, the crypto by the protocol."""
+    if not isinstance(value, str) or len(value) > wire.MAX_SECAGG_CHARS:
+        return False
+    try:
+        payload = json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    if action == "":  # the train step: sealed shares this site dealt
+        return isinstance(payload, list) and all(
+            isinstance(item, dict)
+            and set(item) == {"owner", "holder", "nonce", "ciphertext"}
+            and item["owner"] == site_id
+            and all(isinstance(v, str) and len(v) <= 4096 for v in item.values())
+            and all(_HEX.fullmatch(item[k]) for k in ("nonce", "ciphertext"))
+            for item in payload
+        )
+    if action == "secagg_keys":
+        return isinstance(payload, dict) and payload.get("site_id") == site_id
+    if action == "secagg_reveal":
+        return isinstance(payload, dict) and payload.get("holder") == site_id
+    return action == "secagg_mask" and payload == {}
+
+
 def _count(metrics: MetricRecord, key: str) -> int:
     value = metrics.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
@@ -171,7 +219,9 @@ def _filter_metrics(
     return MetricRecord(kept)
 
 
-def _filter_site(record: ConfigRecord, rules: EgressRules, dropped: list[str]) -> ConfigRecord:
+def _filter_site(
+    record: ConfigRecord, rules: EgressRules, dropped: list[str], action: str = ""
+) -> ConfigRecord:
     kept: dict[str, ConfigValue] = {}
     for key, value in record.items():
         ok = (
@@ -183,6 +233,7 @@ def _filter_site(record: ConfigRecord, rules: EgressRules, dropped: list[str]) -
                 and _HEX_SHA256.fullmatch(value) is not None)
             or (key == wire.TRAINED_GROUPS and isinstance(value, str)
                 and len(value) <= MAX_REASON_CHARS and _GROUPS.fullmatch(value) is not None)
+            or (key == wire.SECAGG and _secagg_payload_ok(action, value, rules.site_id))
         )  # fmt: skip
         if ok:
             kept[key] = str(value)
@@ -202,27 +253,44 @@ def filter_reply(
             dropped.append(f"error reason beyond {MAX_REASON_CHARS} characters")
         error = Error(code=reply.error.code, reason=reason[:MAX_REASON_CHARS])
         return Message(error, reply_to=instruction), dropped
-    category = _category(instruction)
+    category, action = _category(instruction), _action(instruction)
+    secure = category == MessageType.TRAIN and (action != "" or _secagg_instruction(instruction))
     content = reply.content
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     for name in content:
         if name == wire.ARRAYS and category == MessageType.TRAIN and name in content.array_records:
-            problem = _arrays_problem(instruction, content.array_records[name])
+            record = content.array_records[name]
+            if secure:
+                problem = (
+                    _masked_problem(record)
+                    if action == "secagg_mask"
+                    else "under secure aggregation an update leaves only masked"
+                )
+            else:
+                problem = _arrays_problem(instruction, record)
             if problem is not None:
                 return _blocked(instruction, f"update blocked: {problem}"), [f"arrays: {problem}"]
-            records[name] = content.array_records[name]
+            records[name] = record
         elif name == wire.METRICS and name in content.metric_records:
-            records[name] = _filter_metrics(category, content.metric_records[name], rules, dropped)
+            allowed_category = category if action == "" else "secagg"  # steps carry no metrics
+            records[name] = _filter_metrics(
+                allowed_category, content.metric_records[name], rules, dropped
+            )
         elif name == wire.SITE and name in content.config_records:
-            records[name] = _filter_site(content.config_records[name], rules, dropped)
+            records[name] = _filter_site(content.config_records[name], rules, dropped, action)
         else:
             dropped.append(f"record {name!r}")
     if category == MessageType.TRAIN:
-        if wire.ARRAYS not in records:
+        site = records.get(wire.SITE)
+        if secure and not (isinstance(site, ConfigRecord) and wire.SECAGG in site):
+            return _blocked(instruction, "a secure-aggregation reply without its payload"), dropped
+        if action == "secagg_mask" and wire.ARRAYS not in records:
+            return _blocked(instruction, "a mask step without the masked update"), dropped
+        if not secure and wire.ARRAYS not in records:
             return _blocked(instruction, "a train reply without the model update"), dropped
-        if _count(content.metric_records.get(wire.METRICS, MetricRecord()), wire.NUM_EXAMPLES) < (
-            rules.min_cohort_k
-        ):
+        if action == "" and _count(
+            content.metric_records.get(wire.METRICS, MetricRecord()), wire.NUM_EXAMPLES
+        ) < (rules.min_cohort_k):
             return _blocked(instruction, "an update over fewer than k patients"), dropped
     return Message(RecordDict(records), reply_to=instruction), dropped
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -67,6 +67,7 @@ class TrainRequest:
     sample_rate: float
     delta: float
     proximal_mu: float = 0.0  # FedProx's mu; 0: plain local training
+    secagg: str = ""  # secure aggregation: the signed announcement and every site's keys (JSON)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class TrainReply:
     receipt_signature: str
     trained_groups: str = ""  # comma-separated parameter groups; empty: every group
     dataset_sha256: str = ""  # the manifest fingerprint of the data trained on
+    secagg: str = ""  # secure aggregation: sealed shares (JSON); the arrays are then withheld
 
     @property
     def num_examples(self) -> int:
@@ -158,3 +160,28 @@ class EgressRules:
 
     site_id: str
     min_cohort_k: int
+
+
+SecAggStep = Literal["keys", "mask", "reveal"]
+
+
+@dataclass(frozen=True)
+class SecAggRequest:
+    """One step of a secure-aggregation round (`privacy.secagg_protocol`); the train step
+    travels as a `TrainRequest` with `secagg` set."""
+
+    step: SecAggStep
+    run_id: str
+    round: int
+    payload: str  # JSON
+
+
+@dataclass(frozen=True)
+class SecAggReply:
+    """The site's answer to a step: JSON, and for the mask step the masked update (uint32)
+    with the site's receipt signature over it."""
+
+    site_id: str
+    payload: str
+    masked: np.ndarray | None = None
+    receipt_signature: str = ""

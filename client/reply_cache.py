@@ -64,7 +64,7 @@ def instruction_sha256(request: TrainRequest) -> str:
     fields = {
         name: _hex(value) if isinstance(value, float) else value
         for name, value in vars(request).items()
-        if name != "arrays"
+        if name not in ("arrays", "secagg")  # secagg: fresh keys each attempt, same update
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 

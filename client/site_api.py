@@ -24,10 +24,13 @@ from client.protocol import (
     EvaluateRequest,
     QueryReply,
     QueryRequest,
+    SecAggReply,
+    SecAggRequest,
     TrainReply,
     TrainRequest,
 )
 from client.reply_cache import ReplyCache
+from client.site_secagg import SiteSecAgg
 from client.windows import in_window, next_window_start, window_end
 from model.contract import StudyContract
 from privacy.accountant import epsilon_of
@@ -55,6 +58,8 @@ class SiteApi(Protocol):
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply: ...
 
     def query(self, request: QueryRequest) -> QueryReply: ...
+
+    def secagg(self, request: SecAggRequest) -> SecAggReply: ...
 
     def egress_rules(self) -> EgressRules: ...
 
@@ -84,6 +89,7 @@ class SiteService:
         self._lock = threading.Lock()
         self._audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
         self._replies = ReplyCache(config.state_dir / "replies")
+        self._secagg = SiteSecAgg(config)
         if contract is not None:  # warm up for a contract known in advance
             self._default = contract.sha256()
             self._trainer_of(contract)
@@ -129,36 +135,45 @@ class SiteService:
         """Train one round, if inside a training window (else `OutsideWindow`).
 
         The identical instruction again (a coordinator resumed mid-round) gets the reply
-        sent before, stored before it left, and spends nothing.
+        sent before, stored before it left, and spends nothing. Under secure aggregation
+        (`request.secagg`) the update stays here and the reply carries sealed shares.
         """
         with self._lock:
-            self._check_window()
-            stored = self._replies.get(request)
-            if stored is not None:
-                log.info(
-                    "run %s round %d: resending the stored reply", request.run_id, request.round
-                )
-                return stored
-            log.info("training run %s round %d", request.run_id, request.round)
-            started = time.perf_counter()
-            trainer = self._trainer_for(request.contract_json, request.contract_sha256)
-            reply = trainer.train(request)
-            try:
-                self._replies.put(request, reply)
-            except OSError as exc:
-                # The spend is recorded and the update is good: send it. Only a resend
-                # of this round would be refused, as before replies were stored.
-                log.warning(
-                    "could not store run %s round %d's reply: %s",
-                    request.run_id,
-                    request.round,
-                    exc,
-                )
-            log.info(
-                "trained run %s round %d in %.3f s",
-                request.run_id, request.round, time.perf_counter() - started,
-            )  # fmt: skip
-            return reply
+            reply = self._train(request)
+            return reply if not request.secagg else self._secagg.share(request, reply)
+
+    def _train(self, request: TrainRequest) -> TrainReply:
+        self._check_window()
+        stored = self._replies.get(request)
+        if stored is not None:
+            log.info("run %s round %d: resending the stored reply", request.run_id, request.round)
+            return stored
+        log.info("training run %s round %d", request.run_id, request.round)
+        started = time.perf_counter()
+        trainer = self._trainer_for(request.contract_json, request.contract_sha256)
+        reply = trainer.train(request)
+        try:
+            self._replies.put(request, reply)
+        except OSError as exc:
+            # The spend is recorded and the update is good: send it. Only a resend
+            # of this round would be refused, as before replies were stored.
+            log.warning(
+                "could not store run %s round %d's reply: %s", request.run_id, request.round, exc
+            )
+        log.info(
+            "trained run %s round %d in %.3f s",
+            request.run_id, request.round, time.perf_counter() - started,
+        )  # fmt: skip
+        return reply
+
+    def secagg(self, request: SecAggRequest) -> SecAggReply:
+        """A key, mask or reveal step of a secure-aggregation round."""
+        if request.step == "keys":
+            return self._secagg.keys(request)
+        if request.step == "mask":
+            study = self._secagg.study_of(request.run_id, request.round)
+            return self._secagg.mask(request, study_sha256=study)
+        return self._secagg.reveal(request)
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
         """Evaluate the global model on the held-out patients (allowed outside windows:

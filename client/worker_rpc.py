@@ -36,6 +36,8 @@ from client.protocol import (
     EvaluateRequest,
     QueryReply,
     QueryRequest,
+    SecAggReply,
+    SecAggRequest,
     TrainReply,
     TrainRequest,
 )
@@ -91,6 +93,7 @@ def dispatch(api: SiteApi, data: bytes) -> bytes:
             "train": lambda f: api.train(codec.train_request(f)),
             "evaluate": lambda f: api.evaluate(codec.evaluate_request(f)),
             "query": lambda f: api.query(codec.query_request(f)),
+            "secagg": lambda f: api.secagg(codec.secagg_request(f)),
             "rules": lambda f: api.egress_rules(),
             "audit": lambda f: api.audit(*codec.audit_request(f)),
             "ping": lambda f: None,
@@ -216,6 +219,10 @@ class WorkerClient:
 
     def query(self, request: QueryRequest) -> QueryReply:
         return codec.query_reply(self._expect(self._call(codec.to_frame(request)), "query-reply"))
+
+    def secagg(self, request: SecAggRequest) -> SecAggReply:
+        reply = self._call(codec.to_frame(request))
+        return codec.secagg_reply(self._expect(reply, "secagg-reply"))
 
     def egress_rules(self) -> EgressRules:
         return codec.egress_rules(self._expect(self._call(Frame("rules")), "rules-reply"))

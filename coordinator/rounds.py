@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from flwr.app import MessageType
+from flwr.app import MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.audit_chain import CoordinatorAudit, NoAudit
@@ -26,6 +26,7 @@ from coordinator.messages import exchange, instruction, wait_for_sites
 from coordinator.results import RoundRecord, RunResults
 from coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
 from coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
+from coordinator.secure_rounds import SecureOutcome, run_secure_round
 from coordinator.site_keys import load_site_keys
 from coordinator.site_status import query_statuses
 from coordinator.strategies import Contribution, Strategy, make_strategy
@@ -44,7 +45,8 @@ from coordinator.validate import (
 from model import wire
 from model.contract import StudyContract
 from model.network import arrays_sha256, build_model, state_arrays
-from privacy.signing import JsonValue
+from privacy.errors import PrivacyError
+from privacy.signing import JsonValue, SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +304,18 @@ def _run_rounds(
     if site_keys is None:
         log.warning("no site-keys-dir in the run config: site updates are NOT signature-checked")
     max_bytes = size_limit_bytes(state.arrays)
+    announcer = _announcer(study)
+    if not study.secure_aggregation:
+        log.warning(
+            "SECURE AGGREGATION IS OFF for study %s: the coordinator sees each site's"
+            " (DP-noised) update, not only their sum",
+            study.name,
+        )
+    elif study.update_norm_bound:
+        log.warning(
+            "update-norm-bound cannot be applied per site under secure aggregation; each"
+            " coordinate is clipped to secagg-clip at the site instead"
+        )
     while state.round < study.num_rounds:
         round_number = state.round + 1
         plan, senders = _plan(
@@ -334,48 +348,34 @@ def _run_rounds(
             )
             for planned in plan.planned
         }
-        replies = exchange(
-            grid,
-            contents,
-            message_type=MessageType.TRAIN,
-            group=str(round_number),
-            timeout_s=study.round_deadline_s,
-        )
-        receipts = (
-            None
-            if site_keys is None
-            else ReceiptCheck(
+        secure: SecureOutcome | None = None
+        if study.secure_aggregation:
+            secure = run_secure_round(
+                grid,
+                study,
                 run_id=state.run_id,
-                study_sha256=study.sha256(),
-                round=round_number,
+                round_number=round_number,
+                global_arrays=state.arrays,
                 model_sha256=arrays_sha256(state.arrays),
+                plan=plan,
+                senders=senders,
+                contents=contents,
+                signer=announcer,
                 site_keys=site_keys,
             )
-        )
-        accepted, rejected = _split(
-            (
-                validate_train_reply(
-                    r,
-                    state.arrays,
-                    receipts=receipts,
-                    max_bytes=max_bytes,
-                    sender=senders.get(r.metadata.src_node_id),
-                )
-                for r in replies
-            ),
-            known_sites,
-        )
-        updates = sorted(
-            (update for update in accepted if isinstance(update, SiteUpdate)), key=_by_site
-        )
-        missing = {
-            p.site_id
-            for p in plan.planned
-            if p.node_id not in {r.metadata.src_node_id for r in replies}
-        }
-        for site in sorted(missing - set(rejected)):
-            rejected[known_sites.get(_node_of(plan, site), site)] = (
-                f"no reply within the {study.round_deadline_s:g} s deadline (dropped)"
+            updates, rejected = secure.updates, secure.rejected
+            known_sites.update({u.node_id: u.site_id for u in updates})
+            audit.record(
+                "round.secure_aggregation",
+                {
+                    "round": round_number,
+                    "announcement_sha256": secure.announcement_sha256,
+                    "survivors": [u.site_id for u in updates],
+                },
+            )
+        else:
+            updates, rejected = _plain_replies(
+                grid, study, state, plan, senders, contents, site_keys, known_sites, max_bytes
             )
         _audit_replies(audit, round_number, updates, rejected)
         if len(updates) < study.min_sites:
@@ -389,10 +389,16 @@ def _run_rounds(
             {update.site_id: update.check for update in updates},
             primary_metric(contract),
         )
-        aggregated = strategy.aggregate(
-            state.arrays,
-            [Contribution(u.site_id, u.arrays, u.num_examples, u.trained_groups) for u in updates],
-        )
+        if secure is not None:
+            aggregated = strategy.from_average(state.arrays, secure.averaged, secure.trained_by)
+        else:
+            aggregated = strategy.aggregate(
+                state.arrays,
+                [
+                    Contribution(u.site_id, u.arrays, u.num_examples, u.trained_groups)
+                    for u in updates
+                ],
+            )
         for site, norm in aggregated.clipped.items():
             log.warning(
                 "round %d: %s's update (norm %.4g) clipped to %g",
@@ -453,6 +459,78 @@ def _run_rounds(
         final_checks(grid, study, contract, state.run_id, state.arrays, known_sites),
         primary_metric(contract),
     )
+
+
+def _plain_replies(
+    grid: Grid,
+    study: StudySettings,
+    state: RunState,
+    plan: RoundPlan,
+    senders: Mapping[int, Sender],
+    contents: Mapping[int, RecordDict],
+    site_keys: Mapping[str, VerifyKey] | None,
+    known_sites: dict[int, str],
+    max_bytes: int,
+) -> tuple[list[SiteUpdate], dict[str, str]]:
+    """Send the plain train instructions; the valid updates and the reasons for the rest."""
+    round_number = state.round + 1
+    replies = exchange(
+        grid,
+        contents,
+        message_type=MessageType.TRAIN,
+        group=str(round_number),
+        timeout_s=study.round_deadline_s,
+    )
+    receipts = (
+        None
+        if site_keys is None
+        else ReceiptCheck(
+            run_id=state.run_id,
+            study_sha256=study.sha256(),
+            round=round_number,
+            model_sha256=arrays_sha256(state.arrays),
+            site_keys=site_keys,
+        )
+    )
+    accepted, rejected = _split(
+        (
+            validate_train_reply(
+                r,
+                state.arrays,
+                receipts=receipts,
+                max_bytes=max_bytes,
+                sender=senders.get(r.metadata.src_node_id),
+            )
+            for r in replies
+        ),
+        known_sites,
+    )
+    updates = sorted(
+        (update for update in accepted if isinstance(update, SiteUpdate)), key=_by_site
+    )
+    missing = {
+        p.site_id
+        for p in plan.planned
+        if p.node_id not in {r.metadata.src_node_id for r in replies}
+    }
+    for site in sorted(missing - set(rejected)):
+        rejected[known_sites.get(_node_of(plan, site), site)] = (
+            f"no reply within the {study.round_deadline_s:g} s deadline (dropped)"
+        )
+    return updates, rejected
+
+
+def _announcer(study: StudySettings) -> SigningKey:
+    """The key that signs round announcements: the study's coordinator key, or one made
+    for this run (sites that pinned the coordinator's key then refuse, as they should)."""
+    if study.coordinator_key:
+        try:
+            return SigningKey.load(Path(study.coordinator_key))
+        except PrivacyError as exc:
+            raise CoordinatorError(f"run config coordinator-key: {exc}") from exc
+    if study.secure_aggregation:
+        log.warning("no coordinator-key in the run config: announcements signed by a run key")
+    return SigningKey.generate()
 
 
 def _node_of(plan: RoundPlan, site: str) -> int:

@@ -205,6 +205,20 @@ class Strategy:
             averaged = self.optimizer.step(global_arrays, averaged, trained)
         return Aggregated(averaged, clipped, trained_by)
 
+    def from_average(
+        self,
+        global_arrays: Mapping[str, np.ndarray],
+        averaged: Mapping[str, np.ndarray],
+        trained_by: Mapping[str, list[str]],
+    ) -> Aggregated:
+        """The next global model from an average made elsewhere (secure aggregation's
+        unmasked sum): FedAvg and FedProx take it, FedAdam and FedYogi step towards it."""
+        result = {name: np.array(array, copy=True) for name, array in averaged.items()}
+        if self.optimizer is not None:
+            trained = [name for name in result if trained_by.get(parameter_group(name))]
+            result = self.optimizer.step(global_arrays, result, trained)
+        return Aggregated(result, {}, dict(trained_by))
+
     def state_arrays(self) -> Arrays:
         """The server optimiser's state (empty for FedAvg and FedProx)."""
         return {} if self.optimizer is None else self.optimizer.state_arrays()

@@ -30,7 +30,15 @@ from model.contract import DEMO_CONTRACT, StudyContract
 from model.presets import PresetName
 
 RUN_PLUMBING = frozenset(
-    {"results_path", "sites_root", "site_keys_dir", "run_dir", "resume", "app_signature"}
+    {
+        "results_path",
+        "sites_root",
+        "site_keys_dir",
+        "run_dir",
+        "resume",
+        "app_signature",
+        "coordinator_key",
+    }
 )
 """Fields that say where a run writes, not what the study is: left out of its digest."""
 
@@ -48,6 +56,7 @@ _FLOAT_KEYS = (
     "server-beta2",
     "server-tau",
     "update-norm-bound",
+    "secagg-clip",
 )
 
 
@@ -89,6 +98,17 @@ class StudySettings(BaseModel):
     app_signature: str = Field(alias="app-signature", default="")
     """The signature of the app bundle the run was submitted with (run plumbing: sites
     check it, the study's digest leaves it out)."""
+    secure_aggregation: bool = Field(alias="secure-aggregation", default=True)
+    """The coordinator learns only the sum of the sites' updates (SecAgg+); off: it sees
+    each site's (DP-noised) update, which is logged loudly at every run."""
+    secagg_clip: float = Field(alias="secagg-clip", default=1.0, gt=0, le=1e6)
+    """Per coordinate, the range a site's weighted update is clipped to before encoding."""
+    secagg_threshold: int = Field(alias="secagg-threshold", default=0, ge=0)
+    """Sites whose masked update must arrive for the sum to be unmasked; 0: more than half
+    of the planned sites (and at least min-sites)."""
+    coordinator_key: str = Field(alias="coordinator-key", default="")
+    """The coordinator's Ed25519 signing key (path), for its round announcements (run
+    plumbing); empty: a key made for the run, which sites cannot pin."""
     contract: StudyContract = DEMO_CONTRACT
     """The data contract: modalities, features and tasks; the network is sized from it."""
 

@@ -232,8 +232,12 @@ def validate_train_reply(
     receipts: ReceiptCheck | None = None,
     max_bytes: int | None = None,
     sender: Sender | None = None,
+    secure: bool = False,
 ) -> SiteUpdate | Rejection:
     """A `SiteUpdate` if the reply is well-formed, else a `Rejection` with the reason.
+
+    With `secure` (secure aggregation's train step) the reply must carry no arrays: the
+    update comes later, masked, and its receipt with it.
 
     Given `receipts`, the update must be signed by its site for this run, round and
     model; given `max_bytes`, its arrays must not weigh more (checked before they are
@@ -256,9 +260,14 @@ def validate_train_reply(
         if site_id is None:
             raise wire.WireError(f"reply has no {wire.SITE}.{wire.SITE_ID}")
         _check_size(reply.content, max_bytes)
-        arrays = wire.record_to_arrays(reply.content)
-        check_arrays(arrays, reference)
-        if receipts is not None:
+        if secure:
+            if reply.content.array_records:
+                raise wire.WireError("under secure aggregation an update must not come unmasked")
+            arrays: dict[str, np.ndarray] = {}
+        else:
+            arrays = wire.record_to_arrays(reply.content)
+            check_arrays(arrays, reference)
+        if receipts is not None and not secure:
             signature = wire.get_value(reply.content, wire.SITE, wire.RECEIPT_SIGNATURE, str)
             problem = receipts.problem(site_id, arrays, signature)
             if problem is not None:

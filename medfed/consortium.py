@@ -11,13 +11,19 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import SITE_TOML, SiteConfig, SiteSection, render_site_toml
+from client.config import (
+    SITE_TOML,
+    SiteConfig,
+    SiteSection,
+    identity_lines,
+    render_site_toml,
+)
 from coordinator.study import StudySettings
 from model.contract import DEMO_CONTRACT
 from privacy.approvals import Approval, sign_approval
 from privacy.ledger import PrivacyLedger
 from privacy.policy import PrivacyPolicy
-from privacy.signing import SigningKey
+from privacy.signing import SigningKey, VerifyKey
 from sites.synthetic import site_ids, write_synthetic_consortium
 
 DEMO_POLICY = PrivacyPolicy(
@@ -82,6 +88,46 @@ def approve(
     return approval
 
 
+IDENTITY_CA_DIR = "consortium-ca"
+
+
+class DemoIdentities:
+    """A consortium CA made for demo and example sites, issuing their identity
+    certificates (what `medfed provision` does for a real consortium)."""
+
+    def __init__(self, folder: Path) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        from privacy.pki import create_ca, pem_private_key, write_atomic
+
+        self._ca_key, self._ca_cert = create_ca("medfed demo consortium CA", valid_days=30)
+        self.ca_pem = self._ca_cert.public_bytes(serialization.Encoding.PEM)
+        write_atomic(folder / "ca.pem", self.ca_pem)
+        write_atomic(folder / "ca.key", pem_private_key(self._ca_key), mode=0o600)
+
+    def issue(
+        self, keys: Path, site_id: str, public: VerifyKey, coordinator: VerifyKey | None
+    ) -> dict[str, Path]:
+        """Write the site's certificate, the CA and the coordinator's key into `keys`;
+        the `[site]` entries of `site.toml` that name them (relative to the site folder)."""
+        from privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
+        from privacy.pki import write_atomic
+
+        pem = issue_identity_certificate(
+            self._ca_key, self._ca_cert, site_id, public, valid_days=30
+        )
+        write_atomic(keys / IDENTITY_CERT_NAME, pem)
+        write_atomic(keys / "consortium-ca.pem", self.ca_pem)
+        entries = {
+            "identity_certificate": Path("keys") / IDENTITY_CERT_NAME,
+            "consortium_ca": Path("keys") / "consortium-ca.pem",
+        }
+        if coordinator is not None:
+            coordinator.save(keys / "coordinator.pub")
+            entries["coordinator_public_key"] = Path("keys") / "coordinator.pub"
+        return entries
+
+
 def write_demo_consortium(
     root: Path,
     study: StudySettings,
@@ -89,19 +135,24 @@ def write_demo_consortium(
     n_sites: int,
     seed: int,
     site_keys_dir: Path | None = None,
+    coordinator_key: VerifyKey | None = None,
 ) -> tuple[DemoSite, ...]:
     """Write every demo hospital under `root/<site id>/` and approve `study` at each.
 
     With `site_keys_dir`, each site's public signing key is also written there as
-    `<site id>.pub`, where the coordinator reads it to check signed updates.
+    `<site id>.pub`, where the coordinator reads it to check signed updates. Each site
+    gets an identity certificate from a demo consortium CA (secure aggregation), and
+    with `coordinator_key` pins the coordinator's announcement key.
     """
     write_synthetic_consortium(root, DEMO_CONTRACT, n_sites=n_sites, seed=seed)
     sites: list[DemoSite] = []
+    identities = DemoIdentities(root / IDENTITY_CA_DIR)
     for site_id in site_ids(n_sites):
         folder = root / site_id
         signing = SigningKey.generate()
         signing.save(folder / "keys" / "site-signing.key")
         signing.public.save(folder / "keys" / "site-signing.pub")
+        identity = identities.issue(folder / "keys", site_id, signing.public, coordinator_key)
         if site_keys_dir is not None:
             signing.public.save(site_keys_dir / f"{site_id}.pub")
         officer = SigningKey.generate()
@@ -109,7 +160,9 @@ def write_demo_consortium(
         officer.save(officer_key)
         officer.public.save(folder / "keys" / "officer.pub")
         config = SiteConfig(
-            site=SiteSection(id=site_id, name=f"Demo hospital {site_id[-1]}", data_dir=Path(".")),
+            site=SiteSection(
+                id=site_id, name=f"Demo hospital {site_id[-1]}", data_dir=Path("."), **identity
+            ),
             privacy=DEMO_POLICY,
         )
         site_toml = folder / SITE_TOML
@@ -135,6 +188,7 @@ def write_example_consortium(
     site_keys_dir: Path | None = None,
     rounds: int | None = None,
     examples: Path = EXAMPLES_ROOT,
+    coordinator_key: VerifyKey | None = None,
 ) -> tuple[StudySettings, tuple[DemoSite, ...]]:
     """Copy the example study's sites (each reading its own format) under `root/<site id>/`
     with fresh signing and officer keys, approve the study at each, and return the study.
@@ -154,6 +208,7 @@ def write_example_consortium(
             {**study.to_run_config(), "num-server-rounds": rounds}
         )
     sites: list[DemoSite] = []
+    identities = DemoIdentities(root / IDENTITY_CA_DIR)
     for source in sorted(examples.glob(f"{example}-*")):
         if not (source / SITE_TOML).is_file():
             continue
@@ -166,6 +221,13 @@ def write_example_consortium(
         signing.public.save(config.signing_key_path.with_suffix(".pub"))
         if site_keys_dir is not None:
             signing.public.save(site_keys_dir / f"{site_id}.pub")
+        identity = identities.issue(folder / "keys", site_id, signing.public, coordinator_key)
+        text = (folder / SITE_TOML).read_text(encoding="utf-8")
+        lines = identity_lines(config.site.model_copy(update=identity))
+        (folder / SITE_TOML).write_text(
+            text.replace("[site]\n", "[site]\n" + "".join(f"{line}\n" for line in lines), 1),
+            encoding="utf-8",
+        )
         officer = SigningKey.generate()
         officer_key = folder / "officer" / "officer.key"
         officer.save(officer_key)

@@ -315,6 +315,16 @@ def _watch(
     raise DemoFailedError(f"the run did not finish within {options.timeout_s:g} s")
 
 
+COORDINATOR_KEY = "coordinator/coordinator-signing.key"
+
+
+def _coordinator_key(work: Path) -> SigningKey:
+    """The key the demo's coordinator signs round announcements with; sites pin it."""
+    key = SigningKey.generate()
+    key.save(work / COORDINATOR_KEY)
+    return key
+
+
 def run_demo(
     options: DemoOptions, progress: Progress, *, notify: Callable[[str], None] = log.warning
 ) -> RunResults:
@@ -325,9 +335,14 @@ def run_demo(
     try:
         sites_root = work / "sites"
         site_keys = work / "site-keys"
+        coordinator_key = _coordinator_key(work)
         if options.example is not None:
             study, demo_sites = write_example_consortium(
-                sites_root, options.example, site_keys_dir=site_keys, rounds=options.rounds
+                sites_root,
+                options.example,
+                site_keys_dir=site_keys,
+                rounds=options.rounds,
+                coordinator_key=coordinator_key.public,
             )
             names = tuple(site.site_id for site in demo_sites)
         else:
@@ -339,7 +354,12 @@ def run_demo(
                 local_steps=options.local_steps,
             )
             write_demo_consortium(
-                sites_root, study, n_sites=options.sites, seed=options.seed, site_keys_dir=site_keys
+                sites_root,
+                study,
+                n_sites=options.sites,
+                seed=options.seed,
+                site_keys_dir=site_keys,
+                coordinator_key=coordinator_key.public,
             )
             names = site_ids(options.sites)
         pki = provision_loopback(work / "pki", names)
@@ -348,7 +368,11 @@ def run_demo(
         results_path = work / "run" / "results.json"
         app_dir = build_app_dir(
             work / "app",
-            {**_run_config(study, results_path, sites_root), "site-keys-dir": str(site_keys)},
+            {
+                **_run_config(study, results_path, sites_root),
+                "site-keys-dir": str(site_keys),
+                "coordinator-key": str(work / COORDINATOR_KEY),
+            },
         )
         signing = make_bundle_signing(work / "app-signing")
         with ProcessGroup(log_dir=work / "logs") as group:

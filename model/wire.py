@@ -39,6 +39,15 @@ MODEL_IDENTITY: Final = "model-identity"  # `model.network.model_identity(preset
 MAX_CONTRACT_BYTES: Final = 1024 * 1024  # a contract's JSON above this is refused unread
 PROXIMAL_MU: Final = "proximal-mu"  # FedProx's mu: the site adds (mu/2)||w - w_global||^2
 
+# Secure aggregation (`privacy.secagg_protocol`): the steps' message types, and the JSON
+# each carries: in a train instruction's CONFIG, and in a reply's SITE record.
+SECAGG: Final = "secagg"
+SECAGG_KEYS: Final = "train.secagg_keys"  # CONFIG: run-id, round, secagg (the announcement)
+SECAGG_MASK: Final = "train.secagg_mask"  # CONFIG: run-id, round, secagg (shared, shares)
+SECAGG_REVEAL: Final = "train.secagg_reveal"  # CONFIG: run-id, round, secagg (survivors)
+MASKED: Final = "masked"  # the one uint32 array of a mask step's ARRAYS record
+MAX_SECAGG_CHARS: Final = 16 * 1024 * 1024
+
 # Keys of the METRICS record in a reply to a query message (the scheduler's view of a site).
 IN_WINDOW: Final = "in-window"  # 1 if the site may train now, else 0
 WINDOW_ENDS: Final = "window-ends"  # epoch seconds when the current window closes; 0: no end

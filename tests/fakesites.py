@@ -189,6 +189,8 @@ def study(run_dir: Path | None, **changes: Any) -> StudySettings:
         "strategy": "fedadam",
         "server-learning-rate": 0.05,
         "run-dir": "" if run_dir is None else str(run_dir),
+        # Fake sites speak the plain protocol; secure rounds run against real handlers.
+        "secure-aggregation": False,
     }
     config.update({key.replace("_", "-"): value for key, value in changes.items()})
     return StudySettings.from_run_config(config)

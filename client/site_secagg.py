@@ -1,0 +1,229 @@
+"""The site's half of secure aggregation: keys, shares, the masked update, the reveal.
+
+`SiteSecAgg` lives in the site worker beside the trainers and keeps one
+`privacy.secagg_protocol.SiteRound` per (run, round), in memory only: a worker that
+restarts has nothing left to reveal for rounds it began, so a round may abort but no
+update is ever unmasked. The update itself never leaves unmasked: the train step keeps
+it here and answers sealed shares; the mask step sends it masked, with a signed receipt
+over the masked bytes (the coordinator checks that, as it checks plain updates).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from client.config import SiteConfig
+from client.errors import RequestError, SiteRefusal
+from client.protocol import SecAggReply, SecAggRequest, TrainReply, TrainRequest
+from privacy.errors import PrivacyError, SecAggError
+from privacy.identity import identity_check
+from privacy.receipts import UpdateReceipt
+from privacy.secagg_protocol import (
+    Advertisement,
+    IdentityCheck,
+    SealedShare,
+    SignedAnnouncement,
+    SiteRound,
+    dumps,
+    loads,
+    masked_sha256,
+    reveal_to_json,
+    weighted_delta,
+)
+from privacy.signing import SigningKey, VerifyKey
+
+log = logging.getLogger(__name__)
+
+KEEP_ROUNDS = 4
+"""Rounds whose secure-aggregation state is kept (the current one and a few late ones)."""
+
+
+class SiteSecAgg:
+    """This site's secure-aggregation rounds."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self._config = config
+        self._site_id = config.site.id
+        self._rounds: OrderedDict[tuple[str, int], SiteRound] = OrderedDict()
+        self._lock = threading.Lock()
+        self._signer: SigningKey | None = None
+        self._identity: IdentityCheck | None = None
+        self._certificate: str | None = None
+        self._coordinator: VerifyKey | None = None
+        self._warned = False
+
+    def _credentials(self) -> tuple[SigningKey, str, IdentityCheck]:
+        """The site's signing key, its identity certificate and the CA check (read once)."""
+        if self._signer is None or self._identity is None or self._certificate is None:
+            site = self._config.site
+            cert = self._config.optional_path(site.identity_certificate)
+            ca = self._config.optional_path(site.consortium_ca)
+            if cert is None or ca is None:
+                raise SiteRefusal(
+                    f"{self._config.source}: secure aggregation needs [site]"
+                    " identity_certificate and consortium_ca (from the site's kit)"
+                )
+            try:
+                self._certificate = _read(cert).decode()
+                self._identity = identity_check(_read(ca))
+                self._signer = SigningKey.load(self._config.signing_key_path)
+                self._identity(self._site_id, self._certificate)
+            except (PrivacyError, UnicodeDecodeError) as exc:
+                raise SiteRefusal(f"secure aggregation credentials: {exc}") from exc
+            key = self._config.optional_path(site.coordinator_public_key)
+            self._coordinator = None if key is None else VerifyKey.load(key)
+        return self._signer, self._certificate, self._identity
+
+    def _check_announcement(self, signed: SignedAnnouncement) -> None:
+        if self._coordinator is not None:
+            signed.verify(self._coordinator)
+        elif not self._warned:
+            self._warned = True
+            log.warning(
+                "%s: no [site] coordinator_public_key: round announcements are not"
+                " signature-checked (other sites still cross-check them)",
+                self._config.source,
+            )
+
+    def keys(self, request: SecAggRequest) -> SecAggReply:
+        """Step 1: check the signed announcement, make fresh keys, answer the advertisement."""
+        signer, certificate, _ = self._credentials()
+        signed = SignedAnnouncement.from_text(request.payload)
+        announced = signed.announcement
+        if (announced.run_id, announced.round) != (request.run_id, request.round):
+            raise SecAggError("the announcement names another run or round than the message")
+        self._check_announcement(signed)
+        with self._lock:
+            key = (request.run_id, request.round)
+            if key in self._rounds and self._rounds[key].digest != announced.sha256():
+                log.warning(
+                    "run %s round %d: announced again (the coordinator restarted the round);"
+                    " the earlier attempt's keys are discarded",
+                    *key,
+                )
+            state = SiteRound(signed, self._site_id, signer, certificate)
+            self._rounds[key] = state
+            self._rounds.move_to_end(key)
+            while len(self._rounds) > KEEP_ROUNDS:
+                self._rounds.popitem(last=False)
+        return SecAggReply(self._site_id, dumps(state.advertisement.to_json()))
+
+    def _round(self, run_id: str, round_number: int) -> SiteRound:
+        state = self._rounds.get((run_id, round_number))
+        if state is None:
+            raise SiteRefusal(
+                f"run {run_id} round {round_number}: no secure-aggregation keys here"
+                " (not announced to this site, or the worker restarted since)"
+            )
+        return state
+
+    def share(self, request: TrainRequest, trained: TrainReply) -> TrainReply:
+        """Step 2, after training: check every site's keys and the model against the
+        announcement, keep the update, answer sealed shares and no arrays."""
+        _, _, identity = self._credentials()
+        raw = loads(request.secagg, "secagg")
+        if not isinstance(raw, dict) or set(raw) != {"announcement", "adverts"}:
+            raise RequestError("secagg: expected announcement and adverts")
+        signed = SignedAnnouncement.from_text(str(raw["announcement"]))
+        adverts = raw["adverts"]
+        if not isinstance(adverts, list):
+            raise RequestError("secagg.adverts: expected a list")
+        with self._lock:
+            state = self._round(request.run_id, request.round)
+            if signed.announcement != state.announcement:
+                raise SecAggError("the train message names another announcement than the keys")
+            announced = state.announcement
+            if (announced.model_sha256, announced.study_sha256) != (
+                request.model_sha256,
+                request.study_sha256,
+            ):
+                raise SecAggError(
+                    "the model or study this site received is not the one announced to all"
+                    " sites: refusing an inconsistent round"
+                )
+            state.check_peers([Advertisement.from_json(a) for a in adverts], identity)
+            update = weighted_delta(
+                trained.arrays,
+                request.arrays,
+                patients=trained.num_examples,
+                weight_cap=announced.weight_cap,
+            )
+            clipped = int(np.count_nonzero(np.abs(update) > announced.clip))
+            if clipped:
+                log.warning(
+                    "run %s round %d: %d update values beyond the secure-aggregation range"
+                    " %g are clipped",
+                    request.run_id,
+                    request.round,
+                    clipped,
+                    announced.clip,
+                )
+            sealed = state.deal(update)
+        shares = dumps([item.to_json() for item in sealed])
+        return TrainReply(
+            site_id=trained.site_id,
+            arrays={},
+            local_loss=trained.local_loss,
+            epsilon=trained.epsilon,
+            noise_multiplier=trained.noise_multiplier,
+            incoming=trained.incoming,
+            receipt_signature="",
+            trained_groups=trained.trained_groups,
+            dataset_sha256=trained.dataset_sha256,
+            secagg=shares,
+        )
+
+    def mask(self, request: SecAggRequest, *, study_sha256: str) -> SecAggReply:
+        """Step 3: open the shares held for others; answer the masked update, signed."""
+        signer, _, _ = self._credentials()
+        raw = loads(request.payload, "secagg mask")
+        if not isinstance(raw, dict) or set(raw) != {"shared", "shares"}:
+            raise RequestError("secagg mask: expected shared and shares")
+        shared, shares = raw["shared"], raw["shares"]
+        if not isinstance(shared, list) or not all(isinstance(s, str) for s in shared):
+            raise RequestError("secagg mask: shared must be a list of site ids")
+        if not isinstance(shares, list):
+            raise RequestError("secagg mask: shares must be a list")
+        with self._lock:
+            state = self._round(request.run_id, request.round)
+            masked = state.mask(shared, [SealedShare.from_json(item) for item in shares])
+        receipt = UpdateReceipt(
+            run_id=request.run_id,
+            study_sha256=study_sha256,
+            round=request.round,
+            model_sha256=state.announcement.model_sha256,
+            update_sha256=masked_sha256(masked),
+            site_id=self._site_id,
+        )
+        return SecAggReply(self._site_id, "{}", masked, receipt.sign(signer))
+
+    def reveal(self, request: SecAggRequest) -> SecAggReply:
+        """Step 4: shares for the unmasking of the sum; once per round."""
+        raw = loads(request.payload, "secagg reveal")
+        if not isinstance(raw, dict) or set(raw) != {"survivors", "dropped"}:
+            raise RequestError("secagg reveal: expected survivors and dropped")
+        survivors, dropped = raw["survivors"], raw["dropped"]
+        for value in (survivors, dropped):
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise RequestError("secagg reveal: survivors and dropped must be site-id lists")
+        with self._lock:
+            state = self._round(request.run_id, request.round)
+            reveal = state.reveal(survivors, dropped)
+        return SecAggReply(self._site_id, dumps(reveal_to_json(reveal)))
+
+    def study_of(self, run_id: str, round_number: int) -> str:
+        """The study SHA-256 announced for (run, round)."""
+        with self._lock:
+            return self._round(run_id, round_number).announcement.study_sha256
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SiteRefusal(f"{path}: cannot be read ({exc.strerror})") from exc

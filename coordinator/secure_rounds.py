@@ -1,0 +1,381 @@
+"""A training round under secure aggregation: the coordinator learns only the sum.
+
+Four exchanges with the planned sites (`privacy.secagg_protocol` describes the
+messages): keys, train (sealed shares come back, the update stays at the site), mask
+(masked updates come back, each signed), reveal (shares that remove the masks from the
+sum only). Each reply is validated like a plain one: sender, schema, example count,
+signature. A site that fails a step is listed with its reason and the round goes on
+without it; the sum is exact while at least `threshold` sites sent their masked update,
+and the round fails without unmasking anything when fewer did.
+
+The sum is of each site's update weighted by patients / weight cap (see
+`weighted_delta`); the patient counts and trained groups are sent in the clear, so each
+parameter group is averaged over the sites that trained it, as in plain rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.errors import RoundFailedError
+from coordinator.messages import exchange
+from coordinator.scheduler import RoundPlan
+from coordinator.study import StudySettings
+from coordinator.validate import (
+    Rejection,
+    Sender,
+    SiteUpdate,
+    payload_bytes,
+    validate_train_reply,
+)
+from model import wire
+from model.network import parameter_group
+from privacy.errors import PrivacyError, SecAggAbort
+from privacy.receipts import UpdateReceipt
+from privacy.secagg import Reveal
+from privacy.secagg_protocol import (
+    Advertisement,
+    Announcement,
+    SealedShare,
+    SignedAnnouncement,
+    dumps,
+    loads,
+    masked_sha256,
+    reveal_from_json,
+    unmask_weighted_sum,
+)
+from privacy.signing import SigningKey, VerifyKey
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class SecureOutcome:
+    """What a secure round gives the round loop."""
+
+    updates: list[SiteUpdate]
+    """The survivors' replies (their arrays empty: only the sum is known)."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    averaged: Arrays = field(default_factory=dict)
+    """Each array averaged over the survivors that trained its group (global if none)."""
+    trained_by: dict[str, list[str]] = field(default_factory=dict)
+    announcement_sha256: str = ""
+
+
+def secure_threshold(study: StudySettings, n_sites: int) -> int:
+    """The study's threshold, or more than half the planned sites (and at least the
+    study's minimum, and 2): a server that lies about dropouts then cannot get both
+    kinds of share for one site."""
+    if study.secagg_threshold:
+        return study.secagg_threshold
+    return max(2, study.min_sites, n_sites // 2 + 1)
+
+
+def _site_text(reply: Message) -> str:
+    return wire.get_value(reply.content, wire.SITE, wire.SECAGG, str)
+
+
+def _step_content(run_id: str, round_number: int, payload: str) -> RecordDict:
+    config = ConfigRecord({wire.RUN_ID: run_id, wire.ROUND: round_number, wire.SECAGG: payload})
+    return RecordDict({wire.CONFIG: config})
+
+
+@dataclass
+class _Step:
+    """Replies of one step, by site, with the reason each failed one was set aside."""
+
+    replies: dict[str, Message] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def _collect(replies: Sequence[Message], nodes: Mapping[int, str], step: str) -> _Step:
+    out = _Step()
+    for reply in replies:
+        site = nodes.get(reply.metadata.src_node_id)
+        if site is None:
+            continue
+        if reply.has_error():
+            out.rejected[site] = f"{step}: site replied with an error: {reply.error.reason}"
+            continue
+        try:
+            named = wire.get_value(reply.content, wire.SITE, wire.SITE_ID, str)
+        except wire.WireError as exc:
+            out.rejected[site] = f"{step}: {exc}"
+            continue
+        if named != site:
+            out.rejected[site] = f"{step}: the reply names {named!r}, its node answered as {site!r}"
+            continue
+        out.replies[site] = reply
+    for site in set(nodes.values()) - set(out.replies) - set(out.rejected):
+        out.rejected[site] = f"{step}: no reply in time (dropped)"
+    return out
+
+
+def run_secure_round(
+    grid: Grid,
+    study: StudySettings,
+    *,
+    run_id: str,
+    round_number: int,
+    global_arrays: Mapping[str, np.ndarray],
+    model_sha256: str,
+    plan: RoundPlan,
+    senders: Mapping[int, Sender],
+    contents: Mapping[int, RecordDict],
+    signer: SigningKey,
+    site_keys: Mapping[str, VerifyKey] | None,
+) -> SecureOutcome:
+    """Play one secure round with the planned sites; raise `RoundFailedError` when fewer
+    than the threshold get through (nothing is unmasked then)."""
+    nodes = {p.node_id: senders[p.node_id].site_id for p in plan.planned if p.node_id in senders}
+    if len(nodes) < 2:
+        raise RoundFailedError("secure aggregation needs at least 2 sites of known identity")
+    by_site = {site: node for node, site in nodes.items()}
+    threshold = secure_threshold(study, len(nodes))
+    if threshold > len(nodes):
+        raise RoundFailedError(
+            f"round {round_number}: {len(nodes)} sites planned, secure aggregation needs"
+            f" {threshold}"
+        )
+    announcement = Announcement(
+        run_id=run_id,
+        study_sha256=study.sha256(),
+        round=round_number,
+        model_sha256=model_sha256,
+        sites=tuple(sorted(nodes.values())),
+        threshold=threshold,
+        clip=study.secagg_clip,
+        weight_cap=max(1, max(senders[n].patients for n in nodes)),
+    )
+    signed = SignedAnnouncement.sign(announcement, signer)
+    digest = announcement.sha256()
+    rejected: dict[str, str] = {}
+    timeout = study.round_timeout_s
+
+    def need(count: int, what: str) -> None:
+        if count < threshold:
+            reasons = "; ".join(f"{site}: {why}" for site, why in sorted(rejected.items()))
+            raise RoundFailedError(
+                f"round {round_number}: secure aggregation aborted, {count} sites {what},"
+                f" {threshold} needed; nothing was unmasked" + (f" ({reasons})" if reasons else "")
+            )
+
+    # 1. keys
+    text = signed.to_text()
+    keys = _collect(
+        exchange(
+            grid,
+            {node: _step_content(run_id, round_number, text) for node in nodes},
+            message_type=wire.SECAGG_KEYS,
+            group=f"{round_number}.keys",
+            timeout_s=timeout,
+        ),
+        nodes,
+        "keys",
+    )
+    rejected.update(keys.rejected)
+    adverts: dict[str, Advertisement] = {}
+    for site, reply in keys.replies.items():
+        try:
+            advert = Advertisement.from_json(loads(_site_text(reply), "advertisement"))
+            if advert.site_id != site or advert.announcement_sha256 != digest:
+                raise PrivacyError("the advertisement names another site or round")
+            if site_keys is not None and (
+                site not in site_keys or not advert.verify(site_keys[site])
+            ):
+                raise PrivacyError("the advertisement is not signed by the site's registered key")
+        except (PrivacyError, wire.WireError) as exc:
+            rejected[site] = f"keys: {exc}"
+            continue
+        adverts[site] = advert
+    need(len(adverts), "sent keys")
+
+    # 2. train: every site gets every advertisement, and answers sealed shares
+    relay = dumps(
+        {"announcement": text, "adverts": [adverts[s].to_json() for s in sorted(adverts)]}
+    )
+    train_contents = {}
+    for site in sorted(adverts):
+        content = contents[by_site[site]]
+        config = dict(content.config_records[wire.CONFIG])
+        config[wire.SECAGG] = relay
+        train_contents[by_site[site]] = RecordDict(
+            {**dict(content.array_records), wire.CONFIG: ConfigRecord(config)}
+        )
+    trained = _collect(
+        exchange(
+            grid,
+            train_contents,
+            message_type="train",
+            group=str(round_number),
+            timeout_s=study.round_deadline_s,
+        ),
+        {by_site[s]: s for s in adverts},
+        "train",
+    )
+    rejected.update(trained.rejected)
+    updates: dict[str, SiteUpdate] = {}
+    shares: dict[str, list[SealedShare]] = {}
+    for site, reply in trained.replies.items():
+        result = validate_train_reply(
+            reply, global_arrays, sender=senders[by_site[site]], secure=True
+        )
+        if isinstance(result, Rejection):
+            rejected[site] = f"train: {result.reason}"
+            continue
+        try:
+            raw = loads(_site_text(reply), "shares")
+            if not isinstance(raw, list):
+                raise PrivacyError("shares: expected a list")
+            sealed = [SealedShare.from_json(item) for item in raw]
+            holders = sorted(item.holder for item in sealed)
+            if any(item.owner != site for item in sealed) or holders != sorted(
+                set(adverts) - {site}
+            ):
+                raise PrivacyError("shares: one sealed share for each other keyed site is needed")
+        except (PrivacyError, wire.WireError) as exc:
+            rejected[site] = f"train: {exc}"
+            continue
+        updates[site], shares[site] = result, sealed
+    need(len(updates), "trained and shared")
+
+    # 3. mask: against the sites that shared
+    shared = sorted(updates)
+    mask_contents = {
+        by_site[site]: _step_content(
+            run_id,
+            round_number,
+            dumps(
+                {
+                    "shared": shared,
+                    "shares": [
+                        item.to_json()
+                        for owner in shared
+                        for item in shares[owner]
+                        if item.holder == site
+                    ],
+                }
+            ),
+        )
+        for site in shared
+    }
+    masking = _collect(
+        exchange(
+            grid,
+            mask_contents,
+            message_type=wire.SECAGG_MASK,
+            group=f"{round_number}.mask",
+            timeout_s=timeout,
+        ),
+        {by_site[s]: s for s in shared},
+        "mask",
+    )
+    rejected.update(masking.rejected)
+    size = sum(int(array.size) for array in global_arrays.values())
+    masked: dict[str, np.ndarray] = {}
+    for site, reply in masking.replies.items():
+        try:
+            if payload_bytes(reply.content) > size * 4 + 1024:
+                raise PrivacyError(f"oversized masked update (over {size * 4} bytes)")
+            record = reply.content.array_records.get(wire.ARRAYS)
+            if record is None or list(record) != [wire.MASKED]:
+                raise PrivacyError("the reply carries no masked update")
+            vector = record[wire.MASKED].numpy()
+            if vector.dtype != np.uint32 or vector.shape != (size,):
+                raise PrivacyError(
+                    f"masked update is {vector.dtype} {vector.shape}, expected uint32 ({size},)"
+                )
+            if site_keys is not None:
+                signature = wire.get_value(reply.content, wire.SITE, wire.RECEIPT_SIGNATURE, str)
+                receipt = UpdateReceipt(
+                    run_id=run_id,
+                    study_sha256=announcement.study_sha256,
+                    round=round_number,
+                    model_sha256=model_sha256,
+                    update_sha256=masked_sha256(vector),
+                    site_id=site,
+                )
+                if not receipt.verify(site_keys[site], signature):
+                    raise PrivacyError(
+                        "the masked update's signature does not verify: altered in transit,"
+                        " replayed from another round or run"
+                    )
+        except (PrivacyError, wire.WireError) as exc:
+            rejected[site] = f"mask: {exc}"
+            continue
+        masked[site] = vector
+    for site in set(shared) - set(masked):
+        rejected.setdefault(site, "mask: dropped after sharing")
+    need(len(masked), "sent a masked update")
+
+    # 4. reveal: self-mask seeds of survivors, mask keys of the dropped
+    survivors = sorted(masked)
+    dropped = sorted(set(shared) - set(masked))
+    reveal_text = dumps({"survivors": survivors, "dropped": dropped})
+    revealing = _collect(
+        exchange(
+            grid,
+            {by_site[s]: _step_content(run_id, round_number, reveal_text) for s in survivors},
+            message_type=wire.SECAGG_REVEAL,
+            group=f"{round_number}.reveal",
+            timeout_s=timeout,
+        ),
+        {by_site[s]: s for s in survivors},
+        "reveal",
+    )
+    reveals: list[Reveal] = []
+    for site, reply in revealing.replies.items():
+        try:
+            reveal = reveal_from_json(loads(_site_text(reply), "reveal"))
+            if reveal.holder != site:
+                raise PrivacyError("the reveal names another holder")
+        except (PrivacyError, wire.WireError) as exc:
+            log.warning("round %d: reveal of %s set aside: %s", round_number, site, exc)
+            continue
+        reveals.append(reveal)
+    try:
+        total = unmask_weighted_sum(announcement, {s: adverts[s] for s in shared}, masked, reveals)
+    except SecAggAbort as exc:
+        raise RoundFailedError(
+            f"round {round_number}: secure aggregation aborted ({exc}); nothing was unmasked"
+        ) from exc
+    except PrivacyError as exc:
+        raise RoundFailedError(f"round {round_number}: secure aggregation failed: {exc}") from exc
+    survived = [updates[site] for site in survivors]
+    averaged, trained_by = _average(global_arrays, total, survived, announcement.weight_cap)
+    for site in rejected:
+        rejected[site] = rejected[site][:400]
+    return SecureOutcome(survived, rejected, averaged, trained_by, digest)
+
+
+def _average(
+    global_arrays: Mapping[str, np.ndarray],
+    total: np.ndarray,
+    survivors: Sequence[SiteUpdate],
+    weight_cap: int,
+) -> tuple[Arrays, dict[str, list[str]]]:
+    """global + sum / (sum of weights of the sites that trained the group), per group."""
+    averaged: Arrays = {}
+    trained_by: dict[str, list[str]] = {}
+    offset = 0
+    for name in sorted(global_arrays):
+        reference = global_arrays[name]
+        part = total[offset : offset + reference.size].reshape(reference.shape)
+        offset += reference.size
+        group = parameter_group(name)
+        takers = [u for u in survivors if group in u.trained_groups and u.num_examples > 0]
+        trained_by[group] = sorted(u.site_id for u in takers)
+        weight = sum(min(u.num_examples, weight_cap) / weight_cap for u in takers)
+        if weight <= 0:
+            averaged[name] = np.array(reference, copy=True)
+            continue
+        averaged[name] = (reference.astype(np.float64) + part / weight).astype(reference.dtype)
+    return averaged, trained_by

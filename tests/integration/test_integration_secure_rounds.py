@@ -1,0 +1,250 @@
+"""Secure aggregation through the real round loop and the real ClientApp handlers of demo
+sites (in-process, over a fake Grid): the coordinator's new model is checked against the
+plain weighted average of the updates the sites kept (their stored replies), which the
+coordinator never saw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from client import client_app
+from client.config import load_site_config
+from client.reply_cache import ReplyCache
+from coordinator.errors import RoundFailedError
+from model import wire
+from model.network import arrays_sha256
+from privacy.secagg_protocol import Announcement, SignedAnnouncement
+from privacy.signing import SigningKey
+from tests.integration.test_integration_rounds import (
+    HANDLERS,
+    RUN_ID,
+    Arrays,
+    Consortium,
+    FakeGrid,
+    Reports,
+    consortium,
+    run,
+    study,
+)
+
+pytestmark = [
+    pytest.mark.usefixtures("server_identity", "status_queries"),
+    pytest.mark.slow,
+]
+
+
+@pytest.fixture
+def status_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sites answer the status query: a secure round needs each site's identity first."""
+    monkeypatch.setitem(HANDLERS, MessageType.QUERY, client_app.query)  # type: ignore[arg-type]
+
+
+def secure_study(**changes: Any) -> Any:
+    return study(secure_aggregation=True, num_server_rounds=1, **changes)
+
+
+def stored_update(sites: Consortium, site: str, round_number: int) -> tuple[Arrays, int]:
+    """The plain update a site trained (kept in its reply store, never sent)."""
+    config = load_site_config(sites.site_toml(site))
+    cache = ReplyCache(config.state_dir / "replies")
+    path_npz, path_json = cache._paths(RUN_ID, round_number)  # the test reads the store
+    meta = json.loads(path_json.read_text())
+    with np.load(path_npz, allow_pickle=False) as data:
+        arrays = {name: data[f"arr_{i}"] for i, name in enumerate(meta["names"])}
+    return arrays, int(meta["train_examples"])
+
+
+def plain_average(global_arrays: Arrays, updates: list[tuple[Arrays, int]]) -> Arrays:
+    total = sum(weight for _, weight in updates)
+    return {
+        name: sum(arrays[name].astype(np.float64) * w for arrays, w in updates) / total
+        for name in global_arrays
+    }
+
+
+def train_model(grid: FakeGrid, group: str = "1") -> Arrays:
+    """The global model the sites received for training in round `group`."""
+    return next(d.arrays for d in grid.deliveries if d.message_type == "train" and d.group == group)
+
+
+def test_the_unmasked_average_equals_the_plain_average_of_the_sites_updates(
+    tmp_path: Path,
+) -> None:
+    settings = secure_study()
+    sites = consortium(tmp_path, settings)
+    grid = FakeGrid(sites.contexts())
+    results = run(grid, settings)
+    assert results.status == "completed"
+    assert sorted(results.per_round[0].participants) == sorted(sites.nodes.values())
+    # No train reply carried arrays: the coordinator saw only masked vectors.
+    for delivery in grid.deliveries:
+        if delivery.message_type == "train":
+            assert wire.ARRAYS not in delivery.reply.content.array_records
+        if delivery.message_type == wire.SECAGG_MASK:
+            masked = delivery.reply.content.array_records[wire.ARRAYS][wire.MASKED].numpy()
+            assert masked.dtype == np.uint32
+    received = train_model(grid)
+    expected = plain_average(
+        received, [stored_update(sites, site, 1) for site in sorted(sites.nodes.values())]
+    )
+    final = grid.deliveries[-1].arrays  # the final evaluation carries the new model
+    assert arrays_sha256(final) == results.per_round[0].model_sha256
+    for name, value in expected.items():
+        # Fixed point: clip 1 over 2**31 / 3 levels per site; far below float32 noise here.
+        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_site_that_drops_after_masking_is_recovered_below_the_threshold(
+    tmp_path: Path,
+) -> None:
+    settings = secure_study(min_sites=2)
+    sites = consortium(tmp_path, settings)
+    dropped = sites.node_of("hospital-2")
+    grid = FakeGrid(sites.contexts())
+
+    original_push = grid.push_messages
+
+    def push(messages: Any) -> Any:
+        messages = list(messages)
+        ids = list(original_push(messages))
+        for message, message_id in zip(messages, ids, strict=True):
+            if message.metadata.message_type == wire.SECAGG_MASK and (
+                message.metadata.dst_node_id == dropped
+            ):
+                grid._replies.pop(message_id, None)  # the masked update is lost
+        return ids
+
+    grid.push_messages = push  # type: ignore[method-assign]
+    results = run(grid, settings)
+    assert results.status == "completed"
+    record = results.per_round[0]
+    assert sorted(record.participants) == ["hospital-1", "hospital-3"]
+    assert "hospital-2" in record.rejected
+    received = train_model(grid)
+    expected = plain_average(
+        received, [stored_update(sites, site, 1) for site in ("hospital-1", "hospital-3")]
+    )
+    final = grid.deliveries[-1].arrays
+    for name, value in expected.items():
+        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_too_many_dropouts_after_masking_abort_without_unmasking(tmp_path: Path) -> None:
+    settings = secure_study(min_sites=2)
+    sites = consortium(tmp_path, settings)
+    gone = {sites.node_of("hospital-1"), sites.node_of("hospital-2")}
+    grid = FakeGrid(sites.contexts())
+    original_push = grid.push_messages
+
+    def push(messages: Any) -> Any:
+        messages = list(messages)
+        ids = list(original_push(messages))
+        for message, message_id in zip(messages, ids, strict=True):
+            if message.metadata.message_type == wire.SECAGG_MASK and (
+                message.metadata.dst_node_id in gone
+            ):
+                grid._replies.pop(message_id, None)
+        return ids
+
+    grid.push_messages = push  # type: ignore[method-assign]
+    with pytest.raises(RoundFailedError, match=r"aborted.*nothing was unmasked"):
+        run(grid, settings, Reports())
+    # No reveal was ever asked for.
+    assert not [d for d in grid.deliveries if d.message_type == wire.SECAGG_REVEAL]
+
+
+def test_a_coordinator_that_shows_one_site_another_model_is_refused(tmp_path: Path) -> None:
+    """A coordinator (holding its real key) announces hospital-3 a different model, then
+    relays hospital-3's keys to the others as if all was well: hospital-3's own checks
+    pass, but the others see that its keys name another announcement, and refuse."""
+    key_path = tmp_path / "coordinator.key"
+    coordinator = SigningKey.generate()
+    coordinator.save(key_path)
+    settings = secure_study(coordinator_key=str(key_path), min_sites=2)
+    sites = consortium(tmp_path / "sites", settings)
+    target = sites.node_of("hospital-3")
+    grid: FakeGrid
+
+    def forge(node: int, message: Message) -> Message:
+        kind = message.metadata.message_type
+        if kind not in ("train", wire.SECAGG_KEYS):
+            return message
+        content = message.content
+        config = dict(content.config_records[wire.CONFIG])
+        if kind == wire.SECAGG_KEYS and node == target:
+            signed = SignedAnnouncement.from_text(str(config[wire.SECAGG]))
+            fields = dict(signed.announcement.__dict__)
+            fields["model_sha256"] = "f" * 64
+            config[wire.SECAGG] = SignedAnnouncement.sign(
+                Announcement(**fields), coordinator
+            ).to_text()
+        elif kind == "train" and node != target:
+            # Relay hospital-3's keys (made for the other announcement) to the others.
+            keys = next(
+                d.reply
+                for d in grid.deliveries
+                if d.node == target and d.message_type == wire.SECAGG_KEYS
+            )
+            advert = json.loads(str(keys.content.config_records[wire.SITE][wire.SECAGG]))
+            relay = json.loads(str(config[wire.SECAGG]))
+            relay["adverts"].append(advert)
+            config[wire.SECAGG] = json.dumps(relay)
+        else:
+            return message
+        forged = Message(
+            RecordDict({**dict(content.array_records), wire.CONFIG: ConfigRecord(config)}),
+            dst_node_id=node,
+            message_type=kind,
+            group_id=message.metadata.group_id,
+        )
+        forged.metadata.__dict__["_message_id"] = message.metadata.message_id
+        return forged
+
+    grid = FakeGrid(sites.contexts(), in_transit=forge)
+    with pytest.raises(RoundFailedError, match="secure aggregation aborted") as failure:
+        run(grid, settings)
+    assert "'hospital-3' was shown a different announcement" in str(failure.value)
+    # Neither honest site dealt shares or sent anything of its update.
+    for delivery in grid.deliveries:
+        if delivery.message_type == "train":
+            assert delivery.reply.has_error()
+
+
+def test_a_model_swapped_under_a_true_announcement_is_refused(tmp_path: Path) -> None:
+    settings = secure_study(min_sites=2)
+    sites = consortium(tmp_path, settings)
+    target = sites.node_of("hospital-1")
+
+    def swap(node: int, message: Message) -> Message:
+        if node != target or message.metadata.message_type != "train":
+            return message
+        content = message.content
+        arrays = wire.record_to_arrays(content)
+        arrays = {name: (a + 0.5).astype(np.float32) for name, a in arrays.items()}
+        config = dict(content.config_records[wire.CONFIG])
+        config[wire.MODEL_SHA256] = arrays_sha256(arrays)
+        swapped = Message(
+            RecordDict(
+                {
+                    wire.ARRAYS: wire.arrays_to_record(arrays, packed=True),
+                    wire.CONFIG: ConfigRecord(config),
+                }
+            ),
+            dst_node_id=node,
+            message_type="train",
+            group_id=message.metadata.group_id,
+        )
+        swapped.metadata.__dict__["_message_id"] = message.metadata.message_id
+        return swapped
+
+    grid = FakeGrid(sites.contexts(), in_transit=swap)
+    results = run(grid, settings)
+    record = results.per_round[0]
+    assert "hospital-1" not in record.participants
+    assert "not the one announced" in record.rejected["hospital-1"]

@@ -1,0 +1,230 @@
+"""The secure-aggregation messages, played between in-process sites and a coordinator:
+the recovered sum is checked against the plain sum of the weighted updates."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from privacy.errors import SecAggAbort, SecAggError, UnsafeUnmaskError
+from privacy.identity import identity_check, issue_identity_certificate
+from privacy.pki import create_ca
+from privacy.secagg_protocol import (
+    Advertisement,
+    Announcement,
+    SealedShare,
+    SignedAnnouncement,
+    SiteRound,
+    reveal_from_json,
+    reveal_to_json,
+    unmask_weighted_sum,
+    weighted_delta,
+)
+from privacy.signing import SigningKey
+
+SITES = ("a", "b", "c", "d", "e")
+
+
+@pytest.fixture(scope="module")
+def consortium() -> tuple[dict[str, SigningKey], dict[str, str], bytes]:
+    ca_key, ca_cert = create_ca("test CA", valid_days=2)
+    keys = {site: SigningKey.generate() for site in SITES}
+    certs = {
+        site: issue_identity_certificate(ca_key, ca_cert, site, key.public, valid_days=1).decode()
+        for site, key in keys.items()
+    }
+    from cryptography.hazmat.primitives import serialization
+
+    return keys, certs, ca_cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _announce(coordinator: SigningKey, **overrides: object) -> SignedAnnouncement:
+    fields: dict[str, object] = {
+        "run_id": "run-1",
+        "study_sha256": "1" * 64,
+        "round": 3,
+        "model_sha256": "2" * 64,
+        "sites": SITES,
+        "threshold": 3,
+        "clip": 4.0,
+        "weight_cap": 100,
+    }
+    fields.update(overrides)
+    return SignedAnnouncement.sign(Announcement(**fields), coordinator)  # type: ignore[arg-type]
+
+
+def _play(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+    updates: dict[str, np.ndarray],
+    *,
+    drop_before_share: frozenset[str] = frozenset(),
+    drop_after_mask: frozenset[str] = frozenset(),
+) -> np.ndarray:
+    keys, certs, ca_pem = consortium
+    coordinator = SigningKey.generate()
+    signed = _announce(coordinator)
+    check = identity_check(ca_pem)
+    rounds = {site: SiteRound(signed, site, keys[site], certs[site]) for site in SITES}
+    # Everything crosses as JSON, as on the wire.
+    adverts = [Advertisement.from_json(rounds[s].advertisement.to_json()) for s in SITES]
+    sealed: dict[str, list[SealedShare]] = {}
+    for site in SITES:
+        if site in drop_before_share:
+            continue
+        rounds[site].check_peers(adverts, check)
+        sealed[site] = [
+            SealedShare.from_json(s.to_json()) for s in rounds[site].deal(updates[site])
+        ]
+    shared = sorted(sealed)
+    masked = {}
+    for site in shared:
+        mine = [s for owner in shared for s in sealed[owner] if s.holder == site]
+        vector = rounds[site].mask(shared, mine)
+        if site not in drop_after_mask:
+            masked[site] = vector
+    survivors = sorted(masked)
+    dropped = sorted(set(shared) - set(masked))
+    reveals = [
+        reveal_from_json(reveal_to_json(rounds[site].reveal(survivors, dropped)))
+        for site in survivors
+    ]
+    by_site = {a.site_id: a for a in adverts if a.site_id in shared}
+    return unmask_weighted_sum(signed.announcement, by_site, masked, reveals)
+
+
+def _updates(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {site: rng.uniform(-3.0, 3.0, size=1000) for site in SITES}
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(set(), set()), ({"b"}, set()), (set(), {"c"}), ({"a"}, {"e"}), (set(), {"b", "d"})],
+)
+def test_sum_equals_plain_sum_with_dropouts(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+    before: set[str],
+    after: set[str],
+) -> None:
+    updates = _updates(len(before) * 10 + len(after))
+    total = _play(
+        consortium, updates, drop_before_share=frozenset(before), drop_after_mask=frozenset(after)
+    )
+    expected = sum(updates[s] for s in SITES if s not in before | after)
+    # Fixed point: 2**31 / 5 levels over [-4, 4]; each summand off by at most half a level.
+    step = 4.0 / ((2**31 - 1) // 5)
+    assert np.max(np.abs(total - expected)) <= len(SITES) * step
+
+
+def test_more_dropouts_than_the_threshold_allows_abort(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    with pytest.raises(SecAggAbort):
+        _play(consortium, _updates(1), drop_after_mask=frozenset({"a", "b", "c"}))
+
+
+def test_a_site_shown_another_announcement_refuses(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    keys, certs, ca_pem = consortium
+    coordinator = SigningKey.generate()
+    honest = _announce(coordinator)
+    other = _announce(coordinator, model_sha256="3" * 64)
+    rounds = {s: SiteRound(other if s == "e" else honest, s, keys[s], certs[s]) for s in SITES}
+    adverts = [rounds[s].advertisement for s in SITES]
+    with pytest.raises(SecAggError, match="different announcement"):
+        rounds["a"].check_peers(adverts, identity_check(ca_pem))
+    with pytest.raises(SecAggError, match="different announcement"):
+        rounds["e"].check_peers(adverts, identity_check(ca_pem))
+
+
+def test_forged_advertisement_and_foreign_certificate_are_refused(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    keys, certs, ca_pem = consortium
+    signed = _announce(SigningKey.generate())
+    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
+    adverts = [rounds[s].advertisement for s in SITES]
+    # The coordinator swaps in its own key for site b, keeping b's certificate.
+    impostor = SiteRound(signed, "b", SigningKey.generate(), certs["b"]).advertisement
+    with pytest.raises(SecAggError, match="bad signature"):
+        rounds["a"].check_peers(
+            [impostor if a.site_id == "b" else a for a in adverts], identity_check(ca_pem)
+        )
+    # A certificate from another CA.
+    other_key, other_ca = create_ca("other CA", valid_days=2)
+    rogue = issue_identity_certificate(other_key, other_ca, "b", keys["b"].public, valid_days=1)
+    with pytest.raises(SecAggError, match="not issued by the consortium CA"):
+        identity_check(ca_pem)("b", rogue.decode())
+    # b's certificate presented as c's.
+    with pytest.raises(SecAggError, match="names another site"):
+        identity_check(ca_pem)("c", certs["b"])
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
+    with pytest.raises(SecAggError, match="expired"):
+        identity_check(ca_pem, now=later)("b", certs["b"])
+
+
+def test_a_tampered_share_does_not_open(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    keys, certs, ca_pem = consortium
+    signed = _announce(SigningKey.generate())
+    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
+    adverts = [rounds[s].advertisement for s in SITES]
+    sealed = {}
+    for site in SITES:
+        rounds[site].check_peers(adverts, identity_check(ca_pem))
+        sealed[site] = rounds[site].deal(np.zeros(10))
+    mine = [s for owner in SITES for s in sealed[owner] if s.holder == "a"]
+    flipped = mine[0].ciphertext[:-2] + ("00" if mine[0].ciphertext[-2:] != "00" else "01")
+    mine[0] = SealedShare(mine[0].owner, mine[0].holder, mine[0].nonce, flipped)
+    with pytest.raises(SecAggError, match="tampered"):
+        rounds["a"].mask(list(SITES), mine)
+
+
+def test_a_holder_reveals_once_and_never_both_kinds(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    keys, certs, ca_pem = consortium
+    signed = _announce(SigningKey.generate())
+    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
+    adverts = [rounds[s].advertisement for s in SITES]
+    sealed = {}
+    for site in SITES:
+        rounds[site].check_peers(adverts, identity_check(ca_pem))
+        sealed[site] = rounds[site].deal(np.zeros(10))
+    for site in SITES:
+        rounds[site].mask(list(SITES), [s for o in SITES for s in sealed[o] if s.holder == site])
+    rounds["a"].reveal(["a", "b", "c", "d"], ["e"])
+    with pytest.raises(SecAggError, match="unmasked already"):
+        rounds["a"].reveal(["a", "b", "c", "e"], ["d"])
+    with pytest.raises(UnsafeUnmaskError):
+        rounds["b"].reveal(["a", "b", "c", "d", "e"], ["e"])
+
+
+def test_the_masked_update_looks_uniform(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    """A constant update, masked: its residues fill [0, 2**32) evenly (chi-square)."""
+    keys, certs, ca_pem = consortium
+    signed = _announce(SigningKey.generate())
+    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
+    adverts = [rounds[s].advertisement for s in SITES]
+    sealed = {}
+    for site in SITES:
+        rounds[site].check_peers(adverts, identity_check(ca_pem))
+        sealed[site] = rounds[site].deal(np.full(40_000, 1.5))
+    vector = rounds["a"].mask(list(SITES), [s for o in SITES for s in sealed[o] if s.holder == "a"])
+    from scipy import stats
+
+    counts = np.bincount((vector >> np.uint32(28)).astype(np.int64), minlength=16)
+    assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_weighted_delta_weighs_by_patients() -> None:
+    received = {"w": np.ones((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    trained = {"w": np.full((2, 2), 3.0, np.float32), "b": np.ones(3, np.float32)}
+    out = weighted_delta(trained, received, patients=25, weight_cap=100)
+    np.testing.assert_allclose(out, [0.25, 0.25, 0.25, 0.5, 0.5, 0.5, 0.5])
