@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from client.config import (
     SITE_TOML,
     CoordinatorSection,
@@ -28,6 +31,7 @@ from coordinator.consortium import ConsortiumConfig, SiteEntry
 from medfed.errors import MedfedError
 from privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
 from privacy.errors import PrivacyError
+from privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
 from privacy.pki import (
     CA_CERT_NAME,
     SERVER_CERT_NAME,
@@ -36,6 +40,7 @@ from privacy.pki import (
     create_supernode_keys,
     issue_server_certificate,
     load_certificate,
+    load_ec_private_key,
     pem_certificate,
     pem_private_key,
     write_atomic,
@@ -51,6 +56,8 @@ SIGNING_PUBLIC_KEY_NAME = "site-signing.pub"
 OFFICER_PUBLIC_KEY_NAME = "officer.pub"
 README_NAME = "README.txt"
 APP_SIGNING_KEY_NAME = "app-signing.key"
+COORDINATOR_KEY_NAME = "coordinator-signing.key"
+COORDINATOR_PUBLIC_KEY_NAME = "coordinator.pub"
 APP_SIGNING_PUBLIC_KEY_NAME = "app-signing.pub"
 APP_SIGNING_KEY_ID = "medfed-consortium"
 """The id under which sites trust the consortium's app-signing key (trusted-entities.yaml)."""
@@ -112,6 +119,11 @@ class PkiLayout:
     @property
     def app_signing_key(self) -> Path:
         return self.ca_dir / APP_SIGNING_KEY_NAME
+
+    @property
+    def coordinator_key(self) -> Path:
+        """The coordinator's key for signed round announcements (sites pin its public half)."""
+        return self.superlink_dir / COORDINATOR_KEY_NAME
 
     @property
     def app_signing_public_key(self) -> Path:
@@ -183,9 +195,16 @@ def provision(
         app_key.save(staged.app_signing_key)
         app_key.public.save(staged.app_signing_public_key)
         trusted = trusted_entities_yaml({APP_SIGNING_KEY_ID: app_key.public})
+        coordinator = SigningKey.generate()
+        coordinator.save(staged.coordinator_key)
         for site in config.sites:
             _write_site_kit(
-                staged.site_dir(site.id), site, config, pem_certificate(ca_cert), trusted
+                staged.site_dir(site.id),
+                site,
+                config,
+                pem_certificate(ca_cert),
+                trusted,
+                identity=(ca_key, ca_cert, coordinator.public),
             )
         staged.sites_dir.mkdir(exist_ok=True)
     return ProvisionReport(layout, True, tuple(site.id for site in config.sites))
@@ -217,9 +236,10 @@ def _add_sites(
                 f"{layout.site_dir(site_id)} exists already; nothing was re-issued"
             )
         sites.append(site)
+    identity = _identity_issuer(layout)
     for site in sites:
         with _staging(layout.site_dir(site.id)) as stage:
-            _write_site_kit(stage, site, config, ca_pem, trusted)
+            _write_site_kit(stage, site, config, ca_pem, trusted, identity=identity)
     return ProvisionReport(layout, False, site_ids)
 
 
@@ -249,8 +269,29 @@ def _trusted_entities(layout: PkiLayout) -> str:
     return trusted_entities_yaml({APP_SIGNING_KEY_ID: public})
 
 
+Identity = tuple[ec.EllipticCurvePrivateKey, x509.Certificate, VerifyKey]
+"""The CA that issues sites' identity certificates, and the coordinator's public key."""
+
+
+def _identity_issuer(layout: PkiLayout) -> Identity:
+    """The existing CA (to issue a new site's identity certificate) and coordinator key."""
+    try:
+        coordinator = SigningKey.load(layout.coordinator_key).public
+    except PrivacyError as exc:
+        raise ProvisionError(
+            f"{exc}; this PKI predates secure aggregation: re-provision it to add one"
+        ) from exc
+    return load_ec_private_key(layout.ca_key), load_certificate(layout.ca_cert), coordinator
+
+
 def _write_site_kit(
-    kit: Path, site: SiteEntry, config: ConsortiumConfig, ca_pem: bytes, trusted: str
+    kit: Path,
+    site: SiteEntry,
+    config: ConsortiumConfig,
+    ca_pem: bytes,
+    trusted: str,
+    *,
+    identity: Identity,
 ) -> None:
     """One site's startup kit: what its operator needs to join, and nothing of the CA's."""
     kit.mkdir(parents=True, exist_ok=True)
@@ -262,12 +303,23 @@ def _write_site_kit(
     signing = SigningKey.generate()
     signing.save(kit / SIGNING_KEY_NAME)
     signing.public.save(kit / SIGNING_PUBLIC_KEY_NAME)
+    ca_key, ca_cert, coordinator = identity
+    write_atomic(
+        kit / IDENTITY_CERT_NAME,
+        issue_identity_certificate(
+            ca_key, ca_cert, site.id, signing.public, valid_days=config.consortium.cert_valid_days
+        ),
+    )
+    coordinator.save(kit / COORDINATOR_PUBLIC_KEY_NAME)
     site_config = SiteConfig(
         site=SiteSection(
             id=site.id,
             name=site.name,
             signing_key=Path(SIGNING_KEY_NAME),
             officer_public_key=Path(OFFICER_PUBLIC_KEY_NAME),
+            identity_certificate=Path(IDENTITY_CERT_NAME),
+            consortium_ca=Path(CA_CERT_NAME),
+            coordinator_public_key=Path(COORDINATOR_PUBLIC_KEY_NAME),
         ),
         privacy=TEMPLATE_POLICY,
         coordinator=CoordinatorSection(

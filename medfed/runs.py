@@ -149,13 +149,17 @@ def _copy_site_keys(layout: PkiLayout, config: ConsortiumConfig, dest: Path) -> 
     return copied
 
 
-def _run_config(study: StudySettings, folder: Path, *, resume: bool) -> dict[str, object]:
+def _run_config(
+    study: StudySettings, folder: Path, *, resume: bool, pki: PkiLayout | None = None
+) -> dict[str, object]:
     config: dict[str, object] = {
         **study.to_run_config(),
         "results-path": str(folder / RESULTS_NAME),
         "run-dir": str(folder),
         "resume": resume,
     }
+    if pki is not None and pki.coordinator_key.is_file():  # signs round announcements
+        config["coordinator-key"] = str(pki.coordinator_key.resolve())
     if (folder / SITE_KEYS_DIR).is_dir():
         config["site-keys-dir"] = str(folder / SITE_KEYS_DIR)
     return config
@@ -227,7 +231,7 @@ def start_run(
     record = RunRecord(name, study.name, study.sha256(), moment.isoformat())
     record.pki = "" if pki is None else str(pki.root.resolve())
     record.save(folder)
-    app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=False))
+    app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=False, pki=pki))
     record.flower_run_ids.append(_submit(flwr, config, app_dir, key))
     record.save(folder)
     return view(folder)
@@ -252,7 +256,7 @@ def resume_run(
     if current is not None and current.status == "completed":
         raise RunError(f"run {name} has completed; there is nothing to resume")
     shutil.rmtree(folder / "app", ignore_errors=True)
-    app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=True))
+    app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=True, pki=pki))
     record.flower_run_ids.append(_submit(flwr, config, app_dir, key))
     record.stopped = False
     record.save(folder)

@@ -116,9 +116,19 @@ def test_provision_writes_ca_superlink_and_site_kits(tmp_path: Path) -> None:
 
     kit = layout.site_dir("hospital-1")
     assert sorted(p.name for p in kit.iterdir()) == [
-        "README.txt", "ca.pem", "site-signing.key", "site-signing.pub", "site.toml",
-        "supernode.key", "supernode.key.pub", "trusted-entities.yaml",
+        "README.txt", "ca.pem", "coordinator.pub", "site-identity.pem", "site-signing.key",
+        "site-signing.pub", "site.toml", "supernode.key", "supernode.key.pub",
+        "trusted-entities.yaml",
     ]  # fmt: skip
+    # The CA vouches that hospital-1's signing key is hospital-1's (secure aggregation),
+    # and the kit pins the coordinator's announcement key.
+    from privacy.identity import identity_check
+    from privacy.signing import VerifyKey
+
+    check = identity_check(layout.ca_cert.read_bytes())
+    identity = (kit / "site-identity.pem").read_text()
+    assert check("hospital-1", identity) == VerifyKey.load(kit / "site-signing.pub")
+    assert VerifyKey.load(kit / "coordinator.pub") == SigningKey.load(layout.coordinator_key).public
     # Each site trusts the consortium's app-signing key, which stays with the CA.
     app_key = SigningKey.load(layout.app_signing_key)
     assert _mode(layout.app_signing_key) == 0o600
