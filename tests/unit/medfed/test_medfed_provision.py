@@ -123,7 +123,6 @@ def test_provision_writes_ca_superlink_and_site_kits(tmp_path: Path) -> None:
     # The CA vouches that hospital-1's signing key is hospital-1's (secure aggregation),
     # and the kit pins the coordinator's announcement key.
     from privacy.identity import identity_check
-    from privacy.signing import VerifyKey
 
     check = identity_check(layout.ca_cert.read_bytes())
     identity = (kit / "site-identity.pem").read_text()
