@@ -209,6 +209,7 @@ def train(msg: Message, context: Context) -> Message:
             delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
             proximal_mu=_optional(content, wire.PROXIMAL_MU, float) or 0.0,
             secagg=_optional(content, wire.SECAGG, str) or "",
+            model_identity=_optional(content, wire.MODEL_IDENTITY, str) or "",
         )
         reply = site_api(context).train(request)
     except REFUSALS as exc:
@@ -297,6 +298,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             preset=_preset(content),
             contract_json=wire.get_value(content, wire.CONFIG, wire.CONTRACT, str),
             contract_sha256=wire.get_value(content, wire.CONFIG, wire.CONTRACT_SHA256, str),
+            model_identity=_optional(content, wire.MODEL_IDENTITY, str) or "",
         )
         reply = site_api(context).evaluate(request)
     except REFUSALS as exc:

@@ -249,6 +249,7 @@ def train_request(frame: Frame) -> TrainRequest:
         local_steps=_take(frame, "local_steps", int),
         proximal_mu=_finite(frame, "proximal_mu"),
         secagg=_optional(frame, "secagg", str) or "",
+        model_identity=_optional(frame, "model_identity", str) or "",
         **floats,
     )
 
@@ -263,6 +264,7 @@ def evaluate_request(frame: Frame) -> EvaluateRequest:
         preset=_preset(frame),
         contract_json=_take(frame, "contract_json", str),
         contract_sha256=_take(frame, "contract_sha256", str),
+        model_identity=_optional(frame, "model_identity", str) or "",
     )
 
 

@@ -68,6 +68,7 @@ class TrainRequest:
     delta: float
     proximal_mu: float = 0.0  # FedProx's mu; 0: plain local training
     secagg: str = ""  # secure aggregation: the signed announcement and every site's keys (JSON)
+    model_identity: str = ""  # `model.network.model_identity`; the site checks it when given
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class EvaluateRequest:
     preset: PresetName
     contract_json: str  # the study's contract, canonical JSON (decoded at the worker)
     contract_sha256: str
+    model_identity: str = ""  # `model.network.model_identity`; the site checks it when given
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from model.network import (
     arrays_sha256,
     build_model,
     load_arrays,
+    model_identity,
     parameter_group,
     state_arrays,
 )
@@ -179,8 +180,18 @@ class SiteTrainer:
         return len(self._data.train)
 
     def _model_for(
-        self, arrays: Mapping[str, np.ndarray], digest: str, preset: PresetName
+        self,
+        arrays: Mapping[str, np.ndarray],
+        digest: str,
+        preset: PresetName,
+        identity: str = "",
     ) -> MedModel:
+        expected = model_identity(preset, self._contract)
+        if identity and identity != expected:
+            raise SiteRefusal(
+                f"the coordinator's model is {identity!r}, this site's code builds"
+                f" {expected!r} for the study: refusing a model it does not run"
+            )
         actual = arrays_sha256(arrays)
         if actual != digest:
             raise SiteRefusal(
@@ -247,7 +258,9 @@ class SiteTrainer:
                 f"run {request.run_id} round {request.round} was already trained here;"
                 " training it again would spend privacy twice"
             )
-        model = self._model_for(request.arrays, request.model_sha256, request.preset)
+        model = self._model_for(
+            request.arrays, request.model_sha256, request.preset, request.model_identity
+        )
         anchor = {name: tensor.detach().clone() for name, tensor in model.named_parameters()}
         freeze_untrained(model, self._groups)
         train_set = TensorDataset(*self._train)
@@ -332,5 +345,7 @@ class SiteTrainer:
                 f"the dataset has {self.train_patients} training patients, fewer than"
                 f" the site's minimum cohort {minimum}; no metric is reported"
             )
-        model = self._model_for(request.arrays, request.model_sha256, request.preset)
+        model = self._model_for(
+            request.arrays, request.model_sha256, request.preset, request.model_identity
+        )
         return EvaluateReply(site_id=self.site_id, result=self._check(model))

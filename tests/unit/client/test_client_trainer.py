@@ -305,6 +305,18 @@ def test_a_model_that_does_not_match_its_digest_is_refused(site_toml: Path) -> N
     assert spend_rows(site_toml) == []
 
 
+def test_a_model_of_another_architecture_or_preset_is_refused(site_toml: Path) -> None:
+    """Same names and shapes are not enough: the coordinator names what the model is."""
+    request = train_request(STUDY)
+    trainer = trainer_of(site_toml)
+    other = f"medfed-fusion/99/small/{request.contract_sha256}"
+    with pytest.raises(SiteRefusal, match="does not run"):
+        trainer.train(replace(request, model_identity=other))
+    with pytest.raises(SiteRefusal, match="does not run"):
+        trainer.evaluate(replace(evaluate_request(request.arrays), model_identity=other))
+    assert spend_rows(site_toml) == []
+
+
 def test_a_contract_that_does_not_match_its_digest_is_refused(site_toml: Path) -> None:
     from client.site_api import SiteService
 

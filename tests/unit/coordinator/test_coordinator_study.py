@@ -56,6 +56,10 @@ STRATEGY_DEFAULTS: dict[str, Any] = {
     "run-dir": "",
     "resume": False,
     "app-signature": "",
+    "secure-aggregation": True,
+    "secagg-clip": 1.0,
+    "secagg-threshold": 0,
+    "coordinator-key": "",
 }
 """Optional keys (strategy, deadline, checkpoints) and their defaults."""
 """Where a run writes: not part of the study, so not required and not in its digest."""
