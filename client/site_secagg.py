@@ -222,6 +222,35 @@ class SiteSecAgg:
             return self._round(run_id, round_number).announcement.study_sha256
 
 
+def identity_problem(config: SiteConfig) -> str | None:
+    """Why this site could not take part in a secure round, or None: the identity
+    certificate and CA named, readable, issued by that CA to this site id for this
+    site's own signing key, and valid now (within 30 days of expiry is a problem too:
+    renew it with `medfed provision --renew` before rounds start failing)."""
+    import datetime as dt
+
+    site = config.site
+    cert = config.optional_path(site.identity_certificate)
+    ca = config.optional_path(site.consortium_ca)
+    if cert is None or ca is None:
+        return "[site] identity_certificate and consortium_ca are not set: secure rounds refused"
+    try:
+        pem = _read(cert).decode()
+        check = identity_check(_read(ca))
+        key = check(config.site.id, pem)
+        if key != SigningKey.load(config.signing_key_path).public:
+            return f"{cert}: certifies another key than the site's signing key"
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+        identity_check(_read(ca), now=later)(config.site.id, pem)
+    except SecAggError as exc:
+        if "expired" in str(exc):
+            return f"{cert}: expires within 30 days; renew the site's kit"
+        return f"{cert}: {exc}"
+    except (PrivacyError, SiteRefusal, UnicodeDecodeError) as exc:
+        return f"{cert}: {exc}"
+    return None
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()

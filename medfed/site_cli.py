@@ -45,6 +45,8 @@ class SiteCheck:
     bundles: dict[str, object] = field(default_factory=dict)
     """Which app bundles the site runs (`bundle_check_of`)."""
     bundles_problem: str | None = None
+    identity_problem: str | None = None
+    """Why secure rounds would be refused here (`client.site_secagg.identity_problem`)."""
 
     @property
     def problems(self) -> list[DataProblem]:
@@ -54,6 +56,12 @@ class SiteCheck:
         if self.bundles_problem is not None:
             found.append(
                 DataProblem(str(self.site_toml), None, None, f"app bundles: {self.bundles_problem}")
+            )
+        if self.identity_problem is not None and not self.identity_problem.startswith(NOT_SET):
+            found.append(
+                DataProblem(
+                    str(self.site_toml), None, None, f"secure aggregation: {self.identity_problem}"
+                )
             )
         if self.accelerator_problem is not None:
             found.append(
@@ -86,8 +94,16 @@ class SiteCheck:
             },
             "credentials": [{"path": p, "exists": e} for p, e in self.credentials.items()],
             "bundles": {**self.bundles, "problem": self.bundles_problem},
+            "secure_aggregation": {
+                "ready": self.identity_problem is None,
+                "problem": self.identity_problem,
+            },
             "problems": [problem_json(problem) for problem in self.problems],
         }
+
+
+NOT_SET = "[site] identity_certificate and consortium_ca are not set"
+"""Not set up for secure aggregation: warned, not a problem (studies may run without it)."""
 
 
 def load_study_contract(path: Path | None) -> StudyContract:
@@ -158,6 +174,8 @@ def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
     data = load_site_data(config, contract)
     credentials = {str(path): path.is_file() for path in credential_paths(config)}
     bundles, bundles_problem = bundle_check_of(config)
+    from client.site_secagg import identity_problem
+
     return SiteCheck(
         site_toml=site_toml,
         site_id=config.site.id,
@@ -168,6 +186,7 @@ def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
         credentials=credentials,
         bundles=bundles,
         bundles_problem=bundles_problem,
+        identity_problem=identity_problem(config),
     )
 
 
@@ -239,6 +258,10 @@ def _print_check(check: SiteCheck, console: object) -> None:
                            " (allow_unsigned_bundles = true)", style="bold red"))  # fmt: skip
     elif check.bundles.get("trusted_ids"):
         console.print(Text("app bundles signed by: " + ", ".join(check.bundles["trusted_ids"])))  # type: ignore[arg-type]
+    if check.identity_problem is not None and check.identity_problem.startswith(NOT_SET):
+        console.print(
+            Text(f"WARNING: secure aggregation: {check.identity_problem}", style="bold red")
+        )
     problems = check.problems
     for problem in problems:
         console.print(Text(f"problem: {problem}"), soft_wrap=True)

@@ -238,3 +238,61 @@ def test_a_site_with_a_coordinator_but_no_trusted_entities_fails_the_check(site:
     assert code == 1
     messages = [problem["message"] for problem in document["problems"]]  # type: ignore[attr-defined]
     assert any("coordinator.trusted_entities: not set" in message for message in messages)
+
+
+def _with_identity(site: Path, *, site_id: str, own_key: bool, days: int = 60) -> None:
+    """Give the site a signing key and an identity certificate from a fresh CA."""
+    from cryptography.hazmat.primitives import serialization
+
+    from privacy.identity import issue_identity_certificate
+    from privacy.pki import create_ca
+    from privacy.signing import SigningKey
+
+    ca_key, ca_cert = create_ca("test CA", valid_days=90)
+    signing = SigningKey.generate()
+    (site / "keys" / "site.key").unlink()
+    signing.save(site / "keys" / "site.key")
+    certified = signing.public if own_key else SigningKey.generate().public
+    pem = issue_identity_certificate(ca_key, ca_cert, site_id, certified, valid_days=days)
+    (site / "keys" / "identity.pem").write_bytes(pem)
+    (site / "keys" / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    text = (site / "site.toml").read_text()
+    text = text.replace(
+        "[site]\n",
+        '[site]\nidentity_certificate = "keys/identity.pem"\nconsortium_ca = "keys/ca.pem"\n',
+        1,
+    )
+    (site / "site.toml").write_text(text)
+
+
+def test_secure_aggregation_readiness_is_reported(site: Path) -> None:
+    code, document = _check(site)
+    # Not set up: a warning in the report, not a failure (a study may run without it).
+    assert code == 0
+    readiness = document["secure_aggregation"]
+    assert isinstance(readiness, dict) and readiness["ready"] is False
+    assert "identity_certificate" in str(readiness["problem"])
+
+
+@pytest.mark.parametrize(
+    ("site_id", "own_key", "days", "expected"),
+    [
+        ("h1", True, 60, None),
+        ("h2", True, 60, "names another site"),
+        ("h1", False, 60, "another key than the site's signing key"),
+        ("h1", True, 10, "expires within 30 days"),
+    ],
+)
+def test_a_bad_identity_certificate_is_a_problem(
+    site: Path, site_id: str, own_key: bool, days: int, expected: str | None
+) -> None:
+    _with_identity(site, site_id=site_id, own_key=own_key, days=days)
+    code, document = _check(site)
+    readiness = document["secure_aggregation"]
+    assert isinstance(readiness, dict)
+    if expected is None:
+        assert code == 0 and readiness == {"ready": True, "problem": None}
+    else:
+        assert code == 1
+        assert expected in str(readiness["problem"])
+        assert any(expected in str(p) for p in document["problems"])  # type: ignore[union-attr]
