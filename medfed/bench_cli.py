@@ -187,30 +187,71 @@ def bench_secagg(
     sites: Annotated[str, typer.Option(help="Site counts, comma-separated.")] = "3,5,10",
     params: Annotated[str, typer.Option(help="Parameter counts, e.g. 1e5,1e6.")] = "1e5,1e6",
     repeats: Annotated[int, typer.Option(min=1, max=20, help="Rounds per row.")] = 1,
+    demo_rounds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=100,
+            help="Also run `medfed demo` with and without secure aggregation, this many rounds"
+            " each (minutes); 0: skip.",
+        ),
+    ] = 0,
+    demo_sites: Annotated[int, typer.Option(min=2, max=16, help="Sites of each demo.")] = 3,
+    demo_repeats: Annotated[
+        int, typer.Option(min=1, max=10, help="Pairs of demos, alternating which goes first.")
+    ] = 1,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
 ) -> None:
-    """Secure aggregation (mask, share, unmask, in-process) beside a plain float32 sum:
-    seconds and bytes uploaded per site, side by side."""
-    from bench.secagg import Options, run_benchmark
+    """Secure aggregation's real message protocol (keys, train, mask, reveal; in-process)
+    beside a plain round's packing and averaging: seconds per step and bytes uploaded per
+    site; with --demo-rounds, real demo rounds with and without it."""
+    from bench.secagg import Options, ProtocolBenchError, run_benchmark
+    from bench.secagg_demo import DemoComparison, compare
     from medfed import cli
+    from privacy.errors import PrivacyError
 
     site_counts, param_counts = _numbers(sites, name="sites"), _numbers(params, name="params")
     if min(site_counts) < 2:
         cli._fail("--sites: secure aggregation needs at least 2 sites", 2)
-    document = run_benchmark(Options(site_counts, param_counts, repeats))
+    try:
+        document = run_benchmark(Options(site_counts, param_counts, repeats))
+    except (PrivacyError, ProtocolBenchError) as exc:
+        cli._fail(f"the secure-aggregation protocol failed: {exc}")
+    if demo_rounds:
+        options = DemoComparison(rounds=demo_rounds, sites=demo_sites, repeats=demo_repeats)
+        document["demo_rounds"] = compare(options)
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
-        return
-    rows = document["rows"]
-    assert isinstance(rows, list)
-    for row in rows:
+    else:
+        _render_secagg(document)
+    demo = document.get("demo_rounds")
+    if isinstance(demo, dict) and not demo["ok"]:
+        cli._fail(f"the demo comparison failed: {demo['failure']}")
+
+
+def _render_secagg(document: dict[str, Any]) -> None:
+    from medfed import cli
+
+    for row in document["rows"]:
+        secure, plain = row["secure"], row["plain"]
         cli.stdout.print(
             Text(
-                f"{row['sites']} sites, {row['params']} params: plain sum {row['plain_sum_s']} s,"
-                f" SecAgg serial {row['secagg_round_serial_s']} s, critical path"
-                f" {row['critical_path_s']} s; upload x{row['upload_ratio_secagg_to_float32']}"
-                " of float32"
+                f"{row['sites']} sites, {row['params']:,} params: critical path secure"
+                f" {secure['critical_path_s']} s vs plain {plain['critical_path_s']} s (serial"
+                f" {secure['serial_s']} s vs {plain['serial_s']} s); upload"
+                f" x{row['upload_ratio_secure_to_float32']} of float32; error"
+                f" {row['max_abs_error_weighted_sum']:.2g} (bound"
+                f" {row['error_bound_weighted_sum']:.2g})"
+            )
+        )
+    demo = document.get("demo_rounds")
+    if isinstance(demo, dict) and demo["ok"]:
+        cli.stdout.print(
+            Text(
+                f"demo, {demo['sites']} sites x {demo['rounds']} rounds: median round secure"
+                f" {demo['secure']['duration_s_median']} s, plain"
+                f" {demo['plain']['duration_s_median']} s, ratio {demo['ratio_secure_to_plain']}"
             )
         )

@@ -94,6 +94,11 @@ def _number(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _notify(line: str) -> None:
+    """The demo's notices on stderr; a warning that privacy is weaker stands out."""
+    stderr.print(Text(line, style="bold red" if line.startswith("WARNING") else ""), soft_wrap=True)
+
+
 @app.command()
 def demo(
     sites: Annotated[int, typer.Option(min=1, max=64, help="Number of hospitals.")] = 3,
@@ -120,6 +125,14 @@ def demo(
             " on its own sites instead of synthetic hospitals.",
         ),
     ] = None,
+    no_secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--no-secure-aggregation",
+            help="Weaker privacy, for benchmarks only: the coordinator sees each site's update"
+            " (warned loudly).",
+        ),
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
     ] = False,
@@ -140,6 +153,7 @@ def demo(
             keep=keep,
             target_epsilon=epsilon,
             example=example,
+            secure_aggregation=not no_secure_aggregation,
         )
     except ValueError as exc:
         _fail(str(exc), 2)
@@ -164,7 +178,7 @@ def demo(
         stderr.print(f"medfed demo: {sites} sites, {rounds} rounds ({where}); starting ...")
     try:
         with bar:
-            results = run_demo(options, progress, notify=lambda line: stderr.print(Text(line)))
+            results = run_demo(options, progress, notify=_notify)
     except MedfedError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -181,6 +195,7 @@ def demo(
             "initial_loss": document["initial_loss"],
             "initial_metric": document["initial_metric"],
             "metric_name": _metric_name(results),
+            "secure_aggregation": options.secure_aggregation,
             "wall_s": wall_s,
         }
         sys.stdout.write(json.dumps(summary) + "\n")

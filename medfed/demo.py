@@ -66,6 +66,9 @@ class DemoOptions:
     """An example study of `examples/consortium` (e.g. `lung`): its own sites and contract
     instead of the synthetic hospitals (`sites`, `local_steps` and `target_epsilon` are then
     the study's own)."""
+    secure_aggregation: bool = True
+    """Off (`--no-secure-aggregation`): the coordinator sees each site's update; for
+    measuring what secure aggregation costs (`medfed bench secagg --demo-rounds`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.sites <= 64:
@@ -78,10 +81,41 @@ class DemoOptions:
             )
         if self.example is not None and self.simulation:
             raise ValueError("--example runs the sites as daemons; it cannot use --simulation")
+        if self.example is not None and not self.secure_aggregation:
+            raise ValueError(
+                "--no-secure-aggregation applies to the synthetic hospitals only, not --example"
+            )
         if not 0 < self.target_epsilon <= DEMO_POLICY.epsilon_cap:
             raise ValueError(
                 f"--epsilon must be in (0, {DEMO_POLICY.epsilon_cap:g}], got {self.target_epsilon}"
             )
+
+
+PLAIN_AGGREGATION_WARNING = (
+    "WARNING: SECURE AGGREGATION IS OFF (--no-secure-aggregation): the coordinator sees each"
+    " site's (DP-noised) update, not only their sum. Use this only to measure what secure"
+    " aggregation costs."
+)
+
+
+def privacy_warnings(options: DemoOptions) -> list[str]:
+    """The loud lines the demo prints before it starts, for settings that weaken privacy."""
+    return [] if options.secure_aggregation else [PLAIN_AGGREGATION_WARNING]
+
+
+def synthetic_study(options: DemoOptions) -> StudySettings:
+    """The synthetic hospitals' study as `options` asks, secure aggregation included. Built
+    before the sites approve it: an officer's approval binds the study's digest."""
+    study = demo_study(
+        rounds=options.rounds,
+        sites=options.sites,
+        target_epsilon=options.target_epsilon,
+        seed=options.seed,
+        local_steps=options.local_steps,
+    )
+    if options.secure_aggregation:
+        return study
+    return StudySettings.from_run_config({**study.to_run_config(), "secure-aggregation": False})
 
 
 Progress = Callable[[RunResults], None]
@@ -329,6 +363,8 @@ def run_demo(
     options: DemoOptions, progress: Progress, *, notify: Callable[[str], None] = log.warning
 ) -> RunResults:
     """Run the whole demo; stop every process it started, whatever happens."""
+    for line in privacy_warnings(options):
+        notify(line)
     programs = _programs(options.simulation)
     work = Path(tempfile.mkdtemp(prefix="medfed-demo-"))
     succeeded = False
@@ -346,13 +382,7 @@ def run_demo(
             )
             names = tuple(site.site_id for site in demo_sites)
         else:
-            study = demo_study(
-                rounds=options.rounds,
-                sites=options.sites,
-                target_epsilon=options.target_epsilon,
-                seed=options.seed,
-                local_steps=options.local_steps,
-            )
+            study = synthetic_study(options)
             write_demo_consortium(
                 sites_root,
                 study,
