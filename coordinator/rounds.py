@@ -377,7 +377,7 @@ def _run_rounds(
             updates, rejected = _plain_replies(
                 grid, study, state, plan, senders, contents, site_keys, known_sites, max_bytes
             )
-        _audit_replies(audit, round_number, updates, rejected)
+        _audit_replies(audit, round_number, updates, rejected, secure.digests if secure else None)
         if len(updates) < study.min_sites:
             reasons = "; ".join(f"{site}: {reason}" for site, reason in rejected.items())
             raise RoundFailedError(
@@ -542,14 +542,18 @@ def _audit_replies(
     round_number: int,
     updates: Sequence[SiteUpdate],
     rejected: Mapping[str, str],
+    masked: Mapping[str, str] | None = None,
 ) -> None:
+    """One entry per update (under secure aggregation: the digest of the masked update
+    the site signed, the only form the coordinator saw) and per rejected reply."""
     for update in updates:
+        digest = arrays_sha256(update.arrays) if masked is None else masked[update.site_id]
         audit.record(
             "update.received",
             {
                 "round": round_number,
                 "site": update.site_id,
-                "update_sha256": arrays_sha256(update.arrays),
+                **({"update_sha256": digest} if masked is None else {"masked_sha256": digest}),
                 "num_examples": update.num_examples,
                 "epsilon": update.epsilon,
                 "noise_multiplier": update.noise_multiplier,

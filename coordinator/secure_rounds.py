@@ -68,6 +68,8 @@ class SecureOutcome:
     """Each array averaged over the survivors that trained its group (global if none)."""
     trained_by: dict[str, list[str]] = field(default_factory=dict)
     announcement_sha256: str = ""
+    digests: dict[str, str] = field(default_factory=dict)
+    """Each survivor's masked update's SHA-256 (what its receipt signs)."""
 
 
 def secure_threshold(study: StudySettings, n_sites: int) -> int:
@@ -353,7 +355,8 @@ def run_secure_round(
     averaged, trained_by = _average(global_arrays, total, survived, announcement.weight_cap)
     for site in rejected:
         rejected[site] = rejected[site][:400]
-    return SecureOutcome(survived, rejected, averaged, trained_by, digest)
+    digests = {site: masked_sha256(masked[site]) for site in survivors}
+    return SecureOutcome(survived, rejected, averaged, trained_by, digest, digests)
 
 
 def _average(
