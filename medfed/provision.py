@@ -361,6 +361,10 @@ Files
   {SIGNING_KEY_NAME:<20} SECRET. The site's Ed25519 key that signs its privacy ledger and
   {"":<20} audit log (mode 0600). Never leaves this site.
   {SIGNING_PUBLIC_KEY_NAME:<20} its public half, for anyone checking the site's signed records.
+  {IDENTITY_CERT_NAME:<20} the consortium CA's certificate that the signing key is this
+  {"":<20} site's: other sites check it in secure aggregation.
+  {COORDINATOR_PUBLIC_KEY_NAME:<20} the coordinator's key: the site checks its signed round
+  {"":<20} announcements with it.
   {TRUSTED_ENTITIES_NAME:<20} the consortium's app-signing key: the site runs only app
   {"":<20} bundles it signed (site.toml's [coordinator] trusted_entities).
   {SITE_TOML:<20} a template of the site's configuration; the privacy officer reviews
