@@ -244,7 +244,10 @@ def identity_problem(config: SiteConfig) -> str | None:
         identity_check(_read(ca), now=later)(config.site.id, pem)
     except SecAggError as exc:
         if "expired" in str(exc):
-            return f"{cert}: expires within 30 days; renew the site's kit"
+            return (
+                f"{cert}: expires within 30 days; ask the consortium lead for"
+                f" `medfed provision --renew-identity {config.site.id}`"
+            )
         return f"{cert}: {exc}"
     except (PrivacyError, SiteRefusal, UnicodeDecodeError) as exc:
         return f"{cert}: {exc}"

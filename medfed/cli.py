@@ -401,6 +401,14 @@ def provision(
         bool,
         typer.Option("--renew", help="Only re-issue the SuperLink's certificate, same CA."),
     ] = False,
+    renew_identity: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--renew-identity",
+            help="Only re-issue this site's identity certificate (secure aggregation), same CA"
+            " and key.",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
@@ -409,10 +417,29 @@ def provision(
     site; never re-issues (a second run is refused unless it only adds sites or renews
     the SuperLink's certificate)."""
     from coordinator.consortium import load_consortium
-    from medfed.lifecycle import renew_superlink
+    from medfed.lifecycle import Renewed, renew_superlink
+    from medfed.lifecycle import renew_identity as renew_identity_of
     from medfed.provision import PkiLayout
     from medfed.provision import provision as run_provision
 
+    if renew_identity:
+        if add_site or renew:
+            _fail("--renew-identity does one thing: run --renew and --add-site separately", 2)
+        config = _guard(lambda: load_consortium(consortium_toml))
+        layout = PkiLayout(out)
+
+        def renew_all() -> list[Renewed]:
+            return [renew_identity_of(config, layout, site) for site in renew_identity or ()]
+
+        issued = _guard(renew_all)
+        if as_json:
+            sys.stdout.write(json.dumps([item.to_json() for item in issued]) + "\n")
+        for item in [] if as_json else issued:
+            stdout.print(
+                Text(f"{item.cert} renewed, valid until {item.not_valid_after}; copy it into"
+                     " the site's kit"), soft_wrap=True,
+            )  # fmt: skip
+        return
     if renew:
         if add_site:
             _fail("--renew and --add-site do one thing each: run them separately", 2)

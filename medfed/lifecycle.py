@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.consortium import ConsortiumConfig
-from medfed.provision import PkiLayout, ProvisionError
+from medfed.provision import SIGNING_PUBLIC_KEY_NAME, PkiLayout, ProvisionError
 from privacy.errors import PkiError
 from privacy.pki import (
     issue_server_certificate,
@@ -34,14 +34,15 @@ REGISTERED_NAME = "registered-nodes.json"
 
 @dataclass(frozen=True)
 class Renewed:
-    """The SuperLink certificate `renew_superlink` issued."""
+    """The certificate `renew_superlink` or `renew_identity` issued."""
 
     cert: Path
     not_valid_after: dt.datetime
+    kind: str = "superlink_cert"
 
     def to_json(self) -> dict[str, object]:
         return {
-            "superlink_cert": str(self.cert),
+            self.kind: str(self.cert),
             "not_valid_after": self.not_valid_after.isoformat(),
         }
 
@@ -61,6 +62,30 @@ def renew_superlink(config: ConsortiumConfig, layout: PkiLayout) -> Renewed:
     write_atomic(layout.server_key, pem_private_key(key), mode=0o600)
     write_atomic(layout.server_cert, pem_certificate(cert))
     return Renewed(layout.server_cert, cert.not_valid_after_utc)
+
+
+def renew_identity(config: ConsortiumConfig, layout: PkiLayout, site_id: str) -> Renewed:
+    """A new identity certificate for a site's existing signing key (its kit's
+    `site-signing.pub`), from the existing CA; the site copies it into place."""
+    from privacy.errors import PrivacyError
+    from privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
+    from privacy.signing import VerifyKey
+
+    if config.site(site_id) is None:
+        raise ProvisionError(f"site {site_id!r} is not listed in {config.source}")
+    kit = layout.site_dir(site_id)
+    try:
+        ca_key = load_ec_private_key(layout.ca_key)
+        ca_cert = load_certificate(layout.ca_cert)
+        public = VerifyKey.load(kit / SIGNING_PUBLIC_KEY_NAME)
+    except (PkiError, PrivacyError) as exc:
+        raise ProvisionError(f"cannot renew {site_id}'s identity certificate: {exc}") from exc
+    pem = issue_identity_certificate(
+        ca_key, ca_cert, site_id, public, valid_days=config.consortium.cert_valid_days
+    )
+    write_atomic(kit / IDENTITY_CERT_NAME, pem)
+    cert = load_certificate(kit / IDENTITY_CERT_NAME)
+    return Renewed(kit / IDENTITY_CERT_NAME, cert.not_valid_after_utc, "identity_cert")
 
 
 def key_fingerprint(public_key: Path) -> str:

@@ -72,6 +72,41 @@ def test_renewal_issues_a_new_superlink_certificate_from_the_same_ca(
     assert changed == {"superlink/superlink.pem", "superlink/superlink.key"}
 
 
+def test_identity_renewal_reissues_only_that_sites_certificate_for_its_key(
+    pki: tuple[Path, PkiLayout],
+) -> None:
+    from privacy.identity import identity_check
+    from privacy.signing import VerifyKey
+
+    toml, layout = pki
+    runner = CliRunner()
+    before = _files(layout.root)
+    kit = layout.site_dir("hospital-2")
+    old = load_certificate(kit / "site-identity.pem")
+    result = runner.invoke(
+        app,
+        ["provision", str(toml), "--out", str(layout.root), "--renew-identity", "hospital-2",
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (document,) = json.loads(result.stdout)
+    assert document["identity_cert"] == str(kit / "site-identity.pem")
+    new = load_certificate(kit / "site-identity.pem")
+    assert new.serial_number != old.serial_number
+    check = identity_check(layout.ca_cert.read_bytes())
+    pem = (kit / "site-identity.pem").read_text()
+    assert check("hospital-2", pem) == VerifyKey.load(kit / "site-signing.pub")
+    after = _files(layout.root)
+    assert {name for name in before if before[name] != after[name]} == {
+        "sites/hospital-2/site-identity.pem"
+    }
+    unknown = runner.invoke(
+        app, ["provision", str(toml), "--out", str(layout.root), "--renew-identity", "nobody"]
+    )
+    assert unknown.exit_code == 1 and "not listed" in unknown.output
+    assert "Traceback" not in unknown.output
+
+
 def test_renewal_without_the_ca_key_is_refused(pki: tuple[Path, PkiLayout]) -> None:
     toml, layout = pki
     layout.ca_key.unlink()
