@@ -159,7 +159,11 @@ def run_secure_round(
     )
     signed = SignedAnnouncement.sign(announcement, signer)
     digest = announcement.sha256()
-    rejected: dict[str, str] = {}
+    rejected: dict[str, str] = {
+        p.site_id: "its status is unknown: a secure round needs each site's identity first"
+        for p in plan.planned
+        if p.node_id not in senders
+    }
     timeout = study.round_timeout_s
 
     def need(count: int, what: str) -> None:
