@@ -118,7 +118,9 @@ class SiteSecAgg:
         if state is None:
             raise SiteRefusal(
                 f"run {run_id} round {round_number}: no secure-aggregation keys here"
-                " (not announced to this site, or the worker restarted since)"
+                " (not announced to this site, the worker restarted since, or the ClientApp"
+                " runs per message without the site worker: start the site with"
+                " `medfed site start`)"
             )
         return state
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.consortium import load_consortium
+from coordinator.study import StudySettings
 from medfed.consortium import DemoSite, demo_study, write_demo_consortium
 from medfed.demo import SUPERNODE_READY
 from medfed.processes import ProcessGroup, find_program, free_port, log_contains
@@ -75,6 +76,10 @@ def running_consortium(tmp_path: Path, process_tag: str, rounds: int) -> Iterato
     layout = PkiLayout(tmp_path / "pki")
     provision(load_consortium(consortium), layout.root)
     study = demo_study(rounds=rounds, sites=2, target_epsilon=3.0, seed=7, local_steps=10)
+    # These SuperNodes run Flower's per-message ClientApp, without the site worker that
+    # holds a secure round's keys between messages (`medfed site start`, tested in the
+    # demo, site-daemon and soak tests): the lead's commands are what is tested here.
+    study = StudySettings.from_run_config({**study.to_run_config(), "secure-aggregation": False})
     demo_sites = write_demo_consortium(tmp_path / "sites", study, n_sites=2, seed=7)
     for site in demo_sites:  # the sites sign with the demo's keys: the lead holds their halves
         shutil.copyfile(site.site_toml.parent / "keys" / "site-signing.pub",
