@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.consortium import load_consortium
+from coordinator.study import StudySettings
 from medfed.consortium import DemoSite, demo_study, write_demo_consortium
 from medfed.demo import SUPERNODE_READY
 from medfed.processes import ProcessGroup, find_program, free_port, log_contains
@@ -74,7 +75,15 @@ def running_consortium(tmp_path: Path, process_tag: str, rounds: int) -> Iterato
     )
     layout = PkiLayout(tmp_path / "pki")
     provision(load_consortium(consortium), layout.root)
-    study = demo_study(rounds=rounds, sites=2, target_epsilon=3.0, seed=7, local_steps=10)
+    # Plain SuperNodes start a ClientApp process per message, which keeps no secure-
+    # aggregation keys between exchanges: secure rounds need the site daemon's warm worker
+    # (tests/e2e/test_soak.py runs this workflow with daemons and secure aggregation on).
+    # The sites' officers approve this study, secure aggregation off included.
+    study = StudySettings.from_run_config({
+        **demo_study(rounds=rounds, sites=2, target_epsilon=3.0, seed=7,
+                     local_steps=10).to_run_config(),
+        "secure-aggregation": False,
+    })  # fmt: skip
     demo_sites = write_demo_consortium(tmp_path / "sites", study, n_sites=2, seed=7)
     for site in demo_sites:  # the sites sign with the demo's keys: the lead holds their halves
         shutil.copyfile(site.site_toml.parent / "keys" / "site-signing.pub",
