@@ -137,6 +137,7 @@ class Soak:
     coordinator_starts: int = 0
     site_starts: dict[str, int] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
     run: str = ""
     folder: Path = Path()
     log: list[str] = field(default_factory=list)
@@ -146,7 +147,7 @@ class Soak:
         return {**os.environ, TEST_TAG_VARIABLE: self.tag, "PYTHONUNBUFFERED": "1"}
 
     def note(self, what: str) -> None:
-        self.log.append(f"{time.monotonic() - self.deadline + SOAK_BUDGET_S:7.1f} s  {what}")
+        self.log.append(f"{time.monotonic() - self.t0:7.1f} s  {what}")
 
     def wait(self, what: str, check: Callable[[], bool]) -> None:
         """Poll `check` until true; past the soak's deadline, fail naming what it awaited,
