@@ -8,6 +8,7 @@ ServerApp). Processes are stopped by PID, never by name.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import os
 import shutil
@@ -32,6 +33,21 @@ TAG_VARIABLE = "MEDFED_PROCESS_TAG"
 
 Flower detaches some helpers into sessions of their own (the SuperLink's and SuperNode's
 SuperExec); the tag finds them, and any orphan, so they can be stopped by PID."""
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A `preexec_fn` that has the kernel SIGKILL the child when `parent` dies (Linux's
+    `PR_SET_PDEATHSIG`), so a SIGKILLed supervisor leaves no orphan to run beside the
+    children its restart starts; if `parent` died during the fork, the child ends at once."""
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arrange
 
 
 def find_program(name: str, *, install_hint: str) -> str:
@@ -146,9 +162,15 @@ class ProcessGroup:
         self.stop_all()
 
     def start(
-        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        die_with_parent: bool = False,
     ) -> ManagedProcess:
-        """Start `argv` in a new session with its output in `<log_dir>/<name>.log`."""
+        """Start `argv` in a new session with its output in `<log_dir>/<name>.log`; with
+        `die_with_parent`, the kernel kills it if this process dies (even by SIGKILL)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
@@ -159,6 +181,7 @@ class ProcessGroup:
                 stderr=subprocess.STDOUT,
                 env={**self.env, **(env or {})},
                 start_new_session=True,
+                preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
             )
         process = ManagedProcess(name, popen, log_path)
         self.processes.append(process)

@@ -72,6 +72,8 @@ class Child:
     next_start_at: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
     last_exit: int | None = None
+    log_offset: int = 0
+    """Where this start's output begins in its log (earlier starts' output comes before)."""
 
     def to_json(self) -> dict[str, Any]:
         alive = self.process is not None and not self.process.died()
@@ -219,8 +221,17 @@ class SiteDaemon:
     def _start(self, child: Child) -> None:
         if child.process is not None and child.process in self.group.processes:
             self.group.processes.remove(child.process)
-        _rotate(self.log_dir / f"{child.name}.log")
-        child.process = self.group.start(child.name, child.argv(), env=child.env)
+        log_path = self.log_dir / f"{child.name}.log"
+        _rotate(log_path)
+        try:
+            child.log_offset = log_path.stat().st_size
+        except OSError:
+            child.log_offset = 0
+        # Children die with the daemon, even a SIGKILLed one: a restarted daemon must not
+        # find its old SuperNode, worker or executor still running beside the new ones.
+        child.process = self.group.start(
+            child.name, child.argv(), env=child.env, die_with_parent=True
+        )
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
@@ -248,15 +259,20 @@ class SiteDaemon:
             self._start(child)
 
     def connected(self) -> bool:
-        """Whether the SuperNode has authenticated with the SuperLink since it last started."""
-        supernode = self.children[1].process
+        """Whether the SuperNode has authenticated with the SuperLink since it last started:
+        read from where this start's output begins, so an earlier start's success (the
+        log is appended to) never counts for a SuperNode that has not connected yet."""
+        child = self.children[1]
+        supernode = child.process
         if supernode is None or supernode.died():
             return False
         try:
-            text = supernode.log_path.read_text(encoding="utf-8", errors="replace")
+            with supernode.log_path.open("rb") as log_file:
+                log_file.seek(child.log_offset)
+                text = log_file.read().decode("utf-8", errors="replace")
         except OSError:
             return False
-        return SUPERNODE_READY in text.rsplit("Starting Flower SuperNode", 1)[-1]
+        return SUPERNODE_READY in text
 
     def state(self, *, running: bool) -> dict[str, Any]:
         return {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import ssl
 import sys
@@ -193,3 +195,49 @@ def test_a_plain_listener_is_not_taken_for_a_tls_server(tmp_path: Path) -> None:
         plain.bind(("127.0.0.1", 0))
         plain.listen()
         assert not tls_health_ok(plain.getsockname()[1], ca_cert)
+
+
+def _alive(pid: int) -> bool:
+    """A live process, not a zombie (the parent's children are reaped by init)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_child_started_to_die_with_its_parent_dies_when_the_parent_is_sigkilled(
+    tmp_path: Path,
+) -> None:
+    # The parent starts two sleepers, one with die_with_parent; SIGKILL gives the parent
+    # no chance to stop either: only the kernel can end the first one.
+    pids = tmp_path / "pids"
+    parent = _python(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from medfed.processes import ProcessGroup
+        group = ProcessGroup(log_dir=Path({str(tmp_path)!r}))
+        sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+        bound = group.start("bound", sleep, die_with_parent=True)
+        free = group.start("free", sleep)
+        Path({str(pids)!r}).write_text(f"{{bound.pid}} {{free.pid}}")
+        time.sleep(120)
+        """
+    )
+    with ProcessGroup(log_dir=tmp_path) as group:
+        process = group.start("parent", parent, env={"PYTHONPATH": os.getcwd()})
+        deadline = time.monotonic() + 30
+        while not pids.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        bound, free = (int(pid) for pid in pids.read_text().split())
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+            process.popen.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while _alive(bound) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _alive(bound)
+            assert _alive(free)  # the contrast: without it, a child outlives its parent
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(free, signal.SIGKILL)

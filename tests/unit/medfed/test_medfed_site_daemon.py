@@ -151,3 +151,28 @@ def test_a_crashing_child_is_restarted_with_backoff_and_all_stop_by_pid(
     assert final is not None and final["running"] is False
     log = (daemon.log_dir / "site.log").read_text()
     assert "crasher" in log and "exited with code 3" in log
+
+
+def test_a_restarted_supernode_is_not_connected_on_the_strength_of_an_earlier_start(
+    site_toml: Path, process_tag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The SuperNode's log is appended to across restarts: the earlier start's line that it
+    # connected must not count for the new one (a restarted site would look connected
+    # while its SuperNode cannot yet reach the SuperLink).
+    monkeypatch.setenv(TEST_TAG_VARIABLE, process_tag)
+    _add_coordinator(site_toml)
+    daemon = SiteDaemon(load_site_config(site_toml))
+    python = sys.executable
+    sleeper = Child("supernode", lambda: [python, "-c", "import time; time.sleep(60)"])
+    daemon.children = [Child("worker", lambda: [python, "-c", "pass"]), sleeper]
+    log = daemon.log_dir / "supernode.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("INFO: Starting Flower SuperNode\nINFO: SuperNode ID: 123\n")
+    try:
+        daemon._start(sleeper)
+        assert daemon.connected() is False
+        with log.open("a") as out:  # what the SuperNode logs once the SuperLink admits it
+            out.write("INFO: Starting Flower SuperNode\nINFO: SuperNode ID: 123\n")
+        assert daemon.connected() is True
+    finally:
+        daemon.group.stop_all()
