@@ -16,6 +16,7 @@ parameter group is averaged over the sites that trained it, as in plain rounds.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -98,6 +99,24 @@ class _Step:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
+def _timed_exchange(
+    grid: Grid,
+    contents: Mapping[int, RecordDict],
+    *,
+    message_type: str,
+    group: str,
+    timeout_s: float,
+) -> list[Message]:
+    """`exchange`, with the step's seconds in the log (where a secure round's time goes)."""
+    started = time.perf_counter()
+    replies = exchange(grid, contents, message_type=message_type, group=group, timeout_s=timeout_s)
+    log.info(
+        "secure round %s: %d replies of %d in %.3f s",
+        group, len(replies), len(contents), time.perf_counter() - started,
+    )  # fmt: skip
+    return replies
+
+
 def _collect(replies: Sequence[Message], nodes: Mapping[int, str], step: str) -> _Step:
     out = _Step()
     for reply in replies:
@@ -177,7 +196,7 @@ def run_secure_round(
     # 1. keys
     text = signed.to_text()
     keys = _collect(
-        exchange(
+        _timed_exchange(
             grid,
             {node: _step_content(run_id, round_number, text) for node in nodes},
             message_type=wire.SECAGG_KEYS,
@@ -217,7 +236,7 @@ def run_secure_round(
             {**dict(content.array_records), wire.CONFIG: ConfigRecord(config)}
         )
     trained = _collect(
-        exchange(
+        _timed_exchange(
             grid,
             train_contents,
             message_type="train",
@@ -274,7 +293,7 @@ def run_secure_round(
         for site in shared
     }
     masking = _collect(
-        exchange(
+        _timed_exchange(
             grid,
             mask_contents,
             message_type=wire.SECAGG_MASK,
@@ -327,7 +346,7 @@ def run_secure_round(
     dropped = sorted(set(shared) - set(masked))
     reveal_text = dumps({"survivors": survivors, "dropped": dropped})
     revealing = _collect(
-        exchange(
+        _timed_exchange(
             grid,
             {by_site[s]: _step_content(run_id, round_number, reveal_text) for s in survivors},
             message_type=wire.SECAGG_REVEAL,
