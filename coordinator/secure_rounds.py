@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -29,6 +30,7 @@ from coordinator.messages import exchange
 from coordinator.scheduler import RoundPlan
 from coordinator.study import StudySettings
 from coordinator.validate import (
+    ReceiptCheck,
     Rejection,
     Sender,
     SiteUpdate,
@@ -38,7 +40,6 @@ from coordinator.validate import (
 from model import wire
 from model.network import parameter_group
 from privacy.errors import PrivacyError, SecAggAbort
-from privacy.receipts import UpdateReceipt
 from privacy.secagg import Reveal
 from privacy.secagg_protocol import (
     Advertisement,
@@ -86,35 +87,12 @@ def _site_text(reply: Message) -> str:
     return wire.get_value(reply.content, wire.SITE, wire.SECAGG, str)
 
 
-def _step_content(run_id: str, round_number: int, payload: str) -> RecordDict:
-    config = ConfigRecord({wire.RUN_ID: run_id, wire.ROUND: round_number, wire.SECAGG: payload})
-    return RecordDict({wire.CONFIG: config})
-
-
 @dataclass
 class _Step:
     """Replies of one step, by site, with the reason each failed one was set aside."""
 
     replies: dict[str, Message] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
-
-
-def _timed_exchange(
-    grid: Grid,
-    contents: Mapping[int, RecordDict],
-    *,
-    message_type: str,
-    group: str,
-    timeout_s: float,
-) -> list[Message]:
-    """`exchange`, with the step's seconds in the log (where a secure round's time goes)."""
-    started = time.perf_counter()
-    replies = exchange(grid, contents, message_type=message_type, group=group, timeout_s=timeout_s)
-    log.info(
-        "secure round %s: %d replies of %d in %.3f s",
-        group, len(replies), len(contents), time.perf_counter() - started,
-    )  # fmt: skip
-    return replies
 
 
 def _collect(replies: Sequence[Message], nodes: Mapping[int, str], step: str) -> _Step:
@@ -140,6 +118,221 @@ def _collect(replies: Sequence[Message], nodes: Mapping[int, str], step: str) ->
     return out
 
 
+@dataclass
+class _SecureRound:
+    """One secure round's fixed facts and what it has set aside so far."""
+
+    grid: Grid
+    study: StudySettings
+    announcement: Announcement
+    signed_text: str
+    by_site: dict[str, int]
+    receipts: ReceiptCheck | None
+    rejected: dict[str, str]
+
+    @property
+    def round_number(self) -> int:
+        return self.announcement.round
+
+    def need(self, count: int, what: str) -> None:
+        """Abort, unmasking nothing, when fewer than the threshold got through a step."""
+        threshold = self.announcement.threshold
+        if count < threshold:
+            reasons = "; ".join(f"{site}: {why}" for site, why in sorted(self.rejected.items()))
+            raise RoundFailedError(
+                f"round {self.round_number}: secure aggregation aborted, {count} sites {what},"
+                f" {threshold} needed; nothing was unmasked" + (f" ({reasons})" if reasons else "")
+            )
+
+    def exchange(
+        self, step: str, contents: Mapping[str, RecordDict], message_type: str, timeout_s: float
+    ) -> dict[str, Message]:
+        """Send each site its content; the replies that came, by site (the rest set aside)."""
+        group = str(self.round_number) if step == "train" else f"{self.round_number}.{step}"
+        nodes = {self.by_site[site]: site for site in contents}
+        started = time.perf_counter()
+        replies = exchange(
+            self.grid,
+            {self.by_site[site]: content for site, content in contents.items()},
+            message_type=message_type,
+            group=group,
+            timeout_s=timeout_s,
+        )
+        log.info(
+            "secure round %s: %d replies of %d in %.3f s",
+            group, len(replies), len(contents), time.perf_counter() - started,
+        )  # fmt: skip
+        collected = _collect(replies, nodes, step)
+        self.rejected.update(collected.rejected)
+        return collected.replies
+
+    def step_content(self, payload: str) -> RecordDict:
+        """A key, mask or reveal message: run, round and the step's JSON."""
+        config = ConfigRecord(
+            {
+                wire.RUN_ID: self.announcement.run_id,
+                wire.ROUND: self.round_number,
+                wire.SECAGG: payload,
+            }
+        )
+        return RecordDict({wire.CONFIG: config})
+
+    def keys(self) -> dict[str, Advertisement]:
+        """Step 1: the signed announcement out, each site's signed advertisement back."""
+        replies = self.exchange(
+            "keys",
+            {site: self.step_content(self.signed_text) for site in self.by_site},
+            wire.SECAGG_KEYS,
+            self.study.round_timeout_s,
+        )
+        adverts: dict[str, Advertisement] = {}
+        for site, reply in replies.items():
+            try:
+                advert = Advertisement.from_json(loads(_site_text(reply), "advertisement"))
+                if advert.site_id != site or advert.announcement_sha256 != (
+                    self.announcement.sha256()
+                ):
+                    raise PrivacyError("the advertisement names another site or round")
+                keys = None if self.receipts is None else self.receipts.site_keys
+                if keys is not None and (site not in keys or not advert.verify(keys[site])):
+                    raise PrivacyError(
+                        "the advertisement is not signed by the site's registered key"
+                    )
+            except (PrivacyError, wire.WireError) as exc:
+                self.rejected[site] = f"keys: {exc}"
+                continue
+            adverts[site] = advert
+        self.need(len(adverts), "sent keys")
+        return adverts
+
+    def train(
+        self,
+        adverts: Mapping[str, Advertisement],
+        contents: Mapping[int, RecordDict],
+        global_arrays: Mapping[str, np.ndarray],
+        senders: Mapping[int, Sender],
+    ) -> tuple[dict[str, SiteUpdate], dict[str, list[SealedShare]]]:
+        """Step 2: every advertisement relayed with the train instruction; each site's
+        metrics and sealed shares back (no arrays)."""
+        relay = dumps(
+            {
+                "announcement": self.signed_text,
+                "adverts": [adverts[s].to_json() for s in sorted(adverts)],
+            }
+        )
+        train_contents = {}
+        for site in sorted(adverts):
+            content = contents[self.by_site[site]]
+            config = {**dict(content.config_records[wire.CONFIG]), wire.SECAGG: relay}
+            train_contents[site] = RecordDict(
+                {**dict(content.array_records), wire.CONFIG: ConfigRecord(config)}
+            )
+        replies = self.exchange("train", train_contents, "train", self.study.round_deadline_s)
+        updates: dict[str, SiteUpdate] = {}
+        shares: dict[str, list[SealedShare]] = {}
+        for site, reply in replies.items():
+            result = validate_train_reply(
+                reply, global_arrays, sender=senders[self.by_site[site]], secure=True
+            )
+            if isinstance(result, Rejection):
+                self.rejected[site] = f"train: {result.reason}"
+                continue
+            try:
+                shares[site] = _sealed_shares(reply, site, set(adverts) - {site})
+            except (PrivacyError, wire.WireError) as exc:
+                self.rejected[site] = f"train: {exc}"
+                continue
+            updates[site] = result
+        self.need(len(updates), "trained and shared")
+        return updates, shares
+
+    def mask(
+        self, shares: Mapping[str, list[SealedShare]], size: int
+    ) -> dict[str, npt.NDArray[np.uint32]]:
+        """Step 3: each site gets the shares it holds; its masked update back, signed."""
+        shared = sorted(shares)
+        contents = {
+            site: self.step_content(
+                dumps(
+                    {
+                        "shared": shared,
+                        "shares": [
+                            item.to_json()
+                            for owner in shared
+                            for item in shares[owner]
+                            if item.holder == site
+                        ],
+                    }
+                )
+            )
+            for site in shared
+        }
+        replies = self.exchange("mask", contents, wire.SECAGG_MASK, self.study.round_timeout_s)
+        masked: dict[str, npt.NDArray[np.uint32]] = {}
+        for site, reply in replies.items():
+            try:
+                masked[site] = self._masked_update(site, reply, size)
+            except (PrivacyError, wire.WireError) as exc:
+                self.rejected[site] = f"mask: {exc}"
+        for site in set(shared) - set(masked):
+            self.rejected.setdefault(site, "mask: dropped after sharing")
+        self.need(len(masked), "sent a masked update")
+        return masked
+
+    def _masked_update(self, site: str, reply: Message, size: int) -> npt.NDArray[np.uint32]:
+        if payload_bytes(reply.content) > size * 4 + 1024:
+            raise PrivacyError(f"oversized masked update (over {size * 4} bytes)")
+        record = reply.content.array_records.get(wire.ARRAYS)
+        if record is None or list(record) != [wire.MASKED]:
+            raise PrivacyError("the reply carries no masked update")
+        vector = record[wire.MASKED].numpy()
+        if vector.dtype != np.uint32 or vector.shape != (size,):
+            raise PrivacyError(
+                f"masked update is {vector.dtype} {vector.shape}, expected uint32 ({size},)"
+            )
+        if self.receipts is not None:
+            signature = wire.get_value(reply.content, wire.SITE, wire.RECEIPT_SIGNATURE, str)
+            problem = self.receipts.digest_problem(site, masked_sha256(vector), signature)
+            if problem is not None:
+                raise PrivacyError(problem)
+        return vector
+
+    def reveal(self, shared: Sequence[str], survivors: Sequence[str]) -> list[Reveal]:
+        """Step 4: survivors and dropped sites named; each survivor's shares back."""
+        dropped = sorted(set(shared) - set(survivors))
+        text = dumps({"survivors": list(survivors), "dropped": dropped})
+        replies = self.exchange(
+            "reveal",
+            {site: self.step_content(text) for site in survivors},
+            wire.SECAGG_REVEAL,
+            self.study.round_timeout_s,
+        )
+        reveals: list[Reveal] = []
+        for site, reply in replies.items():
+            try:
+                reveal = reveal_from_json(loads(_site_text(reply), "reveal"))
+                if reveal.holder != site:
+                    raise PrivacyError("the reveal names another holder")
+            except (PrivacyError, wire.WireError) as exc:
+                log.warning("round %d: reveal of %s set aside: %s", self.round_number, site, exc)
+                continue
+            reveals.append(reveal)
+        return reveals
+
+
+def _sealed_shares(reply: Message, site: str, holders: set[str]) -> list[SealedShare]:
+    """The sealed shares a site dealt: exactly one, its own, for each other keyed site."""
+    raw = loads(_site_text(reply), "shares")
+    if not isinstance(raw, list):
+        raise PrivacyError("shares: expected a list")
+    sealed = [SealedShare.from_json(item) for item in raw]
+    if any(item.owner != site for item in sealed) or sorted(
+        item.holder for item in sealed
+    ) != sorted(holders):
+        raise PrivacyError("shares: one sealed share for each other keyed site is needed")
+    return sealed
+
+
 def run_secure_round(
     grid: Grid,
     study: StudySettings,
@@ -159,7 +352,6 @@ def run_secure_round(
     nodes = {p.node_id: senders[p.node_id].site_id for p in plan.planned if p.node_id in senders}
     if len(nodes) < 2:
         raise RoundFailedError("secure aggregation needs at least 2 sites of known identity")
-    by_site = {site: node for node, site in nodes.items()}
     threshold = secure_threshold(study, len(nodes))
     if threshold > len(nodes):
         raise RoundFailedError(
@@ -176,196 +368,28 @@ def run_secure_round(
         clip=study.secagg_clip,
         weight_cap=max(1, max(senders[n].patients for n in nodes)),
     )
-    signed = SignedAnnouncement.sign(announcement, signer)
-    digest = announcement.sha256()
-    rejected: dict[str, str] = {
-        p.site_id: "its status is unknown: a secure round needs each site's identity first"
-        for p in plan.planned
-        if p.node_id not in senders
-    }
-    timeout = study.round_timeout_s
-
-    def need(count: int, what: str) -> None:
-        if count < threshold:
-            reasons = "; ".join(f"{site}: {why}" for site, why in sorted(rejected.items()))
-            raise RoundFailedError(
-                f"round {round_number}: secure aggregation aborted, {count} sites {what},"
-                f" {threshold} needed; nothing was unmasked" + (f" ({reasons})" if reasons else "")
-            )
-
-    # 1. keys
-    text = signed.to_text()
-    keys = _collect(
-        _timed_exchange(
-            grid,
-            {node: _step_content(run_id, round_number, text) for node in nodes},
-            message_type=wire.SECAGG_KEYS,
-            group=f"{round_number}.keys",
-            timeout_s=timeout,
-        ),
-        nodes,
-        "keys",
+    secure = _SecureRound(
+        grid,
+        study,
+        announcement,
+        SignedAnnouncement.sign(announcement, signer).to_text(),
+        {site: node for node, site in nodes.items()},
+        None
+        if site_keys is None
+        else ReceiptCheck(run_id, announcement.study_sha256, round_number, model_sha256, site_keys),
+        {
+            p.site_id: "its status is unknown: a secure round needs each site's identity first"
+            for p in plan.planned
+            if p.node_id not in senders
+        },
     )
-    rejected.update(keys.rejected)
-    adverts: dict[str, Advertisement] = {}
-    for site, reply in keys.replies.items():
-        try:
-            advert = Advertisement.from_json(loads(_site_text(reply), "advertisement"))
-            if advert.site_id != site or advert.announcement_sha256 != digest:
-                raise PrivacyError("the advertisement names another site or round")
-            if site_keys is not None and (
-                site not in site_keys or not advert.verify(site_keys[site])
-            ):
-                raise PrivacyError("the advertisement is not signed by the site's registered key")
-        except (PrivacyError, wire.WireError) as exc:
-            rejected[site] = f"keys: {exc}"
-            continue
-        adverts[site] = advert
-    need(len(adverts), "sent keys")
-
-    # 2. train: every site gets every advertisement, and answers sealed shares
-    relay = dumps(
-        {"announcement": text, "adverts": [adverts[s].to_json() for s in sorted(adverts)]}
-    )
-    train_contents = {}
-    for site in sorted(adverts):
-        content = contents[by_site[site]]
-        config = dict(content.config_records[wire.CONFIG])
-        config[wire.SECAGG] = relay
-        train_contents[by_site[site]] = RecordDict(
-            {**dict(content.array_records), wire.CONFIG: ConfigRecord(config)}
-        )
-    trained = _collect(
-        _timed_exchange(
-            grid,
-            train_contents,
-            message_type="train",
-            group=str(round_number),
-            timeout_s=study.round_deadline_s,
-        ),
-        {by_site[s]: s for s in adverts},
-        "train",
-    )
-    rejected.update(trained.rejected)
-    updates: dict[str, SiteUpdate] = {}
-    shares: dict[str, list[SealedShare]] = {}
-    for site, reply in trained.replies.items():
-        result = validate_train_reply(
-            reply, global_arrays, sender=senders[by_site[site]], secure=True
-        )
-        if isinstance(result, Rejection):
-            rejected[site] = f"train: {result.reason}"
-            continue
-        try:
-            raw = loads(_site_text(reply), "shares")
-            if not isinstance(raw, list):
-                raise PrivacyError("shares: expected a list")
-            sealed = [SealedShare.from_json(item) for item in raw]
-            holders = sorted(item.holder for item in sealed)
-            if any(item.owner != site for item in sealed) or holders != sorted(
-                set(adverts) - {site}
-            ):
-                raise PrivacyError("shares: one sealed share for each other keyed site is needed")
-        except (PrivacyError, wire.WireError) as exc:
-            rejected[site] = f"train: {exc}"
-            continue
-        updates[site], shares[site] = result, sealed
-    need(len(updates), "trained and shared")
-
-    # 3. mask: against the sites that shared
-    shared = sorted(updates)
-    mask_contents = {
-        by_site[site]: _step_content(
-            run_id,
-            round_number,
-            dumps(
-                {
-                    "shared": shared,
-                    "shares": [
-                        item.to_json()
-                        for owner in shared
-                        for item in shares[owner]
-                        if item.holder == site
-                    ],
-                }
-            ),
-        )
-        for site in shared
-    }
-    masking = _collect(
-        _timed_exchange(
-            grid,
-            mask_contents,
-            message_type=wire.SECAGG_MASK,
-            group=f"{round_number}.mask",
-            timeout_s=timeout,
-        ),
-        {by_site[s]: s for s in shared},
-        "mask",
-    )
-    rejected.update(masking.rejected)
+    adverts = secure.keys()
+    updates, shares = secure.train(adverts, contents, global_arrays, senders)
     size = sum(int(array.size) for array in global_arrays.values())
-    masked: dict[str, np.ndarray] = {}
-    for site, reply in masking.replies.items():
-        try:
-            if payload_bytes(reply.content) > size * 4 + 1024:
-                raise PrivacyError(f"oversized masked update (over {size * 4} bytes)")
-            record = reply.content.array_records.get(wire.ARRAYS)
-            if record is None or list(record) != [wire.MASKED]:
-                raise PrivacyError("the reply carries no masked update")
-            vector = record[wire.MASKED].numpy()
-            if vector.dtype != np.uint32 or vector.shape != (size,):
-                raise PrivacyError(
-                    f"masked update is {vector.dtype} {vector.shape}, expected uint32 ({size},)"
-                )
-            if site_keys is not None:
-                signature = wire.get_value(reply.content, wire.SITE, wire.RECEIPT_SIGNATURE, str)
-                receipt = UpdateReceipt(
-                    run_id=run_id,
-                    study_sha256=announcement.study_sha256,
-                    round=round_number,
-                    model_sha256=model_sha256,
-                    update_sha256=masked_sha256(vector),
-                    site_id=site,
-                )
-                if not receipt.verify(site_keys[site], signature):
-                    raise PrivacyError(
-                        "the masked update's signature does not verify: altered in transit,"
-                        " replayed from another round or run"
-                    )
-        except (PrivacyError, wire.WireError) as exc:
-            rejected[site] = f"mask: {exc}"
-            continue
-        masked[site] = vector
-    for site in set(shared) - set(masked):
-        rejected.setdefault(site, "mask: dropped after sharing")
-    need(len(masked), "sent a masked update")
-
-    # 4. reveal: self-mask seeds of survivors, mask keys of the dropped
+    masked = secure.mask(shares, size)
     survivors = sorted(masked)
-    dropped = sorted(set(shared) - set(masked))
-    reveal_text = dumps({"survivors": survivors, "dropped": dropped})
-    revealing = _collect(
-        _timed_exchange(
-            grid,
-            {by_site[s]: _step_content(run_id, round_number, reveal_text) for s in survivors},
-            message_type=wire.SECAGG_REVEAL,
-            group=f"{round_number}.reveal",
-            timeout_s=timeout,
-        ),
-        {by_site[s]: s for s in survivors},
-        "reveal",
-    )
-    reveals: list[Reveal] = []
-    for site, reply in revealing.replies.items():
-        try:
-            reveal = reveal_from_json(loads(_site_text(reply), "reveal"))
-            if reveal.holder != site:
-                raise PrivacyError("the reveal names another holder")
-        except (PrivacyError, wire.WireError) as exc:
-            log.warning("round %d: reveal of %s set aside: %s", round_number, site, exc)
-            continue
-        reveals.append(reveal)
+    shared = sorted(shares)
+    reveals = secure.reveal(shared, survivors)
     try:
         total = unmask_weighted_sum(announcement, {s: adverts[s] for s in shared}, masked, reveals)
     except SecAggAbort as exc:
@@ -376,10 +400,9 @@ def run_secure_round(
         raise RoundFailedError(f"round {round_number}: secure aggregation failed: {exc}") from exc
     survived = [updates[site] for site in survivors]
     averaged, trained_by = _average(global_arrays, total, survived, announcement.weight_cap)
-    for site in rejected:
-        rejected[site] = rejected[site][:400]
+    rejected = {site: reason[:400] for site, reason in secure.rejected.items()}
     digests = {site: masked_sha256(masked[site]) for site in survivors}
-    return SecureOutcome(survived, rejected, averaged, trained_by, digest, digests)
+    return SecureOutcome(survived, rejected, averaged, trained_by, announcement.sha256(), digests)
 
 
 def _average(

@@ -106,7 +106,12 @@ class ReceiptCheck:
     site_keys: Mapping[str, VerifyKey]
 
     def problem(self, site_id: str, arrays: Mapping[str, np.ndarray], signature: str) -> str | None:
-        """Why the receipt does not verify, or None if it does."""
+        """Why the receipt of a plain update does not verify, or None if it does."""
+        return self.digest_problem(site_id, arrays_sha256(arrays), signature)
+
+    def digest_problem(self, site_id: str, update_sha256: str, signature: str) -> str | None:
+        """Why the receipt of the update with this digest does not verify (a masked
+        update's digest under secure aggregation), or None if it does."""
         public = self.site_keys.get(site_id)
         if public is None:
             return f"{site_id} is not a registered site (no signing key for it)"
@@ -115,7 +120,7 @@ class ReceiptCheck:
             study_sha256=self.study_sha256,
             round=self.round,
             model_sha256=self.model_sha256,
-            update_sha256=arrays_sha256(arrays),
+            update_sha256=update_sha256,
             site_id=site_id,
         )
         if not receipt.verify(public, signature):
