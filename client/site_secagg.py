@@ -10,12 +10,15 @@ over the masked bytes (the coordinator checks that, as it checks plain updates).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography import x509
 
 from client.config import SiteConfig
 from client.errors import RequestError, SiteRefusal
@@ -60,22 +63,13 @@ class SiteSecAgg:
     def _credentials(self) -> tuple[SigningKey, str, IdentityCheck]:
         """The site's signing key, its identity certificate and the CA check (read once)."""
         if self._signer is None or self._identity is None or self._certificate is None:
-            site = self._config.site
-            cert = self._config.optional_path(site.identity_certificate)
-            ca = self._config.optional_path(site.consortium_ca)
-            if cert is None or ca is None:
-                raise SiteRefusal(
-                    f"{self._config.source}: secure aggregation needs [site]"
-                    " identity_certificate and consortium_ca (from the site's kit)"
-                )
-            try:
-                self._certificate = _read(cert).decode()
-                self._identity = identity_check(_read(ca))
-                self._signer = SigningKey.load(self._config.signing_key_path)
-                self._identity(self._site_id, self._certificate)
-            except (PrivacyError, UnicodeDecodeError) as exc:
-                raise SiteRefusal(f"secure aggregation credentials: {exc}") from exc
-            key = self._config.optional_path(site.coordinator_public_key)
+            identity = load_identity(self._config)
+            self._signer, self._certificate, self._identity = (
+                identity.signer,
+                identity.pem,
+                identity.check,
+            )
+            key = self._config.optional_path(self._config.site.coordinator_public_key)
             self._coordinator = None if key is None else VerifyKey.load(key)
         return self._signer, self._certificate, self._identity
 
@@ -224,35 +218,55 @@ class SiteSecAgg:
             return self._round(run_id, round_number).announcement.study_sha256
 
 
-def identity_problem(config: SiteConfig) -> str | None:
-    """Why this site could not take part in a secure round, or None: the identity
-    certificate and CA named, readable, issued by that CA to this site id for this
-    site's own signing key, and valid now (within 30 days of expiry is a problem too:
-    renew it with `medfed provision --renew` before rounds start failing)."""
-    import datetime as dt
+NOT_SET = "[site] identity_certificate and consortium_ca are not set"
+RENEW_DAYS = 30
+"""`identity_problem` asks for a new certificate this many days before it expires."""
 
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """The site's signing key, the CA's certificate of it (PEM), and the CA's check."""
+
+    signer: SigningKey
+    pem: str
+    check: IdentityCheck
+    not_valid_after: dt.datetime
+
+
+def load_identity(config: SiteConfig) -> SiteIdentity:
+    """Read and check the site's secure-aggregation credentials: the certificate names
+    this site, the consortium CA issued it, it is valid now, and it certifies the site's
+    own signing key. `SiteRefusal` names what is wrong."""
     site = config.site
     cert = config.optional_path(site.identity_certificate)
     ca = config.optional_path(site.consortium_ca)
     if cert is None or ca is None:
-        return "[site] identity_certificate and consortium_ca are not set: secure rounds refused"
+        raise SiteRefusal(f"{config.source}: {NOT_SET}: secure rounds refused")
     try:
         pem = _read(cert).decode()
         check = identity_check(_read(ca))
-        key = check(config.site.id, pem)
-        if key != SigningKey.load(config.signing_key_path).public:
-            return f"{cert}: certifies another key than the site's signing key"
-        later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
-        identity_check(_read(ca), now=later)(config.site.id, pem)
-    except SecAggError as exc:
-        if "expired" in str(exc):
-            return (
-                f"{cert}: expires within 30 days; ask the consortium lead for"
-                f" `medfed provision --renew-identity {config.site.id}`"
-            )
-        return f"{cert}: {exc}"
-    except (PrivacyError, SiteRefusal, UnicodeDecodeError) as exc:
-        return f"{cert}: {exc}"
+        signer = SigningKey.load(config.signing_key_path)
+        if check(site.id, pem) != signer.public:
+            raise SiteRefusal(f"{cert}: certifies another key than the site's signing key")
+        expires = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+    except (PrivacyError, UnicodeDecodeError, ValueError) as exc:
+        raise SiteRefusal(f"{cert}: {exc}") from exc
+    return SiteIdentity(signer, pem, check, expires)
+
+
+def identity_problem(config: SiteConfig) -> str | None:
+    """Why this site could not take part in a secure round, or None (`load_identity`);
+    a certificate within `RENEW_DAYS` of expiry is a problem too, before rounds fail."""
+    try:
+        identity = load_identity(config)
+    except SiteRefusal as exc:
+        return str(exc).removeprefix(f"{config.source}: ")
+    if identity.not_valid_after - dt.datetime.now(dt.UTC) < dt.timedelta(days=RENEW_DAYS):
+        return (
+            f"{config.optional_path(config.site.identity_certificate)}: expires within"
+            f" {RENEW_DAYS} days; ask the consortium lead for"
+            f" `medfed provision --renew-identity {config.site.id}`"
+        )
     return None
 
 

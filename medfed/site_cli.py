@@ -50,6 +50,7 @@ class SiteCheck:
 
     @property
     def problems(self) -> list[DataProblem]:
+        from client.site_secagg import NOT_SET
         from sites.errors import DataProblem
 
         found = list(self.data.problems)
@@ -100,10 +101,6 @@ class SiteCheck:
             },
             "problems": [problem_json(problem) for problem in self.problems],
         }
-
-
-NOT_SET = "[site] identity_certificate and consortium_ca are not set"
-"""Not set up for secure aggregation: warned, not a problem (studies may run without it)."""
 
 
 def load_study_contract(path: Path | None) -> StudyContract:
@@ -258,6 +255,8 @@ def _print_check(check: SiteCheck, console: object) -> None:
                            " (allow_unsigned_bundles = true)", style="bold red"))  # fmt: skip
     elif check.bundles.get("trusted_ids"):
         console.print(Text("app bundles signed by: " + ", ".join(check.bundles["trusted_ids"])))  # type: ignore[arg-type]
+    from client.site_secagg import NOT_SET
+
     if check.identity_problem is not None and check.identity_problem.startswith(NOT_SET):
         console.print(
             Text(f"WARNING: secure aggregation: {check.identity_problem}", style="bold red")
