@@ -94,6 +94,21 @@ def _play(
     return unmask_weighted_sum(signed.announcement, by_site, masked, reveals)
 
 
+def _dealt(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes], update: np.ndarray
+) -> tuple[dict[str, SiteRound], dict[str, list[SealedShare]]]:
+    """Every site keyed for one announced round, peers checked, `update` dealt."""
+    keys, certs, ca_pem = consortium
+    signed = _announce(SigningKey.generate())
+    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
+    adverts = [rounds[s].advertisement for s in SITES]
+    sealed = {}
+    for site in SITES:
+        rounds[site].check_peers(adverts, identity_check(ca_pem))
+        sealed[site] = rounds[site].deal(update)
+    return rounds, sealed
+
+
 def _updates(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {site: rng.uniform(-3.0, 3.0, size=1000) for site in SITES}
@@ -169,14 +184,7 @@ def test_forged_advertisement_and_foreign_certificate_are_refused(
 def test_a_tampered_share_does_not_open(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
-    keys, certs, ca_pem = consortium
-    signed = _announce(SigningKey.generate())
-    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
-    adverts = [rounds[s].advertisement for s in SITES]
-    sealed = {}
-    for site in SITES:
-        rounds[site].check_peers(adverts, identity_check(ca_pem))
-        sealed[site] = rounds[site].deal(np.zeros(10))
+    rounds, sealed = _dealt(consortium, np.zeros(10))
     mine = [s for owner in SITES for s in sealed[owner] if s.holder == "a"]
     flipped = mine[0].ciphertext[:-2] + ("00" if mine[0].ciphertext[-2:] != "00" else "01")
     mine[0] = SealedShare(mine[0].owner, mine[0].holder, mine[0].nonce, flipped)
@@ -187,14 +195,7 @@ def test_a_tampered_share_does_not_open(
 def test_a_holder_reveals_once_and_never_both_kinds(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
-    keys, certs, ca_pem = consortium
-    signed = _announce(SigningKey.generate())
-    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
-    adverts = [rounds[s].advertisement for s in SITES]
-    sealed = {}
-    for site in SITES:
-        rounds[site].check_peers(adverts, identity_check(ca_pem))
-        sealed[site] = rounds[site].deal(np.zeros(10))
+    rounds, sealed = _dealt(consortium, np.zeros(10))
     for site in SITES:
         rounds[site].mask(list(SITES), [s for o in SITES for s in sealed[o] if s.holder == site])
     rounds["a"].reveal(["a", "b", "c", "d"], ["e"])
@@ -208,14 +209,7 @@ def test_the_masked_update_looks_uniform(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
     """A constant update, masked: its residues fill [0, 2**32) evenly (chi-square)."""
-    keys, certs, ca_pem = consortium
-    signed = _announce(SigningKey.generate())
-    rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
-    adverts = [rounds[s].advertisement for s in SITES]
-    sealed = {}
-    for site in SITES:
-        rounds[site].check_peers(adverts, identity_check(ca_pem))
-        sealed[site] = rounds[site].deal(np.full(40_000, 1.5))
+    rounds, sealed = _dealt(consortium, np.full(40_000, 1.5))
     vector = rounds["a"].mask(list(SITES), [s for o in SITES for s in sealed[o] if s.holder == "a"])
     from scipy import stats
 
