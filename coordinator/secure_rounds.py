@@ -78,9 +78,16 @@ def secure_threshold(study: StudySettings, n_sites: int) -> int:
     """The study's threshold, or more than half the planned sites (and at least the
     study's minimum, and 2): a server that lies about dropouts then cannot get both
     kinds of share for one site."""
-    if study.secagg_threshold:
-        return study.secagg_threshold
-    return max(2, study.min_sites, n_sites // 2 + 1)
+    if not study.secagg_threshold:
+        return max(2, study.min_sites, n_sites // 2 + 1)
+    if 2 * study.secagg_threshold <= n_sites:
+        log.warning(
+            "secagg-threshold %d of %d sites: a coordinator that lies about dropouts could"
+            " unmask one site's update; use more than half the sites",
+            study.secagg_threshold,
+            n_sites,
+        )
+    return study.secagg_threshold
 
 
 def _site_text(reply: Message) -> str:
@@ -358,16 +365,19 @@ def run_secure_round(
             f"round {round_number}: {len(nodes)} sites planned, secure aggregation needs"
             f" {threshold}"
         )
-    announcement = Announcement(
-        run_id=run_id,
-        study_sha256=study.sha256(),
-        round=round_number,
-        model_sha256=model_sha256,
-        sites=tuple(sorted(nodes.values())),
-        threshold=threshold,
-        clip=study.secagg_clip,
-        weight_cap=max(1, max(senders[n].patients for n in nodes)),
-    )
+    try:
+        announcement = Announcement(
+            run_id=run_id,
+            study_sha256=study.sha256(),
+            round=round_number,
+            model_sha256=model_sha256,
+            sites=tuple(sorted(nodes.values())),
+            threshold=threshold,
+            clip=study.secagg_clip,
+            weight_cap=max(1, max(senders[n].patients for n in nodes)),
+        )
+    except PrivacyError as exc:
+        raise RoundFailedError(f"round {round_number}: {exc}") from exc
     secure = _SecureRound(
         grid,
         study,

@@ -124,6 +124,8 @@ class StudySettings(BaseModel):
             raise ValueError(f"proximal-mu is set but strategy is {self.strategy!r}, not fedprox")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("strategy fedprox needs proximal-mu > 0")
+        if self.secagg_threshold == 1:
+            raise ValueError("secagg-threshold must be 0 (more than half the sites) or at least 2")
         return self
 
     @property

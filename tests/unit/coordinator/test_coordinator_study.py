@@ -374,6 +374,18 @@ def test_fedprox_needs_a_positive_mu_and_only_fedprox_takes_one() -> None:
     assert "proximal-mu is set but strategy is 'fedavg'" in message
 
 
+def test_secure_aggregation_settings_are_checked_with_their_key() -> None:
+    assert parse().secure_aggregation is True
+    assert parse(secagg_threshold=3).secagg_threshold == 3
+    assert "secagg-threshold must be 0" in refusal({**RUN_CONFIG, "secagg-threshold": 1})
+    assert "key secagg-threshold" in refusal({**RUN_CONFIG, "secagg-threshold": -1})
+    assert "key secagg-clip" in refusal({**RUN_CONFIG, "secagg-clip": 0.0})
+    assert "key secure-aggregation" in refusal({**RUN_CONFIG, "secure-aggregation": "yes"})
+    # Turning it off changes what the sites' officers approve.
+    assert parse(secure_aggregation=False).sha256() != parse().sha256()
+    assert parse(coordinator_key="/k").sha256() == parse().sha256()
+
+
 def test_the_run_plumbing_is_not_part_of_the_studys_digest() -> None:
     assert parse(run_dir="/x", resume=True).sha256() == parse().sha256()
     assert parse(strategy="fedadam").sha256() != parse().sha256()
