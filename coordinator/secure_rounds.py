@@ -193,12 +193,11 @@ class _SecureRound:
             self.study.round_timeout_s,
         )
         adverts: dict[str, Advertisement] = {}
+        digest = self.announcement.sha256()
         for site, reply in replies.items():
             try:
                 advert = Advertisement.from_json(loads(_site_text(reply), "advertisement"))
-                if advert.site_id != site or advert.announcement_sha256 != (
-                    self.announcement.sha256()
-                ):
+                if advert.site_id != site or advert.announcement_sha256 != digest:
                     raise PrivacyError("the advertisement names another site or round")
                 keys = None if self.receipts is None else self.receipts.site_keys
                 if keys is not None and (site not in keys or not advert.verify(keys[site])):

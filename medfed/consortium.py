@@ -98,12 +98,12 @@ class DemoIdentities:
     def __init__(self, folder: Path) -> None:
         from cryptography.hazmat.primitives import serialization
 
-        from privacy.pki import create_ca, pem_private_key, write_atomic
+        from privacy.pki import create_ca, write_atomic
 
+        # The CA's key stays in memory: nothing needs it once the certificates are issued.
         self._ca_key, self._ca_cert = create_ca("medfed demo consortium CA", valid_days=30)
         self.ca_pem = self._ca_cert.public_bytes(serialization.Encoding.PEM)
         write_atomic(folder / "ca.pem", self.ca_pem)
-        write_atomic(folder / "ca.key", pem_private_key(self._ca_key), mode=0o600)
 
     def issue(
         self, keys: Path, site_id: str, public: VerifyKey, coordinator: VerifyKey | None
