@@ -94,10 +94,10 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
     import torch
     from torch.utils.data import TensorDataset
 
-    from bench.workload import BENCH_CONTRACT, synthetic_tensors
-    from model.network import build_model
-    from model.train import LossReducer, mean_loss, train_steps
-    from privacy.dpsgd import DpSgdSettings, make_private
+    from medfed.bench.workload import BENCH_CONTRACT, synthetic_tensors
+    from medfed.model.network import build_model
+    from medfed.model.train import LossReducer, mean_loss, train_steps
+    from medfed.privacy.dpsgd import DpSgdSettings, make_private
 
     torch.set_num_threads(config.threads)
     device = torch.device(config.device)
@@ -153,7 +153,14 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
 
 def _run_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
     """`measure_variant` in a fresh interpreter; its JSON figures come back on stdout."""
-    command = [sys.executable, "-m", "bench.dp", "--variant", variant, json.dumps(asdict(config))]
+    command = [
+        sys.executable,
+        "-m",
+        "medfed.bench.dp",
+        "--variant",
+        variant,
+        json.dumps(asdict(config)),
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # Opacus's and torch's chatter on stderr
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=VARIANT_TIMEOUT_S, env=env, check=False

@@ -37,15 +37,15 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from model.contract import DEMO_CONTRACT
-from model.network import build_model
-from model.tokenizers import complete_numeric_inputs
-from model.train import train_steps
-from privacy.accountant import epsilon_of
-from privacy.calibration import calibrate_noise
-from privacy.dpsgd import DpSgdSettings, PrivateTraining, make_private
-from sites.synthetic import write_synthetic_consortium
-from sites.tabular import read_site_table
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.model.network import build_model
+from medfed.model.tokenizers import complete_numeric_inputs
+from medfed.model.train import train_steps
+from medfed.privacy.accountant import epsilon_of
+from medfed.privacy.calibration import calibrate_noise
+from medfed.privacy.dpsgd import DpSgdSettings, PrivateTraining, make_private
+from medfed.sites.synthetic import write_synthetic_consortium
+from medfed.sites.tabular import read_site_table
 
 THREADS = 2
 CONFIDENCE = 0.95

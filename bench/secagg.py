@@ -30,13 +30,13 @@ from datetime import UTC, datetime
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from coordinator.aggregate import fedavg
-from model import wire
-from model.network import arrays_sha256
-from privacy.identity import identity_check, issue_identity_certificate
-from privacy.pki import create_ca
-from privacy.receipts import UpdateReceipt
-from privacy.secagg_protocol import (
+from medfed.coordinator.aggregate import fedavg
+from medfed.model import wire
+from medfed.model.network import arrays_sha256
+from medfed.privacy.identity import identity_check, issue_identity_certificate
+from medfed.privacy.pki import create_ca
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.secagg_protocol import (
     MODULUS,
     Advertisement,
     Announcement,
@@ -51,7 +51,7 @@ from privacy.secagg_protocol import (
     unmask_weighted_sum,
     weighted_delta,
 )
-from privacy.signing import SigningKey
+from medfed.privacy.signing import SigningKey
 
 CLIP = 1.0
 """The study's default `secagg-clip`; the updates here stay well inside it."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bench.round_time import last_json_line, number, run_process, slowest_training
+from medfed.bench.round_time import last_json_line, number, run_process, slowest_training
 
 Mode = Literal["secure", "plain"]
 PLAIN_FLAG = "--no-secure-aggregation"

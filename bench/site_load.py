@@ -19,13 +19,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.contract import DEMO_CONTRACT, CategoricalFeature
-from sites.config import DatasetConfig
-from sites.manifest import load_site_data
-from sites.synthetic_multimodal import write_multimodal_consortium
+from medfed.model.contract import DEMO_CONTRACT, CategoricalFeature
+from medfed.sites.config import DatasetConfig
+from medfed.sites.manifest import load_site_data
+from medfed.sites.synthetic_multimodal import write_multimodal_consortium
 
 CONTRACT = DEMO_CONTRACT.model_copy(
     update={
@@ -35,7 +36,7 @@ CONTRACT = DEMO_CONTRACT.model_copy(
         )
     }
 )
-FORMATS = ("csv", "parquet", "fhir", "omop")
+FORMATS: tuple[Literal["csv", "parquet", "fhir", "omop"], ...] = ("csv", "parquet", "fhir", "omop")
 
 
 @dataclass(frozen=True)

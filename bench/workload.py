@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.contract import (
+from medfed.model.contract import (
     DEMO_CONTRACT,
     CategoricalFeature,
     MoleculeSpec,
@@ -19,8 +19,8 @@ from model.contract import (
     StudyContract,
     TaskSpec,
 )
-from model.sample import PatientSample
-from model.tokenizers import encode
+from medfed.model.sample import PatientSample
+from medfed.model.tokenizers import encode
 
 DRUGS = (
     "CC(=O)OC1=CC=CC=C1C(=O)O",  # aspirin

@@ -18,11 +18,11 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from client.config import SiteConfig, SiteConfigError
-from client.errors import ClientError
-from privacy.bundle_signing import APP_SIGNATURE, load_trusted_entities, verify_bundle
-from privacy.errors import BundleSignatureError, KeyFileError
-from privacy.signing import VerifyKey
+from medfed.client.config import SiteConfig, SiteConfigError
+from medfed.client.errors import ClientError
+from medfed.privacy.bundle_signing import APP_SIGNATURE, load_trusted_entities, verify_bundle
+from medfed.privacy.errors import BundleSignatureError, KeyFileError
+from medfed.privacy.signing import VerifyKey
 
 log = logging.getLogger(__name__)
 

@@ -28,18 +28,18 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.egress import AuditSink, egress_guard
-from client.errors import BudgetRefusal, ClientError, OutsideWindow, RequestError
-from client.protocol import EgressRules, QueryRequest
-from model import wire
-from model.presets import PRESET_NAMES, PresetName
-from privacy.errors import PrivacyError
-from sites.errors import SiteError
-from sites.synthetic import site_id
+from medfed.client.egress import AuditSink, egress_guard
+from medfed.client.errors import BudgetRefusal, ClientError, OutsideWindow, RequestError
+from medfed.client.protocol import EgressRules, QueryRequest
+from medfed.model import wire
+from medfed.model.presets import PRESET_NAMES, PresetName
+from medfed.privacy.errors import PrivacyError
+from medfed.sites.errors import SiteError
+from medfed.sites.synthetic import site_id
 
 if TYPE_CHECKING:
-    from client.protocol import ModelCheck, SecAggStep
-    from client.site_api import SiteApi
+    from medfed.client.protocol import ModelCheck, SecAggStep
+    from medfed.client.site_api import SiteApi
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ REFUSALS = (wire.WireError, ClientError, SiteError, PrivacyError)
 def site_config_path(context: Context) -> Path:
     """This site's `site.toml`: from the SuperNode's node config, or in a simulation from
     the run config's `sites-root` and the virtual node's partition id."""
-    from client.config import SITE_TOML
+    from medfed.client.config import SITE_TOML
 
     node = context.node_config
     if SITE_CONFIG in node:
@@ -89,7 +89,7 @@ def site_api(context: Context) -> SiteApi:
     """The site API for this message: the worker when one is configured, else in-process."""
     socket = _worker_socket(context)
     if socket is not None:
-        from client.worker_rpc import WorkerClient
+        from medfed.client.worker_rpc import WorkerClient
 
         wait_s = float(str(context.node_config.get(WORKER_WAIT, DEFAULT_WORKER_WAIT_S)))
         return WorkerClient(socket, wait_s=wait_s)
@@ -102,8 +102,8 @@ _SERVICES: dict[Path, SiteApi] = {}
 def _in_process(site_toml: Path) -> SiteApi:
     """The in-process site of `site_toml`, one per site for the life of this process: its
     trainers stay warm and a secure-aggregation round's state lives across messages."""
-    from client.config import load_site_config
-    from client.site_api import SiteService
+    from medfed.client.config import load_site_config
+    from medfed.client.site_api import SiteService
 
     key = site_toml.resolve()
     if key not in _SERVICES:
@@ -114,10 +114,10 @@ def _in_process(site_toml: Path) -> SiteApi:
 def _rules(context: Context) -> EgressRules:
     socket = _worker_socket(context)
     if socket is not None:
-        from client.worker_rpc import WorkerClient
+        from medfed.client.worker_rpc import WorkerClient
 
         return WorkerClient(socket).egress_rules()
-    from client.config import load_site_config
+    from medfed.client.config import load_site_config
 
     config = load_site_config(site_config_path(context))
     return EgressRules(site_id=config.site.id, min_cohort_k=config.privacy.min_cohort_k)
@@ -126,12 +126,12 @@ def _rules(context: Context) -> EgressRules:
 def _audit_sink(context: Context) -> AuditSink:
     socket = _worker_socket(context)
     if socket is not None:
-        from client.worker_rpc import WorkerClient
+        from medfed.client.worker_rpc import WorkerClient
 
         return WorkerClient(socket).audit
-    from client.config import load_site_config
-    from privacy.audit import AuditLog
-    from privacy.signing import SigningKey
+    from medfed.client.config import load_site_config
+    from medfed.privacy.audit import AuditLog
+    from medfed.privacy.signing import SigningKey
 
     config = load_site_config(site_config_path(context))
     log_ = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
@@ -186,7 +186,7 @@ def _check_metrics(check: ModelCheck) -> dict[str, int | float | list[int] | lis
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model at this site under DP-SGD."""
-    from client.protocol import TrainRequest
+    from medfed.client.protocol import TrainRequest
 
     content = msg.content
     try:
@@ -243,7 +243,7 @@ def train(msg: Message, context: Context) -> Message:
 def _secagg_step(msg: Message, context: Context, step: SecAggStep) -> Message:
     """Forward one secure-aggregation step to the site; the masked update comes back as
     the only array, with the site's receipt signature over it."""
-    from client.protocol import SecAggRequest
+    from medfed.client.protocol import SecAggRequest
 
     content = msg.content
     try:
@@ -286,7 +286,7 @@ def secagg_reveal(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's held-out patients."""
-    from client.protocol import EvaluateRequest
+    from medfed.client.protocol import EvaluateRequest
 
     content = msg.content
     try:

@@ -23,8 +23,8 @@ from typing import Any, Final, TypeVar, cast
 
 import numpy as np
 
-from client.errors import ClientError
-from client.protocol import (
+from medfed.client.errors import ClientError
+from medfed.client.protocol import (
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
@@ -37,7 +37,7 @@ from client.protocol import (
     TrainReply,
     TrainRequest,
 )
-from model.presets import PRESET_NAMES, PresetName
+from medfed.model.presets import PRESET_NAMES, PresetName
 
 MAGIC: Final = b"MFW1"
 MAX_FRAME_BYTES: Final = 512 * 1024 * 1024

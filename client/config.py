@@ -11,10 +11,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from client.errors import ClientError
-from client.windows import TrainingWindow
-from privacy.policy import PrivacyPolicy
-from sites.config import Accelerator, Datasets
+from medfed.client.errors import ClientError
+from medfed.client.windows import TrainingWindow
+from medfed.privacy.policy import PrivacyPolicy
+from medfed.sites.config import Accelerator, Datasets
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 SITE_TOML = "site.toml"

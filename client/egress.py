@@ -41,8 +41,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from client.protocol import EgressRules
-from model import wire
+from medfed.client.protocol import EgressRules
+from medfed.model import wire
 
 log = logging.getLogger(__name__)
 

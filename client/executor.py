@@ -40,14 +40,14 @@ from typing import Any
 
 from flwr.app import Context, Error, Message
 
-from client.bundle_check import (
+from medfed.client.bundle_check import (
     BUNDLE_REFUSED,
     ERROR_CODE_BUNDLE_REFUSED,
     UNSIGNED_WARNING,
     BundleGate,
     UntrustedBundleError,
 )
-from client.egress import Handler, ReplyMod, chain
+from medfed.client.egress import Handler, ReplyMod, chain
 
 AuditAppend = Callable[[str, Mapping[str, Any]], object]
 """Appends one event to the site's audit log (`privacy.audit.AuditLog.append`)."""
@@ -268,10 +268,10 @@ class WarmExecutor:
 
 def _site_bundles_and_audit(site_toml: Path) -> tuple[BundleGate | None, AuditAppend]:
     """The site's bundle gate (None: unsigned allowed, warned) and its audit log."""
-    from client.bundle_check import bundle_gate_of
-    from client.config import load_site_config
-    from privacy.audit import AuditLog
-    from privacy.signing import SigningKey
+    from medfed.client.bundle_check import bundle_gate_of
+    from medfed.client.config import load_site_config
+    from medfed.privacy.audit import AuditLog
+    from medfed.privacy.signing import SigningKey
 
     config = load_site_config(site_toml)
     gate = bundle_gate_of(config)
@@ -296,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-    from client.client_app import GUARD
-    from client.errors import ClientError
-    from privacy.errors import PrivacyError
+    from medfed.client.client_app import GUARD
+    from medfed.client.errors import ClientError
+    from medfed.privacy.errors import PrivacyError
 
     try:
         bundles, audit = _site_bundles_and_audit(args.site_config)

@@ -12,20 +12,20 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from client.config import SiteConfig
-from client.errors import BudgetRefusal, SiteRefusal
-from client.protocol import TrainRequest
-from privacy.accountant import epsilon_of
-from privacy.approvals import Approval
-from privacy.audit import AuditLog
-from privacy.calibration import calibrate_noise
-from privacy.dpsgd import poisson_rate
-from privacy.errors import InfeasibleBudgetError
-from privacy.events import DpSgdEvent
-from privacy.ledger import PrivacyLedger, SpendRecord
-from privacy.policy import PastSpend, PlannedRound, preflight
-from privacy.receipts import UpdateReceipt
-from privacy.signing import SigningKey, VerifyKey
+from medfed.client.config import SiteConfig
+from medfed.client.errors import BudgetRefusal, SiteRefusal
+from medfed.client.protocol import TrainRequest
+from medfed.privacy.accountant import epsilon_of
+from medfed.privacy.approvals import Approval
+from medfed.privacy.audit import AuditLog
+from medfed.privacy.calibration import calibrate_noise
+from medfed.privacy.dpsgd import poisson_rate
+from medfed.privacy.errors import InfeasibleBudgetError
+from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.ledger import PrivacyLedger, SpendRecord
+from medfed.privacy.policy import PastSpend, PlannedRound, preflight
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.signing import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from model.presets import PresetName
+from medfed.model.presets import PresetName
 
 
 class HeldOutMetrics(Protocol):

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from client.protocol import HeldOut, ModelCheck, TrainReply, TrainRequest
+from medfed.client.protocol import HeldOut, ModelCheck, TrainReply, TrainRequest
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from client.config import SiteConfig
-from client.errors import OutsideWindow, SiteRefusal
-from client.protocol import (
+from medfed.client.config import SiteConfig
+from medfed.client.errors import OutsideWindow, SiteRefusal
+from medfed.client.protocol import (
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
@@ -29,17 +29,17 @@ from client.protocol import (
     TrainReply,
     TrainRequest,
 )
-from client.reply_cache import ReplyCache
-from client.site_secagg import SiteSecAgg
-from client.windows import in_window, next_window_start, window_end
-from model.contract import StudyContract
-from privacy.accountant import epsilon_of
-from privacy.audit import AuditLog
-from privacy.policy import PastSpend, counted
-from privacy.signing import JsonValue, SigningKey, VerifyKey
+from medfed.client.reply_cache import ReplyCache
+from medfed.client.site_secagg import SiteSecAgg
+from medfed.client.windows import in_window, next_window_start, window_end
+from medfed.model.contract import StudyContract
+from medfed.privacy.accountant import epsilon_of
+from medfed.privacy.audit import AuditLog
+from medfed.privacy.policy import PastSpend, counted
+from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
 
 if TYPE_CHECKING:
-    from client.trainer import SiteTrainer
+    from medfed.client.trainer import SiteTrainer
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SiteService:
     def _trainer_of(self, contract: StudyContract) -> SiteTrainer:
         """The warm trainer of `contract` (its data read and encoded once), built on first use.
         Every trainer shares the site's one ledger."""
-        from client.trainer import SiteTrainer  # torch: only where the service runs
+        from medfed.client.trainer import SiteTrainer  # torch: only where the service runs
 
         key = contract.sha256()
         if key not in self._trainers:
@@ -114,7 +114,7 @@ class SiteService:
         return self._trainers[key]
 
     def _trainer_for(self, contract_json: str, contract_sha256: str) -> SiteTrainer:
-        from client.study_contract import decode_contract
+        from medfed.client.study_contract import decode_contract
 
         if contract_sha256 in self._trainers:
             cached = self._trainers[contract_sha256]
@@ -198,7 +198,7 @@ class SiteService:
             elif self._default is not None:
                 trainer = self._trainers[self._default]
             if request.preset is not None and trainer is not None:
-                from client.throughput import ThroughputCache
+                from medfed.client.throughput import ThroughputCache
 
                 throughput = ThroughputCache(self._config.state_dir).get(
                     request.preset, trainer.contract, accelerator
@@ -231,7 +231,7 @@ class SiteService:
     def _budget_left(self, trainer: SiteTrainer, request: QueryRequest, now: dt.datetime) -> float:
         """Epsilon this study may still spend here: the least of what the dataset's cap
         and the officer's approval (if the policy requires one) leave."""
-        from client.privacy_gate import study_label
+        from medfed.client.privacy_gate import study_label
 
         policy = self._config.privacy
         delta = request.delta if request.delta is not None else policy.max_delta

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from cryptography import x509
 
-from client.config import SiteConfig
-from client.errors import RequestError, SiteRefusal
-from client.protocol import SecAggReply, SecAggRequest, TrainReply, TrainRequest
-from privacy.errors import PrivacyError, SecAggError
-from privacy.identity import identity_check
-from privacy.receipts import UpdateReceipt
-from privacy.secagg_protocol import (
+from medfed.client.config import SiteConfig
+from medfed.client.errors import RequestError, SiteRefusal
+from medfed.client.protocol import SecAggReply, SecAggRequest, TrainReply, TrainRequest
+from medfed.privacy.errors import PrivacyError, SecAggError
+from medfed.privacy.identity import identity_check
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.secagg_protocol import (
     Advertisement,
     IdentityCheck,
     SealedShare,
@@ -38,7 +38,7 @@ from privacy.secagg_protocol import (
     reveal_to_json,
     weighted_delta,
 )
-from privacy.signing import SigningKey, VerifyKey
+from medfed.privacy.signing import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 

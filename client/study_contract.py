@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from client.errors import SiteRefusal
-from model import wire
-from model.contract import StudyContract
+from medfed.client.errors import SiteRefusal
+from medfed.model import wire
+from medfed.model.contract import StudyContract
 
 
 def decode_contract(text: str, sha256: str) -> StudyContract:

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import TensorDataset
 
-from model.contract import StudyContract, TaskSpec
-from model.network import PresetName, build_model, model_identity
-from model.sample import PatientSample
-from model.tokenizers import encode
-from model.train import train_steps
-from privacy.dpsgd import DpSgdSettings, make_private
+from medfed.model.contract import StudyContract, TaskSpec
+from medfed.model.network import PresetName, build_model, model_identity
+from medfed.model.sample import PatientSample
+from medfed.model.tokenizers import encode
+from medfed.model.train import train_steps
+from medfed.privacy.dpsgd import DpSgdSettings, make_private
 
 CACHE_NAME = "throughput.json"
 CALIBRATION_ROWS = 512

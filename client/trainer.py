@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from client.config import SiteConfig
-from client.errors import SiteRefusal
-from client.privacy_gate import PrivacyGate
-from client.protocol import (
+from medfed.client.config import SiteConfig
+from medfed.client.errors import SiteRefusal
+from medfed.client.privacy_gate import PrivacyGate
+from medfed.client.protocol import (
     EvaluateReply,
     EvaluateRequest,
     HeldOut,
@@ -29,11 +29,11 @@ from client.protocol import (
     TrainReply,
     TrainRequest,
 )
-from model.contract import StudyContract, TaskSpec
-from model.devices import resolve_device
-from model.errors import DeviceUnavailableError, ModelError
-from model.losses import SURVIVAL_DP_CAVEAT
-from model.network import (
+from medfed.model.contract import StudyContract, TaskSpec
+from medfed.model.devices import resolve_device
+from medfed.model.errors import DeviceUnavailableError, ModelError
+from medfed.model.losses import SURVIVAL_DP_CAVEAT
+from medfed.model.network import (
     MedModel,
     PresetName,
     arrays_sha256,
@@ -43,13 +43,18 @@ from model.network import (
     parameter_group,
     state_arrays,
 )
-from model.tokenizers import encode
-from model.train import TaskMetrics, evaluate, train_steps
-from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE, DpSgdSettings, GradSampleMode, make_private
-from privacy.ledger import PrivacyLedger
-from privacy.receipts import UpdateReceipt
-from sites.errors import DataError, SiteError
-from sites.manifest import SiteData, load_site_data, modalities_of
+from medfed.model.tokenizers import encode
+from medfed.model.train import TaskMetrics, evaluate, train_steps
+from medfed.privacy.dpsgd import (
+    DEFAULT_GRAD_SAMPLE_MODE,
+    DpSgdSettings,
+    GradSampleMode,
+    make_private,
+)
+from medfed.privacy.ledger import PrivacyLedger
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.sites.errors import DataError, SiteError
+from medfed.sites.manifest import SiteData, load_site_data, modalities_of
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from client.config import load_site_config
-from client.errors import ClientError
-from client.worker_rpc import serve, worker_socket_path
+from medfed.client.config import load_site_config
+from medfed.client.errors import ClientError
+from medfed.client.worker_rpc import serve, worker_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ one machine; a hospital's worker takes all cores by default)."""
 
 def run_worker(site_toml: Path, *, stop: threading.Event | None = None) -> None:
     """Serve the site API for `site_toml` until `stop` is set (or a signal arrives)."""
-    import client.trainer  # noqa: F401  # torch and opacus, imported once before serving
-    from client.site_api import SiteService
+    import medfed.client.trainer  # noqa: F401  # torch and opacus, imported once before serving
+    from medfed.client.site_api import SiteService
 
     config = load_site_config(site_toml)
     # Each study's data is read and encoded on its first message, then kept warm.
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
-    from privacy.errors import PrivacyError
-    from sites.errors import SiteError
+    from medfed.privacy.errors import PrivacyError
+    from medfed.sites.errors import SiteError
 
     try:
         run_worker(args.site_toml)

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from client import codec
-from client.codec import CodecError, Frame
-from client.errors import (
+from medfed.client import codec
+from medfed.client.codec import CodecError, Frame
+from medfed.client.errors import (
     BudgetRefusal,
     ClientError,
     OutsideWindow,
@@ -30,7 +30,7 @@ from client.errors import (
     WorkerFailed,
     WorkerUnavailable,
 )
-from client.protocol import (
+from medfed.client.protocol import (
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
@@ -43,8 +43,8 @@ from client.protocol import (
 )
 
 if TYPE_CHECKING:  # both import torch-heavy modules; this module must stay light
-    from client.config import SiteConfig
-    from client.site_api import SiteApi
+    from medfed.client.config import SiteConfig
+    from medfed.client.site_api import SiteApi
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def dispatch(api: SiteApi, data: bytes) -> bytes:
     names) come back as a `refusal` frame; anything unexpected as an `error` frame,
     logged here with its traceback, so the worker keeps serving.
     """
-    from privacy.errors import PrivacyError
-    from sites.errors import SiteError
+    from medfed.privacy.errors import PrivacyError
+    from medfed.sites.errors import SiteError
 
     try:
         frame = codec.decode_frame(data)

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from coordinator.errors import AuditChainError
-from privacy.audit import AuditLog
-from privacy.errors import PrivacyError
-from privacy.signing import JsonValue, SigningKey
+from medfed.coordinator.errors import AuditChainError
+from medfed.privacy.audit import AuditLog
+from medfed.privacy.errors import PrivacyError
+from medfed.privacy.signing import JsonValue, SigningKey
 
 AUDIT_NAME = "audit.jsonl"
 KEY_NAME = "coordinator-signing.key"

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.errors import CheckpointError
-from model.network import arrays_sha256
+from medfed.coordinator.errors import CheckpointError
+from medfed.model.network import arrays_sha256
 
 CHECKPOINTS_NAME = "checkpoints.db"
 

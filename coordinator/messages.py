@@ -12,11 +12,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.errors import RoundFailedError
-from coordinator.study import StudySettings, contract_json
-from model import wire
-from model.contract import StudyContract
-from model.network import arrays_sha256, model_identity
+from medfed.coordinator.errors import RoundFailedError
+from medfed.coordinator.study import StudySettings, contract_json
+from medfed.model import wire
+from medfed.model.contract import StudyContract
+from medfed.model.network import arrays_sha256, model_identity
 
 log = logging.getLogger(__name__)
 

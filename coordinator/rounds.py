@@ -19,19 +19,19 @@ import numpy as np
 from flwr.app import MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.audit_chain import CoordinatorAudit, NoAudit
-from coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
-from coordinator.errors import CoordinatorError, RoundFailedError
-from coordinator.messages import exchange, instruction, wait_for_sites
-from coordinator.results import RoundRecord, RunResults
-from coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
-from coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
-from coordinator.secure_rounds import SecureOutcome, run_secure_round
-from coordinator.site_keys import load_site_keys
-from coordinator.site_status import query_statuses
-from coordinator.strategies import Contribution, Strategy, make_strategy
-from coordinator.study import StudySettings
-from coordinator.validate import (
+from medfed.coordinator.audit_chain import CoordinatorAudit, NoAudit
+from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
+from medfed.coordinator.errors import CoordinatorError, RoundFailedError
+from medfed.coordinator.messages import exchange, instruction, wait_for_sites
+from medfed.coordinator.results import RoundRecord, RunResults
+from medfed.coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
+from medfed.coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
+from medfed.coordinator.secure_rounds import SecureOutcome, run_secure_round
+from medfed.coordinator.site_keys import load_site_keys
+from medfed.coordinator.site_status import query_statuses
+from medfed.coordinator.strategies import Contribution, Strategy, make_strategy
+from medfed.coordinator.study import StudySettings
+from medfed.coordinator.validate import (
     ModelCheck,
     ReceiptCheck,
     Rejection,
@@ -42,11 +42,11 @@ from coordinator.validate import (
     validate_eval_reply,
     validate_train_reply,
 )
-from model import wire
-from model.contract import StudyContract
-from model.network import arrays_sha256, build_model, state_arrays
-from privacy.errors import PrivacyError
-from privacy.signing import JsonValue, SigningKey, VerifyKey
+from medfed.model import wire
+from medfed.model.contract import StudyContract
+from medfed.model.network import arrays_sha256, build_model, state_arrays
+from medfed.privacy.errors import PrivacyError
+from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.audit_chain import CoordinatorAudit
-from coordinator.checkpoints import Checkpoint, CheckpointStore
-from coordinator.errors import CheckpointError
-from coordinator.results import RoundRecord, RunResults, results_from_json
-from coordinator.strategies import Strategy
-from coordinator.study import StudySettings
-from model.network import arrays_sha256
-from privacy.signing import JsonValue
+from medfed.coordinator.audit_chain import CoordinatorAudit
+from medfed.coordinator.checkpoints import Checkpoint, CheckpointStore
+from medfed.coordinator.errors import CheckpointError
+from medfed.coordinator.results import RoundRecord, RunResults, results_from_json
+from medfed.coordinator.strategies import Strategy
+from medfed.coordinator.study import StudySettings
+from medfed.model.network import arrays_sha256
+from medfed.privacy.signing import JsonValue
 
 
 @dataclass

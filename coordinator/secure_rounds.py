@@ -25,11 +25,11 @@ import numpy.typing as npt
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.errors import RoundFailedError
-from coordinator.messages import exchange
-from coordinator.scheduler import RoundPlan
-from coordinator.study import StudySettings
-from coordinator.validate import (
+from medfed.coordinator.errors import RoundFailedError
+from medfed.coordinator.messages import exchange
+from medfed.coordinator.scheduler import RoundPlan
+from medfed.coordinator.study import StudySettings
+from medfed.coordinator.validate import (
     ReceiptCheck,
     Rejection,
     Sender,
@@ -37,11 +37,11 @@ from coordinator.validate import (
     payload_bytes,
     validate_train_reply,
 )
-from model import wire
-from model.network import parameter_group
-from privacy.errors import PrivacyError, SecAggAbort
-from privacy.secagg import Reveal
-from privacy.secagg_protocol import (
+from medfed.model import wire
+from medfed.model.network import parameter_group
+from medfed.privacy.errors import PrivacyError, SecAggAbort
+from medfed.privacy.secagg import Reveal
+from medfed.privacy.secagg_protocol import (
     Advertisement,
     Announcement,
     SealedShare,
@@ -52,7 +52,7 @@ from privacy.secagg_protocol import (
     reveal_from_json,
     unmask_weighted_sum,
 )
-from privacy.signing import SigningKey, VerifyKey
+from medfed.privacy.signing import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.errors import CoordinatorError, StudyConfigError
-from coordinator.object_pulls import shorten_object_pull_backoff
-from coordinator.results import RunResults, read_results, write_results
-from coordinator.rounds import run_study
-from coordinator.study import StudySettings
+from medfed.coordinator.errors import CoordinatorError, StudyConfigError
+from medfed.coordinator.object_pulls import shorten_object_pull_backoff
+from medfed.coordinator.results import RunResults, read_results, write_results
+from medfed.coordinator.rounds import run_study
+from medfed.coordinator.study import StudySettings
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.errors import StudyConfigError
-from privacy.errors import PrivacyError
-from privacy.signing import VerifyKey
+from medfed.coordinator.errors import StudyConfigError
+from medfed.privacy.errors import PrivacyError
+from medfed.privacy.signing import VerifyKey
 
 KEY_SUFFIX = ".pub"
 

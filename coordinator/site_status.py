@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.messages import exchange
-from coordinator.scheduler import SiteStatus
-from coordinator.study import StudySettings, contract_json
-from model import wire
+from medfed.coordinator.messages import exchange
+from medfed.coordinator.scheduler import SiteStatus
+from medfed.coordinator.study import StudySettings, contract_json
+from medfed.model import wire
 
 log = logging.getLogger(__name__)
 

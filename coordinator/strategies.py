@@ -23,8 +23,8 @@ from typing import Literal
 
 import numpy as np
 
-from model import wire
-from model.network import parameter_group
+from medfed.model import wire
+from medfed.model.network import parameter_group
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
 Arrays = dict[str, np.ndarray]

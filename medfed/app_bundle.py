@@ -11,12 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
-from privacy.bundle_signing import APP_SIGNATURE, sign_bundle
-from privacy.signing import SigningKey
+from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
+from medfed.privacy.signing import SigningKey
 
 APP_PACKAGES = ("client", "coordinator", "model", "privacy", "sites")
-SERVER_APP = "coordinator.server_app:app"
-CLIENT_APP = "client.client_app:app"
+SERVER_APP = "medfed.coordinator.server_app:app"
+CLIENT_APP = "medfed.client.client_app:app"
 
 _PYPROJECT = """\
 [build-system]
@@ -42,6 +42,10 @@ clientapp = "{client}"
 """
 
 
+_PACKAGE_INIT = '''"""medfed's rooms, as shipped in the Flower app bundle (the CLI stays out)."""
+'''
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -51,13 +55,16 @@ def _toml_value(value: object) -> str:
 
 
 def build_app_dir(dest: Path, run_config_defaults: dict[str, object]) -> Path:
-    """Write the app (packages' .py files and a pyproject.toml) under `dest`; return `dest`."""
+    """Write the app (`medfed/<room>/` .py files, a pyproject.toml) under `dest`; return it."""
     dest.mkdir(parents=True, exist_ok=True)
+    root = dest / "medfed"
+    root.mkdir(exist_ok=True)
+    (root / "__init__.py").write_text(_PACKAGE_INIT, encoding="utf-8")
     for package in APP_PACKAGES:
-        source = Path(importlib.import_module(package).__file__ or "").parent
+        source = Path(importlib.import_module(f"medfed.{package}").__file__ or "").parent
         shutil.copytree(
             source,
-            dest / package,
+            root / package,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
             dirs_exist_ok=True,
         )

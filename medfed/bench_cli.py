@@ -97,9 +97,9 @@ def bench_dp(
     ] = False,
 ) -> None:
     """Step time and peak memory of DP-SGD vs plain SGD on the same model, data and batch."""
-    from bench.dp import DpBenchConfig, run_dp_bench
+    from medfed.bench.dp import DpBenchConfig, run_dp_bench
     from medfed.cli import _fail, stderr
-    from model.presets import PRESET_NAMES
+    from medfed.model.presets import PRESET_NAMES
 
     if preset not in PRESET_NAMES:
         _fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
@@ -144,8 +144,8 @@ def bench_round(
     """Seconds per round of `medfed demo` (TLS, SuperNode auth, DP, site daemons) beside a
     stock Flower deployment in the same run; the ratio of their round wall times, and
     medfed's round overhead (round time minus the slowest site's local training)."""
-    from bench.round_time import Options, run_benchmark
     from medfed import cli
+    from medfed.bench.round_time import Options, run_benchmark
 
     if not baseline.is_file():
         cli._fail(f"no baseline script at {baseline}", 2)
@@ -207,10 +207,10 @@ def bench_secagg(
     """Secure aggregation's real message protocol (keys, train, mask, reveal; in-process)
     beside a plain round's packing and averaging: seconds per step and bytes uploaded per
     site; with --demo-rounds, real demo rounds with and without it."""
-    from bench.secagg import Options, ProtocolBenchError, run_benchmark
-    from bench.secagg_demo import DemoComparison, compare
     from medfed import cli
-    from privacy.errors import PrivacyError
+    from medfed.bench.secagg import Options, ProtocolBenchError, run_benchmark
+    from medfed.bench.secagg_demo import DemoComparison, compare
+    from medfed.privacy.errors import PrivacyError
 
     site_counts, param_counts = _numbers(sites, name="sites"), _numbers(params, name="params")
     if min(site_counts) < 2:

@@ -13,13 +13,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.config import SiteConfig
-from privacy.accountant import AccountantKind, epsilon_of
-from privacy.audit import AuditLog, verify_audit_log
-from privacy.errors import AuditLogError
-from privacy.ledger import PrivacyLedger, RecordedSpend
-from privacy.policy import PastSpend, counted
-from privacy.signing import SigningKey, VerifyKey
+from medfed.client.config import SiteConfig
+from medfed.privacy.accountant import AccountantKind, epsilon_of
+from medfed.privacy.audit import AuditLog, verify_audit_log
+from medfed.privacy.errors import AuditLogError
+from medfed.privacy.ledger import PrivacyLedger, RecordedSpend
+from medfed.privacy.policy import PastSpend, counted
+from medfed.privacy.signing import SigningKey, VerifyKey
 
 
 def split_study(label: str) -> tuple[str, str]:
@@ -392,7 +392,7 @@ accountant {e(policy.accountant)}.</p>
 
 def write_report(config: SiteConfig, out: Path) -> BudgetSummary:
     """Write the HTML report to `out` (atomically) and return its summary."""
-    from privacy.pki import write_atomic
+    from medfed.privacy.pki import write_atomic
 
     page, summary = render_report(config)
     write_atomic(out, page.encode("utf-8"))
@@ -404,9 +404,9 @@ def approve_study(
 ) -> dict[str, object]:
     """`medfed budget approve`: check the officer's key and the request against the site's
     policy, then record the signed approval. Returns what was approved."""
-    from client.config import load_site_config
-    from coordinator.study import load_study_file
+    from medfed.client.config import load_site_config
     from medfed.consortium import approve
+    from medfed.coordinator.study import load_study_file
     from medfed.errors import MedfedError
 
     config = load_site_config(site_toml)

@@ -26,7 +26,7 @@ from medfed.errors import MedfedError
 from medfed.round_cli import round_app
 
 if TYPE_CHECKING:
-    from client.config import SiteConfig
+    from medfed.client.config import SiteConfig
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _round_table(results: object) -> Table:
-    from coordinator.results import RunResults
+    from medfed.coordinator.results import RunResults
 
     assert isinstance(results, RunResults)
     table = Table(title=f"run {results.run_id}: {results.rounds_completed} rounds")
@@ -140,7 +140,7 @@ def demo(
     """Run a real federation on loopback: TLS SuperLink, one SuperNode per site, DP-SGD, FedAvg."""
     import time
 
-    from coordinator.results import RunResults
+    from medfed.coordinator.results import RunResults
     from medfed.demo import DemoOptions, run_demo
 
     _setup_logging(verbose)
@@ -216,17 +216,17 @@ SiteToml = Annotated[
 
 
 def _site_config(path: Path) -> SiteConfig:
-    from client.config import load_site_config
+    from medfed.client.config import load_site_config
 
     return load_site_config(path)
 
 
 def _guard(action: Callable[[], T]) -> T:
     """Run `action`; any medfed error becomes one line on stderr and exit 1."""
-    from client.errors import ClientError
-    from coordinator.errors import CoordinatorError
-    from privacy.errors import PrivacyError
-    from sites.errors import SiteError
+    from medfed.client.errors import ClientError
+    from medfed.coordinator.errors import CoordinatorError
+    from medfed.privacy.errors import PrivacyError
+    from medfed.sites.errors import SiteError
 
     try:
         return action()
@@ -347,8 +347,8 @@ def audit_verify(
     ] = False,
 ) -> None:
     """Check every entry's signature and the hash chain; name the first bad entry (exit 1)."""
-    from privacy.audit import verify_audit_log
-    from privacy.signing import SigningKey, VerifyKey
+    from medfed.privacy.audit import verify_audit_log
+    from medfed.privacy.signing import SigningKey, VerifyKey
 
     def public() -> VerifyKey:
         if key.suffix == ".toml":
@@ -416,7 +416,7 @@ def provision(
     """Issue the consortium CA, the SuperLink's TLS certificate and one startup kit per
     site; never re-issues (a second run is refused unless it only adds sites or renews
     the SuperLink's certificate)."""
-    from coordinator.consortium import load_consortium
+    from medfed.coordinator.consortium import load_consortium
     from medfed.lifecycle import Renewed, renew_superlink
     from medfed.lifecycle import renew_identity as renew_identity_of
     from medfed.provision import PkiLayout
@@ -489,8 +489,8 @@ app.add_typer(bench_app, name="bench")
 def coordinator_start(consortium_toml: ConsortiumToml, pki: PkiDir) -> None:
     """Start the consortium's TLS SuperLink with SuperNode authentication, register every
     provisioned site's key, and supervise it until Ctrl-C or SIGTERM."""
-    from coordinator.consortium import load_consortium
-    from medfed.coordinator import start_coordinator
+    from medfed.coordinator.consortium import load_consortium
+    from medfed.coordinator_cli import start_coordinator
     from medfed.provision import PkiLayout
 
     stopping = False
@@ -527,8 +527,8 @@ def coordinator_status(
 ) -> None:
     """Expiry of the CA's and SuperLink's certificates (warning within 30 days), and whether
     the SuperLink answers over TLS; exit 1 if a certificate expired or it does not answer."""
-    from coordinator.consortium import load_consortium
-    from medfed.coordinator import coordinator_status as read_status
+    from medfed.coordinator.consortium import load_consortium
+    from medfed.coordinator_cli import coordinator_status as read_status
     from medfed.provision import PkiLayout
 
     status = _guard(lambda: read_status(load_consortium(consortium_toml), PkiLayout(pki)))
@@ -567,8 +567,8 @@ def coordinator_revoke(
 ) -> None:
     """Revoke a site: record it in the PKI folder's revoked.json (no later start registers
     its key) and unregister its SuperNode from the running SuperLink."""
-    from coordinator.consortium import load_consortium
-    from medfed.coordinator import revoke_site
+    from medfed.coordinator.consortium import load_consortium
+    from medfed.coordinator_cli import revoke_site
     from medfed.provision import PkiLayout
 
     revoked = _guard(lambda: revoke_site(load_consortium(consortium_toml), PkiLayout(pki), site))

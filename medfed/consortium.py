@@ -11,20 +11,20 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import (
+from medfed.client.config import (
     SITE_TOML,
     SiteConfig,
     SiteSection,
     identity_lines,
     render_site_toml,
 )
-from coordinator.study import StudySettings
-from model.contract import DEMO_CONTRACT
-from privacy.approvals import Approval, sign_approval
-from privacy.ledger import PrivacyLedger
-from privacy.policy import PrivacyPolicy
-from privacy.signing import SigningKey, VerifyKey
-from sites.synthetic import site_ids, write_synthetic_consortium
+from medfed.coordinator.study import StudySettings
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.privacy.approvals import Approval, sign_approval
+from medfed.privacy.ledger import PrivacyLedger
+from medfed.privacy.policy import PrivacyPolicy
+from medfed.privacy.signing import SigningKey, VerifyKey
+from medfed.sites.synthetic import site_ids, write_synthetic_consortium
 
 DEMO_POLICY = PrivacyPolicy(
     epsilon_cap=10.0,
@@ -72,7 +72,7 @@ def approve(
     site_toml: Path, study: StudySettings, *, epsilon: float, officer_key: SigningKey
 ) -> Approval:
     """Record the officer's signed approval of `study` at the site, up to `epsilon`."""
-    from client.config import load_site_config
+    from medfed.client.config import load_site_config
 
     config = load_site_config(site_toml)
     approval = Approval(
@@ -98,7 +98,7 @@ class DemoIdentities:
     def __init__(self, folder: Path) -> None:
         from cryptography.hazmat.primitives import serialization
 
-        from privacy.pki import create_ca, write_atomic
+        from medfed.privacy.pki import create_ca, write_atomic
 
         # The CA's key stays in memory: nothing needs it once the certificates are issued.
         self._ca_key, self._ca_cert = create_ca("medfed demo consortium CA", valid_days=30)
@@ -110,8 +110,8 @@ class DemoIdentities:
     ) -> dict[str, Path]:
         """Write the site's certificate, the CA and the coordinator's key into `keys`;
         the `[site]` entries of `site.toml` that name them (relative to the site folder)."""
-        from privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
-        from privacy.pki import write_atomic
+        from medfed.privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
+        from medfed.privacy.pki import write_atomic
 
         pem = issue_identity_certificate(
             self._ca_key, self._ca_cert, site_id, public, valid_days=30
@@ -197,8 +197,8 @@ def write_example_consortium(
     """
     import shutil
 
-    from client.config import load_site_config
-    from coordinator.study import load_study_file
+    from medfed.client.config import load_site_config
+    from medfed.coordinator.study import load_study_file
 
     if example not in example_names(examples):
         raise ValueError(f"no example study {example!r}; there are {list(example_names(examples))}")

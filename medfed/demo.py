@@ -23,10 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import SITE_TOML, SiteConfig
-from coordinator.results import RunResults, read_results
-from coordinator.study import StudySettings
 from medfed.app_bundle import build_app_dir, signature_run_config
+from medfed.client.config import SITE_TOML, SiteConfig
 from medfed.consortium import (
     DEMO_POLICY,
     demo_study,
@@ -34,13 +32,15 @@ from medfed.consortium import (
     write_demo_consortium,
     write_example_consortium,
 )
+from medfed.coordinator.results import RunResults, read_results
+from medfed.coordinator.study import StudySettings
 from medfed.errors import DemoFailedError, MissingDependencyError
 from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
+from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
+from medfed.privacy.pki import Provisioned, SiteKeys, provision_loopback, write_atomic
+from medfed.privacy.signing import SigningKey
 from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
-from privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
-from privacy.pki import Provisioned, SiteKeys, provision_loopback, write_atomic
-from privacy.signing import SigningKey
-from sites.synthetic import site_ids
+from medfed.sites.synthetic import site_ids
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +277,8 @@ def _start_site_daemons(
     key in `trusted_entities`) and wait until each connected."""
     import sys
 
-    from client.config import load_site_config
-    from client.worker import TORCH_THREADS_VARIABLE
+    from medfed.client.config import load_site_config
+    from medfed.client.worker import TORCH_THREADS_VARIABLE
     from medfed.supervisor import read_state
 
     for keys in pki.sites:

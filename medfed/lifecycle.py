@@ -15,10 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.consortium import ConsortiumConfig
-from medfed.provision import SIGNING_PUBLIC_KEY_NAME, PkiLayout, ProvisionError
-from privacy.errors import PkiError
-from privacy.pki import (
+from medfed.coordinator.consortium import ConsortiumConfig
+from medfed.privacy.errors import PkiError
+from medfed.privacy.pki import (
     issue_server_certificate,
     load_certificate,
     load_ec_private_key,
@@ -26,6 +25,7 @@ from privacy.pki import (
     pem_private_key,
     write_atomic,
 )
+from medfed.provision import SIGNING_PUBLIC_KEY_NAME, PkiLayout, ProvisionError
 
 REVOKED_NAME = "revoked.json"
 REGISTERED_NAME = "registered-nodes.json"
@@ -67,9 +67,9 @@ def renew_superlink(config: ConsortiumConfig, layout: PkiLayout) -> Renewed:
 def renew_identity(config: ConsortiumConfig, layout: PkiLayout, site_id: str) -> Renewed:
     """A new identity certificate for a site's existing signing key (its kit's
     `site-signing.pub`), from the existing CA; the site copies it into place."""
-    from privacy.errors import PrivacyError
-    from privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
-    from privacy.signing import VerifyKey
+    from medfed.privacy.errors import PrivacyError
+    from medfed.privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
+    from medfed.privacy.signing import VerifyKey
 
     if config.site(site_id) is None:
         raise ProvisionError(f"site {site_id!r} is not listed in {config.source}")

@@ -20,19 +20,19 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.config import (
+from medfed.client.config import (
     SITE_TOML,
     CoordinatorSection,
     SiteConfig,
     SiteSection,
     render_site_toml,
 )
-from coordinator.consortium import ConsortiumConfig, SiteEntry
+from medfed.coordinator.consortium import ConsortiumConfig, SiteEntry
 from medfed.errors import MedfedError
-from privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
-from privacy.errors import PrivacyError
-from privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
-from privacy.pki import (
+from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
+from medfed.privacy.errors import PrivacyError
+from medfed.privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
+from medfed.privacy.pki import (
     CA_CERT_NAME,
     SERVER_CERT_NAME,
     SERVER_KEY_NAME,
@@ -45,8 +45,8 @@ from privacy.pki import (
     pem_private_key,
     write_atomic,
 )
-from privacy.policy import PrivacyPolicy
-from privacy.signing import SigningKey, VerifyKey
+from medfed.privacy.policy import PrivacyPolicy
+from medfed.privacy.signing import SigningKey, VerifyKey
 
 CA_KEY_NAME = "ca.key"
 SUPERNODE_KEY_NAME = "supernode.key"

@@ -20,7 +20,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from coordinator.consortium import ConsortiumConfig
+    from medfed.coordinator.consortium import ConsortiumConfig
 
 T = TypeVar("T")
 stderr = Console(stderr=True)
@@ -49,7 +49,7 @@ def _guard(action: Callable[[], T]) -> T:
 
 
 def _config(path: Path) -> ConsortiumConfig:
-    from coordinator.consortium import load_consortium
+    from medfed.coordinator.consortium import load_consortium
 
     return _guard(lambda: load_consortium(path))
 
@@ -111,7 +111,7 @@ def round_start(
 ) -> None:
     """Submit STUDY_TOML to the consortium's SuperLink as a new run (`coordinator start`
     must be running); with --follow, show its rounds until it ends."""
-    from coordinator.study import load_study_file
+    from medfed.coordinator.study import load_study_file
     from medfed.provision import PkiLayout
     from medfed.runs import start_run
 

@@ -27,17 +27,17 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from coordinator.consortium import ConsortiumConfig
-from coordinator.results import RunResults, read_results
-from coordinator.study import StudySettings
 from medfed.app_bundle import build_app_dir, signature_run_config
-from medfed.coordinator import CONNECTION, FLWR_HOME_NAME
+from medfed.coordinator.consortium import ConsortiumConfig
+from medfed.coordinator.results import RunResults, read_results
+from medfed.coordinator.study import StudySettings
+from medfed.coordinator_cli import CONNECTION, FLWR_HOME_NAME
 from medfed.errors import MedfedError
+from medfed.privacy.errors import PrivacyError
+from medfed.privacy.pki import write_atomic
+from medfed.privacy.signing import SigningKey
 from medfed.provision import APP_SIGNING_KEY_ID, PkiLayout
 from medfed.run_report import RESULTS_NAME
-from privacy.errors import PrivacyError
-from privacy.pki import write_atomic
-from privacy.signing import SigningKey
 
 RUNS_DIR = "runs"
 RUN_FILE = "run.json"

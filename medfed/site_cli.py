@@ -20,10 +20,10 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from client.config import SiteConfig
-    from model.contract import StudyContract
-    from sites.errors import DataProblem
-    from sites.manifest import SiteData
+    from medfed.client.config import SiteConfig
+    from medfed.model.contract import StudyContract
+    from medfed.sites.errors import DataProblem
+    from medfed.sites.manifest import SiteData
 
 site_app = typer.Typer(
     help="The site operator's commands: check the site's configuration and data.",
@@ -50,8 +50,8 @@ class SiteCheck:
 
     @property
     def problems(self) -> list[DataProblem]:
-        from client.site_secagg import NOT_SET
-        from sites.errors import DataProblem
+        from medfed.client.site_secagg import NOT_SET
+        from medfed.sites.errors import DataProblem
 
         found = list(self.data.problems)
         if self.bundles_problem is not None:
@@ -76,7 +76,7 @@ class SiteCheck:
         return found
 
     def to_json(self) -> dict[str, object]:
-        from sites.manifest import problem_json
+        from medfed.sites.manifest import problem_json
 
         return {
             "site_toml": str(self.site_toml),
@@ -105,7 +105,7 @@ class SiteCheck:
 
 def load_study_contract(path: Path | None) -> StudyContract:
     """The contract in study.toml's `[contract]` table (see `coordinator.study`)."""
-    from coordinator.study import load_study_contract as load
+    from medfed.coordinator.study import load_study_contract as load
 
     return load(path)
 
@@ -115,7 +115,7 @@ def accelerator_problem(accelerator: str) -> str | None:
     Asks `model.devices`, the registry training uses (not for cpu: torch loads slowly)."""
     if accelerator == "cpu":
         return None
-    from model.devices import BACKENDS
+    from medfed.model.devices import BACKENDS
 
     backend = BACKENDS.get(accelerator)  # type: ignore[call-overload]
     if backend is None:
@@ -141,8 +141,8 @@ def bundle_check_of(config: SiteConfig) -> tuple[dict[str, object], str | None]:
     the trusted-entities file must parse; without one, only `allow_unsigned_bundles`
     (reported, weaker) lets the site start. A site without `[coordinator]` runs no
     bundles from a coordinator: nothing to check."""
-    from client.bundle_check import bundle_gate_of
-    from client.errors import ClientError
+    from medfed.client.bundle_check import bundle_gate_of
+    from medfed.client.errors import ClientError
 
     path = config.trusted_entities_path
     settings: dict[str, object] = {
@@ -163,15 +163,15 @@ def bundle_check_of(config: SiteConfig) -> tuple[dict[str, object], str | None]:
 
 def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
     """Everything `medfed site check` reports; config errors raise (one line, exit 1)."""
-    from client.config import load_site_config
-    from sites.manifest import load_site_data
+    from medfed.client.config import load_site_config
+    from medfed.sites.manifest import load_site_data
 
     config: SiteConfig = load_site_config(site_toml)
     contract = load_study_contract(study_toml)
     data = load_site_data(config, contract)
     credentials = {str(path): path.is_file() for path in credential_paths(config)}
     bundles, bundles_problem = bundle_check_of(config)
-    from client.site_secagg import identity_problem
+    from medfed.client.site_secagg import identity_problem
 
     return SiteCheck(
         site_toml=site_toml,
@@ -255,7 +255,7 @@ def _print_check(check: SiteCheck, console: object) -> None:
                            " (allow_unsigned_bundles = true)", style="bold red"))  # fmt: skip
     elif check.bundles.get("trusted_ids"):
         console.print(Text("app bundles signed by: " + ", ".join(check.bundles["trusted_ids"])))  # type: ignore[arg-type]
-    from client.site_secagg import NOT_SET
+    from medfed.client.site_secagg import NOT_SET
 
     if check.identity_problem is not None and check.identity_problem.startswith(NOT_SET):
         console.print(

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from client.config import SiteConfig
+    from medfed.client.config import SiteConfig
 
 site_app = typer.Typer(
     help="The site operator's commands: check the site, run its daemon, see its status.",
@@ -45,7 +45,7 @@ def site_start(site_toml: SiteTomlArg) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if config.trusted_entities_path is None:
-        from client.bundle_check import UNSIGNED_WARNING
+        from medfed.client.bundle_check import UNSIGNED_WARNING
 
         cli.stderr.print(Text(f"WARNING: {UNSIGNED_WARNING}", style="bold red"), soft_wrap=True)
     cli.stderr.print(
@@ -61,7 +61,7 @@ def site_start(site_toml: SiteTomlArg) -> None:
 
 def _last_round(site_toml: Path) -> dict[str, Any] | None:
     from medfed import cli
-    from privacy.ledger import PrivacyLedger
+    from medfed.privacy.ledger import PrivacyLedger
 
     records = PrivacyLedger(cli._site_config(site_toml).ledger_path).records()
     if not records:

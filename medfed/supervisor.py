@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
-from client.config import SiteConfig, SiteConfigError
-from client.worker_rpc import worker_socket_path
+from medfed.client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
+from medfed.client.config import SiteConfig, SiteConfigError
+from medfed.client.worker_rpc import worker_socket_path
 from medfed.errors import MedfedError
 from medfed.flower import FLWR_HINT
 from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port
@@ -172,13 +172,13 @@ class SiteDaemon:
         flwr_home = {"FLWR_HOME": str(self.state_dir / "flwr")}
         python = sys.executable
         self.children = [
-            Child("worker", lambda: [python, "-m", "client.worker", str(config.source)]),
+            Child("worker", lambda: [python, "-m", "medfed.client.worker", str(config.source)]),
             Child(
                 "supernode",
                 lambda: [
                     python,
                     "-m",
-                    "client.supernode",
+                    "medfed.client.supernode",
                     poll_s,
                     "--superlink",
                     superlink,
@@ -204,7 +204,7 @@ class SiteDaemon:
                 lambda: [
                     python,
                     "-m",
-                    "client.executor",
+                    "medfed.client.executor",
                     "--runtime",
                     f"127.0.0.1:{self.runtime_port}",
                     "--secret-file",

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 
 import torch
 
-from model.errors import DeviceUnavailableError
+from medfed.model.errors import DeviceUnavailableError
 
 DeviceKind = Literal["cpu", "cuda", "rbln"]
 DEVICE_KINDS: frozenset[str] = frozenset(get_args(DeviceKind))

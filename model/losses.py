@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch.nn import functional
 
-from model.contract import StudyContract, TaskSpec
+from medfed.model.contract import StudyContract, TaskSpec
 
 RegressionLoss = Literal["mse", "huber"]
 """How regression heads are scored: squared error (the default) or Huber (delta 1)."""

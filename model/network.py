@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.contract import Modality, StudyContract
-from model.errors import InputError
-from model.presets import Preset, PresetName, preset_named
-from model.tokenizers import PAD, input_layout, tokenizers_for
+from medfed.model.contract import Modality, StudyContract
+from medfed.model.errors import InputError
+from medfed.model.presets import Preset, PresetName, preset_named
+from medfed.model.tokenizers import PAD, input_layout, tokenizers_for
 
 __all__ = [
     "ARCHITECTURE",

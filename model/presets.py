@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from model.errors import UnknownPresetError
+from medfed.model.errors import UnknownPresetError
 
 PresetName = Literal["tiny", "small", "base", "large"]
 PRESET_NAMES: frozenset[str] = frozenset(get_args(PresetName))

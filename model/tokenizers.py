@@ -24,9 +24,16 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from model.contract import Modality, MoleculeSpec, OmicsPanel, ProteinSpec, StudyContract, TaskSpec
-from model.errors import InputError, TokenizeError
-from model.sample import PatientSample
+from medfed.model.contract import (
+    Modality,
+    MoleculeSpec,
+    OmicsPanel,
+    ProteinSpec,
+    StudyContract,
+    TaskSpec,
+)
+from medfed.model.errors import InputError, TokenizeError
+from medfed.model.sample import PatientSample
 
 PAD = 0
 """Token id 0 pads every id sequence; real tokens start at 1."""

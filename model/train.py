@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.contract import StudyContract, TaskSpec
-from model.losses import RegressionLoss, mean_task_loss, per_sample_loss
-from model.metrics import accuracy, auroc, concordance_index, multiclass_accuracy, rmse
-from model.tokenizers import split_tensors
+from medfed.model.contract import StudyContract, TaskSpec
+from medfed.model.losses import RegressionLoss, mean_task_loss, per_sample_loss
+from medfed.model.metrics import accuracy, auroc, concordance_index, multiclass_accuracy, rmse
+from medfed.model.tokenizers import split_tensors
 
 Batch = Sequence[torch.Tensor]
 """One batch: the network's input tensors, then (target, labelled) per task."""

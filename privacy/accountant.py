@@ -26,9 +26,9 @@ from opacus.accountants.analysis.prv import compute_safe_domain_size
 from opacus.accountants.analysis.prv.prvs import PoissonSubsampledGaussianPRV
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
-from privacy.errors import AccountingError, DpConfigError
-from privacy.events import DpSgdEvent
-from privacy.rdp import ORDERS, rdp_per_step
+from medfed.privacy.errors import AccountingError, DpConfigError
+from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.rdp import ORDERS, rdp_per_step
 
 AccountantKind = Literal["rdp", "prv"]
 """Which accountant composes the events: Renyi DP or privacy loss random variables."""

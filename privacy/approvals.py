@@ -15,8 +15,8 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass
 
-from privacy.errors import ApprovalError, LedgerError
-from privacy.signing import (
+from medfed.privacy.errors import ApprovalError, LedgerError
+from medfed.privacy.signing import (
     KEY_ID_HEX_CHARS,
     SIGNATURE_HEX_CHARS,
     SigningKey,

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from privacy.errors import AuditLogError, SigningError
-from privacy.signing import (
+from medfed.privacy.errors import AuditLogError, SigningError
+from medfed.privacy.signing import (
     KEY_ID_HEX_CHARS,
     SIGNATURE_HEX_CHARS,
     JsonValue,

@@ -24,8 +24,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from privacy.errors import BundleSignatureError, KeyFileError
-from privacy.signing import SigningKey, VerifyKey
+from medfed.privacy.errors import BundleSignatureError, KeyFileError
+from medfed.privacy.signing import SigningKey, VerifyKey
 
 APP_SIGNATURE = "app-signature"
 """The run config key that carries the bundle's signature: `<key id>:<signed_at>:<sig>`."""

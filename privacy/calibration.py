@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
-from privacy.accountant import AccountantKind, epsilon_of
-from privacy.errors import AccountingError, DpConfigError, InfeasibleBudgetError
-from privacy.events import DpSgdEvent
+from medfed.privacy.accountant import AccountantKind, epsilon_of
+from medfed.privacy.errors import AccountingError, DpConfigError, InfeasibleBudgetError
+from medfed.privacy.events import DpSgdEvent
 
 MAX_NOISE_MULTIPLIER = 100.0
 """No budget is met by more noise than this: beyond it training learns nothing useful."""

@@ -20,8 +20,8 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy.errors import DpConfigError
-from privacy.events import DpSgdEvent
+from medfed.privacy.errors import DpConfigError
+from medfed.privacy.events import DpSgdEvent
 
 log = logging.getLogger(__name__)
 

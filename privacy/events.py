@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from privacy.errors import DpConfigError
+from medfed.privacy.errors import DpConfigError
 
 
 @dataclass(frozen=True)

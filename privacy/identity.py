@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from privacy.errors import SecAggError
-from privacy.pki import issued_by
-from privacy.secagg_protocol import IdentityCheck
-from privacy.signing import VerifyKey
+from medfed.privacy.errors import SecAggError
+from medfed.privacy.pki import issued_by
+from medfed.privacy.secagg_protocol import IdentityCheck
+from medfed.privacy.signing import VerifyKey
 
 IDENTITY_CERT_NAME = "site-identity.pem"
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privacy import approvals as approvals_table
-from privacy.accountant import epsilon_of
-from privacy.approvals import Approval, SignedApproval
-from privacy.errors import DpConfigError, LedgerError
-from privacy.events import DpSgdEvent
-from privacy.signing import SigningKey, VerifyKey, canonical_json
+from medfed.privacy import approvals as approvals_table
+from medfed.privacy.accountant import epsilon_of
+from medfed.privacy.approvals import Approval, SignedApproval
+from medfed.privacy.errors import DpConfigError, LedgerError
+from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.signing import SigningKey, VerifyKey, canonical_json
 
 SCHEMA_VERSION = 2
 """`PRAGMA user_version` of a ledger file; 0 with a `spend` table is the unsigned schema 1."""

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from privacy.errors import PkiError
+from medfed.privacy.errors import PkiError
 
 CA_CERT_NAME = "ca.pem"
 SERVER_CERT_NAME = "superlink.pem"

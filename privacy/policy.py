@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from privacy.accountant import AccountantKind, epsilon_of
-from privacy.events import DpSgdEvent
+from medfed.privacy.accountant import AccountantKind, epsilon_of
+from medfed.privacy.events import DpSgdEvent
 
 CapWindow = Literal["lifetime", "rolling-year"]
 ROLLING_YEAR = dt.timedelta(days=365)

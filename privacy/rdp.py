@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import special
 
-from privacy.errors import AccountingError
+from medfed.privacy.errors import AccountingError
 
 ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 """Opacus's `RDPAccountant.DEFAULT_ALPHAS`, the orders epsilon is optimised over."""

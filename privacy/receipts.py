@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from privacy.signing import SigningKey, VerifyKey, canonical_json
+from medfed.privacy.signing import SigningKey, VerifyKey, canonical_json
 
 RECEIPT_SCHEMA = "medfed.update-receipt/1"
 

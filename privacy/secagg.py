@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.errors import SecAggAbort, SecAggError, UnsafeUnmaskError
+from medfed.privacy.errors import SecAggAbort, SecAggError, UnsafeUnmaskError
 
 Vector = npt.NDArray[np.uint64]
 """Elements of Z_m, one per model parameter."""

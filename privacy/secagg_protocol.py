@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.errors import SecAggAbort, SecAggError
-from privacy.secagg import (
+from medfed.privacy.errors import SecAggAbort, SecAggError
+from medfed.privacy.secagg import (
     HeldShares,
     Reveal,
     RoundKeys,
@@ -58,7 +58,7 @@ from privacy.secagg import (
     reveal_shares,
     unmask_sum,
 )
-from privacy.signing import JsonValue, SigningKey, VerifyKey, canonical_json
+from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey, canonical_json
 
 ANNOUNCEMENT_SCHEMA = "medfed.secagg-announcement/1"
 ADVERTISEMENT_SCHEMA = "medfed.secagg-advertisement/1"

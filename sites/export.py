@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tomli_w
 
-from model.contract import StudyContract
-from sites.config import DatasetConfig
-from sites.connectors.fhir import CODE_SYSTEMS
+from medfed.model.contract import StudyContract
+from medfed.sites.config import DatasetConfig
+from medfed.sites.connectors.fhir import CODE_SYSTEMS
 
 ClinicalFormat = Literal["csv", "parquet", "fhir", "omop"]
 TARGET_CODE_PREFIX = "medfed-target-"

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from model.contract import NumericFeature, StudyContract
-from model.sample import PatientSample
-from sites.errors import DataProblem
-from sites.records import DatasetRead, Measurement, PartialRecord
+from medfed.model.contract import NumericFeature, StudyContract
+from medfed.model.sample import PatientSample
+from medfed.sites.errors import DataProblem
+from medfed.sites.records import DatasetRead, Measurement, PartialRecord
 
 HOLDOUT_PER_MILLE = 200
 """About 20% of a site's patients (chosen by a hash of their id) are held out for evaluation."""

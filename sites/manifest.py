@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from model.contract import MODALITY_ORDER, Modality, StudyContract
-from model.sample import PatientSample
-from sites.config import DatasetConfig, NumericSource, TargetSource
-from sites.connectors import read_dataset
-from sites.errors import DataError, DataProblem
-from sites.join import HOLDOUT_PER_MILLE, join_patients, split_by_patient
-from sites.records import DatasetRead, PartialRecord
+from medfed.model.contract import MODALITY_ORDER, Modality, StudyContract
+from medfed.model.sample import PatientSample
+from medfed.sites.config import DatasetConfig, NumericSource, TargetSource
+from medfed.sites.connectors import read_dataset
+from medfed.sites.errors import DataError, DataProblem
+from medfed.sites.join import HOLDOUT_PER_MILLE, join_patients, split_by_patient
+from medfed.sites.records import DatasetRead, PartialRecord
 
 LEGACY_TABLE_NAME = "patients.csv"
 """The table a site without `[[datasets]]` reads from its data_dir (the demo's layout)."""

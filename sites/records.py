@@ -16,10 +16,10 @@ from decimal import Decimal
 
 import numpy as np
 
-from model.contract import CategoricalFeature, NumericFeature, StudyContract, TaskSpec
-from sites.config import CategoricalSource, DatasetConfig, NumericSource, TargetSource
-from sites.errors import DataProblem
-from sites.units import UnitError, canonical_unit, convert
+from medfed.model.contract import CategoricalFeature, NumericFeature, StudyContract, TaskSpec
+from medfed.sites.config import CategoricalSource, DatasetConfig, NumericSource, TargetSource
+from medfed.sites.errors import DataProblem
+from medfed.sites.units import UnitError, canonical_unit, convert
 
 
 @dataclass(frozen=True)

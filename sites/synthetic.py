@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.contract import StudyContract
+from medfed.model.contract import StudyContract
 
 TABLE_NAME = "patients.csv"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.contract import StudyContract, TaskSpec
-from sites.config import DatasetConfig
-from sites.export import (
+from medfed.model.contract import StudyContract, TaskSpec
+from medfed.sites.config import DatasetConfig
+from medfed.sites.export import (
     ClinicalFormat,
     ClinicalPatient,
     datasets_toml,
@@ -26,7 +26,7 @@ from sites.export import (
     write_omics,
     write_sequences,
 )
-from sites.synthetic import site_ids
+from medfed.sites.synthetic import site_ids
 
 _MOLECULES = (
     "CCO", "CC(=O)O", "c1ccccc1", "CC(=O)Oc1ccccc1C(=O)O", "CCN(CC)CC", "OC1CCCCC1",

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from model.contract import StudyContract
-from sites.errors import DataError, DataProblem
+from medfed.model.contract import StudyContract
+from medfed.sites.errors import DataError, DataProblem
 
 HOLDOUT_PER_MILLE = 200
 """About 20% of a site's patients (chosen by a hash of their id) are held out for evaluation."""

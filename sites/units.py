@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sites.errors import SiteError
+from medfed.sites.errors import SiteError
 
 
 class UnitError(SiteError):

@@ -15,11 +15,11 @@ from uuid import uuid4
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from coordinator.results import RunResults
-from coordinator.rounds import Clock, run_study
-from coordinator.study import StudySettings
-from model import wire
-from model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.coordinator.results import RunResults
+from medfed.coordinator.rounds import Clock, run_study
+from medfed.coordinator.study import StudySettings
+from medfed.model import wire
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
 
 Arrays = dict[str, np.ndarray]
 NOW = 1_750_000_000.0

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from model.contract import (
+from medfed.model.contract import (
     MODALITY_ORDER,
     MoleculeSpec,
     NumericFeature,
@@ -15,7 +15,7 @@ from model.contract import (
     StudyContract,
     TaskSpec,
 )
-from model.sample import PatientSample
+from medfed.model.sample import PatientSample
 
 TASK = "outcome"
 """The binary task of `numeric_contract`."""

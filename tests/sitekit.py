@@ -16,16 +16,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, RecordDict
 
-from client.config import SiteConfig, load_site_config, render_site_toml
-from client.protocol import EvaluateRequest, TrainRequest
-from coordinator.study import StudySettings
+from medfed.client.config import SiteConfig, load_site_config, render_site_toml
+from medfed.client.protocol import EvaluateRequest, TrainRequest
 from medfed.consortium import DEMO_POLICY, DemoSite, demo_study, write_demo_consortium
-from model.contract import DEMO_CONTRACT as CONTRACT
-from model.network import arrays_sha256, build_model, state_arrays
-from privacy.ledger import PrivacyLedger, RecordedSpend
-from privacy.signing import SigningKey, VerifyKey
-from sites.synthetic import TABLE_NAME
-from sites.tabular import SiteTable, read_site_table
+from medfed.coordinator.study import StudySettings
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.model.network import arrays_sha256, build_model, state_arrays
+from medfed.privacy.ledger import PrivacyLedger, RecordedSpend
+from medfed.privacy.signing import SigningKey, VerifyKey
+from medfed.sites.synthetic import TABLE_NAME
+from medfed.sites.tabular import SiteTable, read_site_table
 
 DELTA = 1e-5
 POLICY = DEMO_POLICY
@@ -79,7 +79,7 @@ def table_of(site_toml: Path) -> SiteTable:
 def fingerprint_of(site_toml: Path) -> str:
     """The manifest fingerprint of the site's data, read on its own (`sites.manifest`, the
     reader `medfed site check` uses): what the site's ledger keys its spend on."""
-    from sites.manifest import load_site_data
+    from medfed.sites.manifest import load_site_data
 
     return load_site_data(site_config(site_toml), CONTRACT).manifest.fingerprint
 

@@ -12,14 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from model.contract import StudyContract
-from sites.config import DatasetConfig, DatasetFormat
-from sites.connectors.fhir import read_fhir
-from sites.connectors.molecules import read_fasta, read_smi
-from sites.connectors.omics import read_omics
-from sites.connectors.omop import read_omop
-from sites.connectors.tabular import read_tabular
-from sites.records import DatasetRead
+from medfed.model.contract import StudyContract
+from medfed.sites.config import DatasetConfig, DatasetFormat
+from medfed.sites.connectors.fhir import read_fhir
+from medfed.sites.connectors.molecules import read_fasta, read_smi
+from medfed.sites.connectors.omics import read_omics
+from medfed.sites.connectors.omop import read_omop
+from medfed.sites.connectors.tabular import read_tabular
+from medfed.sites.records import DatasetRead
 
 
 class Connector(Protocol):

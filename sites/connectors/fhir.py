@@ -24,10 +24,10 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from model.contract import StudyContract
-from sites.config import DatasetConfig, NumericSource
-from sites.connectors.tables import dataset_texts
-from sites.records import DatasetRead, RecordBuilder, Where, parse_time
+from medfed.model.contract import StudyContract
+from medfed.sites.config import DatasetConfig, NumericSource
+from medfed.sites.connectors.tables import dataset_texts
+from medfed.sites.records import DatasetRead, RecordBuilder, Where, parse_time
 
 CODE_SYSTEMS: dict[str, tuple[str, ...]] = {
     "icd10": ("http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm"),

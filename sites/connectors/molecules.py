@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from model.contract import MoleculeSpec, ProteinSpec, StudyContract
-from sites.config import DatasetConfig
-from sites.connectors.tables import dataset_texts
-from sites.records import DatasetRead, RecordBuilder, Where
+from medfed.model.contract import MoleculeSpec, ProteinSpec, StudyContract
+from medfed.sites.config import DatasetConfig
+from medfed.sites.connectors.tables import dataset_texts
+from medfed.sites.records import DatasetRead, RecordBuilder, Where
 
 SMILES_TOKEN = re.compile(
     r"(\[[^\[\]]+\]|Br|Cl|%\d{2}|[BCNOPSFIbcnops]|[0-9]|[=#\-/\\:().+~@?*$>])"
@@ -80,7 +80,7 @@ def check_protein(sequence: str, spec: ProteinSpec) -> tuple[int, str] | None:
 
 def read_smi(dataset: DatasetConfig, contract: StudyContract, base: Path) -> DatasetRead:
     """Read `.smi` files (`SMILES<space>ID` per line); a tabular one goes to `read_tabular`."""
-    from sites.connectors.tabular import read_tabular
+    from medfed.sites.connectors.tabular import read_tabular
 
     if any(path.suffix.lower() not in (".smi", ".smiles") for path in dataset.paths):
         return read_tabular(dataset, contract, base)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model.contract import OmicsPanel, StudyContract
-from sites.config import DatasetConfig
-from sites.connectors.tables import Table, TableError, read_table
-from sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_number
+from medfed.model.contract import OmicsPanel, StudyContract
+from medfed.sites.config import DatasetConfig
+from medfed.sites.connectors.tables import Table, TableError, read_table
+from medfed.sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_number
 
 _MISSING = frozenset({"na", "nan", "null", "."})
 

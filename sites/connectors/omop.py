@@ -13,10 +13,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from model.contract import CategoricalFeature, StudyContract
-from sites.config import DatasetConfig, NumericSource
-from sites.connectors.tables import Row, TableError, read_table
-from sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_time
+from medfed.model.contract import CategoricalFeature, StudyContract
+from medfed.sites.config import DatasetConfig, NumericSource
+from medfed.sites.connectors.tables import Row, TableError, read_table
+from medfed.sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_time
 
 TABLES = ("person", "measurement", "observation", "condition_occurrence", "drug_exposure")
 _SUFFIXES = (".csv", ".tsv", ".parquet")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sites.errors import DataProblem
+from medfed.sites.errors import DataProblem
 
 Row = dict[str, object]
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from model.contract import StudyContract
-from sites.config import DatasetConfig
-from sites.connectors.molecules import check_smiles
-from sites.connectors.tables import Row, Table, TableError, read_table
-from sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_time
+from medfed.model.contract import StudyContract
+from medfed.sites.config import DatasetConfig
+from medfed.sites.connectors.molecules import check_smiles
+from medfed.sites.connectors.tables import Row, Table, TableError, read_table
+from medfed.sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_time
 
 
 def read_tabular(dataset: DatasetConfig, contract: StudyContract, base: Path) -> DatasetRead:

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.consortium import load_consortium
+from medfed.coordinator.consortium import load_consortium
 from medfed.demo import SUPERNODE_READY
-from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port, log_contains
-from medfed.provision import PkiLayout, provision
-from privacy.pki import (
+from medfed.privacy.pki import (
     issue_server_certificate,
     load_certificate,
     load_ec_private_key,
     pem_certificate,
     write_atomic,
 )
+from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port, log_contains
+from medfed.provision import PkiLayout, provision
 from tests.conftest import TEST_TAG_VARIABLE, pids_with_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

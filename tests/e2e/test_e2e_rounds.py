@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.consortium import load_consortium
-from coordinator.study import StudySettings
 from medfed.consortium import DemoSite, demo_study, write_demo_consortium
+from medfed.coordinator.consortium import load_consortium
+from medfed.coordinator.study import StudySettings
 from medfed.demo import SUPERNODE_READY
 from medfed.processes import ProcessGroup, find_program, free_port, log_contains
 from medfed.provision import PkiLayout, provision

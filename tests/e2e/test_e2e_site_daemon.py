@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from client.config import SITE_TOML
-from coordinator.results import RunResults
 from medfed.app_bundle import build_app_dir
+from medfed.client.config import SITE_TOML
 from medfed.consortium import write_demo_consortium
+from medfed.coordinator.results import RunResults
 from medfed.demo import (
     DemoOptions,
     _programs,
@@ -31,10 +31,10 @@ from medfed.demo import (
     _write_flwr_config,
     make_bundle_signing,
 )
+from medfed.privacy.pki import provision_loopback
 from medfed.processes import ProcessGroup
+from medfed.sites.synthetic import site_ids
 from medfed.supervisor import read_state
-from privacy.pki import provision_loopback
-from sites.synthetic import site_ids
 from tests.conftest import TEST_TAG_VARIABLE, pids_with_env
 from tests.sitekit import make_study, site_config, spend_rows
 

@@ -19,8 +19,8 @@ from medfed.demo import (
     _start_superlink,
     _write_flwr_config,
 )
+from medfed.privacy.pki import provision_loopback
 from medfed.processes import ProcessGroup, free_port, log_contains, tls_health_ok
-from privacy.pki import provision_loopback
 from tests.conftest import TEST_TAG_VARIABLE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from client.config import SITE_TOML
-from coordinator.results import RunResults, read_results
-from coordinator.study import StudySettings
 from medfed.app_bundle import build_app_dir, signature_run_config
+from medfed.client.config import SITE_TOML
 from medfed.consortium import write_demo_consortium
+from medfed.coordinator.results import RunResults, read_results
+from medfed.coordinator.study import StudySettings
 from medfed.demo import (
     _programs,
     _run_config,
@@ -30,11 +30,11 @@ from medfed.demo import (
     _write_flwr_config,
     make_bundle_signing,
 )
+from medfed.privacy.audit import AuditLog, verify_audit_log
+from medfed.privacy.pki import provision_loopback
+from medfed.privacy.signing import SigningKey
 from medfed.processes import ProcessGroup
-from privacy.audit import AuditLog, verify_audit_log
-from privacy.pki import provision_loopback
-from privacy.signing import SigningKey
-from sites.synthetic import site_ids
+from medfed.sites.synthetic import site_ids
 from tests.conftest import TEST_TAG_VARIABLE
 from tests.sitekit import make_study, site_config, site_public_key, spend_rows
 

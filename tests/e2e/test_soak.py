@@ -39,20 +39,20 @@ import numpy as np
 import pytest
 import torch
 
-from client.config import SiteConfig
-from client.worker import TORCH_THREADS_VARIABLE
-from coordinator.checkpoints import CheckpointStore
-from coordinator.consortium import load_consortium
-from coordinator.results import RunResults, read_results
+from medfed.client.config import SiteConfig
+from medfed.client.worker import TORCH_THREADS_VARIABLE
 from medfed.consortium import DemoSite, write_demo_consortium
+from medfed.coordinator.checkpoints import CheckpointStore
+from medfed.coordinator.consortium import load_consortium
+from medfed.coordinator.results import RunResults, read_results
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.model.network import arrays_sha256, build_model
+from medfed.privacy.audit import AuditLog, verify_audit_log
+from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME
+from medfed.privacy.signing import SigningKey
 from medfed.processes import ProcessGroup, free_port, tail
 from medfed.provision import PkiLayout, provision
 from medfed.supervisor import read_state
-from model.contract import DEMO_CONTRACT
-from model.network import arrays_sha256, build_model
-from privacy.audit import AuditLog, verify_audit_log
-from privacy.bundle_signing import TRUSTED_ENTITIES_NAME
-from privacy.signing import SigningKey
 from tests.conftest import TEST_TAG_VARIABLE, pids_with_env
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import ledger_of, make_study, site_config, site_public_key

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import client.trainer as trainer_module
-from client.config import load_site_config
-from client.errors import BudgetRefusal, SiteRefusal
-from client.protocol import TrainRequest
-from client.trainer import SiteTrainer
-from coordinator.study import StudySettings
+import medfed.client.trainer as trainer_module
 from medfed.cli import app
+from medfed.client.config import load_site_config
+from medfed.client.errors import BudgetRefusal, SiteRefusal
+from medfed.client.protocol import TrainRequest
+from medfed.client.trainer import SiteTrainer
 from medfed.consortium import approve, demo_study, write_demo_consortium
-from model.contract import DEMO_CONTRACT
-from privacy.audit import verify_audit_log
-from privacy.signing import SigningKey
+from medfed.coordinator.study import StudySettings
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.privacy.audit import verify_audit_log
+from medfed.privacy.signing import SigningKey
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import train_request
 

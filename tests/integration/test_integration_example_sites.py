@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.config import load_site_config
-from coordinator.tomlfile import read_toml
 from medfed.cli import app
-from model.contract import StudyContract
-from privacy.signing import SigningKey
-from sites.manifest import load_site_data
+from medfed.client.config import load_site_config
+from medfed.coordinator.tomlfile import read_toml
+from medfed.model.contract import StudyContract
+from medfed.privacy.signing import SigningKey
+from medfed.sites.manifest import load_site_data
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "consortium"
 SITES = sorted(path.parent.name for path in EXAMPLES.glob("*/site.toml"))
@@ -203,7 +203,7 @@ def test_corrupted_copies_fail_naming_where(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("site", SITES)
 def test_every_example_site_encodes_into_the_models_tensors(tmp_path: Path, site: str) -> None:
     """What a site check passes, the model's tokenizers take whole (one row per patient)."""
-    from model.tokenizers import encode
+    from medfed.model.tokenizers import encode
 
     study = EXAMPLES / "studies" / f"{site.split('-')[0]}.toml"
     contract = StudyContract.from_toml_table(read_toml(study, ValueError)["contract"])

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from coordinator.audit_chain import AUDIT_NAME
-from model import wire
-from model.network import arrays_sha256
-from privacy.receipts import UpdateReceipt
-from privacy.signing import SigningKey
+from medfed.coordinator.audit_chain import AUDIT_NAME
+from medfed.model import wire
+from medfed.model.network import arrays_sha256
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.signing import SigningKey
 from tests.fakesites import FakeGrid, FakeSite, consortium, run, study
 
 pytestmark = pytest.mark.usefixtures("server_identity")

@@ -17,18 +17,18 @@ import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 
-from client import client_app
-from client.config import SITE_TOML
-from coordinator.errors import RoundFailedError
-from coordinator.results import RunResults
-from coordinator.rounds import run_study
-from coordinator.study import StudySettings
+from medfed.client import client_app
+from medfed.client.config import SITE_TOML
 from medfed.consortium import DemoSite, approve
-from model import wire
-from model.contract import DEMO_CONTRACT as CONTRACT
-from model.network import arrays_sha256, build_model, state_arrays
-from privacy.ledger import PrivacyLedger
-from sites.tabular import SiteTable
+from medfed.coordinator.errors import RoundFailedError
+from medfed.coordinator.results import RunResults
+from medfed.coordinator.rounds import run_study
+from medfed.coordinator.study import StudySettings
+from medfed.model import wire
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.model.network import arrays_sha256, build_model, state_arrays
+from medfed.privacy.ledger import PrivacyLedger
+from medfed.sites.tabular import SiteTable
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import (
     POLICY,

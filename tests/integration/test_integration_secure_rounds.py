@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from client import client_app
-from client.config import load_site_config
-from client.reply_cache import ReplyCache
-from coordinator.errors import RoundFailedError
-from model import wire
-from model.network import arrays_sha256
-from privacy.secagg_protocol import Announcement, SignedAnnouncement
-from privacy.signing import SigningKey
+from medfed.client import client_app
+from medfed.client.config import load_site_config
+from medfed.client.reply_cache import ReplyCache
+from medfed.coordinator.errors import RoundFailedError
+from medfed.model import wire
+from medfed.model.network import arrays_sha256
+from medfed.privacy.secagg_protocol import Announcement, SignedAnnouncement
+from medfed.privacy.signing import SigningKey
 from tests.integration.test_integration_rounds import (
     HANDLERS,
     RUN_ID,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bench.dp import DpBenchConfig, _reset_peak_rss, _status_bytes, measure_variant
+from medfed.bench.dp import DpBenchConfig, _reset_peak_rss, _status_bytes, measure_variant
 from medfed.cli import app
 
 pytestmark = [

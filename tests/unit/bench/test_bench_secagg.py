@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bench.secagg import (
+from medfed.bench.secagg import (
     Workload,
     make_consortium,
     make_workload,

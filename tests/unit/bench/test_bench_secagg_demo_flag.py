@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 import medfed.demo
-from bench.secagg_demo import demo_argv, order_of
-from coordinator.study import StudySettings
+from medfed.bench.secagg_demo import demo_argv, order_of
 from medfed.cli import app
+from medfed.coordinator.study import StudySettings
 from medfed.demo import DemoOptions, privacy_warnings, run_demo, synthetic_study
 from medfed.errors import DemoFailedError
 

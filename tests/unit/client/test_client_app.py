@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-import client.trainer as trainer_module
-from client.client_app import (
+import medfed.client.trainer as trainer_module
+from medfed.client.client_app import (
     ERROR_CODE_OUT_OF_BUDGET,
     ERROR_CODE_REFUSED,
     evaluate,
     site_config_path,
     train,
 )
-from client.config import SITE_TOML
-from client.errors import RequestError
+from medfed.client.config import SITE_TOML
+from medfed.client.errors import RequestError
 from medfed.consortium import DemoSite, approve
-from model import wire
-from model.contract import DEMO_CONTRACT as CONTRACT
-from model.network import arrays_sha256, build_model, state_arrays
+from medfed.model import wire
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.model.network import arrays_sha256, build_model, state_arrays
 from tests.sitekit import (
     POLICY,
     fingerprint_of,
@@ -365,7 +365,7 @@ def test_a_site_too_small_for_dp_sgd_is_refused(root: Path) -> None:
 
 
 def test_a_query_reports_the_site_status_in_process(root: Path) -> None:
-    from client.client_app import query
+    from medfed.client.client_app import query
 
     config = {
         wire.STUDY: STUDY.name,
@@ -394,8 +394,8 @@ def test_a_query_reports_the_site_status_in_process(root: Path) -> None:
 def test_outside_its_window_the_site_refuses_with_its_own_code(root: Path) -> None:
     import datetime as dt
 
-    from client.client_app import ERROR_CODE_OUTSIDE_WINDOW
-    from client.windows import WEEKDAYS
+    from medfed.client.client_app import ERROR_CODE_OUTSIDE_WINDOW
+    from medfed.client.windows import WEEKDAYS
 
     site_toml = root / "hospital-1" / SITE_TOML
     other_day = WEEKDAYS[(dt.datetime.now(dt.UTC).weekday() + 3) % 7]  # not today, nor soon

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from client.bundle_check import BundleGate, UntrustedBundleError
-from privacy.bundle_signing import APP_SIGNATURE, sign_bundle, trusted_entities_yaml
-from privacy.signing import SigningKey
+from medfed.client.bundle_check import BundleGate, UntrustedBundleError
+from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle, trusted_entities_yaml
+from medfed.privacy.signing import SigningKey
 
 KEY = SigningKey.generate()
 FAB = b"PK\x03\x04 a bundle's bytes"

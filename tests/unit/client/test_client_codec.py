@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client import codec
-from client.codec import CodecError, Frame
-from client.protocol import HeldOut, ModelCheck, QueryReply, QueryRequest, TrainReply
+from medfed.client import codec
+from medfed.client.codec import CodecError, Frame
+from medfed.client.protocol import HeldOut, ModelCheck, QueryReply, QueryRequest, TrainReply
 from tests.sitekit import global_arrays, make_study, train_request
 
 STUDY = make_study()

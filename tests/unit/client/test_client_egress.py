@@ -20,11 +20,11 @@ from flwr.app import (
     RecordDict,
 )
 
-from client.client_app import GUARD, app
-from client.config import SITE_TOML
-from client.egress import ERROR_CODE_BLOCKED, chain
-from model import wire
-from privacy.audit import verify_audit_log
+from medfed.client.client_app import GUARD, app
+from medfed.client.config import SITE_TOML
+from medfed.client.egress import ERROR_CODE_BLOCKED, chain
+from medfed.model import wire
+from medfed.privacy.audit import verify_audit_log
 from tests.sitekit import (
     global_arrays,
     make_study,

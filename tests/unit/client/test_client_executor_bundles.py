@@ -13,17 +13,17 @@ import pytest
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
-from client.bundle_check import (
+from medfed.client.bundle_check import (
     BUNDLE_REFUSED,
     UNSIGNED_WARNING,
     BundleGate,
     UntrustedBundleError,
 )
-from client.egress import Handler
-from client.executor import WarmExecutor
-from privacy.audit import AuditLog, verify_audit_log
-from privacy.bundle_signing import APP_SIGNATURE, sign_bundle
-from privacy.signing import SigningKey
+from medfed.client.egress import Handler
+from medfed.client.executor import WarmExecutor
+from medfed.privacy.audit import AuditLog, verify_audit_log
+from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
+from medfed.privacy.signing import SigningKey
 
 APP_KEY = SigningKey.generate()
 SITE_KEY = SigningKey.generate()

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.config import SITE_TOML
-from client.errors import SiteRefusal
-from client.protocol import HeldOut, ModelCheck, TrainReply
-from client.reply_cache import ReplyCache
-from client.site_api import SiteService
-from model.contract import DEMO_CONTRACT as CONTRACT
-from model.network import arrays_sha256
+from medfed.client.config import SITE_TOML
+from medfed.client.errors import SiteRefusal
+from medfed.client.protocol import HeldOut, ModelCheck, TrainReply
+from medfed.client.reply_cache import ReplyCache
+from medfed.client.site_api import SiteService
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.model.network import arrays_sha256
 from tests.sitekit import (
     global_arrays,
     make_study,

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.errors import SiteRefusal
-from client.study_contract import decode_contract
-from model import wire
-from model.contract import DEMO_CONTRACT, StudyContract
+from medfed.client.errors import SiteRefusal
+from medfed.client.study_contract import decode_contract
+from medfed.model import wire
+from medfed.model.contract import DEMO_CONTRACT, StudyContract
 from tests.modelkit import all_modalities_contract
 
 CONTRACTS = [DEMO_CONTRACT, all_modalities_contract()]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from client.supernode import _CappedSleep, main
+from medfed.client.supernode import _CappedSleep, main
 
 
 def test_sleeps_are_capped_and_other_time_functions_pass_through() -> None:

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-import client.trainer as trainer_module
-from client.errors import SiteRefusal
-from client.trainer import SiteTrainer
+import medfed.client.trainer as trainer_module
+from medfed.client.errors import SiteRefusal
+from medfed.client.trainer import SiteTrainer
 from medfed.consortium import DemoSite, approve
-from model.contract import DEMO_CONTRACT as CONTRACT
-from model.contract import OmicsPanel, StudyContract, TaskSpec
-from model.network import arrays_sha256, build_model, load_arrays, state_arrays
-from privacy.accountant import AccountantKind
-from sites.config import DatasetConfig, NumericSource, TargetSource
-from sites.export import datasets_toml
-from sites.manifest import load_site_data
-from sites.tabular import SiteTable
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.model.contract import OmicsPanel, StudyContract, TaskSpec
+from medfed.model.network import arrays_sha256, build_model, load_arrays, state_arrays
+from medfed.privacy.accountant import AccountantKind
+from medfed.sites.config import DatasetConfig, NumericSource, TargetSource
+from medfed.sites.export import datasets_toml
+from medfed.sites.manifest import load_site_data
+from medfed.sites.tabular import SiteTable
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import (
     DELTA,
@@ -318,7 +318,7 @@ def test_a_model_of_another_architecture_or_preset_is_refused(site_toml: Path) -
 
 
 def test_a_contract_that_does_not_match_its_digest_is_refused(site_toml: Path) -> None:
-    from client.site_api import SiteService
+    from medfed.client.site_api import SiteService
 
     other = CONTRACT.model_copy(update={"name": "other"})
     service = SiteService(site_config(site_toml))

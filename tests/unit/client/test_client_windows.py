@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from client.windows import WEEKDAYS, TrainingWindow, in_window, next_window_start, window_end
+from medfed.client.windows import WEEKDAYS, TrainingWindow, in_window, next_window_start, window_end
 
 UTC = dt.UTC
 ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata", "UTC"]

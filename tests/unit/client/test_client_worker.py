@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.config import SITE_TOML
-from client.errors import BudgetRefusal, SiteRefusal, WorkerUnavailable
-from client.protocol import QueryRequest
-from client.site_api import SiteService
-from client.worker_rpc import WorkerClient, serve, worker_socket_path
-from model.contract import DEMO_CONTRACT as CONTRACT
-from privacy.audit import verify_audit_log
+from medfed.client.config import SITE_TOML
+from medfed.client.errors import BudgetRefusal, SiteRefusal, WorkerUnavailable
+from medfed.client.protocol import QueryRequest
+from medfed.client.site_api import SiteService
+from medfed.client.worker_rpc import WorkerClient, serve, worker_socket_path
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.privacy.audit import verify_audit_log
 from tests.sitekit import (
     evaluate_request,
     global_arrays,
@@ -131,7 +131,7 @@ THIN = textwrap.dedent(
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, SUPERLINK_NODE_ID, 1
-    from client.client_app import app
+    from medfed.client.client_app import app
     msg = Message(RecordDict(), dst_node_id=5, message_type="query", group_id="1")
     msg.metadata.__dict__["_message_id"] = msg.object_id
     ctx = Context(run_id=1, node_id=5,
@@ -188,7 +188,7 @@ timezone = "Europe/Berlin"
 
 
 def test_outside_its_window_a_site_refuses_to_train_and_says_when(site_toml: Path) -> None:
-    from client.errors import OutsideWindow
+    from medfed.client.errors import OutsideWindow
 
     site_toml.write_text(site_toml.read_text() + WINDOW)
     config = site_config(site_toml)
@@ -212,8 +212,8 @@ def test_outside_its_window_a_site_refuses_to_train_and_says_when(site_toml: Pat
 def test_throughput_is_measured_once_and_cached_per_model_and_accelerator(
     site_toml: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.throughput as throughput
-    from model.network import model_identity
+    import medfed.client.throughput as throughput
+    from medfed.model.network import model_identity
 
     config = site_config(site_toml)
     service = SiteService(config, CONTRACT)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.aggregate import fedavg
+from medfed.coordinator.aggregate import fedavg
 
 SHAPES = {"encoder.weight": (4, 3), "encoder.bias": (4,), "head.weight": (1, 4), "head.bias": (1,)}
 

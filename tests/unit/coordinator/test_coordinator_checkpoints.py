@@ -12,11 +12,11 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.checkpoints import Checkpoint, CheckpointStore
-from coordinator.errors import CheckpointError
-from coordinator.site_status import parse_status
-from model import wire
-from model.network import arrays_sha256
+from medfed.coordinator.checkpoints import Checkpoint, CheckpointStore
+from medfed.coordinator.errors import CheckpointError
+from medfed.coordinator.site_status import parse_status
+from medfed.model import wire
+from medfed.model.network import arrays_sha256
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

@@ -13,7 +13,7 @@ with warnings.catch_warnings():
     )
     from flwr.supercore.inflatable import inflatable_utils
 
-from coordinator.object_pulls import shorten_object_pull_backoff
+from medfed.coordinator.object_pulls import shorten_object_pull_backoff
 
 
 @pytest.fixture

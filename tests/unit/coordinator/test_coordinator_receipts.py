@@ -11,13 +11,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from coordinator.errors import StudyConfigError
-from coordinator.site_keys import load_site_keys
-from coordinator.validate import ReceiptCheck, Rejection, SiteUpdate, validate_train_reply
-from model import wire
-from model.network import arrays_sha256
-from privacy.receipts import RECEIPT_SCHEMA, UpdateReceipt
-from privacy.signing import SigningKey
+from medfed.coordinator.errors import StudyConfigError
+from medfed.coordinator.site_keys import load_site_keys
+from medfed.coordinator.validate import ReceiptCheck, Rejection, SiteUpdate, validate_train_reply
+from medfed.model import wire
+from medfed.model.network import arrays_sha256
+from medfed.privacy.receipts import RECEIPT_SCHEMA, UpdateReceipt
+from medfed.privacy.signing import SigningKey
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.results import RoundRecord, RunResults, write_results
+from medfed.coordinator.results import RoundRecord, RunResults, write_results
 
 
 def strict_json(text: str) -> object:

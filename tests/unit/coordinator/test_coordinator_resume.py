@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flwr.app import Message, MessageType
 
-from coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME
-from coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
-from coordinator.errors import CheckpointError
-from model import wire
-from model.network import arrays_sha256
-from privacy.audit import verify_audit_log
-from privacy.signing import VerifyKey
+from medfed.coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME
+from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
+from medfed.coordinator.errors import CheckpointError
+from medfed.model import wire
+from medfed.model.network import arrays_sha256
+from medfed.privacy.audit import verify_audit_log
+from medfed.privacy.signing import VerifyKey
 from tests.fakesites import NOW, FakeClock, FakeGrid, FakeSite, Killed, consortium, run, study
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -242,9 +242,9 @@ def test_a_resume_the_server_app_refuses_marks_the_run_failed_keeping_its_rounds
 ) -> None:
     from flwr.app import Context, RecordDict
 
-    from coordinator import server_app
-    from coordinator.errors import CoordinatorError
-    from coordinator.results import RoundRecord, RunResults, read_results, write_results
+    from medfed.coordinator import server_app
+    from medfed.coordinator.errors import CoordinatorError
+    from medfed.coordinator.results import RoundRecord, RunResults, read_results, write_results
 
     stale = RunResults(run_id="run-1", status="running", num_rounds=4)
     stale.per_round.append(RoundRecord(round=1, participants=["hospital-2"]))

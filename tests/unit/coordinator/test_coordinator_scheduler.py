@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.scheduler import (
+from medfed.coordinator.scheduler import (
     COMPUTE_FRACTION,
     RoundPlan,
     SchedulePolicy,

@@ -9,13 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from coordinator.strategies import (
+from medfed.coordinator.strategies import (
     Contribution,
     make_strategy,
     parameter_group,
     parameter_groups,
 )
-from model import wire
+from medfed.model import wire
 
 ALL = frozenset({"encoders.clinical", "encoders.omics", "fusion", "heads.readmission"})
 NO_OMICS = ALL - {"encoders.omics"}

@@ -12,9 +12,9 @@ from typing import Any
 import pydantic
 import pytest
 
-from coordinator.errors import StudyConfigError
-from coordinator.study import StudySettings, load_study_file
-from model.contract import DEMO_CONTRACT, StudyContract
+from medfed.coordinator.errors import StudyConfigError
+from medfed.coordinator.study import StudySettings, load_study_file
+from medfed.model.contract import DEMO_CONTRACT, StudyContract
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

@@ -17,7 +17,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from coordinator.validate import (
+from medfed.coordinator.validate import (
     MAX_EXAMPLES,
     ModelCheck,
     Rejection,
@@ -29,7 +29,7 @@ from coordinator.validate import (
     validate_eval_reply,
     validate_train_reply,
 )
-from model import wire
+from medfed.model import wire
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

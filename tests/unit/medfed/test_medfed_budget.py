@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from medfed.cli import app
 from medfed.consortium import demo_study, write_demo_consortium
-from privacy.signing import SigningKey
+from medfed.privacy.signing import SigningKey
 
 runner = CliRunner()
 

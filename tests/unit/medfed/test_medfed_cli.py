@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 import medfed.demo
 import medfed.processes
-from coordinator.results import RoundRecord, RunResults
 from medfed.cli import app
+from medfed.coordinator.results import RoundRecord, RunResults
 from medfed.demo import DemoOptions
 from medfed.errors import MissingDependencyError, ProcessDiedError
 

@@ -11,8 +11,8 @@ import pytest
 from cryptography import x509
 from typer.testing import CliRunner
 
-from coordinator.consortium import load_consortium
 from medfed.cli import app
+from medfed.coordinator.consortium import load_consortium
 from medfed.lifecycle import (
     is_revoked,
     record_revocation,
@@ -21,8 +21,8 @@ from medfed.lifecycle import (
     renew_superlink,
     revoked_sites,
 )
+from medfed.privacy.pki import issued_by, load_certificate
 from medfed.provision import PkiLayout, ProvisionError, provision
-from privacy.pki import issued_by, load_certificate
 
 CONSORTIUM = """\
 [consortium]
@@ -75,8 +75,8 @@ def test_renewal_issues_a_new_superlink_certificate_from_the_same_ca(
 def test_identity_renewal_reissues_only_that_sites_certificate_for_its_key(
     pki: tuple[Path, PkiLayout],
 ) -> None:
-    from privacy.identity import identity_check
-    from privacy.signing import VerifyKey
+    from medfed.privacy.identity import identity_check
+    from medfed.privacy.signing import VerifyKey
 
     toml, layout = pki
     runner = CliRunner()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from medfed.errors import MissingDependencyError, ProcessDiedError
+from medfed.privacy.pki import provision_loopback
 from medfed.processes import (
     TAG_VARIABLE,
     ProcessGroup,
@@ -25,7 +26,6 @@ from medfed.processes import (
     tagged_pids,
     tls_health_ok,
 )
-from privacy.pki import provision_loopback
 
 
 def _python(code: str) -> list[str]:

@@ -13,13 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from client.config import load_site_config
-from coordinator.consortium import ConsortiumConfigError, load_consortium
 from medfed.cli import app
-from medfed.coordinator import CoordinatorStartError, check_certificates
-from medfed.provision import PkiLayout, ProvisionError, provision
-from privacy.bundle_signing import load_trusted_entities
-from privacy.pki import (
+from medfed.client.config import load_site_config
+from medfed.coordinator.consortium import ConsortiumConfigError, load_consortium
+from medfed.coordinator_cli import CoordinatorStartError, check_certificates
+from medfed.privacy.bundle_signing import load_trusted_entities
+from medfed.privacy.pki import (
     certificate_expiry,
     create_ca,
     issue_server_certificate,
@@ -29,7 +28,8 @@ from privacy.pki import (
     pem_certificate,
     write_atomic,
 )
-from privacy.signing import SigningKey, VerifyKey
+from medfed.privacy.signing import SigningKey, VerifyKey
+from medfed.provision import PkiLayout, ProvisionError, provision
 
 CONSORTIUM = """
 [consortium]
@@ -122,7 +122,7 @@ def test_provision_writes_ca_superlink_and_site_kits(tmp_path: Path) -> None:
     ]  # fmt: skip
     # The CA vouches that hospital-1's signing key is hospital-1's (secure aggregation),
     # and the kit pins the coordinator's announcement key.
-    from privacy.identity import identity_check
+    from medfed.privacy.identity import identity_check
 
     check = identity_check(layout.ca_cert.read_bytes())
     identity = (kit / "site-identity.pem").read_text()

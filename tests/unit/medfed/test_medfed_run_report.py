@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.results import RunResults, write_results
 from medfed.cli import app
-from model.network import arrays_sha256
+from medfed.coordinator.results import RunResults, write_results
+from medfed.model.network import arrays_sha256
 from tests.fakesites import FakeGrid, consortium, run, study
 
 pytestmark = pytest.mark.usefixtures("server_identity")

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.results import RoundRecord, RunResults, write_results
 from medfed import round_cli
 from medfed.cli import app
+from medfed.coordinator.results import RoundRecord, RunResults, write_results
+from medfed.privacy.bundle_signing import flower_verification, openssh_public_line
+from medfed.privacy.signing import SigningKey
 from medfed.provision import PkiLayout
-from privacy.bundle_signing import flower_verification, openssh_public_line
-from privacy.signing import SigningKey
 
 APP_KEY = SigningKey.generate()
 

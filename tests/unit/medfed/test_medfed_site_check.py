@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli import app
-from model.contract import DEMO_CONTRACT
-from sites.synthetic import write_synthetic_consortium
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.sites.synthetic import write_synthetic_consortium
 
 runner = CliRunner()
 
@@ -210,8 +210,8 @@ def _with_coordinator(site: Path, bundles: str) -> None:
 
 
 def test_the_trusted_entities_file_is_checked_and_its_keys_named(site: Path) -> None:
-    from privacy.bundle_signing import trusted_entities_yaml
-    from privacy.signing import SigningKey
+    from medfed.privacy.bundle_signing import trusted_entities_yaml
+    from medfed.privacy.signing import SigningKey
 
     trusted = site / "keys" / "trusted-entities.yaml"
     trusted.write_text(trusted_entities_yaml({"medfed-consortium": SigningKey.generate().public}))
@@ -244,9 +244,9 @@ def _with_identity(site: Path, *, site_id: str, own_key: bool, days: int = 60) -
     """Give the site a signing key and an identity certificate from a fresh CA."""
     from cryptography.hazmat.primitives import serialization
 
-    from privacy.identity import issue_identity_certificate
-    from privacy.pki import create_ca
-    from privacy.signing import SigningKey
+    from medfed.privacy.identity import issue_identity_certificate
+    from medfed.privacy.pki import create_ca
+    from medfed.privacy.signing import SigningKey
 
     ca_key, ca_cert = create_ca("test CA", valid_days=90)
     signing = SigningKey.generate()

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.config import SITE_TOML, load_site_config
 from medfed.cli import app
+from medfed.client.config import SITE_TOML, load_site_config
+from medfed.privacy.bundle_signing import trusted_entities_yaml
+from medfed.privacy.signing import SigningKey
 from medfed.supervisor import Child, SiteDaemon, pid_alive, read_state
-from privacy.bundle_signing import trusted_entities_yaml
-from privacy.signing import SigningKey
 from tests.conftest import TEST_TAG_VARIABLE
 from tests.sitekit import make_study, write_sites
 
@@ -85,7 +85,7 @@ def test_a_trusted_entities_file_that_does_not_parse_stops_the_start_by_name(
 def test_allowing_unsigned_bundles_is_warned_at_start_and_reported(
     site_toml: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
+    from medfed.client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
 
     _add_coordinator(site_toml, bundles="unsigned")
     config = load_site_config(site_toml)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.contract import DEMO_CONTRACT
-from model.network import MedModel, arrays_sha256, build_model, load_arrays, state_arrays
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.model.network import MedModel, arrays_sha256, build_model, load_arrays, state_arrays
 
 CONTRACT = DEMO_CONTRACT
 

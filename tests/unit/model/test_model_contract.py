@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from model.contract import (
+from medfed.model.contract import (
     DEMO_CONTRACT,
     CategoricalFeature,
     MoleculeSpec,

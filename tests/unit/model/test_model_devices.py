@@ -9,12 +9,12 @@ from importlib.machinery import ModuleSpec
 import pytest
 import torch
 
-from model import devices
-from model.contract import DEMO_CONTRACT
-from model.devices import BACKENDS, DEVICE_KINDS, resolve_device
-from model.errors import DeviceUnavailableError
-from model.network import build_model
-from model.tokenizers import complete_numeric_inputs
+from medfed.model import devices
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.model.devices import BACKENDS, DEVICE_KINDS, resolve_device
+from medfed.model.errors import DeviceUnavailableError
+from medfed.model.network import build_model
+from medfed.model.tokenizers import complete_numeric_inputs
 
 KINDS = sorted(BACKENDS)
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.contract import StudyContract
-from model.network import build_model
-from model.sample import PatientSample
-from model.tokenizers import encode
+from medfed.model.contract import StudyContract
+from medfed.model.network import build_model
+from medfed.model.sample import PatientSample
+from medfed.model.tokenizers import encode
 
 CONTRACT = StudyContract.model_validate(
     {

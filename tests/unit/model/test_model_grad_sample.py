@@ -14,9 +14,9 @@ import pytest
 import torch
 from opacus.grad_sample.utils import wrap_model
 
-from model.contract import MODALITY_ORDER
-from model.network import MedModel, build_model
-from model.tokenizers import encode
+from medfed.model.contract import MODALITY_ORDER
+from medfed.model.network import MedModel, build_model
+from medfed.model.tokenizers import encode
 from tests.modelkit import SUBSETS, all_modalities_contract, sample
 
 CONTRACT = all_modalities_contract()

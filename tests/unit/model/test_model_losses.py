@@ -15,8 +15,8 @@ from lifelines.datasets import load_lung
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
-from model.contract import DEMO_CONTRACT, StudyContract, TaskSpec
-from model.losses import (
+from medfed.model.contract import DEMO_CONTRACT, StudyContract, TaskSpec
+from medfed.model.losses import (
     binary_loss,
     cox_loss,
     mean_task_loss,

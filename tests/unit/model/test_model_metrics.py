@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.metrics import accuracy, auroc
+from medfed.model.metrics import accuracy, auroc
 
 
 def pairwise_auroc(labels: list[bool], scores: list[float]) -> float:

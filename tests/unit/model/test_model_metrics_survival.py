@@ -12,7 +12,7 @@ from lifelines.datasets import load_lung
 from lifelines.utils import concordance_index as lifelines_concordance
 from sksurv.metrics import concordance_index_censored
 
-from model.metrics import concordance_index, multiclass_accuracy, rmse
+from medfed.model.metrics import concordance_index, multiclass_accuracy, rmse
 
 
 def lung() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

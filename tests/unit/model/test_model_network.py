@@ -11,11 +11,11 @@ from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-from model.contract import DEMO_CONTRACT, MODALITY_ORDER
-from model.errors import InputError, UnknownPresetError
-from model.network import MedModel, build_model, model_identity, state_arrays
-from model.presets import Preset
-from model.tokenizers import encode, split_tensors
+from medfed.model.contract import DEMO_CONTRACT, MODALITY_ORDER
+from medfed.model.errors import InputError, UnknownPresetError
+from medfed.model.network import MedModel, build_model, model_identity, state_arrays
+from medfed.model.presets import Preset
+from medfed.model.tokenizers import encode, split_tensors
 from tests.modelkit import SUBSETS, all_modalities_contract, sample
 
 CONTRACT = all_modalities_contract()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.contract import DEMO_CONTRACT, StudyContract
-from model.errors import UnknownPresetError
-from model.network import build_model
-from model.presets import PRESET_NAMES, PRESETS, Preset, PresetName, preset_named
+from medfed.model.contract import DEMO_CONTRACT, StudyContract
+from medfed.model.errors import UnknownPresetError
+from medfed.model.network import build_model
+from medfed.model.presets import PRESET_NAMES, PRESETS, Preset, PresetName, preset_named
 from tests.modelkit import all_modalities_contract
 
 CONTRACTS = {"demo": DEMO_CONTRACT, "all": all_modalities_contract()}

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.sample import PatientSample
+from medfed.model.sample import PatientSample
 
 
 def test_a_sample_copies_and_freezes_its_containers() -> None:

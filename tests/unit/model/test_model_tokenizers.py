@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from model.contract import MoleculeSpec, ProteinSpec
-from model.errors import InputError, TokenizeError
-from model.sample import PatientSample
-from model.tokenizers import (
+from medfed.model.contract import MoleculeSpec, ProteinSpec
+from medfed.model.errors import InputError, TokenizeError
+from medfed.model.sample import PatientSample
+from medfed.model.tokenizers import (
     RING_CLOSURES,
     ProteinTokenizer,
     SmilesTokenizer,

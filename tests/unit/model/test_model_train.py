@@ -16,12 +16,12 @@ import torch
 from lifelines.utils import concordance_index as lifelines_concordance
 from torch import nn
 
-from model.contract import DEMO_CONTRACT, StudyContract, TaskSpec
-from model.losses import multitask_loss
-from model.metrics import auroc
-from model.sample import PatientSample
-from model.tokenizers import encode, split_tensors
-from model.train import evaluate, train_steps
+from medfed.model.contract import DEMO_CONTRACT, StudyContract, TaskSpec
+from medfed.model.losses import multitask_loss
+from medfed.model.metrics import auroc
+from medfed.model.sample import PatientSample
+from medfed.model.tokenizers import encode, split_tensors
+from medfed.model.train import evaluate, train_steps
 
 CONTRACT = StudyContract(
     numeric=DEMO_CONTRACT.numeric,

@@ -21,10 +21,10 @@ with warnings.catch_warnings():
     )
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from model import wire
-    from model.contract import DEMO_CONTRACT
-    from model.network import build_model, state_arrays
-    from model.wire import WireError, arrays_to_record, get_value, record_to_arrays
+    from medfed.model import wire
+    from medfed.model.contract import DEMO_CONTRACT
+    from medfed.model.network import build_model, state_arrays
+    from medfed.model.wire import WireError, arrays_to_record, get_value, record_to_arrays
 
 NAN_ALLOWED = {wire.EVAL_AUROC, wire.EVAL_LOSS, wire.EVAL_ACCURACY, wire.LOCAL_LOSS}
 INT64 = {"min_value": -(2**63), "max_value": 2**63 - 1}

@@ -21,10 +21,16 @@ with warnings.catch_warnings():
     from flwr.app import Array, ArrayRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from model import wire
-    from model.contract import DEMO_CONTRACT
-    from model.network import build_model, state_arrays
-    from model.wire import PACKED_KEY, PACKED_STYPE, WireError, arrays_to_record, record_to_arrays
+    from medfed.model import wire
+    from medfed.model.contract import DEMO_CONTRACT
+    from medfed.model.network import build_model, state_arrays
+    from medfed.model.wire import (
+        PACKED_KEY,
+        PACKED_STYPE,
+        WireError,
+        arrays_to_record,
+        record_to_arrays,
+    )
 
 
 def model_arrays() -> dict[str, np.ndarray]:

@@ -11,9 +11,9 @@ from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from privacy.accountant import PRV_EPS_ERROR, AccountantKind, epsilon_of
-from privacy.errors import AccountingError, DpConfigError
-from privacy.events import DpSgdEvent
+from medfed.privacy.accountant import PRV_EPS_ERROR, AccountantKind, epsilon_of
+from medfed.privacy.errors import AccountingError, DpConfigError
+from medfed.privacy.events import DpSgdEvent
 
 NOISES = (0.8, 1.2, 2.0)
 RATES = (0.01, 0.05, 0.2)

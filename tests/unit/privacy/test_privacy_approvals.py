@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from privacy.approvals import Approval, SignedApproval, sign_approval, utc_now
-from privacy.errors import ApprovalError, LedgerError
-from privacy.ledger import PrivacyLedger
-from privacy.signing import SigningKey
+from medfed.privacy.approvals import Approval, SignedApproval, sign_approval, utc_now
+from medfed.privacy.errors import ApprovalError, LedgerError
+from medfed.privacy.ledger import PrivacyLedger
+from medfed.privacy.signing import SigningKey
 
 STUDY_SHA = hashlib.sha256(b"study file v1").hexdigest()
 OTHER_SHA = hashlib.sha256(b"study file v2").hexdigest()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.audit import (
+from medfed.privacy.audit import (
     GENESIS_PREV,
     TORN_SUFFIX,
     TORN_TAIL_EVENT,
@@ -28,8 +28,8 @@ from privacy.audit import (
     AuditVerification,
     verify_audit_log,
 )
-from privacy.errors import AuditLogError
-from privacy.signing import SigningKey
+from medfed.privacy.errors import AuditLogError
+from medfed.privacy.signing import SigningKey
 from tests.conftest import TEST_TAG_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -315,8 +315,8 @@ def test_entries_longer_than_the_read_chunk(log_path: Path) -> None:
 _APPEND_MANY = """
 import sys, time
 from pathlib import Path
-from privacy.audit import AuditLog
-from privacy.signing import SigningKey
+from medfed.privacy.audit import AuditLog
+from medfed.privacy.signing import SigningKey
 
 log = AuditLog(Path(sys.argv[1]), SigningKey.load(Path(sys.argv[2])))
 while not Path(sys.argv[5]).exists():  # start together with the other writers

@@ -12,7 +12,7 @@ from flwr.supernode.cli.flower_supernode import _validate_public_keys_ed25519
 from flwr.supernode.start_client_internal import _verify_fab
 
 from medfed.app_bundle import build_app_dir
-from privacy.bundle_signing import (
+from medfed.privacy.bundle_signing import (
     APP_SIGNATURE,
     flower_verification,
     load_trusted_entities,
@@ -20,8 +20,8 @@ from privacy.bundle_signing import (
     trusted_entities_yaml,
     verify_bundle,
 )
-from privacy.errors import BundleSignatureError, KeyFileError
-from privacy.signing import SigningKey
+from medfed.privacy.errors import BundleSignatureError, KeyFileError
+from medfed.privacy.signing import SigningKey
 
 KEY = SigningKey.generate()
 TRUSTED = {"medfed-consortium": KEY.public}

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from privacy.accountant import AccountantKind, epsilon_of
-from privacy.calibration import MAX_NOISE_MULTIPLIER, calibrate_noise
-from privacy.errors import DpConfigError, InfeasibleBudgetError
-from privacy.events import DpSgdEvent
+from medfed.privacy.accountant import AccountantKind, epsilon_of
+from medfed.privacy.calibration import MAX_NOISE_MULTIPLIER, calibrate_noise
+from medfed.privacy.errors import DpConfigError, InfeasibleBudgetError
+from medfed.privacy.events import DpSgdEvent
 from tests.references import dp_accounting_epsilon
 
 N_PATIENTS = 1000  # 1/N = 1e-3, well above every delta used here

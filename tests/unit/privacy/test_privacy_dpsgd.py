@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from model.network import MedModel, build_model
-from model.train import train_steps
-from privacy.dpsgd import DpSgdSettings, PrivateTraining, make_private
-from privacy.errors import DpConfigError
-from privacy.events import DpSgdEvent
+from medfed.model.network import MedModel, build_model
+from medfed.model.train import train_steps
+from medfed.privacy.dpsgd import DpSgdSettings, PrivateTraining, make_private
+from medfed.privacy.errors import DpConfigError
+from medfed.privacy.events import DpSgdEvent
 from tests.modelkit import TASK, numeric_contract
 
 N_FEATURES = 5

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from privacy.dpsgd import (
+from medfed.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
     DpSgdSettings,
     GradSampleMode,
     PrivateTraining,
     make_private,
 )
-from privacy.errors import DpConfigError
+from medfed.privacy.errors import DpConfigError
 
 # Opacus's hooks make torch warn that a full backward hook fires with no input needing
 # gradients (the inputs never do); third-party noise, silenced in the client as well.

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from bench.workload import BENCH_CONTRACT, synthetic_samples
-from model.losses import per_sample_loss
-from model.network import build_model
-from model.sample import PatientSample
-from model.tokenizers import encode, split_tensors
-from privacy.dpsgd import GRAD_SAMPLE_MODES, DpSgdSettings, GradSampleMode, make_private
+from medfed.bench.workload import BENCH_CONTRACT, synthetic_samples
+from medfed.model.losses import per_sample_loss
+from medfed.model.network import build_model
+from medfed.model.sample import PatientSample
+from medfed.model.tokenizers import encode, split_tensors
+from medfed.privacy.dpsgd import GRAD_SAMPLE_MODES, DpSgdSettings, GradSampleMode, make_private
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),

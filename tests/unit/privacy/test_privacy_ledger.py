@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from privacy.accountant import epsilon_of
-from privacy.errors import LedgerError
-from privacy.events import DpSgdEvent
-from privacy.ledger import (
+from medfed.privacy.accountant import epsilon_of
+from medfed.privacy.errors import LedgerError
+from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.ledger import (
     SCHEMA_VERSION,
     LedgerVerification,
     PrivacyLedger,
     RecordedSpend,
     SpendRecord,
 )
-from privacy.signing import SigningKey
+from medfed.privacy.signing import SigningKey
 from tests.conftest import TEST_TAG_VARIABLE
 
 DELTA = 1e-5
@@ -409,9 +409,9 @@ def test_another_sqlite_file_is_refused(ledger_path: Path) -> None:
 _RECORD_THEN_EXIT = """
 import os, sys
 from pathlib import Path
-from privacy.events import DpSgdEvent
-from privacy.ledger import PrivacyLedger, SpendRecord
-from privacy.signing import SigningKey
+from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.ledger import PrivacyLedger, SpendRecord
+from medfed.privacy.signing import SigningKey
 
 ledger = PrivacyLedger(Path(sys.argv[1]))
 signer = SigningKey.load(Path(sys.argv[2]))

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from privacy.errors import PkiError
-from privacy.pki import (
+from medfed.privacy.errors import PkiError
+from medfed.privacy.pki import (
     Provisioned,
     create_ca,
     create_supernode_keys,

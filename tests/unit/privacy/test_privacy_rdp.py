@@ -11,10 +11,10 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from privacy import accountant
-from privacy.calibration import calibrate_noise
-from privacy.events import DpSgdEvent
-from privacy.rdp import ORDERS, rdp_per_step
+from medfed.privacy import accountant
+from medfed.privacy.calibration import calibrate_noise
+from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.rdp import ORDERS, rdp_per_step
 
 RATES = (1e-4, 1e-3, 0.01, 0.05, 0.2, 0.5, 0.9, 1.0)
 NOISES = (0.3, 0.5, 0.8, 1.0, 1.5, 3.0, 10.0, 100.0)

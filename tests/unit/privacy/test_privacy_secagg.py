@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from privacy.errors import PrivacyError, SecAggAbort, SecAggError, UnsafeUnmaskError
-from privacy.secagg import (
+from medfed.privacy.errors import PrivacyError, SecAggAbort, SecAggError, UnsafeUnmaskError
+from medfed.privacy.secagg import (
     HeldShares,
     Reveal,
     RoundKeys,

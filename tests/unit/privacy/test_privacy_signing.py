@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from privacy.errors import KeyFileError, SigningError
-from privacy.signing import (
+from medfed.privacy.errors import KeyFileError, SigningError
+from medfed.privacy.signing import (
     JsonValue,
     SigningKey,
     VerifyKey,

@@ -8,10 +8,10 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from privacy.errors import SecAggAbort, SecAggError, UnsafeUnmaskError
-from privacy.identity import identity_check, issue_identity_certificate
-from privacy.pki import create_ca
-from privacy.secagg_protocol import (
+from medfed.privacy.errors import SecAggAbort, SecAggError, UnsafeUnmaskError
+from medfed.privacy.identity import identity_check, issue_identity_certificate
+from medfed.privacy.pki import create_ca
+from medfed.privacy.secagg_protocol import (
     Advertisement,
     Announcement,
     SealedShare,
@@ -22,7 +22,7 @@ from privacy.secagg_protocol import (
     unmask_weighted_sum,
     weighted_delta,
 )
-from privacy.signing import SigningKey
+from medfed.privacy.signing import SigningKey
 
 SITES = ("a", "b", "c", "d", "e")
 

@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.contract import CategoricalFeature, NumericFeature, StudyContract, TaskSpec
-from sites.config import DatasetConfig
+from medfed.model.contract import CategoricalFeature, NumericFeature, StudyContract, TaskSpec
+from medfed.sites.config import DatasetConfig
 
 CONTRACT = StudyContract(
     name="cohort",

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from model.contract import DEMO_CONTRACT
-from sites.config import DatasetConfig, SiteDataConfig
-from sites.connectors import read_dataset
-from sites.errors import DataError, DataProblem
-from sites.join import join_patients
+from medfed.model.contract import DEMO_CONTRACT
+from medfed.sites.config import DatasetConfig, SiteDataConfig
+from medfed.sites.connectors import read_dataset
+from medfed.sites.errors import DataError, DataProblem
+from medfed.sites.join import join_patients
 
 from .cohort import CONTRACT
 
@@ -217,7 +217,7 @@ def test_config_with_unknown_key_or_bad_value(document: dict[str, object], says:
 
 def test_demo_contract_table_without_targets_column_is_named(tmp_path: Path) -> None:
     (tmp_path / "patients.csv").write_text("patient_id,age\np1,60\n", encoding="utf-8")
-    from sites.manifest import legacy_datasets
+    from medfed.sites.manifest import legacy_datasets
 
     (dataset,) = legacy_datasets(Path("."), DEMO_CONTRACT)
     read = read_dataset(dataset, DEMO_CONTRACT, tmp_path)
@@ -228,7 +228,7 @@ def test_demo_contract_table_without_targets_column_is_named(tmp_path: Path) -> 
 def test_a_dataset_with_a_header_and_no_rows_holds_no_patients(tmp_path: Path) -> None:
     from dataclasses import dataclass
 
-    from sites.manifest import load_site_data
+    from medfed.sites.manifest import load_site_data
 
     @dataclass(frozen=True)
     class Site:

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from client.config import SiteConfigError, load_site_config
-from sites.config import DatasetConfig, SiteDataConfig
-from sites.export import datasets_toml
+from medfed.client.config import SiteConfigError, load_site_config
+from medfed.sites.config import DatasetConfig, SiteDataConfig
+from medfed.sites.export import datasets_toml
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

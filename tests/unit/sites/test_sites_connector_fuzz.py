@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.contract import MoleculeSpec, OmicsPanel, ProteinSpec
-from sites.config import DatasetConfig
-from sites.connectors import read_dataset
-from sites.records import DatasetRead
+from medfed.model.contract import MoleculeSpec, OmicsPanel, ProteinSpec
+from medfed.sites.config import DatasetConfig
+from medfed.sites.connectors import read_dataset
+from medfed.sites.records import DatasetRead
 
 from .cohort import CONTRACT as CLINICAL
 from .cohort import LOINC

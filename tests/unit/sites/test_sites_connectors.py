@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sites.config import DatasetConfig
-from sites.connectors import read_dataset
-from sites.errors import DataProblem
-from sites.join import join_patients
-from sites.manifest import fingerprint
+from medfed.sites.config import DatasetConfig
+from medfed.sites.connectors import read_dataset
+from medfed.sites.errors import DataProblem
+from medfed.sites.join import join_patients
+from medfed.sites.manifest import fingerprint
 
 from .cohort import CONTRACT, EXPECTED, WRITERS
 

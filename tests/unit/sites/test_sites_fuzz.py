@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.contract import DEMO_CONTRACT as CONTRACT
-from sites.errors import DataError
-from sites.tabular import SiteTable, read_site_table
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.sites.errors import DataError
+from medfed.sites.tabular import SiteTable, read_site_table
 
 HEADER = (CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.tasks[0].target)
 FUZZ = settings(max_examples=150, deadline=None)

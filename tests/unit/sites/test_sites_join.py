@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from model.contract import NumericFeature
-from model.sample import PatientSample
-from sites.join import is_held_out, join_patients, reduce_measurements, split_by_patient
-from sites.manifest import build_manifest, fingerprint
-from sites.records import DatasetRead, Measurement, PartialRecord, Where
+from medfed.model.contract import NumericFeature
+from medfed.model.sample import PatientSample
+from medfed.sites.join import is_held_out, join_patients, reduce_measurements, split_by_patient
+from medfed.sites.manifest import build_manifest, fingerprint
+from medfed.sites.records import DatasetRead, Measurement, PartialRecord, Where
 
 from .cohort import CONTRACT
 

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.contract import MoleculeSpec, OmicsPanel, ProteinSpec, StudyContract, TaskSpec
-from model.errors import TokenizeError
-from model.tokenizers import ProteinTokenizer, SmilesTokenizer
-from sites.config import DatasetConfig
-from sites.connectors import read_dataset
-from sites.connectors.molecules import check_protein, check_smiles, smiles_tokens
+from medfed.model.contract import MoleculeSpec, OmicsPanel, ProteinSpec, StudyContract, TaskSpec
+from medfed.model.errors import TokenizeError
+from medfed.model.tokenizers import ProteinTokenizer, SmilesTokenizer
+from medfed.sites.config import DatasetConfig
+from medfed.sites.connectors import read_dataset
+from medfed.sites.connectors.molecules import check_protein, check_smiles, smiles_tokens
 
 CONTRACT = StudyContract(
     name="multiscale",

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.contract import DEMO_CONTRACT as CONTRACT
-from sites.synthetic import TABLE_NAME, site_ids, write_synthetic_consortium
-from sites.tabular import read_site_table
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.sites.synthetic import TABLE_NAME, site_ids, write_synthetic_consortium
+from medfed.sites.tabular import read_site_table
 
 
 def _tables(root: Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model.contract import (
+from medfed.model.contract import (
     CategoricalFeature,
     MoleculeSpec,
     NumericFeature,
@@ -18,9 +18,9 @@ from model.contract import (
     StudyContract,
     TaskSpec,
 )
-from sites.config import DatasetConfig, SiteDataConfig
-from sites.manifest import load_site_data
-from sites.synthetic_multimodal import write_multimodal_consortium
+from medfed.sites.config import DatasetConfig, SiteDataConfig
+from medfed.sites.manifest import load_site_data
+from medfed.sites.synthetic_multimodal import write_multimodal_consortium
 
 CONTRACT = StudyContract(
     name="multimodal",

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.contract import DEMO_CONTRACT as CONTRACT
-from sites.errors import DataError, DataProblem
-from sites.tabular import SiteTable, read_site_table
+from medfed.model.contract import DEMO_CONTRACT as CONTRACT
+from medfed.sites.errors import DataError, DataProblem
+from medfed.sites.tabular import SiteTable, read_site_table
 
 HEADER = (CONTRACT.patient_id, *CONTRACT.feature_names, CONTRACT.tasks[0].target)
 FEATURES = {feature.name: feature for feature in CONTRACT.numeric}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sites.units import UnitError, canonical_unit, convert
+from medfed.sites.units import UnitError, canonical_unit, convert
 
 
 @pytest.mark.parametrize(

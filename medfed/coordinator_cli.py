@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.consortium import ConsortiumConfig
+from medfed.coordinator.consortium import ConsortiumConfig
 from medfed.errors import MedfedError
 from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
 from medfed.lifecycle import (
@@ -29,9 +29,9 @@ from medfed.lifecycle import (
     registered_nodes,
     remember_node,
 )
+from medfed.privacy.pki import CertificateExpiry, certificate_expiry
 from medfed.processes import ProcessGroup, find_program, tls_health_ok
 from medfed.provision import PkiLayout
-from privacy.pki import CertificateExpiry, certificate_expiry
 
 CONNECTION = "medfed-consortium"
 SUPERVISE_INTERVAL_S = 0.5
