@@ -14,7 +14,7 @@ from pathlib import Path
 from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
 from medfed.privacy.signing import SigningKey
 
-APP_PACKAGES = ("common", "client", "coordinator", "model", "privacy", "sites")
+APP_PACKAGES = ("common", "flower", "client", "coordinator", "model", "privacy", "sites")
 SERVER_APP = "medfed.coordinator.server_app:app"
 CLIENT_APP = "medfed.client.client_app:app"
 
@@ -84,9 +84,9 @@ def sign_app(app_dir: Path, key: SigningKey, *, key_id: str, signed_at: int) -> 
     built here is byte-identical to the one `flwr run` sends, and a site checks the
     signature against the bytes Flower delivers it.
     """
-    from flwr.cli.build import build_fab_from_disk
+    from medfed.flower.fab import build_fab
 
-    return sign_bundle(build_fab_from_disk(app_dir), key, key_id=key_id, signed_at=signed_at)
+    return sign_bundle(build_fab(app_dir), key, key_id=key_id, signed_at=signed_at)
 
 
 def signature_run_config(

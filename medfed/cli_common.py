@@ -49,12 +49,20 @@ def guard(action: Callable[[], T]) -> T:
     exit code (1 unless the error names another)."""
     from medfed.client.errors import ClientError
     from medfed.coordinator.errors import CoordinatorError
+    from medfed.flower import FlowerVersionError
     from medfed.privacy.errors import PrivacyError
     from medfed.sites.errors import SiteError
 
     try:
         return action()
-    except (MedfedError, ClientError, CoordinatorError, PrivacyError, SiteError) as exc:
+    except (
+        MedfedError,
+        ClientError,
+        CoordinatorError,
+        PrivacyError,
+        SiteError,
+        FlowerVersionError,
+    ) as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_CHECK_FAILED))
 
 

@@ -26,6 +26,7 @@ from medfed.flower import (
     START_TIMEOUT_S,
     FlwrCommandError,
     check_flwr,
+    require_supported_flwr,
     run_flwr,
     superlink_argv,
     write_connection,
@@ -136,6 +137,7 @@ def start_coordinator(
     warn: Callable[[str], None],
 ) -> None:
     """Start and supervise the SuperLink until KeyboardInterrupt; stop it on the way out."""
+    require_supported_flwr()  # the ServerApp runs through medfed's Flower door
     check_certificates(layout, warn)
     for path in (layout.ca_cert, layout.server_cert, layout.server_key):
         if not path.is_file():

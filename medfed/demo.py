@@ -38,22 +38,23 @@ from medfed.errors import DemoFailedError, MissingDependencyError
 from medfed.flower import (
     FLWR_HINT,
     START_TIMEOUT_S,
+    FlowerVersionError,
     FlwrCommandError,
     check_flwr,
+    require_supported_flwr,
     superlink_argv,
     write_connection,
 )
 from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
-from medfed.privacy.pki import Provisioned, SiteKeys, provision_loopback
+from medfed.privacy.pki import Provisioned, provision_loopback
 from medfed.privacy.signing import SigningKey
-from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
+from medfed.processes import ProcessGroup, find_program, tls_health_ok
 from medfed.sites.synthetic import site_ids
 
 log = logging.getLogger(__name__)
 
 RAY_HINT = "pip install 'flwr[simulation]==1.42.*'"
 CONNECTION = "medfed-demo"
-SUPERNODE_READY = "SuperNode ID:"
 """What flwr 1.42's SuperNode logs once the SuperLink accepted its key over TLS."""
 
 
@@ -223,41 +224,6 @@ def _start_superlink(
     return port
 
 
-def _start_sites(
-    group: ProcessGroup,
-    programs: _Programs,
-    port: int,
-    pki: Provisioned,
-    sites_root: Path,
-    env: dict[str, str],
-) -> None:
-    """Register every site's key, start its SuperNode, and wait until each has authenticated."""
-    for keys in pki.sites:
-        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
-              what=f"registering {keys.site_id}'s key with the SuperLink")  # fmt: skip
-    for keys in pki.sites:
-        node_config = f'site-config="{sites_root / keys.site_id / SITE_TOML}"'
-
-        def argv(
-            runtime_port: int, keys: SiteKeys = keys, node_config: str = node_config
-        ) -> list[str]:
-            return [
-                programs.supernode,
-                "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(pki.ca_cert),
-                "--auth-supernode-private-key", str(keys.private_key),
-                "--node-config", node_config,
-                "--host", "127.0.0.1",
-                "--port", str(runtime_port),
-            ]  # fmt: skip
-
-        group.start_on_free_port(
-            keys.site_id, argv, lambda _, process: log_contains(process, SUPERNODE_READY),
-            env={**env, "FLWR_HOME": str(sites_root / keys.site_id / ".flwr")},
-            timeout_s=START_TIMEOUT_S,
-        )  # fmt: skip
-
-
 def _start_site_daemons(
     group: ProcessGroup,
     programs: _Programs,
@@ -362,6 +328,10 @@ def run_demo(
     for line in privacy_warnings(options):
         notify(line)
     programs = _programs(options.simulation)
+    try:
+        require_supported_flwr()
+    except FlowerVersionError as exc:
+        raise MissingDependencyError(str(exc)) from exc
     work = Path(tempfile.mkdtemp(prefix="medfed-demo-"))
     succeeded = False
     try:

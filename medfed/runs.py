@@ -32,7 +32,7 @@ from medfed.coordinator.results import RunResults, read_results
 from medfed.coordinator.study import StudySettings
 from medfed.errors import MedfedError
 from medfed.flower import CONSORTIUM_CONNECTION as CONNECTION
-from medfed.flower import FLWR_HOME_NAME, FlwrCommandError, check_flwr
+from medfed.flower import FLWR_HOME_NAME, FlwrCommandError, check_flwr, require_supported_flwr
 from medfed.privacy.errors import PrivacyError
 from medfed.privacy.signing import SigningKey
 from medfed.provision import APP_SIGNING_KEY_ID, PkiLayout
@@ -206,6 +206,7 @@ def start_run(
     now: dt.datetime | None = None,
 ) -> RunView:
     """Make the run's folder and app bundle and submit it to the consortium's SuperLink."""
+    require_supported_flwr()  # the bundle's ServerApp and ClientApp use medfed's Flower door
     if not (config.run_dir / FLWR_HOME_NAME / "config.toml").is_file():
         raise RunError(
             f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"

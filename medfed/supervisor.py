@@ -38,7 +38,7 @@ from medfed.client.config import SiteConfig, SiteConfigError
 from medfed.client.worker_rpc import worker_socket_path
 from medfed.common import write_atomic, write_text_atomic
 from medfed.errors import MedfedError
-from medfed.flower import FLWR_HINT
+from medfed.flower import FLWR_HINT, require_supported_flwr, supernode_connected
 from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ BACKOFF_FIRST_S: Final = 1.0
 BACKOFF_MAX_S: Final = 60.0
 HEALTHY_AFTER_S: Final = 60.0
 TICK_S: Final = 0.25
-SUPERNODE_READY: Final = "SuperNode ID:"
 
 
 class DaemonError(MedfedError):
@@ -151,6 +150,7 @@ class SiteDaemon:
         self.superlink = superlink
         secret = _secret(self.state_dir / SECRET_FILE)
         find_program("flower-supernode", install_hint=FLWR_HINT)  # flwr is installed
+        require_supported_flwr()  # and is the release medfed's Flower door supports
         poll_s = str(config.coordinator.poll_interval_s) if config.coordinator else "1.0"
         socket_path = worker_socket_path(config)
         node_config = f'worker-socket="{socket_path}" site-config="{config.source.resolve()}"'
@@ -257,7 +257,7 @@ class SiteDaemon:
                 text = log_file.read().decode("utf-8", errors="replace")
         except OSError:
             return False
-        return SUPERNODE_READY in text
+        return supernode_connected(text)
 
     def state(self, *, running: bool) -> dict[str, Any]:
         return {

@@ -17,7 +17,7 @@ import pytest
 
 from medfed.common import write_atomic
 from medfed.coordinator.consortium import load_consortium
-from medfed.demo import SUPERNODE_READY
+from medfed.flower import SUPERNODE_CONNECTED_LINE as SUPERNODE_READY
 from medfed.privacy.pki import (
     issue_server_certificate,
     load_certificate,

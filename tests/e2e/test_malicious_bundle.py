@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.cli.build import build_fab_from_disk
 
 from medfed.app_bundle import build_app_dir, signature_run_config
 from medfed.client.config import SITE_TOML
@@ -30,6 +29,7 @@ from medfed.demo import (
     _write_flwr_config,
     make_bundle_signing,
 )
+from medfed.flower.fab import build_fab
 from medfed.privacy.audit import AuditLog, verify_audit_log
 from medfed.privacy.pki import provision_loopback
 from medfed.privacy.signing import SigningKey
@@ -65,7 +65,7 @@ def _finished(group: ProcessGroup, app_dir: Path) -> RunResults:
 
 def _fab_sha256(app_dir: Path) -> str:
     """The bundle `flwr run app_dir` sends, hashed here (Flower builds it deterministically)."""
-    return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+    return hashlib.sha256(build_fab(app_dir)).hexdigest()
 
 
 def _coordinator_app_sha256(app_dir: Path) -> str:

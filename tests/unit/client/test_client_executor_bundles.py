@@ -10,8 +10,6 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from flwr.supercore.fab import Fab
-from flwr.supercore.run import Run
 
 from medfed.client.bundle_check import (
     BUNDLE_REFUSED,
@@ -21,6 +19,7 @@ from medfed.client.bundle_check import (
 )
 from medfed.client.egress import Handler
 from medfed.client.executor import WarmExecutor
+from medfed.flower.testing import Fab, Run
 from medfed.privacy.audit import AuditLog, verify_audit_log
 from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
 from medfed.privacy.signing import SigningKey

@@ -1,6 +1,12 @@
-"""What the demo, `medfed coordinator start` and `medfed round` need to drive Flower's own
-programs: the SuperLink's command line, the `flwr` CLI's connection file, and one runner
-for `flwr` CLI commands, each written once."""
+"""Flower's programs as medfed drives them: the SuperLink's command line, the `flwr` CLI's
+connection file, one runner for `flwr` CLI commands, and how to tell that a program is
+ready, each written once.
+
+Readiness comes from Flower's own signals where it offers them: the SuperLink answers
+`GET /health` (`medfed.processes.tls_health_ok`), and `flwr supernode list --format json`
+says which SuperNodes are online. A site's daemon cannot ask the SuperLink's Control API,
+and Flower 1.42 has no other signal that a SuperNode authenticated: there, and only
+there, its log line `SuperNode ID: ...` is read (`supernode_connected`)."""
 
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FLWR_HINT = "pip install 'flwr==1.42.*'"
+from medfed.flower.version import FLWR_HINT
+
+__all__ = ["FLWR_HINT"]  # re-exported beside this module's own names
+
 START_TIMEOUT_S = 60.0
 CONSORTIUM_CONNECTION = "medfed-consortium"
 """The `flwr` CLI's name for the consortium's SuperLink (in `$FLWR_HOME/config.toml`)."""
@@ -129,3 +138,26 @@ def check_flwr(
             f"{what} failed (flwr exit {output.returncode}): {output.tail(tail_lines)}"
         )
     return output.stdout
+
+
+SUPERNODE_CONNECTED_LINE = "SuperNode ID:"
+"""What flwr 1.42's SuperNode logs once the SuperLink accepted it (authenticated, TLS)."""
+
+
+def supernode_connected(log_text: str) -> bool:
+    """Whether a SuperNode's log says the SuperLink accepted it (see the module's note)."""
+    return SUPERNODE_CONNECTED_LINE in log_text
+
+
+def supernodes_online(program: str, *, env: Mapping[str, str], connection: str) -> set[str]:
+    """The node ids the SuperLink lists as online (`flwr supernode list --format json`);
+    raises `FlwrCommandError` if the SuperLink cannot be asked."""
+    stdout = check_flwr(
+        program, ["supernode", "list", connection, "--format", "json"], env=env,
+        what="listing the SuperNodes", timeout_s=60,
+    )  # fmt: skip
+    try:
+        nodes = json.loads(stdout).get("nodes", [])
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise FlwrCommandError(f"flwr supernode list answered no JSON: {stdout[:200]}") from exc
+    return {str(node.get("node-id")) for node in nodes if node.get("status") == "online"}
