@@ -14,7 +14,7 @@ from pathlib import Path
 from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
 from medfed.privacy.signing import SigningKey
 
-APP_PACKAGES = ("client", "coordinator", "model", "privacy", "sites")
+APP_PACKAGES = ("common", "client", "coordinator", "model", "privacy", "sites")
 SERVER_APP = "medfed.coordinator.server_app:app"
 CLIENT_APP = "medfed.client.client_app:app"
 

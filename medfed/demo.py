@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from medfed.app_bundle import build_app_dir, signature_run_config
 from medfed.client.config import SITE_TOML, SiteConfig
+from medfed.common import write_atomic
 from medfed.consortium import (
     DEMO_POLICY,
     demo_study,
@@ -35,9 +35,16 @@ from medfed.consortium import (
 from medfed.coordinator.results import RunResults, read_results
 from medfed.coordinator.study import StudySettings
 from medfed.errors import DemoFailedError, MissingDependencyError
-from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
+from medfed.flower import (
+    FLWR_HINT,
+    START_TIMEOUT_S,
+    FlwrCommandError,
+    check_flwr,
+    superlink_argv,
+    write_connection,
+)
 from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
-from medfed.privacy.pki import Provisioned, SiteKeys, provision_loopback, write_atomic
+from medfed.privacy.pki import Provisioned, SiteKeys, provision_loopback
 from medfed.privacy.signing import SigningKey
 from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
 from medfed.sites.synthetic import site_ids
@@ -186,21 +193,10 @@ def _write_flwr_config(
 
 def _flwr(programs: _Programs, args: list[str], *, env: dict[str, str], what: str) -> str:
     """Run one `flwr` CLI command; its output, or a `DemoFailedError` with its last lines."""
-    completed = subprocess.run(
-        [programs.flwr, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    if completed.returncode != 0:
-        output = (completed.stdout + completed.stderr).strip().splitlines()[-8:]
-        raise DemoFailedError(
-            f"{what} failed (flwr exit {completed.returncode}):\n" + "\n".join(output)
-        )
-    return completed.stdout
+    try:
+        return check_flwr(programs.flwr, args, env=env, what=what, timeout_s=120, tail_lines=8)
+    except FlwrCommandError as exc:
+        raise DemoFailedError(str(exc)) from exc
 
 
 def _start_superlink(

@@ -1,12 +1,22 @@
-"""What the demo and `medfed coordinator start` both need to drive Flower's own programs:
-the SuperLink's command line and the `flwr` CLI's connection file, written once."""
+"""What the demo, `medfed coordinator start` and `medfed round` need to drive Flower's own
+programs: the SuperLink's command line, the `flwr` CLI's connection file, and one runner
+for `flwr` CLI commands, each written once."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 FLWR_HINT = "pip install 'flwr==1.42.*'"
 START_TIMEOUT_S = 60.0
+CONSORTIUM_CONNECTION = "medfed-consortium"
+"""The `flwr` CLI's name for the consortium's SuperLink (in `$FLWR_HOME/config.toml`)."""
+FLWR_HOME_NAME = "flwr-home"
+"""The `$FLWR_HOME` folder under a consortium's run directory."""
 
 
 def superlink_argv(
@@ -52,3 +62,70 @@ def write_connection(
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return flwr_home
+
+
+class FlwrCommandError(Exception):
+    """A `flwr` CLI command could not be run, or exited non-zero; the message says which
+    command and ends with the last lines it printed."""
+
+
+@dataclass(frozen=True)
+class FlwrOutput:
+    """What one `flwr` CLI command printed, and how it exited."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def tail(self, lines: int = 4, chars: int = 400) -> str:
+        """The last `lines` lines of its output (stdout, then stderr), on one line."""
+        text = (self.stdout + self.stderr).strip().splitlines()[-lines:]
+        return " ".join(text)[:chars]
+
+    def document(self) -> dict[str, Any]:
+        """The JSON object `--format json` printed on stdout; {} if it printed none."""
+        try:
+            parsed = json.loads(self.stdout)
+        except json.JSONDecodeError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+
+
+def run_flwr(
+    program: str, args: Sequence[str], *, env: Mapping[str, str], timeout_s: float = 180.0
+) -> FlwrOutput:
+    """Run `program args` (the `flwr` CLI) with stdin closed and its output captured.
+
+    Raises `FlwrCommandError` when it cannot be started or runs past `timeout_s`; a
+    non-zero exit is returned, for the caller to judge (see `check_flwr`).
+    """
+    try:
+        completed = subprocess.run(
+            [program, *args], env=dict(env), capture_output=True, text=True,
+            timeout=timeout_s, check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FlwrCommandError(f"flwr {' '.join(args[:2])}: could not be run ({exc})") from exc
+    return FlwrOutput(completed.returncode, completed.stdout, completed.stderr)
+
+
+def check_flwr(
+    program: str,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    what: str,
+    timeout_s: float = 180.0,
+    tail_lines: int = 4,
+) -> str:
+    """Run one `flwr` CLI command; its stdout, or `FlwrCommandError` naming `what` with
+    the exit code and its last lines."""
+    try:
+        output = run_flwr(program, args, env=env, timeout_s=timeout_s)
+    except FlwrCommandError as exc:
+        raise FlwrCommandError(f"{what}: {exc}") from exc
+    if output.returncode != 0:
+        raise FlwrCommandError(
+            f"{what} failed (flwr exit {output.returncode}): {output.tail(tail_lines)}"
+        )
+    return output.stdout

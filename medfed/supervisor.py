@@ -26,7 +26,6 @@ import logging.handlers
 import os
 import secrets
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from typing import Any, Final
 from medfed.client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
 from medfed.client.config import SiteConfig, SiteConfigError
 from medfed.client.worker_rpc import worker_socket_path
+from medfed.common import write_atomic, write_text_atomic
 from medfed.errors import MedfedError
 from medfed.flower import FLWR_HINT
 from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port
@@ -86,24 +86,9 @@ class Child:
         }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
-
-
 def _secret(path: Path) -> Path:
     """A fresh random SuperExec secret, readable by the site's user only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
-    with os.fdopen(handle, "wb") as out:
-        out.write(secrets.token_bytes(32))
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
+    write_atomic(path, secrets.token_bytes(32), mode=0o600)
     return path
 
 
@@ -288,7 +273,9 @@ class SiteDaemon:
         }
 
     def write_state(self, *, running: bool = True) -> None:
-        _write_atomic(self.state_dir / STATE_FILE, json.dumps(self.state(running=running)) + "\n")
+        write_text_atomic(
+            self.state_dir / STATE_FILE, json.dumps(self.state(running=running)) + "\n"
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Supervise until `stop` is set; then stop every child by PID."""

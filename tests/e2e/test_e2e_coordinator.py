@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from medfed.common import write_atomic
 from medfed.coordinator.consortium import load_consortium
 from medfed.demo import SUPERNODE_READY
 from medfed.privacy.pki import (
@@ -22,7 +23,6 @@ from medfed.privacy.pki import (
     load_certificate,
     load_ec_private_key,
     pem_certificate,
-    write_atomic,
 )
 from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port, log_contains
 from medfed.provision import PkiLayout, provision

@@ -18,7 +18,11 @@ REPO = Path(__file__).resolve().parents[3]
 def test_the_bundle_names_the_same_components_as_the_repository() -> None:
     app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
-    rooms = [pattern.split("/")[0] for pattern in app["fab-include"] if pattern.endswith("**/*.py")]
+    rooms = [
+        pattern.removeprefix("medfed/").split("/")[0]
+        for pattern in app["fab-include"]
+        if pattern.endswith("**/*.py")
+    ]
     assert sorted(rooms) == sorted(APP_PACKAGES)
 
 
