@@ -97,7 +97,7 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
     unsigned = _app(tmp_path, "unsigned", study, sites_root)
     tampered = _app(tmp_path, "tampered", study, sites_root)
     tampered_signature = signing.run_config(tampered)
-    (tampered / "client" / "backdoor.py").write_text("print('not what was signed')\n")
+    (tampered / "medfed" / "client" / "backdoor.py").write_text("print('not what was signed')\n")
     untrusted = _app(tmp_path, "untrusted", study, sites_root)
     untrusted_signature = signature_run_config(untrusted, intruder, key_id="intruder")
     signed = _app(tmp_path, "signed", study, sites_root)

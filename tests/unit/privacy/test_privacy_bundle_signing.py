@@ -109,6 +109,6 @@ def test_the_coordinator_signs_the_bundle_flwr_run_will_build(tmp_path: Path, fa
     app = build_app_dir(tmp_path / "app", {APP_SIGNATURE: ""})
     value = sign_app(app, KEY, key_id="medfed-consortium", signed_at=1_750_000_000)
     assert verify_bundle(fab, value, TRUSTED) == "medfed-consortium"
-    (app / "client" / "client_app.py").write_text("# replaced\n")
+    (app / "medfed" / "client" / "client_app.py").write_text("# replaced\n")
     with pytest.raises(BundleSignatureError, match="does not verify"):
         verify_bundle(build_fab(app), value, TRUSTED)
