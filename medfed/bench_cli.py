@@ -134,8 +134,12 @@ def bench_round(
     sites: Annotated[int, typer.Option(min=1, max=16, help="Sites, one daemon each.")] = 3,
     repeats: Annotated[int, typer.Option(min=1, max=10, help="Runs of each side.")] = 1,
     baseline: Annotated[
-        Path, typer.Option(help="The stock Flower baseline script (stock_flower_rounds.sh).")
-    ] = Path("/work/shared/baselines/stock_flower_rounds.sh"),
+        Path | None,
+        typer.Option(
+            help="The stock Flower baseline script (default: the one medfed ships,"
+            " bench/baselines/stock_flower_rounds.sh)."
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
@@ -143,8 +147,9 @@ def bench_round(
     """Seconds per round of `medfed demo` (TLS, SuperNode auth, DP, site daemons) beside a
     stock Flower deployment in the same run; the ratio of their round wall times, and
     medfed's round overhead (round time minus the slowest site's local training)."""
-    from medfed.bench.round_time import Options, run_benchmark
+    from medfed.bench.round_time import DEFAULT_BASELINE, Options, run_benchmark
 
+    baseline = baseline or DEFAULT_BASELINE
     if not baseline.is_file():
         fail(f"no baseline script at {baseline}", 2)
     document = run_benchmark(
