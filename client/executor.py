@@ -15,7 +15,9 @@ tasks.
 
 Modules this process imported already (medfed's own `client`, `model`, ... packages)
 are the site's installed ones: a bundle whose ClientApp is medfed's runs the site's
-installed copy of it. Whatever runs, the guard wraps it.
+installed copy of it, so the executor first checks that the bundle's medfed code is
+byte for byte that installed code (`medfed.client.bundle_code`) and refuses it otherwise,
+like an unsigned bundle. Whatever runs, the guard wraps it.
 
 Before a bundle is installed or loaded, `client.bundle_check.BundleGate` checks that a key
 the site trusts signed its exact bytes (the signature travels in the run's override
@@ -48,6 +50,7 @@ from medfed.client.bundle_check import (
     BundleGate,
     UntrustedBundleError,
 )
+from medfed.client.bundle_code import installed_code_mismatch
 from medfed.client.egress import Handler, ReplyMod, chain
 from medfed.flower.runtime import (
     CLIENT_APP_RAISED_EXCEPTION,
@@ -76,15 +79,19 @@ class WarmExecutor:
         *,
         bundles: BundleGate | None,
         audit: AuditAppend,
+        installed: Path | None = None,
     ) -> None:
         """`bundles` None runs unsigned bundles (weaker: warned at every task); `audit`
-        records each refused bundle."""
+        records each refused bundle; `installed` is the medfed package folder a bundle's
+        code must equal (default: the one this process imports)."""
         self._address = runtime_address
         self._tasks = RuntimeTasks(runtime_address, secret)
         self._guard = guard
         self._bundles = bundles
         self._audit = audit
         self._apps: dict[str, Handler] = {}
+        self._code_checked: set[str] = set()
+        self._installed = installed
         self.tasks_run = 0
 
     def acquire(self) -> str | None:
@@ -92,13 +99,18 @@ class WarmExecutor:
         return self._tasks.acquire()
 
     def check_bundle(self, run: Any, fab: Any) -> None:
-        """Refuse (`UntrustedBundleError`) a bundle no trusted key signed, before anything
-        of it is installed or imported; record the refusal in the site's audit log."""
-        if self._bundles is None:
-            log.warning("%s (bundle %s, run %s)", UNSIGNED_WARNING, fab.hash_str[:12], run.run_id)
-            return
+        """Refuse (`UntrustedBundleError`) a bundle no trusted key signed, or one whose
+        medfed code is not byte for byte the installed medfed this process would run
+        (`medfed.client.bundle_code`), before anything of it is installed or imported;
+        record the refusal in the site's audit log."""
         try:
-            self._bundles.check(fab.hash_str, fab.content, run.override_config)
+            if self._bundles is None:
+                log.warning(
+                    "%s (bundle %s, run %s)", UNSIGNED_WARNING, fab.hash_str[:12], run.run_id
+                )
+            else:
+                self._bundles.check(fab.hash_str, fab.content, run.override_config)
+            self._check_code(fab)
         except UntrustedBundleError as exc:
             details = {"fab_hash": fab.hash_str, "run_id": str(run.run_id), "reason": str(exc)}
             try:
@@ -106,6 +118,15 @@ class WarmExecutor:
             except Exception:  # the refusal stands; the log says the audit entry is missing
                 log.exception("could not write %s to the audit log: %s", BUNDLE_REFUSED, details)
             raise
+
+    def _check_code(self, fab: Any) -> None:
+        """The bundle's medfed code is the installed code (checked once per bundle hash)."""
+        if fab.hash_str in self._code_checked:
+            return
+        mismatch = installed_code_mismatch(fab.content, self._installed)
+        if mismatch is not None:
+            raise UntrustedBundleError(f"the app bundle is not the code this site runs: {mismatch}")
+        self._code_checked.add(fab.hash_str)
 
     def _app(self, run: Any, fab: Any) -> Handler:
         """The bundle's ClientApp, installed and loaded once per bundle hash."""

@@ -42,10 +42,6 @@ clientapp = "{client}"
 """
 
 
-_PACKAGE_INIT = '''"""medfed's rooms, as shipped in the Flower app bundle (the CLI stays out)."""
-'''
-
-
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -55,11 +51,14 @@ def _toml_value(value: object) -> str:
 
 
 def build_app_dir(dest: Path, run_config_defaults: dict[str, object]) -> Path:
-    """Write the app (`medfed/<room>/` .py files, a pyproject.toml) under `dest`; return it."""
+    """Write the app (medfed's `__init__.py`, `medfed/<room>/` .py files, a pyproject.toml)
+    under `dest`; return it. A site runs its installed medfed, so it refuses a bundle whose
+    medfed files are not byte for byte its own (`medfed.client.bundle_code`)."""
     dest.mkdir(parents=True, exist_ok=True)
     root = dest / "medfed"
     root.mkdir(exist_ok=True)
-    (root / "__init__.py").write_text(_PACKAGE_INIT, encoding="utf-8")
+    # The package's own __init__ (a site compares every shipped file with what it runs).
+    shutil.copyfile(Path(importlib.import_module("medfed").__file__ or ""), root / "__init__.py")
     for package in APP_PACKAGES:
         source = Path(importlib.import_module(f"medfed.{package}").__file__ or "").parent
         shutil.copytree(
