@@ -196,8 +196,7 @@ def _site_bundles_and_audit(site_toml: Path) -> tuple[BundleGate | None, AuditAp
     """The site's bundle gate (None: unsigned allowed, warned) and its audit log."""
     from medfed.client.bundle_check import bundle_gate_of
     from medfed.client.config import load_site_config
-    from medfed.privacy.audit import AuditLog
-    from medfed.privacy.signing import SigningKey
+    from medfed.privacy import AuditLog, SigningKey
 
     config = load_site_config(site_toml)
     gate = bundle_gate_of(config)
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     from medfed.client.client_app import GUARD
     from medfed.client.errors import ClientError
-    from medfed.privacy.errors import PrivacyError
+    from medfed.privacy import PrivacyError
 
     try:
         bundles, audit = _site_bundles_and_audit(args.site_config)

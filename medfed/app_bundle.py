@@ -11,8 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
-from medfed.privacy.signing import SigningKey
+from medfed.privacy import APP_SIGNATURE, SigningKey, sign_bundle
 
 APP_PACKAGES = ("common", "flower", "client", "coordinator", "model", "privacy", "sites")
 SERVER_APP = "medfed.coordinator.server_app:app"

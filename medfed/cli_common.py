@@ -20,7 +20,7 @@ from rich.text import Text
 from medfed.errors import MedfedError
 
 if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
+    from medfed.client import SiteConfig
 
 T = TypeVar("T")
 
@@ -47,11 +47,11 @@ def fail(message: str, code: int = EXIT_CHECK_FAILED) -> NoReturn:
 def guard(action: Callable[[], T]) -> T:
     """Run `action`; any medfed error (of any room) becomes one line on stderr and its
     exit code (1 unless the error names another)."""
-    from medfed.client.errors import ClientError
-    from medfed.coordinator.errors import CoordinatorError
+    from medfed.client import ClientError
+    from medfed.coordinator import CoordinatorError
     from medfed.flower import FlowerVersionError
-    from medfed.privacy.errors import PrivacyError
-    from medfed.sites.errors import SiteError
+    from medfed.privacy import PrivacyError
+    from medfed.sites import SiteError
 
     try:
         return action()
@@ -68,7 +68,7 @@ def guard(action: Callable[[], T]) -> T:
 
 def site_config(path: Path) -> SiteConfig:
     """`site.toml` read and checked (raises the client's `SiteConfigError`; use `guard`)."""
-    from medfed.client.config import load_site_config
+    from medfed.client import load_site_config
 
     return load_site_config(path)
 
@@ -95,7 +95,7 @@ def _number(value: float | None, digits: int) -> str:
 
 def round_table(results: object) -> Table:
     """A run's results (`medfed.coordinator.results.RunResults`) as one row per round."""
-    from medfed.coordinator.results import RunResults
+    from medfed.coordinator import RunResults
 
     if not isinstance(results, RunResults):
         raise TypeError(f"round_table expects RunResults, got {type(results).__name__}")

@@ -19,7 +19,7 @@ from rich.text import Text
 from medfed.cli_common import JsonOption, guard, round_table, stderr, stdout
 
 if TYPE_CHECKING:
-    from medfed.coordinator.consortium import ConsortiumConfig
+    from medfed.coordinator import ConsortiumConfig
 
 
 round_app = typer.Typer(
@@ -36,7 +36,7 @@ FOLLOW_POLL_S = 1.0
 
 
 def _config(path: Path) -> ConsortiumConfig:
-    from medfed.coordinator.consortium import load_consortium
+    from medfed.coordinator import load_consortium
 
     return guard(lambda: load_consortium(path))
 
@@ -98,7 +98,7 @@ def round_start(
 ) -> None:
     """Submit STUDY_TOML to the consortium's SuperLink as a new run (`coordinator start`
     must be running); with --follow, show its rounds until it ends."""
-    from medfed.coordinator.study import load_study_file
+    from medfed.coordinator import load_study_file
     from medfed.provision import PkiLayout
     from medfed.runs import start_run
 

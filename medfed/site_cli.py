@@ -22,8 +22,8 @@ from rich.text import Text
 from medfed.cli_common import guard, stdout
 
 if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
-    from medfed.model.contract import StudyContract
+    from medfed.client import SiteConfig
+    from medfed.model import StudyContract
     from medfed.sites.errors import DataProblem
     from medfed.sites.manifest import SiteData
 

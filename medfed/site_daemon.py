@@ -20,7 +20,7 @@ from rich.text import Text
 from medfed.cli_common import guard, site_config, stderr, stdout
 
 if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
+    from medfed.client import SiteConfig
 
 site_app = typer.Typer(
     help="The site operator's commands: check the site, run its daemon, see its status.",

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from medfed.client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
-from medfed.client.config import SiteConfig, SiteConfigError
+from medfed.client import UNSIGNED_WARNING, SiteConfig, SiteConfigError, bundle_gate_of
 from medfed.client.worker_rpc import worker_socket_path
 from medfed.common import write_atomic, write_text_atomic
 from medfed.errors import MedfedError
