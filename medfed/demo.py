@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.app_bundle import build_app_dir, signature_run_config
-from medfed.client.config import SITE_TOML, SiteConfig
+from medfed.client.config import SITE_TOML
 from medfed.common import write_atomic
 from medfed.consortium import (
     DEMO_POLICY,
@@ -43,6 +43,7 @@ from medfed.flower import (
     check_flwr,
     require_supported_flwr,
     superlink_argv,
+    supernodes_online,
     write_connection,
 )
 from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
@@ -234,18 +235,22 @@ def _start_site_daemons(
     *,
     trusted_entities: Path,
 ) -> None:
-    """Register every site's key, then run `medfed site start` for each site (worker,
-    SuperNode and warm executor, as a hospital runs them, running only bundles signed by a
-    key in `trusted_entities`) and wait until each connected."""
+    """Register every site's key, run `medfed site start` for each site (worker, SuperNode
+    and warm executor, as a hospital runs them, running only bundles signed by a key in
+    `trusted_entities`), and wait until the SuperLink lists every site's node online."""
     import sys
 
     from medfed.client.config import load_site_config
     from medfed.client.worker import TORCH_THREADS_VARIABLE
-    from medfed.supervisor import read_state
 
+    nodes: dict[str, str] = {}
     for keys in pki.sites:
-        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
-              what=f"registering {keys.site_id}'s key with the SuperLink")  # fmt: skip
+        registered = _flwr(
+            programs,
+            ["supernode", "register", str(keys.public_key), CONNECTION, "--format", "json"],
+            env=env, what=f"registering {keys.site_id}'s key with the SuperLink",
+        )  # fmt: skip
+        nodes[keys.site_id] = _node_id(registered, keys.site_id)
     for keys in pki.sites:
         site_toml = sites_root / keys.site_id / SITE_TOML
         with site_toml.open("a", encoding="utf-8") as out:
@@ -257,18 +262,52 @@ def _start_site_daemons(
                 "poll_interval_s = 0.2\n"
                 f'trusted_entities = "{trusted_entities.resolve()}"\n'
             )
-        config = load_site_config(site_toml)
-        daemon = group.start(
+        load_site_config(site_toml)  # a site.toml the daemon would refuse fails here, named
+        group.start(
             keys.site_id,
             [sys.executable, "-m", "medfed", "site", "start", str(site_toml)],
             env={**env, TORCH_THREADS_VARIABLE: "1"},  # several sites share this machine's cores
         )
+    _wait_until_online(group, programs, env, nodes, timeout_s=START_TIMEOUT_S * len(nodes))
 
-        def connected(config: SiteConfig = config) -> bool:
-            state = read_state(config)
-            return bool(state and state.get("connected"))
 
-        group.wait_until_ready(daemon, connected, timeout_s=START_TIMEOUT_S)
+def _node_id(registered: str, site_id: str) -> str:
+    """The node id `flwr supernode register --format json` printed."""
+    try:
+        document = json.loads(registered)
+        return str(document["node-id"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DemoFailedError(
+            f"registering {site_id}'s key answered something unexpected: {registered[:200]}"
+        ) from exc
+
+
+def _wait_until_online(
+    group: ProcessGroup,
+    programs: _Programs,
+    env: dict[str, str],
+    nodes: dict[str, str],
+    *,
+    timeout_s: float,
+) -> None:
+    """Wait until the SuperLink lists every site's node online (Flower's own signal,
+    `flwr supernode list --format json`); fail early, naming it, if a daemon exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        group.check_alive()
+        try:
+            online = supernodes_online(programs.flwr, env=env, connection=CONNECTION)
+        except FlwrCommandError as exc:
+            raise DemoFailedError(str(exc)) from exc
+        waiting = sorted(site for site, node in nodes.items() if node not in online)
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise DemoFailedError(
+                f"the SuperLink did not list {', '.join(waiting)} online within"
+                f" {timeout_s:g} s (see each site's logs)"
+            )
+        time.sleep(0.5)
 
 
 def _submit(
