@@ -17,7 +17,6 @@ imports no other medfed room (see the import-linter contracts in pyproject.toml)
 
 from medfed.flower.programs import (
     CONSORTIUM_CONNECTION,
-    FLWR_HINT,
     FLWR_HOME_NAME,
     START_TIMEOUT_S,
     SUPERNODE_CONNECTED_LINE,
@@ -31,6 +30,7 @@ from medfed.flower.programs import (
     write_connection,
 )
 from medfed.flower.version import (
+    FLWR_HINT,
     SUPPORTED_FLWR,
     FlowerVersionError,
     flwr_version,

@@ -17,10 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.flower.version import FLWR_HINT
-
-__all__ = ["FLWR_HINT"]  # re-exported beside this module's own names
-
 START_TIMEOUT_S = 60.0
 CONSORTIUM_CONNECTION = "medfed-consortium"
 """The `flwr` CLI's name for the consortium's SuperLink (in `$FLWR_HOME/config.toml`)."""
