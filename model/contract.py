@@ -156,6 +156,9 @@ class TaskSpec(_Frozen):
 
     `target` is the label's field (for survival: the time); `event` is the survival
     event indicator (1 = event); `classes` names a multiclass task's classes in order.
+    `unit` is the UCUM unit of a survival time or regression target (`d`, `mo`, `a`):
+    sites convert their values to it, and a site value in another unit with no `unit`
+    here is a problem, never taken as is.
     """
 
     name: str = Field(pattern=_SNAKE)
@@ -163,6 +166,7 @@ class TaskSpec(_Frozen):
     target: str = Field(pattern=_FIELD)
     event: str | None = Field(default=None, pattern=_FIELD)
     classes: tuple[str, ...] = ()
+    unit: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _fields_fit_the_kind(self) -> TaskSpec:
@@ -180,6 +184,8 @@ class TaskSpec(_Frozen):
                 raise ValueError(f"task {self.name}: classes repeat: {_repeated(self.classes)}")
         elif self.classes:
             raise ValueError(f"task {self.name}: only a multiclass task has classes")
+        if self.unit is not None and self.kind not in ("survival", "regression"):
+            raise ValueError(f"task {self.name}: only a survival or regression target has a unit")
         return self
 
     @property
@@ -250,8 +256,14 @@ class StudyContract(_Frozen):
         raise KeyError(name)
 
     def canonical_json(self) -> str:
-        """The contract as sorted, compact JSON: what instructions to the sites carry."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The contract as sorted, compact JSON: what instructions to the sites carry.
+        A task without a `unit` is written without the key, so contracts from before
+        task units keep their digest."""
+        document = self.model_dump(mode="json")
+        for task in document["tasks"]:
+            if task.get("unit") is None:
+                task.pop("unit", None)
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
         """A stable digest of the contract's canonical JSON; part of the model's identity."""
