@@ -142,9 +142,10 @@ class _Mapper:
             else:
                 self.numeric.setdefault(code, []).append((name, source))
         self.targets = {s.code: name for name, s in builder.target_sources().items() if s.code}
-        chosen = set(dataset.categorical) or {f.name for f in contract.categorical}
-        self.categorical = [f for f in contract.categorical if f.name in chosen]
         self.valued = {s.code: name for name, s in builder.categorical_sources().items() if s.code}
+        chosen = set(dataset.categorical) or {f.name for f in contract.categorical}
+        chosen -= set(self.valued.values())
+        self.categorical = [f for f in contract.categorical if f.name in chosen]
 
     def take(self, resource: Any, where: Where) -> None:
         kind = resource.get_resource_type()
