@@ -43,6 +43,12 @@ CODE_SYSTEMS: dict[str, tuple[str, ...]] = {
 }
 """The FHIR `coding.system` URIs of each contract code system."""
 
+RESOURCES = ("Patient", "Observation", "Condition", "MedicationRequest", "MedicationStatement")
+"""The resource types read (others are validated and ignored); docs/site.md lists them."""
+VALUE_TYPES = ("valueQuantity", "valueInteger", "valueBoolean", "valueString",
+               "valueCodeableConcept")  # fmt: skip
+"""The Observation value[x] types that map onto a number or a code."""
+
 _CONDITION_SYSTEMS = ("icd10", "snomed")
 _MEDICATION_SYSTEMS = ("atc", "rxnorm")
 
@@ -154,7 +160,7 @@ class _Mapper:
                 self._patient(resource, str(resource.id), where)
             return
         patient_id = _patient_of(resource)
-        if kind not in ("Observation", "Condition", "MedicationRequest", "MedicationStatement"):
+        if kind not in RESOURCES:
             return
         if patient_id is None:
             self.builder.problem(where, "has no subject reference to a Patient")
@@ -171,7 +177,9 @@ class _Mapper:
         self.builder.record(patient_id)
         index = self.builder.dataset.index_date
         for name, source in self.demographics.items():
-            at = Where(where.file, where.row, f"{where.column}.{_PATIENT_FIELDS[source.patient]}")
+            at = Where(
+                where.file, where.row, f"{where.column}.{_PATIENT_FIELDS[str(source.patient)]}"
+            )
             if source.patient == "sex":
                 gender = str(resource.gender or "")
                 if gender not in UNKNOWN_GENDER:

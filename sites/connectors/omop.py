@@ -31,6 +31,15 @@ from medfed.sites.demographics import (
 from medfed.sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_time
 
 TABLES = ("person", "measurement", "observation", "condition_occurrence", "drug_exposure")
+COLUMNS = (
+    "person_id", "gender_concept_id", "gender_source_value", "year_of_birth", "month_of_birth",
+    "day_of_birth", "measurement_concept_id", "measurement_source_value", "measurement_date",
+    "measurement_datetime", "observation_concept_id", "observation_source_value",
+    "observation_date", "observation_datetime", "value_as_number", "value_as_concept_id",
+    "value_as_string", "unit_source_value", "condition_concept_id", "condition_source_value",
+    "drug_concept_id", "drug_source_value",
+)  # fmt: skip
+"""Every column the connector reads; docs/site.md lists them."""
 _SUFFIXES = (".csv", ".tsv", ".parquet")
 _ID = "person_id"
 
