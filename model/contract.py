@@ -211,6 +211,12 @@ class StudyContract(_Frozen):
     molecule: MoleculeSpec | None = None
     protein: ProteinSpec | None = None
     tasks: tuple[TaskSpec, ...] = Field(min_length=1)
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """About this share of each site's patients (chosen by a hash of their id) is held
+    out for evaluation and never trained on."""
+    holdout_min: int = Field(default=0, ge=0, le=100_000)
+    """Each site holds out at least this many patients (the next by hash order), but
+    never more than half of them: a small site still gets a usable held-out set."""
 
     @model_validator(mode="after")
     def _names_are_consistent(self) -> StudyContract:
@@ -257,12 +263,15 @@ class StudyContract(_Frozen):
 
     def canonical_json(self) -> str:
         """The contract as sorted, compact JSON: what instructions to the sites carry.
-        A task without a `unit` is written without the key, so contracts from before
-        task units keep their digest."""
+        A task without a `unit` and the default hold-out are written without their keys,
+        so contracts from before those keys keep their digest."""
         document = self.model_dump(mode="json")
         for task in document["tasks"]:
             if task.get("unit") is None:
                 task.pop("unit", None)
+        for key, default in (("holdout_fraction", 0.2), ("holdout_min", 0)):
+            if document[key] == default:
+                del document[key]
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
