@@ -18,8 +18,7 @@ from medfed.client.protocol import TrainRequest
 from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.approvals import Approval
 from medfed.privacy.audit import AuditLog
-from medfed.privacy.calibration import calibrate_noise
-from medfed.privacy.dpsgd import poisson_rate
+from medfed.privacy.calibration import calibrate_noise, poisson_rate
 from medfed.privacy.errors import InfeasibleBudgetError
 from medfed.privacy.events import DpSgdEvent
 from medfed.privacy.ledger import PrivacyLedger, SpendRecord

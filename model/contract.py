@@ -44,6 +44,9 @@ class NumericFeature(_Frozen):
     """How repeated measurements of one patient are reduced to one value."""
     loinc: str | None = None
     """The LOINC code that FHIR or OMOP observations of this feature map from."""
+    optional: bool = False
+    """A site may lack this feature entirely (the model masks what is missing); an
+    optional feature's low coverage is shown by `site check`, not a problem."""
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> NumericFeature:
@@ -65,6 +68,8 @@ class CategoricalFeature(_Frozen):
     name: str = Field(pattern=_SNAKE)
     system: CodeSystem
     vocabulary: tuple[str, ...] = Field(min_length=1)
+    optional: bool = False
+    """A site may hold no code of this feature at all (see `NumericFeature.optional`)."""
 
     @field_validator("vocabulary")
     @classmethod
@@ -263,15 +268,9 @@ class StudyContract(_Frozen):
 
     def canonical_json(self) -> str:
         """The contract as sorted, compact JSON: what instructions to the sites carry.
-        A task without a `unit` and the default hold-out are written without their keys,
-        so contracts from before those keys keep their digest."""
-        document = self.model_dump(mode="json")
-        for task in document["tasks"]:
-            if task.get("unit") is None:
-                task.pop("unit", None)
-        for key, default in (("holdout_fraction", 0.2), ("holdout_min", 0)):
-            if document[key] == default:
-                del document[key]
+        Keys added after contracts were in use are left out while they hold their
+        default (`_ADDED_LATER`), so those contracts keep their digest."""
+        document = _without_later_defaults(self.model_dump(mode="json"))
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
@@ -282,6 +281,30 @@ class StudyContract(_Frozen):
     def from_toml_table(cls, table: Mapping[str, Any]) -> StudyContract:
         """Parse a contract from a TOML table (a plain `model_validate`)."""
         return cls.model_validate(table)
+
+
+_ADDED_LATER: dict[str, object] = {
+    "unit": None,  # TaskSpec.unit (a feature's unit is never None)
+    "optional": False,
+    "holdout_fraction": 0.2,
+    "holdout_min": 0,
+}
+
+
+def _without_later_defaults(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_without_later_defaults(item) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: _without_later_defaults(item)
+            for key, item in value.items()
+            if not (
+                key in _ADDED_LATER
+                and item == _ADDED_LATER[key]
+                and type(item) is type(_ADDED_LATER[key])
+            )
+        }
+    return value
 
 
 def _feature(
