@@ -67,9 +67,11 @@ def _round_table(results: object) -> Table:
     table.add_column("round", justify="right")
     table.add_column("sites")
     table.add_column("train loss (global)", justify="right")
-    label = {"auroc": "AUROC", "c_index": "c-index"}.get(_metric_name(results), "metric")
+    from medfed.run_report import metric_label
+
+    label = metric_label(results)
     table.add_column(f"{label} (held-out)", justify="right")
-    table.add_column("epsilon by site (delta 1e-5)")
+    table.add_column(f"epsilon by site, this study (delta {results.delta or 0:g})")
     table.add_row(
         "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""
     )
@@ -82,12 +84,6 @@ def _round_table(results: object) -> Table:
             "\n".join(f"{site} {eps:.2f}" for site, eps in record.epsilon_by_site.items()),
         )
     return table
-
-
-def _metric_name(results: object) -> str:
-    """The held-out metric the run was followed by (its rounds name it; AUROC before any)."""
-    records = getattr(results, "per_round", [])
-    return str(records[-1].metric_name) if records else "auroc"
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -185,6 +181,8 @@ def demo(
         _fail("interrupted; every process the demo started was stopped", 130)
     wall_s = round(time.monotonic() - started, 2)
     if as_json:
+        from medfed.run_report import metric_name_of
+
         document = results.to_json()
         summary = {
             "run_id": document["run_id"],
@@ -194,7 +192,7 @@ def demo(
             "signed_updates": document["signed_updates"],
             "initial_loss": document["initial_loss"],
             "initial_metric": document["initial_metric"],
-            "metric_name": _metric_name(results),
+            "metric_name": metric_name_of(results),
             "secure_aggregation": options.secure_aggregation,
             "wall_s": wall_s,
         }
