@@ -23,6 +23,7 @@ from rich.text import Text
 
 from medfed.bench_cli import bench_app
 from medfed.errors import MedfedError
+from medfed.model_cli import model_app
 from medfed.round_cli import round_app
 
 if TYPE_CHECKING:
@@ -624,6 +625,7 @@ def version() -> None:
 
 
 app.add_typer(round_app, name="round")
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:
