@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-stdout = Console()
+from medfed.cli_common import guard, stdout
+
 model_app = typer.Typer(
     help="The final model of a run: export it with its contract and card; score a site's"
     " patients with it, at the site.",
@@ -25,14 +25,13 @@ model_app = typer.Typer(
 def _run_folder(run: str, consortium: Path) -> Path:
     """RUN as a folder (a run folder or an exported model), else a run name of the
     consortium (`medfed round list`)."""
-    from medfed.cli import _guard
     from medfed.coordinator.consortium import load_consortium
     from medfed.runs import run_folder
 
     if Path(run).is_dir():
         return Path(run)
-    config = _guard(lambda: load_consortium(consortium))
-    return _guard(lambda: run_folder(config, run))
+    config = guard(lambda: load_consortium(consortium))
+    return guard(lambda: run_folder(config, run))
 
 
 @model_app.command("export")
@@ -49,11 +48,10 @@ def model_export(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Write the run's final model: weights, contract.json, model.json and MODEL_CARD.md."""
-    from medfed.cli import _guard
     from medfed.model_export import MODEL_JSON, export_model
 
     folder = _run_folder(run, consortium)
-    written = _guard(lambda: export_model(folder, out, fmt=weights))
+    written = guard(lambda: export_model(folder, out, fmt=weights))
     description = json.loads((written / MODEL_JSON).read_text(encoding="utf-8"))
     if as_json:
         sys.stdout.write(json.dumps({"out": str(written), **description}) + "\n")
@@ -74,10 +72,9 @@ def model_score(
 ) -> None:
     """Score every patient of the site's datasets with MODEL, locally: one CSV row per
     patient, and each task's metric over the patients with labels. Nothing is sent."""
-    from medfed.cli import _guard
     from medfed.model_export import score_site
 
-    scored = _guard(lambda: score_site(model, site_toml, out))  # bad data: every problem named
+    scored = guard(lambda: score_site(model, site_toml, out))  # bad data: every problem named
     if as_json:
         sys.stdout.write(json.dumps(scored.to_json()) + "\n")
         return
