@@ -66,6 +66,12 @@ def demo(
             min=0.1, max=10.0, help="Epsilon the study asks of each site over all its rounds."
         ),
     ] = 3.0,
+    local_steps: Annotated[
+        int,
+        typer.Option(
+            "--local-steps", min=1, max=10_000, help="DP-SGD steps per site and round (at most)."
+        ),
+    ] = 30,
     simulation: Annotated[
         bool,
         typer.Option("--simulation", help="Run the sites on Flower's simulation runtime (Ray)."),
@@ -109,6 +115,7 @@ def demo(
             simulation=simulation,
             keep=keep,
             target_epsilon=epsilon,
+            local_steps=local_steps,
             example=example,
             secure_aggregation=not no_secure_aggregation,
         )

@@ -31,7 +31,7 @@ def test_a_13_site_consortium_runs_right_the_first_time(process_tag: str) -> Non
     env = {**os.environ, TEST_TAG_VARIABLE: process_tag, "PYTHONUNBUFFERED": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "medfed", "demo", "--simulation", "--sites", str(SITES),
-         "--rounds", str(ROUNDS), "--json"],
+         "--rounds", str(ROUNDS), "--local-steps", "3", "--json"],
         env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
