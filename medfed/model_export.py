@@ -238,10 +238,12 @@ class Scored:
     metrics: dict[str, dict[str, float]]
 
     def to_json(self) -> dict[str, object]:
-        from medfed.coordinator.results import _finite_or_none
-
-        return {"patients": self.patients, "out": str(self.out),
-                "metrics": _finite_or_none(self.metrics)}  # fmt: skip
+        """JSON has no NaN: an undefined metric (no labelled patients) is null."""
+        metrics = {
+            task: {name: value if np.isfinite(value) else None for name, value in values.items()}
+            for task, values in self.metrics.items()
+        }
+        return {"patients": self.patients, "out": str(self.out), "metrics": metrics}
 
 
 def score_site(model_folder: Path, site_toml: Path, out: Path) -> Scored:
