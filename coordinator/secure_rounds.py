@@ -164,6 +164,7 @@ class _SecureRound:
             message_type=message_type,
             group=group,
             timeout_s=timeout_s,
+            names=nodes,
         )
         log.info(
             "secure round %s: %d replies of %d in %.3f s",
