@@ -477,9 +477,11 @@ def test_an_unavailable_accelerator_is_refused_not_swapped_for_the_cpu(site_toml
         trainer_of(site_toml)
 
 
-def test_a_reply_carries_its_own_studys_spend_not_the_datasets_total(site_toml: Path) -> None:
+def test_a_reply_carries_its_own_studys_spend_not_the_datasets_total(site: DemoSite) -> None:
+    site_toml = site.site_toml
     other = make_study(name="second-study", rounds=3, sites=1, target_epsilon=2.0,
                        local_steps=4, sample_rate=SAMPLE_RATE)  # fmt: skip
+    approve(site_toml, other, epsilon=2.0, officer_key=officer_of(site))
     trainer = trainer_of(site_toml)
     trainer.train(train_request(STUDY, 1))
     reply = trainer.train(train_request(other, 1, run_id="run-2"))
