@@ -36,7 +36,7 @@ def test_a_failed_command_names_what_and_ends_with_its_last_lines(tmp_path: Path
     assert (output.returncode, output.document()) == (3, {})
     with pytest.raises(FlwrCommandError) as caught:
         check_flwr(flwr, ["stop", "7"], env=os.environ, what="stopping run r1", tail_lines=2)
-    assert str(caught.value) == "stopping run r1 failed (flwr exit 3): line 2 refused: no run"
+    assert str(caught.value) == "stopping run r1 failed (flwr exit 3): line 2 refused: no such run"
 
 
 def test_the_environment_reaches_the_command_and_json_is_read(tmp_path: Path) -> None:
