@@ -47,7 +47,7 @@ def patient_stats(
         score = torch.sigmoid(labelled.reshape(-1)).numpy()
         return PatientStats(loss=losses, score=score, truth=truth.reshape(-1).numpy())
     if task.kind == "multiclass":
-        correct = (labelled.reshape(len(truth), -1).argmax(dim=1) == truth.reshape(-1).long())
+        correct = labelled.reshape(len(truth), -1).argmax(dim=1) == truth.reshape(-1).long()
         return PatientStats(loss=losses, correct=correct.double().numpy())
     if task.kind == "regression":
         squared = ((labelled.reshape(-1) - truth.reshape(-1)) ** 2).numpy()

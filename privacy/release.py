@@ -116,19 +116,23 @@ def statistics_rows(
         rows_held[rows[~positive], NEGATIVES.start + bins[~positive]] = 1.0
     rows = np.vstack([rows_train, rows_held])
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows * np.minimum(1.0, SENSITIVITY / np.maximum(norms, 1e-12))
+    clipped: np.ndarray = rows * np.minimum(1.0, SENSITIVITY / np.maximum(norms, 1e-12))
+    return clipped
 
 
 def gaussian_noise(shape: int, std: float) -> np.ndarray:
     """Gaussian noise from a generator seeded by the operating system's random source."""
     generator = np.random.default_rng(secrets.randbits(128))
-    return generator.normal(0.0, std, size=shape)
+    noise: np.ndarray = generator.normal(0.0, std, size=shape)
+    return noise
 
 
 def release(rows: np.ndarray, *, noise_multiplier: float) -> np.ndarray:
     """The rows' sum plus Gaussian noise of `noise_multiplier * SENSITIVITY` per coordinate."""
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise DpConfigError(f"the metrics' noise multiplier must be positive, got {noise_multiplier}")
+        raise DpConfigError(
+            f"the metrics' noise multiplier must be positive, got {noise_multiplier}"
+        )
     total = rows.sum(axis=0) if rows.size else np.zeros(WIDTH)
     return total + gaussian_noise(WIDTH, noise_multiplier * SENSITIVITY)
 
@@ -164,7 +168,9 @@ def auroc_from_histograms(positives: np.ndarray, negatives: np.ndarray) -> float
     return float(min(max(float(np.sum(pos * (below + neg / 2))) / total, 0.0), 1.0))
 
 
-def metrics_of(vector: Sequence[float] | np.ndarray, *, loss_clip: float = LOSS_CLIP) -> NoisyMetrics:
+def metrics_of(
+    vector: Sequence[float] | np.ndarray, *, loss_clip: float = LOSS_CLIP
+) -> NoisyMetrics:
     """The figures a released vector gives (clamped into their ranges)."""
     v = np.asarray(vector, dtype=np.float64)
     if v.shape != (WIDTH,):
@@ -172,7 +178,9 @@ def metrics_of(vector: Sequence[float] | np.ndarray, *, loss_clip: float = LOSS_
     pos, neg = v[POSITIVES], v[NEGATIVES]
     held = float(v[HELD_COUNT])
     binary = float(np.clip(pos, 0, None).sum() + np.clip(neg, 0, None).sum())
-    right = float(np.clip(pos[BINS // 2 :], 0, None).sum() + np.clip(neg[: BINS // 2], 0, None).sum())
+    right = float(
+        np.clip(pos[BINS // 2 :], 0, None).sum() + np.clip(neg[: BINS // 2], 0, None).sum()
+    )
     accuracy = (
         min(max(right / binary, 0.0), 1.0)
         if binary >= 1

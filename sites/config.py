@@ -33,6 +33,7 @@ Accelerator = Literal["cpu", "cuda", "rbln"]
 Orientation = Literal["samples_x_genes", "genes_x_samples"]
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+PRIVACY_UNIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -103,6 +104,10 @@ class DatasetConfig(BaseModel):
     smiles_column: str = "smiles"
     sequence_column: str = "sequence"
     orientation: Orientation = "samples_x_genes"
+    privacy_unit: str | None = Field(default=None, pattern=PRIVACY_UNIT_PATTERN)
+    """The privacy officer's name for the patient population this dataset covers: its
+    budget carries over every correction, version and contract (`privacy.population`).
+    Unset: `[privacy] privacy_unit`, else the site id."""
 
     @model_validator(mode="after")
     def _where_the_data_is(self) -> DatasetConfig:
