@@ -133,8 +133,9 @@ def release(rows: np.ndarray, *, noise_multiplier: float) -> np.ndarray:
         raise DpConfigError(
             f"the metrics' noise multiplier must be positive, got {noise_multiplier}"
         )
-    total = rows.sum(axis=0) if rows.size else np.zeros(WIDTH)
-    return total + gaussian_noise(WIDTH, noise_multiplier * SENSITIVITY)
+    total: np.ndarray = rows.sum(axis=0) if rows.size else np.zeros(WIDTH)
+    noised: np.ndarray = total + gaussian_noise(WIDTH, noise_multiplier * SENSITIVITY)
+    return noised
 
 
 @dataclass(frozen=True)
