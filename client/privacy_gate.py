@@ -165,8 +165,10 @@ class PrivacyGate:
                 )
             drawn = draw_noisy_count(training, noise_std=policy.count_noise_std)
             count = store.store_count(NoisyCount(unit, version, drawn, policy.count_noise_std))
-        # Charged before the count is used or sent (idempotent: once per version).
-        if self._ledger.record(spend, signer=self._signer):
+        # Charged before the count is used or sent, once per version (whatever delta
+        # the policy names now).
+        charged = any(r.run_id == spend.run_id for r in self._ledger.records(unit))
+        if not charged and self._ledger.record(spend, signer=self._signer):
             self._audit.append(
                 "budget spent",
                 {"dataset": unit, "release": "patient count", "noise_std": count.noise_std},
