@@ -75,7 +75,7 @@ def test_a_corrected_value_continues_the_same_budget_and_is_refused_at_the_cap(
     approve(site.site_toml, second, epsilon=2.0, officer_key=officer_of(site))
     trainer = SiteTrainer(site_config(site.site_toml), CONTRACT)
 
-    with pytest.raises(BudgetRefusal, match="above the site.s cap 2.3"):
+    with pytest.raises(BudgetRefusal, match=r"above the site.s cap 2\.3"):
         trainer.train(train_request(second, run_id="run-2"))
     assert [row.study.split("@")[0] for row in spend_rows(site.site_toml)] == [STUDY.name]
     assert {row.dataset for row in ledger_of(site.site_toml).records()} == {
@@ -95,7 +95,8 @@ def test_the_reply_carries_no_exact_count_and_no_fingerprint(site: DemoSite) -> 
     assert reply.num_examples == trainer.noisy_count().public
     # The received model's figures came from one charged Gaussian release.
     (metrics_row,) = [r for r in release_rows(site.site_toml) if r.run_id == "run-1/metrics"]
-    assert metrics_row.event.noise_multiplier == site_config(site.site_toml).privacy.metrics_noise_multiplier
+    policy = site_config(site.site_toml).privacy
+    assert metrics_row.event.noise_multiplier == policy.metrics_noise_multiplier
     assert len(reply.incoming.stats) > 0
     # The mechanism's sampling rate is the study's, not one derived from the exact count.
     (training,) = spend_rows(site.site_toml)
