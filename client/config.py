@@ -167,11 +167,7 @@ def render_site_toml(config: SiteConfig) -> str:
         f"count_noise_std = {privacy.count_noise_std!r}",
         f"max_evaluations_per_run = {privacy.max_evaluations_per_run}",
         f"allow_unbounded_mechanisms = {'true' if privacy.allow_unbounded_mechanisms else 'false'}",
-        *(
-            [f"privacy_unit = {_toml_string(privacy.privacy_unit)}"]
-            if privacy.privacy_unit
-            else []
-        ),
+        *([f"privacy_unit = {_toml_string(privacy.privacy_unit)}"] if privacy.privacy_unit else []),
         *(
             [f"lifetime_epsilon_cap = {privacy.lifetime_epsilon_cap!r}"]
             if privacy.lifetime_epsilon_cap is not None

@@ -63,12 +63,15 @@ def _round_table(results: object) -> Table:
     from medfed.coordinator.results import RunResults
 
     assert isinstance(results, RunResults)
-    table = Table(title=f"run {results.run_id}: {results.rounds_completed} rounds")
+    table = Table(
+        title=f"run {results.run_id}: {results.rounds_completed} rounds",
+        caption=f"DP-noised figures: {results.figures}",
+    )
     table.add_column("round", justify="right")
     table.add_column("sites")
-    table.add_column("train loss (global)", justify="right")
+    table.add_column("train loss (pooled, noised)", justify="right")
     label = {"auroc": "AUROC", "c_index": "c-index"}.get(_metric_name(results), "metric")
-    table.add_column(f"{label} (held-out)", justify="right")
+    table.add_column(f"{label} (held-out, pooled, noised)", justify="right")
     table.add_column("epsilon by site (delta 1e-5)")
     table.add_row(
         "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""

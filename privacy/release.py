@@ -199,6 +199,16 @@ def metrics_of(
     )
 
 
+def pooled(vectors: Sequence[Sequence[float]]) -> NoisyMetrics | None:
+    """Every figure over all sites' patients at once, from their released vectors
+    summed (sufficient statistics: the same as one site holding them all, up to the
+    bins and the noise); None without a vector."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in vectors if len(v) == WIDTH]
+    if not arrays:
+        return None
+    return metrics_of(np.sum(arrays, axis=0))
+
+
 def pooled_auroc(vectors: Sequence[Sequence[float]]) -> float:
     """The consortium's held-out AUROC from every site's released histograms, summed
     (the same as pooling the patients, up to the bins and the noise)."""

@@ -78,9 +78,7 @@ def test_a_corrected_value_continues_the_same_budget_and_is_refused_at_the_cap(
     with pytest.raises(BudgetRefusal, match=r"above the site.s cap 2\.3"):
         trainer.train(train_request(second, run_id="run-2"))
     assert [row.study.split("@")[0] for row in spend_rows(site.site_toml)] == [STUDY.name]
-    assert {row.dataset for row in ledger_of(site.site_toml).records()} == {
-        unit_of(site.site_toml)
-    }
+    assert {row.dataset for row in ledger_of(site.site_toml).records()} == {unit_of(site.site_toml)}
 
 
 def test_the_reply_carries_no_exact_count_and_no_fingerprint(site: DemoSite) -> None:

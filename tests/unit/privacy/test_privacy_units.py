@@ -35,9 +35,7 @@ NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 
 
 def spend(unit: str, run: str, event: DpSgdEvent) -> SpendRecord:
-    return SpendRecord(
-        dataset=unit, study="s@x", run_id=run, round=1, event=event, delta=1e-5
-    )
+    return SpendRecord(dataset=unit, study="s@x", run_id=run, round=1, event=event, delta=1e-5)
 
 
 # --- 1. the privacy unit -------------------------------------------------------------
@@ -183,8 +181,10 @@ def _pld_epsilon(events: list[DpSgdEvent], delta: float) -> float:
     )
     for event in events:
         gaussian = GaussianDpEvent(event.noise_multiplier)
-        step = gaussian if event.sample_rate == 1.0 else PoissonSampledDpEvent(
-            event.sample_rate, gaussian
+        step = (
+            gaussian
+            if event.sample_rate == 1.0
+            else PoissonSampledDpEvent(event.sample_rate, gaussian)
         )
         accountant.compose(step, event.steps)
     return float(accountant.get_epsilon(delta))
@@ -228,9 +228,7 @@ def test_a_rolling_year_needs_a_lifetime_cap_that_never_resets() -> None:
         PrivacyPolicy(epsilon_cap=4.0, cap_window="rolling-year")
     policy = PrivacyPolicy(epsilon_cap=4.0, cap_window="rolling-year", lifetime_epsilon_cap=5.0)
     event = DpSgdEvent(noise_multiplier=1.0, sample_rate=0.05, steps=40)
-    old = [
-        PastSpend("s@x", event, NOW - dt.timedelta(days=400 + 400 * i)) for i in range(4)
-    ]
+    old = [PastSpend("s@x", event, NOW - dt.timedelta(days=400 + 400 * i)) for i in range(4)]
     # Each year alone is within the yearly cap, so the window would allow another...
     assert epsilon_of([event, event], delta=1e-5) < policy.epsilon_cap
     decision = preflight(
