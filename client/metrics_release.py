@@ -32,13 +32,16 @@ def patient_stats(
     """Per labelled patient of `task`: loss, and the task kind's per-patient statistic.
 
     A survival task's Cox loss ties patients through their risk sets, so no per-patient
-    loss of it is bounded: its loss is not released (zeros, reported as undefined)."""
+    loss of it is bounded: its loss is not released (reported as undefined). A
+    per-patient survival loss (the discrete-time hazard) is released like any loss."""
     if int(tensors[0].shape[0]) == 0:
         return PatientStats(loss=np.zeros(0))
     inputs, targets = split_tensors(contract, tensors)
     output = predict(model, inputs)[task.name]
     target, present = targets[task.name]
     mask = present.reshape(-1).to(torch.bool)
+    if _cox(task):  # counted, but no loss of it is released
+        return PatientStats(loss=np.zeros(int(mask.sum())))
     with torch.no_grad():
         losses = task_loss(task, output, target, present)[mask].double().numpy()
     labelled = output[mask].double()
@@ -52,7 +55,12 @@ def patient_stats(
     if task.kind == "regression":
         squared = ((labelled.reshape(-1) - truth.reshape(-1)) ** 2).numpy()
         return PatientStats(loss=losses, squared_error=squared)
-    return PatientStats(loss=np.full(losses.shape, math.nan))
+    return PatientStats(loss=losses)
+
+
+def _cox(task: TaskSpec) -> bool:
+    """A survival task trained with the Cox partial likelihood (no per-patient loss)."""
+    return task.kind == "survival" and getattr(task, "survival_loss", "cox") == "cox"
 
 
 def noisy_check(
@@ -67,7 +75,7 @@ def noisy_check(
 
     The noised counts stand in for every count; a figure over fewer (noised) patients
     than `min_cohort_k` is withheld (NaN) on top of the noise."""
-    survival = task.kind == "survival"
+    survival = _cox(task)
     rows = release.statistics_rows(
         PatientStats(loss=np.zeros(train.patients)) if survival else train,
         PatientStats(loss=np.zeros(held_out.patients)) if survival else held_out,

@@ -103,6 +103,11 @@ def release_rows(site_toml: Path) -> list[RecordedSpend]:
     return [row for row in ledger_of(site_toml).records() if not is_training_spend(row)]
 
 
+def training_records(ledger: PrivacyLedger) -> list[RecordedSpend]:
+    """`ledger`'s DP-SGD spends (not its releases of counts and metrics), oldest first."""
+    return [row for row in ledger.records() if is_training_spend(row)]
+
+
 def is_training_spend(row: RecordedSpend) -> bool:
     """A DP-SGD round's spend, as opposed to the release of a count or of metrics."""
     return not (row.study.startswith("medfed:") or "/" in row.run_id)
