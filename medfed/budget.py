@@ -378,7 +378,11 @@ def render_report(
             f"<th>run</th><th>round</th><th>reason</th></tr>{refused}</table>"
         )
     for budget in summary.datasets:
-        rows = [r for r in records if r.dataset == budget.dataset]
+        rows = (
+            [r for r in records if r.dataset == budget.dataset]
+            if budget.legacy
+            else ledger.unit_records(budget.dataset)
+        )
         series = {
             f"{split_study(label)[0]} ({split_study(label)[1][:8]})": _epsilon_series(
                 [r for r in rows if r.study == label], policy.max_delta, policy.accountant
@@ -393,11 +397,17 @@ def render_report(
             for s in budget.studies
         )
         state = '<span class="bad">EXCEEDED</span>' if budget.exceeded else "within cap"
+        no_guarantee = "".join(
+            f'<p class="bad">NO GUARANTEE: {e(note)}</p>' for note in budget.no_guarantee
+        )
         sections.append(
-            f"<h2>Dataset <code>{e(budget.dataset[:16])}</code></h2>"
+            f"<h2>Privacy unit <code>{e(budget.dataset[:16])}</code></h2>"
+            f"<p>{e(budget.carries_over)}; epsilon for neighbouring datasets that"
+            f" {e(budget.relation)}.</p>{no_guarantee}"
             f"<p>epsilon spent {budget.epsilon_spent:.3f} of cap {budget.epsilon_cap:g}"
-            f" ({e(budget.window)}), remaining {budget.remaining:.3f} at delta"
-            f" {summary.delta:g}: {state}</p>"
+            f" ({e(budget.window)}); lifetime {budget.lifetime_spent:.3f} of"
+            f" {budget.lifetime_cap:g} (never resets); remaining {budget.remaining:.3f} at"
+            f" delta {summary.delta:g}: {state}</p>"
             f"{_svg_plot(series, budget.epsilon_cap)}"
             "<table><tr><th>study</th><th>digest</th><th>epsilon</th><th>approved</th>"
             f"<th>runs</th></tr>{study_rows}</table>"

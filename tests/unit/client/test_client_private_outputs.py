@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from medfed.budget import budget_summary
 from medfed.client.errors import BudgetRefusal, SiteRefusal
 from medfed.client.privacy_gate import PrivacyGate
 from medfed.client.trainer import SiteTrainer
@@ -139,6 +140,7 @@ SURVIVAL = StudyContract.model_validate(
 
 
 def _gate_plan(site: DemoSite, contract: StudyContract) -> None:
+    """Plan (and, when allowed, record) one round of `contract` at the site's gate."""
     config = site_config(site.site_toml)
     gate = PrivacyGate(config, PrivacyLedger(config.ledger_path))
     arrays = state_arrays(build_model("tiny", contract=contract, seed=0))
@@ -149,7 +151,9 @@ def _gate_plan(site: DemoSite, contract: StudyContract) -> None:
         contract_json=contract.canonical_json(),
         contract_sha256=contract.sha256(),
     )
-    gate.plan(request, unit="unit", count=NoisyCount("unit", "v", 200.0, 10.0), contract=contract)
+    count = NoisyCount("unit", "v", 200.0, 10.0)
+    plan = gate.plan(request, unit="unit", count=count, contract=contract)
+    gate.record(request, plan, unit="unit")
 
 
 def test_cox_under_dp_is_refused_in_one_line_unless_the_policy_allows_it(
@@ -161,4 +165,10 @@ def test_cox_under_dp_is_refused_in_one_line_unless_the_policy_allows_it(
     assert "\n" not in str(refused.value)
 
     rewrite_policy(site.site_toml, allow_unbounded_mechanisms=True)
-    _gate_plan(site, SURVIVAL)  # planned: the note is written when the spend is
+    _gate_plan(site, SURVIVAL)
+    # The ledger and the officer's view say the round has no guarantee.
+    (note,) = ledger_of(site.site_toml).population.notes("unit")
+    assert note[3].startswith("no guarantee:")
+    summary = budget_summary(site_config(site.site_toml))
+    (unit,) = [b for b in summary.datasets if b.dataset == "unit"]
+    assert unit.no_guarantee == [f"run run-1 round 1: {note[3]}"]
