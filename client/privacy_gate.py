@@ -196,6 +196,12 @@ class PrivacyGate:
                 f" minimum cohort {policy.min_cohort_k}",
                 budget=False,
             )
+        if request.delta > policy.max_delta:
+            raise self._refuse(
+                request,
+                f"delta {request.delta:g} exceeds the site's maximum {policy.max_delta:g}",
+                budget=False,
+            )
         largest = 1 / (policy.delta_patients_factor * patients)
         if request.delta > largest:
             raise self._refuse(

@@ -182,7 +182,8 @@ def test_every_decision_is_in_the_signed_audit_log(site: Path) -> None:
         line.split('"event":"')[1].split('"')[0]
         for line in config.audit_path.read_text().splitlines()
     ]
-    assert events == ["budget spent", "round refused"]
+    # The noised patient count's release, the round's spend, the refusal.
+    assert events == ["budget spent", "budget spent", "round refused"]
 
 
 def test_the_officer_sees_a_tampered_ledger_row(site: Path, tmp_path: Path) -> None:
@@ -239,11 +240,12 @@ def test_refusals_and_a_tampered_audit_log_reach_the_officer(site: Path, tmp_pat
 
     audit = ["audit", "verify", str(config.audit_path), "--key", str(site), "--json"]
     verified = runner.invoke(app, audit)
-    assert verified.exit_code == 0 and json.loads(verified.stdout)["entries_checked"] == 2
+    # The count's release, the round's spend and the refusal.
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["entries_checked"] == 3
 
-    # Swap the two entries: the chain names line 1 as the first bad entry.
+    # Swap the first two entries: the chain names line 1 as the first bad entry.
     lines = config.audit_path.read_text().splitlines(keepends=True)
-    config.audit_path.write_text(lines[1] + lines[0])
+    config.audit_path.write_text(lines[1] + lines[0] + "".join(lines[2:]))
     broken = runner.invoke(app, audit)
     assert broken.exit_code == 1
     assert json.loads(broken.stdout)["first_bad"]["line"] == 1

@@ -390,7 +390,8 @@ def test_a_query_reports_the_site_status_in_process(root: Path) -> None:
     assert not reply.has_error(), reply
     metrics = reply.content.metric_records[wire.METRICS]
     assert metrics[wire.IN_WINDOW] == 1 and metrics[wire.NEXT_WINDOW_START] == 0.0
-    assert metrics[wire.PATIENTS] == len(table_of(root / "hospital-1" / SITE_TOML).train_labels)
+    exact = len(table_of(root / "hospital-1" / SITE_TOML).train_labels)
+    assert abs(int(metrics[wire.PATIENTS]) - exact) < 60  # noised (std 10), never exact
     assert metrics[wire.BUDGET_LEFT] == pytest.approx(STUDY.target_epsilon)
     assert wire.THROUGHPUT not in metrics  # the query named no model
     site = reply.content.config_records[wire.SITE]
