@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from medfed.common import write_atomic
 from medfed.coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME
 from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from medfed.coordinator.errors import CoordinatorError
@@ -22,7 +23,6 @@ from medfed.coordinator.results import RoundRecord, RunResults, read_results
 from medfed.errors import MedfedError
 from medfed.privacy.audit import verify_audit_log
 from medfed.privacy.errors import PrivacyError
-from medfed.privacy.pki import write_atomic
 from medfed.privacy.signing import VerifyKey
 from medfed.svg import Point, line_chart
 
