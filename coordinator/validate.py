@@ -204,8 +204,11 @@ def _model_check(reply: Message, max_examples: int = MAX_EXAMPLES) -> ModelCheck
     if not 0 <= eval_examples <= MAX_EXAMPLES:
         raise wire.WireError(f"metrics.{wire.EVAL_EXAMPLES}: {eval_examples} is out of range")
     train_loss = metric(wire.MODEL_TRAIN_LOSS, float)
-    if train_loss < 0:
-        raise wire.WireError(f"metrics.{wire.MODEL_TRAIN_LOSS}: {train_loss} is negative")
+    # NaN: not released (a loss with no bounded per-patient part, or too few patients).
+    if not (math.isnan(train_loss) or 0 <= train_loss < math.inf):
+        raise wire.WireError(
+            f"metrics.{wire.MODEL_TRAIN_LOSS}: {train_loss} is negative or infinite"
+        )
     auroc = metric(wire.EVAL_AUROC, float)
     if not (math.isnan(auroc) or 0.0 <= auroc <= 1.0):
         raise wire.WireError(f"metrics.{wire.EVAL_AUROC}: {auroc} is not in [0, 1]")

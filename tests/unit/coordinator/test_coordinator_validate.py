@@ -3,6 +3,7 @@ reply carries the noise multiplier the site chose, as well as its epsilon."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -138,8 +139,13 @@ def test_undefined_metrics_are_accepted_as_nan() -> None:
     assert np.isnan(update.local_loss)
 
 
-def test_a_nan_training_loss_of_the_received_model_is_rejected() -> None:
-    content = train_content(metrics={wire.MODEL_TRAIN_LOSS: float("nan")})
+def test_an_unreleased_training_loss_is_undefined_and_an_infinite_one_rejected() -> None:
+    # A site releases no training loss it cannot bound per patient (a Cox loss): NaN.
+    update = validate_train_reply(
+        reply_to(train_content(metrics={wire.MODEL_TRAIN_LOSS: float("nan")})), REFERENCE
+    )
+    assert isinstance(update, SiteUpdate) and math.isnan(update.check.train_loss)
+    content = train_content(metrics={wire.MODEL_TRAIN_LOSS: float("inf")})
     assert "model-train-loss" in rejection_reason(content)
 
 
