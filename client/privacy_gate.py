@@ -296,6 +296,17 @@ class PrivacyGate:
             accountant=self._config.privacy.accountant,
         )
 
+    def study_epsilon(self, unit: str, study_key: str, *, delta: float) -> float:
+        """What study `study_key` (`RoundPlan.study`) has spent of the unit, by the
+        policy's accountant: its rounds and their metrics' releases, which its run
+        reports per site (the unit's total over every study and release is the
+        officer's, in `budget show`)."""
+        return epsilon_of(
+            [r.event for r in self._ledger.unit_records(unit) if r.study == study_key],
+            delta=delta,
+            accountant=self._config.privacy.accountant,
+        )
+
     def record(self, request: TrainRequest, plan: RoundPlan, *, unit: str) -> bool:
         """Record the round's spends (DP-SGD, then its metrics' release), signed, and
         audit them; False if the round was recorded already."""

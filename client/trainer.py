@@ -296,7 +296,8 @@ class SiteTrainer:
                 f"run {request.run_id} round {request.round} was trained here concurrently;"
                 " withholding this second update so privacy is not spent twice"
             )
-        epsilon = self._gate.dataset_epsilon(unit, delta=request.delta)
+        # The study's own spend on this unit (not the total over every study).
+        epsilon = self._gate.study_epsilon(unit, plan.study, delta=request.delta)
         log.info(
             "site %s round %s: %d steps, noise %.3f, loss %.4f, epsilon %.3f",
             self.site_id,

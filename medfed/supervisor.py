@@ -3,11 +3,11 @@ warm task executor.
 
 Three children, each in its own session so it is stopped by PID with what it started:
 
-- the site worker (`python -m client.worker SITE_TOML`): data, model, ledger, policy;
+- the site worker (`python -m medfed.client.worker SITE_TOML`): data, model, ledger, policy;
 - `flower-supernode --isolation process`: outbound TLS to the coordinator's SuperLink
   with the site's SuperNode key; retries without limit when the coordinator restarts;
   its Runtime API listens on 127.0.0.1 only;
-- the warm executor (`python -m client.executor`): runs the ClientApp tasks in one
+- the warm executor (`python -m medfed.client.executor`): runs the ClientApp tasks in one
   process, behind the egress guard, so no process starts per message, and only app
   bundles a key in site.toml's `[coordinator] trusted_entities` signed.
 

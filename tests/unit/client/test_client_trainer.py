@@ -108,9 +108,11 @@ def test_a_train_records_its_signed_spend_before_replying(
     verification = ledger_of(site_toml).verify(site_public_key(site_toml))
     assert verification.ok, verification.bad
     assert verification.rows_checked == 3
-    every = [r.event for r in ledger_of(site_toml).records()]
-    assert reply.epsilon == ledger_of(site_toml).epsilon(unit_of(site_toml), delta=DELTA)
-    assert reply.epsilon == pytest.approx(reference_epsilon(every, DELTA), rel=1e-3)
+    # The reply's epsilon is the study's own spend: the round and its metrics' release.
+    own = [r.event for r in ledger_of(site_toml).records() if r.study == row.study]
+    assert len(own) == 2
+    assert reply.epsilon == pytest.approx(reference_epsilon(own, DELTA), rel=1e-3)
+    assert reply.epsilon < ledger_of(site_toml).epsilon(unit_of(site_toml), delta=DELTA)
 
 
 def test_the_noise_a_site_reports_is_its_ledgers_and_at_least_the_policy_minimum(
@@ -171,9 +173,7 @@ def test_after_the_last_planned_round_a_site_has_spent_its_target_within_5_perce
     assert all(a.epsilon < b.epsilon for a, b in itertools.pairwise(replies))
     if accountant == "rdp":
         assert final == pytest.approx(reference_epsilon(study, DELTA), rel=1e-3)
-        # The reply's epsilon is the unit's: the study's plus the noised count's release.
-        every = [r.event for r in ledger_of(site_toml).records()]
-        assert replies[-1].epsilon == pytest.approx(reference_epsilon(every, DELTA), rel=1e-3)
+        assert replies[-1].epsilon == pytest.approx(final, rel=1e-9)
 
 
 def test_the_officers_approval_caps_the_target(site: DemoSite) -> None:
@@ -190,7 +190,7 @@ def test_the_officers_approval_caps_the_target(site: DemoSite) -> None:
     ]
     study = reference_epsilon(events, DELTA)
     assert (1 - CALIBRATION_TIGHTNESS) * 1.5 <= study <= 1.5 * 1.005
-    assert replies[-1].epsilon > study  # the unit's: the noised count's release too
+    assert replies[-1].epsilon == pytest.approx(study, rel=1e-3)
 
 
 def test_a_train_reply_describes_the_sites_data_and_a_new_model(
@@ -246,7 +246,8 @@ def test_rounds_compose_in_the_ledger(site_toml: Path) -> None:
     assert second.epsilon > first.epsilon
     every = [row.event for row in ledger_of(site_toml).records()]
     assert len(every) == 5  # two rounds, their two metrics' releases, one noised count
-    assert second.epsilon == pytest.approx(reference_epsilon(every, DELTA), rel=1e-3)
+    own = [row.event for row in ledger_of(site_toml).records() if "@" in row.study]
+    assert second.epsilon == pytest.approx(reference_epsilon(own, DELTA), rel=1e-3)
 
 
 def test_evaluate_answers_from_one_charged_release_of_the_sufficient_statistics(
@@ -496,3 +497,21 @@ def test_an_unavailable_accelerator_is_refused_not_swapped_for_the_cpu(site_toml
     site_toml.write_text('accelerator = "rbln"\n' + site_toml.read_text(encoding="utf-8"))
     with pytest.raises(SiteRefusal, match=r"accelerator 'rbln'.*torch-rbln"):
         trainer_of(site_toml)
+
+
+def test_a_reply_carries_its_own_studys_spend_not_the_datasets_total(site: DemoSite) -> None:
+    site_toml = site.site_toml
+    other = make_study(name="second-study", rounds=3, sites=1, target_epsilon=2.0,
+                       local_steps=4, sample_rate=SAMPLE_RATE)  # fmt: skip
+    approve(site_toml, other, epsilon=2.0, officer_key=officer_of(site))
+    trainer = trainer_of(site_toml)
+    trainer.train(train_request(STUDY, 1))
+    reply = trainer.train(train_request(other, 1, run_id="run-2"))
+
+    rows = spend_rows(site_toml)
+    assert [row.study.split("@")[0] for row in rows] == [STUDY.name, "second-study"]
+    every = ledger_of(site_toml).records()
+    own = [row.event for row in every if row.study.startswith("second-study@")]
+    assert reply.epsilon == pytest.approx(reference_epsilon(own, DELTA), rel=1e-3)
+    total = ledger_of(site_toml).epsilon(unit_of(site_toml), delta=DELTA)
+    assert reply.epsilon < total  # the dataset's total over both studies is the officer's
