@@ -162,8 +162,15 @@ def make_private(
     settings: DpSgdSettings,
     learning_rate: float,
     grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE,
+    public_patients: int | None = None,
 ) -> PrivateTraining:
     """Wrap `model` for DP-SGD over `dataset` (one row per patient) with plain SGD.
+
+    With `public_patients` (a patient count that is public or already released noised),
+    nothing of the mechanism depends on the private count: each patient is sampled with
+    exactly `settings.sample_rate`, and the noised gradient sum is averaged over
+    `sample_rate * public_patients`, as DP under add/remove-one needs. Without it, the
+    rate is Opacus's nearest to `settings.sample_rate` for `len(dataset)` rows.
 
     The batch size is chosen so that Opacus's Poisson sampling rate is the nearest
     it can get to `settings.sample_rate`; the rate its sampler really uses is
@@ -209,6 +216,8 @@ def make_private(
         reduce_loss = mean_loss
     private_model = _EmptyBatchGuard(private_model, ghost=grad_sample_mode == "ghost")
     private_loader.batch_sampler.generator = _secure_generator()
+    if public_patients is not None:
+        _use_public_rate(private_loader, private_optimizer, settings, public_patients)
     sample_rate = float(private_loader.sample_rate)
     return PrivateTraining(
         private_model,
@@ -218,6 +227,22 @@ def make_private(
         grad_sample_mode,
         reduce_loss,
     )
+
+
+def _use_public_rate(
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    optimizer: torch.optim.Optimizer,
+    settings: DpSgdSettings,
+    public_patients: int,
+) -> None:
+    """Sample at exactly the study's rate, and average over the public expected batch."""
+    if public_patients < 1:
+        raise DpConfigError(f"public_patients must be at least 1, got {public_patients}")
+    sampler = loader.batch_sampler
+    sampler.sample_rate = settings.sample_rate  # type: ignore[union-attr]
+    loader.sample_rate = settings.sample_rate
+    expected = max(1.0, settings.sample_rate * public_patients)
+    optimizer.expected_batch_size = expected  # type: ignore[attr-defined]
 
 
 def _parameter_device(model: nn.Module) -> torch.device:
