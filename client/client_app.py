@@ -130,11 +130,11 @@ def _audit_sink(context: Context) -> AuditSink:
 
         return WorkerClient(socket).audit
     from medfed.client.config import load_site_config
-    from medfed.privacy.audit import AuditLog
+    from medfed.client.records import site_audit_log
     from medfed.privacy.signing import SigningKey
 
     config = load_site_config(site_config_path(context))
-    log_ = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+    log_ = site_audit_log(config, SigningKey.load(config.signing_key_path))
     return log_.append  # type: ignore[return-value]
 
 

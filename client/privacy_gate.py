@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from medfed.client.config import SiteConfig
 from medfed.client.errors import BudgetRefusal, SiteRefusal
 from medfed.client.protocol import TrainRequest
+from medfed.client.records import (
+    check_site_records,
+    recover_unaudited_spends,
+    site_audit_log,
+    write_ledger_head,
+)
 from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.approvals import Approval
 from medfed.privacy.audit import AuditLog
@@ -54,7 +60,10 @@ class PrivacyGate:
         self._ledger = ledger
         self._signer = SigningKey.load(config.signing_key_path)
         self._officer = VerifyKey.load(config.officer_public_key_path)
-        self._audit = AuditLog(config.audit_path, self._signer)
+        self._audit = site_audit_log(config, self._signer)
+        recovered = recover_unaudited_spends(config, ledger, self._audit)
+        if recovered:
+            log.warning("%d ledger spend(s) were missing from the audit log: audited", recovered)
 
     @property
     def audit(self) -> AuditLog:
@@ -85,6 +94,14 @@ class PrivacyGate:
     def plan(self, request: TrainRequest, *, dataset: str, patients: int) -> RoundPlan:
         """Decide this round's noise and check it; raise a refusal (audited) if it may not run."""
         policy = self._config.privacy
+        tampered = check_site_records(self._config, self._signer.public)
+        if tampered:
+            raise self._refuse(
+                request,
+                f"the site's privacy records do not check ({tampered[0]}); the privacy"
+                " officer must review them before any more budget is spent",
+                budget=False,
+            )
         if patients < policy.min_cohort_k:
             raise self._refuse(
                 request,
@@ -172,6 +189,7 @@ class PrivacyGate:
             ),
             signer=self._signer,
         )
+        write_ledger_head(self._config, self._ledger, self._signer)
         if recorded:
             self._audit.append(
                 "budget spent",

@@ -29,12 +29,12 @@ from medfed.client.protocol import (
     TrainReply,
     TrainRequest,
 )
+from medfed.client.records import site_audit_log
 from medfed.client.reply_cache import ReplyCache
 from medfed.client.site_secagg import SiteSecAgg
 from medfed.client.windows import in_window, next_window_start, window_end
 from medfed.model.contract import StudyContract
 from medfed.privacy.accountant import epsilon_of
-from medfed.privacy.audit import AuditLog
 from medfed.privacy.policy import PastSpend, counted
 from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
 
@@ -87,7 +87,7 @@ class SiteService:
         self._default: str | None = None
         self._clock = clock
         self._lock = threading.Lock()
-        self._audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+        self._audit = site_audit_log(config, SigningKey.load(config.signing_key_path))
         self._replies = ReplyCache(config.state_dir / "replies")
         self._secagg = SiteSecAgg(config)
         if contract is not None:  # warm up for a contract known in advance

@@ -163,7 +163,11 @@ def run_study(
     """
     run_dir = Path(study.run_dir) if study.run_dir else None
     store = CheckpointStore(run_dir / CHECKPOINTS_NAME) if run_dir else None
-    audit = CoordinatorAudit.open(run_dir) if run_dir else NoAudit()
+    audit = (
+        CoordinatorAudit.open(run_dir, signer=_audit_signer(study), store=store)
+        if run_dir
+        else NoAudit()
+    )
     strategy = strategy_of(study)
     initial = state_arrays(build_model(study.preset, contract=contract, seed=study.seed))
     state, resumed = start_or_resume(
@@ -531,6 +535,16 @@ def _announcer(study: StudySettings) -> SigningKey:
     if study.secure_aggregation:
         log.warning("no coordinator-key in the run config: announcements signed by a run key")
     return SigningKey.generate()
+
+
+def _audit_signer(study: StudySettings) -> SigningKey | None:
+    """The provisioned coordinator key that signs the audit chain (None: no key given)."""
+    if not study.coordinator_key:
+        return None
+    try:
+        return SigningKey.load(Path(study.coordinator_key))
+    except PrivacyError as exc:
+        raise CoordinatorError(f"run config coordinator-key: {exc}") from exc
 
 
 def _node_of(plan: RoundPlan, site: str) -> int:
