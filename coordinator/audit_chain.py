@@ -160,7 +160,7 @@ def verify_chain(path: Path, public: VerifyKey, *, finished: bool = False) -> Ch
     count, last = verification.entries_checked, verification.last_hash
     if verification.first_bad is not None:
         line, reason = verification.first_bad
-        return ChainCheck(count, f"line {line}: {reason}", last, None)
+        return ChainCheck(count, f"at entry {line}: {reason}", last, None)
     head_json = None
     database = path.parent / CHECKPOINTS_NAME
     if database.exists():

@@ -76,7 +76,8 @@ def _audit(run_dir: Path, results: RunResults) -> tuple[str, bool | None]:
     except PrivacyError as exc:
         return f"cannot be checked: {exc}", False
     if check.problem is not None:
-        return f"FAILS: {check.problem}", False
+        joint = " " if check.problem.startswith("at entry") else ": "
+        return f"FAILS{joint}{check.problem}", False
     head = "" if check.head_count is None else f", its signed head in {CHECKPOINTS_NAME}"
     return (
         f"{check.entries_checked} entries verified against {PUBLIC_KEY_NAME}{head}"
