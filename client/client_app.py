@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from medfed.client.egress import AuditSink, egress_guard
 from medfed.client.errors import BudgetRefusal, ClientError, OutsideWindow, RequestError
-from medfed.client.protocol import EgressRules, QueryRequest
+from medfed.client.protocol import EgressRules, PreflightAsk, QueryRequest
 from medfed.model import wire
 from medfed.model.presets import PRESET_NAMES, PresetName
 from medfed.privacy.errors import PrivacyError
@@ -333,6 +333,7 @@ def query(msg: Message, context: Context) -> Message:
             contract_json=_optional(content, wire.CONTRACT, str),
             contract_sha256=_optional(content, wire.CONTRACT_SHA256, str),
             delta=_optional(content, wire.DELTA, float),
+            round_ask=_round_ask(content),
         )
         reply = site_api(context).query(request)
     except REFUSALS as exc:
@@ -347,5 +348,29 @@ def query(msg: Message, context: Context) -> Message:
         metrics[wire.THROUGHPUT] = reply.throughput
     if reply.budget_left is not None:
         metrics[wire.BUDGET_LEFT] = reply.budget_left
-    site = ConfigRecord({wire.SITE_ID: reply.site_id, wire.ACCELERATOR: reply.accelerator})
+    site = ConfigRecord(
+        {
+            wire.SITE_ID: reply.site_id,
+            wire.ACCELERATOR: reply.accelerator,
+            wire.PREFLIGHT: reply.preflight,
+        }
+    )
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics), wire.SITE: site}), reply_to=msg)
+
+
+def _round_ask(content: RecordDict) -> PreflightAsk | None:
+    """The round a status query describes, if it describes one (a newer coordinator)."""
+    if _optional(content, wire.ROUND, int) is None:
+        return None
+    return PreflightAsk(
+        run_id=wire.get_value(content, wire.CONFIG, wire.RUN_ID, str),
+        study=wire.get_value(content, wire.CONFIG, wire.STUDY, str),
+        study_sha256=wire.get_value(content, wire.CONFIG, wire.STUDY_SHA256, str),
+        round=wire.get_value(content, wire.CONFIG, wire.ROUND, int),
+        planned_rounds=wire.get_value(content, wire.CONFIG, wire.PLANNED_ROUNDS, int),
+        local_steps=wire.get_value(content, wire.CONFIG, wire.LOCAL_STEPS, int),
+        target_epsilon=wire.get_value(content, wire.CONFIG, wire.TARGET_EPSILON, float),
+        sample_rate=wire.get_value(content, wire.CONFIG, wire.SAMPLE_RATE, float),
+        delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
+        max_grad_norm=wire.get_value(content, wire.CONFIG, wire.MAX_GRAD_NORM, float),
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from medfed.client.config import SiteConfig
 from medfed.client.errors import BudgetRefusal, SiteRefusal
@@ -39,6 +40,46 @@ log = logging.getLogger(__name__)
 def study_label(name: str, sha256: str) -> str:
     """How the ledger names a study: its name and digest, so an edited study is another."""
     return f"{name}@{sha256}"
+
+
+RefusalCode = Literal["not-approved", "no-budget", "records-unverified", "no-data", "policy"]
+"""Why a site's pre-flight refuses a round, as a category the coordinator may show."""
+
+_DECISION_CODES: dict[str, RefusalCode] = {"budget": "no-budget", "approval": "not-approved"}
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A pre-flight refusal: its category and the site's own sentence."""
+
+    code: RefusalCode
+    reason: str
+
+
+class RoundAsk(Protocol):
+    """What the gate reads of a round: a `TrainRequest`, or a status query's description
+    of the round the coordinator is about to plan."""
+
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def study(self) -> str: ...
+    @property
+    def study_sha256(self) -> str: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def planned_rounds(self) -> int: ...
+    @property
+    def local_steps(self) -> int: ...
+    @property
+    def target_epsilon(self) -> float: ...
+    @property
+    def sample_rate(self) -> float: ...
+    @property
+    def delta(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -73,7 +114,7 @@ class PrivacyGate:
         """The site's signature of an update it is about to send."""
         return receipt.sign(self._signer)
 
-    def _approval(self, request: TrainRequest) -> Approval | None:
+    def _approval(self, request: RoundAsk) -> Approval | None:
         return self._ledger.approval_for(
             request.study_sha256, self._officer, site_id=self._config.site.id
         )
@@ -93,21 +134,33 @@ class PrivacyGate:
 
     def plan(self, request: TrainRequest, *, dataset: str, patients: int) -> RoundPlan:
         """Decide this round's noise and check it; raise a refusal (audited) if it may not run."""
+        decided = self._decide(request, dataset=dataset, patients=patients)
+        if isinstance(decided, Refused):
+            raise self._refuse(request, decided.reason, budget=decided.code == "no-budget")
+        return decided
+
+    def preflight(self, ask: RoundAsk, *, dataset: str, patients: int) -> Refused | None:
+        """The same checks as `plan`, as a dry run that writes nothing: why the site would
+        refuse the round `ask` describes, or None if it would train it. The coordinator
+        asks before planning a round (a status query), so no site trains for a round that
+        others are bound to refuse."""
+        decided = self._decide(ask, dataset=dataset, patients=patients)
+        return decided if isinstance(decided, Refused) else None
+
+    def _decide(self, request: RoundAsk, *, dataset: str, patients: int) -> RoundPlan | Refused:
         policy = self._config.privacy
         tampered = check_site_records(self._config, self._signer.public)
         if tampered:
-            raise self._refuse(
-                request,
+            return Refused(
+                "records-unverified",
                 f"the site's privacy records do not check ({tampered[0]}); the privacy"
                 " officer must review them before any more budget is spent",
-                budget=False,
             )
         if patients < policy.min_cohort_k:
-            raise self._refuse(
-                request,
+            return Refused(
+                "no-data",
                 f"the dataset has {patients} patients, fewer than the site's minimum cohort"
                 f" {policy.min_cohort_k}",
-                budget=False,
             )
         label = study_label(request.study, request.study_sha256)
         records = self._ledger.records(dataset)
@@ -121,15 +174,12 @@ class PrivacyGate:
             target = min(target, approval.epsilon)
         rate = poisson_rate(patients, request.sample_rate)
         if request.round < 1:
-            raise self._refuse(
-                request, f"round {request.round} is not a round number", budget=False
-            )
+            return Refused("policy", f"round {request.round} is not a round number")
         remaining_steps = (request.planned_rounds - request.round + 1) * request.local_steps
         if remaining_steps < request.local_steps:
-            raise self._refuse(
-                request,
+            return Refused(
+                "policy",
                 f"round {request.round} is beyond the {request.planned_rounds} rounds planned",
-                budget=False,
             )
         try:
             noise = calibrate_noise(
@@ -142,7 +192,7 @@ class PrivacyGate:
                 prior_events=[spend.event for spend in past if spend.study_key == label],
             )
         except InfeasibleBudgetError as exc:
-            raise self._refuse(request, f"out of budget: {exc}", budget=True) from exc
+            return Refused("no-budget", f"out of budget: {exc}")
         noise = max(noise, policy.min_noise_multiplier)
         event = DpSgdEvent(noise_multiplier=noise, sample_rate=rate, steps=request.local_steps)
         decision = preflight(
@@ -159,7 +209,7 @@ class PrivacyGate:
             now=dt.datetime.now(dt.UTC),
         )
         if not decision.allowed:
-            raise self._refuse(request, decision.reason, budget=decision.kind == "budget")
+            return Refused(_DECISION_CODES.get(decision.kind, "policy"), decision.reason)
         return RoundPlan(
             event=event,
             delta=request.delta,

@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from medfed.client.config import SiteConfig
 from medfed.client.errors import SiteRefusal
-from medfed.client.privacy_gate import PrivacyGate
+from medfed.client.privacy_gate import PrivacyGate, Refused, RoundAsk
 from medfed.client.protocol import (
     EvaluateReply,
     EvaluateRequest,
@@ -246,6 +246,12 @@ class SiteTrainer:
     def train_patients(self) -> int:
         """Training patients: DP-SGD's population and this site's FedAvg weight."""
         return int(self._train[0].shape[0])
+
+    def preflight(self, ask: RoundAsk) -> Refused | None:
+        """Why this site would refuse the round `ask` describes (a dry run), or None."""
+        return self._gate.preflight(
+            ask, dataset=self.dataset_fingerprint, patients=self.train_patients
+        )
 
     def train(self, request: TrainRequest) -> TrainReply:
         """Pre-flight, train with DP-SGD, and record the spend before replying.

@@ -127,6 +127,7 @@ def schedule_policy(study: StudySettings) -> SchedulePolicy:
         deadline_s=study.round_deadline_s,
         local_steps=study.local_steps,
         sample_rate=study.sample_rate,
+        secure=study.secure_aggregation,
     )
 
 
