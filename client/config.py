@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.client.errors import ClientError
 from medfed.client.windows import TrainingWindow
+from medfed.model.config_keys import unknown_key_problem
 from medfed.privacy.policy import PrivacyPolicy
 from medfed.sites.config import Accelerator, Datasets
 
@@ -133,6 +134,9 @@ def load_site_config(path: Path) -> SiteConfig:
     try:
         return SiteConfig.model_validate({**document, "source": path})
     except ValidationError as exc:
+        unknown = unknown_key_problem(SiteConfig, exc)
+        if unknown is not None:
+            raise SiteConfigError(f"{path}: {unknown}") from exc
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""

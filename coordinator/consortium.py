@@ -23,6 +23,7 @@ from pydantic import (
 
 from medfed.coordinator.errors import CoordinatorError
 from medfed.coordinator.tomlfile import first_problem, read_toml
+from medfed.model.config_keys import unknown_key_problem
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 """The same rule as `privacy.pki.SITE_ID_PATTERN`: site ids name folders and files."""
@@ -115,4 +116,5 @@ def load_consortium(path: Path) -> ConsortiumConfig:
     try:
         return ConsortiumConfig.model_validate({**document, "source": path})
     except ValidationError as exc:
-        raise ConsortiumConfigError(f"{path}: {first_problem(exc)}") from exc
+        problem = unknown_key_problem(ConsortiumConfig, exc) or first_problem(exc)
+        raise ConsortiumConfigError(f"{path}: {problem}") from exc

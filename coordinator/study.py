@@ -26,6 +26,7 @@ from pydantic import (
 from medfed.coordinator.errors import StudyConfigError
 from medfed.coordinator.strategies import StrategyName
 from medfed.coordinator.tomlfile import first_problem, read_toml
+from medfed.model.config_keys import unknown_key_problem
 from medfed.model.contract import DEMO_CONTRACT, StudyContract
 from medfed.model.presets import PresetName
 
@@ -150,6 +151,9 @@ class StudySettings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
+            unknown = unknown_key_problem(cls, exc)
+            if unknown is not None:
+                raise StudyConfigError(f"{where}: {unknown}") from exc
             first = exc.errors()[0]
             key = ".".join(str(part) for part in first["loc"])
             if not key:  # a rule across keys, whose message names them
