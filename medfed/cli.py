@@ -308,6 +308,47 @@ def budget_approve(
         )
 
 
+@budget_app.command("keygen")
+def budget_keygen(
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the officer's private key (PEM).")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Make the privacy officer's Ed25519 key pair: OUT (private, mode 0600; keep it off
+    the site's servers) and OUT with .pub (the public half, for site.toml's
+    officer_public_key). An existing key is never replaced."""
+    from medfed.privacy.signing import SigningKey
+
+    public_path = out.with_suffix(".pub")
+
+    def make() -> SigningKey:
+        from medfed.privacy.errors import KeyFileError
+
+        if public_path.exists():
+            raise KeyFileError(f"{public_path}: already exists; refusing to replace a key")
+        key = SigningKey.generate()
+        key.save(out)
+        key.public.save(public_path)
+        return key
+
+    key = _guard(make)
+    if as_json:
+        document = {"private_key": str(out), "public_key": str(public_path)}
+        sys.stdout.write(json.dumps({**document, "key_id": key.public.key_id}) + "\n")
+    else:
+        stdout.print(
+            Text(
+                f"wrote {out} (SECRET, mode 0600) and {public_path} (key id"
+                f" {key.public.key_id}); copy {public_path.name} to the site and name it"
+                " as officer_public_key in site.toml"
+            ),
+            soft_wrap=True,
+        )
+
+
 @budget_app.command("report")
 def budget_report(
     site_toml: SiteToml,
