@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -176,3 +177,52 @@ def test_a_restarted_supernode_is_not_connected_on_the_strength_of_an_earlier_st
         assert daemon.connected() is True
     finally:
         daemon.group.stop_all()
+
+
+def test_a_second_daemon_on_the_same_site_refuses_naming_the_first(site_toml: Path) -> None:
+    """Red-team row "second daemon": the second start deleted the first's worker.sock."""
+    _add_coordinator(site_toml)
+    config = load_site_config(site_toml)
+    first = SiteDaemon(config)
+    socket = config.state_dir / "worker.sock"
+    socket.write_text("the first daemon's socket")
+    secret = (config.state_dir / "superexec.secret").read_bytes()
+
+    result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+
+    assert result.exit_code == 1
+    assert f"a daemon already runs for this site (PID {os.getpid()}" in result.output
+    assert "Traceback" not in result.output
+    assert socket.read_text() == "the first daemon's socket"
+    assert (config.state_dir / "superexec.secret").read_bytes() == secret
+    first.release()
+    SiteDaemon(config).release()  # once the first is gone, a daemon starts
+
+
+def test_a_read_only_state_folder_is_one_line(site_toml: Path) -> None:
+    _add_coordinator(site_toml)
+    state = load_site_config(site_toml).state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o500)
+    try:
+        if os.access(state, os.W_OK):
+            pytest.skip("running as a user that may write anywhere (root)")
+        result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+    finally:
+        os.chmod(state, 0o700)
+    assert result.exit_code == 1
+    assert "cannot be written (Permission denied)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_state_folder_that_cannot_be_made_is_one_line(site_toml: Path) -> None:
+    """As a read-only folder for root: the state path is taken by a plain file."""
+    _add_coordinator(site_toml)
+    state = load_site_config(site_toml).state_dir
+    if state.exists():
+        shutil.rmtree(state)
+    state.write_text("not a folder")
+    result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+    assert result.exit_code == 1
+    assert "cannot be written" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
