@@ -316,6 +316,10 @@ def _run_rounds(
             " (DP-noised) update, not only their sum",
             study.name,
         )
+        audit.record(
+            "secure_aggregation.off",
+            {"study": study.name, "study_sha256": study.sha256(), "from_round": state.round + 1},
+        )
     elif study.update_norm_bound:
         log.warning(
             "update-norm-bound cannot be applied per site under secure aggregation; each"

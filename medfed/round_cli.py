@@ -38,6 +38,10 @@ ConsortiumOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 RunArgument = Annotated[str, typer.Argument(help="The run's name (see `medfed round list`).")]
 FOLLOW_POLL_S = 1.0
+SECAGG_OFF_WARNING = (
+    "WARNING: SECURE AGGREGATION IS OFF for this study: the coordinator sees each site's"
+    " (DP-noised) update, not only their sum"
+)
 
 
 def _guard(action: Callable[[], T]) -> T:
@@ -68,6 +72,8 @@ def _print_view(document: dict[str, object]) -> None:
         eta = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(document["waiting_until"])))  # type: ignore[arg-type]
         line += f"; waiting for enough sites in their windows until {eta}"
     stdout.print(Text(line), soft_wrap=True)
+    if document.get("secure_aggregation") is False:
+        stderr.print(Text(SECAGG_OFF_WARNING, style="bold red"), soft_wrap=True)
     if document.get("error"):
         stderr.print(Text(f"error: {document['error']}"), soft_wrap=True)
 
@@ -121,6 +127,8 @@ def round_start(
         stderr.print(Text("warning: no --pki: the app bundle is NOT signed (sites that check"
                           " bundles will refuse it) and site updates will NOT be"
                           " signature-checked"), soft_wrap=True)  # fmt: skip
+    if not study.secure_aggregation:
+        stderr.print(Text(SECAGG_OFF_WARNING, style="bold red"), soft_wrap=True)
     layout = None if pki is None else PkiLayout(pki)
     started = _guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
     document = started.to_json()

@@ -61,6 +61,8 @@ class RunRecord:
     stopped: bool = False
     pki: str = ""
     """The PKI folder whose app-signing key signed the bundle (resume signs with it too)."""
+    secure_aggregation: bool = True
+    """Whether the study aggregates securely; off is shown on every status."""
 
     def save(self, folder: Path) -> None:
         write_atomic(folder / RUN_FILE, json.dumps(asdict(self), indent=1).encode("utf-8"))
@@ -98,6 +100,7 @@ class RunView:
             "study": self.record.study,
             "flower_run_ids": self.record.flower_run_ids,
             "stopped": self.record.stopped,
+            "secure_aggregation": self.record.secure_aggregation,
             "status": self.status,
             "rounds_completed": 0 if results is None else results.rounds_completed,
             "num_rounds": None if results is None else results.num_rounds,
@@ -229,6 +232,7 @@ def start_run(
     if pki is not None:
         _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
     record = RunRecord(name, study.name, study.sha256(), moment.isoformat())
+    record.secure_aggregation = study.secure_aggregation
     record.pki = "" if pki is None else str(pki.root.resolve())
     record.save(folder)
     app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=False, pki=pki))

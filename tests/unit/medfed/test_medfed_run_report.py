@@ -142,3 +142,12 @@ def test_without_its_head_a_finished_run_must_end_its_chain(tmp_path: Path) -> N
 
     assert report.exit_code == 1
     assert "does not end with run.finished" in report.stderr
+
+
+def test_a_run_without_secure_aggregation_says_so_in_its_chain(tmp_path: Path) -> None:
+    folder, _ = run_folder(tmp_path / "run")
+    events = [
+        json.loads(line)["event"] for line in (folder / "audit.jsonl").read_text().splitlines()
+    ]
+    assert events.count("secure_aggregation.off") == 1
+    assert events.index("secure_aggregation.off") < events.index("round.planned")
