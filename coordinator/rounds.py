@@ -7,6 +7,7 @@ same loop runs on a deployment's SuperLink, in Flower's simulation, and in tests
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -303,7 +304,7 @@ def _run_rounds(
     clock: Clock,
 ) -> None:
     results = state.results
-    known_sites: dict[int, str] = {}
+    known_sites = registered_sites(study.site_nodes)
     site_keys = load_site_keys(Path(study.site_keys_dir)) if study.site_keys_dir else None
     results.signed_updates = site_keys is not None
     if site_keys is None:
@@ -540,6 +541,19 @@ def _announcer(study: StudySettings) -> SigningKey:
     if study.secure_aggregation:
         log.warning("no coordinator-key in the run config: announcements signed by a run key")
     return SigningKey.generate()
+
+
+def registered_sites(path: str) -> dict[int, str]:
+    """Site ids by node id from `coordinator start`'s record of its registrations (empty
+    without one): a site that never answered a query is still named by its id."""
+    if not path:
+        return {}
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {int(node): str(site) for site, node in dict(document).items()}
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("%s: the registered nodes cannot be read (%s); sites named by node", path, exc)
+        return {}
 
 
 def _audit_signer(study: StudySettings) -> SigningKey | None:

@@ -39,6 +39,7 @@ RUN_PLUMBING = frozenset(
         "resume",
         "app_signature",
         "coordinator_key",
+        "site_nodes",
     }
 )
 """Fields that say where a run writes, not what the study is: left out of its digest."""
@@ -107,6 +108,9 @@ class StudySettings(BaseModel):
     secagg_threshold: int = Field(alias="secagg-threshold", default=0, ge=0)
     """Sites whose masked update must arrive for the sum to be unmasked; 0: more than half
     of the planned sites (and at least min-sites)."""
+    site_nodes: str = Field(alias="site-nodes", default="")
+    """The JSON file of the node id each site's key was registered as (run plumbing), so
+    the lead reads a site's id even before it answered a query; empty: none."""
     coordinator_key: str = Field(alias="coordinator-key", default="")
     """The coordinator's Ed25519 signing key (path), for its round announcements (run
     plumbing); empty: a key made for the run, which sites cannot pin."""

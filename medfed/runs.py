@@ -33,6 +33,7 @@ from medfed.coordinator.results import RunResults, read_results
 from medfed.coordinator.study import StudySettings
 from medfed.coordinator_cli import CONNECTION, FLWR_HOME_NAME
 from medfed.errors import MedfedError
+from medfed.lifecycle import REGISTERED_NAME
 from medfed.privacy.errors import PrivacyError
 from medfed.privacy.pki import write_atomic
 from medfed.privacy.signing import SigningKey
@@ -165,6 +166,9 @@ def _run_config(
         config["coordinator-key"] = str(pki.coordinator_key.resolve())
     if (folder / SITE_KEYS_DIR).is_dir():
         config["site-keys-dir"] = str(folder / SITE_KEYS_DIR)
+    registered = folder.parent.parent / REGISTERED_NAME  # the consortium's run_dir
+    if registered.is_file():  # node ids by site, so the lead reads site ids
+        config["site-nodes"] = str(registered)
     return config
 
 
@@ -286,6 +290,6 @@ def study_of(folder: Path) -> StudySettings:
         values = dict(document["tool"]["flwr"]["app"]["config"])
     except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
         raise RunError(f"{folder}: its app bundle's run config cannot be read ({exc})") from exc
-    for key in ("results-path", "run-dir", "resume", "site-keys-dir"):
+    for key in ("results-path", "run-dir", "resume", "site-keys-dir", "site-nodes"):
         values.pop(key, None)
     return StudySettings.from_run_config(values)
