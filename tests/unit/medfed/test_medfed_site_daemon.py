@@ -226,3 +226,34 @@ def test_a_state_folder_that_cannot_be_made_is_one_line(site_toml: Path) -> None
     assert result.exit_code == 1
     assert "cannot be written" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _future_certificate(path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "consortium CA")])
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)  # this machine is a day behind
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(start).not_valid_after(start + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def test_site_status_names_clock_skew_and_an_unreachable_worker(site_toml: Path) -> None:
+    """Red-team row "clock skew": a clock a day behind showed only in supernode.log."""
+    from medfed.site_daemon import link_state
+
+    _add_coordinator(site_toml)
+    config = load_site_config(site_toml)
+    assert link_state(config, running=True, connected=False).startswith("worker unreachable")
+    _future_certificate(site_toml.parent / "kit" / "ca.pem")
+    state = link_state(config, running=True, connected=False)
+    assert state.startswith("clock skew:") and "ca.pem is valid from" in state
