@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from medfed.common import write_atomic
 
 RunStatus = Literal["waiting", "running", "completed", "failed"]
 
@@ -92,17 +92,8 @@ def _finite_or_none(value: object) -> object:
 
 def write_results(path: Path, results: RunResults) -> None:
     """Replace `path` with the current results in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(results.to_json(), handle, indent=1, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    document = json.dumps(results.to_json(), indent=1, allow_nan=False)
+    write_atomic(path, document.encode("utf-8"))
 
 
 def read_results(path: Path) -> RunResults | None:

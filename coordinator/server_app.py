@@ -9,10 +9,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.coordinator.errors import CoordinatorError, StudyConfigError
-from medfed.coordinator.object_pulls import shorten_object_pull_backoff
 from medfed.coordinator.results import RunResults, read_results, write_results
 from medfed.coordinator.rounds import run_study
 from medfed.coordinator.study import StudySettings
+from medfed.flower.patches import shorten_object_pull_backoff
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from medfed.common import write_atomic
 from medfed.coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME, verify_chain
 from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from medfed.coordinator.errors import CoordinatorError
 from medfed.coordinator.results import RoundRecord, RunResults, read_results
 from medfed.errors import MedfedError
 from medfed.privacy.errors import PrivacyError
-from medfed.privacy.pki import write_atomic
 from medfed.privacy.signing import VerifyKey
 from medfed.svg import Point, line_chart
 

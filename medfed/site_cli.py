@@ -19,9 +19,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from medfed.cli_common import guard, stdout
+
 if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
-    from medfed.model.contract import StudyContract
+    from medfed.client import SiteConfig
+    from medfed.model import StudyContract
     from medfed.sites.errors import DataProblem
     from medfed.sites.manifest import SiteData
 
@@ -203,9 +205,7 @@ def site_check(
 ) -> None:
     """Check site.toml, every dataset against the study's contract, the accelerator and
     the credentials; print patients, coverage, missingness and every problem (exit 1)."""
-    from medfed.cli import _guard, stdout
-
-    check = _guard(lambda: run_site_check(site_toml, study))
+    check = guard(lambda: run_site_check(site_toml, study))
     problems = check.problems
     if as_json:
         sys.stdout.write(json.dumps(check.to_json()) + "\n")

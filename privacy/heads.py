@@ -27,10 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from medfed.common import write_atomic
 from medfed.privacy.audit import AuditEntry, AuditVerification
 from medfed.privacy.errors import AuditLogError
 from medfed.privacy.ledger import RecordedSpend
-from medfed.privacy.pki import write_atomic
 from medfed.privacy.signing import SigningKey, VerifyKey, canonical_json
 
 HEAD_SCHEMA = "medfed.privacy.head/1"

@@ -28,8 +28,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from medfed.model.device_kinds import DeviceKind
+
 DatasetFormat = Literal["csv", "parquet", "fhir", "omop", "omop-sql", "smiles", "fasta", "omics"]
-Accelerator = Literal["cpu", "cuda", "rbln"]
+Accelerator = DeviceKind
 Orientation = Literal["samples_x_genes", "genes_x_samples"]
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

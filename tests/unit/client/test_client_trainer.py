@@ -23,7 +23,7 @@ from medfed.privacy.accountant import AccountantKind
 from medfed.sites.config import DatasetConfig, NumericSource, TargetSource
 from medfed.sites.export import datasets_toml
 from medfed.sites.manifest import load_site_data
-from medfed.sites.tabular import SiteTable
+from tests.reference_table import SiteTable
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import (
     DELTA,
