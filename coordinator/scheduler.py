@@ -58,9 +58,14 @@ class SiteStatus:
     budget_left: float = math.inf
     patients: int = 0
     approved: bool = True
+<<<<<<< HEAD
     preflight: str = ""
     """"" if the site's pre-flight of this round passed (or it ran none), else its
     category, a key of `PREFLIGHT_REASONS`."""
+=======
+    unknown_reason: str = ""
+    """Why the status is unknown (no reply in time, an error reply, a malformed one)."""
+>>>>>>> main
 
 
 @dataclass(frozen=True)

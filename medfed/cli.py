@@ -30,6 +30,7 @@ from medfed.cli_common import site_config as _site_config
 from medfed.cli_common import stderr, stdout
 from medfed.cli_common import warn as _notify
 from medfed.errors import MedfedError
+from medfed.model_cli import model_app
 from medfed.round_cli import round_app
 from medfed.site_cli import add_check_command
 from medfed.site_daemon import site_app
@@ -65,6 +66,12 @@ def demo(
             min=0.1, max=10.0, help="Epsilon the study asks of each site over all its rounds."
         ),
     ] = 3.0,
+    local_steps: Annotated[
+        int,
+        typer.Option(
+            "--local-steps", min=1, max=10_000, help="DP-SGD steps per site and round (at most)."
+        ),
+    ] = 30,
     simulation: Annotated[
         bool,
         typer.Option("--simulation", help="Run the sites on Flower's simulation runtime (Ray)."),
@@ -108,6 +115,7 @@ def demo(
             simulation=simulation,
             keep=keep,
             target_epsilon=epsilon,
+            local_steps=local_steps,
             example=example,
             secure_aggregation=not no_secure_aggregation,
         )
@@ -605,6 +613,7 @@ def version() -> None:
 
 
 app.add_typer(round_app, name="round")
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:

@@ -84,9 +84,12 @@ def say(line: str) -> None:
 
 
 def metric_name(results: object) -> str:
-    """The held-out metric the run was followed by (its rounds name it; AUROC before any)."""
+    """The held-out metric the run is followed by: what its last round recorded, else
+    the study's own (`RunResults.metric_name`, set when the run starts)."""
     records = getattr(results, "per_round", [])
-    return str(records[-1].metric_name) if records else "auroc"
+    if records:
+        return str(records[-1].metric_name)
+    return str(getattr(results, "metric_name", "auroc"))
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -105,7 +108,7 @@ def round_table(results: object) -> Table:
     table.add_column("train loss (global)", justify="right")
     label = {"auroc": "AUROC", "c_index": "c-index"}.get(metric_name(results), "metric")
     table.add_column(f"{label} (held-out)", justify="right")
-    table.add_column("epsilon by site (delta 1e-5)")
+    table.add_column(f"epsilon by site, this study (delta {results.delta or 0:g})")
     table.add_row(
         "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""
     )

@@ -33,10 +33,15 @@ ConsortiumOption = Annotated[
 ]
 RunArgument = Annotated[str, typer.Argument(help="The run's name (see `medfed round list`).")]
 FOLLOW_POLL_S = 1.0
+<<<<<<< HEAD
 SECAGG_OFF_WARNING = (
     "WARNING: SECURE AGGREGATION IS OFF for this study: the coordinator sees each site's"
     " (DP-noised) update, not only their sum"
 )
+=======
+START_WAIT_S = 900.0
+"""How long `--follow` waits for a submitted run to write its first report."""
+>>>>>>> main
 
 
 def _config(path: Path) -> ConsortiumConfig:
@@ -65,18 +70,30 @@ def _print_view(document: dict[str, object]) -> None:
         stderr.print(Text(f"error: {document['error']}"), soft_wrap=True)
 
 
-def _follow(folder: Path, total: int) -> dict[str, object]:
-    """Show a progress bar of rounds until the run completes or fails; its last view."""
+def _follow(folder: Path, total: int, flower_run_id: str) -> dict[str, object]:
+    """Show a progress bar of rounds until the run completes or fails; its last view.
+    Only a report that Flower run `flower_run_id` wrote counts: after `resume`, the
+    results of the run's last life (its old error) are not the resumed run's."""
     from medfed.runs import view
 
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=stderr, disable=not stderr.is_terminal,
     )  # fmt: skip
-    task = bar.add_task("rounds", total=total)
+    task = bar.add_task("starting", total=total)
+    started = time.monotonic()
     with bar:
         while True:
-            document = view(folder).to_json()
+            current = view(folder)
+            document = current.to_json()
+            results = current.results
+            if results is None or results.flower_run_id not in ("", flower_run_id):
+                if time.monotonic() - started > START_WAIT_S:
+                    return {**document, "status": "failed", "error": (
+                        f"Flower run {flower_run_id} wrote no report within {START_WAIT_S:g} s"
+                        " (see `flwr log`)")}  # fmt: skip
+                time.sleep(FOLLOW_POLL_S)
+                continue
             bar.update(task, completed=int(document["rounds_completed"]))  # type: ignore[call-overload]
             description = "waiting for windows" if document["status"] == "waiting" else "rounds"
             bar.update(task, description=description)
@@ -120,7 +137,7 @@ def round_start(
     started = guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
     document = started.to_json()
     if follow:
-        document = _follow(started.folder, study.num_rounds)
+        document = _follow(started.folder, study.num_rounds, started.record.flower_run_ids[-1])
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
@@ -203,7 +220,11 @@ def round_resume(
     resumed = guard(lambda: resume_run(config, run, flwr=_flwr(), pki=layout))
     document = resumed.to_json()
     if follow:
-        document = _follow(resumed.folder, int(document["num_rounds"] or 0))  # type: ignore[call-overload]
+        document = _follow(
+            resumed.folder,
+            int(document["num_rounds"] or 0),  # type: ignore[call-overload]
+            resumed.record.flower_run_ids[-1],
+        )
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
