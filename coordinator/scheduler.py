@@ -58,14 +58,11 @@ class SiteStatus:
     budget_left: float = math.inf
     patients: int = 0
     approved: bool = True
-<<<<<<< HEAD
     preflight: str = ""
     """"" if the site's pre-flight of this round passed (or it ran none), else its
     category, a key of `PREFLIGHT_REASONS`."""
-=======
     unknown_reason: str = ""
     """Why the status is unknown (no reply in time, an error reply, a malformed one)."""
->>>>>>> main
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,11 @@ def _refusal(status: SiteStatus, policy: SchedulePolicy) -> str | None:
     """Why the site may not train in any window with its current status, or None."""
     if not status.known:
         if policy.secure:
-            return "its status is unknown: a secure round plans only sites whose pre-flight passed"
+            why = f" ({status.unknown_reason})" if status.unknown_reason else ""
+            return (
+                f"its status is unknown{why}: a secure round plans only sites whose"
+                " pre-flight passed"
+            )
         return None
     if status.preflight and status.preflight != "outside-window":
         reason = PREFLIGHT_REASONS.get(status.preflight, status.preflight)

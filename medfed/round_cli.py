@@ -33,15 +33,12 @@ ConsortiumOption = Annotated[
 ]
 RunArgument = Annotated[str, typer.Argument(help="The run's name (see `medfed round list`).")]
 FOLLOW_POLL_S = 1.0
-<<<<<<< HEAD
 SECAGG_OFF_WARNING = (
     "WARNING: SECURE AGGREGATION IS OFF for this study: the coordinator sees each site's"
     " (DP-noised) update, not only their sum"
 )
-=======
 START_WAIT_S = 900.0
 """How long `--follow` waits for a submitted run to write its first report."""
->>>>>>> main
 
 
 def _config(path: Path) -> ConsortiumConfig:
