@@ -17,8 +17,8 @@ def test_a_site_that_never_answered_is_named_by_its_registration(tmp_path: Path)
     registered = tmp_path / "registered-nodes.json"
     registered.write_text(json.dumps({"hospital-2": "8812", "hospital-1": "17"}))
     known = registered_sites(str(registered))
-    assert unknown_status(8812, known).site_id == "hospital-2"
-    assert unknown_status(99, known).site_id == "node-99"  # not registered by this lead
+    assert unknown_status(8812, known, "no answer").site_id == "hospital-2"
+    assert unknown_status(99, known, "no answer").site_id == "node-99"  # not registered here
     assert registered_sites("") == {}
 
 
