@@ -29,7 +29,7 @@ from flwr.app import (
 
 from medfed.client.egress import AuditSink, egress_guard
 from medfed.client.errors import BudgetRefusal, ClientError, OutsideWindow, RequestError
-from medfed.client.protocol import EgressRules, QueryRequest
+from medfed.client.protocol import EgressRules, PreflightAsk, QueryRequest
 from medfed.flower.apps import ClientApp
 from medfed.model import wire
 from medfed.model.presets import PRESET_NAMES, PresetName
@@ -130,11 +130,11 @@ def _audit_sink(context: Context) -> AuditSink:
 
         return WorkerClient(socket).audit
     from medfed.client.config import load_site_config
-    from medfed.privacy.audit import AuditLog
+    from medfed.client.records import site_audit_log
     from medfed.privacy.signing import SigningKey
 
     config = load_site_config(site_config_path(context))
-    log_ = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+    log_ = site_audit_log(config, SigningKey.load(config.signing_key_path))
     return log_.append  # type: ignore[return-value]
 
 
@@ -334,6 +334,7 @@ def query(msg: Message, context: Context) -> Message:
             contract_json=_optional(content, wire.CONTRACT, str),
             contract_sha256=_optional(content, wire.CONTRACT_SHA256, str),
             delta=_optional(content, wire.DELTA, float),
+            round_ask=_round_ask(content),
         )
         reply = site_api(context).query(request)
     except REFUSALS as exc:
@@ -348,5 +349,29 @@ def query(msg: Message, context: Context) -> Message:
         metrics[wire.THROUGHPUT] = reply.throughput
     if reply.budget_left is not None:
         metrics[wire.BUDGET_LEFT] = reply.budget_left
-    site = ConfigRecord({wire.SITE_ID: reply.site_id, wire.ACCELERATOR: reply.accelerator})
+    site = ConfigRecord(
+        {
+            wire.SITE_ID: reply.site_id,
+            wire.ACCELERATOR: reply.accelerator,
+            wire.PREFLIGHT: reply.preflight,
+        }
+    )
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics), wire.SITE: site}), reply_to=msg)
+
+
+def _round_ask(content: RecordDict) -> PreflightAsk | None:
+    """The round a status query describes, if it describes one (a newer coordinator)."""
+    if _optional(content, wire.ROUND, int) is None:
+        return None
+    return PreflightAsk(
+        run_id=wire.get_value(content, wire.CONFIG, wire.RUN_ID, str),
+        study=wire.get_value(content, wire.CONFIG, wire.STUDY, str),
+        study_sha256=wire.get_value(content, wire.CONFIG, wire.STUDY_SHA256, str),
+        round=wire.get_value(content, wire.CONFIG, wire.ROUND, int),
+        planned_rounds=wire.get_value(content, wire.CONFIG, wire.PLANNED_ROUNDS, int),
+        local_steps=wire.get_value(content, wire.CONFIG, wire.LOCAL_STEPS, int),
+        target_epsilon=wire.get_value(content, wire.CONFIG, wire.TARGET_EPSILON, float),
+        sample_rate=wire.get_value(content, wire.CONFIG, wire.SAMPLE_RATE, float),
+        delta=wire.get_value(content, wire.CONFIG, wire.DELTA, float),
+        max_grad_norm=wire.get_value(content, wire.CONFIG, wire.MAX_GRAD_NORM, float),
+    )

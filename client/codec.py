@@ -25,11 +25,13 @@ import numpy as np
 
 from medfed.client.errors import ClientError
 from medfed.client.protocol import (
+    PREFLIGHT_CODES,
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
     HeldOut,
     ModelCheck,
+    PreflightAsk,
     QueryReply,
     QueryRequest,
     SecAggReply,
@@ -189,7 +191,10 @@ def to_frame(value: object) -> Frame:
         arrays = {} if value.masked is None else {MASKED: value.masked}
         return Frame("secagg-reply", reply, arrays)
     if isinstance(value, QueryRequest):
-        return Frame("query", dict(value.__dict__))
+        fields = {k: v for k, v in value.__dict__.items() if k != "round_ask"}
+        if value.round_ask is not None:
+            fields.update({f"ask_{k}": v for k, v in value.round_ask.__dict__.items()})
+        return Frame("query", fields)
     if isinstance(value, QueryReply):
         return Frame("query-reply", dict(value.__dict__))
     if isinstance(value, EgressRules):
@@ -298,6 +303,22 @@ def query_request(frame: Frame) -> QueryRequest:
         contract_json=_optional(frame, "contract_json", str),
         contract_sha256=_optional(frame, "contract_sha256", str),
         delta=_optional(frame, "delta", float),
+        round_ask=_round_ask(frame) if "ask_run_id" in frame.fields else None,
+    )
+
+
+def _round_ask(frame: Frame) -> PreflightAsk:
+    return PreflightAsk(
+        run_id=_take(frame, "ask_run_id", str),
+        study=_take(frame, "ask_study", str),
+        study_sha256=_take(frame, "ask_study_sha256", str),
+        round=_take(frame, "ask_round", int),
+        planned_rounds=_take(frame, "ask_planned_rounds", int),
+        local_steps=_take(frame, "ask_local_steps", int),
+        target_epsilon=_take(frame, "ask_target_epsilon", float),
+        sample_rate=_take(frame, "ask_sample_rate", float),
+        delta=_take(frame, "ask_delta", float),
+        max_grad_norm=_take(frame, "ask_max_grad_norm", float),
     )
 
 
@@ -365,7 +386,14 @@ def query_reply(frame: Frame) -> QueryReply:
         throughput=_optional(frame, "throughput", float),
         budget_left=_optional(frame, "budget_left", float),
         patients=_take(frame, "patients", int),
+        preflight=_preflight_code(_optional(frame, "preflight", str) or ""),
     )
+
+
+def _preflight_code(code: str) -> str:
+    if code and code not in PREFLIGHT_CODES:
+        raise CodecError(f"query-reply.preflight: unknown code {code!r}")
+    return code
 
 
 def egress_rules(frame: Frame) -> EgressRules:

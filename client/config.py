@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from medfed.client.errors import ClientError
 from medfed.client.windows import TrainingWindow
 from medfed.common import first_problem, read_toml
+from medfed.common.config_keys import unknown_key_problem
 from medfed.privacy.policy import PrivacyPolicy
 from medfed.sites.config import Accelerator, Datasets
 
@@ -126,6 +127,9 @@ def load_site_config(path: Path) -> SiteConfig:
     try:
         return SiteConfig.model_validate({**document, "source": path})
     except ValidationError as exc:
+        unknown = unknown_key_problem(SiteConfig, exc)
+        if unknown is not None:
+            raise SiteConfigError(f"{path}: {unknown}") from exc
         raise SiteConfigError(f"{path}: {first_problem(exc)}") from exc
 
 

@@ -196,11 +196,12 @@ def _site_bundles_and_audit(site_toml: Path) -> tuple[BundleGate | None, AuditAp
     """The site's bundle gate (None: unsigned allowed, warned) and its audit log."""
     from medfed.client.bundle_check import bundle_gate_of
     from medfed.client.config import load_site_config
-    from medfed.privacy import AuditLog, SigningKey
+    from medfed.client.records import site_audit_log
+    from medfed.privacy import SigningKey
 
     config = load_site_config(site_toml)
     gate = bundle_gate_of(config)
-    audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+    audit = site_audit_log(config, SigningKey.load(config.signing_key_path))
     if gate is not None:
         log.info("running only app bundles signed by: %s", ", ".join(gate.trusted_ids))
     return gate, audit.append

@@ -11,10 +11,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass, replace
+from typing import Literal, Protocol
 
 from medfed.client.config import SiteConfig
 from medfed.client.errors import BudgetRefusal, SiteRefusal
 from medfed.client.protocol import TrainRequest
+from medfed.client.records import (
+    check_site_records,
+    recover_unaudited_spends,
+    site_audit_log,
+    write_ledger_head,
+)
 from medfed.model.contract import StudyContract
 from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.approvals import Approval
@@ -22,6 +29,7 @@ from medfed.privacy.audit import AuditLog
 from medfed.privacy.calibration import calibrate_noise
 from medfed.privacy.errors import InfeasibleBudgetError
 from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.heads import SPEND_EVENT
 from medfed.privacy.ledger import PrivacyLedger, SpendRecord
 from medfed.privacy.policy import PastSpend, PlannedRound, counted, preflight
 from medfed.privacy.population import (
@@ -35,7 +43,7 @@ from medfed.privacy.population import (
 )
 from medfed.privacy.receipts import UpdateReceipt
 from medfed.privacy.release import release_event
-from medfed.privacy.signing import SigningKey, VerifyKey
+from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,46 @@ def cox_refusal(tasks: list[str]) -> str:
     )
 
 
+RefusalCode = Literal["not-approved", "no-budget", "records-unverified", "no-data", "policy"]
+"""Why a site's pre-flight refuses a round, as a category the coordinator may show."""
+
+_DECISION_CODES: dict[str, RefusalCode] = {"budget": "no-budget", "approval": "not-approved"}
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A pre-flight refusal: its category and the site's own sentence."""
+
+    code: RefusalCode
+    reason: str
+
+
+class RoundAsk(Protocol):
+    """What the gate reads of a round: a `TrainRequest`, or a status query's description
+    of the round the coordinator is about to plan."""
+
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def study(self) -> str: ...
+    @property
+    def study_sha256(self) -> str: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def planned_rounds(self) -> int: ...
+    @property
+    def local_steps(self) -> int: ...
+    @property
+    def target_epsilon(self) -> float: ...
+    @property
+    def sample_rate(self) -> float: ...
+    @property
+    def delta(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+
+
 def study_label(name: str, sha256: str) -> str:
     """How the ledger names a study: its name and digest, so an edited study is another."""
     return f"{name}@{sha256}"
@@ -105,8 +153,11 @@ class PrivacyGate:
         self._ledger = ledger
         self._signer = SigningKey.load(config.signing_key_path)
         self._officer = VerifyKey.load(config.officer_public_key_path)
-        self._audit = AuditLog(config.audit_path, self._signer)
+        self._audit = site_audit_log(config, self._signer)
         self._secret = patient_key_secret(self._signer)
+        recovered = recover_unaudited_spends(config, ledger, self._audit)
+        if recovered:
+            log.warning("%d ledger spend(s) were missing from the audit log: audited", recovered)
 
     @property
     def audit(self) -> AuditLog:
@@ -116,12 +167,12 @@ class PrivacyGate:
         """The site's signature of an update it is about to send."""
         return receipt.sign(self._signer)
 
-    def _approval(self, request: TrainRequest) -> Approval | None:
+    def _approval(self, request: RoundAsk) -> Approval | None:
         return self._ledger.approval_for(
             request.study_sha256, self._officer, site_id=self._config.site.id
         )
 
-    def _refuse(self, request: TrainRequest, reason: str, *, budget: bool) -> SiteRefusal:
+    def _refuse(self, request: RoundAsk, reason: str, *, budget: bool) -> SiteRefusal:
         self._audit.append(
             "round refused",
             {
@@ -133,6 +184,20 @@ class PrivacyGate:
             },
         )
         return BudgetRefusal(reason) if budget else SiteRefusal(reason)
+
+    def _spend(self, spend: SpendRecord, details: dict[str, JsonValue]) -> bool:
+        """Record `spend` (signed) in the ledger, then audit it under the same (dataset,
+        run, round) and sign the ledger's new head: every ledger row has its audit entry,
+        which `client.records.check_site_records` cross-checks. False if it was recorded
+        already (nothing is written then)."""
+        if not self._ledger.record(spend, signer=self._signer):
+            return False
+        self._audit.append(
+            SPEND_EVENT,
+            {"dataset": spend.dataset, "run_id": spend.run_id, "round": spend.round, **details},
+        )
+        write_ledger_head(self._config, self._ledger, self._signer)
+        return True
 
     def population(self, unit: str, *, patient_ids: list[str], training: int) -> NoisyCount:
         """Register `unit`'s patients and return the noised count of its `training`
@@ -168,11 +233,8 @@ class PrivacyGate:
         # Charged before the count is used or sent, once per version (whatever delta
         # the policy names now).
         charged = any(r.run_id == spend.run_id for r in self._ledger.records(unit))
-        if not charged and self._ledger.record(spend, signer=self._signer):
-            self._audit.append(
-                "budget spent",
-                {"dataset": unit, "release": "patient count", "noise_std": count.noise_std},
-            )
+        if not charged:
+            self._spend(spend, {"release": "patient count", "noise_std": count.noise_std})
         return count
 
     def keyed_digest(self, value: str) -> str:
@@ -186,43 +248,45 @@ class PrivacyGate:
             for r in self._ledger.unit_records(unit)
         ]
 
-    def _checks(self, request: TrainRequest, patients: int, contract: StudyContract) -> None:
-        """Refusals that need no accounting: cohort, delta against N, round, Cox."""
+    def _checks(self, request: RoundAsk, patients: int, contract: StudyContract) -> Refused | None:
+        """Refusals that need no accounting: records, cohort, delta against N, round, Cox."""
         policy = self._config.privacy
+        tampered = check_site_records(self._config, self._signer.public)
+        if tampered:
+            return Refused(
+                "records-unverified",
+                f"the site's privacy records do not check ({tampered[0]}); the privacy"
+                " officer must review them before any more budget is spent",
+            )
         if patients < policy.min_cohort_k:
-            raise self._refuse(
-                request,
+            return Refused(
+                "no-data",
                 f"the dataset has about {patients} patients (noised), fewer than the site's"
                 f" minimum cohort {policy.min_cohort_k}",
-                budget=False,
             )
         if request.delta > policy.max_delta:
-            raise self._refuse(
-                request,
+            return Refused(
+                "policy",
                 f"delta {request.delta:g} exceeds the site's maximum {policy.max_delta:g}",
-                budget=False,
             )
         largest = 1 / (policy.delta_patients_factor * patients)
         if request.delta > largest:
-            raise self._refuse(
-                request,
+            return Refused(
+                "policy",
                 f"delta {request.delta:g} is above 1/({policy.delta_patients_factor:g} x N)"
                 f" = {largest:.3g} for about {patients} patients (the site's limit)",
-                budget=False,
             )
         if request.round < 1:
-            raise self._refuse(
-                request, f"round {request.round} is not a round number", budget=False
-            )
+            return Refused("policy", f"round {request.round} is not a round number")
         if request.round > request.planned_rounds:
-            raise self._refuse(
-                request,
+            return Refused(
+                "policy",
                 f"round {request.round} is beyond the {request.planned_rounds} rounds planned",
-                budget=False,
             )
         cox = unbounded_tasks(contract)
         if cox and not policy.allow_unbounded_mechanisms:
-            raise self._refuse(request, cox_refusal(cox), budget=False)
+            return Refused("policy", cox_refusal(cox))
+        return None
 
     def plan(
         self, request: TrainRequest, *, unit: str, count: NoisyCount, contract: StudyContract
@@ -231,9 +295,28 @@ class PrivacyGate:
 
         Every number it uses is public or already released: the study's sampling rate,
         the noised patient count, the ledger's events."""
+        decided = self._decide(request, unit=unit, patients=count.public, contract=contract)
+        if isinstance(decided, Refused):
+            raise self._refuse(request, decided.reason, budget=decided.code == "no-budget")
+        return decided
+
+    def preflight(
+        self, ask: RoundAsk, *, unit: str, patients: int, contract: StudyContract
+    ) -> Refused | None:
+        """The same checks as `plan`, as a dry run that writes nothing: why the site would
+        refuse the round `ask` describes, or None if it would train it. The coordinator
+        asks before planning a round (a status query), so no site trains for a round that
+        others are bound to refuse."""
+        decided = self._decide(ask, unit=unit, patients=patients, contract=contract)
+        return decided if isinstance(decided, Refused) else None
+
+    def _decide(
+        self, request: RoundAsk, *, unit: str, patients: int, contract: StudyContract
+    ) -> RoundPlan | Refused:
         policy = self._config.privacy
-        patients = count.public
-        self._checks(request, patients, contract)
+        refused = self._checks(request, patients, contract)
+        if refused is not None:
+            return refused
         label = study_label(request.study, request.study_sha256)
         past = self.past(unit)
         approval = self._approval(request)
@@ -257,7 +340,7 @@ class PrivacyGate:
                 ],
             )
         except InfeasibleBudgetError as exc:
-            raise self._refuse(request, f"out of budget: {exc}", budget=True) from exc
+            return Refused("no-budget", f"out of budget: {exc}")
         noise = max(noise, policy.min_noise_multiplier)
         event = DpSgdEvent(noise_multiplier=noise, sample_rate=rate, steps=request.local_steps)
         decision = preflight(
@@ -275,7 +358,7 @@ class PrivacyGate:
             now=dt.datetime.now(dt.UTC),
         )
         if not decision.allowed:
-            raise self._refuse(request, decision.reason, budget=decision.kind == "budget")
+            return Refused(_DECISION_CODES.get(decision.kind, "policy"), decision.reason)
         return RoundPlan(
             event=event,
             delta=request.delta,
@@ -318,33 +401,26 @@ class PrivacyGate:
             event=plan.event,
             delta=plan.delta,
         )
-        recorded = self._ledger.record(spend, signer=self._signer)
-        if not recorded:
+        details: dict[str, JsonValue] = {
+            "relation": NEIGHBOURING_RELATION,
+            "study": request.study,
+            "study_sha256": request.study_sha256,
+            "noise_multiplier": plan.event.noise_multiplier,
+            "sample_rate": plan.event.sample_rate,
+            "steps": plan.event.steps,
+            "metrics_noise_multiplier": plan.metrics.noise_multiplier,
+            "delta": plan.delta,
+            "epsilon_study": plan.epsilon_study_after,
+            "epsilon_dataset": plan.epsilon_dataset_after,
+            **({"guarantee": plan.no_guarantee} if plan.no_guarantee else {}),
+        }
+        if not self._spend(spend, details):
             return False
         if plan.no_guarantee:
             self._ledger.population.add_note(unit, request.run_id, request.round, plan.no_guarantee)
-        self._ledger.record(
+        self._spend(
             replace(spend, run_id=metrics_run(request.run_id), event=plan.metrics),
-            signer=self._signer,
-        )
-        self._audit.append(
-            "budget spent",
-            {
-                "dataset": unit,
-                "relation": NEIGHBOURING_RELATION,
-                "study": request.study,
-                "study_sha256": request.study_sha256,
-                "run_id": request.run_id,
-                "round": request.round,
-                "noise_multiplier": plan.event.noise_multiplier,
-                "sample_rate": plan.event.sample_rate,
-                "steps": plan.event.steps,
-                "metrics_noise_multiplier": plan.metrics.noise_multiplier,
-                "delta": plan.delta,
-                "epsilon_study": plan.epsilon_study_after,
-                "epsilon_dataset": plan.epsilon_dataset_after,
-                **({"guarantee": plan.no_guarantee} if plan.no_guarantee else {}),
-            },
+            {"release": "round metrics", "study": request.study},
         )
         return True
 
@@ -386,9 +462,5 @@ class PrivacyGate:
             event=event,
             delta=delta,
         )
-        self._ledger.record(spend, signer=self._signer)
-        self._audit.append(
-            "budget spent",
-            {"dataset": unit, "release": "evaluation", "run_id": run_id, "round": round_},
-        )
+        self._spend(spend, {"release": "evaluation"})
         return event

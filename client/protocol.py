@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 import numpy as np
 
@@ -138,6 +138,35 @@ class QueryRequest:
     contract_json: str | None = None
     contract_sha256: str | None = None
     delta: float | None = None
+    round_ask: PreflightAsk | None = None
+    """The round the coordinator is about to plan: the site runs its pre-flight on it."""
+
+
+@dataclass(frozen=True)
+class PreflightAsk:
+    """The round a status query describes, for the site's pre-flight (`PrivacyGate.preflight`)."""
+
+    run_id: str
+    study: str
+    study_sha256: str
+    round: int
+    planned_rounds: int
+    local_steps: int
+    target_epsilon: float
+    sample_rate: float
+    delta: float
+    max_grad_norm: float
+
+
+PREFLIGHT_CODES: Final = (
+    "not-approved",
+    "no-budget",
+    "records-unverified",
+    "no-data",
+    "policy",
+    "outside-window",
+)
+"""The categories of a failed pre-flight a site reports (never its data or paths)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +185,9 @@ class QueryReply:
     throughput: float | None
     budget_left: float | None
     patients: int
+    preflight: str = ""
+    """"" when the site would train the round the query described (or none was), else
+    one of `PREFLIGHT_CODES`."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from medfed.client.protocol import (
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
+    PreflightAsk,
     QueryReply,
     QueryRequest,
     SecAggReply,
@@ -29,14 +30,15 @@ from medfed.client.protocol import (
     TrainReply,
     TrainRequest,
 )
+from medfed.client.records import site_audit_log
 from medfed.client.reply_cache import ReplyCache
 from medfed.client.site_secagg import SiteSecAgg
 from medfed.client.windows import in_window, next_window_start, window_end
 from medfed.model.contract import StudyContract
 from medfed.privacy.accountant import epsilon_of
-from medfed.privacy.audit import AuditLog
 from medfed.privacy.policy import PastSpend, counted
 from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
+from medfed.sites.errors import SiteError
 
 if TYPE_CHECKING:
     from medfed.client.trainer import SiteTrainer
@@ -96,7 +98,7 @@ class SiteService:
         self._default: str | None = None
         self._clock = clock
         self._lock = threading.Lock()
-        self._audit = AuditLog(config.audit_path, SigningKey.load(config.signing_key_path))
+        self._audit = site_audit_log(config, SigningKey.load(config.signing_key_path))
         self._replies = ReplyCache(config.state_dir / "replies")
         self._secagg = SiteSecAgg(config)
         if contract is not None:  # warm up for a contract known in advance
@@ -203,7 +205,13 @@ class SiteService:
         with self._lock:
             trainer = None
             if request.contract_json is not None and request.contract_sha256 is not None:
-                trainer = self._trainer_for(request.contract_json, request.contract_sha256)
+                try:
+                    trainer = self._trainer_for(request.contract_json, request.contract_sha256)
+                except SiteError as exc:
+                    if request.round_ask is None:
+                        raise
+                    # the reason (file, row, value) stays here; the coordinator sees "no-data"
+                    log.warning("the study's data does not load: %s", exc)
             elif self._default is not None:
                 trainer = self._trainers[self._default]
             if request.preset is not None and trainer is not None:
@@ -216,6 +224,9 @@ class SiteService:
             if request.study_sha256 is not None and trainer is not None:
                 budget = self._budget_left(trainer, request, now)
             patients = 0 if trainer is None else _public_patients(trainer)
+            preflight = ""
+            if request.round_ask is not None:
+                preflight = self._preflight(trainer, request.round_ask, inside)
         return QueryReply(
             site_id=self._config.site.id,
             in_window=inside,
@@ -225,7 +236,21 @@ class SiteService:
             throughput=throughput,
             budget_left=budget,
             patients=patients,
+            preflight=preflight,
         )
+
+    def _preflight(self, trainer: SiteTrainer | None, ask: PreflightAsk, inside: bool) -> str:
+        """The category of why this site would refuse the round `ask` describes ("" if it
+        would train it): the gate's own checks, as a dry run."""
+        if not inside:
+            return "outside-window"
+        if trainer is None:
+            return "no-data"
+        refused = trainer.preflight(ask)
+        if refused is None:
+            return ""
+        log.info("pre-flight of run %s round %d: %s", ask.run_id, ask.round, refused.reason)
+        return refused.code
 
     def egress_rules(self) -> EgressRules:
         """What the egress guard enforces for this site."""

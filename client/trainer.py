@@ -19,9 +19,15 @@ import torch
 from torch.utils.data import TensorDataset
 
 from medfed.client.config import SiteConfig
-from medfed.client.errors import SiteRefusal
+from medfed.client.errors import BudgetRefusal, SiteRefusal
 from medfed.client.metrics_release import noisy_check, patient_stats
-from medfed.client.privacy_gate import PrivacyGate, cox_refusal, unbounded_tasks
+from medfed.client.privacy_gate import (
+    PrivacyGate,
+    Refused,
+    RoundAsk,
+    cox_refusal,
+    unbounded_tasks,
+)
 from medfed.client.protocol import (
     EvaluateReply,
     EvaluateRequest,
@@ -248,6 +254,16 @@ class SiteTrainer:
     def train_patients(self) -> int:
         """Training patients: DP-SGD's population and this site's FedAvg weight."""
         return int(self._train[0].shape[0])
+
+    def preflight(self, ask: RoundAsk) -> Refused | None:
+        """Why this site would refuse the round `ask` describes (a dry run), or None."""
+        try:
+            patients = self.noisy_count().public
+        except BudgetRefusal as exc:
+            return Refused("no-budget", str(exc))
+        return self._gate.preflight(
+            ask, unit=self._unit, patients=patients, contract=self._contract
+        )
 
     def train(self, request: TrainRequest) -> TrainReply:
         """Pre-flight, train with DP-SGD, and record the spend before replying.

@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     state TEXT NOT NULL
 )
 """
+_HEAD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    head TEXT NOT NULL
+)
+"""
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class CheckpointStore:
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=FULL")
                 connection.execute(_SCHEMA)
+                connection.execute(_HEAD_SCHEMA)
                 yield connection
         except sqlite3.Error as exc:
             raise CheckpointError(f"{self._path}: {exc}") from exc
@@ -164,3 +171,27 @@ class CheckpointStore:
             strategy_state=_from_npz(strategy_state, f"{self._path}: round {number}'s state"),
             state=document,
         )
+
+    def save_audit_head(self, head: Mapping[str, Any]) -> None:
+        """Keep the audit chain's signed head (`privacy.heads.SignedHead`) beside the
+        checkpoints, replacing the one before: `medfed audit verify` and `medfed report`
+        compare the chain with it, so a cut tail shows."""
+        document = json.dumps(dict(head), sort_keys=True)
+        with self._connect() as connection, connection:
+            connection.execute("INSERT OR REPLACE INTO audit_head VALUES (1, ?)", (document,))
+
+    def audit_head(self) -> dict[str, Any] | None:
+        """The audit chain's signed head as JSON, or None if none was kept."""
+        if not self._path.exists():
+            return None
+        with self._connect() as connection:
+            row = connection.execute("SELECT head FROM audit_head WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        try:
+            document = json.loads(row[0])
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self._path}: the audit head is not JSON") from exc
+        if not isinstance(document, dict):
+            raise CheckpointError(f"{self._path}: the audit head is not a JSON object")
+        return document

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from medfed.common import first_problem, read_toml
+from medfed.common.config_keys import unknown_key_problem
 from medfed.coordinator.errors import CoordinatorError
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -115,4 +116,5 @@ def load_consortium(path: Path) -> ConsortiumConfig:
     try:
         return ConsortiumConfig.model_validate({**document, "source": path})
     except ValidationError as exc:
-        raise ConsortiumConfigError(f"{path}: {first_problem(exc)}") from exc
+        problem = unknown_key_problem(ConsortiumConfig, exc) or first_problem(exc)
+        raise ConsortiumConfigError(f"{path}: {problem}") from exc

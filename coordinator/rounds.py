@@ -7,6 +7,7 @@ same loop runs on a deployment's SuperLink, in Flower's simulation, and in tests
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -139,6 +140,7 @@ def schedule_policy(study: StudySettings) -> SchedulePolicy:
         deadline_s=study.round_deadline_s,
         local_steps=study.local_steps,
         sample_rate=study.sample_rate,
+        secure=study.secure_aggregation,
     )
 
 
@@ -176,7 +178,11 @@ def run_study(
     grid = retrying(grid)
     run_dir = Path(study.run_dir) if study.run_dir else None
     store = CheckpointStore(run_dir / CHECKPOINTS_NAME) if run_dir else None
-    audit = CoordinatorAudit.open(run_dir) if run_dir else NoAudit()
+    audit = (
+        CoordinatorAudit.open(run_dir, signer=_audit_signer(study), store=store)
+        if run_dir
+        else NoAudit()
+    )
     strategy = strategy_of(study)
     initial = state_arrays(build_model(study.preset, contract=contract, seed=study.seed))
     state, resumed = start_or_resume(
@@ -317,7 +323,7 @@ def _run_rounds(
     clock: Clock,
 ) -> None:
     results = state.results
-    known_sites: dict[int, str] = {}
+    known_sites = registered_sites(study.site_nodes)
     site_keys = load_site_keys(Path(study.site_keys_dir)) if study.site_keys_dir else None
     results.signed_updates = site_keys is not None
     if site_keys is None:
@@ -329,6 +335,10 @@ def _run_rounds(
             "SECURE AGGREGATION IS OFF for study %s: the coordinator sees each site's"
             " (DP-noised) update, not only their sum",
             study.name,
+        )
+        audit.record(
+            "secure_aggregation.off",
+            {"study": study.name, "study_sha256": study.sha256(), "from_round": state.round + 1},
         )
     elif study.update_norm_bound:
         log.warning(
@@ -551,6 +561,29 @@ def _announcer(study: StudySettings) -> SigningKey:
     if study.secure_aggregation:
         log.warning("no coordinator-key in the run config: announcements signed by a run key")
     return SigningKey.generate()
+
+
+def registered_sites(path: str) -> dict[int, str]:
+    """Site ids by node id from `coordinator start`'s record of its registrations (empty
+    without one): a site that never answered a query is still named by its id."""
+    if not path:
+        return {}
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {int(node): str(site) for site, node in dict(document).items()}
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("%s: the registered nodes cannot be read (%s); sites named by node", path, exc)
+        return {}
+
+
+def _audit_signer(study: StudySettings) -> SigningKey | None:
+    """The provisioned coordinator key that signs the audit chain (None: no key given)."""
+    if not study.coordinator_key:
+        return None
+    try:
+        return SigningKey.load(Path(study.coordinator_key))
+    except PrivacyError as exc:
+        raise CoordinatorError(f"run config coordinator-key: {exc}") from exc
 
 
 def _node_of(plan: RoundPlan, site: str) -> int:

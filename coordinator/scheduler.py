@@ -10,7 +10,10 @@ messages.
 
 A site that could not answer (its software predates the query, or the query timed
 out) has an *unknown* status: it is scheduled with the study's local steps, since it
-enforces its own windows and budget and refuses a round it may not train.
+enforces its own windows and budget and refuses a round it may not train; except in a
+secure round, where a refusal after the others trained aborts the round and wastes
+their budget, so only sites whose status is known and whose pre-flight of this very
+round passed (budget, approval, window, data) are planned.
 """
 
 from __future__ import annotations
@@ -20,6 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+PREFLIGHT_REASONS = {
+    "not-approved": "the study is not approved at the site",
+    "no-budget": "out of privacy budget for this round",
+    "records-unverified": "its privacy records do not verify (its officer must review them)",
+    "no-data": "its data for the study does not load or is too small",
+    "policy": "its privacy policy refuses this round",
+    "outside-window": "outside its training window",
+}
+"""What the lead reads for each category of a site's failed pre-flight (the site's own
+sentence stays in its audit log)."""
 COMPUTE_FRACTION = 0.8
 """Share of the round deadline a site may compute for: the rest covers transfer and start-up."""
 
@@ -45,6 +58,9 @@ class SiteStatus:
     budget_left: float = math.inf
     patients: int = 0
     approved: bool = True
+    preflight: str = ""
+    """"" if the site's pre-flight of this round passed (or it ran none), else its
+    category, a key of `PREFLIGHT_REASONS`."""
     unknown_reason: str = ""
     """Why the status is unknown (no reply in time, an error reply, a malformed one)."""
 
@@ -59,6 +75,9 @@ class SchedulePolicy:
     """The most local steps any site does; also what a site of unknown status does."""
     sample_rate: float
     """Poisson sampling rate: a step draws `sample_rate * patients` samples on average."""
+    secure: bool = False
+    """A secure round: one refusal after training can abort it and waste the others'
+    budget, so only sites whose status is known and whose pre-flight passed are planned."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +122,18 @@ class RoundPlan:
 def _refusal(status: SiteStatus, policy: SchedulePolicy) -> str | None:
     """Why the site may not train in any window with its current status, or None."""
     if not status.known:
+        if policy.secure:
+            why = f" ({status.unknown_reason})" if status.unknown_reason else ""
+            return (
+                f"its status is unknown{why}: a secure round plans only sites whose"
+                " pre-flight passed"
+            )
         return None
+    if status.preflight and status.preflight != "outside-window":
+        reason = PREFLIGHT_REASONS.get(status.preflight, status.preflight)
+        if status.preflight == "no-budget" and math.isfinite(status.budget_left):
+            reason += f" (epsilon left {status.budget_left:g})"
+        return reason
     if not status.approved:
         return "the study is not approved at the site"
     if not status.budget_left > 0:

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from medfed.coordinator.messages import exchange
-from medfed.coordinator.scheduler import SiteStatus
+from medfed.coordinator.scheduler import PREFLIGHT_REASONS, SiteStatus
 from medfed.coordinator.study import StudySettings, contract_json
 from medfed.model import wire
 
@@ -26,8 +26,17 @@ MAX_PATIENTS = 10_000_000
 """As `validate.MAX_EXAMPLES`: a larger count is bogus."""
 
 
-def status_query(run_id: str, study: StudySettings) -> RecordDict:
-    """The content of a status query: which run and study the site is asked about."""
+def status_query(run_id: str, study: StudySettings, round_number: int = 0) -> RecordDict:
+    """The content of a status query: which run and study the site is asked about, and
+    (round_number >= 1) the round about to be planned, for the site's pre-flight."""
+    round_fields: dict[str, int | float] = {}
+    if round_number >= 1:
+        round_fields = {
+            wire.ROUND: round_number,
+            wire.PLANNED_ROUNDS: study.num_rounds,
+            wire.TARGET_EPSILON: study.target_epsilon,
+            wire.MAX_GRAD_NORM: study.max_grad_norm,
+        }
     return RecordDict(
         {
             wire.CONFIG: ConfigRecord(
@@ -41,6 +50,7 @@ def status_query(run_id: str, study: StudySettings) -> RecordDict:
                     wire.CONTRACT_SHA256: study.contract.sha256(),
                     wire.SAMPLE_RATE: study.sample_rate,
                     wire.LOCAL_STEPS: study.local_steps,
+                    **round_fields,
                 }
             )
         }
@@ -73,6 +83,11 @@ def parse_status(reply: Message, known_sites: dict[int, str]) -> SiteStatus:
         in_window = metric(wire.IN_WINDOW, int)
         patients = metric(wire.PATIENTS, int)
         throughput = metric(wire.THROUGHPUT, float)
+        preflight = ""
+        if wire.PREFLIGHT in content.config_records[wire.SITE]:
+            preflight = wire.get_value(content, wire.SITE, wire.PREFLIGHT, str)
+        if preflight and preflight not in PREFLIGHT_REASONS:
+            raise wire.WireError(f"site.{wire.PREFLIGHT}: unknown category {preflight!r}")
         if in_window not in (0, 1):
             raise wire.WireError(f"metrics.{wire.IN_WINDOW}: {in_window} is not 0 or 1")
         if not 0 <= patients <= MAX_PATIENTS:
@@ -89,6 +104,7 @@ def parse_status(reply: Message, known_sites: dict[int, str]) -> SiteStatus:
             throughput_sps=throughput,
             budget_left=metric(wire.BUDGET_LEFT, float),
             patients=patients,
+            preflight=preflight,
         )
     except wire.WireError as exc:
         log.warning("node %s sent a malformed status (%s); its status is unknown", node_id, exc)
@@ -112,7 +128,7 @@ def query_statuses(
     asked = [node for node in nodes if node not in unqueryable]
     replies = exchange(
         grid,
-        {node: status_query(run_id, study) for node in asked},
+        {node: status_query(run_id, study, round_number) for node in asked},
         message_type=MessageType.QUERY,
         group=f"status-{round_number}",
         timeout_s=study.round_deadline_s,

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from medfed.common import first_problem, read_toml
+from medfed.common.config_keys import unknown_key_problem
 from medfed.coordinator.errors import StudyConfigError
 from medfed.coordinator.strategies import StrategyName
 from medfed.model.contract import DEMO_CONTRACT, StudyContract
@@ -38,6 +39,7 @@ RUN_PLUMBING = frozenset(
         "resume",
         "app_signature",
         "coordinator_key",
+        "site_nodes",
     }
 )
 """Fields that say where a run writes, not what the study is: left out of its digest."""
@@ -106,6 +108,9 @@ class StudySettings(BaseModel):
     secagg_threshold: int = Field(alias="secagg-threshold", default=0, ge=0)
     """Sites whose masked update must arrive for the sum to be unmasked; 0: more than half
     of the planned sites (and at least min-sites)."""
+    site_nodes: str = Field(alias="site-nodes", default="")
+    """The JSON file of the node id each site's key was registered as (run plumbing), so
+    the lead reads a site's id even before it answered a query; empty: none."""
     coordinator_key: str = Field(alias="coordinator-key", default="")
     """The coordinator's Ed25519 signing key (path), for its round announcements (run
     plumbing); empty: a key made for the run, which sites cannot pin."""
@@ -150,6 +155,9 @@ class StudySettings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
+            unknown = unknown_key_problem(cls, exc)
+            if unknown is not None:
+                raise StudyConfigError(f"{where}: {unknown}") from exc
             first = exc.errors()[0]
             key = ".".join(str(part) for part in first["loc"])
             if not key:  # a rule across keys, whose message names them

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfed.client.config import SiteConfig
+from medfed.client.records import check_site_records
 from medfed.privacy.accountant import AccountantKind, epsilon_of
 from medfed.privacy.audit import AuditLog, verify_audit_log
 from medfed.privacy.errors import AuditLogError
@@ -100,14 +101,19 @@ class BudgetSummary:
     audit_entries: int = 0
     audit_problem: str | None = None
     refusals: list[dict[str, object]] = field(default_factory=list)
+    records_problems: list[str] = field(default_factory=list)
+    """Signs of deleted records: signed heads not extended, or a spend in only one of
+    ledger and audit log (`client.records.check_site_records`)."""
 
     @property
     def verified(self) -> bool:
-        """True when every ledger row and audit entry verifies."""
-        return not self.ledger_problems and self.audit_problem is None
+        """True when every ledger row and audit entry verifies and nothing was cut."""
+        return not self.ledger_problems and self.audit_problem is None and not self.records_problems
 
     def to_json(self) -> dict[str, object]:
         return {
+            "records_verified": not self.records_problems,
+            "records_problems": self.records_problems,
             "audit_entries": self.audit_entries,
             "audit_verified": self.audit_problem is None,
             "audit_problem": self.audit_problem,
@@ -172,7 +178,9 @@ def budget_summary(config: SiteConfig, *, now: dt.datetime | None = None) -> Bud
         _unit_budget(ledger, name, covered.get(name, 0), config, approved, now) for name in names
     ]
     audit_entries, audit_problem, refusals = _audit(config)
+    records_problems = check_site_records(config, SigningKey.load(config.signing_key_path).public)
     return BudgetSummary(
+        records_problems=records_problems,
         audit_entries=audit_entries,
         audit_problem=audit_problem,
         refusals=refusals,

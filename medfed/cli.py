@@ -228,6 +228,8 @@ def budget_show(
             stderr.print(Text(f"ledger: {problem}"))
     if summary.audit_problem is not None:
         stderr.print(Text(f"audit log: {summary.audit_problem}"))
+    for problem in summary.records_problems:
+        stderr.print(Text(f"records cut or deleted: {problem}"))
     if not summary.verified or any(b.exceeded for b in summary.datasets):
         raise typer.Exit(1)
 
@@ -261,6 +263,47 @@ def budget_approve(
         )
 
 
+@budget_app.command("keygen")
+def budget_keygen(
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the officer's private key (PEM).")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Make the privacy officer's Ed25519 key pair: OUT (private, mode 0600; keep it off
+    the site's servers) and OUT with .pub (the public half, for site.toml's
+    officer_public_key). An existing key is never replaced."""
+    from medfed.privacy.signing import SigningKey
+
+    public_path = out.with_suffix(".pub")
+
+    def make() -> SigningKey:
+        from medfed.privacy.errors import KeyFileError
+
+        if public_path.exists():
+            raise KeyFileError(f"{public_path}: already exists; refusing to replace a key")
+        key = SigningKey.generate()
+        key.save(out)
+        key.public.save(public_path)
+        return key
+
+    key = _guard(make)
+    if as_json:
+        document = {"private_key": str(out), "public_key": str(public_path)}
+        sys.stdout.write(json.dumps({**document, "key_id": key.public.key_id}) + "\n")
+    else:
+        stdout.print(
+            Text(
+                f"wrote {out} (SECRET, mode 0600) and {public_path} (key id"
+                f" {key.public.key_id}); copy {public_path.name} to the site and name it"
+                " as officer_public_key in site.toml"
+            ),
+            soft_wrap=True,
+        )
+
+
 @budget_app.command("report")
 def budget_report(
     site_toml: SiteToml,
@@ -276,6 +319,8 @@ def budget_report(
         stderr.print(Text(f"ledger: {problem}"))
     if summary.audit_problem is not None:
         stderr.print(Text(f"audit log: {summary.audit_problem}"))
+    for problem in summary.records_problems:
+        stderr.print(Text(f"records cut or deleted: {problem}"))
     if not summary.verified or any(b.exceeded for b in summary.datasets):
         raise typer.Exit(1)
 
@@ -301,33 +346,33 @@ def audit_verify(
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
 ) -> None:
-    """Check every entry's signature and the hash chain; name the first bad entry (exit 1)."""
-    from medfed.privacy.audit import verify_audit_log
-    from medfed.privacy.signing import SigningKey, VerifyKey
+    """Check every entry's signature and the hash chain, and that no tail was cut (the
+    signed heads kept elsewhere; for a site, the ledger cross-checked); name the first bad
+    entry or the cut (exit 1)."""
+    from medfed.audit_check import check_audit
 
-    def public() -> VerifyKey:
-        if key.suffix == ".toml":
-            return SigningKey.load(_site_config(key).signing_key_path).public
-        return VerifyKey.load(key)
-
-    verification = _guard(lambda: verify_audit_log(path, public()))
-    first_bad = verification.first_bad
+    check = _guard(lambda: check_audit(path, key))
+    first_bad = check.first_bad
     if as_json:
         document = {
             "path": str(path),
-            "entries_checked": verification.entries_checked,
-            "verified": first_bad is None,
+            "entries_checked": check.entries_checked,
+            "verified": check.ok,
             "first_bad": None
             if first_bad is None
             else {"line": first_bad[0], "reason": first_bad[1]},
-            "last_hash": verification.last_hash,
+            "problems": check.problems,
+            "last_hash": check.last_hash,
         }
         sys.stdout.write(json.dumps(document) + "\n")
-    elif first_bad is None:
-        stdout.print(Text(f"{path}: {verification.entries_checked} entries verified"))
-    if first_bad is not None:
+    elif check.ok:
+        stdout.print(Text(f"{path}: {check.entries_checked} entries verified"))
+    if not check.ok:
         if not as_json:
-            stderr.print(Text(f"{path}: line {first_bad[0]}: {first_bad[1]}"))
+            if first_bad is not None:
+                stderr.print(Text(f"{path}: line {first_bad[0]}: {first_bad[1]}"))
+            for problem in check.problems:
+                stderr.print(Text(f"{path}: {problem}"), soft_wrap=True)
         raise typer.Exit(1)
 
 

@@ -9,14 +9,18 @@ stopped by PID on the way out.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
+import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medfed.common import write_atomic
 from medfed.coordinator.consortium import ConsortiumConfig
 from medfed.errors import MedfedError
 from medfed.flower import (
@@ -39,8 +43,16 @@ from medfed.lifecycle import (
     remember_node,
 )
 from medfed.privacy.pki import CertificateExpiry, certificate_expiry
-from medfed.processes import ProcessGroup, find_program, tls_health_ok
+from medfed.processes import (
+    ProcessGroup,
+    find_program,
+    port_holders,
+    port_taken,
+    tagged_pids,
+    tls_health_ok,
+)
 from medfed.provision import PkiLayout
+from medfed.supervisor import pid_alive
 
 CONNECTION = CONSORTIUM_CONNECTION
 SUPERVISE_INTERVAL_S = 0.5
@@ -155,7 +167,10 @@ def start_coordinator(
     flwr = find_program("flwr", install_hint=FLWR_HINT)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    _reap_orphans(run_dir, warn)
+    _refuse_taken_port(config)
     with ProcessGroup(log_dir=run_dir / "logs") as group:
+        _remember_owner(run_dir, group.tag)
         process = group.start(
             "superlink",
             superlink_argv(
@@ -167,6 +182,7 @@ def start_coordinator(
                 host=_bind_host(config.consortium.host),
                 port=config.consortium.port,
             ),
+            die_with_parent=True,  # a SIGKILLed `coordinator start` leaves no SuperLink
         )
         group.wait_until_ready(
             process, lambda: superlink_healthy(config, layout.ca_cert), timeout_s=START_TIMEOUT_S
@@ -188,6 +204,56 @@ def start_coordinator(
         while True:
             group.check_alive()
             time.sleep(SUPERVISE_INTERVAL_S)
+
+
+OWNER_NAME = "coordinator.owner.json"
+"""`coordinator start`'s PID and its process group's tag, for the next start to reap
+what a killed one left (Flower's SuperExec and ServerApp run in sessions of their own)."""
+
+
+def _remember_owner(run_dir: Path, tag: str) -> None:
+    document = {"pid": os.getpid(), "tag": tag}
+    write_atomic(run_dir / OWNER_NAME, (json.dumps(document) + "\n").encode())
+
+
+def _reap_orphans(run_dir: Path, warn: Callable[[str], None]) -> None:
+    """Stop, by PID, the processes a killed `coordinator start` left behind (they carry its
+    group's tag); refuse if that `coordinator start` is still running."""
+    try:
+        document = json.loads((run_dir / OWNER_NAME).read_text(encoding="utf-8"))
+        pid, tag = int(document["pid"]), str(document["tag"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid != os.getpid() and pid_alive(pid):
+        raise CoordinatorStartError(
+            f"`coordinator start` already runs for {run_dir} (PID {pid}); stop it first"
+        )
+    orphans = list(tagged_pids(tag))
+    for orphan in orphans:
+        warn(f"warning: stopping PID {orphan}, left running by a coordinator that was killed")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while orphans and any(True for _ in tagged_pids(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _refuse_taken_port(config: ConsortiumConfig) -> None:
+    """Never start (or report ready) while another process holds the SuperLink's port:
+    its health check would answer for ours. Names the holder."""
+    port = config.consortium.port
+    if not port_taken(port, _bind_host(config.consortium.host)):
+        return
+    holders = port_holders(port)
+    named = (
+        "; ".join(f"PID {pid} ({command})" for pid, command in holders)
+        if holders
+        else "a process this user cannot see"
+    )
+    raise CoordinatorStartError(
+        f"port {port} is already in use by {named}; stop it (or choose another port in"
+        f" {config.source}) before `coordinator start`"
+    )
 
 
 @dataclass(frozen=True)

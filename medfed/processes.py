@@ -69,6 +69,49 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def port_holders(port: int) -> list[tuple[int, str]]:
+    """(PID, command line) of each process listening on TCP `port` that this user may
+    see (Linux /proc); empty if none is visible."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            listening = len(fields) > 9 and fields[3] == "0A"  # TCP_LISTEN
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders: list[tuple[int, str]] = []
+    if not inodes:
+        return holders
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not _holds_any(entry, inodes):
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        holders.append((int(entry.name), command.decode("utf-8", "replace").strip()[:200]))
+    return holders
+
+
+def _holds_any(process: Path, links: set[str]) -> bool:
+    """Whether the process at /proc/<pid> has an open file descriptor naming one of `links`."""
+    try:
+        descriptors = list((process / "fd").iterdir())
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in links:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
 def tagged_pids(tag: str) -> Iterator[int]:
     """PIDs of live processes whose environment carries `TAG_VARIABLE=tag`."""
     needle = f"{TAG_VARIABLE}={tag}".encode()

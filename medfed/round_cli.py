@@ -33,6 +33,10 @@ ConsortiumOption = Annotated[
 ]
 RunArgument = Annotated[str, typer.Argument(help="The run's name (see `medfed round list`).")]
 FOLLOW_POLL_S = 1.0
+SECAGG_OFF_WARNING = (
+    "WARNING: SECURE AGGREGATION IS OFF for this study: the coordinator sees each site's"
+    " (DP-noised) update, not only their sum"
+)
 START_WAIT_S = 900.0
 """How long `--follow` waits for a submitted run to write its first report."""
 
@@ -57,6 +61,8 @@ def _print_view(document: dict[str, object]) -> None:
         eta = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(document["waiting_until"])))  # type: ignore[arg-type]
         line += f"; waiting for enough sites in their windows until {eta}"
     stdout.print(Text(line), soft_wrap=True)
+    if document.get("secure_aggregation") is False:
+        stderr.print(Text(SECAGG_OFF_WARNING, style="bold red"), soft_wrap=True)
     if document.get("error"):
         stderr.print(Text(f"error: {document['error']}"), soft_wrap=True)
 
@@ -122,6 +128,8 @@ def round_start(
         stderr.print(Text("warning: no --pki: the app bundle is NOT signed (sites that check"
                           " bundles will refuse it) and site updates will NOT be"
                           " signature-checked"), soft_wrap=True)  # fmt: skip
+    if not study.secure_aggregation:
+        stderr.print(Text(SECAGG_OFF_WARNING, style="bold red"), soft_wrap=True)
     layout = None if pki is None else PkiLayout(pki)
     started = guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
     document = started.to_json()

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from medfed.common import write_atomic
-from medfed.coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME
+from medfed.coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME, verify_chain
 from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from medfed.coordinator.errors import CoordinatorError
 from medfed.coordinator.results import RoundRecord, RunResults, read_results
 from medfed.errors import MedfedError
-from medfed.privacy.audit import verify_audit_log
 from medfed.privacy.errors import PrivacyError
 from medfed.privacy.signing import VerifyKey
 from medfed.svg import Point, line_chart
@@ -59,27 +58,30 @@ def read_run_folder(run_dir: Path) -> RunFolder:
         rounds = store.rounds()
     except CoordinatorError as exc:
         raise ReportError(str(exc)) from exc
-    audit, audit_ok = _audit(run_dir)
+    audit, audit_ok = _audit(run_dir, results)
     return RunFolder(
         run_dir, results, None if last is None else last.state.get("lineage"), rounds,
         audit, audit_ok,
     )  # fmt: skip
 
 
-def _audit(run_dir: Path) -> tuple[str, bool | None]:
+def _audit(run_dir: Path, results: RunResults) -> tuple[str, bool | None]:
     path, public = run_dir / AUDIT_NAME, run_dir / PUBLIC_KEY_NAME
     if not path.exists():
         return "no audit chain in the run folder", None
     try:
-        verification = verify_audit_log(path, VerifyKey.load(public))
+        check = verify_chain(
+            path, VerifyKey.load(public), finished=results.status in ("completed", "failed")
+        )
     except PrivacyError as exc:
         return f"cannot be checked: {exc}", False
-    if verification.first_bad is not None:
-        line, reason = verification.first_bad
-        return f"FAILS at entry {line}: {reason}", False
+    if check.problem is not None:
+        joint = " " if check.problem.startswith("at entry") else ": "
+        return f"FAILS{joint}{check.problem}", False
+    head = "" if check.head_count is None else f", its signed head in {CHECKPOINTS_NAME}"
     return (
-        f"{verification.entries_checked} entries verified against {PUBLIC_KEY_NAME}"
-        f" (last hash {verification.last_hash[:16]})",
+        f"{check.entries_checked} entries verified against {PUBLIC_KEY_NAME}{head}"
+        f" (last hash {check.last_hash[:16]})",
         True,
     )
 

@@ -33,6 +33,7 @@ from medfed.coordinator.study import StudySettings
 from medfed.errors import MedfedError
 from medfed.flower import CONSORTIUM_CONNECTION as CONNECTION
 from medfed.flower import FLWR_HOME_NAME, FlwrCommandError, check_flwr, require_supported_flwr
+from medfed.lifecycle import REGISTERED_NAME
 from medfed.privacy.errors import PrivacyError
 from medfed.privacy.signing import SigningKey
 from medfed.provision import APP_SIGNING_KEY_ID, PkiLayout
@@ -60,6 +61,8 @@ class RunRecord:
     stopped: bool = False
     pki: str = ""
     """The PKI folder whose app-signing key signed the bundle (resume signs with it too)."""
+    secure_aggregation: bool = True
+    """Whether the study aggregates securely; off is shown on every status."""
 
     def save(self, folder: Path) -> None:
         write_atomic(folder / RUN_FILE, json.dumps(asdict(self), indent=1).encode("utf-8"))
@@ -97,6 +100,7 @@ class RunView:
             "study": self.record.study,
             "flower_run_ids": self.record.flower_run_ids,
             "stopped": self.record.stopped,
+            "secure_aggregation": self.record.secure_aggregation,
             "status": self.status,
             "rounds_completed": 0 if results is None else results.rounds_completed,
             "num_rounds": None if results is None else results.num_rounds,
@@ -161,6 +165,9 @@ def _run_config(
         config["coordinator-key"] = str(pki.coordinator_key.resolve())
     if (folder / SITE_KEYS_DIR).is_dir():
         config["site-keys-dir"] = str(folder / SITE_KEYS_DIR)
+    registered = folder.parent.parent / REGISTERED_NAME  # the consortium's run_dir
+    if registered.is_file():  # node ids by site, so the lead reads site ids
+        config["site-nodes"] = str(registered)
     return config
 
 
@@ -222,6 +229,7 @@ def start_run(
     if pki is not None:
         _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
     record = RunRecord(name, study.name, study.sha256(), moment.isoformat())
+    record.secure_aggregation = study.secure_aggregation
     record.pki = "" if pki is None else str(pki.root.resolve())
     record.save(folder)
     app_dir = build_app_dir(folder / "app", _run_config(study, folder, resume=False, pki=pki))
@@ -276,6 +284,6 @@ def study_of(folder: Path) -> StudySettings:
         values = dict(document["tool"]["flwr"]["app"]["config"])
     except (KeyError, TypeError) as exc:
         raise RunError(f"{pyproject}: no [tool.flwr.app.config] table ({exc})") from exc
-    for key in ("results-path", "run-dir", "resume", "site-keys-dir"):
+    for key in ("results-path", "run-dir", "resume", "site-keys-dir", "site-nodes"):
         values.pop(key, None)
     return StudySettings.from_run_config(values)

@@ -164,9 +164,13 @@ def study_fit_report(
 
 
 def load_study_contract(path: Path | None) -> StudyContract:
-    """The contract in study.toml's `[contract]` table (see `coordinator.study`)."""
+    """The contract in study.toml's `[contract]` table; the whole file is validated as
+    strictly as `round start` does (unknown keys, wrong types, an empty file)."""
     from medfed.coordinator.study import load_study_contract as load
+    from medfed.coordinator.study import load_study_file
 
+    if path is not None:
+        load_study_file(path)
     return load(path)
 
 

@@ -5,6 +5,7 @@ A Typer sub-app; `medfed/cli.py` registers it as `site` (beside `site check`).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import sys
@@ -79,10 +80,50 @@ def bundle_settings(config: SiteConfig) -> dict[str, Any]:
     }
 
 
+def clock_skew(config: SiteConfig, now: dt.datetime | None = None) -> str | None:
+    """Why this machine's clock cannot be right, or None: a consortium certificate the
+    site holds is not yet valid by it (TLS then fails with no clearer word)."""
+    from medfed.privacy.errors import PrivacyError
+    from medfed.privacy.pki import load_certificate
+
+    now = now or dt.datetime.now(dt.UTC)
+    paths = [config.site.identity_certificate]
+    if config.coordinator is not None:
+        paths.append(config.coordinator.root_certificates)
+    for path in paths:
+        resolved = config.optional_path(path)
+        if resolved is None or not resolved.is_file():
+            continue
+        try:
+            valid_from = load_certificate(resolved).not_valid_before_utc
+        except (PrivacyError, ValueError):
+            continue
+        if now < valid_from:
+            return (
+                f"clock skew: {resolved} is valid from {valid_from.isoformat()}, but this"
+                f" machine's clock says {now.isoformat(timespec='seconds')}; fix the clock (NTP)"
+            )
+    return None
+
+
+def link_state(config: SiteConfig, *, running: bool, connected: bool) -> str:
+    """The daemon's link in one phrase: connected, or the first cause found for not."""
+    from medfed.client.worker_rpc import WorkerClient, worker_socket_path
+
+    if not running:
+        return "daemon not running"
+    skew = clock_skew(config)
+    if skew is not None:
+        return skew
+    if not WorkerClient(worker_socket_path(config)).ping(timeout_s=2.0):
+        return "worker unreachable (it does not answer on its socket; see logs/worker.log)"
+    return "connected" if connected else "not connected (see logs/supernode.log)"
+
+
 def site_status_document(site_toml: Path) -> dict[str, Any]:
     """What `medfed site status --json` prints: processes, connection, last round, budget."""
     from medfed.budget import budget_summary
-    from medfed.supervisor import pid_alive, read_state
+    from medfed.supervisor import lock_holder, pid_alive, read_state
 
     config = site_config(site_toml)
     state = read_state(config) or {}
@@ -94,12 +135,16 @@ def site_status_document(site_toml: Path) -> dict[str, Any]:
         if isinstance(child, dict)
     }
     summary = budget_summary(config).to_json()
+    connected = bool(state.get("connected")) and running
+    holder = lock_holder(config)
     return {
+        "link": link_state(config, running=running, connected=connected),
+        "lock_holder": holder,
         "site_id": config.site.id,
         "running": running,
         "daemon_pid": state.get("daemon_pid") if running else None,
         "superlink": None if config.coordinator is None else config.coordinator.superlink,
-        "connected": bool(state.get("connected")) and running,
+        "connected": connected,
         "processes": processes,
         "last_round": _last_round(site_toml),
         "bundles": bundle_settings(config),
@@ -135,11 +180,13 @@ def site_status(
         sys.stdout.write(json.dumps(document) + "\n")
     else:
         state = "running" if document["running"] else "NOT running"
-        link = "connected" if document["connected"] else "not connected"
         stdout.print(
-            Text(f"site {document['site_id']}: daemon {state}; {link} to {document['superlink']}"),
+            Text(f"site {document['site_id']}: daemon {state}; {document['link']}"
+                 f" (SuperLink {document['superlink']})"),
             soft_wrap=True,
-        )
+        )  # fmt: skip
+        if not document["running"] and document["lock_holder"] is not None:
+            stdout.print(Text(f"but PID {document['lock_holder']} holds the site's lock"))
         table = Table(title="processes")
         for column in ("process", "pid", "alive", "restarts"):
             table.add_column(column)

@@ -15,11 +15,17 @@ A child that exits is restarted with exponential backoff (1 s doubling to 60 s, 
 after 60 s of good health). The daemon logs to a rotating file in the state dir and
 writes its state (children, PIDs, restarts, ports) atomically to `daemon.json` there,
 which `medfed site status` reads. SIGTERM or SIGINT stops every child by PID.
+
+One daemon per site: `daemon.lock` in the state dir is held (flock) with the daemon's
+PID for its whole life, taken before anything else is written, so a second
+`site start` on the same site.toml refuses, naming the first, and touches none of its
+files (its worker socket, SuperExec secret or state).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import logging.handlers
@@ -43,6 +49,7 @@ from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_po
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "daemon.json"
+LOCK_FILE: Final = "daemon.lock"
 SECRET_FILE: Final = "superexec.secret"
 LOG_DIR: Final = "logs"
 LOG_MAX_BYTES: Final = 5 * 1024 * 1024
@@ -145,9 +152,17 @@ class SiteDaemon:
         self.config = config
         self.state_dir = config.state_dir
         self.log_dir = self.state_dir / LOG_DIR
+        # before anything is written: a second daemon must not touch the first's files
+        self._lock_fd = acquire_site_lock(config)
         self.runtime_port = free_port()
         self.superlink = superlink
-        secret = _secret(self.state_dir / SECRET_FILE)
+        try:
+            secret = _secret(self.state_dir / SECRET_FILE)
+        except OSError as exc:
+            raise DaemonError(
+                f"site {config.site.id}: the state folder {self.state_dir} cannot be written"
+                f" ({exc.strerror})"
+            ) from exc
         find_program("flower-supernode", install_hint=FLWR_HINT)  # flwr is installed
         require_supported_flwr()  # and is the release medfed's Flower door supports
         poll_s = str(config.coordinator.poll_interval_s) if config.coordinator else "1.0"
@@ -271,6 +286,16 @@ class SiteDaemon:
             "children": {child.name: child.to_json() for child in self.children},
         }
 
+    def release(self) -> None:
+        """Give up the site's lock (after `run`, or for a daemon that never ran)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock_fd", -1) >= 0:
+            self.release()
+
     def write_state(self, *, running: bool = True) -> None:
         write_text_atomic(
             self.state_dir / STATE_FILE, json.dumps(self.state(running=running)) + "\n"
@@ -301,6 +326,58 @@ class SiteDaemon:
             self.write_state(running=False)
             root.removeHandler(handler)
             handler.close()
+            self.release()
+
+
+def acquire_site_lock(config: SiteConfig) -> int:
+    """Hold `<state dir>/daemon.lock` (an flock, released when the process ends) with this
+    PID in it; `DaemonError` naming the daemon that holds it, or an unwritable folder."""
+    path = config.state_dir / LOCK_FILE
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise DaemonError(
+            f"site {config.site.id}: the state folder {config.state_dir} cannot be written"
+            f" ({exc.strerror})"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise DaemonError(
+            f"site {config.site.id}: a daemon already runs for this site (PID {holder},"
+            f" lock {path}); stop it first (`kill {holder}`), or use its `site status`"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise DaemonError(
+            f"site {config.site.id}: {path} cannot be written ({exc.strerror})"
+        ) from exc
+    return fd
+
+
+def lock_holder(config: SiteConfig) -> int | None:
+    """The PID of the daemon holding the site's lock, or None if none holds it."""
+    path = config.state_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_state(config: SiteConfig) -> dict[str, Any] | None:

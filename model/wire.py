@@ -56,6 +56,9 @@ ACCELERATOR: Final = "accelerator"  # in the SITE record: cpu, cuda or rbln
 THROUGHPUT: Final = "throughput"  # measured DP-SGD samples per second on the study's model
 BUDGET_LEFT: Final = "budget-left"  # epsilon the approval and cap still allow on the dataset
 PATIENTS: Final = "patients"  # training patients (the site's aggregation weight)
+# In the SITE record: "" if the site's pre-flight of the round the query described passed,
+# else its category (`client.protocol.PREFLIGHT_CODES`); absent from older sites.
+PREFLIGHT: Final = "preflight"
 
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"

@@ -6,7 +6,9 @@ previous line's bytes without its newline ("0" * 64 for the first), and `signatu
 the actor's Ed25519 signature of `canonical_json` of the other six fields. Editing,
 deleting, inserting or reordering a line breaks a signature, a seq or a prev, and
 `verify_audit_log` names the first line where that shows. Removing the newest lines
-leaves a valid shorter chain: anchor `AuditVerification.last_hash` elsewhere to see it.
+leaves a valid shorter chain: an `on_append` hook writes a signed head (count and last
+hash, `privacy.heads`) elsewhere after every append, under the log's lock, so a cut tail
+shows against it.
 
 Appends hold an exclusive `flock` on the file, so processes never interleave, and
 are fsynced before `append` returns. A crash mid-write can leave a torn last line
@@ -25,7 +27,7 @@ import fcntl
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -114,12 +116,20 @@ class AuditVerification:
 class AuditLog:
     """An append-only, signed, hash-chained JSON-lines log at `path`.
 
-    With `signer` None the log can only be read.
+    With `signer` None the log can only be read. `on_append` is called with each entry
+    appended, still under the file's lock (so heads written by it are in order).
     """
 
-    def __init__(self, path: Path, signer: SigningKey | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        signer: SigningKey | None,
+        *,
+        on_append: Callable[[AuditEntry], None] | None = None,
+    ) -> None:
         self._path = path
         self._signer = signer
+        self._on_append = on_append
 
     @property
     def path(self) -> Path:
@@ -148,7 +158,10 @@ class AuditLog:
             if complete_end < size:
                 torn = self._set_aside_torn_tail(fd, complete_end, size)
                 last_line = self._write(fd, self._signer, last_line, TORN_TAIL_EVENT, torn).line()
-            return self._write(fd, self._signer, last_line, event, details)
+            entry = self._write(fd, self._signer, last_line, event, details)
+            if self._on_append is not None:
+                self._on_append(entry)
+            return entry
         finally:
             os.close(fd)  # releases the lock
 

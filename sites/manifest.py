@@ -129,7 +129,8 @@ def load_site_data(
     """Read every dataset of `config`, join per patient, split (by the contract's
     `holdout_fraction` and `holdout_min` unless `held_out_per_mille` says), and
     fingerprint."""
-    datasets = config.datasets or legacy_datasets(config.data_dir, contract)
+    # data_dir is already taken from site.toml's folder; absolute, so not joined twice
+    datasets = config.datasets or legacy_datasets(config.data_dir.absolute(), contract)
     base = config.source.parent
     reads = [read_dataset(dataset, contract, base) for dataset in datasets]
     samples, conflicts = join_patients(reads, contract)

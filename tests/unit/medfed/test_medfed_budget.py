@@ -94,3 +94,22 @@ def test_a_bad_site_toml_names_the_file_and_key(tmp_path: Path) -> None:
     assert f"{site}: key privacy.epsilon_cap:" in result.stderr
     missing = runner.invoke(app, ["budget", "show", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 1 and "cannot be read" in missing.stderr
+
+
+def test_keygen_makes_the_officers_key_that_approves_at_the_site(
+    site: Path, tmp_path: Path
+) -> None:
+    """Red-team row "messages": no command made the officer's key (openssl was used)."""
+    key = tmp_path / "officer-new" / "officer.key"
+    key.parent.mkdir()
+    made = runner.invoke(app, ["budget", "keygen", "--out", str(key), "--json"])
+    assert made.exit_code == 0, made.output
+    assert key.stat().st_mode & 0o777 == 0o600
+    officer_pub = site.parent / "keys" / "officer.pub"
+    officer_pub.unlink()
+    officer_pub.write_bytes(key.with_suffix(".pub").read_bytes())
+    result = _approve(site, _study_toml(tmp_path), key)
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    again = runner.invoke(app, ["budget", "keygen", "--out", str(key)])
+    assert again.exit_code == 1 and "refusing to replace a key" in again.stderr
+    assert SigningKey.load(key).public.key_id == json.loads(made.stdout)["key_id"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -109,3 +110,44 @@ def test_a_folder_without_results_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "results.json: missing" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_chain_whose_tail_was_cut_fails_the_report_and_audit_verify(tmp_path: Path) -> None:
+    """Red-team row "truncation": `run.finished` removed leaves a valid, shorter chain; the
+    signed head kept in the checkpoint database shows the cut."""
+    folder, _ = run_folder(tmp_path / "run")
+    chain = folder / "audit.jsonl"
+    lines = chain.read_bytes().split(b"\n")[:-1]
+    assert json.loads(lines[-1])["event"] == "run.finished"
+    chain.write_bytes(b"\n".join(lines[:-1]) + b"\n")
+    key = folder / "coordinator-signing.pub"
+
+    report = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "r.html")])
+    verify = CliRunner().invoke(app, ["audit", "verify", str(chain), "--key", str(key)])
+
+    assert report.exit_code == 1
+    assert "its tail was cut" in report.stderr
+    assert verify.exit_code == 1 and "its tail was cut" in verify.stderr
+
+
+def test_without_its_head_a_finished_run_must_end_its_chain(tmp_path: Path) -> None:
+    folder, _ = run_folder(tmp_path / "run")
+    chain = folder / "audit.jsonl"
+    lines = chain.read_bytes().split(b"\n")[:-1]
+    chain.write_bytes(b"\n".join(lines[:-1]) + b"\n")
+    with sqlite3.connect(folder / "checkpoints.db") as db:
+        db.execute("DELETE FROM audit_head")
+
+    report = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "r.html")])
+
+    assert report.exit_code == 1
+    assert "does not end with run.finished" in report.stderr
+
+
+def test_a_run_without_secure_aggregation_says_so_in_its_chain(tmp_path: Path) -> None:
+    folder, _ = run_folder(tmp_path / "run")
+    events = [
+        json.loads(line)["event"] for line in (folder / "audit.jsonl").read_text().splitlines()
+    ]
+    assert events.count("secure_aggregation.off") == 1
+    assert events.index("secure_aggregation.off") < events.index("round.planned")

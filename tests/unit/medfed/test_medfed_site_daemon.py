@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -176,3 +177,83 @@ def test_a_restarted_supernode_is_not_connected_on_the_strength_of_an_earlier_st
         assert daemon.connected() is True
     finally:
         daemon.group.stop_all()
+
+
+def test_a_second_daemon_on_the_same_site_refuses_naming_the_first(site_toml: Path) -> None:
+    """Red-team row "second daemon": the second start deleted the first's worker.sock."""
+    _add_coordinator(site_toml)
+    config = load_site_config(site_toml)
+    first = SiteDaemon(config)
+    socket = config.state_dir / "worker.sock"
+    socket.write_text("the first daemon's socket")
+    secret = (config.state_dir / "superexec.secret").read_bytes()
+
+    result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+
+    assert result.exit_code == 1
+    assert f"a daemon already runs for this site (PID {os.getpid()}" in result.output
+    assert "Traceback" not in result.output
+    assert socket.read_text() == "the first daemon's socket"
+    assert (config.state_dir / "superexec.secret").read_bytes() == secret
+    first.release()
+    SiteDaemon(config).release()  # once the first is gone, a daemon starts
+
+
+def test_a_read_only_state_folder_is_one_line(site_toml: Path) -> None:
+    _add_coordinator(site_toml)
+    state = load_site_config(site_toml).state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o500)
+    try:
+        if os.access(state, os.W_OK):
+            pytest.skip("running as a user that may write anywhere (root)")
+        result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+    finally:
+        os.chmod(state, 0o700)
+    assert result.exit_code == 1
+    assert "cannot be written (Permission denied)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_state_folder_that_cannot_be_made_is_one_line(site_toml: Path) -> None:
+    """As a read-only folder for root: the state path is taken by a plain file."""
+    _add_coordinator(site_toml)
+    state = load_site_config(site_toml).state_dir
+    if state.exists():
+        shutil.rmtree(state)
+    state.write_text("not a folder")
+    result = CliRunner().invoke(app, ["site", "start", str(site_toml)])
+    assert result.exit_code == 1
+    assert "cannot be written" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _future_certificate(path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "consortium CA")])
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)  # this machine is a day behind
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(start).not_valid_after(start + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def test_site_status_names_clock_skew_and_an_unreachable_worker(site_toml: Path) -> None:
+    """Red-team row "clock skew": a clock a day behind showed only in supernode.log."""
+    from medfed.site_daemon import link_state
+
+    _add_coordinator(site_toml)
+    config = load_site_config(site_toml)
+    assert link_state(config, running=True, connected=False).startswith("worker unreachable")
+    _future_certificate(site_toml.parent / "kit" / "ca.pem")
+    state = link_state(config, running=True, connected=False)
+    assert state.startswith("clock skew:") and "ca.pem is valid from" in state
