@@ -18,7 +18,9 @@ from medfed.client.privacy_gate import PrivacyGate
 from medfed.client.records import check_site_records
 from medfed.consortium import DemoSite
 from medfed.privacy.audit import verify_audit_log
+from medfed.model.contract import DEMO_CONTRACT
 from medfed.privacy.ledger import PrivacyLedger, SpendRecord
+from medfed.privacy.population import NoisyCount
 from medfed.privacy.signing import SigningKey
 from tests.sitekit import make_study, site_config, train_request, write_sites
 
@@ -26,6 +28,7 @@ runner = CliRunner()
 STUDY = make_study(rounds=3, sites=1, target_epsilon=2.0, local_steps=2)
 DATASET = "dataset-1"
 PATIENTS = 2_000
+COUNT = NoisyCount(DATASET, "v1", float(PATIENTS), 10.0)
 
 
 @pytest.fixture
@@ -38,8 +41,8 @@ def _spend(config: SiteConfig, rounds: int) -> PrivacyGate:
     gate = PrivacyGate(config, PrivacyLedger(config.ledger_path))
     for number in range(1, rounds + 1):
         request = train_request(STUDY, number)
-        plan = gate.plan(request, dataset=DATASET, patients=PATIENTS)
-        assert gate.record(request, plan, dataset=DATASET)
+        plan = gate.plan(request, unit=DATASET, count=COUNT, contract=DEMO_CONTRACT)
+        assert gate.record(request, plan, unit=DATASET)
     return gate
 
 
@@ -91,7 +94,7 @@ def test_deleted_newest_ledger_row_with_rewound_sequence_is_detected(site: DemoS
     # and no more budget is spent on an under-counted ledger
     gate = PrivacyGate(config, PrivacyLedger(config.ledger_path))
     with pytest.raises(SiteRefusal, match="privacy records do not check"):
-        gate.plan(train_request(STUDY, 3), dataset=DATASET, patients=PATIENTS)
+        gate.plan(train_request(STUDY, 3), unit=DATASET, count=COUNT, contract=DEMO_CONTRACT)
 
 
 def test_cut_audit_tail_is_detected_and_stays_detected(site: DemoSite) -> None:
@@ -117,7 +120,7 @@ def test_a_spend_that_reached_only_the_ledger_is_audited_when_the_gate_opens(
     config = site_config(site.site_toml)
     gate = _spend(config, 1)
     request = train_request(STUDY, 2)
-    plan = gate.plan(request, dataset=DATASET, patients=PATIENTS)
+    plan = gate.plan(request, unit=DATASET, count=COUNT, contract=DEMO_CONTRACT)
     PrivacyLedger(config.ledger_path).record(
         SpendRecord(DATASET, plan.study, request.run_id, 2, plan.event, plan.delta),
         signer=SigningKey.load(config.signing_key_path),
