@@ -12,7 +12,7 @@ import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -24,21 +24,20 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfed.privacy.bookkeeping import BookKeepingOptimizer, attach_taps
 from medfed.privacy.errors import DpConfigError
 from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.modes import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, GradSampleMode
 
 log = logging.getLogger(__name__)
 
-GradSampleMode = Literal["bk", "hooks", "functorch", "ew", "ghost"]
-"""How per-sample gradient norms are had: `bk` book-keeping (`privacy/bookkeeping.py`:
-norms from activations and output gradients, the clipped sum as one product, one backward
-pass), or Opacus 1.6's backward hooks per layer type, functorch's vmap over every layer,
-torch's expanded weights, or ghost clipping (norms without per-sample gradients, at the
-cost of a second backward pass). All clip each patient's whole gradient the same way."""
-
-GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = get_args(GradSampleMode)
-
-DEFAULT_GRAD_SAMPLE_MODE: GradSampleMode = "bk"
-"""Book-keeping: equal to Opacus's clipped, noised gradient on every layer of the network
-(tests/unit/privacy/test_privacy_bookkeeping*.py) at a fraction of its time and memory."""
+__all__ = [
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
+    "DpSgdSettings",
+    "GradSampleMode",
+    "PrivateTraining",
+    "make_private",
+    "plain_sgd",
+    "poisson_rate",
+]
 
 LossReducer = Callable[[torch.Tensor], Any]
 """Turns a batch's per-sample losses into what `.backward()` is called on: a mean tensor,
