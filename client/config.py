@@ -79,7 +79,7 @@ class TrainingSection(BaseModel):
     @model_validator(mode="after")
     def _physical_batches_need_bookkeeping(self) -> TrainingSection:
         if self.physical_batch_size is not None and self.grad_sample_mode != "bk":
-            raise ValueError("physical_batch_size needs grad_sample_mode = \"bk\"")
+            raise ValueError('physical_batch_size needs grad_sample_mode = "bk"')
         return self
 
 

@@ -43,9 +43,9 @@ from medfed.model.network import (
     parameter_group,
     state_arrays,
 )
+from medfed.model.precision import autocast_dtype, precision_problem
 from medfed.model.tokenizers import encode
 from medfed.model.train import TaskMetrics, evaluate, train_steps
-from medfed.model.precision import autocast_dtype, precision_problem
 from medfed.privacy.dpsgd import DpSgdSettings, GradSampleMode, make_private
 from medfed.privacy.ledger import PrivacyLedger
 from medfed.privacy.receipts import UpdateReceipt

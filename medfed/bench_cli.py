@@ -105,9 +105,7 @@ def bench_dp(
         int, typer.Option(min=1, max=100, help="Interleaved runs of each variant.")
     ] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (both sides).")] = (
-        "fp32"
-    ),
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (both sides).")] = ("fp32"),
     physical_batch: Annotated[
         int | None, typer.Option(min=1, help="Rows per forward/backward (mode bk only).")
     ] = None,

@@ -163,7 +163,8 @@ class LinearTap(Tap):
         if self._explicit is None or self._explicit_bias is None:
             self._explicit, self._explicit_bias = weight, bias
         else:
-            self._explicit, self._explicit_bias = self._explicit + weight, self._explicit_bias + bias
+            self._explicit = self._explicit + weight
+            self._explicit_bias = self._explicit_bias + bias
 
     def _joined(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(a, g) as (B, T, d), (B, T, p); True when `a` is a recorded tensor (cacheable)."""
@@ -295,7 +296,7 @@ class AffineTap(Tap):
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tap: Tap
     ) -> torch.Tensor:
         dtype = compute_dtype(x)
@@ -316,7 +317,7 @@ class _LinearFunction(torch.autograd.Function):
 
 class _EmbeddingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, tap: Tap
     ) -> torch.Tensor:
         ctx.save_for_backward(ids)
@@ -332,7 +333,7 @@ class _EmbeddingFunction(torch.autograd.Function):
 
 class _AffineFunction(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x_hat: torch.Tensor,
         weight: torch.Tensor | None,
@@ -361,7 +362,7 @@ def linear_forward(module: nn.Linear, tap: Tap, x: torch.Tensor) -> torch.Tensor
     """`module(x)`, recording for book-keeping when gradients are being taken."""
     if not _recording():
         return F.linear(x, module.weight, module.bias)
-    out: torch.Tensor = _LinearFunction.apply(x, module.weight, module.bias, tap)
+    out: torch.Tensor = _LinearFunction.apply(x, module.weight, module.bias, tap)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -369,7 +370,7 @@ def embedding_forward(module: nn.Embedding, tap: Tap, ids: torch.Tensor) -> torc
     """`module(ids)`, recording for book-keeping when gradients are being taken."""
     if not _recording():
         return F.embedding(ids, module.weight, module.padding_idx)
-    out: torch.Tensor = _EmbeddingFunction.apply(ids, module.weight, module.padding_idx, tap)
+    out: torch.Tensor = _EmbeddingFunction.apply(ids, module.weight, module.padding_idx, tap)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -379,5 +380,5 @@ def layer_norm_forward(module: nn.LayerNorm, tap: Tap, x: torch.Tensor) -> torch
     if not _recording():
         return F.layer_norm(x, shape, module.weight, module.bias, module.eps)
     x_hat = F.layer_norm(x, shape, None, None, module.eps)
-    out: torch.Tensor = _AffineFunction.apply(x_hat, module.weight, module.bias, tap)
+    out: torch.Tensor = _AffineFunction.apply(x_hat, module.weight, module.bias, tap)  # type: ignore[no-untyped-call]
     return out
