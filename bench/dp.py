@@ -187,12 +187,6 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
             autocast_dtype=autocast_dtype(config.precision),
         )  # fmt: skip
 
-    flops = 0
-    if variant == "plain":  # counted on an untimed step, before the memory baseline
-        counter = FlopCounterMode(display=False)
-        with counter:
-            step()
-        flops = int(counter.get_total_flops())
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -213,6 +207,12 @@ def measure_variant(config: DpBenchConfig, variant: Variant) -> VariantFigures:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - start_cpu)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
+    flops = 0
+    if variant == "plain":  # counted on one more, untimed step, after the memory figures
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = int(counter.get_total_flops())
     return VariantFigures(
         variant=variant,
         step_s_median=statistics.median(times),
