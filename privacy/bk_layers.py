@@ -20,7 +20,7 @@ Only plain torch ops: any backend torch runs on (cpu, cuda, rbln) runs these.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -253,41 +253,53 @@ class EmbeddingTap(Tap):
 
 
 class AffineTap(Tap):
-    """`nn.LayerNorm`'s affine part, y = x_hat * weight + bias over the last dims."""
+    """`nn.LayerNorm`'s affine part, y = x_hat * weight + bias over the last dims.
+
+    Its per-sample gradients are small (2 x d per sample): they are reduced right in the
+    backward pass, so neither x_hat nor the output gradient is kept."""
 
     def __init__(self, module: nn.LayerNorm, name: str) -> None:
         super().__init__(module, name)
         self.norm = module
+        self._weight: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
 
-    def _per_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's (weight, bias) gradients, flattened to (B, numel), in fp32."""
-        shape = self.norm.normalized_shape
-        weight, bias = None, None
-        for x_hat, g in self.records:
-            flat_x = x_hat.float().reshape(x_hat.shape[0], -1, *shape)
-            flat_g = g.float().reshape(g.shape[0], -1, *shape)
-            w = (flat_x * flat_g).sum(1).reshape(g.shape[0], -1)
-            b = flat_g.sum(1).reshape(g.shape[0], -1)
-            weight = w if weight is None else weight + w
-            bias = b if bias is None else bias + b
-        assert weight is not None and bias is not None  # only called with records
-        return weight, bias
+    def pending(self) -> bool:
+        return self._weight is not None
+
+    def clear(self) -> None:
+        super().clear()
+        self._weight = self._bias = None
+
+    def record(self, activation: torch.Tensor, output_grad: torch.Tensor) -> None:
+        if activation.shape[0] == 0:
+            return
+        width = math.prod(self.norm.normalized_shape)
+        x_hat = activation.detach().float().reshape(activation.shape[0], -1, width)
+        g = output_grad.detach().float().reshape(output_grad.shape[0], -1, width)
+        weight, bias = (x_hat * g).sum(1), g.sum(1)
+        if self._weight is None or self._bias is None:
+            self._weight, self._bias = weight, bias
+        else:
+            self._weight, self._bias = self._weight + weight, self._bias + bias
 
     def norms_sq(self, cache: GhostCache) -> torch.Tensor:
-        weight, bias = self._per_sample()
-        squared = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        assert self._weight is not None and self._bias is not None  # only when pending
+        squared = torch.zeros(
+            self._weight.shape[0], dtype=torch.float32, device=self._weight.device
+        )
         if self.norm.weight is not None and self.norm.weight.requires_grad:
-            squared = squared + weight.pow(2).sum(1)
+            squared = squared + self._weight.pow(2).sum(1)
         if self.norm.bias is not None and self.norm.bias.requires_grad:
-            squared = squared + bias.pow(2).sum(1)
+            squared = squared + self._bias.pow(2).sum(1)
         return squared
 
     def add_clipped(self, factors: torch.Tensor, sums: dict[nn.Parameter, torch.Tensor]) -> None:
-        weight, bias = self._per_sample()
+        assert self._weight is not None and self._bias is not None  # only when pending
         if self.norm.weight is not None:
-            _add(sums, self.norm.weight, (factors @ weight).view_as(self.norm.weight))
+            _add(sums, self.norm.weight, (factors @ self._weight).view_as(self.norm.weight))
         if self.norm.bias is not None:
-            _add(sums, self.norm.bias, (factors @ bias).view_as(self.norm.bias))
+            _add(sums, self.norm.bias, (factors @ self._bias).view_as(self.norm.bias))
 
 
 # The autograd functions. Parameters are inputs (so the function is in the graph) whose
@@ -331,27 +343,37 @@ class _EmbeddingFunction(torch.autograd.Function):
         return None, None, None, None
 
 
-class _AffineFunction(torch.autograd.Function):
+class _LayerNormFunction(torch.autograd.Function):
+    """torch's own layer norm forward and input backward; x_hat for the tap is rebuilt
+    from the saved input, mean and rstd in the backward pass (nothing more is kept)."""
+
     @staticmethod
     def forward(
         ctx: Any,
-        x_hat: torch.Tensor,
+        x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
+        shape: tuple[int, ...],
+        eps: float,
         tap: Tap,
     ) -> torch.Tensor:
-        out = x_hat if weight is None else x_hat * weight.to(x_hat.dtype)
-        out = out if bias is None else out + bias.to(x_hat.dtype)
-        ctx.save_for_backward(x_hat, weight)
-        ctx.tap = tap
-        return out
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, list(shape), weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.tap, ctx.shape = tap, shape
+        return cast(torch.Tensor, out)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        x_hat, weight = ctx.saved_tensors
-        ctx.tap.record(x_hat, grad)
-        grad_x = grad if weight is None else grad * weight.to(grad.dtype)
-        return (grad_x.to(x_hat.dtype) if ctx.needs_input_grad[0] else None), None, None, None
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        ctx.tap.record((x - mean) * rstd, grad)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        grad_x, _, _ = torch.ops.aten.native_layer_norm_backward(
+            grad, x, list(ctx.shape), mean, rstd, weight, bias, [True, False, False]
+        )
+        return grad_x, None, None, None, None, None
 
 
 def _recording() -> bool:
@@ -375,10 +397,11 @@ def embedding_forward(module: nn.Embedding, tap: Tap, ids: torch.Tensor) -> torc
 
 
 def layer_norm_forward(module: nn.LayerNorm, tap: Tap, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`: the normalisation through autograd, the affine part recorded."""
+    """`module(x)`, recording its affine part for book-keeping when gradients are taken."""
     shape = tuple(module.normalized_shape)
     if not _recording():
         return F.layer_norm(x, shape, module.weight, module.bias, module.eps)
-    x_hat = F.layer_norm(x, shape, None, None, module.eps)
-    out: torch.Tensor = _AffineFunction.apply(x_hat, module.weight, module.bias, tap)  # type: ignore[no-untyped-call]
+    out: torch.Tensor = _LayerNormFunction.apply(
+        x, module.weight, module.bias, shape, module.eps, tap
+    )  # type: ignore[no-untyped-call]
     return out
