@@ -18,7 +18,7 @@ as useful), and its fraction of the device's peak uses `PEAK_TFLOPS` (dense, by 
 name and precision) or `--peak-tflops`; on a CPU no peak is assumed unless given.
 
     python -m medfed.bench.dp --preset small [--mode bk --mode hooks] [--precision bf16]
-    medfed bench dp ...                                  (the same, as a table or --json)
+    medfed bench dp --json ...                           (the same through the CLI)
 """
 
 from __future__ import annotations
@@ -383,25 +383,30 @@ def _variant_main(variant: str, config_json: str) -> None:
     sys.stdout.write(json.dumps(asdict(figures)) + "\n")
 
 
-def parse_arguments(argv: Sequence[str]) -> DpBenchConfig:
-    """`python -m medfed.bench.dp` options as a config (`--help` prints and exits)."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m medfed.bench.dp",
         description="Step time, peak memory, FLOP/s and tokens/s of DP-SGD against plain"
         " SGD on the same model, batch and precision; one JSON document on stdout.",
     )
     parser.add_argument("--preset", default="small", choices=("tiny", "small", "base", "large"))
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32, help="patients per batch")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--mode", action="append", choices=DP_MODES, help="repeatable")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--mode", action="append", choices=DP_MODES, help="grad-sample mode (repeatable)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per variant")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--physical-batch", type=int, default=None)
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    arguments = parser.parse_args(argv)
+    parser.add_argument("--physical-batch", type=int, default=None, help="rows per pass (bk)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)  # one subprocess's run
+    return parser
+
+
+def _config(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> DpBenchConfig:
     try:
         return DpBenchConfig(
             preset=arguments.preset, batch=arguments.batch, steps=arguments.steps,
@@ -414,10 +419,24 @@ def parse_arguments(argv: Sequence[str]) -> DpBenchConfig:
         parser.error(str(exc))
 
 
+def parse_arguments(argv: Sequence[str]) -> DpBenchConfig:
+    """`python -m medfed.bench.dp` options as a config (`--help` prints and exits)."""
+    parser = _parser()
+    return _config(parser, parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m medfed.bench.dp [options]`: the same benchmark as `medfed bench dp --json`."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if arguments.variant is not None:
+        _variant_main(*arguments.variant)
+        return 0
+    config = _config(parser, arguments)
+    report = run_dp_bench(config, progress=lambda line: print(line, file=sys.stderr))
+    sys.stdout.write(json.dumps(report) + "\n")
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--variant":
-        _variant_main(sys.argv[2], sys.argv[3])
-    else:
-        config = parse_arguments(sys.argv[1:])
-        report = run_dp_bench(config, progress=lambda line: print(line, file=sys.stderr))
-        sys.stdout.write(json.dumps(report) + "\n")
+    sys.exit(main())

@@ -10,8 +10,6 @@ all of these, so it is measured once per setup.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from medfed.common import write_atomic
 from medfed.model.contract import StudyContract, TaskSpec
 from medfed.model.devices import resolve_device
 from medfed.model.network import PresetName, build_model, model_identity
@@ -198,9 +197,5 @@ class ThroughputCache:
         if key in figures:
             return figures[key]
         figures[key] = calibrate(preset, contract, setup)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self._path.parent, prefix=".throughput-")
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(figures, out, sort_keys=True)
-        os.replace(temporary, self._path)
+        write_atomic(self._path, json.dumps(figures, sort_keys=True).encode("utf-8"))
         return figures[key]

@@ -19,9 +19,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from medfed.cli_common import fail, guard, stdout
+from medfed.site_fit import MIN_COVERAGE
+
 if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
-    from medfed.model.contract import StudyContract
+    from rich.console import Console
+
+    from medfed.client import SiteConfig
+    from medfed.model import StudyContract
+    from medfed.site_fit import FeatureCoverage, StudyFit
     from medfed.sites.errors import DataProblem
     from medfed.sites.manifest import SiteData
 
@@ -49,6 +55,8 @@ class SiteCheck:
     """Why secure rounds would be refused here (`client.site_secagg.identity_problem`)."""
     throughput: dict[str, object] | None = None
     """With `--preset`: DP-SGD patients/s of that model as this site trains (`throughput_of`)."""
+    fit: StudyFitReport | None = None
+    """Feature coverage and the site's size against the study (`site_fit`)."""
 
     @property
     def problems(self) -> list[DataProblem]:
@@ -56,6 +64,8 @@ class SiteCheck:
         from medfed.sites.errors import DataProblem
 
         found = list(self.data.problems)
+        if self.fit is not None:
+            found.extend(self.fit.problems)
         if self.bundles_problem is not None:
             found.append(
                 DataProblem(str(self.site_toml), None, None, f"app bundles: {self.bundles_problem}")
@@ -103,7 +113,57 @@ class SiteCheck:
                 "problem": self.identity_problem,
             },
             "problems": [problem_json(problem) for problem in self.problems],
+            **({} if self.fit is None else self.fit.to_json()),
         }
+
+
+@dataclass(frozen=True)
+class StudyFitReport:
+    """What `site check` says of the data against the study beyond its problems."""
+
+    min_coverage: float
+    coverage: tuple[FeatureCoverage, ...]
+    problems: tuple[DataProblem, ...]
+    fit: StudyFit | None
+    fit_problem: str | None
+
+    @property
+    def warnings(self) -> list[str]:
+        found = [] if self.fit is None else list(self.fit.warnings)
+        return found + ([] if self.fit_problem is None else [self.fit_problem])
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "min_coverage": self.min_coverage,
+            "feature_coverage": [item.to_json() for item in self.coverage],
+            "study_fit": None if self.fit is None else self.fit.to_json(),
+            "warnings": self.warnings,
+        }
+
+
+def study_fit_report(
+    config: SiteConfig,
+    contract: StudyContract,
+    data: SiteData,
+    study_toml: Path | None,
+    *,
+    min_coverage: float,
+) -> StudyFitReport:
+    """Feature coverage (problems below `min_coverage`) and, with a study.toml, how the
+    site's size fits the study's epsilon and the policy's `min_cohort_k`."""
+    from medfed.site_fit import coverage_problems, feature_coverage, study_fit_of
+
+    coverage = tuple(feature_coverage(data.samples, contract))
+    problems = coverage_problems(coverage, min_coverage=min_coverage, where=str(config.source))
+    fit, fit_problem = (None, None)
+    if study_toml is not None:
+        fit, fit_problem = study_fit_of(
+            study_toml,
+            train_patients=len(data.train),
+            held_out_patients=len(data.held_out),
+            policy=config.privacy,
+        )
+    return StudyFitReport(min_coverage, coverage, tuple(problems), fit, fit_problem)
 
 
 def load_study_contract(path: Path | None) -> StudyContract:
@@ -180,7 +240,11 @@ def throughput_of(
 
 
 def run_site_check(
-    site_toml: Path, study_toml: Path | None, preset: str | None = None
+    site_toml: Path,
+    study_toml: Path | None,
+    *,
+    min_coverage: float | None = None,
+    preset: str | None = None,
 ) -> SiteCheck:
     """Everything `medfed site check` reports; config errors raise (one line, exit 1)."""
     from medfed.client.config import load_site_config
@@ -206,6 +270,13 @@ def run_site_check(
         bundles_problem=bundles_problem,
         identity_problem=identity_problem(config),
         throughput=None if preset is None else throughput_of(config, contract, preset, problem),
+        fit=study_fit_report(
+            config,
+            contract,
+            data,
+            study_toml,
+            min_coverage=MIN_COVERAGE if min_coverage is None else min_coverage,
+        ),
     )
 
 
@@ -213,8 +284,17 @@ def site_check(
     site_toml: Annotated[Path, typer.Argument(help="The site's site.toml.", dir_okay=False)],
     study: Annotated[
         Path | None,
-        typer.Option("--study", help="The study.toml whose [contract] the data must meet."),
+        typer.Option("--study", help="The study.toml whose \\[contract] the data must meet."),
     ] = None,
+    min_coverage: Annotated[
+        float,
+        typer.Option(
+            "--min-coverage",
+            min=0.0,
+            max=1.0,
+            help="The share of patients that must hold each numeric feature of the study.",
+        ),
+    ] = 0.5,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
@@ -225,12 +305,13 @@ def site_check(
 ) -> None:
     """Check site.toml, every dataset against the study's contract, the accelerator and
     the credentials; print patients, coverage, missingness and every problem (exit 1)."""
-    from medfed.cli import _fail, _guard, stdout
     from medfed.model.presets import PRESET_NAMES
 
     if preset is not None and preset not in PRESET_NAMES:
-        _fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
-    check = _guard(lambda: run_site_check(site_toml, study, preset))
+        fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
+    check = guard(
+        lambda: run_site_check(site_toml, study, min_coverage=min_coverage, preset=preset)
+    )
     problems = check.problems
     if as_json:
         sys.stdout.write(json.dumps(check.to_json()) + "\n")
@@ -290,6 +371,8 @@ def _print_check(check: SiteCheck, console: object) -> None:
         console.print(
             Text(f"WARNING: secure aggregation: {check.identity_problem}", style="bold red")
         )
+    if check.fit is not None:
+        _print_fit(check.fit, console)
     if check.throughput is not None:
         figure = check.throughput
         measured = figure["samples_per_s"]
@@ -301,3 +384,30 @@ def _print_check(check: SiteCheck, console: object) -> None:
     for problem in problems:
         console.print(Text(f"problem: {problem}"), soft_wrap=True)
     console.print(Text("all checks passed" if not problems else f"{len(problems)} problems"))
+
+
+def _print_fit(report: StudyFitReport, console: Console) -> None:
+    """Coverage per feature, the noise this site would train with, and its warnings."""
+    shown = ", ".join(
+        f"{item.name} {item.fraction:.0%}" for item in report.coverage if item.kind != "label"
+    )
+    labels = ", ".join(
+        f"{item.name} {item.covered}" for item in report.coverage if item.kind == "label"
+    )
+    if shown:
+        console.print(Text(f"feature coverage: {shown}"), soft_wrap=True)
+    if labels:
+        console.print(Text(f"labelled patients: {labels}"), soft_wrap=True)
+    fit = report.fit
+    if fit is not None and fit.noise_multiplier is not None:
+        console.print(
+            Text(
+                f"under the study's epsilon {fit.target_epsilon:g}: noise multiplier"
+                f" {fit.noise_multiplier:.3g}, expected batch {fit.expected_batch:.3g};"
+                f" min_cohort_k {fit.min_cohort_k} against {fit.train_patients} training /"
+                f" {fit.held_out_patients} held-out patients"
+            ),
+            soft_wrap=True,
+        )
+    for warning in report.warnings:
+        console.print(Text(f"WARNING: {warning}", style="bold yellow"), soft_wrap=True)
