@@ -13,7 +13,16 @@ top k scores are guessed "in", the bottom k "out", the rest abstain. Prints one 
 document on stdout (progress on stderr); it reports figures and never passes or fails
 on them.
 
-    .venv/bin/python bench/dp_audit.py [--canaries 1000] [--guesses-per-side 100] [--seed 7]
+It also audits what else leaves a site (`bench/dp_audit_outputs.py`): the differencing
+attack on the released loss and the confirmation of a candidate dataset against the
+sent data digest, each beside main's behaviour as the in-run baseline. Every result
+states the largest epsilon its number of guesses could refute at all.
+
+    .venv/bin/python bench/dp_audit.py [--refute-up-to 8] [--canaries M]
+        [--guesses-per-side K] [--seed 7]
+
+By default the canaries and guesses are sized so that an audit whose guesses are all
+right refutes epsilon up to `--refute-up-to` (8: 8932 guesses, so 17864 canaries).
 """
 
 from __future__ import annotations
@@ -37,6 +46,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from bench.dp_audit_outputs import (
+    differencing_attack,
+    fingerprint_confirmation,
+    guesses_to_refute,
+    refutable_ceiling,
+)
 from medfed.model.contract import DEMO_CONTRACT
 from medfed.model.network import build_model
 from medfed.model.tokenizers import complete_numeric_inputs, encode
@@ -44,11 +59,14 @@ from medfed.model.train import train_steps
 from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.calibration import calibrate_noise
 from medfed.privacy.dpsgd import DpSgdSettings, PrivateTraining, make_private
+from medfed.privacy.policy import PrivacyPolicy
 from medfed.sites.config import DatasetConfig
 from medfed.sites.manifest import load_site_data
 from medfed.sites.synthetic import write_synthetic_consortium
 
 THREADS = 2
+DEFAULT_METRICS_NOISE = PrivacyPolicy.model_fields["metrics_noise_multiplier"].default
+"""The noise a site's policy puts on its metrics unless the officer sets another."""
 CONFIDENCE = 0.95
 DELTA = 1e-5
 SAMPLE_RATE = 0.05
@@ -69,8 +87,15 @@ NOTES = [
     " empirical_epsilon_lower_bound is the largest epsilon such that"
     " P[Binomial(guesses, e^eps/(1+e^eps)) >= correct] <= 0.05 (exact binomial tail);"
     " 0 means no epsilon is refuted at 95% confidence. With r guesses it can never exceed"
-    " the bound for r correct out of r (4.19 for 200 guesses, 2.55 for 40), so a claimed"
-    " epsilon above that cannot be refuted at this audit's size whatever the training does.",
+    " the bound for r correct out of r (max_refutable_epsilon: 4.19 for 200 guesses, 8.0"
+    " for 8932), so a claimed epsilon above that cannot be refuted at this audit's size"
+    " whatever the training does.",
+    "outputs audits what else a reply carries. differencing: the training loss with and"
+    " without one patient whose loss sits at the clip, guessed from each release; the exact"
+    " loss (main) is the in-run baseline. fingerprint: candidate values of one patient's"
+    " first feature hashed into candidate datasets and compared with the digest sent; the"
+    " data's own fingerprint (main) is the baseline, the site-secret HMAC is what is sent"
+    " now.",
     "The delta term is ignored: the test treats the mechanism as pure epsilon-DP. The"
     " paper's (epsilon, delta) version of the test adds a delta-dependent term to the"
     " binomial tail, so ignoring it makes the reported bound a slight overestimate at"
@@ -287,6 +312,7 @@ def audit(
         "canaries": canaries,
         "canaries_included": int(included.sum()),
         "guesses": by_loss.guesses,
+        "max_refutable_epsilon": refutable_ceiling(by_loss.guesses, epsilon_lower_bound),
         "correct": by_loss.correct,
         "empirical_epsilon_lower_bound": by_loss.empirical_epsilon_lower_bound,
         "loss_drop": {
@@ -341,12 +367,28 @@ def machine_facts() -> dict[str, object]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries")
     parser.add_argument(
-        "--guesses-per-side", type=int, default=100, help="k: guesses 'in' and 'out' each"
+        "--refute-up-to",
+        type=float,
+        default=8.0,
+        help="size the audit to refute epsilon up to this when every guess is right",
+    )
+    parser.add_argument("--canaries", type=int, default=None, help="m, the number of canaries")
+    parser.add_argument(
+        "--guesses-per-side", type=int, default=None, help="k: guesses 'in' and 'out' each"
     )
     parser.add_argument("--seed", type=int, default=7, help="data, canaries and inclusions")
+    parser.add_argument(
+        "--metric-trials", type=int, default=None, help="trials of the differencing attack"
+    )
     options = parser.parse_args(argv)
+    needed = guesses_to_refute(options.refute_up_to)
+    if options.guesses_per_side is None:
+        options.guesses_per_side = math.ceil(needed / 2)
+    if options.canaries is None:
+        options.canaries = 2 * options.guesses_per_side
+    if options.metric_trials is None:
+        options.metric_trials = 2 * math.ceil(needed / 2)
     if not 0 < 2 * options.guesses_per_side <= options.canaries:
         parser.error("--guesses-per-side must be positive and at most half of --canaries")
     return options
@@ -369,12 +411,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         for setting in settings()
     ]
+    outputs = {
+        "differencing": [
+            differencing_attack(
+                trials=options.metric_trials,
+                noise_multiplier=noise,
+                seed=options.seed,
+                bound=epsilon_lower_bound,
+            )
+            for noise in (None, DEFAULT_METRICS_NOISE)
+        ],
+        "fingerprint": fingerprint_confirmation(seed=options.seed),
+    }
     document: dict[str, object] = {
         "benchmark": "dp_audit",
         "date_utc": date_utc,
         "machine": machine,
         "config": {
             "canaries": options.canaries,
+            "refute_up_to": options.refute_up_to,
             "guesses_per_side": options.guesses_per_side,
             "confidence": CONFIDENCE,
             "delta": DELTA,
@@ -385,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": options.seed,
         },
         "settings": results,
+        "outputs": outputs,
         "wall_s": round(time.perf_counter() - started, 2),
         "notes": NOTES,
     }

@@ -180,6 +180,7 @@ def _check_metrics(check: ModelCheck) -> dict[str, int | float | list[int] | lis
         wire.EVAL_ACCURACY: check.held_out.accuracy,
         wire.EVAL_C_INDEX: check.held_out.c_index,
         wire.EVAL_RMSE: check.held_out.rmse,
+        **({wire.EVAL_STATS: list(check.stats)} if check.stats else {}),
     }
 
 

@@ -214,7 +214,26 @@ def _check(check: ModelCheck) -> dict[str, Scalar]:
         "eval_accuracy": held.accuracy,
         "eval_c_index": held.c_index,
         "eval_rmse": held.rmse,
+        "stats": encode_stats(check.stats),
     }
+
+
+def encode_stats(stats: tuple[float, ...]) -> str:
+    """A released statistics vector as text: exact float hex, comma-separated."""
+    return ",".join(float(value).hex() for value in stats)
+
+
+def decode_stats(text: str) -> tuple[float, ...]:
+    """The inverse of `encode_stats`; `CodecError` if a value is not a finite float."""
+    if not text:
+        return ()
+    try:
+        values = tuple(float.fromhex(part) for part in text.split(","))
+    except ValueError as exc:
+        raise CodecError(f"stats: not a list of numbers ({exc})") from exc
+    if len(values) > 256 or not all(math.isfinite(v) for v in values):
+        raise CodecError("stats: more than 256 values, or one not finite")
+    return values
 
 
 def _model_check(frame: Frame) -> ModelCheck:
@@ -229,6 +248,7 @@ def _model_check(frame: Frame) -> ModelCheck:
             c_index=_take(frame, "eval_c_index", float),
             rmse=_take(frame, "eval_rmse", float),
         ),
+        stats=decode_stats(_optional(frame, "stats", str) or ""),
     )
 
 

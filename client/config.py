@@ -175,6 +175,17 @@ def render_site_toml(config: SiteConfig) -> str:
         f"min_cohort_k = {privacy.min_cohort_k}",
         f"require_approval = {'true' if privacy.require_approval else 'false'}",
         f'accountant = "{privacy.accountant}"',
+        f"delta_patients_factor = {privacy.delta_patients_factor!r}",
+        f"metrics_noise_multiplier = {privacy.metrics_noise_multiplier!r}",
+        f"count_noise_std = {privacy.count_noise_std!r}",
+        f"max_evaluations_per_run = {privacy.max_evaluations_per_run}",
+        f"allow_unbounded_mechanisms = {'true' if privacy.allow_unbounded_mechanisms else 'false'}",
+        *([f"privacy_unit = {_toml_string(privacy.privacy_unit)}"] if privacy.privacy_unit else []),
+        *(
+            [f"lifetime_epsilon_cap = {privacy.lifetime_epsilon_cap!r}"]
+            if privacy.lifetime_epsilon_cap is not None
+            else []
+        ),
     ]
     if config.training != TrainingSection():
         lines += ["", *_training_lines(config.training)]

@@ -10,9 +10,12 @@ What passes, and nothing else:
 - a train reply's `arrays` record, only if it holds exactly the instruction's array
   names with the same shapes, as finite float32 (the study's model; nothing more);
 - the `metrics` record's whitelisted keys for that message type (`model.wire`), as
-  single numbers; aggregates over training patients only when the reply's patient
+  single numbers (and the noised statistics vector `eval-stats`, a short list of
+  finite floats); aggregates over training patients only when the reply's patient
   count is at least the policy's `min_cohort_k`, held-out aggregates only when the
-  held-out count is;
+  held-out count is. The site's code computes every such figure from a DP release
+  charged to its ledger (`privacy.release`); k is a second, coarser line, not the
+  privacy mechanism;
 - the `site` record's site id (this site's), receipt signature (hex) and accelerator;
 - an error reply's code, and its reason cut to `MAX_REASON_CHARS`.
 
@@ -76,16 +79,28 @@ _GROUPS = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?(,[a-z][a-z0-9_]*(\.[a
 TRAIN_POPULATION_METRICS = frozenset({wire.LOCAL_LOSS, wire.MODEL_TRAIN_LOSS})
 """Aggregates over the training patients: sent only for at least k of them."""
 HELD_OUT_METRICS = frozenset(
-    {wire.EVAL_LOSS, wire.EVAL_AUROC, wire.EVAL_ACCURACY, wire.EVAL_C_INDEX, wire.EVAL_RMSE}
+    {
+        wire.EVAL_LOSS,
+        wire.EVAL_AUROC,
+        wire.EVAL_ACCURACY,
+        wire.EVAL_C_INDEX,
+        wire.EVAL_RMSE,
+    }
 )
 """Aggregates over the held-out patients: sent only for at least k of them."""
 ALLOWED_METRICS: dict[str, frozenset[str]] = {
     MessageType.TRAIN: frozenset(
-        {wire.NUM_EXAMPLES, wire.EPSILON, wire.NOISE_MULTIPLIER, wire.EVAL_EXAMPLES}
+        {
+            wire.NUM_EXAMPLES,
+            wire.EPSILON,
+            wire.NOISE_MULTIPLIER,
+            wire.EVAL_EXAMPLES,
+            wire.EVAL_STATS,
+        }
         | TRAIN_POPULATION_METRICS
         | HELD_OUT_METRICS
     ),
-    MessageType.EVALUATE: frozenset({wire.NUM_EXAMPLES, wire.EVAL_EXAMPLES})
+    MessageType.EVALUATE: frozenset({wire.NUM_EXAMPLES, wire.EVAL_EXAMPLES, wire.EVAL_STATS})
     | TRAIN_POPULATION_METRICS
     | HELD_OUT_METRICS,
     MessageType.QUERY: frozenset(
@@ -195,6 +210,15 @@ def _count(metrics: MetricRecord, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _stats_ok(value: object) -> bool:
+    """A released statistics vector: a short list of finite floats."""
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= wire.MAX_EVAL_STATS
+        and all(isinstance(v, float) and math.isfinite(v) for v in value)
+    )
+
+
 def _filter_metrics(
     category: str, metrics: MetricRecord, rules: EgressRules, dropped: list[str]
 ) -> MetricRecord:
@@ -204,7 +228,9 @@ def _filter_metrics(
     kept: dict[str, int | float | list[int] | list[float]] = {}
     for key, value in metrics.items():
         scalar = isinstance(value, int | float) and not isinstance(value, bool)
-        if key not in allowed or not scalar:
+        if key == wire.EVAL_STATS and key in allowed and _stats_ok(value):
+            kept[key] = value  # the noised release itself (`privacy.release`)
+        elif key not in allowed or not scalar:
             dropped.append(f"metrics.{key}")
         elif key in TRAIN_POPULATION_METRICS and training < rules.min_cohort_k:
             dropped.append(f"metrics.{key} (over {training} < k patients)")
@@ -229,6 +255,7 @@ def _filter_site(
             or (key == wire.RECEIPT_SIGNATURE and isinstance(value, str)
                 and _HEX_SIGNATURE.fullmatch(value) is not None)
             or (key == wire.ACCELERATOR and value in DEVICE_KINDS)
+            # A site-secret HMAC of the data version, never the data's own fingerprint.
             or (key == wire.DATASET_SHA256 and isinstance(value, str)
                 and _HEX_SHA256.fullmatch(value) is not None)
             or (key == wire.TRAINED_GROUPS and isinstance(value, str)

@@ -10,23 +10,70 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from medfed.client.config import SiteConfig
 from medfed.client.errors import BudgetRefusal, SiteRefusal
 from medfed.client.protocol import TrainRequest
+from medfed.model.contract import StudyContract
 from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.approvals import Approval
 from medfed.privacy.audit import AuditLog
-from medfed.privacy.calibration import calibrate_noise, poisson_rate
+from medfed.privacy.calibration import calibrate_noise
 from medfed.privacy.errors import InfeasibleBudgetError
 from medfed.privacy.events import DpSgdEvent
 from medfed.privacy.ledger import PrivacyLedger, SpendRecord
-from medfed.privacy.policy import PastSpend, PlannedRound, preflight
+from medfed.privacy.policy import PastSpend, PlannedRound, counted, preflight
+from medfed.privacy.population import (
+    NEIGHBOURING_RELATION,
+    NoisyCount,
+    draw_noisy_count,
+    keyed_digest,
+    patient_key_secret,
+    patient_keys,
+    population_digest,
+)
 from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.release import release_event
 from medfed.privacy.signing import SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
+
+
+COUNT_STUDY = "medfed:patient-count"
+"""How the ledger names the release of a unit's noised patient count."""
+EVALUATION_STUDY = "medfed:evaluation"
+"""How the ledger names the release of an evaluate answer."""
+
+
+def metrics_run(run_id: str) -> str:
+    """The ledger's run name for a round's metric releases (beside its DP-SGD spend)."""
+    return f"{run_id}/metrics"
+
+
+def evaluation_run(run_id: str) -> str:
+    """The ledger's run name for a run's evaluate answers."""
+    return f"{run_id}/evaluate"
+
+
+def unbounded_tasks(contract: StudyContract) -> list[str]:
+    """The contract's tasks trained with a loss whose per-patient sensitivity is
+    unbounded: survival tasks with the Cox partial likelihood (whose risk sets tie every
+    patient to the others, so clipping one patient's gradient bounds nothing)."""
+    return [
+        task.name
+        for task in contract.tasks
+        if task.kind == "survival" and getattr(task, "survival_loss", "cox") == "cox"
+    ]
+
+
+def cox_refusal(tasks: list[str]) -> str:
+    """The one line a site gives for refusing (or not guaranteeing) Cox under DP."""
+    return (
+        f"no guarantee: survival task(s) {tasks} use the Cox partial likelihood, whose"
+        " per-patient sensitivity is unbounded under DP-SGD; use survival_loss ="
+        ' "discrete-hazard", or the officer must set allow_unbounded_mechanisms'
+    )
 
 
 def study_label(name: str, sha256: str) -> str:
@@ -43,6 +90,11 @@ class RoundPlan:
     study: str
     epsilon_study_after: float
     epsilon_dataset_after: float
+    metrics: DpSgdEvent
+    """The release of the round's metrics, charged with it."""
+    no_guarantee: str = ""
+    """Why this round's epsilon is no guarantee (an unbounded mechanism the policy
+    allowed); empty when it is one."""
 
 
 class PrivacyGate:
@@ -54,6 +106,7 @@ class PrivacyGate:
         self._signer = SigningKey.load(config.signing_key_path)
         self._officer = VerifyKey.load(config.officer_public_key_path)
         self._audit = AuditLog(config.audit_path, self._signer)
+        self._secret = patient_key_secret(self._signer)
 
     @property
     def audit(self) -> AuditLog:
@@ -81,47 +134,127 @@ class PrivacyGate:
         )
         return BudgetRefusal(reason) if budget else SiteRefusal(reason)
 
-    def plan(self, request: TrainRequest, *, dataset: str, patients: int) -> RoundPlan:
-        """Decide this round's noise and check it; raise a refusal (audited) if it may not run."""
+    def population(self, unit: str, *, patient_ids: list[str], training: int) -> NoisyCount:
+        """Register `unit`'s patients and return the noised count of its `training`
+        patients for this version of the population: drawn and charged once per version
+        (the same value every time after), so repeated asking averages nothing away.
+
+        `BudgetRefusal` if the unit cannot afford the count's release."""
+        store = self._ledger.population
+        keys = patient_keys(self._secret, patient_ids)
+        store.register(unit, keys)
+        version = population_digest(keys)
+        policy = self._config.privacy
+        event = release_event(policy.count_noise_std)
+        spend = SpendRecord(
+            dataset=unit,
+            study=COUNT_STUDY,
+            run_id=f"count:{version[:32]}",
+            round=1,
+            event=event,
+            delta=policy.max_delta,
+        )
+        count = store.noisy_count(unit, version)
+        if count is None:
+            past = [r.event for r in self._ledger.unit_records(unit)]
+            after = epsilon_of([*past, event], delta=policy.max_delta, accountant=policy.accountant)
+            if after > policy.lifetime_cap:
+                raise BudgetRefusal(
+                    f"out of budget: releasing the noised patient count would take privacy"
+                    f" unit {unit} to epsilon {after:.3f}, above the cap {policy.lifetime_cap:g}"
+                )
+            drawn = draw_noisy_count(training, noise_std=policy.count_noise_std)
+            count = store.store_count(NoisyCount(unit, version, drawn, policy.count_noise_std))
+        # Charged before the count is used or sent, once per version (whatever delta
+        # the policy names now).
+        charged = any(r.run_id == spend.run_id for r in self._ledger.records(unit))
+        if not charged and self._ledger.record(spend, signer=self._signer):
+            self._audit.append(
+                "budget spent",
+                {"dataset": unit, "release": "patient count", "noise_std": count.noise_std},
+            )
+        return count
+
+    def keyed_digest(self, value: str) -> str:
+        """A site-secret HMAC of `value` (what leaves the site instead of a fingerprint)."""
+        return keyed_digest(self._secret, value)
+
+    def past(self, unit: str) -> list[PastSpend]:
+        """Every spend that falls on a patient of `unit`, as the pre-flight reads it."""
+        return [
+            PastSpend(study_key=r.study, event=r.event, recorded_at=r.recorded_at)
+            for r in self._ledger.unit_records(unit)
+        ]
+
+    def _checks(self, request: TrainRequest, patients: int, contract: StudyContract) -> None:
+        """Refusals that need no accounting: cohort, delta against N, round, Cox."""
         policy = self._config.privacy
         if patients < policy.min_cohort_k:
             raise self._refuse(
                 request,
-                f"the dataset has {patients} patients, fewer than the site's minimum cohort"
-                f" {policy.min_cohort_k}",
+                f"the dataset has about {patients} patients (noised), fewer than the site's"
+                f" minimum cohort {policy.min_cohort_k}",
                 budget=False,
             )
-        label = study_label(request.study, request.study_sha256)
-        records = self._ledger.records(dataset)
-        past = [
-            PastSpend(study_key=record.study, event=record.event, recorded_at=record.recorded_at)
-            for record in records
-        ]
-        approval = self._approval(request)
-        target = request.target_epsilon
-        if approval is not None:
-            target = min(target, approval.epsilon)
-        rate = poisson_rate(patients, request.sample_rate)
+        if request.delta > policy.max_delta:
+            raise self._refuse(
+                request,
+                f"delta {request.delta:g} exceeds the site's maximum {policy.max_delta:g}",
+                budget=False,
+            )
+        largest = 1 / (policy.delta_patients_factor * patients)
+        if request.delta > largest:
+            raise self._refuse(
+                request,
+                f"delta {request.delta:g} is above 1/({policy.delta_patients_factor:g} x N)"
+                f" = {largest:.3g} for about {patients} patients (the site's limit)",
+                budget=False,
+            )
         if request.round < 1:
             raise self._refuse(
                 request, f"round {request.round} is not a round number", budget=False
             )
-        remaining_steps = (request.planned_rounds - request.round + 1) * request.local_steps
-        if remaining_steps < request.local_steps:
+        if request.round > request.planned_rounds:
             raise self._refuse(
                 request,
                 f"round {request.round} is beyond the {request.planned_rounds} rounds planned",
                 budget=False,
             )
+        cox = unbounded_tasks(contract)
+        if cox and not policy.allow_unbounded_mechanisms:
+            raise self._refuse(request, cox_refusal(cox), budget=False)
+
+    def plan(
+        self, request: TrainRequest, *, unit: str, count: NoisyCount, contract: StudyContract
+    ) -> RoundPlan:
+        """Decide this round's noise and check it; raise a refusal (audited) if it may not run.
+
+        Every number it uses is public or already released: the study's sampling rate,
+        the noised patient count, the ledger's events."""
+        policy = self._config.privacy
+        patients = count.public
+        self._checks(request, patients, contract)
+        label = study_label(request.study, request.study_sha256)
+        past = self.past(unit)
+        approval = self._approval(request)
+        target = request.target_epsilon
+        if approval is not None:
+            target = min(target, approval.epsilon)
+        rate = request.sample_rate  # public: never a function of the patient count
+        metrics = release_event(policy.metrics_noise_multiplier)
+        rounds_left = request.planned_rounds - request.round + 1
         try:
             noise = calibrate_noise(
                 target_epsilon=target,
                 delta=request.delta,
                 sample_rate=rate,
-                steps=remaining_steps,
+                steps=rounds_left * request.local_steps,
                 n_patients=patients,
                 accountant=policy.accountant,
-                prior_events=[spend.event for spend in past if spend.study_key == label],
+                prior_events=[
+                    *(spend.event for spend in past if spend.study_key == label),
+                    release_event(policy.metrics_noise_multiplier, rounds_left),
+                ],
             )
         except InfeasibleBudgetError as exc:
             raise self._refuse(request, f"out of budget: {exc}", budget=True) from exc
@@ -135,6 +268,7 @@ class PrivacyGate:
                 event=event,
                 delta=request.delta,
                 max_grad_norm=request.max_grad_norm,
+                extra=(metrics,),
             ),
             past=past,
             approved_epsilon=None if approval is None else approval.epsilon,
@@ -148,46 +282,113 @@ class PrivacyGate:
             study=label,
             epsilon_study_after=decision.epsilon_study_after,
             epsilon_dataset_after=decision.epsilon_dataset_after,
+            metrics=metrics,
+            no_guarantee=cox_refusal(unbounded_tasks(contract))
+            if unbounded_tasks(contract)
+            else "",
         )
 
-    def study_epsilon(self, dataset: str, study_key: str, *, delta: float) -> float:
-        """What study `study_key` (`RoundPlan.study`) has spent of the dataset, by the
-        policy's accountant: the study's own spend, which its run reports per site (the
-        dataset's total over every study is the officer's, in `budget show`)."""
+    def dataset_epsilon(self, unit: str, *, delta: float) -> float:
+        """The unit's lifetime epsilon over every spend on its patients."""
         return epsilon_of(
-            [r.event for r in self._ledger.records(dataset) if r.study == study_key],
+            [record.event for record in self._ledger.unit_records(unit)],
             delta=delta,
             accountant=self._config.privacy.accountant,
         )
 
-    def record(self, request: TrainRequest, plan: RoundPlan, *, dataset: str) -> bool:
-        """Record the round's spend (signed) and audit it; False if it was recorded already."""
-        recorded = self._ledger.record(
-            SpendRecord(
-                dataset=dataset,
-                study=plan.study,
-                run_id=request.run_id,
-                round=request.round,
-                event=plan.event,
-                delta=plan.delta,
-            ),
+    def study_epsilon(self, unit: str, study_key: str, *, delta: float) -> float:
+        """What study `study_key` (`RoundPlan.study`) has spent of the unit, by the
+        policy's accountant: its rounds and their metrics' releases, which its run
+        reports per site (the unit's total over every study and release is the
+        officer's, in `budget show`)."""
+        return epsilon_of(
+            [r.event for r in self._ledger.unit_records(unit) if r.study == study_key],
+            delta=delta,
+            accountant=self._config.privacy.accountant,
+        )
+
+    def record(self, request: TrainRequest, plan: RoundPlan, *, unit: str) -> bool:
+        """Record the round's spends (DP-SGD, then its metrics' release), signed, and
+        audit them; False if the round was recorded already."""
+        spend = SpendRecord(
+            dataset=unit,
+            study=plan.study,
+            run_id=request.run_id,
+            round=request.round,
+            event=plan.event,
+            delta=plan.delta,
+        )
+        recorded = self._ledger.record(spend, signer=self._signer)
+        if not recorded:
+            return False
+        if plan.no_guarantee:
+            self._ledger.population.add_note(unit, request.run_id, request.round, plan.no_guarantee)
+        self._ledger.record(
+            replace(spend, run_id=metrics_run(request.run_id), event=plan.metrics),
             signer=self._signer,
         )
-        if recorded:
-            self._audit.append(
-                "budget spent",
-                {
-                    "dataset": dataset,
-                    "study": request.study,
-                    "study_sha256": request.study_sha256,
-                    "run_id": request.run_id,
-                    "round": request.round,
-                    "noise_multiplier": plan.event.noise_multiplier,
-                    "sample_rate": plan.event.sample_rate,
-                    "steps": plan.event.steps,
-                    "delta": plan.delta,
-                    "epsilon_study": plan.epsilon_study_after,
-                    "epsilon_dataset": plan.epsilon_dataset_after,
-                },
+        self._audit.append(
+            "budget spent",
+            {
+                "dataset": unit,
+                "relation": NEIGHBOURING_RELATION,
+                "study": request.study,
+                "study_sha256": request.study_sha256,
+                "run_id": request.run_id,
+                "round": request.round,
+                "noise_multiplier": plan.event.noise_multiplier,
+                "sample_rate": plan.event.sample_rate,
+                "steps": plan.event.steps,
+                "metrics_noise_multiplier": plan.metrics.noise_multiplier,
+                "delta": plan.delta,
+                "epsilon_study": plan.epsilon_study_after,
+                "epsilon_dataset": plan.epsilon_dataset_after,
+                **({"guarantee": plan.no_guarantee} if plan.no_guarantee else {}),
+            },
+        )
+        return True
+
+    def charge_evaluation(self, unit: str, *, run_id: str, round_: int) -> DpSgdEvent:
+        """Charge one evaluate answer (a Gaussian release of metrics) to `unit`, or refuse:
+        at most the policy's evaluations per run, one per (run, round), within the caps."""
+        policy = self._config.privacy
+        run = evaluation_run(run_id)
+        done = [r for r in self._ledger.unit_records(unit) if r.run_id == run]
+        if any(r.round == round_ for r in done):
+            raise SiteRefusal(
+                f"run {run_id} round {round_} was evaluated here already; its noised figures"
+                " were sent then and are not drawn again"
             )
-        return recorded
+        if len(done) >= policy.max_evaluations_per_run:
+            raise BudgetRefusal(
+                f"run {run_id} has had the {policy.max_evaluations_per_run} evaluations the"
+                " site's policy answers per run"
+            )
+        event = release_event(policy.metrics_noise_multiplier)
+        past = self.past(unit)
+        now = dt.datetime.now(dt.UTC)
+        windowed = [s.event for s in counted(past, policy.cap_window, now)]
+        delta = policy.max_delta
+        in_window = epsilon_of([*windowed, event], delta=delta, accountant=policy.accountant)
+        lifetime = epsilon_of(
+            [*(s.event for s in past), event], delta=delta, accountant=policy.accountant
+        )
+        if in_window > policy.epsilon_cap or lifetime > policy.lifetime_cap:
+            raise BudgetRefusal(
+                f"out of budget: an evaluation would take privacy unit {unit} to epsilon"
+                f" {max(in_window, lifetime):.3f}, above the site's cap"
+            )
+        spend = SpendRecord(
+            dataset=unit,
+            study=EVALUATION_STUDY,
+            run_id=run,
+            round=round_,
+            event=event,
+            delta=delta,
+        )
+        self._ledger.record(spend, signer=self._signer)
+        self._audit.append(
+            "budget spent",
+            {"dataset": unit, "release": "evaluation", "run_id": run_id, "round": round_},
+        )
+        return event

@@ -79,6 +79,9 @@ class ModelCheck:
     train_examples: int
     train_loss: float
     held_out: HeldOutMetrics
+    stats: tuple[float, ...] = ()
+    """The released (noised) statistics vector these figures derive from
+    (`privacy.release.LAYOUT`): what the coordinator pools across sites."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class TrainReply:
     incoming: ModelCheck
     receipt_signature: str
     trained_groups: str = ""  # comma-separated parameter groups; empty: every group
-    dataset_sha256: str = ""  # the manifest fingerprint of the data trained on
+    dataset_sha256: str = ""  # a site-secret HMAC of the data version (never its fingerprint)
     secagg: str = ""  # secure aggregation: sealed shares (JSON); the arrays are then withheld
 
     @property

@@ -95,6 +95,7 @@ class ReplyCache:
             "dataset_sha256": reply.dataset_sha256,
             "train_examples": reply.incoming.train_examples,
             "train_loss": _hex(reply.incoming.train_loss),
+            "stats": [_hex(value) for value in reply.incoming.stats],
             "held_out": {
                 "examples": held_out.examples,
                 "loss": _hex(held_out.loss),
@@ -163,6 +164,7 @@ class ReplyCache:
                     c_index=float.fromhex(held_out["c_index"]),
                     rmse=float.fromhex(held_out["rmse"]),
                 ),
+                stats=tuple(float.fromhex(value) for value in document.get("stats", [])),
             ),
             trained_groups=str(document["trained_groups"]),
             dataset_sha256=str(document["dataset_sha256"]),

@@ -72,6 +72,15 @@ def accelerator_kind(config: SiteConfig) -> str:
     return str(getattr(config, "accelerator", None) or "cpu")
 
 
+def _public_patients(trainer: SiteTrainer) -> int:
+    """The trainer's noised patient count; 0 when the unit cannot afford releasing it."""
+    try:
+        return trainer.patients
+    except SiteRefusal as exc:
+        log.warning("not reporting a patient count: %s", exc)
+        return 0
+
+
 class SiteService:
     """The site API in-process: windows, then the trainer (pre-flight, DP-SGD, ledger).
 
@@ -176,8 +185,8 @@ class SiteService:
         return self._secagg.reveal(request)
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
-        """Evaluate the global model on the held-out patients (allowed outside windows:
-        it spends no privacy budget and little compute)."""
+        """Evaluate the global model (allowed outside windows: little compute). Each
+        answer is a DP release charged to the site's privacy unit, rate-limited by policy."""
         with self._lock:
             trainer = self._trainer_for(request.contract_json, request.contract_sha256)
             return trainer.evaluate(request)
@@ -206,7 +215,7 @@ class SiteService:
             budget = None
             if request.study_sha256 is not None and trainer is not None:
                 budget = self._budget_left(trainer, request, now)
-            patients = 0 if trainer is None else trainer.patients
+            patients = 0 if trainer is None else _public_patients(trainer)
         return QueryReply(
             site_id=self._config.site.id,
             in_window=inside,
@@ -235,13 +244,16 @@ class SiteService:
 
         policy = self._config.privacy
         delta = request.delta if request.delta is not None else policy.max_delta
-        records = trainer.ledger.records(trainer.dataset_fingerprint)
+        records = trainer.ledger.unit_records(trainer.privacy_unit)
         spends = [PastSpend(r.study, r.event, r.recorded_at) for r in records]
         in_cap = counted(spends, policy.cap_window, now)
         dataset_eps = epsilon_of(
             [s.event for s in in_cap], delta=delta, accountant=policy.accountant
         )
-        left = policy.epsilon_cap - dataset_eps
+        lifetime_eps = epsilon_of(
+            [s.event for s in spends], delta=delta, accountant=policy.accountant
+        )
+        left = min(policy.epsilon_cap - dataset_eps, policy.lifetime_cap - lifetime_eps)
         label = study_label(request.study or "", request.study_sha256 or "")
         approval = trainer.ledger.approval_for(
             request.study_sha256 or "",

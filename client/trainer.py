@@ -10,9 +10,9 @@ Simulation and tests call it directly; the Flower ClientApp calls it for each me
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ from torch.utils.data import TensorDataset
 
 from medfed.client.config import SiteConfig
 from medfed.client.errors import SiteRefusal
-from medfed.client.privacy_gate import PrivacyGate
+from medfed.client.metrics_release import noisy_check, patient_stats
+from medfed.client.privacy_gate import PrivacyGate, cox_refusal, unbounded_tasks
 from medfed.client.protocol import (
     EvaluateReply,
     EvaluateRequest,
-    HeldOut,
     ModelCheck,
     TrainReply,
     TrainRequest,
@@ -32,7 +32,6 @@ from medfed.client.protocol import (
 from medfed.model.contract import StudyContract, TaskSpec
 from medfed.model.devices import resolve_device
 from medfed.model.errors import DeviceUnavailableError, ModelError
-from medfed.model.losses import SURVIVAL_DP_CAVEAT
 from medfed.model.network import (
     MedModel,
     PresetName,
@@ -45,12 +44,19 @@ from medfed.model.network import (
 )
 from medfed.model.precision import autocast_dtype, precision_problem
 from medfed.model.tokenizers import encode
-from medfed.model.train import TaskMetrics, evaluate, train_steps
-from medfed.privacy.dpsgd import DpSgdSettings, GradSampleMode, make_private
+from medfed.model.train import TrainResult, train_steps
+from medfed.privacy.dpsgd import DpSgdSettings, GradSampleMode, PrivateTraining, make_private
 from medfed.privacy.ledger import PrivacyLedger
+from medfed.privacy.population import NoisyCount
 from medfed.privacy.receipts import UpdateReceipt
 from medfed.sites.errors import DataError, SiteError
-from medfed.sites.manifest import SiteData, load_site_data, modalities_of
+from medfed.sites.manifest import (
+    SiteData,
+    SiteDataSource,
+    configured_inputs,
+    load_site_data,
+    privacy_unit_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,29 +81,26 @@ def load_training_data(config: SiteConfig, contract: StudyContract) -> SiteData:
         raise SiteRefusal(f"the site's data could not be read: {exc}") from exc
 
 
-def trainable_groups(data: SiteData, contract: StudyContract) -> tuple[str, ...]:
-    """The parameter groups this site's training data can teach: the encoder of each
-    modality some training patient has, the fusion, and the head of each task some
-    training patient is labelled for. `SiteRefusal` if the data can feed no modality or
-    no task of the contract."""
-    present = {modality for sample in data.train for modality in modalities_of(sample)}
-    modalities = [m for m in contract.modalities if m in present]
-    tasks = [
-        task.name
-        for task in contract.tasks
-        if any(all(f in s.targets for f in task.label_fields) for s in data.train)
-    ]
-    if not modalities:
+def trainable_groups(config: SiteDataSource, contract: StudyContract) -> tuple[str, ...]:
+    """The parameter groups this site trains: the encoder of each modality its
+    configured datasets map, the fusion, and the head of each task whose label fields
+    they map. Decided from `site.toml`, never from the data: which modalities or labels
+    some patient has would otherwise leave the site in the reply. `SiteRefusal` if the
+    configuration maps no modality or no task of the contract."""
+    modalities, labels = configured_inputs(config, contract)
+    tasks = [task.name for task in contract.tasks if set(task.label_fields) <= labels]
+    present = [m for m in contract.modalities if m in modalities]
+    if not present:
         raise SiteRefusal(
             f"none of the study's modalities {list(contract.modalities)} is in this site's"
-            " training data"
+            " configured datasets"
         )
     if not tasks:
         raise SiteRefusal(
-            f"this site has no labels for any of the study's tasks"
+            f"this site's datasets map no labels for any of the study's tasks"
             f" {[task.name for task in contract.tasks]}"
         )
-    return (*(f"encoders.{m}" for m in modalities), "fusion", *(f"heads.{t}" for t in tasks))
+    return (*(f"encoders.{m}" for m in present), "fusion", *(f"heads.{t}" for t in tasks))
 
 
 def freeze_untrained(model: torch.nn.Module, groups: tuple[str, ...]) -> None:
@@ -116,15 +119,6 @@ def _encoded(data: SiteData, contract: StudyContract) -> tuple[Tensors, Tensors]
         )
     except ModelError as exc:
         raise SiteRefusal(f"the site's data does not fit the study's contract: {exc}") from exc
-
-
-def _first_of_kind(
-    contract: StudyContract, metrics: Mapping[str, TaskMetrics], kind: str, key: str
-) -> float:
-    for task in contract.tasks:
-        if task.kind == kind:
-            return metrics[task.name][key]
-    return math.nan
 
 
 class SiteTrainer:
@@ -157,13 +151,21 @@ class SiteTrainer:
         # A survival study's Cox loss needs the whole batch's risk sets: never split.
         self._physical_batch_size = None if survival else training.physical_batch_size
         self._data = load_training_data(config, contract)
-        self._groups = trainable_groups(self._data, contract)
+        self._groups = trainable_groups(config, contract)
         # Encoded once and kept warm: every round of this contract trains on these tensors.
         self._train, self._eval = _encoded(self._data, contract)
-        if any(task.kind == "survival" for task in contract.tasks):
-            log.warning("site %s: WARNING: %s", self.site_id, SURVIVAL_DP_CAVEAT)
         self._ledger = PrivacyLedger(config.ledger_path) if ledger is None else ledger
         self._gate = PrivacyGate(config, self._ledger)
+        try:
+            self._unit = privacy_unit_of(
+                config, default=config.privacy.privacy_unit or self.site_id
+            )
+        except SiteError as exc:
+            raise SiteRefusal(str(exc)) from exc
+        cox = unbounded_tasks(contract)
+        if cox and config.privacy.allow_unbounded_mechanisms:
+            log.warning("site %s: WARNING: %s", self.site_id, cox_refusal(cox))
+        self._count: NoisyCount | None = None
 
     @property
     def contract(self) -> StudyContract:
@@ -174,9 +176,24 @@ class SiteTrainer:
         return self._ledger
 
     @property
+    def privacy_unit(self) -> str:
+        """The officer-declared patient population every spend of this site's data falls on."""
+        return self._unit
+
+    @property
     def dataset_fingerprint(self) -> str:
-        """The manifest's fingerprint: what the ledger and the audit key spends on."""
+        """The manifest's fingerprint: identifies a data version at the site (never sent)."""
         return self._data.manifest.fingerprint
+
+    def noisy_count(self) -> NoisyCount:
+        """The training patients' noised count (released and charged once per version)."""
+        if self._count is None:
+            self._count = self._gate.population(
+                self._unit,
+                patient_ids=[sample.patient_id for sample in self._data.samples],
+                training=self.train_patients,
+            )
+        return self._count
 
     @property
     def trained_groups(self) -> tuple[str, ...]:
@@ -185,8 +202,8 @@ class SiteTrainer:
 
     @property
     def patients(self) -> int:
-        """Training patients: the site's aggregation weight, reported to the scheduler."""
-        return len(self._data.train)
+        """Training patients as they may leave the site (noised): the aggregation weight."""
+        return self.noisy_count().public
 
     def _model_for(
         self,
@@ -216,35 +233,19 @@ class SiteTrainer:
             ) from exc
         return model
 
-    def _held_out(self, metrics: Mapping[str, TaskMetrics]) -> HeldOut:
-        """The metrics the coordinator reads: the reported task's examples, loss, AUROC
-        (binary) and accuracy; the first survival task's c-index, regression task's RMSE."""
-        task = metrics[self._reported_task.name]
-        binary = self._reported_task.kind == "binary"
-        accuracy = (
-            task["accuracy"]
-            if binary
-            else _first_of_kind(self._contract, metrics, "multiclass", "accuracy")
-        )
-        return HeldOut(
-            examples=int(task["examples"]),
-            loss=task["loss"],
-            auroc=task["auroc"] if binary else math.nan,
-            accuracy=accuracy,
-            c_index=_first_of_kind(self._contract, metrics, "survival", "c_index"),
-            rmse=_first_of_kind(self._contract, metrics, "regression", "rmse"),
-        )
-
     def _check(self, model: MedModel) -> ModelCheck:
-        """How `model` does here. Held-out metrics over fewer patients than the policy's
-        minimum cohort are withheld (reported as 0 patients, undefined values)."""
-        on_train = self._held_out(evaluate(model, self._train, self._contract))
-        held_out = self._held_out(evaluate(model, self._eval, self._contract))
-        if held_out.examples < self._config.privacy.min_cohort_k:
-            held_out = HeldOut(examples=0, loss=math.nan, auroc=math.nan, accuracy=math.nan)
-        return ModelCheck(
-            train_examples=self.train_patients, train_loss=on_train.loss, held_out=held_out
+        """How `model` does here, as one DP release (`client.metrics_release`): the caller
+        charges `release_event` before any of it leaves. The noised patient count stands
+        in for the training count."""
+        task = self._reported_task
+        check = noisy_check(
+            patient_stats(model, self._train, self._contract, task),
+            patient_stats(model, self._eval, self._contract, task),
+            noise_multiplier=self._config.privacy.metrics_noise_multiplier,
+            task=task,
+            min_cohort_k=self._config.privacy.min_cohort_k,
         )
+        return replace(check, train_examples=self.noisy_count().public)
 
     @property
     def train_patients(self) -> int:
@@ -256,10 +257,10 @@ class SiteTrainer:
 
         A round that the policy or budget forbids is refused before any training step.
         """
-        dataset = self.dataset_fingerprint
+        unit = self._unit
         already = [
             record
-            for record in self._ledger.records(dataset)
+            for record in self._ledger.records(unit)
             if record.run_id == request.run_id and record.round == request.round
         ]
         if already:
@@ -273,48 +274,33 @@ class SiteTrainer:
         anchor = {name: tensor.detach().clone() for name, tensor in model.named_parameters()}
         freeze_untrained(model, self._groups)
         train_set = TensorDataset(*self._train)
-        plan = self._gate.plan(request, dataset=dataset, patients=len(train_set))
+        count = self.noisy_count()
+        plan = self._gate.plan(request, unit=unit, count=count, contract=self._contract)
         incoming = self._check(model)
-        settings = DpSgdSettings(
-            noise_multiplier=plan.event.noise_multiplier,
-            max_grad_norm=request.max_grad_norm,
-            sample_rate=request.sample_rate,
-        )
         private = make_private(
             model,
             train_set,
-            settings=settings,
+            settings=DpSgdSettings(
+                noise_multiplier=plan.event.noise_multiplier,
+                max_grad_norm=request.max_grad_norm,
+                sample_rate=request.sample_rate,
+            ),
             learning_rate=request.learning_rate,
             grad_sample_mode=self._grad_sample_mode,
+            public_patients=count.public,
         )
         if private.event(request.local_steps) != plan.event:
             raise SiteRefusal("the training would not match the planned privacy event")
-        with warnings.catch_warnings():
-            # Opacus's hooks fire on module outputs since inputs need no gradient: expected.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            # Opacus's functorch mode asks for a float32 autocast, which CPU autocast ignores.
-            warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
-            result = train_steps(
-                private.model,
-                private.optimizer,
-                private.loader,
-                steps=request.local_steps,
-                contract=self._contract,
-                reduce_loss=private.reduce_loss,
-                proximal_mu=request.proximal_mu,
-                anchor=anchor if request.proximal_mu > 0 else None,
-                physical_batch_size=self._physical_batch_size,
-                autocast_dtype=self._autocast,
-            )
-        if not self._gate.record(request, plan, dataset=dataset):
+        result = self._train_steps(private, request, anchor)
+        if not self._gate.record(request, plan, unit=unit):
             # Another process trained this round meanwhile and recorded it first; its
             # update is the one that may leave, this one is withheld.
             raise SiteRefusal(
                 f"run {request.run_id} round {request.round} was trained here concurrently;"
                 " withholding this second update so privacy is not spent twice"
             )
-        # The study's own spend on this dataset (not the total over every study).
-        epsilon = self._gate.study_epsilon(dataset, plan.study, delta=request.delta)
+        # The study's own spend on this unit (not the total over every study).
+        epsilon = self._gate.study_epsilon(unit, plan.study, delta=request.delta)
         log.info(
             "site %s round %s: %d steps, noise %.3f, loss %.4f, epsilon %.3f",
             self.site_id,
@@ -337,27 +323,55 @@ class SiteTrainer:
             site_id=self.site_id,
             arrays=arrays,
             receipt_signature=self._gate.sign_receipt(receipt),
-            local_loss=result.mean_loss,
+            # The DP-SGD batches' own loss is not DP: the received model's noised loss on
+            # the training patients stands in for it.
+            local_loss=incoming.train_loss,
             epsilon=epsilon,
             noise_multiplier=plan.event.noise_multiplier,
             incoming=incoming,
             trained_groups=",".join(self._groups),
-            dataset_sha256=dataset,
+            dataset_sha256=self._gate.keyed_digest(self.dataset_fingerprint),
         )
 
-    def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
-        """Evaluate the global model on this site's held-out patients.
+    def _train_steps(
+        self,
+        private: PrivateTraining,
+        request: TrainRequest,
+        anchor: Mapping[str, torch.Tensor],
+    ) -> TrainResult:
+        with warnings.catch_warnings():
+            # Opacus's hooks fire on module outputs since inputs need no gradient: expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            # Opacus's functorch mode asks for a float32 autocast, which CPU autocast ignores.
+            warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
+            return train_steps(
+                private.model,
+                private.optimizer,
+                private.loader,
+                steps=request.local_steps,
+                contract=self._contract,
+                reduce_loss=private.reduce_loss,
+                proximal_mu=request.proximal_mu,
+                anchor=dict(anchor) if request.proximal_mu > 0 else None,
+                physical_batch_size=self._physical_batch_size,
+                autocast_dtype=self._autocast,
+            )
 
-        A site with fewer training patients than the policy's minimum cohort reports
-        nothing: even a loss over so few patients says too much about each of them.
+    def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
+        """How the global model does at this site, as one charged DP release.
+
+        Each answer is a Gaussian release charged to the privacy unit: at most the
+        policy's `max_evaluations_per_run` per run, one per (run, round), within the caps.
         """
         minimum = self._config.privacy.min_cohort_k
-        if self.train_patients < minimum:
+        if self.patients < minimum:
             raise SiteRefusal(
-                f"the dataset has {self.train_patients} training patients, fewer than"
-                f" the site's minimum cohort {minimum}; no metric is reported"
+                f"the dataset has about {self.patients} training patients (noised), fewer"
+                f" than the site's minimum cohort {minimum}; no metric is reported"
             )
         model = self._model_for(
             request.arrays, request.model_sha256, request.preset, request.model_identity
         )
-        return EvaluateReply(site_id=self.site_id, result=self._check(model))
+        check = self._check(model)
+        self._gate.charge_evaluation(self._unit, run_id=request.run_id, round_=request.round)
+        return EvaluateReply(site_id=self.site_id, result=check)

@@ -23,9 +23,9 @@ from typing import TypeVar
 
 import httpx
 from flwr.app import Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo  # Flower's own type of get_nodes
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from medfed.flower.grid import NodeInfo, Run  # Flower's own types of get_nodes, run
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,13 @@ from medfed.common import write_atomic
 
 RunStatus = Literal["waiting", "running", "completed", "failed"]
 
+FIGURES_NOTE = (
+    "losses and metrics are DP-noised at each site (a Gaussian release charged to its"
+    " privacy budget); over all sites they are pooled from the sites' noised sufficient"
+    " statistics; patient counts are noised too"
+)
+"""What every figure of a run is, for whoever reads the results or the report."""
+
 
 @dataclass
 class RoundRecord:
@@ -24,8 +31,9 @@ class RoundRecord:
     `loss` (the new model's loss on all sites' training patients) and `metric` (its
     held-out metric, named by `metric_name`: AUROC or c-index) are reported by the
     sites when they next receive the model, so they fill in one round later (after the
-    final evaluation for the last round). `local_loss` is the mean DP-SGD mini-batch loss during the
-    round's local steps.
+    final evaluation for the last round). `local_loss` is the noised loss of the model
+    each site received on its training patients (the DP-SGD batches' own loss never
+    leaves a site). Every figure is DP-noised at the sites (`FIGURES_NOTE`).
     """
 
     round: int
@@ -73,6 +81,8 @@ class RunResults:
     flower_run_id: str = ""
     """The Flower run that last wrote this document: a resumed run's first report
     replaces its last life's (which `round resume --follow` must not read as its own)."""
+    figures: str = FIGURES_NOTE
+    """What the losses, metrics and counts are (DP-noised at the sites)."""
 
     @property
     def rounds_completed(self) -> int:

@@ -46,6 +46,7 @@ from medfed.coordinator.validate import (
 from medfed.model import wire
 from medfed.model.contract import StudyContract
 from medfed.model.network import arrays_sha256, build_model, state_arrays
+from medfed.privacy import release
 from medfed.privacy.errors import PrivacyError
 from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
 
@@ -108,9 +109,19 @@ def _scores(
     checks: Sequence[ModelCheck], name: MetricName = "auroc"
 ) -> tuple[float | None, float | None]:
     """A model's training loss and held-out metric over all sites, weighted by patients."""
+    pooled = release.pooled([check.eval_stats for check in checks])
+    if pooled is not None and all(check.eval_stats for check in checks):
+        # Every site sent its noised sufficient statistics: the figures over all their
+        # patients at once (a c-index is not a sum, and is not released under DP).
+        held_out = pooled.auroc if name == "auroc" else math.nan
+        return _finite(pooled.train_loss), _finite(held_out)
     loss = _weighted((check.train_loss, check.num_examples) for check in checks)
     metric = _weighted((_held_out_metric(check, name), check.eval_examples) for check in checks)
     return loss, metric
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from flwr.app import Message, RecordDict
 from medfed.coordinator.strategies import parameter_groups
 from medfed.model import wire
 from medfed.model.network import arrays_sha256
+from medfed.privacy import release
 from medfed.privacy.receipts import UpdateReceipt
 from medfed.privacy.signing import VerifyKey
 
@@ -62,6 +63,8 @@ class ModelCheck:
     eval_loss: float
     eval_c_index: float = math.nan
     """A survival task's held-out concordance (NaN when the study has none)."""
+    eval_stats: tuple[float, ...] = ()
+    """The site's noised statistics vector (`privacy.release`), to pool across sites."""
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,11 @@ def _model_check(reply: Message, max_examples: int = MAX_EXAMPLES) -> ModelCheck
     if not 0 <= eval_examples <= MAX_EXAMPLES:
         raise wire.WireError(f"metrics.{wire.EVAL_EXAMPLES}: {eval_examples} is out of range")
     train_loss = metric(wire.MODEL_TRAIN_LOSS, float)
-    if train_loss < 0:
-        raise wire.WireError(f"metrics.{wire.MODEL_TRAIN_LOSS}: {train_loss} is negative")
+    # NaN: not released (a loss with no bounded per-patient part, or too few patients).
+    if not (math.isnan(train_loss) or 0 <= train_loss < math.inf):
+        raise wire.WireError(
+            f"metrics.{wire.MODEL_TRAIN_LOSS}: {train_loss} is negative or infinite"
+        )
     auroc = metric(wire.EVAL_AUROC, float)
     if not (math.isnan(auroc) or 0.0 <= auroc <= 1.0):
         raise wire.WireError(f"metrics.{wire.EVAL_AUROC}: {auroc} is not in [0, 1]")
@@ -212,8 +218,29 @@ def _model_check(reply: Message, max_examples: int = MAX_EXAMPLES) -> ModelCheck
         if not (math.isnan(c_index) or 0.0 <= c_index <= 1.0):
             raise wire.WireError(f"metrics.{wire.EVAL_C_INDEX}: {c_index} is not in [0, 1]")
     return ModelCheck(
-        num_examples, train_loss, eval_examples, auroc, metric(wire.EVAL_LOSS, float), c_index
+        num_examples,
+        train_loss,
+        eval_examples,
+        auroc,
+        metric(wire.EVAL_LOSS, float),
+        c_index,
+        _eval_stats(reply),
     )
+
+
+def _eval_stats(reply: Message) -> tuple[float, ...]:
+    """The optional noised statistics vector: `release.WIDTH` finite floats, or none."""
+    metrics = reply.content.metric_records.get(wire.METRICS)
+    if metrics is None or wire.EVAL_STATS not in metrics:
+        return ()
+    value = metrics[wire.EVAL_STATS]
+    if (
+        not isinstance(value, list)
+        or len(value) != release.WIDTH
+        or not all(isinstance(v, float) and math.isfinite(v) for v in value)
+    ):
+        raise wire.WireError(f"metrics.{wire.EVAL_STATS}: not {release.WIDTH} finite numbers")
+    return tuple(float(v) for v in value)
 
 
 def _error_reason(reply: Message) -> str:

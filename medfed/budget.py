@@ -19,6 +19,7 @@ from medfed.privacy.audit import AuditLog, verify_audit_log
 from medfed.privacy.errors import AuditLogError
 from medfed.privacy.ledger import PrivacyLedger, RecordedSpend
 from medfed.privacy.policy import PastSpend, counted
+from medfed.privacy.population import RELATION_TEXT, is_legacy_dataset
 from medfed.privacy.signing import SigningKey, VerifyKey
 from medfed.svg import line_chart
 
@@ -42,21 +43,47 @@ class StudySpend:
 
 @dataclass
 class DatasetBudget:
-    """One dataset's budget: spent (in the policy's window), cap, and per study."""
+    """One privacy unit's budget (its patients', across every data version and
+    contract): spent in the policy's window and over its lifetime, caps, and per study.
+
+    `dataset` is the unit's name, or a data fingerprint for spends of an older medfed
+    (which count against every unit of the site)."""
 
     dataset: str
     epsilon_spent: float
     epsilon_cap: float
     window: str
     studies: list[StudySpend]
+    lifetime_spent: float = 0.0
+    lifetime_cap: float = math.inf
+    patients_covered: int = 0
+    relation: str = RELATION_TEXT
+    legacy: bool = False
+    no_guarantee: list[str] = field(default_factory=list)
 
     @property
     def remaining(self) -> float:
-        return max(0.0, self.epsilon_cap - self.epsilon_spent)
+        return max(
+            0.0,
+            min(self.epsilon_cap - self.epsilon_spent, self.lifetime_cap - self.lifetime_spent),
+        )
 
     @property
     def exceeded(self) -> bool:
-        return self.epsilon_spent > self.epsilon_cap
+        return self.epsilon_spent > self.epsilon_cap or self.lifetime_spent > self.lifetime_cap
+
+    @property
+    def carries_over(self) -> str:
+        """What the budget belongs to, in one sentence for the officer."""
+        if self.legacy:
+            return (
+                "spends an older medfed keyed on a data fingerprint: counted against every"
+                " privacy unit of this site"
+            )
+        return (
+            f"the patients of privacy unit {self.dataset} ({self.patients_covered} ever"
+            " covered): one budget across data versions, corrections and study contracts"
+        )
 
 
 @dataclass
@@ -100,6 +127,15 @@ class BudgetSummary:
                     "epsilon_remaining": budget.remaining,
                     "window": budget.window,
                     "exceeded": budget.exceeded,
+                    "privacy_unit": None if budget.legacy else budget.dataset,
+                    "legacy_fingerprint": budget.legacy,
+                    "carries_over": budget.carries_over,
+                    "patients_covered": budget.patients_covered,
+                    "neighbouring_relation": budget.relation,
+                    "epsilon_lifetime": budget.lifetime_spent,
+                    "epsilon_lifetime_cap": budget.lifetime_cap,
+                    "guarantee": "none" if budget.no_guarantee else "(epsilon, delta)-DP",
+                    "no_guarantee": budget.no_guarantee,
                     "studies": [
                         {
                             "study": spend.study,
@@ -130,39 +166,11 @@ def budget_summary(config: SiteConfig, *, now: dt.datetime | None = None) -> Bud
     officer = _officer(config)
     valid = ledger.approvals_verified(officer)
     approved = {approval.study_sha256: approval.epsilon for approval in valid}
-    by_dataset: dict[str, list[RecordedSpend]] = defaultdict(list)
-    for record in records:
-        by_dataset[record.dataset].append(record)
-    datasets: list[DatasetBudget] = []
-    for dataset, rows in sorted(by_dataset.items()):
-        past = [PastSpend(r.study, r.event, r.recorded_at) for r in rows]
-        window = counted(past, policy.cap_window, now)
-        spent = epsilon_of(
-            [spend.event for spend in window], delta=policy.max_delta, accountant=policy.accountant
-        )
-        studies: list[StudySpend] = []
-        for label in sorted({r.study for r in rows}):
-            name, digest = split_study(label)
-            mine = [r for r in rows if r.study == label]
-            runs: dict[str, int] = defaultdict(int)
-            for r in mine:
-                runs[r.run_id] += 1
-            studies.append(
-                StudySpend(
-                    study=name,
-                    study_sha256=digest,
-                    epsilon=epsilon_of(
-                        [r.event for r in mine],
-                        delta=policy.max_delta,
-                        accountant=policy.accountant,
-                    ),
-                    approved_epsilon=approved.get(digest),
-                    runs=dict(runs),
-                )
-            )
-        datasets.append(
-            DatasetBudget(dataset, spent, policy.epsilon_cap, policy.cap_window, studies)
-        )
+    covered = ledger.population.units()
+    names = sorted({*covered, *(r.dataset for r in records)})
+    datasets = [
+        _unit_budget(ledger, name, covered.get(name, 0), config, approved, now) for name in names
+    ]
     audit_entries, audit_problem, refusals = _audit(config)
     return BudgetSummary(
         audit_entries=audit_entries,
@@ -186,6 +194,49 @@ def budget_summary(config: SiteConfig, *, now: dt.datetime | None = None) -> Bud
         invalid_approvals=[
             f"approval {seq}: {reason}" for seq, reason in ledger.invalid_approvals(officer)
         ],
+    )
+
+
+def _unit_budget(
+    ledger: PrivacyLedger,
+    name: str,
+    patients: int,
+    config: SiteConfig,
+    approved: dict[str, float],
+    now: dt.datetime,
+) -> DatasetBudget:
+    """One unit's budget: every spend on its patients (see `PrivacyLedger.unit_records`)."""
+    policy = config.privacy
+    legacy = is_legacy_dataset(name)
+    rows = ledger.records(name) if legacy else ledger.unit_records(name)
+    past = [PastSpend(r.study, r.event, r.recorded_at) for r in rows]
+
+    def epsilon(events: list[RecordedSpend] | list[PastSpend]) -> float:
+        return epsilon_of(
+            [r.event for r in events], delta=policy.max_delta, accountant=policy.accountant
+        )
+
+    studies: list[StudySpend] = []
+    for label in sorted({r.study for r in rows}):
+        study, digest = split_study(label)
+        mine = [r for r in rows if r.study == label]
+        runs: dict[str, int] = defaultdict(int)
+        for r in mine:
+            runs[r.run_id] += 1
+        studies.append(StudySpend(study, digest, epsilon(mine), approved.get(digest), dict(runs)))
+    notes = [] if legacy else ledger.population.notes(name)
+    return DatasetBudget(
+        dataset=name,
+        epsilon_spent=epsilon(counted(past, policy.cap_window, now)),
+        epsilon_cap=policy.epsilon_cap,
+        window=policy.cap_window,
+        studies=studies,
+        lifetime_spent=epsilon(past),
+        lifetime_cap=policy.lifetime_cap,
+        patients_covered=patients,
+        relation=RELATION_TEXT,
+        legacy=legacy,
+        no_guarantee=[f"run {run} round {round_}: {note}" for _, run, round_, note in notes],
     )
 
 
@@ -300,7 +351,11 @@ def render_report(
             f"<th>run</th><th>round</th><th>reason</th></tr>{refused}</table>"
         )
     for budget in summary.datasets:
-        rows = [r for r in records if r.dataset == budget.dataset]
+        rows = (
+            [r for r in records if r.dataset == budget.dataset]
+            if budget.legacy
+            else ledger.unit_records(budget.dataset)
+        )
         series = {
             f"{split_study(label)[0]} ({split_study(label)[1][:8]})": _epsilon_series(
                 [r for r in rows if r.study == label], policy.max_delta, policy.accountant
@@ -315,11 +370,17 @@ def render_report(
             for s in budget.studies
         )
         state = '<span class="bad">EXCEEDED</span>' if budget.exceeded else "within cap"
+        no_guarantee = "".join(
+            f'<p class="bad">NO GUARANTEE: {e(note)}</p>' for note in budget.no_guarantee
+        )
         sections.append(
-            f"<h2>Dataset <code>{e(budget.dataset[:16])}</code></h2>"
+            f"<h2>Privacy unit <code>{e(budget.dataset[:16])}</code></h2>"
+            f"<p>{e(budget.carries_over)}; epsilon for neighbouring datasets that"
+            f" {e(budget.relation)}.</p>{no_guarantee}"
             f"<p>epsilon spent {budget.epsilon_spent:.3f} of cap {budget.epsilon_cap:g}"
-            f" ({e(budget.window)}), remaining {budget.remaining:.3f} at delta"
-            f" {summary.delta:g}: {state}</p>"
+            f" ({e(budget.window)}); lifetime {budget.lifetime_spent:.3f} of"
+            f" {budget.lifetime_cap:g} (never resets); remaining {budget.remaining:.3f} at"
+            f" delta {summary.delta:g}: {state}</p>"
             f"{_svg_plot(series, budget.epsilon_cap)}"
             "<table><tr><th>study</th><th>digest</th><th>epsilon</th><th>approved</th>"
             f"<th>runs</th></tr>{study_rows}</table>"

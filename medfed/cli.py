@@ -209,6 +209,16 @@ def budget_show(
                     "", "", Text(", ".join(f"{r}: {n}" for r, n in spend.runs.items())),
                 )  # fmt: skip
         stdout.print(table)
+        for budget in summary.datasets:
+            stdout.print(Text(f"{budget.dataset[:16]}: {budget.carries_over}"))
+            stdout.print(
+                Text(
+                    f"  lifetime epsilon {budget.lifetime_spent:.3f} of {budget.lifetime_cap:g}"
+                    f" (never resets); neighbouring datasets: {budget.relation}"
+                )
+            )
+            for note in budget.no_guarantee:
+                stderr.print(Text(f"  NO GUARANTEE: {note}"))
         stdout.print(
             f"{summary.ledger_rows} ledger rows, signatures "
             + ("verified" if not summary.ledger_problems else "FAILED"),

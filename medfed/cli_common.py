@@ -102,12 +102,15 @@ def round_table(results: object) -> Table:
 
     if not isinstance(results, RunResults):
         raise TypeError(f"round_table expects RunResults, got {type(results).__name__}")
-    table = Table(title=f"run {results.run_id}: {results.rounds_completed} rounds")
+    table = Table(
+        title=f"run {results.run_id}: {results.rounds_completed} rounds",
+        caption=f"DP-noised figures: {results.figures}",
+    )
     table.add_column("round", justify="right")
     table.add_column("sites")
-    table.add_column("train loss (global)", justify="right")
+    table.add_column("train loss (pooled, noised)", justify="right")
     label = {"auroc": "AUROC", "c_index": "c-index"}.get(metric_name(results), "metric")
-    table.add_column(f"{label} (held-out)", justify="right")
+    table.add_column(f"{label} (held-out, pooled, noised)", justify="right")
     table.add_column(f"epsilon by site, this study (delta {results.delta or 0:g})")
     table.add_row(
         "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""

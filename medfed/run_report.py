@@ -176,6 +176,7 @@ def _model_card(folder: RunFolder) -> str:
         ("final model (SHA-256)", final),
         ("app bundle (SHA-256)", lineage.get("app_sha256") or "(not recorded)"),
         ("updates signature-checked", "yes" if results.signed_updates else "NO"),
+        ("losses, metrics and counts", results.figures),
         ("checkpoints", ", ".join(map(str, folder.checkpoint_rounds)) or "none"),
         ("resumed after rounds", ", ".join(map(str, results.resumed_from)) or "never"),
         ("audit chain", folder.audit),

@@ -78,6 +78,10 @@ EVAL_AUROC: Final = "eval-auroc"
 EVAL_ACCURACY: Final = "eval-accuracy"
 EVAL_C_INDEX: Final = "eval-c-index"  # a survival task's held-out concordance
 EVAL_RMSE: Final = "eval-rmse"  # a regression task's held-out root mean squared error
+# The site's one noised release these figures derive from (`privacy.release.LAYOUT`): the
+# coordinator sums the sites' vectors into pooled held-out figures.
+EVAL_STATS: Final = "eval-stats"
+MAX_EVAL_STATS: Final = 64
 
 
 # --- Codec between named numpy arrays / typed values and Flower records -------------
@@ -232,6 +236,6 @@ def get_value(content: RecordDict, record: str, key: str, kind: type[T]) -> T:
 
 
 _NAN_ALLOWED = frozenset(
-    {EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, EVAL_C_INDEX, EVAL_RMSE, LOCAL_LOSS}
+    {EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, EVAL_C_INDEX, EVAL_RMSE, LOCAL_LOSS, MODEL_TRAIN_LOSS}
 )
 """Metrics that are undefined (NaN) in honest edge cases: one class only, or no held-out rows."""

@@ -165,8 +165,15 @@ def make_private(
     settings: DpSgdSettings,
     learning_rate: float,
     grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE,
+    public_patients: int | None = None,
 ) -> PrivateTraining:
     """Wrap `model` for DP-SGD over `dataset` (one row per patient) with plain SGD.
+
+    With `public_patients` (a patient count that is public or already released noised),
+    nothing of the mechanism depends on the private count: each patient is sampled with
+    exactly `settings.sample_rate`, and the noised gradient sum is averaged over
+    `sample_rate * public_patients`, as DP under add/remove-one needs. Without it, the
+    rate is Opacus's nearest to `settings.sample_rate` for `len(dataset)` rows.
 
     The batch size is chosen so that Opacus's Poisson sampling rate is the nearest
     it can get to `settings.sample_rate`; the rate its sampler really uses is
@@ -186,8 +193,37 @@ def make_private(
     model.train()
     loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(dataset, batch_size=batch_size)
     optimizer = plain_sgd(model, learning_rate)
+    private_model: nn.Module
+    reduce_loss: LossReducer
+    private_optimizer: torch.optim.Optimizer
     if grad_sample_mode == "bk":
-        return _bookkeeping(model, loader, optimizer, settings)
+        private_optimizer, private_loader = _bookkeeping(model, loader, optimizer, settings)
+        private_model, reduce_loss = model, mean_loss
+    else:
+        private_model, private_optimizer, private_loader, reduce_loss = _opacus(
+            model, loader, optimizer, settings, grad_sample_mode
+        )
+    if public_patients is not None:
+        _use_public_rate(private_loader, private_optimizer, settings, public_patients)
+    sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
+    return PrivateTraining(
+        private_model,
+        private_optimizer,
+        private_loader,
+        sample_rate,
+        grad_sample_mode,
+        reduce_loss,
+    )
+
+
+def _opacus(
+    model: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    optimizer: torch.optim.Optimizer,
+    settings: DpSgdSettings,
+    grad_sample_mode: GradSampleMode,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader[tuple[torch.Tensor, ...]], LossReducer]:
+    """Opacus's PrivacyEngine in `grad_sample_mode`, made to take empty Poisson batches."""
     with warnings.catch_warnings():
         # Opacus's secure_mode needs torchcsprng, which has no build for this torch;
         # the noise and sampling generators below are seeded from `secrets` instead.
@@ -214,15 +250,7 @@ def make_private(
         reduce_loss = mean_loss
     private_model = _EmptyBatchGuard(private_model, ghost=grad_sample_mode == "ghost")
     private_loader.batch_sampler.generator = _secure_generator()
-    sample_rate = float(private_loader.sample_rate)
-    return PrivateTraining(
-        private_model,
-        private_optimizer,
-        private_loader,
-        sample_rate,
-        grad_sample_mode,
-        reduce_loss,
-    )
+    return private_model, private_optimizer, private_loader, reduce_loss
 
 
 def plain_sgd(model: nn.Module, learning_rate: float) -> torch.optim.SGD:
@@ -237,7 +265,7 @@ def _bookkeeping(
     loader: DataLoader[tuple[torch.Tensor, ...]],
     optimizer: torch.optim.Optimizer,
     settings: DpSgdSettings,
-) -> PrivateTraining:
+) -> tuple[BookKeepingOptimizer, DataLoader[tuple[torch.Tensor, ...]]]:
     """Book-keeping DP-SGD over Opacus's Poisson loader, with Opacus's expected batch."""
     private_loader = DPDataLoader.from_data_loader(loader, generator=_secure_generator())
     sample_rate = float(private_loader.sample_rate)
@@ -249,7 +277,23 @@ def _bookkeeping(
         expected_batch_size=int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
         generator=_secure_generator(_parameter_device(model)),
     )
-    return PrivateTraining(model, private_optimizer, private_loader, sample_rate, "bk", mean_loss)
+    return private_optimizer, private_loader
+
+
+def _use_public_rate(
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    optimizer: torch.optim.Optimizer,
+    settings: DpSgdSettings,
+    public_patients: int,
+) -> None:
+    """Sample at exactly the study's rate, and average over the public expected batch."""
+    if public_patients < 1:
+        raise DpConfigError(f"public_patients must be at least 1, got {public_patients}")
+    sampler = loader.batch_sampler
+    sampler.sample_rate = settings.sample_rate  # type: ignore[union-attr]
+    loader.sample_rate = settings.sample_rate
+    expected = max(1.0, settings.sample_rate * public_patients)
+    optimizer.expected_batch_size = expected  # type: ignore[attr-defined]
 
 
 def _parameter_device(model: nn.Module) -> torch.device:

@@ -26,6 +26,7 @@ from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.approvals import Approval, SignedApproval
 from medfed.privacy.errors import DpConfigError, LedgerError
 from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.population import POPULATION_SCHEMA, PopulationStore, is_legacy_dataset
 from medfed.privacy.signing import SigningKey, VerifyKey, canonical_json
 
 SCHEMA_VERSION = 2
@@ -158,7 +159,11 @@ class PrivacyLedger:
                 )
             if version not in (0, SCHEMA_VERSION):
                 raise LedgerError(f"{self._path}: ledger schema {version} is not one medfed wrote")
-            for statement in (*_SPEND_SCHEMA, *approvals_table.APPROVALS_SCHEMA):
+            for statement in (
+                *_SPEND_SCHEMA,
+                *approvals_table.APPROVALS_SCHEMA,
+                *POPULATION_SCHEMA,
+            ):
                 connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             connection.execute("COMMIT")
@@ -189,6 +194,23 @@ class PrivacyLedger:
             raise LedgerError(
                 f"{self._path}: a spend row is malformed ({exc}); verify the ledger"
             ) from exc
+
+    @property
+    def population(self) -> PopulationStore:
+        """The privacy units of this ledger: their patients, noised counts and notes."""
+        return PopulationStore(self._connect)
+
+    def unit_records(self, unit: str) -> list[RecordedSpend]:
+        """Every spend that falls on some patient of privacy unit `unit`: its own, those of
+        every unit that covers one of its patients, and any spend an older medfed keyed
+        on a data fingerprint (which cannot be traced to patients, so it counts against
+        every unit of the site). Oldest first."""
+        units = self.population.sharing_patients(unit)
+        return [
+            record
+            for record in self.records()
+            if record.dataset in units or is_legacy_dataset(record.dataset)
+        ]
 
     def epsilon(self, dataset: str, *, delta: float) -> float:
         """Epsilon spent so far on `dataset`, composing all its events at `delta`."""

@@ -18,6 +18,7 @@ from medfed.privacy.accountant import AccountantKind, epsilon_of
 from medfed.privacy.events import DpSgdEvent
 
 CapWindow = Literal["lifetime", "rolling-year"]
+PRIVACY_UNIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 ROLLING_YEAR = dt.timedelta(days=365)
 
 
@@ -34,12 +35,42 @@ class PrivacyPolicy(BaseModel):
     min_cohort_k: int = Field(default=20, ge=1)
     require_approval: bool = True
     accountant: AccountantKind = "rdp"
+    privacy_unit: str | None = Field(default=None, pattern=PRIVACY_UNIT_PATTERN)
+    """The officer's name for the site's patient population, whose budget every spend
+    falls on (a dataset may declare its own); unset: the site id."""
+    lifetime_epsilon_cap: float | None = Field(default=None, gt=0)
+    """A cap that never resets: required with `cap_window = "rolling-year"` (whose
+    yearly cap forgets spends older than 365 days); with "lifetime", the same as
+    `epsilon_cap` when unset."""
+    delta_patients_factor: float = Field(default=10.0, ge=1.0)
+    """delta must be at most 1 / (this x the noised patient count)."""
+    metrics_noise_multiplier: float = Field(default=20.0, ge=1.0)
+    """Gaussian noise (times the sensitivity) on every metric a site releases."""
+    count_noise_std: float = Field(default=10.0, ge=1.0)
+    """Gaussian noise on the patient count, released once per version of the population."""
+    max_evaluations_per_run: int = Field(default=3, ge=0)
+    """How many evaluate requests of one run a site answers (each is a charged release)."""
+    allow_unbounded_mechanisms: bool = False
+    """Let a study train with a loss whose per-patient sensitivity is unbounded (the Cox
+    partial likelihood): its epsilon is then NO GUARANTEE, and ledger and reports say so."""
 
     @model_validator(mode="after")
     def _cap_is_sane(self) -> PrivacyPolicy:
         if self.epsilon_cap > 100:
             raise ValueError("epsilon_cap above 100 protects nothing; lower it")
+        if self.cap_window == "rolling-year" and self.lifetime_epsilon_cap is None:
+            raise ValueError(
+                'cap_window "rolling-year" forgets spends after 365 days: set'
+                " lifetime_epsilon_cap, the cap that never resets"
+            )
+        if self.lifetime_epsilon_cap is not None and self.lifetime_epsilon_cap < self.epsilon_cap:
+            raise ValueError("lifetime_epsilon_cap must be at least epsilon_cap")
         return self
+
+    @property
+    def lifetime_cap(self) -> float:
+        """The cap on all spends ever, which no window resets."""
+        return self.epsilon_cap if self.lifetime_epsilon_cap is None else self.lifetime_epsilon_cap
 
 
 @dataclass(frozen=True)
@@ -60,6 +91,8 @@ class PlannedRound:
     event: DpSgdEvent
     delta: float
     max_grad_norm: float
+    extra: tuple[DpSgdEvent, ...] = ()
+    """Releases charged with the round (its metrics), composed with `event`."""
 
 
 @dataclass(frozen=True)
@@ -95,14 +128,20 @@ def preflight(
     study's composes this study's spends only (all of them: an approval is lifetime).
     """
     event = planned.event
+    spent = (event, *planned.extra)
     in_window = counted(past, policy.cap_window, now)
     dataset_after = epsilon_of(
-        [*(spend.event for spend in in_window), event],
+        [*(spend.event for spend in in_window), *spent],
+        delta=planned.delta,
+        accountant=policy.accountant,
+    )
+    lifetime_after = epsilon_of(
+        [*(spend.event for spend in past), *spent],
         delta=planned.delta,
         accountant=policy.accountant,
     )
     study_after = epsilon_of(
-        [*(s.event for s in past if s.study_key == planned.study_key), event],
+        [*(s.event for s in past if s.study_key == planned.study_key), *spent],
         delta=planned.delta,
         accountant=policy.accountant,
     )
@@ -143,5 +182,11 @@ def preflight(
             "budget",
             f"out of budget: the dataset would reach epsilon {dataset_after:.3f}{window},"
             f" above the site's cap {policy.epsilon_cap:g}",
+        )
+    if lifetime_after > policy.lifetime_cap:
+        return refuse(
+            "budget",
+            f"out of budget: the dataset would reach a lifetime epsilon {lifetime_after:.3f},"
+            f" above the site's lifetime cap {policy.lifetime_cap:g}",
         )
     return Decision(True, "within policy and budget", dataset_after, study_after)

@@ -37,6 +37,7 @@ Accelerator = DeviceKind
 Orientation = Literal["samples_x_genes", "genes_x_samples"]
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+PRIVACY_UNIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -138,6 +139,10 @@ class DatasetConfig(BaseModel):
     orientation: Orientation = "samples_x_genes"
     index_date: dt.date | None = None
     """The date at which `patient = "age"` is computed (completed years)."""
+    privacy_unit: str | None = Field(default=None, pattern=PRIVACY_UNIT_PATTERN)
+    """The privacy officer's name for the patient population this dataset covers: its
+    budget carries over every correction, version and contract (`privacy.population`).
+    Unset: `[privacy] privacy_unit`, else the site id."""
 
     @model_validator(mode="after")
     def _where_the_data_is(self) -> DatasetConfig:

@@ -20,7 +20,7 @@ from medfed.model.contract import MODALITY_ORDER, Modality, StudyContract
 from medfed.model.sample import PatientSample
 from medfed.sites.config import DatasetConfig, NumericSource, TargetSource
 from medfed.sites.connectors import read_dataset
-from medfed.sites.errors import DataError, DataProblem
+from medfed.sites.errors import DataError, DataProblem, SiteError
 from medfed.sites.join import join_patients, split_by_patient
 from medfed.sites.records import DatasetRead, PartialRecord
 
@@ -158,6 +158,45 @@ def load_site_data(
         datasets=summaries,
         problems=tuple(problems),
     )
+
+
+_FORMAT_MODALITY: Mapping[str, Modality] = {
+    "omics": "omics",
+    "smiles": "molecule",
+    "fasta": "protein",
+}
+_CODED_FORMATS = frozenset({"fhir", "omop", "omop-sql"})
+"""Formats that read every contract feature that has a code (LOINC, concept id)."""
+
+
+def configured_inputs(
+    config: SiteDataSource, contract: StudyContract
+) -> tuple[frozenset[Modality], frozenset[str]]:
+    """The modalities and label fields `site.toml`'s datasets map for `contract`,
+    decided from the configuration alone (which patient has what is private)."""
+    datasets = config.datasets or legacy_datasets(config.data_dir, contract)
+    modalities: set[Modality] = set()
+    labels: set[str] = set()
+    for dataset in datasets:
+        if dataset.format in _FORMAT_MODALITY:
+            modalities.add(_FORMAT_MODALITY[dataset.format])
+        if dataset.numeric or dataset.categorical or dataset.format in _CODED_FORMATS:
+            modalities.add("clinical")
+        labels.update(dataset.targets)
+    return frozenset(modalities), frozenset(labels)
+
+
+def privacy_unit_of(config: SiteDataSource, *, default: str) -> str:
+    """The one privacy unit the site's datasets declare (`privacy_unit`), or `default`
+    for those that declare none; `SiteError` if two datasets a study joins per patient
+    declare different units (their patients would fall on two budgets at once)."""
+    units = {dataset.privacy_unit or default for dataset in config.datasets} or {default}
+    if len(units) > 1:
+        raise SiteError(
+            f"site.toml: datasets declare different privacy units {sorted(units)}; a study"
+            " joins them per patient, so they must share one"
+        )
+    return units.pop()
 
 
 def modalities_of(sample: PatientSample | PartialRecord) -> tuple[Modality, ...]:

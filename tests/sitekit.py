@@ -94,7 +94,30 @@ def ledger_of(site_toml: Path) -> PrivacyLedger:
 
 
 def spend_rows(site_toml: Path) -> list[RecordedSpend]:
-    return ledger_of(site_toml).records()
+    """The site's DP-SGD spends (not its releases of counts and metrics), oldest first."""
+    return [row for row in ledger_of(site_toml).records() if is_training_spend(row)]
+
+
+def release_rows(site_toml: Path) -> list[RecordedSpend]:
+    """The site's releases of noised counts and metrics, oldest first."""
+    return [row for row in ledger_of(site_toml).records() if not is_training_spend(row)]
+
+
+def training_records(ledger: PrivacyLedger) -> list[RecordedSpend]:
+    """`ledger`'s DP-SGD spends (not its releases of counts and metrics), oldest first."""
+    return [row for row in ledger.records() if is_training_spend(row)]
+
+
+def is_training_spend(row: RecordedSpend) -> bool:
+    """A DP-SGD round's spend, as opposed to the release of a count or of metrics."""
+    return not (row.study.startswith("medfed:") or "/" in row.run_id)
+
+
+def unit_of(site_toml: Path) -> str:
+    """The privacy unit the site's spends fall on: the demo sites declare none, so their
+    site id."""
+    config = site_config(site_toml)
+    return config.privacy.privacy_unit or config.site.id
 
 
 def officer_of(site: DemoSite) -> SigningKey:

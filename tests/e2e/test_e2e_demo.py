@@ -48,19 +48,18 @@ def _check_document(document: dict[str, object], *, sites: int, rounds: int) -> 
     assert isinstance(per_round, list) and [r["round"] for r in per_round] == list(
         range(1, rounds + 1)
     )
-    # The federation learns: the global model ends better than it started. (Not every
-    # round need improve under DP noise; the start-to-end gap is wide, see docs/demo.md.)
-    assert per_round[-1]["loss"] < document["initial_loss"] - 0.05
-    assert per_round[-1]["metric"] > document["initial_metric"] + 0.1
-    # Each site calibrated its noise so that the planned rounds end at the study's
-    # target epsilon (3 by default): never above it, and within 5% of it.
+    # Every figure is DP-noised at the sites, and the results say so (the learning
+    # itself is checked on the model, not on these noised figures: tests/integration).
+    assert "DP-noised" in str(document["figures"])
+    # Each site calibrated its noise so that the planned rounds (and their metrics'
+    # releases) end at the study's target epsilon (3 by default): never above it.
     for epsilon in per_round[-1]["epsilon_by_site"].values():
         assert 0.95 * 3.0 <= epsilon <= 3.0
     previous: dict[str, float] = {}
     for record in per_round:
         assert sorted(record["participants"]) == document["sites"]
-        assert math.isfinite(record["loss"])
-        assert 0.0 <= record["metric"] <= 1.0
+        assert record["loss"] is None or math.isfinite(record["loss"])
+        assert record["metric"] is None or 0.0 <= record["metric"] <= 1.0
         epsilons = record["epsilon_by_site"]
         assert sorted(epsilons) == document["sites"]
         for site, epsilon in epsilons.items():
@@ -91,8 +90,9 @@ def test_demo_simulation_runs_on_ray(process_tag: str) -> None:
 
 def test_demo_example_lung_trains_the_example_sites_under_dp(process_tag: str) -> None:
     """The lung study on its four example sites, each reading its own format (FHIR, OMOP,
-    CSV, Parquet): the study's survival contract reaches the sites, and the run is
-    followed by the sites' held-out c-index."""
+    CSV, Parquet): the study's survival contract reaches the sites. The c-index is a
+    pairwise statistic with no bounded per-patient sum, so no site releases it under DP;
+    the run is followed by the pooled noised loss."""
     completed = subprocess.run(
         [*MEDFED, "demo", "--example", "lung", "--rounds", "2", "--json"],
         env=_env(process_tag), capture_output=True, text=True, timeout=900, check=False,
@@ -106,7 +106,7 @@ def test_demo_example_lung_trains_the_example_sites_under_dp(process_tag: str) -
     per_round = document["per_round"]
     for record in per_round:
         assert record["metric_name"] == "c_index"
-        assert 0.0 <= record["metric"] <= 1.0
+        assert record["metric"] is None  # not released under DP
         assert math.isfinite(record["loss"])
         for epsilon in record["epsilon_by_site"].values():
             assert 0.0 < epsilon <= 3.0  # the lung study's target epsilon

@@ -8,7 +8,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -24,7 +23,7 @@ from medfed.model.contract import DEMO_CONTRACT
 from medfed.privacy.audit import verify_audit_log
 from medfed.privacy.signing import SigningKey
 from tests.references import dp_accounting_epsilon
-from tests.sitekit import train_request
+from tests.sitekit import train_request, training_records
 
 STEPS = 5
 
@@ -67,7 +66,13 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
 def _rows(site_toml: Path) -> int:
     config = load_site_config(site_toml)
     with sqlite3.connect(config.ledger_path) as connection:
-        return int(connection.execute("SELECT COUNT(*) FROM spend").fetchone()[0])
+        # DP-SGD spends only (the releases of counts and metrics are rows of their own).
+        return int(
+            connection.execute(
+                "SELECT COUNT(*) FROM spend WHERE study NOT LIKE 'medfed:%'"
+                " AND run_id NOT LIKE '%/%'"
+            ).fetchone()[0]
+        )
 
 
 def test_a_study_spends_what_its_approval_allows_and_no_more(site: Path) -> None:
@@ -77,12 +82,15 @@ def test_a_study_spends_what_its_approval_allows_and_no_more(site: Path) -> None
 
     # Calibrated: the planned rounds end at (not above, and within 5% of) the approval,
     # by our accountant and by Google's dp-accounting over the recorded events.
-    final = replies[-1].epsilon
-    assert 0.95 * 2.0 <= final <= 2.0
-    events = [row.event for row in trainer.ledger.records()]
-    assert dp_accounting_epsilon(events, study.delta) == pytest.approx(final, rel=1e-3)
+    # The study's spend (the replies' epsilon) is its rounds and their metrics'
+    # releases; the unit's total adds the noised count's release.
+    study_events = [row.event for row in trainer.ledger.records() if "@" in row.study]
+    assert 0.95 * 2.0 <= replies[-1].epsilon <= 2.0
+    assert dp_accounting_epsilon(study_events, study.delta) == pytest.approx(
+        replies[-1].epsilon, rel=1e-3
+    )
     assert all(reply.noise_multiplier >= 0.5 for reply in replies)
-    assert [row.event.noise_multiplier for row in trainer.ledger.records()] == [
+    assert [row.event.noise_multiplier for row in training_records(trainer.ledger)] == [
         reply.noise_multiplier for reply in replies
     ]
 
@@ -124,7 +132,7 @@ def test_a_second_study_beyond_the_dataset_cap_is_refused_before_any_step(
     first = _study(epsilon=8.0, rounds=1)
     approve(site, first, epsilon=8.0, officer_key=_officer(site))
     trainer.train(_request(first, 1))
-    spent = trainer.ledger.epsilon(trainer.dataset_fingerprint, delta=1e-5)
+    spent = trainer.ledger.epsilon(trainer.privacy_unit, delta=1e-5)
 
     second = _renamed(first, "study-b")
     approve(site, second, epsilon=8.0, officer_key=_officer(site))
@@ -135,7 +143,7 @@ def test_a_second_study_beyond_the_dataset_cap_is_refused_before_any_step(
     ):
         trainer.train(_request(second, 1))
     assert _rows(site) == 1
-    assert trainer.ledger.epsilon(trainer.dataset_fingerprint, delta=1e-5) == spent
+    assert trainer.ledger.epsilon(trainer.privacy_unit, delta=1e-5) == spent
 
 
 def _forbidden(*args: object, **kwargs: object) -> None:
@@ -173,7 +181,8 @@ def test_every_decision_is_in_the_signed_audit_log(site: Path) -> None:
         line.split('"event":"')[1].split('"')[0]
         for line in config.audit_path.read_text().splitlines()
     ]
-    assert events == ["budget spent", "round refused"]
+    # The noised patient count's release, the round's spend, the refusal.
+    assert events == ["budget spent", "budget spent", "round refused"]
 
 
 def test_the_officer_sees_a_tampered_ledger_row(site: Path, tmp_path: Path) -> None:
@@ -207,10 +216,13 @@ def test_budget_show_matches_an_independent_accountant(site: Path) -> None:
     reference = dp_accounting_epsilon([row.event for row in trainer.ledger.records()], 1e-5)
     assert dataset["epsilon_spent"] == pytest.approx(reference, rel=1e-3)
     assert dataset["epsilon_remaining"] == pytest.approx(10.0 - reference, rel=1e-3)
-    (spend,) = dataset["studies"]
+    assert dataset["privacy_unit"] == load_site_config(site).site.id
+    assert dataset["neighbouring_relation"].startswith("add or remove one patient")
+    (count, spend) = dataset["studies"]
+    assert count["study"] == "medfed:patient-count"
     assert spend["approved_epsilon"] == 2.0
-    assert spend["rounds_by_run"] == {"run-study-a": 2}
-    assert np.isclose(spend["epsilon"], dataset["epsilon_spent"])
+    assert spend["rounds_by_run"] == {"run-study-a": 2, "run-study-a/metrics": 2}
+    assert spend["epsilon"] < dataset["epsilon_spent"]
 
 
 def test_refusals_and_a_tampered_audit_log_reach_the_officer(site: Path, tmp_path: Path) -> None:
@@ -227,11 +239,12 @@ def test_refusals_and_a_tampered_audit_log_reach_the_officer(site: Path, tmp_pat
 
     audit = ["audit", "verify", str(config.audit_path), "--key", str(site), "--json"]
     verified = runner.invoke(app, audit)
-    assert verified.exit_code == 0 and json.loads(verified.stdout)["entries_checked"] == 2
+    # The count's release, the round's spend and the refusal.
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["entries_checked"] == 3
 
-    # Swap the two entries: the chain names line 1 as the first bad entry.
+    # Swap the first two entries: the chain names line 1 as the first bad entry.
     lines = config.audit_path.read_text().splitlines(keepends=True)
-    config.audit_path.write_text(lines[1] + lines[0])
+    config.audit_path.write_text(lines[1] + lines[0] + "".join(lines[2:]))
     broken = runner.invoke(app, audit)
     assert broken.exit_code == 1
     assert json.loads(broken.stdout)["first_bad"]["line"] == 1

@@ -19,7 +19,7 @@ from medfed.consortium import DemoSite, approve
 from medfed.model.contract import DEMO_CONTRACT as CONTRACT
 from medfed.model.contract import OmicsPanel, StudyContract, TaskSpec
 from medfed.model.network import arrays_sha256, build_model, load_arrays, state_arrays
-from medfed.privacy.accountant import AccountantKind
+from medfed.privacy.accountant import AccountantKind, epsilon_of
 from medfed.sites.config import DatasetConfig, NumericSource, TargetSource
 from medfed.sites.export import datasets_toml
 from medfed.sites.manifest import load_site_data
@@ -34,6 +34,7 @@ from tests.sitekit import (
     ledger_of,
     make_study,
     officer_of,
+    release_rows,
     rewrite_policy,
     site_config,
     site_public_key,
@@ -41,6 +42,7 @@ from tests.sitekit import (
     table_of,
     table_path,
     train_request,
+    unit_of,
     write_sites,
 )
 
@@ -93,18 +95,24 @@ def test_a_train_records_its_signed_spend_before_replying(
     reply = trainer_of(site_toml).train(request)
 
     (row,) = spend_rows(site_toml)
-    assert row.dataset == fingerprint_of(site_toml)
+    # The spend falls on the site's privacy unit, not on a hash of its data.
+    assert row.dataset == unit_of(site_toml) != fingerprint_of(site_toml)
     assert (row.study, row.run_id, row.round) == (f"{STUDY.name}@{STUDY.sha256()}", "run-1", 1)
     assert row.event.steps == request.local_steps
     assert row.event.noise_multiplier == reply.noise_multiplier
-    assert row.event.sample_rate == pytest.approx(opacus_rate(n_train, SAMPLE_RATE), rel=1e-12)
+    # The study's rate itself: public, never one Opacus rounds from the exact patient count.
+    assert row.event.sample_rate == SAMPLE_RATE
     assert row.delta == request.delta
-    # Signed with the site's key from site.toml, checked against the key file on disk.
+    # Signed with the site's key from site.toml, checked against the key file on disk:
+    # the round's spend, its metrics' release and the noised count's release.
     verification = ledger_of(site_toml).verify(site_public_key(site_toml))
     assert verification.ok, verification.bad
-    assert verification.rows_checked == 1
-    assert reply.epsilon == ledger_of(site_toml).epsilon(fingerprint_of(site_toml), delta=DELTA)
-    assert reply.epsilon == pytest.approx(reference_epsilon([row.event], DELTA), rel=1e-3)
+    assert verification.rows_checked == 3
+    # The reply's epsilon is the study's own spend: the round and its metrics' release.
+    own = [r.event for r in ledger_of(site_toml).records() if r.study == row.study]
+    assert len(own) == 2
+    assert reply.epsilon == pytest.approx(reference_epsilon(own, DELTA), rel=1e-3)
+    assert reply.epsilon < ledger_of(site_toml).epsilon(unit_of(site_toml), delta=DELTA)
 
 
 def test_the_noise_a_site_reports_is_its_ledgers_and_at_least_the_policy_minimum(
@@ -121,10 +129,13 @@ def test_the_noise_a_site_reports_is_its_ledgers_and_at_least_the_policy_minimum
     # The site chose its noise from the budget: less noise would have overspent it.
     # (The reference is dp-accounting over the ledger's events, not medfed's accountant;
     # over orders from 2 up it may sit up to 0.5% above ours, see test_privacy_calibration.)
+    # The study's spend is its DP-SGD rounds and the release of each round's metrics.
     events = [row.event for row in rows]
-    assert reference_epsilon(events, DELTA) <= STUDY.target_epsilon * 1.005
+    releases = [r.event for r in release_rows(site_toml) if r.run_id == "run-1/metrics"]
+    assert len(releases) == 3
+    assert reference_epsilon([*events, *releases], DELTA) <= STUDY.target_epsilon * 1.005
     less = [replace(event, noise_multiplier=event.noise_multiplier * 0.9) for event in events]
-    assert reference_epsilon(less, DELTA) > STUDY.target_epsilon
+    assert reference_epsilon([*less, *releases], DELTA) > STUDY.target_epsilon
 
 
 def test_the_policy_minimum_noise_wins_over_a_looser_budget(site_toml: Path) -> None:
@@ -155,13 +166,14 @@ def test_after_the_last_planned_round_a_site_has_spent_its_target_within_5_perce
 
     replies = [trainer.train(train_request(STUDY, k)) for k in range(1, STUDY.num_rounds + 1)]
 
-    final = replies[-1].epsilon
+    study = [r.event for r in ledger_of(site_toml).records() if r.study.startswith(STUDY.name)]
+    final = epsilon_of(study, delta=DELTA, accountant=accountant)
     target = STUDY.target_epsilon
     assert (1 - CALIBRATION_TIGHTNESS) * target <= final <= target
     assert all(a.epsilon < b.epsilon for a, b in itertools.pairwise(replies))
     if accountant == "rdp":
-        events = [row.event for row in spend_rows(site_toml)]
-        assert final == pytest.approx(reference_epsilon(events, DELTA), rel=1e-3)
+        assert final == pytest.approx(reference_epsilon(study, DELTA), rel=1e-3)
+        assert replies[-1].epsilon == pytest.approx(final, rel=1e-9)
 
 
 def test_the_officers_approval_caps_the_target(site: DemoSite) -> None:
@@ -173,9 +185,12 @@ def test_the_officers_approval_caps_the_target(site: DemoSite) -> None:
 
     replies = [trainer.train(train_request(generous, k)) for k in (1, 2)]
 
-    events = [row.event for row in spend_rows(site.site_toml)]
-    assert (1 - CALIBRATION_TIGHTNESS) * 1.5 <= replies[-1].epsilon <= 1.5
-    assert replies[-1].epsilon == pytest.approx(reference_epsilon(events, DELTA), rel=1e-3)
+    events = [
+        r.event for r in ledger_of(site.site_toml).records() if r.study.startswith(generous.name)
+    ]
+    study = reference_epsilon(events, DELTA)
+    assert (1 - CALIBRATION_TIGHTNESS) * 1.5 <= study <= 1.5 * 1.005
+    assert replies[-1].epsilon == pytest.approx(study, rel=1e-3)
 
 
 def test_a_train_reply_describes_the_sites_data_and_a_new_model(
@@ -187,9 +202,11 @@ def test_a_train_reply_describes_the_sites_data_and_a_new_model(
     reply = trainer.train(request)
 
     assert reply.site_id == SITE
-    assert reply.num_examples == len(table.train_labels)
-    assert reply.incoming.held_out.examples == len(table.eval_labels)
-    assert reply.incoming.train_examples == len(table.train_labels)
+    # Counts leave noised (the count's noise has standard deviation 10; 6 of them).
+    assert reply.num_examples == trainer.noisy_count().public
+    assert abs(reply.num_examples - len(table.train_labels)) <= 60
+    assert abs(reply.incoming.held_out.examples - len(table.eval_labels)) <= 6 * 20 * 1.8
+    assert reply.incoming.train_examples == reply.num_examples
     assert math.isfinite(reply.local_loss)
     assert reply.arrays.keys() == request.arrays.keys()
     for name, array in reply.arrays.items():
@@ -197,10 +214,9 @@ def test_a_train_reply_describes_the_sites_data_and_a_new_model(
         assert array.shape == request.arrays[name].shape
         assert np.isfinite(array).all()
     assert any(not np.array_equal(reply.arrays[n], request.arrays[n]) for n in reply.arrays)
-    # The incoming model's evaluation is that of the model as received.
+    # Its figures are noised: two releases of the same model's figures differ.
     incoming = trainer.evaluate(evaluate_request(request.arrays)).result
-    assert reply.incoming.held_out.loss == pytest.approx(incoming.held_out.loss, rel=1e-6)
-    assert reply.incoming.train_loss == pytest.approx(incoming.train_loss, rel=1e-6)
+    assert reply.incoming.stats != incoming.stats
 
 
 def test_a_second_train_of_the_same_round_is_refused(site_toml: Path) -> None:
@@ -228,23 +244,26 @@ def test_rounds_compose_in_the_ledger(site_toml: Path) -> None:
         second.noise_multiplier,
     ]
     assert second.epsilon > first.epsilon
-    assert second.epsilon == pytest.approx(
-        reference_epsilon([row.event for row in rows], DELTA), rel=1e-3
-    )
+    every = [row.event for row in ledger_of(site_toml).records()]
+    assert len(every) == 5  # two rounds, their two metrics' releases, one noised count
+    own = [row.event for row in ledger_of(site_toml).records() if "@" in row.study]
+    assert second.epsilon == pytest.approx(reference_epsilon(own, DELTA), rel=1e-3)
 
 
-def test_evaluate_scores_the_held_out_patients_and_spends_nothing(
+def test_evaluate_answers_from_one_charged_release_of_the_sufficient_statistics(
     site_toml: Path, table: SiteTable
 ) -> None:
     reply = trainer_of(site_toml).evaluate(evaluate_request(global_arrays()))
 
     assert reply.site_id == SITE
     held_out = reply.result.held_out
-    assert held_out.examples == len(table.eval_labels)
+    assert abs(held_out.examples - len(table.eval_labels)) <= 6 * 20 * 1.8
     assert math.isfinite(held_out.loss)
     assert 0.0 <= held_out.auroc <= 1.0
     assert 0.0 <= held_out.accuracy <= 1.0
-    # The training-set loss, against BCE computed here from the same arrays.
+    # The training-set loss against BCE computed here from the same arrays: the release
+    # sums clipped losses with Gaussian noise of 20 x sqrt(3) (loss clip 4), so the
+    # figure lies within 6 of its standard deviations of the exact one.
     model = build_model("tiny", contract=CONTRACT, seed=0)
     load_arrays(model, global_arrays())
     features = torch.from_numpy(table.train_features)
@@ -253,9 +272,12 @@ def test_evaluate_scores_the_held_out_patients_and_spends_nothing(
         expected = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, torch.from_numpy(table.train_labels).float()
         )
-    assert reply.result.train_examples == len(table.train_labels)
-    assert reply.result.train_loss == pytest.approx(float(expected), rel=1e-5)
+    n_train = len(table.train_labels)
+    tolerance = 6 * 20 * math.sqrt(3) * 4 / n_train + 0.2
+    assert reply.result.train_loss == pytest.approx(float(expected), abs=tolerance)
     assert spend_rows(site_toml) == []
+    (charged,) = [r for r in release_rows(site_toml) if r.run_id == "run-1/evaluate"]
+    assert charged.event.sample_rate == 1.0
 
 
 def test_held_out_metrics_below_the_minimum_cohort_are_withheld(
@@ -272,11 +294,11 @@ def test_held_out_metrics_below_the_minimum_cohort_are_withheld(
     ]
 
     for check in checks:
-        assert check.held_out.examples == 0
-        assert math.isnan(check.held_out.loss)
-        assert math.isnan(check.held_out.auroc)
-        assert math.isnan(check.held_out.accuracy)
-        assert check.train_examples == n_train  # the training cohort is large enough
+        if check.held_out.examples == 0:  # withheld, unless the noise lifted it above k
+            assert math.isnan(check.held_out.loss)
+            assert math.isnan(check.held_out.auroc)
+            assert math.isnan(check.held_out.accuracy)
+        assert abs(check.train_examples - n_train) <= 60  # noised, and large enough
 
 
 def test_no_metric_of_a_cohort_below_the_minimum_leaves_the_site(
@@ -288,8 +310,9 @@ def test_no_metric_of_a_cohort_below_the_minimum_leaves_the_site(
         check = trainer_of(site_toml).evaluate(evaluate_request(global_arrays())).result
     except SiteRefusal:
         return  # refusing the evaluation outright also keeps the cohort's loss at the site
-    assert check.train_examples == 0
-    assert math.isnan(check.train_loss)
+    # Answered only when the noised count reached k; the figures are then the release's.
+    assert check.train_examples >= len(table.train_labels) + 1
+    assert len(check.stats) > 0
 
 
 def test_a_model_that_does_not_match_its_digest_is_refused(site_toml: Path) -> None:
@@ -432,10 +455,9 @@ def test_a_site_trains_only_the_groups_its_data_can_teach(site_toml: Path) -> No
     reply = trainer.train(request)
 
     assert reply.trained_groups == "encoders.clinical,fusion,heads.readmission"
-    assert (
-        reply.dataset_sha256
-        == load_site_data(site_config(site_toml), contract).manifest.fingerprint
-    )
+    # A site-secret HMAC of the data version: the fingerprint itself never leaves.
+    fingerprint = load_site_data(site_config(site_toml), contract).manifest.fingerprint
+    assert reply.dataset_sha256 != fingerprint
     assert reply.arrays.keys() == arrays.keys()  # every array goes back, as validation expects
     for name, before in arrays.items():
         after = reply.arrays[name]
@@ -488,7 +510,8 @@ def test_a_reply_carries_its_own_studys_spend_not_the_datasets_total(site: DemoS
 
     rows = spend_rows(site_toml)
     assert [row.study.split("@")[0] for row in rows] == [STUDY.name, "second-study"]
-    own = [row.event for row in rows if row.study.startswith("second-study@")]
+    every = ledger_of(site_toml).records()
+    own = [row.event for row in every if row.study.startswith("second-study@")]
     assert reply.epsilon == pytest.approx(reference_epsilon(own, DELTA), rel=1e-3)
-    total = ledger_of(site_toml).epsilon(fingerprint_of(site_toml), delta=DELTA)
+    total = ledger_of(site_toml).epsilon(unit_of(site_toml), delta=DELTA)
     assert reply.epsilon < total  # the dataset's total over both studies is the officer's

@@ -3,6 +3,7 @@ reply carries the noise multiplier the site chose, as well as its epsilon."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -138,8 +139,13 @@ def test_undefined_metrics_are_accepted_as_nan() -> None:
     assert np.isnan(update.local_loss)
 
 
-def test_a_nan_training_loss_of_the_received_model_is_rejected() -> None:
-    content = train_content(metrics={wire.MODEL_TRAIN_LOSS: float("nan")})
+def test_an_unreleased_training_loss_is_undefined_and_an_infinite_one_rejected() -> None:
+    # A site releases no training loss it cannot bound per patient (a Cox loss): NaN.
+    update = validate_train_reply(
+        reply_to(train_content(metrics={wire.MODEL_TRAIN_LOSS: float("nan")})), REFERENCE
+    )
+    assert isinstance(update, SiteUpdate) and math.isnan(update.check.train_loss)
+    content = train_content(metrics={wire.MODEL_TRAIN_LOSS: float("inf")})
     assert "model-train-loss" in rejection_reason(content)
 
 
@@ -390,3 +396,43 @@ def test_the_example_count_is_bounded_by_the_patients_the_site_reported(
     if not taken:
         assert isinstance(result, Rejection)
         assert "227 is more than the 226 patients" in result.reason
+
+
+# --- the sites' noised sufficient statistics (issue 14) ------------------------------------
+
+
+def test_the_noised_statistics_are_read_and_pooled_into_one_auroc() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from medfed.coordinator.rounds import _scores
+    from medfed.privacy import release
+    from medfed.privacy.release import PatientStats
+
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 2, 300)
+    scores = np.clip(rng.normal(0.35 + 0.3 * truth, 0.2), 0.0, 0.999)
+    halves = (slice(0, 120), slice(120, None))
+    vectors = [
+        release.statistics_rows(
+            PatientStats(loss=np.full(50, 0.5)),
+            PatientStats(loss=np.zeros(len(truth[h])), score=scores[h], truth=truth[h]),
+        ).sum(axis=0)
+        for h in halves
+    ]
+    checks = []
+    for vector in vectors:
+        content = eval_content({wire.EVAL_STATS: [float(v) for v in vector]})
+        result = validate_eval_reply(reply_to(content, MessageType.EVALUATE))
+        assert isinstance(result, SiteEval), result
+        checks.append(result.check)
+    loss, auroc = _scores(checks, "auroc")
+    # Without noise the pooled figures are those of one site holding every patient.
+    assert auroc == pytest.approx(roc_auc_score(truth, np.floor(scores * release.BINS)))
+    assert loss == pytest.approx(0.5)
+
+
+def test_malformed_statistics_are_rejected() -> None:
+    content = eval_content({wire.EVAL_STATS: [1.0, 2.0]})
+    result = validate_eval_reply(reply_to(content, MessageType.EVALUATE))
+    assert isinstance(result, Rejection)
+    assert "eval-stats" in result.reason

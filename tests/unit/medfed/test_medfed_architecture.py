@@ -5,6 +5,7 @@ file imports another file's private helper."""
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,17 @@ def test_a_circle_between_files_is_caught(tmp_path: Path) -> None:
     broken = _lint_imports(root)
     assert broken.returncode == 1
     assert "No cycles are allowed in medfed.privacy" in broken.stdout
+
+
+def test_flowers_internals_are_named_only_behind_its_door() -> None:
+    # The issue's check: grep -rn "flwr\.\(supercore\|proto\|common\.serde\|supernode\|cli\)"
+    internals = re.compile(r"flwr\.(supercore|proto|common\.serde|supernode|cli)")
+    door = REPO / "medfed" / "flower"
+    hits = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in sorted(REPO.rglob("*.py"))
+        if not path.is_relative_to(door) and ".venv" not in path.parts and not path.is_symlink()
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if internals.search(line)
+    ]
+    assert hits == []

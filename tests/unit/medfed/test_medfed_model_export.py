@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from medfed.app_bundle import build_app_dir
 from medfed.cli import app
 from medfed.coordinator.results import write_results
+from medfed.flower.testing import TaskIdentity
 from medfed.model.contract import DEMO_CONTRACT
 from medfed.model_export import ModelExportError, export_model, load_model
 from medfed.run_report import RESULTS_NAME
