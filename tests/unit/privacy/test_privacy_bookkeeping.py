@@ -259,3 +259,13 @@ def test_an_unsupported_trainable_layer_is_refused_and_nothing_is_changed() -> N
     assert [tap.name for tap in taps] == ["linear"]
     detach_taps(taps)
     assert "forward" not in model.linear.__dict__
+
+
+def test_a_public_patient_count_sets_the_rate_and_the_average() -> None:
+    settings = DpSgdSettings(noise_multiplier=1.0, max_grad_norm=MAX_GRAD_NORM, sample_rate=0.3)
+    training = make_private(
+        build("linear-2d"), data(), settings=settings, learning_rate=0.5, public_patients=40
+    )
+    assert training.grad_sample_mode == "bk" and training.sample_rate == 0.3
+    assert isinstance(training.optimizer, BookKeepingOptimizer)
+    assert training.optimizer.expected_batch_size == pytest.approx(0.3 * 40)
