@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medfed.client.errors import ClientError
 from medfed.client.windows import TrainingWindow
 from medfed.common import first_problem, read_toml
 from medfed.common.config_keys import unknown_key_problem
+from medfed.model.precision import Precision
+from medfed.privacy.modes import DEFAULT_GRAD_SAMPLE_MODE, GradSampleMode
 from medfed.privacy.policy import PrivacyPolicy
 from medfed.sites.config import Accelerator, Datasets
 
@@ -62,6 +64,26 @@ class CoordinatorSection(BaseModel):
     start and task; for development only."""
 
 
+class TrainingSection(BaseModel):
+    """`[training]`: how the site's hardware trains. No setting here changes the privacy
+    guarantee: every mode clips each patient's gradient and adds the same noise."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE
+    precision: Precision = "fp32"
+    """bf16: autocast's bf16 matmuls on the accelerator; norms, sums and noise in fp32."""
+    physical_batch_size: int | None = Field(default=None, ge=1, le=1_000_000)
+    """At most this many patients per forward/backward pass; a larger Poisson batch is
+    run in parts and takes one step (bounded memory). Book-keeping only."""
+
+    @model_validator(mode="after")
+    def _physical_batches_need_bookkeeping(self) -> TrainingSection:
+        if self.physical_batch_size is not None and self.grad_sample_mode != "bk":
+            raise ValueError('physical_batch_size needs grad_sample_mode = "bk"')
+        return self
+
+
 class SiteConfig(BaseModel):
     """The whole of `site.toml`."""
 
@@ -71,6 +93,7 @@ class SiteConfig(BaseModel):
     privacy: PrivacyPolicy
     datasets: Datasets = ()  # none: the demo's data_dir/patients.csv (sites.manifest)
     accelerator: Accelerator = "cpu"
+    training: TrainingSection = TrainingSection()
     windows: tuple[TrainingWindow, ...] = ()
     coordinator: CoordinatorSection | None = None
     source: Path = Field(default=Path("site.toml"), exclude=True)
@@ -168,9 +191,22 @@ def render_site_toml(config: SiteConfig) -> str:
             else []
         ),
     ]
+    if config.training != TrainingSection():
+        lines += ["", *_training_lines(config.training)]
     if config.coordinator is not None:
         lines += ["", *_coordinator_lines(config.coordinator)]
     return "\n".join(lines) + "\n"
+
+
+def _training_lines(training: TrainingSection) -> list[str]:
+    lines = [
+        "[training]",
+        f'grad_sample_mode = "{training.grad_sample_mode}"',
+        f'precision = "{training.precision}"',
+    ]
+    if training.physical_batch_size is not None:
+        lines.append(f"physical_batch_size = {training.physical_batch_size}")
+    return lines
 
 
 def _coordinator_lines(coordinator: CoordinatorSection) -> list[str]:

@@ -215,10 +215,10 @@ class SiteService:
             elif self._default is not None:
                 trainer = self._trainers[self._default]
             if request.preset is not None and trainer is not None:
-                from medfed.client.throughput import ThroughputCache
+                from medfed.client.throughput import ThroughputCache, TrainingSetup
 
                 throughput = ThroughputCache(self._config.state_dir).get(
-                    request.preset, trainer.contract, accelerator
+                    request.preset, trainer.contract, TrainingSetup.of(self._config)
                 )
             budget = None
             if request.study_sha256 is not None and trainer is not None:

@@ -1,8 +1,10 @@
 """Measured DP-SGD throughput of the study's model at this site, for the scheduler.
 
 A short calibration run (a few DP-SGD steps on random patients encoded for the contract,
-so no patient is touched and nothing is spent) gives samples per second; the figure is
-cached per model identity and accelerator in the state dir, so it is measured once.
+so no patient is touched and nothing is spent) gives samples per second. It runs as the
+site trains: on site.toml's accelerator, in its precision, grad-sample mode and physical
+batch size (`[training]`); the figure is cached in the state dir per model identity and
+all of these, so it is measured once per setup.
 """
 
 from __future__ import annotations
@@ -10,18 +12,27 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch.utils.data import TensorDataset
 
 from medfed.common import write_atomic
 from medfed.model.contract import StudyContract, TaskSpec
+from medfed.model.devices import resolve_device
 from medfed.model.network import PresetName, build_model, model_identity
+from medfed.model.precision import Precision, autocast_dtype
 from medfed.model.sample import PatientSample
 from medfed.model.tokenizers import encode
 from medfed.model.train import train_steps
 from medfed.privacy.dpsgd import DpSgdSettings, make_private
+from medfed.privacy.modes import DEFAULT_GRAD_SAMPLE_MODE, GradSampleMode
+
+if TYPE_CHECKING:
+    from medfed.client.config import SiteConfig
 
 CACHE_NAME = "throughput.json"
 CALIBRATION_ROWS = 512
@@ -72,41 +83,90 @@ def calibration_samples(contract: StudyContract, n: int, *, seed: int = 0) -> li
     return samples
 
 
-def calibrate(preset: PresetName, contract: StudyContract) -> float:
-    """DP-SGD samples per second of the study's model on this process's CPU threads."""
+@dataclass(frozen=True)
+class TrainingSetup:
+    """How a site trains: what its throughput depends on besides the model."""
+
+    accelerator: str = "cpu"
+    precision: Precision = "fp32"
+    grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE
+    physical_batch_size: int | None = None
+
+    @classmethod
+    def of(cls, config: SiteConfig) -> TrainingSetup:
+        """site.toml's accelerator and `[training]` section."""
+        training = config.training
+        return cls(
+            accelerator=config.accelerator,
+            precision=training.precision,
+            grad_sample_mode=training.grad_sample_mode,
+            physical_batch_size=training.physical_batch_size,
+        )
+
+    def key(self) -> str:
+        """The cache key's setup part, e.g. `cuda/bf16/bk` (`/pb64` with physical batches)."""
+        parts = [self.accelerator, self.precision, self.grad_sample_mode]
+        if self.physical_batch_size is not None:
+            parts.append(f"pb{self.physical_batch_size}")
+        return "/".join(parts)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (cuda, rbln, ...), so the clock sees all of it."""
+    backend = getattr(torch, device.type, None)
+    synchronize = getattr(backend, "synchronize", None)
+    if device.type != "cpu" and callable(synchronize):
+        synchronize()
+
+
+def calibrate(
+    preset: PresetName, contract: StudyContract, setup: TrainingSetup | None = None
+) -> float:
+    """DP-SGD samples per second of the study's model as this site trains it (`setup`:
+    its accelerator, precision, grad-sample mode and physical batch size)."""
+    setup = setup or TrainingSetup()
+    device = resolve_device(setup.accelerator)  # never a silent fallback to the CPU
     tensors = encode(calibration_samples(contract, CALIBRATION_ROWS), contract).tensors()
-    model = build_model(preset, contract=contract, seed=0)
+    model = build_model(preset, contract=contract, seed=0, device=device)
     settings = DpSgdSettings(
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         sample_rate=CALIBRATION_BATCH / CALIBRATION_ROWS,
     )
-    private = make_private(model, TensorDataset(*tensors), settings=settings, learning_rate=0.01)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        train_steps(
-            private.model,
-            private.optimizer,
-            private.loader,
-            steps=WARMUP_STEPS,
-            contract=contract,
-            reduce_loss=private.reduce_loss,
-        )
-        started = time.perf_counter()
+    private = make_private(
+        model,
+        TensorDataset(*tensors),
+        settings=settings,
+        learning_rate=0.01,
+        grad_sample_mode=setup.grad_sample_mode,
+    )
+
+    def steps(count: int) -> int:
         result = train_steps(
             private.model,
             private.optimizer,
             private.loader,
-            steps=CALIBRATION_STEPS,
+            steps=count,
             contract=contract,
             reduce_loss=private.reduce_loss,
+            physical_batch_size=setup.physical_batch_size,
+            autocast_dtype=autocast_dtype(setup.precision),
         )
+        _synchronize(device)
+        return result.samples_seen
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
+        steps(WARMUP_STEPS)
+        started = time.perf_counter()
+        seen = steps(CALIBRATION_STEPS)
         elapsed = time.perf_counter() - started
-    return result.samples_seen / max(elapsed, 1e-9)
+    return seen / max(elapsed, 1e-9)
 
 
 class ThroughputCache:
-    """Measured figures in `<state_dir>/throughput.json`, keyed by model and accelerator."""
+    """Measured figures in `<state_dir>/throughput.json`, keyed by model and setup."""
 
     def __init__(self, state_dir: Path) -> None:
         self._path = state_dir / CACHE_NAME
@@ -124,12 +184,18 @@ class ThroughputCache:
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0
         }
 
-    def get(self, preset: PresetName, contract: StudyContract, accelerator: str) -> float:
+    def cached(
+        self, preset: PresetName, contract: StudyContract, setup: TrainingSetup
+    ) -> float | None:
+        """The figure measured before for this model and setup, or None."""
+        return self._read().get(f"{model_identity(preset, contract)}@{setup.key()}")
+
+    def get(self, preset: PresetName, contract: StudyContract, setup: TrainingSetup) -> float:
         """The cached figure, or a fresh calibration (then cached, written atomically)."""
-        key = f"{model_identity(preset, contract)}@{accelerator}"
+        key = f"{model_identity(preset, contract)}@{setup.key()}"
         figures = self._read()
         if key in figures:
             return figures[key]
-        figures[key] = calibrate(preset, contract)
+        figures[key] = calibrate(preset, contract, setup)
         write_atomic(self._path, json.dumps(figures, sort_keys=True).encode("utf-8"))
         return figures[key]

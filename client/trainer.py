@@ -48,15 +48,10 @@ from medfed.model.network import (
     parameter_group,
     state_arrays,
 )
+from medfed.model.precision import autocast_dtype, precision_problem
 from medfed.model.tokenizers import encode
 from medfed.model.train import TrainResult, train_steps
-from medfed.privacy.dpsgd import (
-    DEFAULT_GRAD_SAMPLE_MODE,
-    DpSgdSettings,
-    GradSampleMode,
-    PrivateTraining,
-    make_private,
-)
+from medfed.privacy.dpsgd import DpSgdSettings, GradSampleMode, PrivateTraining, make_private
 from medfed.privacy.ledger import PrivacyLedger
 from medfed.privacy.population import NoisyCount
 from medfed.privacy.receipts import UpdateReceipt
@@ -141,18 +136,26 @@ class SiteTrainer:
         contract: StudyContract,
         *,
         ledger: PrivacyLedger | None = None,
-        grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE,
+        grad_sample_mode: GradSampleMode | None = None,
     ) -> None:
         self.site_id = config.site.id
         self._config = config
         self._contract = contract
-        self._grad_sample_mode: GradSampleMode = grad_sample_mode
+        training = config.training
+        self._grad_sample_mode: GradSampleMode = grad_sample_mode or training.grad_sample_mode
         self._reported_task = _reported_task(contract)
         try:
             # site.toml's accelerator; an unavailable one is refused, never swapped for CPU.
             self._device = resolve_device(config.accelerator)
         except DeviceUnavailableError as exc:
             raise SiteRefusal(f"site.toml's accelerator {config.accelerator!r}: {exc}") from exc
+        problem = precision_problem(training.precision, self._device)
+        if problem is not None:
+            raise SiteRefusal(f"site.toml's [training] precision: {problem}")
+        self._autocast = autocast_dtype(training.precision)
+        survival = any(task.kind == "survival" for task in contract.tasks)
+        # A survival study's Cox loss needs the whole batch's risk sets: never split.
+        self._physical_batch_size = None if survival else training.physical_batch_size
         self._data = load_training_data(config, contract)
         self._groups = trainable_groups(config, contract)
         # Encoded once and kept warm: every round of this contract trains on these tensors.
@@ -366,6 +369,8 @@ class SiteTrainer:
                 reduce_loss=private.reduce_loss,
                 proximal_mu=request.proximal_mu,
                 anchor=dict(anchor) if request.proximal_mu > 0 else None,
+                physical_batch_size=self._physical_batch_size,
+                autocast_dtype=self._autocast,
             )
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:

@@ -22,7 +22,7 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_MODES = ("hooks", "functorch", "ew", "ghost")
+_MODES = ("bk", "hooks", "functorch", "ew", "ghost")
 
 
 def _megabytes(value: int) -> str:
@@ -41,7 +41,8 @@ def _render(report: dict[str, Any]) -> None:
         )
     )
     columns = ("variant", "step (ms)", "CPU (ms)", "peak memory (MiB)", "time ratio",
-               "best-run ratio", "CPU ratio", "memory ratio")  # fmt: skip
+               "best-run ratio", "CPU ratio", "memory ratio", "tokens/s", "model GFLOP/s",
+               "of peak")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right" if column != "variant" else "left")
     plain = report["plain"]
@@ -54,6 +55,7 @@ def _render(report: dict[str, Any]) -> None:
         "1",
         "1",
         "1",
+        *_rates(plain),
     )
     for mode, figures in report["dp"].items():
         memory_ratio = figures["memory_ratio"]
@@ -66,13 +68,25 @@ def _render(report: dict[str, Any]) -> None:
             f"{figures['best_time_ratio']:.2f}",
             f"{figures['cpu_time_ratio']:.2f}",
             "n/a" if memory_ratio is None else f"{memory_ratio:.2f}",
+            *_rates(figures),
         )
     stdout.print(table)
     targets = report["targets"]
     stdout.print(
-        f"targets on CPU: time ratio <= {targets['time_ratio']}, memory ratio <="
-        f" {targets['memory_ratio']}; memory: {report['memory_method']}",
+        f"targets: time ratio <= {targets['time_ratio']}, memory ratio <="
+        f" {targets['memory_ratio']}; memory: {report['memory_method']}; model FLOPs per"
+        f" step {report['model']['model_flops_per_step']:.4g} ({config['precision']});"
+        f" peak: {report['peak_assumed']}",
         soft_wrap=True,
+    )
+
+
+def _rates(figures: dict[str, Any]) -> tuple[str, str, str]:
+    fraction = figures["fraction_of_peak"]
+    return (
+        f"{figures['tokens_per_s']:.0f}",
+        f"{figures['model_flops_per_s'] / 1e9:.1f}",
+        "n/a" if fraction is None else f"{fraction:.1%}",
     )
 
 
@@ -85,29 +99,41 @@ def bench_dp(
     batch: Annotated[int, typer.Option(min=1, max=65_536, help="Patients per batch.")] = 32,
     mode: Annotated[
         list[str] | None,
-        typer.Option(help="Grad-sample mode (repeat the option): hooks, functorch, ew, ghost."),
+        typer.Option(help="Grad-sample mode (repeat): bk, hooks, functorch, ew, ghost."),
     ] = None,
     repeats: Annotated[
         int, typer.Option(min=1, max=100, help="Interleaved runs of each variant.")
     ] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (both sides).")] = ("fp32"),
+    physical_batch: Annotated[
+        int | None, typer.Option(min=1, help="Rows per forward/backward (mode bk only).")
+    ] = None,
+    peak_tflops: Annotated[
+        float | None, typer.Option(min=0.001, help="The device's dense peak, TFLOP/s.")
+    ] = None,
     threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads per run.")] = 2,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
 ) -> None:
-    """Step time and peak memory of DP-SGD vs plain SGD on the same model, data and batch."""
-    from medfed.bench.dp import DpBenchConfig, run_dp_bench
+    """Step time, peak memory, tokens/s and FLOP/s of DP-SGD vs plain SGD on the same model,
+    data, batch and precision."""
+    from medfed.bench.dp import DEFAULT_MODES, DpBenchConfig, run_dp_bench
     from medfed.model.presets import PRESET_NAMES
 
     if preset not in PRESET_NAMES:
         fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
-    modes = tuple(mode or ("hooks", "ew", "ghost"))
+    modes = tuple(mode or DEFAULT_MODES)
     unknown = [name for name in modes if name not in _MODES]
     if unknown:
         fail(f"unknown grad-sample mode {unknown[0]!r}; choose from {', '.join(_MODES)}", 2)
     if device not in ("cpu", "cuda"):
         fail(f"unknown device {device!r}; choose cpu or cuda", 2)
+    if precision not in ("fp32", "bf16"):
+        fail(f"unknown precision {precision!r}; choose fp32 or bf16", 2)
+    if physical_batch is not None and set(modes) - {"bk"}:
+        fail("--physical-batch runs with --mode bk only", 2)
     if device == "cuda":
         import torch
 
@@ -115,7 +141,8 @@ def bench_dp(
             fail("device cuda was asked for, but torch sees no CUDA device here")
     config = DpBenchConfig(
         preset=preset, batch=batch, steps=steps, modes=modes, repeats=repeats,  # type: ignore[arg-type]
-        device=device, threads=threads,  # type: ignore[arg-type]
+        device=device, threads=threads, precision=precision,  # type: ignore[arg-type]
+        physical_batch=physical_batch, peak_tflops=peak_tflops,
     )  # fmt: skip
     show = None if as_json or not stderr.is_terminal else stderr.print
     try:

@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from medfed.cli_common import guard, stdout
+from medfed.cli_common import fail, guard, stdout
 from medfed.site_fit import MIN_COVERAGE
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class SiteCheck:
     bundles_problem: str | None = None
     identity_problem: str | None = None
     """Why secure rounds would be refused here (`client.site_secagg.identity_problem`)."""
+    throughput: dict[str, object] | None = None
+    """With `--preset`: DP-SGD patients/s of that model as this site trains (`throughput_of`)."""
     fit: StudyFitReport | None = None
     """Feature coverage and the site's size against the study (`site_fit`)."""
 
@@ -104,6 +106,7 @@ class SiteCheck:
                 "problem": self.accelerator_problem,
             },
             "credentials": [{"path": p, "exists": e} for p, e in self.credentials.items()],
+            "throughput": self.throughput,
             "bundles": {**self.bundles, "problem": self.bundles_problem},
             "secure_aggregation": {
                 "ready": self.identity_problem is None,
@@ -225,8 +228,27 @@ def bundle_check_of(config: SiteConfig) -> tuple[dict[str, object], str | None]:
     return settings, None
 
 
+def throughput_of(
+    config: SiteConfig, contract: StudyContract, preset: str, accelerator_problem: str | None
+) -> dict[str, object]:
+    """The scheduler's figure for `preset`: measured (or cached) as the site trains, on its
+    accelerator, precision and grad-sample mode; not measured if the accelerator is not."""
+    from medfed.client.throughput import ThroughputCache, TrainingSetup
+
+    setup = TrainingSetup.of(config)
+    figure: dict[str, object] = {"preset": preset, "setup": setup.key(), "samples_per_s": None}
+    if accelerator_problem is None:
+        samples = ThroughputCache(config.state_dir).get(preset, contract, setup)  # type: ignore[arg-type]
+        figure["samples_per_s"] = round(samples, 3)
+    return figure
+
+
 def run_site_check(
-    site_toml: Path, study_toml: Path | None, *, min_coverage: float | None = None
+    site_toml: Path,
+    study_toml: Path | None,
+    *,
+    min_coverage: float | None = None,
+    preset: str | None = None,
 ) -> SiteCheck:
     """Everything `medfed site check` reports; config errors raise (one line, exit 1)."""
     from medfed.client.config import load_site_config
@@ -239,17 +261,19 @@ def run_site_check(
     bundles, bundles_problem = bundle_check_of(config)
     from medfed.client.site_secagg import identity_problem
 
+    problem = accelerator_problem(config.accelerator)
     return SiteCheck(
         site_toml=site_toml,
         site_id=config.site.id,
         contract=contract,
         data=data,
         accelerator=config.accelerator,
-        accelerator_problem=accelerator_problem(config.accelerator),
+        accelerator_problem=problem,
         credentials=credentials,
         bundles=bundles,
         bundles_problem=bundles_problem,
         identity_problem=identity_problem(config),
+        throughput=None if preset is None else throughput_of(config, contract, preset, problem),
         fit=study_fit_report(
             config,
             contract,
@@ -278,10 +302,20 @@ def site_check(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Also measure DP-SGD throughput of this model preset (seconds)."),
+    ] = None,
 ) -> None:
     """Check site.toml, every dataset against the study's contract, the accelerator and
     the credentials; print patients, coverage, missingness and every problem (exit 1)."""
-    check = guard(lambda: run_site_check(site_toml, study, min_coverage=min_coverage))
+    from medfed.model.presets import PRESET_NAMES
+
+    if preset is not None and preset not in PRESET_NAMES:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
+    check = guard(
+        lambda: run_site_check(site_toml, study, min_coverage=min_coverage, preset=preset)
+    )
     problems = check.problems
     if as_json:
         sys.stdout.write(json.dumps(check.to_json()) + "\n")
@@ -343,6 +377,13 @@ def _print_check(check: SiteCheck, console: object) -> None:
         )
     if check.fit is not None:
         _print_fit(check.fit, console)
+    if check.throughput is not None:
+        figure = check.throughput
+        measured = figure["samples_per_s"]
+        console.print(Text(
+            f"DP-SGD throughput of preset {figure['preset']} ({figure['setup']}): "
+            + ("not measured" if measured is None else f"{measured} patients/s")
+        ))  # fmt: skip
     problems = check.problems
     for problem in problems:
         console.print(Text(f"problem: {problem}"), soft_wrap=True)

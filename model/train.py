@@ -10,8 +10,9 @@ module itself imports nothing of Opacus. Batches are tuples of tensors laid out 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,6 +29,15 @@ Batch = Sequence[torch.Tensor]
 LossReducer = Callable[[torch.Tensor], Any]
 """Per-sample losses (n,) -> what `.backward()` is called on (a tensor, or Opacus's
 ghost-clipping loss). The default is the mean, a zero on an empty batch."""
+
+
+@runtime_checkable
+class AccumulatingOptimizer(Protocol):
+    """A DP optimiser that clips each physical batch on its own (book-keeping's):
+    `accumulate()` folds the physical batch just backpropagated into the logical step."""
+
+    def accumulate(self) -> None: ...
+
 
 EVAL_CHUNK_ROWS = 1024
 """Patients evaluated per forward pass: bounds evaluation's memory on large sets."""
@@ -119,12 +129,18 @@ def train_steps(
     anchor: Mapping[str, torch.Tensor] | None = None,
     reduce_loss: LossReducer = mean_loss,
     regression: RegressionLoss = "mse",
+    physical_batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Run exactly `steps` optimiser steps of the multitask loss over `batches` (cycled).
 
     An empty batch (possible under Poisson sampling) still takes its step, so a DP
     optimiser adds its noise and the accountant's step count stays true. With
     `proximal_mu` > 0 each step is followed by FedProx's pull towards `anchor`.
+    `physical_batch_size` bounds memory: a larger (logical) batch runs forward and
+    backward in parts of that many rows, its gradient accumulated, and takes one step
+    (Opacus's BatchMemoryManager semantics). `autocast_dtype` (bf16) runs the forward
+    pass under autocast.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -140,19 +156,60 @@ def train_steps(
     device = _device_of(model)
     for _ in range(steps):
         batch = tuple(tensor.to(device) for tensor in next(source))
-        inputs, targets = split_tensors(contract, batch)
         optimizer.zero_grad()
-        outputs = model(*inputs)
-        per_sample = per_sample_loss(contract, outputs, targets, regression=regression)
-        if per_sample.numel() > 0:
-            losses.append(float(per_sample.detach().mean()))
-            seen += per_sample.numel()
-        reduce_loss(per_sample).backward()
+        rows = int(batch[0].shape[0])
+        parts = _parts(rows, physical_batch_size, contract, optimizer, reduce_loss)
+        total = 0.0
+        for start, stop in parts:
+            inputs, targets = split_tensors(contract, tuple(t[start:stop] for t in batch))
+            with _autocast(device, autocast_dtype):
+                outputs = model(*inputs)
+                per_sample = per_sample_loss(contract, outputs, targets, regression=regression)
+            per_sample = per_sample.float()
+            total += float(per_sample.detach().sum())
+            loss = reduce_loss(per_sample)
+            if len(parts) > 1 and not isinstance(optimizer, AccumulatingOptimizer):
+                loss = loss * ((stop - start) / rows)  # the parts' means make the batch's
+            loss.backward()
+            if len(parts) > 1 and isinstance(optimizer, AccumulatingOptimizer):
+                optimizer.accumulate()
+        if rows > 0:
+            losses.append(total / rows)
+            seen += rows
         optimizer.step()
         if pairs:
             _proximal_step(optimizer, pairs, proximal_mu)
     mean = float(np.mean(losses)) if losses else float("nan")
     return TrainResult(steps=steps, mean_loss=mean, samples_seen=seen)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _parts(
+    rows: int,
+    physical_batch_size: int | None,
+    contract: StudyContract,
+    optimizer: torch.optim.Optimizer,
+    reduce_loss: LossReducer,
+) -> list[tuple[int, int]]:
+    """The (start, stop) rows of each physical batch of a logical batch of `rows`."""
+    if physical_batch_size is None or rows <= physical_batch_size:
+        return [(0, rows)]
+    if physical_batch_size < 1:
+        raise ValueError(f"physical_batch_size must be at least 1, got {physical_batch_size}")
+    if any(task.kind == "survival" for task in contract.tasks):
+        raise ValueError(
+            "physical batches would split the Cox loss's risk sets: a survival study"
+            " trains on whole logical batches"
+        )
+    if not isinstance(optimizer, AccumulatingOptimizer) and reduce_loss is not mean_loss:
+        raise ValueError(
+            "physical batches need plain SGD with the mean loss or an optimiser that"
+            " clips each physical batch (book-keeping DP-SGD)"
+        )
+    return [(s, min(s + physical_batch_size, rows)) for s in range(0, rows, physical_batch_size)]
 
 
 @torch.no_grad()

@@ -12,28 +12,31 @@ import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from medfed.privacy.bookkeeping import BookKeepingOptimizer, attach_taps
 from medfed.privacy.errors import DpConfigError
 from medfed.privacy.events import DpSgdEvent
+from medfed.privacy.modes import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, GradSampleMode
 
 log = logging.getLogger(__name__)
 
-GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
-"""How Opacus gets per-sample gradient norms (Opacus 1.6): backward hooks per layer type,
-functorch's vmap over every layer, torch's expanded weights, or ghost clipping (norms
-without materialising per-sample gradients, at the cost of a second backward pass)."""
-
-GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = get_args(GradSampleMode)
-
-DEFAULT_GRAD_SAMPLE_MODE: GradSampleMode = "hooks"
-"""Opacus's own default, and correct for every layer of the network (see the tests)."""
+__all__ = [
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
+    "DpSgdSettings",
+    "GradSampleMode",
+    "PrivateTraining",
+    "make_private",
+    "plain_sgd",
+]
 
 LossReducer = Callable[[torch.Tensor], Any]
 """Turns a batch's per-sample losses into what `.backward()` is called on: a mean tensor,
@@ -189,7 +192,38 @@ def make_private(
     batch_size = max(1, round(settings.sample_rate * n))
     model.train()
     loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(dataset, batch_size=batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    optimizer = plain_sgd(model, learning_rate)
+    private_model: nn.Module
+    reduce_loss: LossReducer
+    private_optimizer: torch.optim.Optimizer
+    if grad_sample_mode == "bk":
+        private_optimizer, private_loader = _bookkeeping(model, loader, optimizer, settings)
+        private_model, reduce_loss = model, mean_loss
+    else:
+        private_model, private_optimizer, private_loader, reduce_loss = _opacus(
+            model, loader, optimizer, settings, grad_sample_mode
+        )
+    if public_patients is not None:
+        _use_public_rate(private_loader, private_optimizer, settings, public_patients)
+    sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
+    return PrivateTraining(
+        private_model,
+        private_optimizer,
+        private_loader,
+        sample_rate,
+        grad_sample_mode,
+        reduce_loss,
+    )
+
+
+def _opacus(
+    model: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    optimizer: torch.optim.Optimizer,
+    settings: DpSgdSettings,
+    grad_sample_mode: GradSampleMode,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader[tuple[torch.Tensor, ...]], LossReducer]:
+    """Opacus's PrivacyEngine in `grad_sample_mode`, made to take empty Poisson batches."""
     with warnings.catch_warnings():
         # Opacus's secure_mode needs torchcsprng, which has no build for this torch;
         # the noise and sampling generators below are seeded from `secrets` instead.
@@ -216,17 +250,34 @@ def make_private(
         reduce_loss = mean_loss
     private_model = _EmptyBatchGuard(private_model, ghost=grad_sample_mode == "ghost")
     private_loader.batch_sampler.generator = _secure_generator()
-    if public_patients is not None:
-        _use_public_rate(private_loader, private_optimizer, settings, public_patients)
+    return private_model, private_optimizer, private_loader, reduce_loss
+
+
+def plain_sgd(model: nn.Module, learning_rate: float) -> torch.optim.SGD:
+    """SGD over the model's parameters: fused on CUDA (one kernel for all parameters),
+    torch's default (foreach where the backend has it) elsewhere."""
+    fused = _parameter_device(model).type == "cuda"
+    return torch.optim.SGD(model.parameters(), lr=learning_rate, fused=fused or None)
+
+
+def _bookkeeping(
+    model: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    optimizer: torch.optim.Optimizer,
+    settings: DpSgdSettings,
+) -> tuple[BookKeepingOptimizer, DataLoader[tuple[torch.Tensor, ...]]]:
+    """Book-keeping DP-SGD over Opacus's Poisson loader, with Opacus's expected batch."""
+    private_loader = DPDataLoader.from_data_loader(loader, generator=_secure_generator())
     sample_rate = float(private_loader.sample_rate)
-    return PrivateTraining(
-        private_model,
-        private_optimizer,
-        private_loader,
-        sample_rate,
-        grad_sample_mode,
-        reduce_loss,
+    private_optimizer = BookKeepingOptimizer(
+        optimizer,
+        taps=attach_taps(model),
+        noise_multiplier=settings.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        expected_batch_size=int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
+        generator=_secure_generator(_parameter_device(model)),
     )
+    return private_optimizer, private_loader
 
 
 def _use_public_rate(

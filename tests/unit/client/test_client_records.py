@@ -17,8 +17,8 @@ from medfed.client.errors import SiteRefusal
 from medfed.client.privacy_gate import PrivacyGate
 from medfed.client.records import check_site_records
 from medfed.consortium import DemoSite
-from medfed.privacy.audit import verify_audit_log
 from medfed.model.contract import DEMO_CONTRACT
+from medfed.privacy.audit import verify_audit_log
 from medfed.privacy.ledger import PrivacyLedger, SpendRecord
 from medfed.privacy.population import NoisyCount
 from medfed.privacy.signing import SigningKey

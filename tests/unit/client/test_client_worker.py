@@ -223,7 +223,8 @@ def test_throughput_is_measured_once_and_cached_per_model_and_accelerator(
     first = service.query(ask).throughput
     assert first is not None and first > 0
     cached = json.loads((config.state_dir / throughput.CACHE_NAME).read_text())
-    assert cached == {f"{model_identity('tiny', CONTRACT)}@cpu": first}
+    # Keyed by the model and how the site trains: accelerator, precision, grad-sample mode.
+    assert cached == {f"{model_identity('tiny', CONTRACT)}@cpu/fp32/bk": first}
 
     def no_second_run(*args: object) -> float:
         raise AssertionError("calibrated again although the figure is cached")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from medfed.privacy.bookkeeping import BookKeepingOptimizer
 from medfed.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
     DpSgdSettings,
@@ -148,12 +149,17 @@ def opacus_clipped_sum(
 ) -> dict[str, torch.Tensor]:
     """The clipped per-sample gradients Opacus sums before it adds noise.
 
-    Ghost clipping's second backward pass leaves that sum in `.grad`; the other modes
-    clip the per-sample gradients in `clip_and_accumulate` and leave it in `.summed_grad`.
+    Ghost clipping's second backward pass leaves that sum in `.grad`; the other Opacus
+    modes clip the per-sample gradients in `clip_and_accumulate` and leave it in
+    `.summed_grad`; book-keeping's `accumulate` keeps it in `clipped_sums()`.
     """
     features, labels = dataset.tensors
     training.optimizer.zero_grad()
     training.reduce_loss(per_sample_losses(training.model(features), labels)).backward()
+    if isinstance(training.optimizer, BookKeepingOptimizer):
+        training.optimizer.accumulate()
+        sums = training.optimizer.clipped_sums()
+        return {name: sums[p] for name, p in training.model.named_parameters()}
     if training.grad_sample_mode != "ghost":
         training.optimizer.clip_and_accumulate()  # type: ignore[attr-defined]
     field = "grad" if training.grad_sample_mode == "ghost" else "summed_grad"
