@@ -156,7 +156,7 @@ class SiteTrainer:
         self._groups = trainable_groups(self._data, contract)
         # Encoded once and kept warm: every round of this contract trains on these tensors.
         self._train, self._eval = _encoded(self._data, contract)
-        if any(task.kind == "survival" for task in contract.tasks):
+        if any(task.kind == "survival" and not task.discrete_hazard for task in contract.tasks):
             log.warning("site %s: WARNING: %s", self.site_id, SURVIVAL_DP_CAVEAT)
         self._ledger = PrivacyLedger(config.ledger_path) if ledger is None else ledger
         self._gate = PrivacyGate(config, self._ledger)

@@ -21,13 +21,17 @@ def parameters(preset: PresetName, contract: StudyContract, *, meta: bool) -> in
 
 
 def test_presets_are_consistent() -> None:
-    assert set(PRESETS) == PRESET_NAMES == {"tiny", "small", "base", "large"}
+    assert set(PRESETS) == PRESET_NAMES == {"linear", "mlp", "tiny", "small", "base", "large"}
     for name, preset in PRESETS.items():
         assert preset.name == name
         assert preset.hidden % preset.heads == 0
-        assert preset.lower_layers >= 1 and preset.upper_layers >= 1
+        if preset.architecture == "fusion":
+            assert preset.lower_layers >= 1 and preset.upper_layers >= 1
     assert preset_named("small") is PRESETS["small"]
-    with pytest.raises(UnknownPresetError, match="known: \\['base', 'large', 'small', 'tiny'\\]"):
+    with pytest.raises(
+        UnknownPresetError,
+        match="known: \\['base', 'large', 'linear', 'mlp', 'small', 'tiny'\\]",
+    ):
         preset_named("medium")
 
 
