@@ -220,8 +220,10 @@ def write_example_consortium(
             continue
         site_id = load_site_config(source / SITE_TOML).site.id
         folder = root / site_id
-        shutil.copytree(source, folder)
+        # Example keys written by `build_consortium.py --keys` stay behind: each copy gets its own.
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("keys"))
         config = load_site_config(folder / SITE_TOML)
+        config.signing_key_path.parent.mkdir(parents=True, exist_ok=True)
         signing = SigningKey.generate()
         signing.save(config.signing_key_path)
         signing.public.save(config.signing_key_path.with_suffix(".pub"))

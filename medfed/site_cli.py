@@ -19,6 +19,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from medfed.model.presets import Suggestion, suggest_preset
+
 if TYPE_CHECKING:
     from medfed.client.config import SiteConfig
     from medfed.model.contract import StudyContract
@@ -99,8 +101,15 @@ class SiteCheck:
                 "ready": self.identity_problem is None,
                 "problem": self.identity_problem,
             },
+            "suggestion": self.suggestion.__dict__,
             "problems": [problem_json(problem) for problem in self.problems],
         }
+
+    @property
+    def suggestion(self) -> Suggestion:
+        """The model preset, local steps and sample rate that suit this cohort."""
+        sequences = self.contract.molecule is not None or self.contract.protein is not None
+        return suggest_preset(patients=len(self.data.train), sequences=sequences)
 
 
 def load_study_contract(path: Path | None) -> StudyContract:
@@ -261,6 +270,14 @@ def _print_check(check: SiteCheck, console: object) -> None:
         console.print(
             Text(f"WARNING: secure aggregation: {check.identity_problem}", style="bold red")
         )
+    hint = check.suggestion
+    console.print(
+        Text(
+            f"suggested for this cohort: preset {hint.preset}, local-steps {hint.local_steps},"
+            f" sample-rate {hint.sample_rate:g} ({hint.reason})"
+        ),
+        soft_wrap=True,
+    )
     problems = check.problems
     for problem in problems:
         console.print(Text(f"problem: {problem}"), soft_wrap=True)

@@ -93,27 +93,33 @@ MLP_COHORT_PATIENTS = 20_000
 
 @dataclass(frozen=True)
 class Suggestion:
-    """A preset and local steps that suit a cohort, with the reason in a sentence."""
+    """A preset, local steps and sample rate that suit a cohort, and why, in a sentence."""
 
     preset: PresetName
     local_steps: int
+    sample_rate: float
     reason: str
 
 
-def suggest_preset(*, patients: int, sequences: bool, sample_rate: float) -> Suggestion:
-    """The preset and local steps that suit `patients` training patients (per site).
+def suggest_preset(*, patients: int, sequences: bool) -> Suggestion:
+    """What suits `patients` training patients (a site's, or the consortium's).
 
     Tabular data (clinical, omics) of a few hundred patients: `linear` (as many
     parameters as features); thousands: `mlp`; molecules or proteins: the fusion
-    transformer `tiny` (its token embeddings read sequences). Local steps: about one
-    pass over the site's data per round at the study's sample rate, 5 to 50.
+    transformer `tiny` (its token embeddings read sequences). Under DP-SGD a small cohort
+    wants large batches (the noise is divided by the batch) and short rounds: sample rate
+    0.5 and 5 local steps; a large one a batch of about 256 and 20 steps.
     """
-    steps = max(5, min(50, round(1.0 / max(sample_rate, 1e-6))))
-    if sequences:
-        return Suggestion("tiny", steps, "molecules or proteins: the fusion reads sequences")
     if patients < SMALL_COHORT_PATIENTS:
-        reason = f"{patients} patients: a linear model (Cox / logistic) fits this cohort"
-        return Suggestion("linear", steps, reason)
+        rate, steps = 0.5, 5
+    else:
+        rate, steps = max(0.01, min(0.5, 256 / patients)), 20
+    if sequences:
+        why = "molecules or proteins: the fusion transformer reads sequences"
+        return Suggestion("tiny", steps, rate, why)
+    if patients < SMALL_COHORT_PATIENTS:
+        why = f"{patients} patients: a linear model (as Cox / logistic regression) fits"
+        return Suggestion("linear", steps, rate, why)
     if patients < MLP_COHORT_PATIENTS:
-        return Suggestion("mlp", steps, f"{patients} patients: a small MLP")
-    return Suggestion("tiny", steps, f"{patients} patients: the fusion transformer")
+        return Suggestion("mlp", steps, rate, f"{patients} patients: a small MLP")
+    return Suggestion("tiny", steps, rate, f"{patients} patients: the fusion transformer")

@@ -59,3 +59,15 @@ def test_parameter_counts(
 def test_meta_and_real_builds_count_alike() -> None:
     for contract in CONTRACTS.values():
         assert parameters("small", contract, meta=True) == parameters("small", contract, meta=False)
+
+
+def test_the_suggestion_follows_the_cohort_size_and_modalities() -> None:
+    from medfed.model.presets import suggest_preset
+
+    assert suggest_preset(patients=180, sequences=False).preset == "linear"
+    assert suggest_preset(patients=180, sequences=False).sample_rate == 0.5
+    assert suggest_preset(patients=5_000, sequences=False).preset == "mlp"
+    assert suggest_preset(patients=100_000, sequences=False).preset == "tiny"
+    assert suggest_preset(patients=300, sequences=True).preset == "tiny"
+    large = suggest_preset(patients=25_600, sequences=False)
+    assert large.sample_rate == pytest.approx(0.01) and large.local_steps == 20
