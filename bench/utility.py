@@ -197,7 +197,8 @@ def held_out_metric(study: StudyData, arrays: Mapping[str, np.ndarray]) -> float
 
 
 def central_score(study: StudyData, train: Tensors, *, seed: int) -> float:
-    """medfed's network trained on `train` alone, without DP (Adam), scored held-out."""
+    """medfed's network trained on `train` alone, without DP (Adam with the classical
+    reference's L2 strength), scored on the pooled held-out patients."""
     contract = study.contract
     model = build_model(study.settings.preset, contract=contract, seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -205,7 +206,7 @@ def central_score(study: StudyData, train: Tensors, *, seed: int) -> float:
     loader = DataLoader(
         TensorDataset(*train), batch_size=min(CENTRAL_BATCH, n), shuffle=True, generator=generator
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=CENTRAL_LR)
+    optimizer = torch.optim.Adam(model.parameters(), lr=CENTRAL_LR, weight_decay=COX_PENALIZER)
     train_steps(model, optimizer, loader, steps=CENTRAL_STEPS, contract=contract)
     return held_out_metric(study, state_arrays(model))
 
@@ -253,8 +254,16 @@ class DpRun:
     seconds: float
 
 
-def federated_dp(name: str, study: StudyData, *, epsilon: float, seed: int) -> DpRun:
-    """The study over the real round loop and real site handlers at `epsilon`."""
+def federated_dp(
+    name: str,
+    study: StudyData,
+    *,
+    epsilon: float,
+    seed: int,
+    changes: Mapping[str, Any] | None = None,
+) -> DpRun:
+    """The study over the real round loop and real site handlers at `epsilon` (with
+    `changes` to the study's keys, for sweeps on these public studies)."""
     from medfed.bench.memory_grid import MemoryGrid, server_identity, site_contexts
     from medfed.consortium import write_example_consortium
 
@@ -263,6 +272,7 @@ def federated_dp(name: str, study: StudyData, *, epsilon: float, seed: int) -> D
         "target-epsilon": float(epsilon),
         "seed": study.settings.seed + seed,
         "num-server-rounds": study.settings.num_rounds,
+        **(changes or {}),
     }
     with tempfile.TemporaryDirectory(prefix="medfed-utility-") as folder:
         settings, sites = write_example_consortium(Path(folder), name, overrides=overrides)
@@ -416,7 +426,7 @@ def run_utility_bench(
             "ridge_alpha": RIDGE_ALPHA,
             "logistic_c": LOGISTIC_C,
             "central": {"optimizer": "adam", "lr": CENTRAL_LR, "steps": CENTRAL_STEPS,
-                        "batch": CENTRAL_BATCH},
+                        "batch": CENTRAL_BATCH, "weight_decay": COX_PENALIZER},
         },
     }  # fmt: skip
     return document

@@ -40,15 +40,15 @@ from medfed.sites.config import DatasetConfig  # noqa: E402
 POLICY = {"epsilon_cap": 8.0, "min_cohort_k": 10}
 TABULAR_STUDY: dict[str, Any] = {
     "preset": "linear",
-    "num-server-rounds": 20,
+    "num-server-rounds": 3,
     "local-steps": 5,
-    "learning-rate": 0.3,
+    "learning-rate": 0.5,
     "max-grad-norm": 1.0,
     "sample-rate": 0.5,
     "secagg-clip": 10.0,
 }
-"""A few hundred patients, a dozen features: a linear model, large DP batches, many short
-rounds (chosen on `medfed bench utility`, see docs/benchmarks.md)."""
+"""A few hundred patients, a dozen features: a linear model, large DP batches, few short
+rounds (chosen on `medfed bench utility` on these public studies, see docs/benchmarks.md)."""
 
 
 def _site_toml(folder: Path, site_id: str, name: str, datasets: Sequence[DatasetConfig]) -> None:
