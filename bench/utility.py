@@ -10,8 +10,9 @@ site's own held-out patients, chosen by a hash of the patient id, pooled), side 
   held-out patients: what a site would get by not joining);
 - federated without DP (`inf`): the study's strategy (`coordinator.strategies`, the
   code the coordinator aggregates with) over plain local SGD with the study's learning
-  rate, local steps and sample rate, in this process; the sites' real code always adds
-  DP noise (its policy has a minimum noise), so no real round can be noise-free;
+  rate, local steps and sample rate, for at least `PLAIN_ROUNDS` rounds, in this process;
+  the sites' real code always adds DP noise (its policy has a minimum noise), so no real
+  round can be noise-free;
 - federated with DP at each epsilon: the real round loop (`coordinator.rounds.run_study`)
   over an in-memory grid (`medfed.bench.memory_grid`) to the real site handlers (DP-SGD with
   Opacus, the privacy gate and ledger, the egress guard, secure aggregation as the study
@@ -60,6 +61,12 @@ LOGISTIC_C = 1.0
 CENTRAL_STEPS = 400
 CENTRAL_BATCH = 64
 CENTRAL_LR = 0.01
+CENTRAL_WEIGHT_DECAY = 0.01
+"""Adam's L2 term for the central medfed models (a light ridge: they have no held-out
+set to stop on)."""
+PLAIN_ROUNDS = 20
+"""Rounds of the federated arm without DP: with no privacy budget to spend, nothing
+limits its steps, so it runs at least this many rounds of the study's local steps."""
 Tensors = tuple[torch.Tensor, ...]
 REPORTED_SETTINGS = frozenset(
     {
@@ -197,8 +204,8 @@ def held_out_metric(study: StudyData, arrays: Mapping[str, np.ndarray]) -> float
 
 
 def central_score(study: StudyData, train: Tensors, *, seed: int) -> float:
-    """medfed's network trained on `train` alone, without DP (Adam with the classical
-    reference's L2 strength), scored on the pooled held-out patients."""
+    """medfed's network trained on `train` alone, without DP (Adam, a light L2 term),
+    scored on the pooled held-out patients."""
     contract = study.contract
     model = build_model(study.settings.preset, contract=contract, seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -206,15 +213,17 @@ def central_score(study: StudyData, train: Tensors, *, seed: int) -> float:
     loader = DataLoader(
         TensorDataset(*train), batch_size=min(CENTRAL_BATCH, n), shuffle=True, generator=generator
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=CENTRAL_LR, weight_decay=COX_PENALIZER)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=CENTRAL_LR, weight_decay=CENTRAL_WEIGHT_DECAY
+    )
     train_steps(model, optimizer, loader, steps=CENTRAL_STEPS, contract=contract)
     return held_out_metric(study, state_arrays(model))
 
 
 def federated_plain(study: StudyData, *, seed: int) -> list[float]:
     """Federated without DP: the study's strategy over plain local SGD (the study's
-    learning rate, local steps and sample rate as the batch share). The held-out metric
-    of the initial model and after every round."""
+    learning rate, local steps and sample rate as the batch share), for at least
+    `PLAIN_ROUNDS` rounds. The held-out metric of the initial model and after every round."""
     settings = study.settings
     strategy = strategy_of(settings)
     model = build_model(settings.preset, contract=study.contract, seed=settings.seed + seed)
@@ -222,7 +231,7 @@ def federated_plain(study: StudyData, *, seed: int) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
     groups = {s: frozenset(trainable_groups(d, study.contract)) for s, d in study.sites.items()}
     curve = [held_out_metric(study, global_arrays)]
-    for _ in range(settings.num_rounds):
+    for _ in range(max(settings.num_rounds, PLAIN_ROUNDS)):
         contributions = []
         for site, tensors in study.train.items():
             load_arrays(model, global_arrays)
@@ -426,7 +435,8 @@ def run_utility_bench(
             "ridge_alpha": RIDGE_ALPHA,
             "logistic_c": LOGISTIC_C,
             "central": {"optimizer": "adam", "lr": CENTRAL_LR, "steps": CENTRAL_STEPS,
-                        "batch": CENTRAL_BATCH, "weight_decay": COX_PENALIZER},
+                        "batch": CENTRAL_BATCH, "weight_decay": CENTRAL_WEIGHT_DECAY},
+            "federated_no_dp_rounds_at_least": PLAIN_ROUNDS,
         },
     }  # fmt: skip
     return document
