@@ -11,7 +11,7 @@ set just before them (Linux `/proc/self/status` VmHWM after resetting it through
 `/proc/self/clear_refs`); `tracemalloc` does not see torch's allocations. On CUDA it
 is `torch.cuda.max_memory_allocated` above the memory allocated before the steps.
 
-    python -m bench.dp --preset small --json          (or: medfed bench dp ...)
+    python -m medfed.bench.dp --preset small          (or: medfed bench dp --json ...)
 """
 
 from __future__ import annotations
@@ -260,9 +260,39 @@ def _variant_main(variant: str, config_json: str) -> None:
     sys.stdout.write(json.dumps(asdict(figures)) + "\n")
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m medfed.bench.dp [options]`: the same benchmark as `medfed bench dp --json`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m medfed.bench.dp", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--preset", default="small", help="tiny, small, base or large")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--batch", type=int, default=32, help="patients per batch")
+    parser.add_argument(
+        "--mode", action="append", choices=DP_MODES, help="grad-sample mode (repeatable)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per variant")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)  # one subprocess's run
+    args = parser.parse_args(argv)
+    if args.variant is not None:
+        _variant_main(*args.variant)
+        return 0
+    try:
+        config = DpBenchConfig(
+            preset=args.preset, batch=args.batch, steps=args.steps, repeats=args.repeats,
+            modes=tuple(args.mode or ("hooks", "ew", "ghost")), device=args.device,
+            threads=args.threads,
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    report = run_dp_bench(config, progress=lambda line: print(line, file=sys.stderr))
+    sys.stdout.write(json.dumps(report) + "\n")
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--variant":
-        _variant_main(sys.argv[2], sys.argv[3])
-    else:
-        report = run_dp_bench(DpBenchConfig(), progress=lambda line: print(line, file=sys.stderr))
-        sys.stdout.write(json.dumps(report) + "\n")
+    sys.exit(main())

@@ -39,13 +39,14 @@ from torch.utils.data import TensorDataset
 
 from medfed.model.contract import DEMO_CONTRACT
 from medfed.model.network import build_model
-from medfed.model.tokenizers import complete_numeric_inputs
+from medfed.model.tokenizers import complete_numeric_inputs, encode
 from medfed.model.train import train_steps
 from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.calibration import calibrate_noise
 from medfed.privacy.dpsgd import DpSgdSettings, PrivateTraining, make_private
+from medfed.sites.config import DatasetConfig
+from medfed.sites.manifest import load_site_data
 from medfed.sites.synthetic import write_synthetic_consortium
-from medfed.sites.tabular import read_site_table
 
 THREADS = 2
 CONFIDENCE = 0.95
@@ -170,12 +171,25 @@ def guess(scores: np.ndarray, included: np.ndarray, per_side: int) -> Guesses:
     return Guesses(guesses, correct, epsilon_lower_bound(guesses, correct))
 
 
+@dataclass(frozen=True)
+class _SyntheticSiteData:
+    """What `load_site_data` needs of a site (`SiteDataSource`): its table's folder."""
+
+    data_dir: Path
+    source: Path
+    datasets: tuple[DatasetConfig, ...] = ()
+
+
 def demo_rows(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training rows of the demo's first synthetic site, read as a site reads them."""
+    """The training rows of the demo's first synthetic site, read as a site reads them
+    (`load_site_data`, then the model's encoding)."""
     with tempfile.TemporaryDirectory(prefix="dp_audit-") as root:
         site = write_synthetic_consortium(Path(root), DEMO_CONTRACT, n_sites=1, seed=seed)[0]
-        table = read_site_table(site.table, DEMO_CONTRACT)
-    return table.train_features, table.train_labels
+        folder = site.table.parent
+        data = load_site_data(_SyntheticSiteData(folder, folder / "site.toml"), DEMO_CONTRACT)
+    batch = encode(list(data.require_clean().train), DEMO_CONTRACT)
+    labels = batch.targets[DEMO_CONTRACT.tasks[0].name][0]
+    return batch.inputs[0].numpy(), labels.numpy().astype(np.int64)
 
 
 def canary_losses(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

@@ -32,7 +32,8 @@ from typing import Literal
 
 Side = Literal["stock", "medfed"]
 
-DEFAULT_BASELINE = Path("/work/shared/baselines/stock_flower_rounds.sh")
+DEFAULT_BASELINE = Path(__file__).resolve().parent / "baselines" / "stock_flower_rounds.sh"
+"""Flower's stock app and its runner, shipped with medfed (bench/baselines/)."""
 TIMEOUT_S = 900.0
 """Wall-clock limit of one side's run, start to finish."""
 GRACE_S = 30.0

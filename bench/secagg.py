@@ -7,7 +7,8 @@ JSON text (what crosses the wire) and the coordinator unmasks with `unmask_weigh
 Each site's work in each step (keys, train, mask, reveal: the secure part only, not the
 local training) and the coordinator's work between steps are timed apart. Beside it, the
 plain path: each site packs its trained model as Flower's float32 bytes and signs its
-receipt, the coordinator unpacks, checks and averages (`coordinator.aggregate.fedavg`).
+receipt, the coordinator unpacks, checks and averages as FedAvg does
+(`coordinator.strategies.modality_average`).
 
 Sites run in parallel in a deployment, so a round's cost is the critical path: per step
 the slowest site plus the coordinator. The serial total is every site's and the
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from medfed.coordinator.aggregate import fedavg
+from medfed.coordinator.strategies import Contribution, modality_average, parameter_groups
 from medfed.model import wire
 from medfed.model.network import arrays_sha256
 from medfed.privacy.identity import identity_check, issue_identity_certificate
@@ -400,8 +401,10 @@ def plain_round(consortium: Consortium, workload: Workload) -> PlainRun:
             arrays = wire.record_to_arrays(RecordDict({wire.ARRAYS: record}))
             receipt = _receipt(site, model_sha256, arrays_sha256(arrays))
             _check(receipt.verify(consortium.signers[site].public, signatures[site]), "receipt")
-            updates.append((arrays, workload.patients[site]))
-        averaged = fedavg(updates)
+            updates.append(
+                Contribution(site, arrays, workload.patients[site], parameter_groups(arrays))
+            )
+        averaged, _ = modality_average(workload.global_arrays, updates)
     first = next(iter(records.values()))
     return PlainRun(clock, sum(len(array.data) for array in first.values()), averaged)
 

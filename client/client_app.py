@@ -26,11 +26,11 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp
 
 from medfed.client.egress import AuditSink, egress_guard
 from medfed.client.errors import BudgetRefusal, ClientError, OutsideWindow, RequestError
 from medfed.client.protocol import EgressRules, QueryRequest
+from medfed.flower.apps import ClientApp
 from medfed.model import wire
 from medfed.model.presets import PRESET_NAMES, PresetName
 from medfed.privacy.errors import PrivacyError

@@ -6,13 +6,13 @@ taken relative to the folder that holds `site.toml`.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.client.errors import ClientError
 from medfed.client.windows import TrainingWindow
+from medfed.common import first_problem, read_toml
 from medfed.privacy.policy import PrivacyPolicy
 from medfed.sites.config import Accelerator, Datasets
 
@@ -122,21 +122,11 @@ class SiteConfig(BaseModel):
 
 def load_site_config(path: Path) -> SiteConfig:
     """Read and validate `site.toml`; raise `SiteConfigError` naming the file and the key."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SiteConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise SiteConfigError(f"{path}: is not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise SiteConfigError(f"{path}: is not valid TOML ({exc})") from exc
+    document = read_toml(path, SiteConfigError)
     try:
         return SiteConfig.model_validate({**document, "source": path})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise SiteConfigError(f"{path}: key {key}: {first['msg']}{more}") from exc
+        raise SiteConfigError(f"{path}: {first_problem(exc)}") from exc
 
 
 def render_site_toml(config: SiteConfig) -> str:

@@ -43,6 +43,7 @@ from flwr.app import (
 
 from medfed.client.protocol import EgressRules
 from medfed.model import wire
+from medfed.model.device_kinds import DEVICE_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ ReplyMod = Callable[[Message, Context, Handler], Message]
 ERROR_CODE_BLOCKED = 4010
 """The code of the error reply that replaces a reply the guard blocked whole."""
 MAX_REASON_CHARS = 400
-ACCELERATORS = frozenset({"cpu", "cuda", "rbln"})
 _HEX_SIGNATURE = re.compile(r"[0-9a-f]{128}")
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]*")
@@ -228,7 +228,7 @@ def _filter_site(
             (key == wire.SITE_ID and value == rules.site_id)
             or (key == wire.RECEIPT_SIGNATURE and isinstance(value, str)
                 and _HEX_SIGNATURE.fullmatch(value) is not None)
-            or (key == wire.ACCELERATOR and value in ACCELERATORS)
+            or (key == wire.ACCELERATOR and value in DEVICE_KINDS)
             or (key == wire.DATASET_SHA256 and isinstance(value, str)
                 and _HEX_SHA256.fullmatch(value) is not None)
             or (key == wire.TRAINED_GROUPS and isinstance(value, str)

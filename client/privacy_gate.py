@@ -18,8 +18,7 @@ from medfed.client.protocol import TrainRequest
 from medfed.privacy.accountant import epsilon_of
 from medfed.privacy.approvals import Approval
 from medfed.privacy.audit import AuditLog
-from medfed.privacy.calibration import calibrate_noise
-from medfed.privacy.dpsgd import poisson_rate
+from medfed.privacy.calibration import calibrate_noise, poisson_rate
 from medfed.privacy.errors import InfeasibleBudgetError
 from medfed.privacy.events import DpSgdEvent
 from medfed.privacy.ledger import PrivacyLedger, SpendRecord
@@ -151,10 +150,12 @@ class PrivacyGate:
             epsilon_dataset_after=decision.epsilon_dataset_after,
         )
 
-    def dataset_epsilon(self, dataset: str, *, delta: float) -> float:
-        """The dataset's cumulative epsilon over all its spends, by the policy's accountant."""
+    def study_epsilon(self, dataset: str, study_key: str, *, delta: float) -> float:
+        """What study `study_key` (`RoundPlan.study`) has spent of the dataset, by the
+        policy's accountant: the study's own spend, which its run reports per site (the
+        dataset's total over every study is the officer's, in `budget show`)."""
         return epsilon_of(
-            [record.event for record in self._ledger.records(dataset)],
+            [r.event for r in self._ledger.records(dataset) if r.study == study_key],
             delta=delta,
             accountant=self._config.privacy.accountant,
         )

@@ -16,20 +16,18 @@ reply is stored only once its .json is there. Only the last `keep_runs` runs are
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medfed.client.protocol import HeldOut, ModelCheck, TrainReply, TrainRequest
+from medfed.common import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +41,6 @@ DEFAULT_KEEP_RUNS = 8
 def _hex(value: float) -> str:
     """A float exactly, NaN and infinities included (JSON has no NaN)."""
     return float(value).hex()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 def instruction_sha256(request: TrainRequest) -> str:
@@ -120,8 +104,8 @@ class ReplyCache:
                 "rmse": _hex(held_out.rmse),
             },
         }
-        _write_atomically(npz_path, data)
-        _write_atomically(json_path, json.dumps(document, sort_keys=True).encode())
+        write_atomic(npz_path, data)
+        write_atomic(json_path, json.dumps(document, sort_keys=True).encode())
         self._prune(keep=npz_path.parent)
 
     def get(self, request: TrainRequest) -> TrainReply | None:

@@ -8,8 +8,6 @@ cached per model identity and accelerator in the state dir, so it is measured on
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import TensorDataset
 
+from medfed.common import write_atomic
 from medfed.model.contract import StudyContract, TaskSpec
 from medfed.model.network import PresetName, build_model, model_identity
 from medfed.model.sample import PatientSample
@@ -132,9 +131,5 @@ class ThroughputCache:
         if key in figures:
             return figures[key]
         figures[key] = calibrate(preset, contract)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self._path.parent, prefix=".throughput-")
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(figures, out, sort_keys=True)
-        os.replace(temporary, self._path)
+        write_atomic(self._path, json.dumps(figures, sort_keys=True).encode("utf-8"))
         return figures[key]

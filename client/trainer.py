@@ -311,7 +311,8 @@ class SiteTrainer:
                 f"run {request.run_id} round {request.round} was trained here concurrently;"
                 " withholding this second update so privacy is not spent twice"
             )
-        epsilon = self._gate.dataset_epsilon(dataset, delta=request.delta)
+        # The study's own spend on this dataset (not the total over every study).
+        epsilon = self._gate.study_epsilon(dataset, plan.study, delta=request.delta)
         log.info(
             "site %s round %s: %d steps, noise %.3f, loss %.4f, epsilon %.3f",
             self.site_id,

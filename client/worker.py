@@ -1,6 +1,6 @@
 """The site worker: a long-lived process that owns the site's data, model, ledger and policy.
 
-`python -m client.worker SITE_TOML` (what `medfed site start` runs) loads everything
+`python -m medfed.client.worker SITE_TOML` (what `medfed site start` runs) loads everything
 once, serves the site API on `<state_dir>/worker.sock` and stops cleanly on SIGTERM
 or SIGINT. The socket appearing is the sign that it is ready.
 """
@@ -57,7 +57,7 @@ def run_worker(site_toml: Path, *, stop: threading.Event | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line on stderr and exit 1 for a misconfigured site."""
-    parser = argparse.ArgumentParser(prog="python -m client.worker")
+    parser = argparse.ArgumentParser(prog="python -m medfed.client.worker")
     parser.add_argument("site_toml", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -21,8 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from medfed.common import first_problem, read_toml
 from medfed.coordinator.errors import CoordinatorError
-from medfed.coordinator.tomlfile import first_problem, read_toml
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 """The same rule as `privacy.pki.SITE_ID_PATTERN`: site ids name folders and files."""

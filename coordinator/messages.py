@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.05
 """How often to ask the SuperLink for replies (Flower's own helper waits 3 s)."""
+PROGRESS_EVERY_S = 10.0
+"""While replies are awaited: how often to log who has answered and who not."""
 
 
 def wait_for_sites(grid: Grid, minimum: int, *, timeout_s: float) -> list[int]:
@@ -45,8 +47,10 @@ def exchange(
     message_type: str,
     group: str,
     timeout_s: float,
+    names: Mapping[int, str] | None = None,
 ) -> list[Message]:
-    """Send each node its content and return the replies that arrive before the timeout."""
+    """Send each node its content and return the replies that arrive before the timeout;
+    every `PROGRESS_EVERY_S` log who is still awaited (by `names`, else node id)."""
     messages = [
         Message(
             content=content,
@@ -57,20 +61,40 @@ def exchange(
         )
         for node, content in contents.items()
     ]
-    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+    pushed = list(grid.push_messages(messages))
+    node_of = {
+        message_id: message.metadata.dst_node_id
+        for message_id, message in zip(pushed, messages, strict=False)
+        if message_id
+    }
+    pending = set(node_of)
     replies: list[Message] = []
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline, next_report = started + timeout_s, started + PROGRESS_EVERY_S
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
             pending.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
+        if pending and time.monotonic() >= next_report:
+            next_report += PROGRESS_EVERY_S
+            log.warning(
+                "round %s: %d of %d sites answered after %.0f s; waiting up to %g s for %s",
+                group, len(replies), len(node_of), time.monotonic() - started, timeout_s,
+                _named(pending, node_of, names),
+            )  # fmt: skip
         if pending:
             time.sleep(POLL_INTERVAL_S)
     if pending:
         log.warning(
-            "round %s: %d site(s) did not reply within %g s", group, len(pending), timeout_s
-        )
+            "round %s: %s did not reply within %g s",
+            group, _named(pending, node_of, names), timeout_s,
+        )  # fmt: skip
     return replies
+
+
+def _named(pending: set[str], node_of: Mapping[str, int], names: Mapping[int, str] | None) -> str:
+    nodes = sorted(node_of[message_id] for message_id in pending)
+    return ", ".join((names or {}).get(node, f"node-{node}") for node in nodes)
 
 
 def instruction(

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from medfed.common import write_atomic
 
 RunStatus = Literal["waiting", "running", "completed", "failed"]
 
@@ -22,9 +22,9 @@ class RoundRecord:
     """One round: who took part, how the new global model does, and epsilon per site.
 
     `loss` (the new model's loss on all sites' training patients) and `metric` (its
-    AUROC on their held-out patients) are reported by the sites when they next
-    receive the model, so they fill in one round later (after the final evaluation
-    for the last round). `local_loss` is the mean DP-SGD mini-batch loss during the
+    held-out metric, named by `metric_name`: AUROC or c-index) are reported by the
+    sites when they next receive the model, so they fill in one round later (after the
+    final evaluation for the last round). `local_loss` is the mean DP-SGD mini-batch loss during the
     round's local steps.
     """
 
@@ -68,6 +68,11 @@ class RunResults:
     """While waiting for enough sites to be in their windows: when (epoch s), if known."""
     resumed_from: list[int] = field(default_factory=list)
     """Rounds after whose checkpoint the run was resumed."""
+    metric_name: str = "auroc"
+    """The study's held-out metric (`rounds.primary_metric`): what every label shows."""
+    flower_run_id: str = ""
+    """The Flower run that last wrote this document: a resumed run's first report
+    replaces its last life's (which `round resume --follow` must not read as its own)."""
 
     @property
     def rounds_completed(self) -> int:
@@ -92,17 +97,8 @@ def _finite_or_none(value: object) -> object:
 
 def write_results(path: Path, results: RunResults) -> None:
     """Replace `path` with the current results in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(results.to_json(), handle, indent=1, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    document = json.dumps(results.to_json(), indent=1, allow_nan=False)
+    write_atomic(path, document.encode("utf-8"))
 
 
 def read_results(path: Path) -> RunResults | None:

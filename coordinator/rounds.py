@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from medfed.coordinator.audit_chain import CoordinatorAudit, NoAudit
 from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from medfed.coordinator.errors import CoordinatorError, RoundFailedError
+from medfed.coordinator.grid_retry import retrying
 from medfed.coordinator.messages import exchange, instruction, wait_for_sites
 from medfed.coordinator.results import RoundRecord, RunResults
 from medfed.coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
@@ -161,6 +162,7 @@ def run_study(
     signed into the run folder's audit chain; `run_id` is then the id of the run the
     folder holds when resuming.
     """
+    grid = retrying(grid)
     run_dir = Path(study.run_dir) if study.run_dir else None
     store = CheckpointStore(run_dir / CHECKPOINTS_NAME) if run_dir else None
     audit = CoordinatorAudit.open(run_dir) if run_dir else NoAudit()
@@ -195,6 +197,8 @@ def run_study(
         )
         checkpoint(store, audit, study, state, strategy, None)
     results = state.results
+    results.metric_name = primary_metric(contract)
+    results.flower_run_id = run_id
     report(results)
     results.status = "running"
     try:
@@ -246,10 +250,11 @@ def _plan(
     known_sites: dict[int, str],
     connect_timeout_s: float,
     clock: Clock,
-) -> tuple[RoundPlan, dict[int, Sender]]:
+) -> tuple[RoundPlan, dict[int, Sender], dict[int, str]]:
     """Ask the connected sites for their status and plan the round; while the plan is to
     wait, record it, sleep towards its ETA and ask again. Also returns, per node that
-    answered, the site id and patients it gave: each reply is checked against them."""
+    answered, the site id and patients it gave (each reply is checked against them),
+    and per node that did not, why."""
     policy = schedule_policy(study)
     recorded: dict[str, object] | None = None  # the wait last written to the audit chain
     while True:
@@ -259,13 +264,16 @@ def _plan(
         )
         now = clock.now()
         plan = plan_round(statuses, policy, now)
+        unknown = {s.node_id: f"{s.site_id} {s.unknown_reason}" for s in statuses if not s.known}
+        for reason in unknown.values():
+            log.warning("round %d: status unknown: %s", state.round + 1, reason)
         if plan.action == "train":
             senders = {
                 status.node_id: Sender(status.site_id, status.patients)
                 for status in statuses
                 if status.known
             }
-            return plan, senders
+            return plan, senders, unknown
         if plan.to_json() != recorded:  # one entry per change, not one per nap
             recorded = plan.to_json()
             audit.record("round.waiting", {"round": state.round + 1, **_json(recorded)})
@@ -318,7 +326,7 @@ def _run_rounds(
         )
     while state.round < study.num_rounds:
         round_number = state.round + 1
-        plan, senders = _plan(
+        plan, senders, unknown = _plan(
             grid, study, state, audit, report, known_sites, connect_timeout_s, clock
         )
         results.status, results.waiting_until = "running", None
@@ -362,6 +370,7 @@ def _run_rounds(
                 contents=contents,
                 signer=announcer,
                 site_keys=site_keys,
+                unknown_reasons=unknown,
             )
             updates, rejected = secure.updates, secure.rejected
             known_sites.update({u.node_id: u.site_id for u in updates})

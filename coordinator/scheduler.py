@@ -45,6 +45,8 @@ class SiteStatus:
     budget_left: float = math.inf
     patients: int = 0
     approved: bool = True
+    unknown_reason: str = ""
+    """Why the status is unknown (no reply in time, an error reply, a malformed one)."""
 
 
 @dataclass(frozen=True)

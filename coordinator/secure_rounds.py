@@ -164,6 +164,7 @@ class _SecureRound:
             message_type=message_type,
             group=group,
             timeout_s=timeout_s,
+            names=nodes,
         )
         log.info(
             "secure round %s: %d replies of %d in %.3f s",
@@ -352,12 +353,23 @@ def run_secure_round(
     contents: Mapping[int, RecordDict],
     signer: SigningKey,
     site_keys: Mapping[str, VerifyKey] | None,
+    unknown_reasons: Mapping[int, str] | None = None,
 ) -> SecureOutcome:
     """Play one secure round with the planned sites; raise `RoundFailedError` when fewer
-    than the threshold get through (nothing is unmasked then)."""
+    than the threshold get through (nothing is unmasked then). `unknown_reasons` says,
+    per planned node of unknown status, why (named in the failure)."""
     nodes = {p.node_id: senders[p.node_id].site_id for p in plan.planned if p.node_id in senders}
+    why = {
+        p.node_id: (unknown_reasons or {}).get(p.node_id, f"{p.site_id}: status unknown")
+        for p in plan.planned
+        if p.node_id not in senders
+    }
     if len(nodes) < 2:
-        raise RoundFailedError("secure aggregation needs at least 2 sites of known identity")
+        known = ", ".join(sorted(nodes.values())) or "none"
+        raise RoundFailedError(
+            f"round {round_number}: secure aggregation needs at least 2 sites of known"
+            f" identity; known: {known}; not known: " + ("; ".join(why.values()) or "none")
+        )
     threshold = secure_threshold(study, len(nodes))
     if threshold > len(nodes):
         raise RoundFailedError(
@@ -387,7 +399,8 @@ def run_secure_round(
         if site_keys is None
         else ReceiptCheck(run_id, announcement.study_sha256, round_number, model_sha256, site_keys),
         {
-            p.site_id: "its status is unknown: a secure round needs each site's identity first"
+            p.site_id: "its status is unknown (" + why[p.node_id] + "): a secure round needs"
+            " each site's identity first"
             for p in plan.planned
             if p.node_id not in senders
         },

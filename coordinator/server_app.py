@@ -9,10 +9,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.coordinator.errors import CoordinatorError, StudyConfigError
-from medfed.coordinator.object_pulls import shorten_object_pull_backoff
 from medfed.coordinator.results import RunResults, read_results, write_results
 from medfed.coordinator.rounds import run_study
 from medfed.coordinator.study import StudySettings
+from medfed.flower.patches import shorten_object_pull_backoff
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def main(grid: Grid, context: Context) -> None:
         study = StudySettings.from_run_config(context.run_config)
     except StudyConfigError as exc:
         log.error("run %s refused: %s", run_id, exc)
-        report(RunResults(run_id=run_id, status="failed", num_rounds=0, error=str(exc)))
+        report(RunResults(run_id=run_id, status="failed", num_rounds=0, error=str(exc),
+                          flower_run_id=run_id))  # fmt: skip
         raise
     try:
         run_study(
@@ -64,6 +65,7 @@ def _mark_failed(path: Path | None, run_id: str, study: StudySettings, error: st
     results = read_results(path) or RunResults(
         run_id=run_id, status="failed", num_rounds=study.num_rounds
     )
-    if results.status != "failed":
-        results.status, results.error = "failed", error
-        write_results(path, results)
+    # Always this life's error, and this Flower run's id: a resume that failed before
+    # its first round must not leave the last life's error standing as its own.
+    results.status, results.error, results.flower_run_id = "failed", error, run_id
+    write_results(path, results)

@@ -22,8 +22,6 @@ from medfed.model import wire
 
 log = logging.getLogger(__name__)
 
-STATUS_TIMEOUT_S = 30.0
-"""How long sites have to answer a status query; a site that does not is 'unknown'."""
 MAX_PATIENTS = 10_000_000
 """As `validate.MAX_EXAMPLES`: a larger count is bogus."""
 
@@ -49,9 +47,11 @@ def status_query(run_id: str, study: StudySettings) -> RecordDict:
     )
 
 
-def unknown_status(node_id: int, known_sites: dict[int, str]) -> SiteStatus:
+def unknown_status(node_id: int, known_sites: dict[int, str], reason: str) -> SiteStatus:
     """The status of a site that did not say: named as last seen, else by its node id."""
-    return SiteStatus(node_id, known_sites.get(node_id, f"node-{node_id}"), known=False)
+    return SiteStatus(
+        node_id, known_sites.get(node_id, f"node-{node_id}"), known=False, unknown_reason=reason
+    )
 
 
 def parse_status(reply: Message, known_sites: dict[int, str]) -> SiteStatus:
@@ -59,7 +59,9 @@ def parse_status(reply: Message, known_sites: dict[int, str]) -> SiteStatus:
     node_id = reply.metadata.src_node_id
     if reply.has_error():
         log.info("node %s answered the status query with an error: %s", node_id, reply.error.reason)
-        return unknown_status(node_id, known_sites)
+        return unknown_status(
+            node_id, known_sites, f"answered the status query with an error: {reply.error.reason}"
+        )
     content = reply.content
 
     def metric(key: str, kind: type[wire.T]) -> wire.T:
@@ -90,7 +92,7 @@ def parse_status(reply: Message, known_sites: dict[int, str]) -> SiteStatus:
         )
     except wire.WireError as exc:
         log.warning("node %s sent a malformed status (%s); its status is unknown", node_id, exc)
-        return unknown_status(node_id, known_sites)
+        return unknown_status(node_id, known_sites, f"sent a malformed status: {exc}")
     known_sites[node_id] = site_id
     return status
 
@@ -113,13 +115,19 @@ def query_statuses(
         {node: status_query(run_id, study) for node in asked},
         message_type=MessageType.QUERY,
         group=f"status-{round_number}",
-        timeout_s=min(STATUS_TIMEOUT_S, study.round_deadline_s),
+        timeout_s=study.round_deadline_s,
+        names=known_sites,
     )
     answered = {reply.metadata.src_node_id: reply for reply in replies}
     unqueryable.update(node for node, reply in answered.items() if reply.has_error())
+    silent = f"did not answer the status query within {study.round_deadline_s:g} s"
     return [
         parse_status(answered[node], known_sites)
         if node in answered
-        else unknown_status(node, known_sites)
+        else unknown_status(
+            node,
+            known_sites,
+            "its software answers no status query" if node in unqueryable else silent,
+        )
         for node in nodes
     ]

@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
+from medfed.common import first_problem, read_toml
 from medfed.coordinator.errors import StudyConfigError
 from medfed.coordinator.strategies import StrategyName
-from medfed.coordinator.tomlfile import first_problem, read_toml
 from medfed.model.contract import DEMO_CONTRACT, StudyContract
 from medfed.model.presets import PresetName
 

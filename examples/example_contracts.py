@@ -17,7 +17,15 @@ from medfed.model.contract import (
 
 
 def _numeric(
-    name: str, unit: str, lo: float, hi: float, mean: float, scale: float, loinc: str | None = None
+    name: str,
+    unit: str,
+    lo: float,
+    hi: float,
+    mean: float,
+    scale: float,
+    loinc: str | None = None,
+    *,
+    optional: bool = False,
 ) -> NumericFeature:
     return NumericFeature(
         name=name,
@@ -27,6 +35,7 @@ def _numeric(
         reference_mean=mean,
         reference_scale=scale,
         loinc=loinc,
+        optional=optional,
     )
 
 
@@ -42,9 +51,10 @@ LUNG = StudyContract(
         _numeric("age", "a", 18, 100, 62, 9, loinc="30525-0"),
         _numeric("female", "1", 0, 1, 0.4, 0.5),
         _numeric("ecog", "{score}", 0, 4, 1, 0.7, loinc="89247-1"),
-        _numeric("karnofsky_physician", "%", 0, 100, 82, 12),
-        _numeric("karnofsky_patient", "%", 0, 100, 80, 15),
-        _numeric("meal_calories", "kcal", 0, 5000, 930, 400),
+        # lung-csv's hospital records none of these three: a site may lack them
+        _numeric("karnofsky_physician", "%", 0, 100, 82, 12, optional=True),
+        _numeric("karnofsky_patient", "%", 0, 100, 80, 15, optional=True),
+        _numeric("meal_calories", "kcal", 0, 5000, 930, 400, optional=True),
         _numeric("weight_loss", "kg", -40, 60, 4.4, 5.9),
     ),
     tasks=(

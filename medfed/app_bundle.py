@@ -11,10 +11,9 @@ import shutil
 import time
 from pathlib import Path
 
-from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
-from medfed.privacy.signing import SigningKey
+from medfed.privacy import APP_SIGNATURE, SigningKey, sign_bundle
 
-APP_PACKAGES = ("client", "coordinator", "model", "privacy", "sites")
+APP_PACKAGES = ("common", "flower", "client", "coordinator", "model", "privacy", "sites")
 SERVER_APP = "medfed.coordinator.server_app:app"
 CLIENT_APP = "medfed.client.client_app:app"
 
@@ -42,10 +41,6 @@ clientapp = "{client}"
 """
 
 
-_PACKAGE_INIT = '''"""medfed's rooms, as shipped in the Flower app bundle (the CLI stays out)."""
-'''
-
-
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -55,11 +50,14 @@ def _toml_value(value: object) -> str:
 
 
 def build_app_dir(dest: Path, run_config_defaults: dict[str, object]) -> Path:
-    """Write the app (`medfed/<room>/` .py files, a pyproject.toml) under `dest`; return it."""
+    """Write the app (medfed's `__init__.py`, `medfed/<room>/` .py files, a pyproject.toml)
+    under `dest`; return it. A site runs its installed medfed, so it refuses a bundle whose
+    medfed files are not byte for byte its own (`medfed.client.bundle_code`)."""
     dest.mkdir(parents=True, exist_ok=True)
     root = dest / "medfed"
     root.mkdir(exist_ok=True)
-    (root / "__init__.py").write_text(_PACKAGE_INIT, encoding="utf-8")
+    # The package's own __init__ (a site compares every shipped file with what it runs).
+    shutil.copyfile(Path(importlib.import_module("medfed").__file__ or ""), root / "__init__.py")
     for package in APP_PACKAGES:
         source = Path(importlib.import_module(f"medfed.{package}").__file__ or "").parent
         shutil.copytree(
@@ -84,9 +82,9 @@ def sign_app(app_dir: Path, key: SigningKey, *, key_id: str, signed_at: int) -> 
     built here is byte-identical to the one `flwr run` sends, and a site checks the
     signature against the bytes Flower delivers it.
     """
-    from flwr.cli.build import build_fab_from_disk
+    from medfed.flower.fab import build_fab
 
-    return sign_bundle(build_fab_from_disk(app_dir), key, key_id=key_id, signed_at=signed_at)
+    return sign_bundle(build_fab(app_dir), key, key_id=key_id, signed_at=signed_at)
 
 
 def signature_run_config(

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
+from medfed.cli_common import fail, stderr, stdout
+
 bench_app = typer.Typer(
     help="Benchmarks: DP-SGD cost and more; figures as a table or one JSON document.",
     no_args_is_help=True,
@@ -29,8 +31,6 @@ def _megabytes(value: int) -> str:
 
 def _render(report: dict[str, Any]) -> None:
     from rich.table import Table
-
-    from medfed.cli import stdout
 
     config = report["config"]
     table = Table(
@@ -98,22 +98,21 @@ def bench_dp(
 ) -> None:
     """Step time and peak memory of DP-SGD vs plain SGD on the same model, data and batch."""
     from medfed.bench.dp import DpBenchConfig, run_dp_bench
-    from medfed.cli import _fail, stderr
     from medfed.model.presets import PRESET_NAMES
 
     if preset not in PRESET_NAMES:
-        _fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
+        fail(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESET_NAMES))}", 2)
     modes = tuple(mode or ("hooks", "ew", "ghost"))
     unknown = [name for name in modes if name not in _MODES]
     if unknown:
-        _fail(f"unknown grad-sample mode {unknown[0]!r}; choose from {', '.join(_MODES)}", 2)
+        fail(f"unknown grad-sample mode {unknown[0]!r}; choose from {', '.join(_MODES)}", 2)
     if device not in ("cpu", "cuda"):
-        _fail(f"unknown device {device!r}; choose cpu or cuda", 2)
+        fail(f"unknown device {device!r}; choose cpu or cuda", 2)
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            _fail("device cuda was asked for, but torch sees no CUDA device here")
+            fail("device cuda was asked for, but torch sees no CUDA device here")
     config = DpBenchConfig(
         preset=preset, batch=batch, steps=steps, modes=modes, repeats=repeats,  # type: ignore[arg-type]
         device=device, threads=threads,  # type: ignore[arg-type]
@@ -122,7 +121,7 @@ def bench_dp(
     try:
         report = run_dp_bench(config, progress=show)
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
-        _fail(f"the benchmark failed: {exc}")
+        fail(f"the benchmark failed: {exc}")
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     else:
@@ -135,8 +134,12 @@ def bench_round(
     sites: Annotated[int, typer.Option(min=1, max=16, help="Sites, one daemon each.")] = 3,
     repeats: Annotated[int, typer.Option(min=1, max=10, help="Runs of each side.")] = 1,
     baseline: Annotated[
-        Path, typer.Option(help="The stock Flower baseline script (stock_flower_rounds.sh).")
-    ] = Path("/work/shared/baselines/stock_flower_rounds.sh"),
+        Path | None,
+        typer.Option(
+            help="The stock Flower baseline script (default: the one medfed ships,"
+            " bench/baselines/stock_flower_rounds.sh)."
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
@@ -144,11 +147,11 @@ def bench_round(
     """Seconds per round of `medfed demo` (TLS, SuperNode auth, DP, site daemons) beside a
     stock Flower deployment in the same run; the ratio of their round wall times, and
     medfed's round overhead (round time minus the slowest site's local training)."""
-    from medfed import cli
-    from medfed.bench.round_time import Options, run_benchmark
+    from medfed.bench.round_time import DEFAULT_BASELINE, Options, run_benchmark
 
+    baseline = baseline or DEFAULT_BASELINE
     if not baseline.is_file():
-        cli._fail(f"no baseline script at {baseline}", 2)
+        fail(f"no baseline script at {baseline}", 2)
     document = run_benchmark(
         Options(rounds=rounds, sites=sites, repeats=repeats, baseline=baseline)
     )
@@ -164,10 +167,10 @@ def bench_round(
             f"ratio medfed/stock: {document['ratio_medfed_per_round_to_stock_per_round']}",
         ]
         for line in lines:
-            cli.stdout.print(Text(line))
+            stdout.print(Text(line))
     if not document["ok"]:
         failure = document["failure"]
-        cli._fail(f"the benchmark failed: {failure}")
+        fail(f"the benchmark failed: {failure}")
 
 
 def _numbers(text: str, *, name: str) -> list[int]:
@@ -176,9 +179,7 @@ def _numbers(text: str, *, name: str) -> list[int]:
     except ValueError:
         values = []
     if not values or any(value < 1 for value in values):
-        from medfed import cli
-
-        cli._fail(f"--{name}: expected positive numbers separated by commas, got {text!r}", 2)
+        fail(f"--{name}: expected positive numbers separated by commas, got {text!r}", 2)
     return values
 
 
@@ -207,18 +208,17 @@ def bench_secagg(
     """Secure aggregation's real message protocol (keys, train, mask, reveal; in-process)
     beside a plain round's packing and averaging: seconds per step and bytes uploaded per
     site; with --demo-rounds, real demo rounds with and without it."""
-    from medfed import cli
     from medfed.bench.secagg import Options, ProtocolBenchError, run_benchmark
     from medfed.bench.secagg_demo import DemoComparison, compare
     from medfed.privacy.errors import PrivacyError
 
     site_counts, param_counts = _numbers(sites, name="sites"), _numbers(params, name="params")
     if min(site_counts) < 2:
-        cli._fail("--sites: secure aggregation needs at least 2 sites", 2)
+        fail("--sites: secure aggregation needs at least 2 sites", 2)
     try:
         document = run_benchmark(Options(site_counts, param_counts, repeats))
     except (PrivacyError, ProtocolBenchError) as exc:
-        cli._fail(f"the secure-aggregation protocol failed: {exc}")
+        fail(f"the secure-aggregation protocol failed: {exc}")
     if demo_rounds:
         options = DemoComparison(rounds=demo_rounds, sites=demo_sites, repeats=demo_repeats)
         document["demo_rounds"] = compare(options)
@@ -228,15 +228,13 @@ def bench_secagg(
         _render_secagg(document)
     demo = document.get("demo_rounds")
     if isinstance(demo, dict) and not demo["ok"]:
-        cli._fail(f"the demo comparison failed: {demo['failure']}")
+        fail(f"the demo comparison failed: {demo['failure']}")
 
 
 def _render_secagg(document: dict[str, Any]) -> None:
-    from medfed import cli
-
     for row in document["rows"]:
         secure, plain = row["secure"], row["plain"]
-        cli.stdout.print(
+        stdout.print(
             Text(
                 f"{row['sites']} sites, {row['params']:,} params: critical path secure"
                 f" {secure['critical_path_s']} s vs plain {plain['critical_path_s']} s (serial"
@@ -248,7 +246,7 @@ def _render_secagg(document: dict[str, Any]) -> None:
         )
     demo = document.get("demo_rounds")
     if isinstance(demo, dict) and demo["ok"]:
-        cli.stdout.print(
+        stdout.print(
             Text(
                 f"demo, {demo['sites']} sites x {demo['rounds']} rounds: median round secure"
                 f" {demo['secure']['duration_s_median']} s, plain"
@@ -267,9 +265,7 @@ def _epsilons(text: str) -> list[float]:
         except ValueError:
             value = -1.0
         if not value > 0:
-            from medfed import cli
-
-            cli._fail(f"--epsilon: expected positive numbers or inf, got {part!r}", 2)
+            fail(f"--epsilon: expected positive numbers or inf, got {part!r}", 2)
         values.append(value)
     return values
 
@@ -301,14 +297,13 @@ def bench_utility(
 ) -> None:
     """Learning quality on the example consortia: pooled classical and medfed models, each
     site alone, federated without and with DP at each epsilon (the real round loop)."""
-    from medfed import cli
     from medfed.bench.utility import STUDIES, run_utility_bench
     from medfed.bench.utility_report import table_rows, write_report
 
     names = tuple(study or STUDIES)
     unknown = [name for name in names if name not in STUDIES]
     if unknown:
-        cli._fail(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}", 2)
+        fail(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}", 2)
     command = "medfed bench utility " + " ".join(
         [*(f"--study {n}" for n in study or ()), f"--seeds {seeds}", f"--epsilon {epsilon}"]
         + ([f"--rounds {rounds}"] if rounds else [])
@@ -316,8 +311,8 @@ def bench_utility(
     )
 
     def show(line: str) -> None:
-        if not as_json and cli.stderr.is_terminal:
-            cli.stderr.print(Text(line))
+        if not as_json and stderr.is_terminal:
+            stderr.print(Text(line))
 
     document = run_utility_bench(
         names,
@@ -329,7 +324,7 @@ def bench_utility(
     )
     if out is not None:
         for path in write_report(document, out):
-            cli.stderr.print(Text(f"wrote {path}"))
+            stderr.print(Text(f"wrote {path}"))
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
         return
@@ -341,4 +336,4 @@ def bench_utility(
         table.add_column(column)
     for row in rows:
         table.add_row(*row)
-    cli.stdout.print(table)
+    stdout.print(table)

@@ -20,6 +20,7 @@ from medfed.privacy.errors import AuditLogError
 from medfed.privacy.ledger import PrivacyLedger, RecordedSpend
 from medfed.privacy.policy import PastSpend, counted
 from medfed.privacy.signing import SigningKey, VerifyKey
+from medfed.svg import line_chart
 
 
 def split_study(label: str) -> tuple[str, str]:
@@ -213,7 +214,6 @@ def _audit(config: SiteConfig) -> tuple[int, str | None, list[dict[str, object]]
 # --- the HTML report -----------------------------------------------------------------------
 
 TOTAL = "dataset total (all studies)"
-_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
 def _epsilon_series(
@@ -232,58 +232,31 @@ def _epsilon_series(
 
 
 def _svg_plot(series: dict[str, list[tuple[dt.datetime, float]]], cap: float) -> str:
-    """A small line plot of cumulative epsilon over time, one line per series, with the cap."""
-    width, plot_height, pad = 720, 300, 48
-    height = plot_height + 18 * len(series)  # the legend goes below the plot
+    """A line plot of cumulative epsilon over time, one line per series, with the cap."""
     times = [t for points in series.values() for t, _ in points]
     if not times:
         return "<p>No spend recorded yet.</p>"
-    t0, t1 = min(times), max(times)
-    span = max((t1 - t0).total_seconds(), 1.0)
-    top = max(cap, *(e for points in series.values() for _, e in points)) * 1.1
+    t0 = min(times)
 
-    def x(t: dt.datetime) -> float:
-        return pad + (width - 2 * pad) * (t - t0).total_seconds() / span
+    def seconds(t: dt.datetime) -> float:
+        return (t - t0).total_seconds()
 
-    def y(e: float) -> float:
-        return plot_height - pad - (plot_height - 2 * pad) * e / top
+    def when(x: float) -> str:
+        return (t0 + dt.timedelta(seconds=x)).isoformat(timespec="seconds")
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
-        ' role="img" aria-label="cumulative epsilon over time">',
-        f'<line x1="{pad}" y1="{plot_height - pad}" x2="{width - pad}" y2="{plot_height - pad}"'
-        ' stroke="#333"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{plot_height - pad}" stroke="#333"/>',
-        f'<line x1="{pad}" y1="{y(cap):.1f}" x2="{width - pad}" y2="{y(cap):.1f}"'
-        ' stroke="#d00" stroke-dasharray="6 4"/>',
-        f'<text x="{width - pad}" y="{y(cap) - 4:.1f}" text-anchor="end" font-size="12"'
-        f' fill="#d00">cap {cap:g}</text>',
-        f'<text x="12" y="{pad - 12}" font-size="12">epsilon</text>',
-        f'<text x="{pad}" y="{plot_height - 24}" font-size="11">'
-        f"{html.escape(t0.isoformat(timespec='seconds'))}</text>",
-        f'<text x="{width - pad}" y="{plot_height - 24}" font-size="11" text-anchor="end">'
-        f"{html.escape(t1.isoformat(timespec='seconds'))}</text>",
-    ]
-    for tick in range(0, 5):
-        value = top * tick / 4
-        parts.append(
-            f'<text x="{pad - 6}" y="{y(value) + 4:.1f}" font-size="11" text-anchor="end">'
-            f"{value:.1f}</text>"
-        )
-    for index, (name, points) in enumerate(sorted(series.items())):
-        colour = _COLOURS[index % len(_COLOURS)]
-        path = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in points)
-        # The dataset's total is drawn wide and dashed: with one study it lies under it.
-        style = 'stroke-width="5" stroke-opacity="0.45"' if name == TOTAL else 'stroke-width="2"'
-        parts.append(f'<polyline fill="none" stroke="{colour}" {style} points="{path}"/>')
-        for t, e in points:
-            parts.append(f'<circle cx="{x(t):.1f}" cy="{y(e):.1f}" r="3" fill="{colour}"/>')
-        parts.append(
-            f'<text x="{pad}" y="{plot_height + 18 * index}" font-size="12" fill="{colour}">'
-            f"&#9632; {html.escape(name)}</text>"
-        )
-    parts.append("</svg>")
-    return "\n".join(parts)
+    points = {name: [(seconds(t), e) for t, e in values] for name, values in sorted(series.items())}
+    return line_chart(
+        "cumulative epsilon over time",
+        points,
+        x_label="time (UTC)",
+        y_label="epsilon",
+        width=720,
+        height=320 + 14 * len(points),
+        x_format=when,
+        y_from_zero=True,
+        reference=(f"cap {cap:g}", cap),
+        wide={TOTAL},
+    )
 
 
 def _approved(epsilon: float | None) -> str:
@@ -392,7 +365,7 @@ accountant {e(policy.accountant)}.</p>
 
 def write_report(config: SiteConfig, out: Path) -> BudgetSummary:
     """Write the HTML report to `out` (atomically) and return its summary."""
-    from medfed.privacy.pki import write_atomic
+    from medfed.common import write_atomic
 
     page, summary = render_report(config)
     write_atomic(out, page.encode("utf-8"))

@@ -10,25 +10,30 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from medfed.bench_cli import bench_app
+
+# The shared helpers keep their short private names here, where every command uses them.
+from medfed.cli_common import fail as _fail
+from medfed.cli_common import guard as _guard
+from medfed.cli_common import metric_name as _metric_name
+from medfed.cli_common import round_table as _round_table
+from medfed.cli_common import site_config as _site_config
+from medfed.cli_common import stderr, stdout
+from medfed.cli_common import warn as _notify
 from medfed.errors import MedfedError
+from medfed.model_cli import model_app
 from medfed.round_cli import round_app
-
-if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
-
-T = TypeVar("T")
+from medfed.site_cli import add_check_command
+from medfed.site_daemon import site_app
 
 app = typer.Typer(
     name="medfed",
@@ -37,14 +42,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stderr = Console(stderr=True)
-stdout = Console()
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    # The message is plain text: brackets in it (`flwr[simulation]`) are not markup.
-    stderr.print(Text.assemble(("medfed: error: ", "bold red"), message), soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -59,46 +56,6 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _round_table(results: object) -> Table:
-    from medfed.coordinator.results import RunResults
-
-    assert isinstance(results, RunResults)
-    table = Table(title=f"run {results.run_id}: {results.rounds_completed} rounds")
-    table.add_column("round", justify="right")
-    table.add_column("sites")
-    table.add_column("train loss (global)", justify="right")
-    label = {"auroc": "AUROC", "c_index": "c-index"}.get(_metric_name(results), "metric")
-    table.add_column(f"{label} (held-out)", justify="right")
-    table.add_column("epsilon by site (delta 1e-5)")
-    table.add_row(
-        "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""
-    )
-    for record in results.per_round:
-        table.add_row(
-            str(record.round),
-            "\n".join(record.participants),
-            _number(record.loss, 4),
-            _number(record.metric, 3),
-            "\n".join(f"{site} {eps:.2f}" for site, eps in record.epsilon_by_site.items()),
-        )
-    return table
-
-
-def _metric_name(results: object) -> str:
-    """The held-out metric the run was followed by (its rounds name it; AUROC before any)."""
-    records = getattr(results, "per_round", [])
-    return str(records[-1].metric_name) if records else "auroc"
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
-def _notify(line: str) -> None:
-    """The demo's notices on stderr; a warning that privacy is weaker stands out."""
-    stderr.print(Text(line, style="bold red" if line.startswith("WARNING") else ""), soft_wrap=True)
-
-
 @app.command()
 def demo(
     sites: Annotated[int, typer.Option(min=1, max=64, help="Number of hospitals.")] = 3,
@@ -109,6 +66,12 @@ def demo(
             min=0.1, max=10.0, help="Epsilon the study asks of each site over all its rounds."
         ),
     ] = 3.0,
+    local_steps: Annotated[
+        int,
+        typer.Option(
+            "--local-steps", min=1, max=10_000, help="DP-SGD steps per site and round (at most)."
+        ),
+    ] = 30,
     simulation: Annotated[
         bool,
         typer.Option("--simulation", help="Run the sites on Flower's simulation runtime (Ray)."),
@@ -152,6 +115,7 @@ def demo(
             simulation=simulation,
             keep=keep,
             target_epsilon=epsilon,
+            local_steps=local_steps,
             example=example,
             secure_aggregation=not no_secure_aggregation,
         )
@@ -213,25 +177,6 @@ app.add_typer(budget_app, name="budget")
 SiteToml = Annotated[
     Path, typer.Argument(help="The site's site.toml.", exists=False, dir_okay=False)
 ]
-
-
-def _site_config(path: Path) -> SiteConfig:
-    from medfed.client.config import load_site_config
-
-    return load_site_config(path)
-
-
-def _guard(action: Callable[[], T]) -> T:
-    """Run `action`; any medfed error becomes one line on stderr and exit 1."""
-    from medfed.client.errors import ClientError
-    from medfed.coordinator.errors import CoordinatorError
-    from medfed.privacy.errors import PrivacyError
-    from medfed.sites.errors import SiteError
-
-    try:
-        return action()
-    except (MedfedError, ClientError, CoordinatorError, PrivacyError, SiteError) as exc:
-        _fail(str(exc), getattr(exc, "exit_code", 1))
 
 
 @budget_app.command("show")
@@ -579,9 +524,6 @@ def coordinator_revoke(
                      soft_wrap=True)  # fmt: skip
 
 
-from medfed.site_cli import add_check_command  # noqa: E402
-from medfed.site_daemon import site_app  # noqa: E402 (registered after the helpers it uses)
-
 add_check_command(site_app)
 app.add_typer(site_app, name="site")
 
@@ -626,6 +568,7 @@ def version() -> None:
 
 
 app.add_typer(round_app, name="round")
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:

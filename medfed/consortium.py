@@ -100,7 +100,8 @@ class DemoIdentities:
     def __init__(self, folder: Path) -> None:
         from cryptography.hazmat.primitives import serialization
 
-        from medfed.privacy.pki import create_ca, write_atomic
+        from medfed.common import write_atomic
+        from medfed.privacy.pki import create_ca
 
         # The CA's key stays in memory: nothing needs it once the certificates are issued.
         self._ca_key, self._ca_cert = create_ca("medfed demo consortium CA", valid_days=30)
@@ -112,8 +113,8 @@ class DemoIdentities:
     ) -> dict[str, Path]:
         """Write the site's certificate, the CA and the coordinator's key into `keys`;
         the `[site]` entries of `site.toml` that name them (relative to the site folder)."""
+        from medfed.common import write_atomic
         from medfed.privacy.identity import IDENTITY_CERT_NAME, issue_identity_certificate
-        from medfed.privacy.pki import write_atomic
 
         pem = issue_identity_certificate(
             self._ca_key, self._ca_cert, site_id, public, valid_days=30

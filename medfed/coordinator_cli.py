@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +19,18 @@ from pathlib import Path
 
 from medfed.coordinator.consortium import ConsortiumConfig
 from medfed.errors import MedfedError
-from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
+from medfed.flower import (
+    CONSORTIUM_CONNECTION,
+    FLWR_HINT,
+    FLWR_HOME_NAME,
+    START_TIMEOUT_S,
+    FlwrCommandError,
+    check_flwr,
+    require_supported_flwr,
+    run_flwr,
+    superlink_argv,
+    write_connection,
+)
 from medfed.lifecycle import (
     REVOKED_NAME,
     is_revoked,
@@ -33,10 +42,9 @@ from medfed.privacy.pki import CertificateExpiry, certificate_expiry
 from medfed.processes import ProcessGroup, find_program, tls_health_ok
 from medfed.provision import PkiLayout
 
-CONNECTION = "medfed-consortium"
+CONNECTION = CONSORTIUM_CONNECTION
 SUPERVISE_INTERVAL_S = 0.5
 DATABASE_NAME = "superlink-state.db"
-FLWR_HOME_NAME = "flwr-home"
 
 
 class CoordinatorStartError(MedfedError):
@@ -101,25 +109,22 @@ def write_flwr_config(config: ConsortiumConfig, layout: PkiLayout) -> Path:
 
 
 def _register(flwr: str, site_id: str, public_key: Path, env: dict[str, str]) -> Registered:
-    completed = subprocess.run(
-        [flwr, "supernode", "register", str(public_key), CONNECTION,
-         "--name", site_id, "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    output = (completed.stdout + completed.stderr).strip()
     try:
-        document = json.loads(completed.stdout)
-    except json.JSONDecodeError:
-        document = {}
-    if completed.returncode != 0 or not document.get("success", True):
-        already = "already" in output.lower()
-        if already:
+        output = run_flwr(
+            flwr,
+            ["supernode", "register", str(public_key), CONNECTION, "--name", site_id,
+             "--format", "json"],
+            env=env, timeout_s=120,
+        )  # fmt: skip
+    except FlwrCommandError as exc:
+        raise CoordinatorStartError(f"registering {site_id}'s key {public_key}: {exc}") from exc
+    document = output.document()
+    if output.returncode != 0 or not document.get("success", True):
+        if "already" in (output.stdout + output.stderr).lower():
             return Registered(site_id, None)
-        last = " ".join(output.splitlines()[-3:])[:300]
         raise CoordinatorStartError(
             f"registering {site_id}'s key {public_key} failed (flwr exit"
-            f" {completed.returncode}): {last}"
+            f" {output.returncode}): {output.tail(3, 300)}"
         )
     return Registered(site_id, str(document.get("node-id", document.get("node_id", "?"))))
 
@@ -132,6 +137,7 @@ def start_coordinator(
     warn: Callable[[str], None],
 ) -> None:
     """Start and supervise the SuperLink until KeyboardInterrupt; stop it on the way out."""
+    require_supported_flwr()  # the ServerApp runs through medfed's Flower door
     check_certificates(layout, warn)
     for path in (layout.ca_cert, layout.server_cert, layout.server_key):
         if not path.is_file():
@@ -220,7 +226,7 @@ class CoordinatorStatus:
 def coordinator_status(config: ConsortiumConfig, layout: PkiLayout) -> CoordinatorStatus:
     """Read both certificates' expiry, ask the SuperLink for its health over TLS, and read
     the state of every run."""
-    from medfed.runs import list_runs  # it imports this module's names
+    from medfed.runs import list_runs
 
     runs = []
     for run in list_runs(config):
@@ -266,15 +272,11 @@ def revoke_site(config: ConsortiumConfig, layout: PkiLayout, site_id: str) -> Re
         return Revoked(site_id, entry["revoked_at"], None, note)
     flwr = find_program("flwr", install_hint=FLWR_HINT)
     env = {**os.environ, "FLWR_HOME": str(write_flwr_config(config, layout))}
-    completed = subprocess.run(
-        [flwr, "supernode", "unregister", node, CONNECTION, "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    if completed.returncode != 0:
-        last = " ".join((completed.stdout + completed.stderr).strip().splitlines()[-3:])[:300]
-        raise CoordinatorStartError(
-            f"{site_id} is recorded as revoked, but unregistering node {node} failed"
-            f" (flwr exit {completed.returncode}): {last}"
-        )
+    try:
+        check_flwr(
+            flwr, ["supernode", "unregister", node, CONNECTION, "--format", "json"],
+            env=env, what=f"unregistering node {node}", timeout_s=120, tail_lines=3,
+        )  # fmt: skip
+    except FlwrCommandError as exc:
+        raise CoordinatorStartError(f"{site_id} is recorded as revoked, but {exc}") from exc
     return Revoked(site_id, entry["revoked_at"], node, "unregistered from the SuperLink")

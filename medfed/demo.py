@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.app_bundle import build_app_dir, signature_run_config
-from medfed.client.config import SITE_TOML, SiteConfig
+from medfed.client.config import SITE_TOML
+from medfed.common import write_atomic
 from medfed.consortium import (
     DEMO_POLICY,
     demo_study,
@@ -35,18 +35,27 @@ from medfed.consortium import (
 from medfed.coordinator.results import RunResults, read_results
 from medfed.coordinator.study import StudySettings
 from medfed.errors import DemoFailedError, MissingDependencyError
-from medfed.flower import FLWR_HINT, START_TIMEOUT_S, superlink_argv, write_connection
+from medfed.flower import (
+    FLWR_HINT,
+    START_TIMEOUT_S,
+    FlowerVersionError,
+    FlwrCommandError,
+    check_flwr,
+    require_supported_flwr,
+    superlink_argv,
+    supernodes_online,
+    write_connection,
+)
 from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
-from medfed.privacy.pki import Provisioned, SiteKeys, provision_loopback, write_atomic
+from medfed.privacy.pki import Provisioned, provision_loopback
 from medfed.privacy.signing import SigningKey
-from medfed.processes import ProcessGroup, find_program, log_contains, tls_health_ok
+from medfed.processes import ProcessGroup, find_program, tls_health_ok
 from medfed.sites.synthetic import site_ids
 
 log = logging.getLogger(__name__)
 
 RAY_HINT = "pip install 'flwr[simulation]==1.42.*'"
 CONNECTION = "medfed-demo"
-SUPERNODE_READY = "SuperNode ID:"
 """What flwr 1.42's SuperNode logs once the SuperLink accepted its key over TLS."""
 
 
@@ -186,21 +195,10 @@ def _write_flwr_config(
 
 def _flwr(programs: _Programs, args: list[str], *, env: dict[str, str], what: str) -> str:
     """Run one `flwr` CLI command; its output, or a `DemoFailedError` with its last lines."""
-    completed = subprocess.run(
-        [programs.flwr, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    if completed.returncode != 0:
-        output = (completed.stdout + completed.stderr).strip().splitlines()[-8:]
-        raise DemoFailedError(
-            f"{what} failed (flwr exit {completed.returncode}):\n" + "\n".join(output)
-        )
-    return completed.stdout
+    try:
+        return check_flwr(programs.flwr, args, env=env, what=what, timeout_s=120, tail_lines=8)
+    except FlwrCommandError as exc:
+        raise DemoFailedError(str(exc)) from exc
 
 
 def _start_superlink(
@@ -227,41 +225,6 @@ def _start_superlink(
     return port
 
 
-def _start_sites(
-    group: ProcessGroup,
-    programs: _Programs,
-    port: int,
-    pki: Provisioned,
-    sites_root: Path,
-    env: dict[str, str],
-) -> None:
-    """Register every site's key, start its SuperNode, and wait until each has authenticated."""
-    for keys in pki.sites:
-        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
-              what=f"registering {keys.site_id}'s key with the SuperLink")  # fmt: skip
-    for keys in pki.sites:
-        node_config = f'site-config="{sites_root / keys.site_id / SITE_TOML}"'
-
-        def argv(
-            runtime_port: int, keys: SiteKeys = keys, node_config: str = node_config
-        ) -> list[str]:
-            return [
-                programs.supernode,
-                "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(pki.ca_cert),
-                "--auth-supernode-private-key", str(keys.private_key),
-                "--node-config", node_config,
-                "--host", "127.0.0.1",
-                "--port", str(runtime_port),
-            ]  # fmt: skip
-
-        group.start_on_free_port(
-            keys.site_id, argv, lambda _, process: log_contains(process, SUPERNODE_READY),
-            env={**env, "FLWR_HOME": str(sites_root / keys.site_id / ".flwr")},
-            timeout_s=START_TIMEOUT_S,
-        )  # fmt: skip
-
-
 def _start_site_daemons(
     group: ProcessGroup,
     programs: _Programs,
@@ -272,18 +235,22 @@ def _start_site_daemons(
     *,
     trusted_entities: Path,
 ) -> None:
-    """Register every site's key, then run `medfed site start` for each site (worker,
-    SuperNode and warm executor, as a hospital runs them, running only bundles signed by a
-    key in `trusted_entities`) and wait until each connected."""
+    """Register every site's key, run `medfed site start` for each site (worker, SuperNode
+    and warm executor, as a hospital runs them, running only bundles signed by a key in
+    `trusted_entities`), and wait until the SuperLink lists every site's node online."""
     import sys
 
     from medfed.client.config import load_site_config
     from medfed.client.worker import TORCH_THREADS_VARIABLE
-    from medfed.supervisor import read_state
 
+    nodes: dict[str, str] = {}
     for keys in pki.sites:
-        _flwr(programs, ["supernode", "register", str(keys.public_key), CONNECTION], env=env,
-              what=f"registering {keys.site_id}'s key with the SuperLink")  # fmt: skip
+        registered = _flwr(
+            programs,
+            ["supernode", "register", str(keys.public_key), CONNECTION, "--format", "json"],
+            env=env, what=f"registering {keys.site_id}'s key with the SuperLink",
+        )  # fmt: skip
+        nodes[keys.site_id] = _node_id(registered, keys.site_id)
     for keys in pki.sites:
         site_toml = sites_root / keys.site_id / SITE_TOML
         with site_toml.open("a", encoding="utf-8") as out:
@@ -295,18 +262,52 @@ def _start_site_daemons(
                 "poll_interval_s = 0.2\n"
                 f'trusted_entities = "{trusted_entities.resolve()}"\n'
             )
-        config = load_site_config(site_toml)
-        daemon = group.start(
+        load_site_config(site_toml)  # a site.toml the daemon would refuse fails here, named
+        group.start(
             keys.site_id,
             [sys.executable, "-m", "medfed", "site", "start", str(site_toml)],
             env={**env, TORCH_THREADS_VARIABLE: "1"},  # several sites share this machine's cores
         )
+    _wait_until_online(group, programs, env, nodes, timeout_s=START_TIMEOUT_S * len(nodes))
 
-        def connected(config: SiteConfig = config) -> bool:
-            state = read_state(config)
-            return bool(state and state.get("connected"))
 
-        group.wait_until_ready(daemon, connected, timeout_s=START_TIMEOUT_S)
+def _node_id(registered: str, site_id: str) -> str:
+    """The node id `flwr supernode register --format json` printed."""
+    try:
+        document = json.loads(registered)
+        return str(document["node-id"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DemoFailedError(
+            f"registering {site_id}'s key answered something unexpected: {registered[:200]}"
+        ) from exc
+
+
+def _wait_until_online(
+    group: ProcessGroup,
+    programs: _Programs,
+    env: dict[str, str],
+    nodes: dict[str, str],
+    *,
+    timeout_s: float,
+) -> None:
+    """Wait until the SuperLink lists every site's node online (Flower's own signal,
+    `flwr supernode list --format json`); fail early, naming it, if a daemon exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        group.check_alive()
+        try:
+            online = supernodes_online(programs.flwr, env=env, connection=CONNECTION)
+        except FlwrCommandError as exc:
+            raise DemoFailedError(str(exc)) from exc
+        waiting = sorted(site for site, node in nodes.items() if node not in online)
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise DemoFailedError(
+                f"the SuperLink did not list {', '.join(waiting)} online within"
+                f" {timeout_s:g} s (see each site's logs)"
+            )
+        time.sleep(0.5)
 
 
 def _submit(
@@ -366,6 +367,10 @@ def run_demo(
     for line in privacy_warnings(options):
         notify(line)
     programs = _programs(options.simulation)
+    try:
+        require_supported_flwr()
+    except FlowerVersionError as exc:
+        raise MissingDependencyError(str(exc)) from exc
     work = Path(tempfile.mkdtemp(prefix="medfed-demo-"))
     succeeded = False
     try:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfed.common import write_atomic
 from medfed.coordinator.consortium import ConsortiumConfig
 from medfed.privacy.errors import PkiError
 from medfed.privacy.pki import (
@@ -23,7 +24,6 @@ from medfed.privacy.pki import (
     load_ec_private_key,
     pem_certificate,
     pem_private_key,
-    write_atomic,
 )
 from medfed.provision import SIGNING_PUBLIC_KEY_NAME, PkiLayout, ProvisionError
 

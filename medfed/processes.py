@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import http.client
 import os
 import shutil
@@ -99,6 +100,18 @@ def tls_health_ok(port: int, ca_cert: Path, *, host: str = "127.0.0.1") -> bool:
         return False
     finally:
         connection.close()
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether another socket holds `host:port`, so a server started on it cannot bind.
+
+    Asked of the operating system (a bind attempt), not read from a server's log."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def log_contains(process: ManagedProcess, needle: str) -> bool:
@@ -235,8 +248,7 @@ class ProcessGroup:
                 self.wait_until_ready(process, partial(ready, port, process), timeout_s=timeout_s)
                 return process, port
             except ProcessDiedError:
-                busy = "address already in use" in tail(process.log_path, 60).lower()
-                if not busy or attempt == attempts:
+                if not port_taken(port) or attempt == attempts:
                     raise
                 self.processes.remove(process)
         raise AssertionError("unreachable")

@@ -27,6 +27,7 @@ from medfed.client.config import (
     SiteSection,
     render_site_toml,
 )
+from medfed.common import write_atomic
 from medfed.coordinator.consortium import ConsortiumConfig, SiteEntry
 from medfed.errors import MedfedError
 from medfed.privacy.bundle_signing import TRUSTED_ENTITIES_NAME, trusted_entities_yaml
@@ -43,7 +44,6 @@ from medfed.privacy.pki import (
     load_ec_private_key,
     pem_certificate,
     pem_private_key,
-    write_atomic,
 )
 from medfed.privacy.policy import PrivacyPolicy
 from medfed.privacy.signing import SigningKey, VerifyKey

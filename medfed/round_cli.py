@@ -9,22 +9,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from medfed.cli_common import JsonOption, guard, round_table, stderr, stdout
+
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from medfed.coordinator import ConsortiumConfig
 
-    from medfed.coordinator.consortium import ConsortiumConfig
-
-T = TypeVar("T")
-stderr = Console(stderr=True)
-stdout = Console()
 
 round_app = typer.Typer(
     help="The lead's runs: start a study on the consortium, follow, resume and stop it.",
@@ -35,30 +31,23 @@ ConsortiumOption = Annotated[
     Path,
     typer.Option("--consortium", help="The consortium's consortium.toml.", dir_okay=False),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 RunArgument = Annotated[str, typer.Argument(help="The run's name (see `medfed round list`).")]
 FOLLOW_POLL_S = 1.0
-
-
-def _guard(action: Callable[[], T]) -> T:
-    """`medfed.cli._guard`: a medfed error becomes one line and its exit code. (Imported
-    when called: `medfed.cli` imports this module to register it.)"""
-    from medfed.cli import _guard as guard
-
-    return guard(action)
+START_WAIT_S = 900.0
+"""How long `--follow` waits for a submitted run to write its first report."""
 
 
 def _config(path: Path) -> ConsortiumConfig:
-    from medfed.coordinator.consortium import load_consortium
+    from medfed.coordinator import load_consortium
 
-    return _guard(lambda: load_consortium(path))
+    return guard(lambda: load_consortium(path))
 
 
 def _flwr() -> str:
     from medfed.flower import FLWR_HINT
     from medfed.processes import find_program
 
-    return _guard(lambda: find_program("flwr", install_hint=FLWR_HINT))
+    return guard(lambda: find_program("flwr", install_hint=FLWR_HINT))
 
 
 def _print_view(document: dict[str, object]) -> None:
@@ -72,18 +61,30 @@ def _print_view(document: dict[str, object]) -> None:
         stderr.print(Text(f"error: {document['error']}"), soft_wrap=True)
 
 
-def _follow(folder: Path, total: int) -> dict[str, object]:
-    """Show a progress bar of rounds until the run completes or fails; its last view."""
+def _follow(folder: Path, total: int, flower_run_id: str) -> dict[str, object]:
+    """Show a progress bar of rounds until the run completes or fails; its last view.
+    Only a report that Flower run `flower_run_id` wrote counts: after `resume`, the
+    results of the run's last life (its old error) are not the resumed run's."""
     from medfed.runs import view
 
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=stderr, disable=not stderr.is_terminal,
     )  # fmt: skip
-    task = bar.add_task("rounds", total=total)
+    task = bar.add_task("starting", total=total)
+    started = time.monotonic()
     with bar:
         while True:
-            document = view(folder).to_json()
+            current = view(folder)
+            document = current.to_json()
+            results = current.results
+            if results is None or results.flower_run_id not in ("", flower_run_id):
+                if time.monotonic() - started > START_WAIT_S:
+                    return {**document, "status": "failed", "error": (
+                        f"Flower run {flower_run_id} wrote no report within {START_WAIT_S:g} s"
+                        " (see `flwr log`)")}  # fmt: skip
+                time.sleep(FOLLOW_POLL_S)
+                continue
             bar.update(task, completed=int(document["rounds_completed"]))  # type: ignore[call-overload]
             description = "waiting for windows" if document["status"] == "waiting" else "rounds"
             bar.update(task, description=description)
@@ -111,21 +112,21 @@ def round_start(
 ) -> None:
     """Submit STUDY_TOML to the consortium's SuperLink as a new run (`coordinator start`
     must be running); with --follow, show its rounds until it ends."""
-    from medfed.coordinator.study import load_study_file
+    from medfed.coordinator import load_study_file
     from medfed.provision import PkiLayout
     from medfed.runs import start_run
 
     config = _config(consortium)
-    study = _guard(lambda: load_study_file(study_toml))
+    study = guard(lambda: load_study_file(study_toml))
     if pki is None:
         stderr.print(Text("warning: no --pki: the app bundle is NOT signed (sites that check"
                           " bundles will refuse it) and site updates will NOT be"
                           " signature-checked"), soft_wrap=True)  # fmt: skip
     layout = None if pki is None else PkiLayout(pki)
-    started = _guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
+    started = guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
     document = started.to_json()
     if follow:
-        document = _follow(started.folder, study.num_rounds)
+        document = _follow(started.folder, study.num_rounds, started.record.flower_run_ids[-1])
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
@@ -145,16 +146,14 @@ def round_status(run: RunArgument, consortium: ConsortiumOption = Path("consorti
     from medfed.runs import run_folder, view
 
     config = _config(consortium)
-    current = _guard(lambda: view(run_folder(config, run)))
+    current = guard(lambda: view(run_folder(config, run)))
     document = current.to_json()
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
         _print_view(document)
         if current.results is not None and current.results.per_round:
-            from medfed.cli import _round_table
-
-            stdout.print(_round_table(current.results))
+            stdout.print(round_table(current.results))
     if document["status"] == "failed":
         raise typer.Exit(1)
 
@@ -166,7 +165,7 @@ def round_list(consortium: ConsortiumOption = Path("consortium.toml"),
     from medfed.runs import list_runs
 
     config = _config(consortium)
-    views = _guard(lambda: list_runs(config))
+    views = guard(lambda: list_runs(config))
     documents = [v.to_json() for v in views]
     if as_json:
         for document in documents:
@@ -207,10 +206,14 @@ def round_resume(
 
     config = _config(consortium)
     layout = None if pki is None else PkiLayout(pki)
-    resumed = _guard(lambda: resume_run(config, run, flwr=_flwr(), pki=layout))
+    resumed = guard(lambda: resume_run(config, run, flwr=_flwr(), pki=layout))
     document = resumed.to_json()
     if follow:
-        document = _follow(resumed.folder, int(document["num_rounds"] or 0))  # type: ignore[call-overload]
+        document = _follow(
+            resumed.folder,
+            int(document["num_rounds"] or 0),  # type: ignore[call-overload]
+            resumed.record.flower_run_ids[-1],
+        )
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
@@ -228,7 +231,7 @@ def round_stop(run: RunArgument, consortium: ConsortiumOption = Path("consortium
     from medfed.runs import stop_run
 
     config = _config(consortium)
-    stopped = _guard(lambda: stop_run(config, run, flwr=_flwr()))
+    stopped = guard(lambda: stop_run(config, run, flwr=_flwr()))
     if as_json:
         sys.stdout.write(json.dumps(stopped.to_json()) + "\n")
     else:

@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from medfed.common import write_atomic
 from medfed.coordinator.audit_chain import AUDIT_NAME, PUBLIC_KEY_NAME
 from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from medfed.coordinator.errors import CoordinatorError
@@ -22,7 +23,6 @@ from medfed.coordinator.results import RoundRecord, RunResults, read_results
 from medfed.errors import MedfedError
 from medfed.privacy.audit import verify_audit_log
 from medfed.privacy.errors import PrivacyError
-from medfed.privacy.pki import write_atomic
 from medfed.privacy.signing import VerifyKey
 from medfed.svg import Point, line_chart
 
@@ -92,6 +92,22 @@ def _series(rounds: list[RoundRecord], attribute: str) -> dict[str, list[Point]]
     }
 
 
+METRIC_LABELS = {"auroc": "AUROC", "c_index": "c-index"}
+
+
+def metric_name_of(results: RunResults) -> str:
+    """The run's held-out metric (`cli_common.metric_name`)."""
+    from medfed.cli_common import metric_name
+
+    return metric_name(results)
+
+
+def metric_label(results: RunResults) -> str:
+    """How the run's held-out metric is shown (`AUROC`, `c-index`)."""
+    name = metric_name_of(results)
+    return METRIC_LABELS.get(name, name)
+
+
 def _plots(results: RunResults) -> list[str]:
     rounds = results.per_round
     start: list[Point] = [(0.0, results.initial_loss)]
@@ -99,14 +115,15 @@ def _plots(results: RunResults) -> list[str]:
         "global model (train loss)": start + [(float(r.round), r.loss) for r in rounds],
         "local DP-SGD loss": [(float(r.round), r.local_loss) for r in rounds],
     }
-    auroc = {
+    metric = {
         "all sites": [(0.0, results.initial_metric)] + [(float(r.round), r.metric) for r in rounds],
         **_series(rounds, "metric_by_site"),
     }
+    label = metric_label(results)
     return [
         line_chart("Loss per round", loss, y_label="loss"),
-        line_chart("Held-out AUROC per round, over all sites and per site", auroc,
-                   y_label="AUROC"),
+        line_chart(f"Held-out {label} per round, over all sites and per site", metric,
+                   y_label=label),
         line_chart("Train loss per site", _series(rounds, "loss_by_site"), y_label="loss"),
         line_chart(f"Epsilon spent per site (delta {results.delta or 0:g})",
                    _series(rounds, "epsilon_by_site"), y_label="epsilon"),

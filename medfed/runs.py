@@ -22,19 +22,18 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medfed.app_bundle import build_app_dir, signature_run_config
+from medfed.common import read_toml, write_atomic
 from medfed.coordinator.consortium import ConsortiumConfig
 from medfed.coordinator.results import RunResults, read_results
 from medfed.coordinator.study import StudySettings
-from medfed.coordinator_cli import CONNECTION, FLWR_HOME_NAME
 from medfed.errors import MedfedError
+from medfed.flower import CONSORTIUM_CONNECTION as CONNECTION
+from medfed.flower import FLWR_HOME_NAME, FlwrCommandError, check_flwr, require_supported_flwr
 from medfed.privacy.errors import PrivacyError
-from medfed.privacy.pki import write_atomic
 from medfed.privacy.signing import SigningKey
 from medfed.provision import APP_SIGNING_KEY_ID, PkiLayout
 from medfed.run_report import RESULTS_NAME
@@ -168,16 +167,9 @@ def _run_config(
 def _flwr(flwr: str, config: ConsortiumConfig, args: list[str], what: str) -> str:
     env = {**os.environ, "FLWR_HOME": str(config.run_dir.resolve() / FLWR_HOME_NAME)}
     try:
-        completed = subprocess.run(
-            [flwr, *args], env=env, capture_output=True, text=True, timeout=180,
-            check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RunError(f"{what}: flwr could not be run ({exc})") from exc
-    if completed.returncode != 0:
-        last = " ".join((completed.stdout + completed.stderr).strip().splitlines()[-4:])[:400]
-        raise RunError(f"{what} failed (flwr exit {completed.returncode}): {last}")
-    return completed.stdout
+        return check_flwr(flwr, args, env=env, what=what)
+    except FlwrCommandError as exc:
+        raise RunError(str(exc)) from exc
 
 
 def app_signing_key(pki: PkiLayout) -> SigningKey:
@@ -214,6 +206,7 @@ def start_run(
     now: dt.datetime | None = None,
 ) -> RunView:
     """Make the run's folder and app bundle and submit it to the consortium's SuperLink."""
+    require_supported_flwr()  # the bundle's ServerApp and ClientApp use medfed's Flower door
     if not (config.run_dir / FLWR_HOME_NAME / "config.toml").is_file():
         raise RunError(
             f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"
@@ -277,11 +270,12 @@ def stop_run(config: ConsortiumConfig, name: str, *, flwr: str) -> RunView:
 
 def study_of(folder: Path) -> StudySettings:
     """The study a run folder's app bundle carries (what `resume` submits again)."""
+    pyproject = folder / "app" / "pyproject.toml"
+    document = read_toml(pyproject, RunError)
     try:
-        document = tomllib.loads((folder / "app" / "pyproject.toml").read_text(encoding="utf-8"))
         values = dict(document["tool"]["flwr"]["app"]["config"])
-    except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
-        raise RunError(f"{folder}: its app bundle's run config cannot be read ({exc})") from exc
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{pyproject}: no [tool.flwr.app.config] table ({exc})") from exc
     for key in ("results-path", "run-dir", "resume", "site-keys-dir"):
         values.pop(key, None)
     return StudySettings.from_run_config(values)

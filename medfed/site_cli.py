@@ -19,11 +19,16 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from medfed.cli_common import guard, stdout
 from medfed.model.presets import Suggestion, suggest_preset
+from medfed.site_fit import MIN_COVERAGE
 
 if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
-    from medfed.model.contract import StudyContract
+    from rich.console import Console
+
+    from medfed.client import SiteConfig
+    from medfed.model import StudyContract
+    from medfed.site_fit import FeatureCoverage, StudyFit
     from medfed.sites.errors import DataProblem
     from medfed.sites.manifest import SiteData
 
@@ -49,6 +54,8 @@ class SiteCheck:
     bundles_problem: str | None = None
     identity_problem: str | None = None
     """Why secure rounds would be refused here (`client.site_secagg.identity_problem`)."""
+    fit: StudyFitReport | None = None
+    """Feature coverage and the site's size against the study (`site_fit`)."""
 
     @property
     def problems(self) -> list[DataProblem]:
@@ -56,6 +63,8 @@ class SiteCheck:
         from medfed.sites.errors import DataProblem
 
         found = list(self.data.problems)
+        if self.fit is not None:
+            found.extend(self.fit.problems)
         if self.bundles_problem is not None:
             found.append(
                 DataProblem(str(self.site_toml), None, None, f"app bundles: {self.bundles_problem}")
@@ -103,6 +112,7 @@ class SiteCheck:
             },
             "suggestion": self.suggestion.__dict__,
             "problems": [problem_json(problem) for problem in self.problems],
+            **({} if self.fit is None else self.fit.to_json()),
         }
 
     @property
@@ -110,6 +120,55 @@ class SiteCheck:
         """The model preset, local steps and sample rate that suit this cohort."""
         sequences = self.contract.molecule is not None or self.contract.protein is not None
         return suggest_preset(patients=len(self.data.train), sequences=sequences)
+
+
+@dataclass(frozen=True)
+class StudyFitReport:
+    """What `site check` says of the data against the study beyond its problems."""
+
+    min_coverage: float
+    coverage: tuple[FeatureCoverage, ...]
+    problems: tuple[DataProblem, ...]
+    fit: StudyFit | None
+    fit_problem: str | None
+
+    @property
+    def warnings(self) -> list[str]:
+        found = [] if self.fit is None else list(self.fit.warnings)
+        return found + ([] if self.fit_problem is None else [self.fit_problem])
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "min_coverage": self.min_coverage,
+            "feature_coverage": [item.to_json() for item in self.coverage],
+            "study_fit": None if self.fit is None else self.fit.to_json(),
+            "warnings": self.warnings,
+        }
+
+
+def study_fit_report(
+    config: SiteConfig,
+    contract: StudyContract,
+    data: SiteData,
+    study_toml: Path | None,
+    *,
+    min_coverage: float,
+) -> StudyFitReport:
+    """Feature coverage (problems below `min_coverage`) and, with a study.toml, how the
+    site's size fits the study's epsilon and the policy's `min_cohort_k`."""
+    from medfed.site_fit import coverage_problems, feature_coverage, study_fit_of
+
+    coverage = tuple(feature_coverage(data.samples, contract))
+    problems = coverage_problems(coverage, min_coverage=min_coverage, where=str(config.source))
+    fit, fit_problem = (None, None)
+    if study_toml is not None:
+        fit, fit_problem = study_fit_of(
+            study_toml,
+            train_patients=len(data.train),
+            held_out_patients=len(data.held_out),
+            policy=config.privacy,
+        )
+    return StudyFitReport(min_coverage, coverage, tuple(problems), fit, fit_problem)
 
 
 def load_study_contract(path: Path | None) -> StudyContract:
@@ -170,7 +229,9 @@ def bundle_check_of(config: SiteConfig) -> tuple[dict[str, object], str | None]:
     return settings, None
 
 
-def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
+def run_site_check(
+    site_toml: Path, study_toml: Path | None, *, min_coverage: float | None = None
+) -> SiteCheck:
     """Everything `medfed site check` reports; config errors raise (one line, exit 1)."""
     from medfed.client.config import load_site_config
     from medfed.sites.manifest import load_site_data
@@ -193,6 +254,13 @@ def run_site_check(site_toml: Path, study_toml: Path | None) -> SiteCheck:
         bundles=bundles,
         bundles_problem=bundles_problem,
         identity_problem=identity_problem(config),
+        fit=study_fit_report(
+            config,
+            contract,
+            data,
+            study_toml,
+            min_coverage=MIN_COVERAGE if min_coverage is None else min_coverage,
+        ),
     )
 
 
@@ -200,17 +268,24 @@ def site_check(
     site_toml: Annotated[Path, typer.Argument(help="The site's site.toml.", dir_okay=False)],
     study: Annotated[
         Path | None,
-        typer.Option("--study", help="The study.toml whose [contract] the data must meet."),
+        typer.Option("--study", help="The study.toml whose \\[contract] the data must meet."),
     ] = None,
+    min_coverage: Annotated[
+        float,
+        typer.Option(
+            "--min-coverage",
+            min=0.0,
+            max=1.0,
+            help="The share of patients that must hold each numeric feature of the study.",
+        ),
+    ] = 0.5,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
 ) -> None:
     """Check site.toml, every dataset against the study's contract, the accelerator and
     the credentials; print patients, coverage, missingness and every problem (exit 1)."""
-    from medfed.cli import _guard, stdout
-
-    check = _guard(lambda: run_site_check(site_toml, study))
+    check = guard(lambda: run_site_check(site_toml, study, min_coverage=min_coverage))
     problems = check.problems
     if as_json:
         sys.stdout.write(json.dumps(check.to_json()) + "\n")
@@ -278,7 +353,36 @@ def _print_check(check: SiteCheck, console: object) -> None:
         ),
         soft_wrap=True,
     )
+    if check.fit is not None:
+        _print_fit(check.fit, console)
     problems = check.problems
     for problem in problems:
         console.print(Text(f"problem: {problem}"), soft_wrap=True)
     console.print(Text("all checks passed" if not problems else f"{len(problems)} problems"))
+
+
+def _print_fit(report: StudyFitReport, console: Console) -> None:
+    """Coverage per feature, the noise this site would train with, and its warnings."""
+    shown = ", ".join(
+        f"{item.name} {item.fraction:.0%}" for item in report.coverage if item.kind != "label"
+    )
+    labels = ", ".join(
+        f"{item.name} {item.covered}" for item in report.coverage if item.kind == "label"
+    )
+    if shown:
+        console.print(Text(f"feature coverage: {shown}"), soft_wrap=True)
+    if labels:
+        console.print(Text(f"labelled patients: {labels}"), soft_wrap=True)
+    fit = report.fit
+    if fit is not None and fit.noise_multiplier is not None:
+        console.print(
+            Text(
+                f"under the study's epsilon {fit.target_epsilon:g}: noise multiplier"
+                f" {fit.noise_multiplier:.3g}, expected batch {fit.expected_batch:.3g};"
+                f" min_cohort_k {fit.min_cohort_k} against {fit.train_patients} training /"
+                f" {fit.held_out_patients} held-out patients"
+            ),
+            soft_wrap=True,
+        )
+    for warning in report.warnings:
+        console.print(Text(f"WARNING: {warning}", style="bold yellow"), soft_wrap=True)

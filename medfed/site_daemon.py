@@ -17,8 +17,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from medfed.cli_common import guard, site_config, stderr, stdout
+
 if TYPE_CHECKING:
-    from medfed.client.config import SiteConfig
+    from medfed.client import SiteConfig
 
 site_app = typer.Typer(
     help="The site operator's commands: check the site, run its daemon, see its status.",
@@ -32,11 +34,10 @@ SiteTomlArg = Annotated[Path, typer.Argument(help="The site's site.toml.", dir_o
 def site_start(site_toml: SiteTomlArg) -> None:
     """Run the site daemon: the site worker, the SuperNode (outbound TLS to the coordinator)
     and the warm task executor, restarted with backoff if they exit, until Ctrl-C or SIGTERM."""
-    from medfed import cli
     from medfed.supervisor import SiteDaemon
 
-    config = cli._guard(lambda: cli._site_config(site_toml))
-    daemon = cli._guard(lambda: SiteDaemon(config))
+    config = guard(lambda: site_config(site_toml))
+    daemon = guard(lambda: SiteDaemon(config))
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -47,8 +48,8 @@ def site_start(site_toml: SiteTomlArg) -> None:
     if config.trusted_entities_path is None:
         from medfed.client.bundle_check import UNSIGNED_WARNING
 
-        cli.stderr.print(Text(f"WARNING: {UNSIGNED_WARNING}", style="bold red"), soft_wrap=True)
-    cli.stderr.print(
+        stderr.print(Text(f"WARNING: {UNSIGNED_WARNING}", style="bold red"), soft_wrap=True)
+    stderr.print(
         Text(
             f"site {config.site.id}: daemon started; connecting to {daemon.superlink};"
             f" logs in {daemon.log_dir}"
@@ -56,14 +57,13 @@ def site_start(site_toml: SiteTomlArg) -> None:
         soft_wrap=True,
     )
     daemon.run(stop)
-    cli.stderr.print(Text(f"site {config.site.id}: stopped"), soft_wrap=True)
+    stderr.print(Text(f"site {config.site.id}: stopped"), soft_wrap=True)
 
 
 def _last_round(site_toml: Path) -> dict[str, Any] | None:
-    from medfed import cli
     from medfed.privacy.ledger import PrivacyLedger
 
-    records = PrivacyLedger(cli._site_config(site_toml).ledger_path).records()
+    records = PrivacyLedger(site_config(site_toml).ledger_path).records()
     if not records:
         return None
     last = max(records, key=lambda record: record.recorded_at)
@@ -81,11 +81,10 @@ def bundle_settings(config: SiteConfig) -> dict[str, Any]:
 
 def site_status_document(site_toml: Path) -> dict[str, Any]:
     """What `medfed site status --json` prints: processes, connection, last round, budget."""
-    from medfed import cli
     from medfed.budget import budget_summary
     from medfed.supervisor import pid_alive, read_state
 
-    config = cli._site_config(site_toml)
+    config = site_config(site_toml)
     state = read_state(config) or {}
     running = bool(state.get("running")) and pid_alive(state.get("daemon_pid"))
     children = state.get("children", {}) if running else {}
@@ -130,15 +129,14 @@ def site_status(
 ) -> None:
     """The daemon's processes, its connection to the coordinator, the last round trained
     and the budget; exit 1 if the daemon or one of its processes is not running."""
-    from medfed import cli
 
-    document = cli._guard(lambda: site_status_document(site_toml))
+    document = guard(lambda: site_status_document(site_toml))
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
         state = "running" if document["running"] else "NOT running"
         link = "connected" if document["connected"] else "not connected"
-        cli.stdout.print(
+        stdout.print(
             Text(f"site {document['site_id']}: daemon {state}; {link} to {document['superlink']}"),
             soft_wrap=True,
         )
@@ -147,17 +145,17 @@ def site_status(
             table.add_column(column)
         for name, child in document["processes"].items():
             table.add_row(name, str(child.get("pid")), str(child["alive"]), str(child["restarts"]))
-        cli.stdout.print(table)
+        stdout.print(table)
         last = document["last_round"]
-        cli.stdout.print(
+        stdout.print(
             Text("last round: none" if last is None else
                  f"last round: run {last['run_id']} round {last['round']} at {last['at']}"),
         )  # fmt: skip
         if document["bundles"]["unsigned_allowed"]:
             warning = "WARNING: this site runs UNSIGNED app bundles (allow_unsigned_bundles = true)"
-            cli.stdout.print(Text(warning, style="bold red"))
+            stdout.print(Text(warning, style="bold red"))
         for budget in document["budget"]:
-            cli.stdout.print(
+            stdout.print(
                 Text(f"dataset {budget['dataset'][:16]}: epsilon {budget['epsilon_spent']:.3f}"
                      f" of {budget['epsilon_cap']:g}")
             )  # fmt: skip

@@ -3,11 +3,11 @@ warm task executor.
 
 Three children, each in its own session so it is stopped by PID with what it started:
 
-- the site worker (`python -m client.worker SITE_TOML`): data, model, ledger, policy;
+- the site worker (`python -m medfed.client.worker SITE_TOML`): data, model, ledger, policy;
 - `flower-supernode --isolation process`: outbound TLS to the coordinator's SuperLink
   with the site's SuperNode key; retries without limit when the coordinator restarts;
   its Runtime API listens on 127.0.0.1 only;
-- the warm executor (`python -m client.executor`): runs the ClientApp tasks in one
+- the warm executor (`python -m medfed.client.executor`): runs the ClientApp tasks in one
   process, behind the egress guard, so no process starts per message, and only app
   bundles a key in site.toml's `[coordinator] trusted_entities` signed.
 
@@ -26,7 +26,6 @@ import logging.handlers
 import os
 import secrets
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from medfed.client.bundle_check import UNSIGNED_WARNING, bundle_gate_of
-from medfed.client.config import SiteConfig, SiteConfigError
+from medfed.client import UNSIGNED_WARNING, SiteConfig, SiteConfigError, bundle_gate_of
 from medfed.client.worker_rpc import worker_socket_path
+from medfed.common import write_atomic, write_text_atomic
 from medfed.errors import MedfedError
-from medfed.flower import FLWR_HINT
+from medfed.flower import FLWR_HINT, require_supported_flwr, supernode_connected
 from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ BACKOFF_FIRST_S: Final = 1.0
 BACKOFF_MAX_S: Final = 60.0
 HEALTHY_AFTER_S: Final = 60.0
 TICK_S: Final = 0.25
-SUPERNODE_READY: Final = "SuperNode ID:"
 
 
 class DaemonError(MedfedError):
@@ -86,24 +84,9 @@ class Child:
         }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
-
-
 def _secret(path: Path) -> Path:
     """A fresh random SuperExec secret, readable by the site's user only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
-    with os.fdopen(handle, "wb") as out:
-        out.write(secrets.token_bytes(32))
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
+    write_atomic(path, secrets.token_bytes(32), mode=0o600)
     return path
 
 
@@ -166,6 +149,7 @@ class SiteDaemon:
         self.superlink = superlink
         secret = _secret(self.state_dir / SECRET_FILE)
         find_program("flower-supernode", install_hint=FLWR_HINT)  # flwr is installed
+        require_supported_flwr()  # and is the release medfed's Flower door supports
         poll_s = str(config.coordinator.poll_interval_s) if config.coordinator else "1.0"
         socket_path = worker_socket_path(config)
         node_config = f'worker-socket="{socket_path}" site-config="{config.source.resolve()}"'
@@ -272,7 +256,7 @@ class SiteDaemon:
                 text = log_file.read().decode("utf-8", errors="replace")
         except OSError:
             return False
-        return SUPERNODE_READY in text
+        return supernode_connected(text)
 
     def state(self, *, running: bool) -> dict[str, Any]:
         return {
@@ -288,7 +272,9 @@ class SiteDaemon:
         }
 
     def write_state(self, *, running: bool = True) -> None:
-        _write_atomic(self.state_dir / STATE_FILE, json.dumps(self.state(running=running)) + "\n")
+        write_text_atomic(
+            self.state_dir / STATE_FILE, json.dumps(self.state(running=running)) + "\n"
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Supervise until `stop` is set; then stop every child by PID."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from html import escape
 
 PALETTE = (
@@ -33,10 +33,23 @@ def line_chart(
     width: int = 640,
     height: int = 300,
     integer_x: bool = True,
+    x_format: Callable[[float], str] | None = None,
+    y_from_zero: bool = False,
+    reference: tuple[str, float] | None = None,
+    wide: Collection[str] = (),
 ) -> str:
-    """A line chart of `series` (name to (x, y) points; a None y breaks the line); with
-    `integer_x` (rounds) only whole numbers are marked on the x axis."""
+    """A line chart of `series` (name to (x, y) points; a None y breaks the line).
+
+    With `integer_x` (rounds) only whole numbers are marked on the x axis; `x_format`
+    writes an x tick's label (e.g. a time); `y_from_zero` starts the y axis at 0;
+    `reference` draws a dashed horizontal line with its label (a cap); series named in
+    `wide` are drawn wide and pale, so a line lying on them stays visible.
+    """
     values = [(x, y) for points in series.values() for x, y in points if y is not None]
+    if values and reference is not None:
+        values.append((values[0][0], reference[1]))
+    if values and y_from_zero:
+        values.append((values[0][0], 0.0))
     left, right, top, bottom = 60, 150, 30, 40
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
@@ -69,12 +82,21 @@ def line_chart(
             f' stroke="#eee"/><text x="{left - 6}" y="{py(tick) + 4:.1f}"'
             f' text-anchor="end">{tick:.4g}</text>'
         )
-    for tick in _ticks(x_low, x_high):
-        if integer_x and tick != int(tick):
+    x_ticks = _ticks(x_low, x_high) if x_format is None else [x_low, x_high]
+    for tick in x_ticks:
+        if integer_x and x_format is None and tick != int(tick):
             continue
+        label = f"{tick:.4g}" if x_format is None else x_format(tick)
         parts.append(
             f'<text x="{px(tick):.1f}" y="{top + plot_h + 15}" text-anchor="middle">'
-            f"{tick:.4g}</text>"
+            f"{escape(label)}</text>"
+        )
+    if reference is not None:
+        name, level = reference
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{py(level):.1f}" y2="{py(level):.1f}"'
+            f' stroke="#d00" stroke-dasharray="6 4"/><text x="{left + plot_w}"'
+            f' y="{py(level) - 4:.1f}" text-anchor="end" fill="#d00">{escape(name)}</text>'
         )
     parts.append(
         f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">'
@@ -88,8 +110,13 @@ def line_chart(
         for x, y in [*points, (math.nan, None)]:
             if y is None:
                 if len(segment) > 1:
+                    style = (
+                        'stroke-width="5" stroke-opacity="0.45"'
+                        if name in wide
+                        else 'stroke-width="2"'
+                    )
                     parts.append(
-                        f'<polyline fill="none" stroke="{color}" stroke-width="2"'
+                        f'<polyline fill="none" stroke="{color}" {style}'
                         f' points="{" ".join(segment)}"/>'
                     )
                 segment = []

@@ -46,6 +46,9 @@ class NumericFeature(_Frozen):
     """How repeated measurements of one patient are reduced to one value."""
     loinc: str | None = None
     """The LOINC code that FHIR or OMOP observations of this feature map from."""
+    optional: bool = False
+    """A site may lack this feature entirely (the model masks what is missing); an
+    optional feature's low coverage is shown by `site check`, not a problem."""
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> NumericFeature:
@@ -67,6 +70,8 @@ class CategoricalFeature(_Frozen):
     name: str = Field(pattern=_SNAKE)
     system: CodeSystem
     vocabulary: tuple[str, ...] = Field(min_length=1)
+    optional: bool = False
+    """A site may hold no code of this feature at all (see `NumericFeature.optional`)."""
 
     @field_validator("vocabulary")
     @classmethod
@@ -183,6 +188,9 @@ class TaskSpec(_Frozen):
     declares from public knowledge (clinical landmarks), never from a site's data.
     `reference_mean` / `reference_scale` standardise a regression target the same way
     features are (the head predicts the standardised value; metrics are in real units).
+    `unit` is the UCUM unit of a survival time or regression target (`d`, `mo`, `a`):
+    sites convert their values to it, and a site value in another unit with no `unit`
+    here is a problem, never taken as is.
     """
 
     name: str = Field(pattern=_SNAKE)
@@ -196,6 +204,7 @@ class TaskSpec(_Frozen):
     [0, c1), [c1, c2), ..., [c_last, inf). None: one interval (event or not)."""
     reference_mean: float = 0.0
     reference_scale: float = Field(default=1.0, gt=0)
+    unit: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _fields_fit_the_kind(self) -> TaskSpec:
@@ -226,6 +235,8 @@ class TaskSpec(_Frozen):
             )
         if self.kind != "regression" and (self.reference_mean, self.reference_scale) != (0, 1):
             raise ValueError(f"task {self.name}: only a regression target has a reference")
+        if self.unit is not None and self.kind not in ("survival", "regression"):
+            raise ValueError(f"task {self.name}: only a survival or regression target has a unit")
         return self
 
     @property
@@ -263,6 +274,12 @@ class StudyContract(_Frozen):
     molecule: MoleculeSpec | None = None
     protein: ProteinSpec | None = None
     tasks: tuple[TaskSpec, ...] = Field(min_length=1)
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """About this share of each site's patients (chosen by a hash of their id) is held
+    out for evaluation and never trained on."""
+    holdout_min: int = Field(default=0, ge=0, le=100_000)
+    """Each site holds out at least this many patients (the next by hash order), but
+    never more than half of them: a small site still gets a usable held-out set."""
 
     @model_validator(mode="after")
     def _names_are_consistent(self) -> StudyContract:
@@ -308,8 +325,11 @@ class StudyContract(_Frozen):
         raise KeyError(name)
 
     def canonical_json(self) -> str:
-        """The contract as sorted, compact JSON: what instructions to the sites carry."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The contract as sorted, compact JSON: what instructions to the sites carry.
+        Keys added after contracts were in use are left out while they hold their
+        default (`_ADDED_LATER`), so those contracts keep their digest."""
+        document = _without_later_defaults(self.model_dump(mode="json"))
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
         """A stable digest of the contract's canonical JSON; part of the model's identity."""
@@ -319,6 +339,30 @@ class StudyContract(_Frozen):
     def from_toml_table(cls, table: Mapping[str, Any]) -> StudyContract:
         """Parse a contract from a TOML table (a plain `model_validate`)."""
         return cls.model_validate(table)
+
+
+_ADDED_LATER: dict[str, object] = {
+    "unit": None,  # TaskSpec.unit (a feature's unit is never None)
+    "optional": False,
+    "holdout_fraction": 0.2,
+    "holdout_min": 0,
+}
+
+
+def _without_later_defaults(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_without_later_defaults(item) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: _without_later_defaults(item)
+            for key, item in value.items()
+            if not (
+                key in _ADDED_LATER
+                and item == _ADDED_LATER[key]
+                and type(item) is type(_ADDED_LATER[key])
+            )
+        }
+    return value
 
 
 def _feature(

@@ -11,14 +11,11 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
+from medfed.model.device_kinds import DEVICE_KINDS, DeviceKind
 from medfed.model.errors import DeviceUnavailableError
-
-DeviceKind = Literal["cpu", "cuda", "rbln"]
-DEVICE_KINDS: frozenset[str] = frozenset(get_args(DeviceKind))
 
 RBLN_PACKAGE = "torch-rbln"
 RBLN_MODULE = "torch_rbln"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from medfed.common import fsync_directory
 from medfed.privacy.errors import AuditLogError, SigningError
 from medfed.privacy.signing import (
     KEY_ID_HEX_CHARS,
@@ -143,7 +144,7 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             last_line, complete_end, size = _tail(fd)
             if size == 0:
-                _fsync_directory(self._path.parent)
+                fsync_directory(self._path.parent)
             if complete_end < size:
                 torn = self._set_aside_torn_tail(fd, complete_end, size)
                 last_line = self._write(fd, self._signer, last_line, TORN_TAIL_EVENT, torn).line()
@@ -206,7 +207,7 @@ class AuditLog:
             os.fsync(side_fd)
         finally:
             os.close(side_fd)
-        _fsync_directory(side.parent)
+        fsync_directory(side.parent)
         os.ftruncate(fd, start)
         os.fsync(fd)
         return {
@@ -333,14 +334,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(data: bytes) -> str:

@@ -1,8 +1,9 @@
 """Signed app bundles: the consortium signs the FAB it submits; a site runs only a FAB
 that a key it trusts signed.
 
-The signature is Flower's own FAB verification format (`flwr.supercore.primitives.
-asymmetric_ed25519`): Ed25519 over `signed_at` (8 bytes, big-endian) followed by the
+The signature is Flower's own FAB verification format (its Ed25519 primitives, as a
+SuperNode started with `--trusted-entities` checks them): Ed25519 over `signed_at`
+(8 bytes, big-endian) followed by the
 SHA-256 of the FAB's bytes, base64url-encoded; trusted keys are OpenSSH `ssh-ed25519`
 lines keyed by an id, as in `flower-supernode --trusted-entities` YAML. Flower 1.42 only
 carries signatures for apps fetched from Flower Hub (`flwr run` of a local app sends an

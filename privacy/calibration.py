@@ -34,6 +34,17 @@ _RELATIVE_TOLERANCE = 1e-5
 (relative): well inside the rounding step."""
 
 
+def poisson_rate(patients: int, sample_rate: float) -> float:
+    """The sampling rate Opacus really uses for `sample_rate` over `patients` rows.
+
+    Opacus samples each row with probability 1 / (batches per epoch) of the loader it
+    wraps; `make_private` builds that loader with this batch size. (Here, not in
+    `privacy.dpsgd`, so that sizing a site needs no torch.)
+    """
+    batch_size = max(1, round(sample_rate * patients))
+    return 1.0 / math.ceil(patients / batch_size)
+
+
 def _round_up(value: float) -> Decimal:
     """`value` rounded up to `SIGNIFICANT_DIGITS` significant digits."""
     exact = Decimal(value)

@@ -84,16 +84,6 @@ def _secure_generator(device: torch.device | None = None) -> torch.Generator:
     return torch.Generator(device=device or "cpu").manual_seed(secrets.randbits(63))
 
 
-def poisson_rate(patients: int, sample_rate: float) -> float:
-    """The sampling rate Opacus really uses for `sample_rate` over `patients` rows.
-
-    Opacus samples each row with probability 1 / (batches per epoch) of the loader it
-    wraps; `make_private` builds that loader with this batch size.
-    """
-    batch_size = max(1, round(sample_rate * patients))
-    return 1.0 / math.ceil(patients / batch_size)
-
-
 def mean_loss(per_sample: torch.Tensor) -> torch.Tensor:
     """The mean of per-sample losses; a zero that still backpropagates on an empty batch."""
     if per_sample.numel() == 0:

@@ -26,20 +26,32 @@ HOLDOUT_PER_MILLE = 200
 _EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 
+def _hash_rank(patient_id: str) -> int:
+    digest = hashlib.sha256(patient_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 def is_held_out(patient_id: str, *, per_mille: int = HOLDOUT_PER_MILLE) -> bool:
     """Whether `patient_id` is in the held-out split: a hash of the id, so the same
     patient is always on the same side, at every site and in every run."""
-    digest = hashlib.sha256(patient_id.encode()).digest()
-    return int.from_bytes(digest[:4], "big") % 1000 < per_mille
+    return _hash_rank(patient_id) % 1000 < per_mille
 
 
 def split_by_patient(
-    samples: Sequence[PatientSample], *, per_mille: int = HOLDOUT_PER_MILLE
+    samples: Sequence[PatientSample], *, per_mille: int = HOLDOUT_PER_MILLE, minimum: int = 0
 ) -> tuple[tuple[PatientSample, ...], tuple[PatientSample, ...]]:
-    """(training, held-out) samples, split by `is_held_out`."""
-    held = [is_held_out(s.patient_id, per_mille=per_mille) for s in samples]
-    train = tuple(s for s, h in zip(samples, held, strict=True) if not h)
-    return train, tuple(s for s, h in zip(samples, held, strict=True) if h)
+    """(training, held-out) samples: those `is_held_out`, then, while fewer than
+    `minimum` (and fewer than half the patients), the next patients in hash order."""
+    held = {s.patient_id for s in samples if is_held_out(s.patient_id, per_mille=per_mille)}
+    wanted = min(minimum, len(samples) // 2)
+    if len(held) < wanted:
+        ranked = sorted(
+            (s.patient_id for s in samples if s.patient_id not in held),
+            key=lambda pid: (_hash_rank(pid) % 1000, pid),
+        )
+        held.update(ranked[: wanted - len(held)])
+    train = tuple(s for s in samples if s.patient_id not in held)
+    return train, tuple(s for s in samples if s.patient_id in held)
 
 
 def reduce_measurements(feature: NumericFeature, measurements: Sequence[Measurement]) -> float:

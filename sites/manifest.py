@@ -21,7 +21,7 @@ from medfed.model.sample import PatientSample
 from medfed.sites.config import DatasetConfig, NumericSource, TargetSource
 from medfed.sites.connectors import read_dataset
 from medfed.sites.errors import DataError, DataProblem
-from medfed.sites.join import HOLDOUT_PER_MILLE, join_patients, split_by_patient
+from medfed.sites.join import join_patients, split_by_patient
 from medfed.sites.records import DatasetRead, PartialRecord
 
 LEGACY_TABLE_NAME = "patients.csv"
@@ -124,9 +124,11 @@ def legacy_datasets(data_dir: Path, contract: StudyContract) -> tuple[DatasetCon
 
 
 def load_site_data(
-    config: SiteDataSource, contract: StudyContract, *, held_out_per_mille: int = HOLDOUT_PER_MILLE
+    config: SiteDataSource, contract: StudyContract, *, held_out_per_mille: int | None = None
 ) -> SiteData:
-    """Read every dataset of `config`, join per patient, split, and fingerprint."""
+    """Read every dataset of `config`, join per patient, split (by the contract's
+    `holdout_fraction` and `holdout_min` unless `held_out_per_mille` says), and
+    fingerprint."""
     datasets = config.datasets or legacy_datasets(config.data_dir, contract)
     base = config.source.parent
     reads = [read_dataset(dataset, contract, base) for dataset in datasets]
@@ -142,7 +144,12 @@ def load_site_data(
         problems.append(
             DataProblem("site.toml", None, None, "the site's datasets hold no patients")
         )
-    train, held_out = split_by_patient(samples, per_mille=held_out_per_mille)
+    per_mille = (
+        round(contract.holdout_fraction * 1000)
+        if held_out_per_mille is None
+        else held_out_per_mille
+    )
+    train, held_out = split_by_patient(samples, per_mille=per_mille, minimum=contract.holdout_min)
     return SiteData(
         samples=tuple(samples),
         train=train,

@@ -155,14 +155,23 @@ class RecordBuilder:
         time: dt.datetime | None,
         where: Where,
     ) -> None:
-        """Parse `cell`, convert it from `unit` to the contract's, range-check, and keep it."""
+        """Parse `cell` (or map it through the source's `recode`), convert it from `unit`
+        to the contract's, range-check, and keep it."""
         if is_blank(cell):
             return
         feature = self._numeric[name]
-        raw = parse_number(cell)
-        if raw is None:
-            self.problem(where, f"{cell!r} is not a number")
-            return
+        source = self.dataset.numeric.get(name)
+        recode = source.recode if source is not None else {}
+        text = _recode_key(cell)
+        if text in recode:
+            raw, unit = recode[text], feature.unit  # recoded values are in the contract's unit
+        else:
+            parsed = parse_number(cell) if not isinstance(cell, bool) or not recode else None
+            if parsed is None:
+                known = f" (recode knows {sorted(recode)})" if recode else ""
+                self.problem(where, f"{cell!r} is not a number{known}")
+                return
+            raw = parsed
         try:
             value = convert(raw, unit or feature.unit, feature.unit, analyte=feature.name)
         except UnitError as exc:
@@ -205,14 +214,22 @@ class RecordBuilder:
                     where, f"code {code!r} is not in the {feature.system} vocabulary of {name}"
                 )
 
-    def add_target(self, patient_id: str, name: str, cell: object, where: Where) -> None:
-        """Check a label against its task's kind and keep it (conflicts are problems)."""
+    def add_target(
+        self, patient_id: str, name: str, cell: object, where: Where, *, unit: str | None = None
+    ) -> None:
+        """Check a label against its task's kind, convert a time or regression target
+        from `unit` (the record's; the dataset's `unit` wins) to the task's, and keep it
+        (conflicts are problems)."""
         if is_blank(cell):
             return
         task = self._targets[name]
         value = self._label(task, name, cell, where)
         if value is None:
             return
+        if name == task.target and task.kind in ("survival", "regression"):
+            value = self._target_unit(task, name, value, unit, where)
+            if value is None:
+                return
         targets = self.record(patient_id).targets
         if name in targets and targets[name][0] != value:
             earlier = targets[name][1]
@@ -224,9 +241,29 @@ class RecordBuilder:
             return
         targets[name] = (value, where)
 
+    def _target_unit(
+        self, task: TaskSpec, name: str, value: float, unit: str | None, where: Where
+    ) -> float | None:
+        source = self.dataset.targets.get(name)
+        local = (source.unit if source is not None else None) or unit
+        if task.unit is None:
+            if local is not None:
+                self.problem(
+                    where,
+                    f"{name} is in {local!r} but the study contract gives task {task.name} no"
+                    " unit to convert it to (set unit in the contract's task)",
+                )
+                return None
+            return value
+        try:
+            return convert(value, local or task.unit, task.unit)
+        except UnitError as exc:
+            self.problem(where, str(exc))
+            return None
+
     def _label(self, task: TaskSpec, name: str, cell: object, where: Where) -> float | None:
         source = self.dataset.targets.get(name)
-        text = str(cell).strip()
+        text = _recode_key(cell)
         if source is not None and text in source.recode:
             value: float | None = source.recode[text]
         elif task.kind == "multiclass" and text in task.classes:
@@ -275,3 +312,13 @@ class RecordBuilder:
                         f"[datasets.{section}] maps {name!r}, which the study contract lacks"
                         f" (it has {sorted(known)})",
                     )
+
+
+def _recode_key(cell: object) -> str:
+    """How a cell is looked up in a `recode` table: text stripped, booleans as FHIR
+    writes them (`true`/`false`), whole numbers without a decimal point (`8507`)."""
+    if isinstance(cell, bool):
+        return "true" if cell else "false"
+    if isinstance(cell, float) and cell.is_integer():
+        return str(int(cell))
+    return str(cell).strip()

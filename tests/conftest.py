@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
+
+from medfed.flower.testing import TaskIdentity
 
 TEST_TAG_VARIABLE = "MEDFED_TEST_TAG"
 

@@ -25,7 +25,7 @@ from medfed.model.network import arrays_sha256, build_model, state_arrays
 from medfed.privacy.ledger import PrivacyLedger, RecordedSpend
 from medfed.privacy.signing import SigningKey, VerifyKey
 from medfed.sites.synthetic import TABLE_NAME
-from medfed.sites.tabular import SiteTable, read_site_table
+from tests.reference_table import SiteTable, read_site_table
 
 DELTA = 1e-5
 POLICY = DEMO_POLICY

@@ -15,7 +15,7 @@ from typing import Protocol
 from medfed.model.contract import StudyContract
 from medfed.sites.config import DatasetConfig, DatasetFormat
 from medfed.sites.connectors.fhir import read_fhir
-from medfed.sites.connectors.molecules import read_fasta, read_smi
+from medfed.sites.connectors.molecules import is_smi_file, read_fasta, read_smi
 from medfed.sites.connectors.omics import read_omics
 from medfed.sites.connectors.omop import read_omop
 from medfed.sites.connectors.tabular import read_tabular
@@ -30,13 +30,20 @@ class Connector(Protocol):
     ) -> DatasetRead: ...
 
 
+def read_smiles(dataset: DatasetConfig, contract: StudyContract, base: Path) -> DatasetRead:
+    """A SMILES dataset: `.smi` files, or a table (CSV, Parquet) with a SMILES column."""
+    if all(is_smi_file(path) for path in dataset.paths):
+        return read_smi(dataset, contract, base)
+    return read_tabular(dataset, contract, base)
+
+
 CONNECTORS: Mapping[DatasetFormat, Connector] = {
     "csv": read_tabular,
     "parquet": read_tabular,
     "fhir": read_fhir,
     "omop": read_omop,
     "omop-sql": read_omop,
-    "smiles": read_smi,
+    "smiles": read_smiles,
     "fasta": read_fasta,
     "omics": read_omics,
 }

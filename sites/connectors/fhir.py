@@ -1,8 +1,12 @@
 """FHIR R4 Bundles (JSON) and bulk-export NDJSON, validated with `fhir.resources` (R4B).
 
-Read: Patient (registers the patient), Observation (numeric features by LOINC code with
-UCUM units, and targets by code), Condition (ICD-10 or SNOMED codes), MedicationRequest
-and MedicationStatement (ATC or RxNorm codes). Every resource is validated against the
+Read: Patient (registers the patient; `gender` and `birthDate` for `patient = "sex"` /
+`"age"` features), Observation and its `component`s (numeric features by LOINC code
+from value[x]: Quantity with its UCUM unit, integer, boolean, string, CodeableConcept,
+the last three through the feature's `recode`; `local` categorical features by
+`categorical.X.code` from the value; targets by code, a Quantity's unit converted to
+the task's), Condition (ICD-10 or SNOMED codes), MedicationRequest and
+MedicationStatement (ATC or RxNorm codes). Every resource is validated against the
 FHIR model first; an invalid one is a problem naming the file, the entry (a Bundle's
 entry number, an NDJSON line) and the resource. Other resource types are validated and
 otherwise ignored.
@@ -27,6 +31,7 @@ from pydantic import ValidationError
 from medfed.model.contract import StudyContract
 from medfed.sites.config import DatasetConfig, NumericSource
 from medfed.sites.connectors.tables import dataset_texts
+from medfed.sites.demographics import UNKNOWN_GENDER, BirthDateError, age_at, parse_birth_date
 from medfed.sites.records import DatasetRead, RecordBuilder, Where, parse_time
 
 CODE_SYSTEMS: dict[str, tuple[str, ...]] = {
@@ -37,6 +42,12 @@ CODE_SYSTEMS: dict[str, tuple[str, ...]] = {
     "loinc": ("http://loinc.org",),
 }
 """The FHIR `coding.system` URIs of each contract code system."""
+
+RESOURCES = ("Patient", "Observation", "Condition", "MedicationRequest", "MedicationStatement")
+"""The resource types read (others are validated and ignored); docs/site.md lists them."""
+VALUE_TYPES = ("valueQuantity", "valueInteger", "valueBoolean", "valueString",
+               "valueCodeableConcept")  # fmt: skip
+"""The Observation value[x] types that map onto a number or a code."""
 
 _CONDITION_SYSTEMS = ("icd10", "snomed")
 _MEDICATION_SYSTEMS = ("atc", "rxnorm")
@@ -123,28 +134,33 @@ class _Mapper:
         sources = builder.numeric_sources() or {
             f.name: NumericSource(code=f.loinc) for f in contract.numeric if f.loinc
         }
-        self.numeric: dict[str, tuple[str, NumericSource]] = {}
+        self.numeric: dict[str, list[tuple[str, NumericSource]]] = {}
+        self.demographics = {n: s for n, s in sources.items() if s.patient is not None}
         for name, source in sources.items():
+            if source.patient is not None:
+                continue
             code = source.code or builder.numeric_feature(name).loinc
             if code is None:
                 builder.problem(
                     Where(f"dataset {dataset.name}", None, f"numeric.{name}"),
-                    "needs a code (the LOINC code of its Observations)",
+                    "needs a code (the LOINC code of its Observations) or a patient field",
                 )
             else:
-                self.numeric[code] = (name, source)
+                self.numeric.setdefault(code, []).append((name, source))
         self.targets = {s.code: name for name, s in builder.target_sources().items() if s.code}
+        self.valued = {s.code: name for name, s in builder.categorical_sources().items() if s.code}
         chosen = set(dataset.categorical) or {f.name for f in contract.categorical}
+        chosen -= set(self.valued.values())
         self.categorical = [f for f in contract.categorical if f.name in chosen]
 
     def take(self, resource: Any, where: Where) -> None:
         kind = resource.get_resource_type()
         if kind == "Patient":
             if resource.id:
-                self.builder.record(str(resource.id))
+                self._patient(resource, str(resource.id), where)
             return
         patient_id = _patient_of(resource)
-        if kind not in ("Observation", "Condition", "MedicationRequest", "MedicationStatement"):
+        if kind not in RESOURCES:
             return
         if patient_id is None:
             self.builder.problem(where, "has no subject reference to a Patient")
@@ -156,23 +172,73 @@ class _Mapper:
         else:
             self._codes(resource.medicationCodeableConcept, _MEDICATION_SYSTEMS, patient_id, where)
 
-    def _observation(self, resource: Any, patient_id: str, where: Where) -> None:
-        codings = (resource.code.coding or []) if resource.code is not None else []
-        time = _time_of(resource)
-        for coding in codings:
-            code = str(coding.code or "")
-            if code in self.numeric:
-                name, source = self.numeric[code]
-                quantity = resource.valueQuantity
-                if quantity is None or quantity.value is None:
-                    self.builder.problem(where, f"Observation {code} ({name}) has no valueQuantity")
+    def _patient(self, resource: Any, patient_id: str, where: Where) -> None:
+        """Register the patient; read `Patient.gender` and age from `Patient.birthDate`."""
+        self.builder.record(patient_id)
+        index = self.builder.dataset.index_date
+        for name, source in self.demographics.items():
+            at = Where(
+                where.file, where.row, f"{where.column}.{_PATIENT_FIELDS[str(source.patient)]}"
+            )
+            if source.patient == "sex":
+                gender = str(resource.gender or "")
+                if gender not in UNKNOWN_GENDER:
+                    self.builder.add_numeric(
+                        patient_id, name, gender, unit=None, time=None, where=at
+                    )
+            elif resource.birthDate is not None and index is not None:
+                try:
+                    age = age_at(parse_birth_date(resource.birthDate), index)
+                except BirthDateError as exc:
+                    self.builder.problem(at, str(exc))
                     continue
-                unit = source.unit or quantity.code or quantity.unit
-                self.builder.add_numeric(
-                    patient_id, name, float(quantity.value), unit=unit, time=time, where=where
-                )
-            if code in self.targets:
-                self.builder.add_target(patient_id, self.targets[code], _value_of(resource), where)
+                self.builder.add_numeric(patient_id, name, age, unit="a", time=None, where=at)
+
+    def _observation(self, resource: Any, patient_id: str, where: Where) -> None:
+        time = _time_of(resource)
+        parts = [(resource.code, resource)] + [
+            (component.code, component) for component in resource.component or []
+        ]
+        for concept, holder in parts:
+            for coding in (concept.coding or []) if concept is not None else []:
+                code = str(coding.code or "")
+                for name, source in self.numeric.get(code, []):
+                    self._numeric(holder, code, name, source, patient_id, time, where)
+                if code in self.valued:
+                    self._valued_code(holder, code, self.valued[code], patient_id, where)
+                if code in self.targets and holder is resource:
+                    value, unit = _value_of(holder)
+                    self.builder.add_target(patient_id, self.targets[code], value, where, unit=unit)
+
+    def _numeric(
+        self,
+        holder: Any,
+        code: str,
+        name: str,
+        source: NumericSource,
+        patient_id: str,
+        time: dt.datetime | None,
+        where: Where,
+    ) -> None:
+        value, unit = _value_of(holder)
+        if value is None:
+            kinds = [f for f in _UNREADABLE if getattr(holder, f, None) is not None]
+            what = f"a {kinds[0]}, which maps to no number" if kinds else "no value"
+            self.builder.problem(where, f"Observation {code} ({name}) has {what}")
+            return
+        self.builder.add_numeric(
+            patient_id, name, value, unit=source.unit or unit, time=time, where=where
+        )
+
+    def _valued_code(
+        self, holder: Any, code: str, name: str, patient_id: str, where: Where
+    ) -> None:
+        value, _ = _value_of(holder)
+        if value is None:
+            self.builder.problem(where, f"Observation {code} ({name}) has no coded value")
+            return
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value).strip()
+        self.builder.add_codes(patient_id, name, [text], where)
 
     def _codes(self, concept: Any, systems: tuple[str, ...], patient_id: str, where: Where) -> None:
         if concept is None:
@@ -199,13 +265,22 @@ def _time_of(resource: Any) -> dt.datetime | None:
     return parse_time(period.start) if period is not None and period.start else None
 
 
-def _value_of(resource: Any) -> object:
-    if resource.valueQuantity is not None:
-        return resource.valueQuantity.value
-    for value in (resource.valueInteger, resource.valueBoolean, resource.valueString):
+_UNREADABLE = ("valueRange", "valueRatio", "valueSampledData", "valueTime", "valueDateTime",
+               "valuePeriod")  # fmt: skip
+_PATIENT_FIELDS = {"sex": "gender", "age": "birthDate"}
+
+
+def _value_of(holder: Any) -> tuple[object, str | None]:
+    """An Observation's (or component's) value[x] and the unit it states: Quantity (its
+    UCUM code, else its unit text), integer, boolean, string, or a CodeableConcept's
+    first code; (None, None) for the types that hold no single value."""
+    quantity = holder.valueQuantity
+    if quantity is not None:
+        return quantity.value, quantity.code or quantity.unit
+    for value in (holder.valueInteger, holder.valueBoolean, holder.valueString):
         if value is not None:
-            return value
-    concept = resource.valueCodeableConcept
+            return value, None
+    concept = holder.valueCodeableConcept
     if concept is not None and concept.coding:
-        return concept.coding[0].code
-    return None
+        return concept.coding[0].code, None
+    return None, None

@@ -62,6 +62,11 @@ def check_smiles(smiles: str, spec: MoleculeSpec) -> str | None:
     return None
 
 
+def is_smi_file(path: Path) -> bool:
+    """Whether `path` names a `.smi` file (one `SMILES<space>ID` per line), not a table."""
+    return path.suffix.lower() in (".smi", ".smiles")
+
+
 def check_protein(sequence: str, spec: ProteinSpec) -> tuple[int, str] | None:
     """(0-based position, message) of the first problem in `sequence`, or None."""
     if not sequence:
@@ -79,11 +84,8 @@ def check_protein(sequence: str, spec: ProteinSpec) -> tuple[int, str] | None:
 
 
 def read_smi(dataset: DatasetConfig, contract: StudyContract, base: Path) -> DatasetRead:
-    """Read `.smi` files (`SMILES<space>ID` per line); a tabular one goes to `read_tabular`."""
-    from medfed.sites.connectors.tabular import read_tabular
-
-    if any(path.suffix.lower() not in (".smi", ".smiles") for path in dataset.paths):
-        return read_tabular(dataset, contract, base)
+    """Read `.smi` files (`SMILES<space>ID` per line). A SMILES dataset in a table (CSV,
+    Parquet) is read by `read_tabular` instead (`medfed.sites.connectors.read_smiles`)."""
     builder = RecordBuilder(contract, dataset, one_row_per_patient=True)
     if contract.molecule is None:
         builder.problem(Where(f"dataset {dataset.name}"), "the study contract has no molecules")

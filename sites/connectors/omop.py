@@ -1,11 +1,16 @@
 """OMOP CDM v5.4 tables, as CSV/Parquet files (`omop`) or in a SQLite database (`omop-sql`).
 
-Read: person (the patients), measurement and observation (numeric features by concept
-id, `[datasets.numeric] glucose = { code = "3004501" }`, or by a `*_source_value` equal
-to the feature's LOINC code; targets by concept id), condition_occurrence (ICD-10 or
-SNOMED features) and drug_exposure (ATC or RxNorm features): a concept id is translated
-by the feature's `recode`, else its `*_source_value` is taken as the code. The unit is
-the dataset's, else the row's `unit_source_value`, else the contract's.
+Read: person (the patients; `gender_concept_id` / `gender_source_value` and
+`year_of_birth`, `month_of_birth`, `day_of_birth` for `patient = "sex"` / `"age"`
+features), measurement and observation (numeric features by concept id,
+`[datasets.numeric] glucose = { code = "3004501" }`, or by a `*_source_value` equal to
+the feature's LOINC code, from `value_as_number`, else `value_as_concept_id` or
+`value_as_string` through the feature's `recode`; `local` categorical features by
+`categorical.X.code` from `value_as_concept_id`, else `value_as_string`; targets by
+concept id), condition_occurrence (ICD-10 or SNOMED features) and drug_exposure (ATC or
+RxNorm features): a concept id is translated by the feature's `recode`, else its
+`*_source_value` is taken as the code. The unit is the dataset's, else the row's
+`unit_source_value`, else the contract's (targets: the task's).
 """
 
 from __future__ import annotations
@@ -16,9 +21,25 @@ from pathlib import Path
 from medfed.model.contract import CategoricalFeature, StudyContract
 from medfed.sites.config import DatasetConfig, NumericSource
 from medfed.sites.connectors.tables import Row, TableError, read_table
+from medfed.sites.demographics import (
+    OMOP_GENDER,
+    UNKNOWN_GENDER,
+    BirthDateError,
+    age_at,
+    birth_date,
+)
 from medfed.sites.records import DatasetRead, RecordBuilder, Where, is_blank, parse_time
 
 TABLES = ("person", "measurement", "observation", "condition_occurrence", "drug_exposure")
+COLUMNS = (
+    "person_id", "gender_concept_id", "gender_source_value", "year_of_birth", "month_of_birth",
+    "day_of_birth", "measurement_concept_id", "measurement_source_value", "measurement_date",
+    "measurement_datetime", "observation_concept_id", "observation_source_value",
+    "observation_date", "observation_datetime", "value_as_number", "value_as_concept_id",
+    "value_as_string", "unit_source_value", "condition_concept_id", "condition_source_value",
+    "drug_concept_id", "drug_source_value",
+)  # fmt: skip
+"""Every column the connector reads; docs/site.md lists them."""
 _SUFFIXES = (".csv", ".tsv", ".parquet")
 _ID = "person_id"
 
@@ -120,13 +141,19 @@ class _Mapper:
     def __init__(self, builder: RecordBuilder) -> None:
         self.builder = builder
         self.numeric: dict[str, tuple[str, NumericSource]] = {}
+        self.demographics: dict[str, NumericSource] = {}
         for name, source in builder.numeric_sources().items():
+            if source.patient is not None:
+                self.demographics[name] = source
+                continue
             for code in (source.code, builder.numeric_feature(name).loinc):
                 if code:
                     self.numeric.setdefault(code, (name, source))
         self.targets = {s.code: name for name, s in builder.target_sources().items() if s.code}
+        self.valued = {s.code: name for name, s in builder.categorical_sources().items() if s.code}
         chosen = set(builder.dataset.categorical) or {f.name for f in builder.contract.categorical}
         features = [f for f in builder.contract.categorical if f.name in chosen]
+        features = [f for f in features if f.name not in self.valued.values()]
         self.conditions = [f for f in features if f.system in ("icd10", "snomed")]
         self.drugs = [f for f in features if f.system in ("atc", "rxnorm")]
 
@@ -135,37 +162,81 @@ class _Mapper:
         if patient_id is None:
             return
         self.builder.record(patient_id)
-        if table in ("measurement", "observation"):
+        if table == "person":
+            self._person(row, patient_id, where)
+        elif table in ("measurement", "observation"):
             self._value(table, row, patient_id, where)
         elif table == "condition_occurrence":
             self._code("condition", row, self.conditions, patient_id, where)
         elif table == "drug_exposure":
             self._code("drug", row, self.drugs, patient_id, where)
 
+    def _person(self, row: Row, patient_id: str, where: Where) -> None:
+        """Sex from gender_concept_id (8507 male, 8532 female; else gender_source_value)
+        and age at the index date from year/month/day_of_birth."""
+        index = self.builder.dataset.index_date
+        for name, source in self.demographics.items():
+            if source.patient == "sex":
+                at = Where(where.file, where.row, "gender_concept_id")
+                concept = _text(row.get("gender_concept_id"))
+                local = _text(row.get("gender_source_value"))
+                value = next(
+                    (v for v in (concept, local) if v in source.recode),
+                    OMOP_GENDER.get(concept, local),
+                )
+                if value not in UNKNOWN_GENDER:
+                    self.builder.add_numeric(
+                        patient_id, name, value, unit=None, time=None, where=at
+                    )
+            elif index is not None and not is_blank(row.get("year_of_birth")):
+                at = Where(where.file, where.row, "year_of_birth")
+                try:
+                    born = birth_date(
+                        row.get("year_of_birth"), row.get("month_of_birth"), row.get("day_of_birth")
+                    )
+                    age = age_at(born, index)
+                except BirthDateError as exc:
+                    self.builder.problem(at, str(exc))
+                    continue
+                self.builder.add_numeric(patient_id, name, age, unit="a", time=None, where=at)
+
     def _value(self, table: str, row: Row, patient_id: str, where: Where) -> None:
         concept = _text(row.get(f"{table}_concept_id"))
         source_value = _text(row.get(f"{table}_source_value"))
         time = parse_time(row.get(f"{table}_datetime")) or parse_time(row.get(f"{table}_date"))
-        value_at = Where(where.file, where.row, "value_as_number")
+        unit = _text(row.get("unit_source_value")) or None
         for code in (concept, source_value):
             if code in self.numeric:
                 name, source = self.numeric[code]
-                unit = source.unit or _text(row.get("unit_source_value")) or None
+                cell, column = _value_cell(row)
                 self.builder.add_numeric(
                     patient_id,
                     name,
-                    row.get("value_as_number"),
-                    unit=unit,
+                    cell,
+                    unit=source.unit or unit,
                     time=time,
-                    where=value_at,
+                    where=Where(where.file, where.row, column),
                 )
                 break
         for code in (concept, source_value):
-            if code in self.targets:
-                cell = row.get("value_as_number")
+            if code in self.valued:
+                cell, column = _value_cell(row, concept_first=True)
+                at = Where(where.file, where.row, column)
                 if is_blank(cell):
-                    cell = row.get("value_as_string")
-                self.builder.add_target(patient_id, self.targets[code], cell, value_at)
+                    self.builder.problem(at, f"{table} {code} ({self.valued[code]}) has no value")
+                else:
+                    self.builder.add_codes(patient_id, self.valued[code], [_text(cell)], at)
+                break
+        for code in (concept, source_value):
+            if code in self.targets:
+                cell, column = _value_cell(row)
+                self.builder.add_target(
+                    patient_id,
+                    self.targets[code],
+                    cell,
+                    Where(where.file, where.row, column),
+                    unit=unit,
+                )
                 break
 
     def _code(
@@ -193,6 +264,24 @@ class _Mapper:
                         at, f"concept {concept!r} has no recode and no {prefix}_source_value"
                     )
                 return
+
+
+def _value_cell(row: Row, *, concept_first: bool = False) -> tuple[object, str]:
+    """A measurement or observation row's value and its column: value_as_number, else
+    value_as_concept_id (0 is OMOP's "no concept"), else value_as_string; a coded
+    feature looks at the concept first."""
+    concept = row.get("value_as_concept_id")
+    has_concept = not is_blank(concept) and _text(concept) != "0"
+    order = ["value_as_number", "value_as_concept_id", "value_as_string"]
+    if concept_first:
+        order = ["value_as_concept_id", "value_as_string", "value_as_number"]
+    for column in order:
+        cell = row.get(column)
+        if column == "value_as_concept_id" and not has_concept:
+            continue
+        if not is_blank(cell):
+            return (_text(cell) if column == "value_as_concept_id" else cell), column
+    return None, order[0]
 
 
 def _text(cell: object) -> str:

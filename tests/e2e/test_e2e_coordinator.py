@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from medfed.common import write_atomic
 from medfed.coordinator.consortium import load_consortium
-from medfed.demo import SUPERNODE_READY
+from medfed.flower import SUPERNODE_CONNECTED_LINE as SUPERNODE_READY
 from medfed.privacy.pki import (
     issue_server_certificate,
     load_certificate,
     load_ec_private_key,
     pem_certificate,
-    write_atomic,
 )
 from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port, log_contains
 from medfed.provision import PkiLayout, provision

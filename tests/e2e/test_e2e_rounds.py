@@ -21,7 +21,7 @@ import pytest
 from medfed.consortium import DemoSite, demo_study, write_demo_consortium
 from medfed.coordinator.consortium import load_consortium
 from medfed.coordinator.study import StudySettings
-from medfed.demo import SUPERNODE_READY
+from medfed.flower import SUPERNODE_CONNECTED_LINE as SUPERNODE_READY
 from medfed.processes import ProcessGroup, find_program, free_port, log_contains
 from medfed.provision import PkiLayout, provision
 from tests.conftest import TEST_TAG_VARIABLE, pids_with_env

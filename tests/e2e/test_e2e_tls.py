@@ -13,12 +13,12 @@ import pytest
 
 from medfed.demo import (
     CONNECTION,
-    SUPERNODE_READY,
     _flwr,
     _programs,
     _start_superlink,
     _write_flwr_config,
 )
+from medfed.flower import SUPERNODE_CONNECTED_LINE as SUPERNODE_READY
 from medfed.privacy.pki import provision_loopback
 from medfed.processes import ProcessGroup, free_port, log_contains, tls_health_ok
 from tests.conftest import TEST_TAG_VARIABLE

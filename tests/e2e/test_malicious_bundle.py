@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.cli.build import build_fab_from_disk
 
 from medfed.app_bundle import build_app_dir, signature_run_config
 from medfed.client.config import SITE_TOML
@@ -30,6 +29,7 @@ from medfed.demo import (
     _write_flwr_config,
     make_bundle_signing,
 )
+from medfed.flower.fab import build_fab
 from medfed.privacy.audit import AuditLog, verify_audit_log
 from medfed.privacy.pki import provision_loopback
 from medfed.privacy.signing import SigningKey
@@ -65,7 +65,7 @@ def _finished(group: ProcessGroup, app_dir: Path) -> RunResults:
 
 def _fab_sha256(app_dir: Path) -> str:
     """The bundle `flwr run app_dir` sends, hashed here (Flower builds it deterministically)."""
-    return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+    return hashlib.sha256(build_fab(app_dir)).hexdigest()
 
 
 def _coordinator_app_sha256(app_dir: Path) -> str:
@@ -97,7 +97,7 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
     unsigned = _app(tmp_path, "unsigned", study, sites_root)
     tampered = _app(tmp_path, "tampered", study, sites_root)
     tampered_signature = signing.run_config(tampered)
-    (tampered / "client" / "backdoor.py").write_text("print('not what was signed')\n")
+    (tampered / "medfed" / "client" / "backdoor.py").write_text("print('not what was signed')\n")
     untrusted = _app(tmp_path, "untrusted", study, sites_root)
     untrusted_signature = signature_run_config(untrusted, intruder, key_id="intruder")
     signed = _app(tmp_path, "signed", study, sites_root)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from medfed.cli import app
 from medfed.client.config import load_site_config
-from medfed.coordinator.tomlfile import read_toml
+from medfed.common import read_toml
 from medfed.model.contract import StudyContract
 from medfed.privacy.signing import SigningKey
 from medfed.sites.manifest import load_site_data

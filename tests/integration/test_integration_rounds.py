@@ -28,7 +28,7 @@ from medfed.model import wire
 from medfed.model.contract import DEMO_CONTRACT as CONTRACT
 from medfed.model.network import arrays_sha256, build_model, state_arrays
 from medfed.privacy.ledger import PrivacyLedger
-from medfed.sites.tabular import SiteTable
+from tests.reference_table import SiteTable
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import (
     POLICY,

@@ -7,11 +7,11 @@ SuperNode processes, is `tests/e2e/test_malicious_bundle.py`.)"""
 from __future__ import annotations
 
 import hashlib
+import io
+import zipfile
 from pathlib import Path
 
 import pytest
-from flwr.supercore.fab import Fab
-from flwr.supercore.run import Run
 
 from medfed.client.bundle_check import (
     BUNDLE_REFUSED,
@@ -21,13 +21,29 @@ from medfed.client.bundle_check import (
 )
 from medfed.client.egress import Handler
 from medfed.client.executor import WarmExecutor
+from medfed.flower.testing import Fab, Run
 from medfed.privacy.audit import AuditLog, verify_audit_log
 from medfed.privacy.bundle_signing import APP_SIGNATURE, sign_bundle
 from medfed.privacy.signing import SigningKey
 
 APP_KEY = SigningKey.generate()
 SITE_KEY = SigningKey.generate()
-FAB = b"PK\x03\x04 the consortium's bundle"
+
+
+def _zip(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+# A bundle of an app that is not medfed's: it runs from its own files, so only its
+# signature matters here (medfed bundles: tests/unit/client/test_client_bundle_code.py).
+FAB = _zip({
+    "pyproject.toml": '[tool.flwr.app.components]\nclientapp = "other.client:app"\n',
+    "other/client.py": "app = None\n",
+})  # fmt: skip
 
 
 def _pass_through(app: Handler) -> Handler:

@@ -23,7 +23,7 @@ from medfed.privacy.accountant import AccountantKind
 from medfed.sites.config import DatasetConfig, NumericSource, TargetSource
 from medfed.sites.export import datasets_toml
 from medfed.sites.manifest import load_site_data
-from medfed.sites.tabular import SiteTable
+from tests.reference_table import SiteTable
 from tests.references import dp_accounting_epsilon
 from tests.sitekit import (
     DELTA,
@@ -475,3 +475,20 @@ def test_an_unavailable_accelerator_is_refused_not_swapped_for_the_cpu(site_toml
     site_toml.write_text('accelerator = "rbln"\n' + site_toml.read_text(encoding="utf-8"))
     with pytest.raises(SiteRefusal, match=r"accelerator 'rbln'.*torch-rbln"):
         trainer_of(site_toml)
+
+
+def test_a_reply_carries_its_own_studys_spend_not_the_datasets_total(site: DemoSite) -> None:
+    site_toml = site.site_toml
+    other = make_study(name="second-study", rounds=3, sites=1, target_epsilon=2.0,
+                       local_steps=4, sample_rate=SAMPLE_RATE)  # fmt: skip
+    approve(site_toml, other, epsilon=2.0, officer_key=officer_of(site))
+    trainer = trainer_of(site_toml)
+    trainer.train(train_request(STUDY, 1))
+    reply = trainer.train(train_request(other, 1, run_id="run-2"))
+
+    rows = spend_rows(site_toml)
+    assert [row.study.split("@")[0] for row in rows] == [STUDY.name, "second-study"]
+    own = [row.event for row in rows if row.study.startswith("second-study@")]
+    assert reply.epsilon == pytest.approx(reference_epsilon(own, DELTA), rel=1e-3)
+    total = ledger_of(site_toml).epsilon(fingerprint_of(site_toml), delta=DELTA)
+    assert reply.epsilon < total  # the dataset's total over both studies is the officer's

@@ -129,7 +129,7 @@ THIN = textwrap.dedent(
     import json, sys
     from flwr.app import Context, Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from medfed.flower.testing import TaskIdentity
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, SUPERLINK_NODE_ID, 1
     from medfed.client.client_app import app
     msg = Message(RecordDict(), dst_node_id=5, message_type="query", group_id="1")

@@ -8,9 +8,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from flwr.cli.build import build_fab_from_disk
 
 from medfed.app_bundle import APP_PACKAGES, CLIENT_APP, SERVER_APP, build_app_dir
+from medfed.flower.fab import build_fab
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -18,7 +18,11 @@ REPO = Path(__file__).resolve().parents[3]
 def test_the_bundle_names_the_same_components_as_the_repository() -> None:
     app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
-    rooms = [pattern.split("/")[0] for pattern in app["fab-include"] if pattern.endswith("**/*.py")]
+    rooms = [
+        pattern.removeprefix("medfed/").split("/")[0]
+        for pattern in app["fab-include"]
+        if pattern.endswith("**/*.py")
+    ]
     assert sorted(rooms) == sorted(APP_PACKAGES)
 
 
@@ -28,7 +32,7 @@ def test_flower_builds_a_fab_of_the_packages_and_the_run_config(tmp_path: Path) 
     app_dir = build_app_dir(
         tmp_path / "app", {"num-server-rounds": 2, "results-path": 'a "quoted" path', "delta": 1e-5}
     )
-    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app_dir)))
+    fab = zipfile.ZipFile(io.BytesIO(build_fab(app_dir)))
     names = fab.namelist()
     for package in APP_PACKAGES:
         assert f"medfed/{package}/__init__.py" in names

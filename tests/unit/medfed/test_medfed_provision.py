@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from medfed.cli import app
 from medfed.client.config import load_site_config
+from medfed.common import write_atomic
 from medfed.coordinator.consortium import ConsortiumConfigError, load_consortium
 from medfed.coordinator_cli import CoordinatorStartError, check_certificates
 from medfed.privacy.bundle_signing import load_trusted_entities
@@ -26,7 +27,6 @@ from medfed.privacy.pki import (
     load_certificate,
     load_ec_private_key,
     pem_certificate,
-    write_atomic,
 )
 from medfed.privacy.signing import SigningKey, VerifyKey
 from medfed.provision import PkiLayout, ProvisionError, provision

@@ -108,15 +108,14 @@ def flower_accepts(app_dir: Path, call: str) -> bool:
     the consortium's sites trust."""
     import hashlib
 
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.supercore.fab import Fab
-    from flwr.supernode.start_client_internal import _verify_fab
+    from medfed.flower.fab import build_fab
+    from medfed.flower.testing import Fab, flower_verify_fab
 
     (override,) = [arg for arg in call.split() if arg.startswith("app-signature=")]
     value = override.removeprefix("app-signature=").strip('"')
-    fab = build_fab_from_disk(app_dir)
+    fab = build_fab(app_dir)
     record = Fab(hashlib.sha256(fab).hexdigest(), fab, flower_verification(value))
-    return bool(_verify_fab(record, {"medfed-consortium": openssh_public_line(APP_KEY.public)}))
+    return flower_verify_fab(record, {"medfed-consortium": openssh_public_line(APP_KEY.public)})
 
 
 def test_resume_signs_the_resumed_bundle_with_the_key_the_run_started_with(lead: Path) -> None:

@@ -19,8 +19,8 @@ with warnings.catch_warnings():
         "ignore", r"'click\.utils\.get_\w+_stream' is deprecated", DeprecationWarning
     )
     from flwr.app import Array, ArrayRecord, RecordDict
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+    from medfed.flower.testing import get_all_nested_objects
     from medfed.model import wire
     from medfed.model.contract import DEMO_CONTRACT
     from medfed.model.network import build_model, state_arrays

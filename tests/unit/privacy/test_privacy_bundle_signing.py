@@ -6,12 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flwr.cli.build import build_fab_from_disk
-from flwr.supercore.fab import Fab
-from flwr.supernode.cli.flower_supernode import _validate_public_keys_ed25519
-from flwr.supernode.start_client_internal import _verify_fab
 
 from medfed.app_bundle import build_app_dir
+from medfed.flower.fab import build_fab
+from medfed.flower.testing import Fab, flower_check_trusted_keys, flower_verify_fab
 from medfed.privacy.bundle_signing import (
     APP_SIGNATURE,
     flower_verification,
@@ -30,20 +28,20 @@ TRUSTED = {"medfed-consortium": KEY.public}
 @pytest.fixture(scope="module")
 def fab(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     app = build_app_dir(tmp_path_factory.mktemp("app"), {APP_SIGNATURE: ""})
-    return build_fab_from_disk(app)
+    return build_fab(app)
 
 
 def _flower_accepts(fab: bytes, value: str, trusted: dict[str, str]) -> bool:
     import hashlib
 
     record = Fab(hashlib.sha256(fab).hexdigest(), fab, flower_verification(value))
-    return bool(_verify_fab(record, trusted))
+    return flower_verify_fab(record, trusted)
 
 
 def test_the_same_app_builds_the_same_bundle_so_a_signature_made_before_submit_holds(
     tmp_path: Path, fab: bytes
 ) -> None:
-    again = build_fab_from_disk(build_app_dir(tmp_path / "again", {APP_SIGNATURE: ""}))
+    again = build_fab(build_app_dir(tmp_path / "again", {APP_SIGNATURE: ""}))
     assert again == fab
 
 
@@ -51,7 +49,7 @@ def test_a_signed_bundle_verifies_here_and_in_flowers_own_check(fab: bytes) -> N
     value = sign_bundle(fab, KEY, key_id="medfed-consortium", signed_at=1_750_000_000)
     assert verify_bundle(fab, value, TRUSTED) == "medfed-consortium"
     flower_trusted = {"medfed-consortium": trusted_entities_yaml(TRUSTED).split('"')[1]}
-    _validate_public_keys_ed25519(flower_trusted)  # Flower takes the key as Ed25519
+    flower_check_trusted_keys(flower_trusted)  # Flower takes the key as Ed25519
     assert _flower_accepts(fab, value, flower_trusted)
 
 
@@ -111,6 +109,6 @@ def test_the_coordinator_signs_the_bundle_flwr_run_will_build(tmp_path: Path, fa
     app = build_app_dir(tmp_path / "app", {APP_SIGNATURE: ""})
     value = sign_app(app, KEY, key_id="medfed-consortium", signed_at=1_750_000_000)
     assert verify_bundle(fab, value, TRUSTED) == "medfed-consortium"
-    (app / "client" / "client_app.py").write_text("# replaced\n")
+    (app / "medfed" / "client" / "client_app.py").write_text("# replaced\n")
     with pytest.raises(BundleSignatureError, match="does not verify"):
-        verify_bundle(build_fab_from_disk(app), value, TRUSTED)
+        verify_bundle(build_fab(app), value, TRUSTED)

@@ -22,7 +22,6 @@ from medfed.privacy.pki import (
     create_supernode_keys,
     issue_server_certificate,
     provision_loopback,
-    write_atomic,
 )
 
 SITES = ("site-a", "site-b")
@@ -120,24 +119,6 @@ def test_duplicate_site_ids_are_refused(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="unique"):
         provision_loopback(tmp_path, ("site-a", "site-b", "site-a"))
     assert list(tmp_path.iterdir()) == []
-
-
-def test_write_atomic_replaces_and_sets_mode(tmp_path: Path) -> None:
-    target = tmp_path / "deep" / "secret.key"
-    write_atomic(target, b"first", mode=0o600)
-    write_atomic(target, b"second", mode=0o600)
-    assert target.read_bytes() == b"second"
-    assert mode_of(target) == 0o600
-    assert [path.name for path in target.parent.iterdir()] == ["secret.key"]
-
-
-def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
-    target = tmp_path / "cert.pem"
-    write_atomic(target, b"old")
-    with pytest.raises(TypeError):
-        write_atomic(target, "not bytes")  # type: ignore[arg-type]
-    assert target.read_bytes() == b"old"
-    assert [path.name for path in tmp_path.iterdir()] == ["cert.pem"]
 
 
 # --- A real TLS handshake on loopback -------------------------------------------------

@@ -136,3 +136,109 @@ def test_a_mapping_onto_an_unknown_feature_is_a_problem(tmp_path: Path, fmt: str
     document["numeric"] = {**document["numeric"], "lactate": {"column": "lac", "code": "2524-7"}}
     read = read_dataset(DatasetConfig.model_validate(document), CONTRACT, tmp_path)
     assert any("maps 'lactate', which the study contract lacks" in p.message for p in read.problems)
+
+
+# Demographics, every value type and target units: the same cohort in every format.
+
+from . import demographic_cohort as demo  # noqa: E402
+
+
+def _read_demographics(tmp_path: Path, fmt: str) -> tuple[list[DataProblem], dict[str, object]]:
+    dataset = demo.WRITERS[fmt](tmp_path)
+    read = read_dataset(dataset, demo.CONTRACT, tmp_path)
+    samples, conflicts = join_patients([read], demo.CONTRACT)
+    return [*read.problems, *conflicts], {s.patient_id: s for s in samples}
+
+
+@pytest.mark.parametrize("fmt", sorted(demo.WRITERS))
+def test_demographics_coded_values_and_target_units_read_as_computed_by_hand(
+    tmp_path: Path, fmt: str
+) -> None:
+    problems, samples = _read_demographics(tmp_path, fmt)
+
+    assert problems == []
+    assert sorted(samples) == sorted(demo.EXPECTED)
+    for pid, expected in demo.EXPECTED.items():
+        sample = samples[pid]
+        for name in ("age", "sex", "smoker", "nyha", "systolic_bp"):
+            if expected[name] is None:
+                assert name not in sample.numeric, (pid, name)  # type: ignore[attr-defined]
+            else:
+                assert sample.numeric[name] == pytest.approx(expected[name]), (pid, name)  # type: ignore[attr-defined]
+        assert set(sample.codes["smoking_status"]) == expected["smoking_status"]  # type: ignore[attr-defined]
+        assert sample.targets["time_d"] == pytest.approx(expected["time_d"])  # type: ignore[attr-defined]
+        assert sample.targets["dead"] == expected["dead"]  # type: ignore[attr-defined]
+
+
+def test_twelve_months_is_a_year_of_days_not_twelve_days(tmp_path: Path) -> None:
+    _, samples = _read_demographics(tmp_path, "fhir")
+    assert samples["p1"].targets["time_d"] == pytest.approx(365.25)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fmt", ["fhir", "omop"])
+def test_a_time_in_a_unit_the_contract_cannot_take_is_a_problem(tmp_path: Path, fmt: str) -> None:
+    dataset = demo.WRITERS[fmt](tmp_path)
+    no_unit = demo.CONTRACT.model_copy(
+        update={"tasks": (demo.CONTRACT.tasks[0].model_copy(update={"unit": None}),)}
+    )
+    read = read_dataset(dataset, no_unit, tmp_path)
+    messages = {p.message for p in read.problems}
+    assert messages == {
+        "time_d is in 'mo' but the study contract gives task survival no unit to convert it"
+        " to (set unit in the contract's task)"
+    }
+    assert len(read.problems) == 3  # one per patient, each naming its row
+
+
+def test_a_value_not_in_the_recode_is_a_problem_naming_what_it_knows(tmp_path: Path) -> None:
+    dataset = demo.WRITERS["csv"](tmp_path)
+    path = tmp_path / "patients.csv"
+    path.write_text(path.read_text(encoding="utf-8").replace("p2,F,", "p2,W,"), encoding="utf-8")
+    read = read_dataset(dataset, demo.CONTRACT, tmp_path)
+    assert [(p.row, p.column, p.message) for p in read.problems] == [
+        (3, "sex", "'W' is not a number (recode knows ['F', 'M'])")
+    ]
+
+
+def test_a_fhir_value_type_that_holds_no_number_is_named(tmp_path: Path) -> None:
+    dataset = demo.WRITERS["fhir"](tmp_path)
+    path = tmp_path / "export.ndjson"
+    text = path.read_text(encoding="utf-8").replace(
+        '"valueString": "no"', '"valueRange": {"low": {"value": 1}}'
+    )
+    path.write_text(text, encoding="utf-8")
+    read = read_dataset(dataset, demo.CONTRACT, tmp_path)
+    assert [p.message for p in read.problems] == [
+        "Observation smoker (smoker) has a valueRange, which maps to no number"
+    ]
+    assert read.problems[0].column == "Observation/p3-1"
+
+
+@pytest.mark.parametrize("fmt", ["fhir", "omop"])
+def test_a_birth_date_after_the_index_date_is_a_problem(tmp_path: Path, fmt: str) -> None:
+    dataset = demo.WRITERS[fmt](tmp_path)
+    late = DatasetConfig.model_validate({**dataset.model_dump(), "index_date": "1985-01-01"})
+    read = read_dataset(late, demo.CONTRACT, tmp_path)
+    assert [p.message for p in read.problems] == [
+        "birth date 1990-07-01 is after the index date 1985-01-01"
+    ]
+
+
+def test_an_age_from_birth_dates_needs_an_index_date() -> None:
+    with pytest.raises(ValueError, match="index_date"):
+        DatasetConfig.model_validate(
+            {"name": "e", "format": "fhir", "paths": ["x.ndjson"],
+             "numeric": {"age": {"patient": "age"}}}
+        )  # fmt: skip
+
+
+def test_the_docs_connector_table_names_everything_the_connectors_read() -> None:
+    from medfed.sites.connectors import fhir, omop
+
+    docs = (Path(__file__).parents[3] / "docs" / "site.md").read_text(encoding="utf-8")
+    table = docs[docs.index("### What the FHIR and OMOP connectors read") :]
+    table = table[: table.index("### One sample per patient")]
+    read = [*fhir.RESOURCES, *fhir.VALUE_TYPES, *omop.TABLES]
+    read += [c.replace("measurement_", "*_").replace("observation_", "*_") for c in omop.COLUMNS]
+    missing = [name for name in read if name not in table]
+    assert missing == []

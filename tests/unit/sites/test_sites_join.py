@@ -130,3 +130,35 @@ def test_manifest_holds_counts_not_values() -> None:
     text = str(document)
     for raw in ("5.25", "6.5", "p1", "CCO", "E11"):
         assert raw not in text
+
+
+def test_a_small_site_gets_its_minimum_held_out_in_hash_order() -> None:
+    import hashlib
+
+    ids = [f"p{i}" for i in range(6)]
+    samples = [PatientSample(pid, {}, {}) for pid in ids]
+
+    def rank(pid: str) -> int:
+        return int.from_bytes(hashlib.sha256(pid.encode()).digest()[:4], "big") % 1000
+
+    by_hash = sorted(ids, key=rank)
+    train, held_out = split_by_patient(samples, per_mille=0, minimum=2)
+    assert {s.patient_id for s in held_out} == set(by_hash[:2])
+    assert len(train) == 4
+    # never more than half the patients, whatever the minimum
+    _, held_out = split_by_patient(samples, per_mille=0, minimum=50)
+    assert len(held_out) == 3
+    # a fraction already above the minimum is left as it is
+    _, held_out = split_by_patient(samples, per_mille=1000, minimum=2)
+    assert len(held_out) == 6
+
+
+def test_the_contracts_holdout_keys_leave_old_digests_alone() -> None:
+    from medfed.model.contract import DEMO_CONTRACT
+
+    # DEMO_CONTRACT's digest before task units and hold-out keys existed (main, 2026-12-04)
+    assert DEMO_CONTRACT.sha256() == (
+        "0e186d850ba5f1672100c5edb90d924c0712adb4b907e5506480937d0e37105f"
+    )
+    changed = DEMO_CONTRACT.model_copy(update={"holdout_fraction": 0.3})
+    assert changed.sha256() != DEMO_CONTRACT.sha256()

@@ -10,7 +10,7 @@ import pytest
 
 from medfed.model.contract import DEMO_CONTRACT as CONTRACT
 from medfed.sites.synthetic import TABLE_NAME, site_ids, write_synthetic_consortium
-from medfed.sites.tabular import read_site_table
+from tests.reference_table import read_site_table
 
 
 def _tables(root: Path) -> dict[str, bytes]:

@@ -1,5 +1,5 @@
-"""Reading the coordinator's TOML files with errors that name the file (and, for schema
-errors, the key): one place, so `consortium.toml` and `study.toml` read alike."""
+"""Reading medfed's TOML files (consortium.toml, study.toml, site.toml) with errors that
+name the file and, for schema errors, the key: one place, so every file reads alike."""
 
 from __future__ import annotations
 

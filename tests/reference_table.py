@@ -1,4 +1,6 @@
-"""A site's clinical table (CSV, one row per patient) read onto the study's contract.
+"""The tests' own reader of a synthetic site's table (CSV, one row per patient): the
+reference that what a site trained on is checked against, written apart from the site's
+connectors (`medfed.sites.connectors`, `medfed.sites.manifest`), which the sites run.
 
 Every row is checked: a missing or repeated patient id, a value that is not a
 number, outside the feature's plausible range, or an outcome other than 0/1 is a

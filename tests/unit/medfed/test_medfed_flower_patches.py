@@ -1,0 +1,140 @@
+"""Flower's door: the patches (object pulls wait at most 0.5 s for a part still in
+transit; the SuperNode's polls are capped and it heartbeats often enough to rejoin fast)
+and the flwr version check."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from importlib import metadata
+
+import pytest
+
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", r"'click\.utils\.get_\w+_stream' is deprecated", DeprecationWarning
+    )
+    from medfed.client.supernode import main as supernode_main
+    from medfed.flower import FlowerVersionError, require_supported_flwr, testing, version
+    from medfed.flower.patches import CappedSleep, shorten_object_pull_backoff
+    from medfed.flower.testing import inflatable_utils
+
+
+@pytest.fixture
+def restore_defaults() -> object:
+    saved = dict(inflatable_utils.pull_objects.__kwdefaults__ or {})
+    yield saved
+    inflatable_utils.pull_objects.__kwdefaults__ = saved
+
+
+def test_backoff_is_capped_and_only_ever_shortened(restore_defaults: dict[str, float]) -> None:
+    assert restore_defaults["initial_backoff"] == 1  # Flower 1.42's default, what we cap
+    assert shorten_object_pull_backoff() == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+    assert shorten_object_pull_backoff(initial_s=0.2, cap_s=2.0) == {
+        "initial_backoff": 0.05,
+        "backoff_cap": 0.5,
+    }
+
+
+def test_a_missing_part_is_asked_for_again_within_the_cap(
+    restore_defaults: dict[str, float],
+) -> None:
+    shorten_object_pull_backoff()
+    asks: list[str] = []
+
+    def pull(object_id: str) -> bytes:
+        asks.append(object_id)
+        if len(asks) < 4:  # in transit for three asks
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"content"
+
+    started = time.monotonic()
+    got = inflatable_utils.pull_objects(["a"], pull_object_fn=pull)
+    assert got == {"a": b"content"}
+    assert len(asks) == 4
+    assert time.monotonic() - started < 1.0  # Flower's defaults: 1 + 2 + 4 s
+
+
+def test_sleeps_are_capped_and_other_time_functions_pass_through() -> None:
+    capped = CappedSleep(0.05)
+    started = time.monotonic()
+    capped.sleep(3)
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    capped.sleep(0.02)
+    assert time.monotonic() - started >= 0.02
+    assert capped.monotonic is time.monotonic and capped.time is time.time
+
+
+def test_the_supernode_heartbeats_often_enough_for_flowers_shortest_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A killed SuperNode is held online (and refused again) for HEARTBEAT_PATIENCE
+    # intervals after its last heartbeat: the wrapper announces Flower's shortest
+    # interval, and the sender must then beat well inside the window it announced.
+    from flwr.common.constant import (
+        HEARTBEAT_BASE_MULTIPLIER,
+        HEARTBEAT_CALL_TIMEOUT,
+        HEARTBEAT_MIN_INTERVAL,
+        HEARTBEAT_PATIENCE,
+        HEARTBEAT_RANDOM_RANGE,
+    )
+
+    fleet, heartbeat = testing.fleet_connection_module, testing.heartbeat_module
+    internal, cli = testing.supernode_internal_module, testing.supernode_cli_module
+    patched = ((fleet, "HEARTBEAT_DEFAULT_INTERVAL"), (heartbeat, "HEARTBEAT_DEFAULT_INTERVAL"),
+               (internal, "time"))  # fmt: skip
+    for module, name in patched:
+        monkeypatch.setattr(module, name, getattr(module, name))  # undone after the test
+    pull_objects = inflatable_utils.pull_objects
+    monkeypatch.setattr(pull_objects, "__kwdefaults__", dict(pull_objects.__kwdefaults__ or {}))
+    ran: list[list[str]] = []
+    monkeypatch.setattr(cli, "flower_supernode", lambda: ran.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["medfed.client.supernode", "0.2", "--superlink", "x:1"])
+
+    supernode_main()
+
+    assert ran == [["flower-supernode", "--superlink", "x:1"]]
+    assert isinstance(internal.time, CappedSleep)
+    assert pull_objects.__kwdefaults__["backoff_cap"] == 0.2
+    assert fleet.HEARTBEAT_DEFAULT_INTERVAL == HEARTBEAT_MIN_INTERVAL == 10
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == HEARTBEAT_MIN_INTERVAL
+    longest_gap_s = (HEARTBEAT_MIN_INTERVAL - HEARTBEAT_CALL_TIMEOUT) * (
+        HEARTBEAT_BASE_MULTIPLIER + HEARTBEAT_RANDOM_RANGE[1]
+    ) + HEARTBEAT_CALL_TIMEOUT
+    assert longest_gap_s < HEARTBEAT_PATIENCE * HEARTBEAT_MIN_INTERVAL / 2
+
+
+@pytest.mark.parametrize("installed", ["1.42.0", "1.42.7", "1.42"])
+def test_the_supported_release_line_passes(installed: str) -> None:
+    assert require_supported_flwr(installed) == installed
+    assert require_supported_flwr() == metadata.version("flwr")
+
+
+@pytest.mark.parametrize("installed", ["1.43.0", "1.41.2", "2.0.0", "1.420.0"])
+def test_another_flwr_fails_with_one_line_naming_both_versions(installed: str) -> None:
+    with pytest.raises(FlowerVersionError) as caught:
+        require_supported_flwr(installed)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"flwr {installed} is installed" in message and "flwr==1.42.*" in message
+
+
+def test_the_cli_turns_an_unsupported_flwr_into_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import typer
+
+    from medfed.cli_common import guard
+
+    monkeypatch.setattr(version, "flwr_version", lambda: "1.43.1")
+    with pytest.raises(typer.Exit) as exited:
+        guard(require_supported_flwr)
+    assert exited.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("medfed: error: flwr 1.43.1 is installed, but medfed uses flwr 1.42.x")
+    monkeypatch.setattr(version, "flwr_version", lambda: None)
+    with pytest.raises(FlowerVersionError, match="flwr is not installed"):
+        require_supported_flwr()
