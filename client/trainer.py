@@ -288,7 +288,11 @@ class SiteTrainer:
             request.arrays, request.model_sha256, request.preset, request.model_identity
         )
         anchor = {name: tensor.detach().clone() for name, tensor in model.named_parameters()}
-        freeze_untrained(model, self._groups)
+        # The groups this data can teach that the preset's network has (a linear model
+        # has no encoders or fusion).
+        present = {parameter_group(name) for name, _ in model.named_parameters()}
+        groups = tuple(group for group in self._groups if group in present)
+        freeze_untrained(model, groups)
         train_set = TensorDataset(*self._train)
         count = self.noisy_count()
         plan = self._gate.plan(request, unit=unit, count=count, contract=self._contract)
@@ -345,7 +349,7 @@ class SiteTrainer:
             epsilon=epsilon,
             noise_multiplier=plan.event.noise_multiplier,
             incoming=incoming,
-            trained_groups=",".join(self._groups),
+            trained_groups=",".join(groups),
             dataset_sha256=self._gate.keyed_digest(self.dataset_fingerprint),
         )
 

@@ -38,6 +38,17 @@ from medfed.model.contract import StudyContract  # noqa: E402
 from medfed.sites.config import DatasetConfig  # noqa: E402
 
 POLICY = {"epsilon_cap": 8.0, "min_cohort_k": 10}
+TABULAR_STUDY: dict[str, Any] = {
+    "preset": "linear",
+    "num-server-rounds": 3,
+    "local-steps": 5,
+    "learning-rate": 0.5,
+    "max-grad-norm": 1.0,
+    "sample-rate": 0.5,
+    "secagg-clip": 10.0,
+}
+"""A few hundred patients, a dozen features: a linear model, large DP batches, few short
+rounds (chosen on `medfed bench utility` on these public studies, see docs/benchmarks.md)."""
 
 
 def _site_toml(folder: Path, site_id: str, name: str, datasets: Sequence[DatasetConfig]) -> None:
@@ -167,7 +178,7 @@ def build_lung(notes: list[str]) -> None:
                 relative_to=folder,  # type: ignore[arg-type]
             )
         _site_toml(folder, site, f"NCCTG lung, {site.removeprefix('lung-')} site", [dataset])
-    _study_toml("lung", LUNG)
+    _study_toml("lung", LUNG, **TABULAR_STUDY)
 
 
 def build_breast(notes: list[str]) -> None:
@@ -220,7 +231,7 @@ def build_breast(notes: list[str]) -> None:
         )
         assert np.isfinite(matrix.to_numpy(dtype=float)).all()
         _site_toml(folder, site, f"breast cancer, {site}", [clinical, omics])
-    _study_toml("breast", contract)
+    _study_toml("breast", contract, **TABULAR_STUDY)
 
 
 def build_freesolv(notes: list[str]) -> None:

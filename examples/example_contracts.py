@@ -39,6 +39,12 @@ def _numeric(
     )
 
 
+LUNG_CUTS_DAYS = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)
+"""Clinical landmarks for advanced lung cancer (quarters of the first year, 18 months,
+two years), fixed before looking at any site's data."""
+BREAST_CUTS_DAYS = (365.0, 730.0, 1096.0, 1826.0, 2557.0, 3652.0)
+"""1, 2, 3, 5, 7 and 10 years: the usual landmarks of breast-cancer follow-up."""
+
 LUNG = StudyContract(
     name="lung",
     numeric=(
@@ -51,14 +57,23 @@ LUNG = StudyContract(
         _numeric("meal_calories", "kcal", 0, 5000, 930, 400, optional=True),
         _numeric("weight_loss", "kg", -40, 60, 4.4, 5.9),
     ),
-    tasks=(TaskSpec(name="survival", kind="survival", target="time_days", event="died"),),
+    tasks=(
+        TaskSpec(
+            name="survival",
+            kind="survival",
+            target="time_days",
+            event="died",
+            interval_cuts=LUNG_CUTS_DAYS,
+        ),
+    ),
 )
 """NCCTG lung cancer: performance scores, intake and weight loss; overall survival."""
 
 
 def breast_contract(genes: tuple[str, ...], expression: np.ndarray) -> StudyContract:
-    """Breast cancer: the 76-gene panel (reference scaling from the published matrix),
-    age, tumour size, ER status and grade; distant-metastasis-free survival."""
+    """Breast cancer: the 76-gene panel (per-gene reference scaling from the published
+    matrix, a public reference cohort), age, tumour size, ER status and grade;
+    distant-metastasis-free survival."""
     return StudyContract(
         name="breast",
         numeric=(
@@ -83,8 +98,18 @@ def breast_contract(genes: tuple[str, ...], expression: np.ndarray) -> StudyCont
             transform="none",
             reference_mean=round(float(np.mean(expression)), 3),
             reference_scale=round(float(np.std(expression)), 3),
+            gene_means=tuple(round(float(v), 4) for v in np.mean(expression, axis=0)),
+            gene_scales=tuple(round(float(v), 4) for v in np.std(expression, axis=0)),
         ),
-        tasks=(TaskSpec(name="metastasis", kind="survival", target="time_days", event="event"),),
+        tasks=(
+            TaskSpec(
+                name="metastasis",
+                kind="survival",
+                target="time_days",
+                event="event",
+                interval_cuts=BREAST_CUTS_DAYS,
+            ),
+        ),
     )
 
 
@@ -92,9 +117,18 @@ FREESOLV = StudyContract(
     name="freesolv",
     patient_id="molecule_id",
     molecule=MoleculeSpec(max_length=64),
-    tasks=(TaskSpec(name="hydration", kind="regression", target="hydration_free_energy"),),
+    tasks=(
+        TaskSpec(
+            name="hydration",
+            kind="regression",
+            target="hydration_free_energy",
+            reference_mean=-3.8,
+            reference_scale=3.8,
+        ),
+    ),
 )
-"""FreeSolv: experimental hydration free energy (kcal/mol) of small molecules."""
+"""FreeSolv: experimental hydration free energy (kcal/mol) of small molecules; the target's
+reference (-3.8 +- 3.8 kcal/mol) is the published database's spread."""
 
 AMP = StudyContract(
     name="amp",

@@ -280,3 +280,87 @@ def _render_secagg(document: dict[str, Any]) -> None:
                 f" {demo['plain']['duration_s_median']} s, ratio {demo['ratio_secure_to_plain']}"
             )
         )
+
+
+def _epsilons(text: str) -> list[float]:
+    import math
+
+    values: list[float] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = math.inf if part.lower() in ("inf", "none") else float(part)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            fail(f"--epsilon: expected positive numbers or inf, got {part!r}", 2)
+        values.append(value)
+    return values
+
+
+@bench_app.command("utility")
+def bench_utility(
+    study: Annotated[
+        list[str] | None,
+        typer.Option(help="Example study (repeat the option): lung, breast, freesolv, amp."),
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, max=20, help="Seeds per arm.")] = 3,
+    epsilon: Annotated[
+        str, typer.Option(help="Epsilons of the federated arms, comma-separated; inf: no DP.")
+    ] = "1,3,8,inf",
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, max=1000, help="Replace each study's round count (quick checks)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write utility.json and PNG plots here; docs/benchmarks also"
+            " rewrites docs/benchmarks.md."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """Learning quality on the example consortia: pooled classical and medfed models, each
+    site alone, federated without and with DP at each epsilon (the real round loop)."""
+    from medfed.bench.utility import STUDIES, run_utility_bench
+    from medfed.bench.utility_report import table_rows, write_report
+
+    names = tuple(study or STUDIES)
+    unknown = [name for name in names if name not in STUDIES]
+    if unknown:
+        fail(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}", 2)
+    command = "medfed bench utility " + " ".join(
+        [*(f"--study {n}" for n in study or ()), f"--seeds {seeds}", f"--epsilon {epsilon}"]
+        + ([f"--rounds {rounds}"] if rounds else [])
+        + ([f"--out {out}"] if out else [])
+    )
+
+    def show(line: str) -> None:
+        if not as_json and stderr.is_terminal:
+            stderr.print(Text(line))
+
+    document = run_utility_bench(
+        names,
+        seeds=seeds,
+        epsilons=_epsilons(epsilon),
+        command=command,
+        rounds=rounds,
+        progress=show,
+    )
+    if out is not None:
+        for path in write_report(document, out):
+            stderr.print(Text(f"wrote {path}"))
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+        return
+    from rich.table import Table
+
+    header, rows = table_rows(document)
+    table = Table(title="Held-out metric on the example consortia (mean ± std over seeds)")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)

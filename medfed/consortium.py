@@ -8,8 +8,10 @@ In a real consortium each hospital's operator and officer do these steps themsel
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medfed.client.config import (
     SITE_TOML,
@@ -190,11 +192,14 @@ def write_example_consortium(
     rounds: int | None = None,
     examples: Path = EXAMPLES_ROOT,
     coordinator_key: VerifyKey | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[StudySettings, tuple[DemoSite, ...]]:
     """Copy the example study's sites (each reading its own format) under `root/<site id>/`
     with fresh signing and officer keys, approve the study at each, and return the study.
 
     The examples ship no keys: every copy gets its own, as `write_demo_consortium` does.
+    `overrides` replaces study keys (run-config names, e.g. `target-epsilon`) before the
+    approvals, which bind the study's digest (`medfed bench utility` varies them).
     """
     import shutil
 
@@ -204,10 +209,11 @@ def write_example_consortium(
     if example not in example_names(examples):
         raise ValueError(f"no example study {example!r}; there are {list(example_names(examples))}")
     study = load_study_file(examples / "studies" / f"{example}.toml")
-    if rounds is not None:  # before the approvals, which bind the study's digest
-        study = StudySettings.from_run_config(
-            {**study.to_run_config(), "num-server-rounds": rounds}
-        )
+    changes = dict(overrides or {})
+    if rounds is not None:
+        changes["num-server-rounds"] = rounds
+    if changes:  # before the approvals, which bind the study's digest
+        study = StudySettings.from_run_config({**study.to_run_config(), **changes})
     sites: list[DemoSite] = []
     identities = DemoIdentities(root / IDENTITY_CA_DIR)
     for source in sorted(examples.glob(f"{example}-*")):
@@ -215,8 +221,10 @@ def write_example_consortium(
             continue
         site_id = load_site_config(source / SITE_TOML).site.id
         folder = root / site_id
-        shutil.copytree(source, folder)
+        # Example keys written by `build_consortium.py --keys` stay behind: each copy gets its own.
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("keys"))
         config = load_site_config(folder / SITE_TOML)
+        config.signing_key_path.parent.mkdir(parents=True, exist_ok=True)
         signing = SigningKey.generate()
         signing.save(config.signing_key_path)
         signing.public.save(config.signing_key_path.with_suffix(".pub"))

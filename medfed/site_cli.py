@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from medfed.cli_common import fail, guard, stdout
+from medfed.model.presets import Suggestion, suggest_preset
 from medfed.site_fit import MIN_COVERAGE
 
 if TYPE_CHECKING:
@@ -112,9 +113,16 @@ class SiteCheck:
                 "ready": self.identity_problem is None,
                 "problem": self.identity_problem,
             },
+            "suggestion": self.suggestion.__dict__,
             "problems": [problem_json(problem) for problem in self.problems],
             **({} if self.fit is None else self.fit.to_json()),
         }
+
+    @property
+    def suggestion(self) -> Suggestion:
+        """The model preset, local steps and sample rate that suit this cohort."""
+        sequences = self.contract.molecule is not None or self.contract.protein is not None
+        return suggest_preset(patients=len(self.data.train), sequences=sequences)
 
 
 @dataclass(frozen=True)
@@ -375,6 +383,14 @@ def _print_check(check: SiteCheck, console: object) -> None:
         console.print(
             Text(f"WARNING: secure aggregation: {check.identity_problem}", style="bold red")
         )
+    hint = check.suggestion
+    console.print(
+        Text(
+            f"suggested for this cohort: preset {hint.preset}, local-steps {hint.local_steps},"
+            f" sample-rate {hint.sample_rate:g} ({hint.reason})"
+        ),
+        soft_wrap=True,
+    )
     if check.fit is not None:
         _print_fit(check.fit, console)
     if check.throughput is not None:

@@ -9,7 +9,9 @@ The contract's digest (`StudyContract.sha256`) is part of the model's identity.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -89,6 +91,22 @@ class OmicsPanel(_Frozen):
     transform: Literal["log1p", "none"] = "log1p"
     reference_mean: float = 0.0
     reference_scale: float = Field(default=1.0, gt=0)
+    gene_means: tuple[float, ...] = ()
+    """Per gene, the reference mean of the transformed value (a public reference cohort);
+    empty: `reference_mean` for every gene."""
+    gene_scales: tuple[float, ...] = ()
+    """Per gene, the reference scale (> 0); empty: `reference_scale` for every gene."""
+
+    @model_validator(mode="after")
+    def _per_gene_references_fit(self) -> OmicsPanel:
+        for name, values in (("gene_means", self.gene_means), ("gene_scales", self.gene_scales)):
+            if values and len(values) != len(self.genes):
+                raise ValueError(f"{name} has {len(values)} values for {len(self.genes)} genes")
+            if any(not math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite")
+        if any(v <= 0 for v in self.gene_scales):
+            raise ValueError("gene_scales must be positive")
+        return self
 
     @field_validator("genes")
     @classmethod
@@ -154,6 +172,10 @@ class ProteinSpec(_Frozen):
 
 
 TaskKind = Literal["binary", "multiclass", "regression", "survival"]
+SurvivalLoss = Literal["discrete-hazard", "cox"]
+"""How a survival head is trained: a discrete-time hazard over the task's intervals (a sum
+of per-patient terms, so DP-SGD's per-sample clipping bounds each patient), or the Cox
+partial likelihood (couples patients through risk sets: not bounded by clipping)."""
 
 
 class TaskSpec(_Frozen):
@@ -161,6 +183,11 @@ class TaskSpec(_Frozen):
 
     `target` is the label's field (for survival: the time); `event` is the survival
     event indicator (1 = event); `classes` names a multiclass task's classes in order.
+    A survival task's `survival_loss` picks its loss; the discrete-time hazard splits
+    follow-up at `interval_cuts` (in the target's unit, e.g. days), which the contract
+    declares from public knowledge (clinical landmarks), never from a site's data.
+    `reference_mean` / `reference_scale` standardise a regression target the same way
+    features are (the head predicts the standardised value; metrics are in real units).
     `unit` is the UCUM unit of a survival time or regression target (`d`, `mo`, `a`):
     sites convert their values to it, and a site value in another unit with no `unit`
     here is a problem, never taken as is.
@@ -171,6 +198,12 @@ class TaskSpec(_Frozen):
     target: str = Field(pattern=_FIELD)
     event: str | None = Field(default=None, pattern=_FIELD)
     classes: tuple[str, ...] = ()
+    survival_loss: SurvivalLoss = "discrete-hazard"
+    interval_cuts: tuple[float, ...] = ()
+    """Cut points (strictly increasing, > 0) of the discrete-time hazard's intervals:
+    [0, c1), [c1, c2), ..., [c_last, inf). None: one interval (event or not)."""
+    reference_mean: float = 0.0
+    reference_scale: float = Field(default=1.0, gt=0)
     unit: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
@@ -189,9 +222,32 @@ class TaskSpec(_Frozen):
                 raise ValueError(f"task {self.name}: classes repeat: {_repeated(self.classes)}")
         elif self.classes:
             raise ValueError(f"task {self.name}: only a multiclass task has classes")
+        cuts = self.interval_cuts
+        if cuts and (self.kind != "survival" or self.survival_loss != "discrete-hazard"):
+            raise ValueError(
+                f"task {self.name}: interval_cuts belong to a discrete-hazard survival task"
+            )
+        if any(not math.isfinite(c) or c <= 0 for c in cuts) or any(
+            b <= a for a, b in itertools.pairwise(cuts)
+        ):
+            raise ValueError(
+                f"task {self.name}: interval_cuts must be finite, positive and increasing"
+            )
+        if self.kind != "regression" and (self.reference_mean, self.reference_scale) != (0, 1):
+            raise ValueError(f"task {self.name}: only a regression target has a reference")
         if self.unit is not None and self.kind not in ("survival", "regression"):
             raise ValueError(f"task {self.name}: only a survival or regression target has a unit")
         return self
+
+    @property
+    def discrete_hazard(self) -> bool:
+        """A survival task trained with the discrete-time hazard loss."""
+        return self.kind == "survival" and self.survival_loss == "discrete-hazard"
+
+    @property
+    def intervals(self) -> int:
+        """Intervals of a discrete-hazard task: one more than its cuts (else 1)."""
+        return len(self.interval_cuts) + 1 if self.discrete_hazard else 1
 
     @property
     def label_fields(self) -> tuple[str, ...]:
@@ -200,8 +256,10 @@ class TaskSpec(_Frozen):
 
     @property
     def outputs(self) -> int:
-        """Outputs of the task's head per sample."""
-        return len(self.classes) if self.kind == "multiclass" else 1
+        """Outputs of the task's head per sample: classes, intervals, else 1."""
+        if self.kind == "multiclass":
+            return len(self.classes)
+        return self.intervals
 
 
 class StudyContract(_Frozen):

@@ -8,15 +8,19 @@ sample's summed task losses, so that Opacus's per-sample gradient (it scales by 
 batch's row count for a mean loss) is exactly the gradient of that patient's own loss.
 A mean over labelled samples only would scale a patient's gradient by rows/labelled.
 
-The Cox partial likelihood is not a sum of independent per-sample terms: a patient's
-term depends on everyone still at risk. Under DP-SGD its per-sample clipping does not
-bound one patient's whole influence; `SURVIVAL_DP_CAVEAT` says so, and callers that
-train a survival task with DP must warn loudly (privacy is never silently weaker).
+Survival tasks train by default with a discrete-time hazard (`discrete_hazard_loss`):
+follow-up is split at the contract's interval cuts, and each patient contributes the
+logistic loss of "event in this interval or not" over the intervals they were at risk
+in. That is a sum of per-patient terms, so DP-SGD's per-sample clipping bounds one
+patient's whole influence. The Cox partial likelihood (`survival_loss = "cox"`) is not:
+a patient's term depends on everyone still at risk, so its per-sample clipping does not
+bound one patient's influence; `SURVIVAL_DP_CAVEAT` says so, and callers that train it
+with DP must warn loudly (privacy is never silently weaker).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -34,9 +38,9 @@ TaskTargets = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 """Per task name: (target, present mask), as `model.tokenize.split_tensors` returns them."""
 
 SURVIVAL_DP_CAVEAT = (
-    "the Cox partial likelihood couples patients through their risk sets, so DP-SGD's"
-    " per-sample clipping does not bound one patient's whole influence on a survival"
-    " task: its epsilon is optimistic for that task"
+    'the Cox partial likelihood (survival_loss = "cox") couples patients through their'
+    " risk sets, so DP-SGD's per-sample clipping does not bound one patient's whole"
+    " influence on a survival task: its epsilon is optimistic for that task"
 )
 
 
@@ -114,6 +118,65 @@ def cox_loss(risk: torch.Tensor, target: torch.Tensor, present: torch.Tensor) ->
     return losses.index_add(0, index, terms)
 
 
+def interval_index(times: torch.Tensor, cuts: Sequence[float]) -> torch.Tensor:
+    """Each time's interval among [0, c1), [c1, c2), ..., [c_last, inf): an int64 index."""
+    boundaries = torch.tensor(list(cuts), dtype=times.dtype, device=times.device)
+    return torch.searchsorted(boundaries, times.contiguous(), right=True)
+
+
+def discrete_hazard_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    present: torch.Tensor,
+    *,
+    cuts: Sequence[float],
+) -> torch.Tensor:
+    """Per-sample negative log-likelihood of a discrete-time (logistic) hazard model.
+
+    `logits` (n, K) are the hazard logits of the K = len(cuts) + 1 intervals; `target` is
+    (n, 2) = (time, event 1/0). A patient whose time falls in interval j was at risk in
+    intervals 0..j: they contribute the binary cross-entropy of "no event" in 0..j-1 and of
+    their event indicator in j (censoring counts as surviving interval j, the person-period
+    convention). Unlabelled samples contribute 0. The loss of one patient depends only on
+    that patient's own output, so per-sample clipping bounds their influence.
+    """
+    n = logits.shape[0]
+    mask = _labelled(present, n)
+    if target.shape != (n, 2):
+        raise ValueError(f"survival target has shape {tuple(target.shape)}, expected ({n}, 2)")
+    if logits.ndim == 1 and not cuts:  # one interval: the head gives (n,)
+        logits = logits.unsqueeze(1)
+    if logits.ndim != 2 or logits.shape[1] != len(cuts) + 1:
+        raise ValueError(
+            f"hazard logits have shape {tuple(logits.shape)}, expected ({n}, {len(cuts) + 1})"
+        )
+    safe = torch.where(mask.unsqueeze(1), target.to(logits.dtype), 0.0)
+    last = interval_index(safe[:, 0], cuts)
+    columns = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    at_risk = columns <= last.unsqueeze(1)
+    happened = (columns == last.unsqueeze(1)) & (safe[:, 1:2] > 0.5)
+    terms = functional.binary_cross_entropy_with_logits(
+        logits, happened.to(logits.dtype), reduction="none"
+    )
+    losses = torch.where(at_risk, terms, 0.0).sum(dim=1)
+    return torch.where(mask, losses, 0.0)
+
+
+def survival_risk(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:
+    """A survival head's risk score per sample (higher = earlier event), shape (n,).
+
+    Discrete hazard: the mean of the interval logits, a constant shift of the patient's
+    log-odds (the head is proportional: a shared baseline per interval plus one score),
+    so it ranks patients as their hazard does. Cox: the log hazard ratio itself.
+    """
+    return output.mean(dim=1) if task.discrete_hazard and output.ndim == 2 else output
+
+
+def regression_target(task: TaskSpec, target: torch.Tensor) -> torch.Tensor:
+    """A regression target in the head's standardised units (the contract's reference)."""
+    return (target - task.reference_mean) / task.reference_scale
+
+
 def task_loss(
     task: TaskSpec,
     output: torch.Tensor,
@@ -128,7 +191,9 @@ def task_loss(
     if task.kind == "multiclass":
         return multiclass_loss(output, target, present)
     if task.kind == "regression":
-        return regression_loss(output, target, present, kind=regression)
+        return regression_loss(output, regression_target(task, target), present, kind=regression)
+    if task.discrete_hazard:
+        return discrete_hazard_loss(output, target, present, cuts=task.interval_cuts)
     return cox_loss(output, target, present)
 
 

@@ -26,6 +26,13 @@ from torch import nn
 from medfed.model.contract import Modality, StudyContract
 from medfed.model.errors import InputError
 from medfed.model.presets import Preset, PresetName, preset_named
+from medfed.model.tabular import (
+    tabular_encoders,
+    tabular_pooled,
+    tabular_width,
+    task_head,
+    zero_heads,
+)
 from medfed.model.tokenizers import PAD, input_layout, tokenizers_for
 
 __all__ = [
@@ -230,10 +237,13 @@ def _encoder(modality: Modality, contract: StudyContract, hidden: int) -> nn.Mod
 class MedModel(nn.Module):
     """Encoders for the contract's modalities, the fusion transformer and one head per task.
 
-    `forward(*inputs)` takes the tensors of `model.tokenizers.input_layout(contract)` (as
-    `EncodedBatch.inputs` holds them) and returns each task's outputs by task name:
-    shape (n,) for binary (a logit), regression and survival (a log-risk), (n, classes)
-    for multiclass (logits).
+    The preset's architecture picks the body: the fusion transformer, or the tabular
+    `linear` / `mlp` (see `model.tabular`); the heads are alike. `forward(*inputs)` takes
+    the tensors of `model.tokenizers.input_layout(contract)` (as `EncodedBatch.inputs`
+    holds them) and returns each task's outputs by task name: shape (n,) for binary (a
+    logit), regression and Cox survival (a log-risk), (n, classes) for multiclass
+    (logits), (n, intervals) for discrete-hazard survival (hazard logits; a task with
+    one interval gives (n,)).
     """
 
     def __init__(self, contract: StudyContract, preset: Preset) -> None:
@@ -241,13 +251,22 @@ class MedModel(nn.Module):
         self.contract = contract
         self.preset = preset
         self._layout = input_layout(contract)
+        self._fused = preset.architecture == "fusion"
         h = preset.hidden
-        encoders: dict[str, nn.Module] = {m: _encoder(m, contract, h) for m in contract.modalities}
-        self.encoders = nn.ModuleDict(encoders)
-        self.fusion = Fusion(preset)
-        self.heads = nn.ModuleDict(
-            {task.name: nn.Linear(h, task.outputs) for task in contract.tasks}
-        )
+        if self._fused:
+            encoders: dict[str, nn.Module] = {
+                m: _encoder(m, contract, h) for m in contract.modalities
+            }
+            self.encoders = nn.ModuleDict(encoders)
+            self.fusion: Fusion | None = Fusion(preset)
+            width = h
+        else:
+            self.encoders = tabular_encoders(contract, h)
+            self.fusion = None
+            width = tabular_width(contract, h)
+        self.heads = nn.ModuleDict({task.name: task_head(task, width) for task in contract.tasks})
+        if preset.architecture == "linear":
+            zero_heads(self.heads)
 
     def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(inputs) != len(self._layout):
@@ -256,12 +275,14 @@ class MedModel(nn.Module):
                 f" got {len(inputs)}"
             )
         named = dict(zip(self._layout, inputs, strict=True))
-        documents = [encoder(named) for encoder in self.encoders.values()]
-        pooled = self.fusion(documents)
+        if self.fusion is not None:
+            pooled = self.fusion([encoder(named) for encoder in self.encoders.values()])
+        else:
+            pooled = tabular_pooled(self.contract, self.encoders, named)
         outputs: dict[str, torch.Tensor] = {}
         for task in self.contract.tasks:
             out: torch.Tensor = self.heads[task.name](pooled)
-            outputs[task.name] = out if task.kind == "multiclass" else out.squeeze(-1)
+            outputs[task.name] = out if task.outputs > 1 else out.squeeze(-1)
         return outputs
 
 

@@ -229,7 +229,9 @@ def omics_values(
             + " number",
         )
     transformed = np.log1p(np.where(measured, raw, 0.0)) if panel.transform == "log1p" else raw
-    standardised = (transformed - panel.reference_mean) / panel.reference_scale
+    means = np.asarray(panel.gene_means or panel.reference_mean, dtype=np.float64)
+    scales = np.asarray(panel.gene_scales or panel.reference_scale, dtype=np.float64)
+    standardised = (transformed - means) / scales
     return np.where(measured, standardised, 0.0).astype(np.float32), measured
 
 

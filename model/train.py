@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from medfed.model.contract import StudyContract, TaskSpec
-from medfed.model.losses import RegressionLoss, mean_task_loss, per_sample_loss
+from medfed.model.losses import RegressionLoss, mean_task_loss, per_sample_loss, survival_risk
 from medfed.model.metrics import accuracy, auroc, concordance_index, multiclass_accuracy, rmse
 from medfed.model.tokenizers import split_tensors
 
@@ -246,6 +246,10 @@ def _task_metrics(
         "examples": float(int(mask.sum())),
         "loss": mean_task_loss(task, output, target, labelled, regression=regression),
     }
+    if task.kind == "survival":
+        output = survival_risk(task, output)
+    elif task.kind == "regression":  # back to the target's own unit
+        output = output * task.reference_scale + task.reference_mean
     scores = output[mask].detach().cpu().numpy().astype(np.float64)
     truth = target[mask].detach().cpu().numpy().astype(np.float64)
     if task.kind == "binary":

@@ -193,7 +193,13 @@ MULTITASK = StudyContract(
         TaskSpec(name="readmission", kind="binary", target="readmitted_30d"),
         TaskSpec(name="stage", kind="multiclass", target="stage", classes=("i", "ii", "iii")),
         TaskSpec(name="los", kind="regression", target="length_of_stay"),
-        TaskSpec(name="death", kind="survival", target="survival_days", event="died"),
+        TaskSpec(
+            name="death",
+            kind="survival",
+            target="survival_days",
+            event="died",
+            survival_loss="cox",
+        ),
     ),
 )
 

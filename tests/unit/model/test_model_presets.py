@@ -21,13 +21,17 @@ def parameters(preset: PresetName, contract: StudyContract, *, meta: bool) -> in
 
 
 def test_presets_are_consistent() -> None:
-    assert set(PRESETS) == PRESET_NAMES == {"tiny", "small", "base", "large"}
+    assert set(PRESETS) == PRESET_NAMES == {"linear", "mlp", "tiny", "small", "base", "large"}
     for name, preset in PRESETS.items():
         assert preset.name == name
         assert preset.hidden % preset.heads == 0
-        assert preset.lower_layers >= 1 and preset.upper_layers >= 1
+        if preset.architecture == "fusion":
+            assert preset.lower_layers >= 1 and preset.upper_layers >= 1
     assert preset_named("small") is PRESETS["small"]
-    with pytest.raises(UnknownPresetError, match="known: \\['base', 'large', 'small', 'tiny'\\]"):
+    with pytest.raises(
+        UnknownPresetError,
+        match="known: \\['base', 'large', 'linear', 'mlp', 'small', 'tiny'\\]",
+    ):
         preset_named("medium")
 
 
@@ -55,3 +59,15 @@ def test_parameter_counts(
 def test_meta_and_real_builds_count_alike() -> None:
     for contract in CONTRACTS.values():
         assert parameters("small", contract, meta=True) == parameters("small", contract, meta=False)
+
+
+def test_the_suggestion_follows_the_cohort_size_and_modalities() -> None:
+    from medfed.model.presets import suggest_preset
+
+    assert suggest_preset(patients=180, sequences=False).preset == "linear"
+    assert suggest_preset(patients=180, sequences=False).sample_rate == 0.5
+    assert suggest_preset(patients=5_000, sequences=False).preset == "mlp"
+    assert suggest_preset(patients=100_000, sequences=False).preset == "tiny"
+    assert suggest_preset(patients=300, sequences=True).preset == "tiny"
+    large = suggest_preset(patients=25_600, sequences=False)
+    assert large.sample_rate == pytest.approx(0.01) and large.local_steps == 20

@@ -1,0 +1,98 @@
+"""`medfed bench utility` on one study, one seed, two rounds: the JSON's structure, and its
+classical references against lifelines fitted here on a design matrix built here (from
+the sites' samples and the contract's reference scaling, not the benchmark's features)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from lifelines import CoxPHFitter
+from lifelines.utils import concordance_index
+from typer.testing import CliRunner
+
+from medfed.bench.utility import PLAIN_ROUNDS
+from medfed.cli import app
+from medfed.client.config import load_site_config
+from medfed.coordinator.study import load_study_file
+from medfed.sites.manifest import load_site_data
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "consortium"
+runner = CliRunner()
+
+
+def _frame(samples: list, study_toml: Path) -> pd.DataFrame:  # type: ignore[type-arg]
+    contract = load_study_file(study_toml).contract
+    rows = []
+    for sample in samples:
+        row: dict[str, float] = {}
+        for feature in contract.numeric:
+            value = sample.numeric.get(feature.name)
+            if value is None:
+                row[feature.name], row[f"{feature.name}_missing"] = 0.0, 1.0
+            else:
+                standardised = (value - feature.reference_mean) / feature.reference_scale
+                row[feature.name], row[f"{feature.name}_missing"] = standardised, 0.0
+        row["T"] = sample.targets["time_days"]
+        row["E"] = sample.targets["died"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _lifelines_c_index(train: pd.DataFrame, test: pd.DataFrame) -> float:
+    covariates = [c for c in train.columns if c not in ("T", "E") and train[c].std() > 1e-9]
+    fitter = CoxPHFitter(penalizer=0.1).fit(train[[*covariates, "T", "E"]], "T", "E")
+    risk = fitter.predict_partial_hazard(test[covariates])
+    return float(concordance_index(test["T"], -risk, test["E"]))
+
+
+@pytest.mark.slow
+def test_one_study_one_seed_gives_every_arm_and_lifelines_references(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "bench", "utility", "--study", "lung", "--seeds", "1", "--epsilon", "8,inf",
+            "--rounds", "2", "--json", "--out", str(tmp_path),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    lung = document["studies"]["lung"]
+    assert document["config"]["epsilons"] == ["8", "inf"]
+    assert lung["metric"] == "c_index" and lung["higher_is_better"] is True
+    sites = sorted(lung["patients"]["train"])
+    assert sites == ["lung-csv", "lung-fhir", "lung-omop", "lung-parquet"]
+    # The initial model and each round: 2 with DP; at least PLAIN_ROUNDS without.
+    for arm, rounds in (("8", 2), ("inf", max(2, PLAIN_ROUNDS))):
+        entry = lung["federated"][arm]
+        assert len(entry["curve_mean"]) == rounds + 1
+        assert entry["values"] == [entry["curve_mean"][-1]]
+        assert 0.0 <= entry["mean"] <= 1.0
+    assert 0 < lung["federated"]["8"]["epsilon_spent"] <= 8.0
+    assert sorted(lung["sites_alone"]["medfed"]) == sites
+    assert (tmp_path / "utility.json").is_file() and (tmp_path / "utility-lung.png").is_file()
+
+    # The classical numbers, fitted here with lifelines on independently built features.
+    study_toml = EXAMPLES / "studies" / "lung.toml"
+    contract = load_study_file(study_toml).contract
+    data = {
+        site: load_site_data(load_site_config(EXAMPLES / site / "site.toml"), contract)
+        for site in sites
+    }
+    held = _frame([s for d in data.values() for s in d.held_out], study_toml)
+    pooled = _frame([s for d in data.values() for s in d.train], study_toml)
+    assert lung["patients"]["held_out"] == len(held)
+    assert lung["pooled"]["classical"]["mean"] == pytest.approx(
+        _lifelines_c_index(pooled, held), abs=1e-6
+    )
+    alone = lung["sites_alone"]["classical"]["lung-parquet"]["mean"]
+    site_frame = _frame(list(data["lung-parquet"].train), study_toml)
+    assert alone == pytest.approx(_lifelines_c_index(site_frame, held), abs=1e-6)
+    finite = [
+        v["mean"] for v in lung["sites_alone"]["classical"].values() if math.isfinite(v["mean"])
+    ]
+    assert lung["sites_alone"]["classical_mean"]["mean"] == pytest.approx(np.mean(finite))
