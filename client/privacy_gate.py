@@ -71,7 +71,7 @@ def unbounded_tasks(contract: StudyContract) -> list[str]:
     return [
         task.name
         for task in contract.tasks
-        if task.kind == "survival" and getattr(task, "survival_loss", "cox") == "cox"
+        if task.kind == "survival" and task.survival_loss == "cox"
     ]
 
 

@@ -133,7 +133,9 @@ SURVIVAL = StudyContract.model_validate(
     {
         **CONTRACT.model_dump(),
         "tasks": [
-            TaskSpec(name="death", kind="survival", target="time", event="died").model_dump()
+            TaskSpec(
+                name="death", kind="survival", target="time", event="died", survival_loss="cox"
+            ).model_dump()
         ],
     }
 )
