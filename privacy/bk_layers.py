@@ -19,6 +19,7 @@ Only plain torch ops: any backend torch runs on (cpu, cuda, rbln) runs these.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, cast
 
@@ -77,7 +78,7 @@ def _cached_gram(x: torch.Tensor, cache: GhostCache, *, shared: bool) -> torch.T
     return cache[key]
 
 
-class Tap:
+class Tap(abc.ABC):
     """What one layer recorded in the current physical batch's backward pass."""
 
     def __init__(self, module: nn.Module, name: str) -> None:
@@ -96,13 +97,13 @@ class Tap:
         """Whether this layer recorded anything since it was last cleared."""
         return bool(self.records)
 
+    @abc.abstractmethod
     def norms_sq(self, cache: GhostCache) -> torch.Tensor:
         """Each sample's squared gradient norm over this layer's parameters, (B,) fp32."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def add_clipped(self, factors: torch.Tensor, sums: dict[nn.Parameter, torch.Tensor]) -> None:
         """Add sum_i factors_i * (sample i's gradient) into `sums`, per parameter, in fp32."""
-        raise NotImplementedError
 
 
 def _add(sums: dict[nn.Parameter, torch.Tensor], parameter: Any, value: torch.Tensor) -> None:
