@@ -9,16 +9,13 @@ sites received it, so a benchmark can score each round on data it holds centrall
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
 from flwr.app import Context, Error, Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.client import client_app
 from medfed.model import wire
@@ -89,16 +86,3 @@ class MemoryGrid:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
 
-@contextlib.contextmanager
-def server_identity() -> Iterator[None]:
-    """Act as a ServerApp process: Flower stamps run, node and task ids on every message
-    from `TaskIdentity`, which its runtime sets before a ServerApp runs."""
-    saved = {name: TaskIdentity.__dict__.get(name) for name in ("_run_id", "_node_id", "_task_id")}
-    TaskIdentity._run_id = 1
-    TaskIdentity._node_id = SUPERLINK_NODE_ID
-    TaskIdentity._task_id = 1
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(TaskIdentity, name, value)

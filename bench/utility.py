@@ -279,8 +279,9 @@ def federated_dp(
 ) -> DpRun:
     """The study over the real round loop and real site handlers at `epsilon` (with
     `changes` to the study's keys, for sweeps on these public studies)."""
-    from medfed.bench.memory_grid import MemoryGrid, server_identity, site_contexts
+    from medfed.bench.memory_grid import MemoryGrid, site_contexts
     from medfed.consortium import write_example_consortium
+    from medfed.flower.grid import server_identity
 
     started = time.perf_counter()
     overrides = {

@@ -105,13 +105,15 @@ def round_table(results: object) -> Table:
     table = Table(
         title=f"run {results.run_id}: {results.rounds_completed} rounds",
         caption=f"DP-noised figures: {results.figures}",
+        caption_justify="left",
     )
-    table.add_column("round", justify="right")
-    table.add_column("sites")
-    table.add_column("train loss (pooled, noised)", justify="right")
+    table.add_column("round", justify="right", no_wrap=True)
+    table.add_column("sites", no_wrap=True)
+    table.add_column("train loss", justify="right")
     label = {"auroc": "AUROC", "c_index": "c-index"}.get(metric_name(results), "metric")
-    table.add_column(f"{label} (held-out, pooled, noised)", justify="right")
-    table.add_column(f"epsilon by site, this study (delta {results.delta or 0:g})")
+    table.add_column(f"held-out {label}", justify="right")
+    delta = f" (delta {results.delta:g})" if results.delta else ""
+    table.add_column(f"study epsilon by site{delta}", no_wrap=True)
     table.add_row(
         "0 (initial)", "", _number(results.initial_loss, 4), _number(results.initial_metric, 3), ""
     )

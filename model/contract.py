@@ -329,6 +329,7 @@ class StudyContract(_Frozen):
         Keys added after contracts were in use are left out while they hold their
         default (`_ADDED_LATER`), so those contracts keep their digest."""
         document = _without_later_defaults(self.model_dump(mode="json"))
+        document["tasks"] = [_task_without_later_defaults(task) for task in document["tasks"]]
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
@@ -363,6 +364,32 @@ def _without_later_defaults(value: Any) -> Any:
             )
         }
     return value
+
+
+_TASK_ADDED_LATER: dict[str, object] = {
+    "interval_cuts": [],
+    "reference_mean": 0.0,
+    "reference_scale": 1.0,
+}
+
+
+def _task_without_later_defaults(task: dict[str, Any]) -> dict[str, Any]:
+    """A task's keys added later, left out while they hold their default. Its
+    `survival_loss` is left out only where it means nothing (a task that is not
+    survival): a survival task's loss changed its default, so it is always hashed and
+    a survival contract written before the field keeps no digest it no longer earns."""
+    return {
+        key: item
+        for key, item in task.items()
+        if not (
+            (key == "survival_loss" and task.get("kind") != "survival")
+            or (
+                key in _TASK_ADDED_LATER
+                and item == _TASK_ADDED_LATER[key]
+                and type(item) is type(_TASK_ADDED_LATER[key])
+            )
+        )
+    }
 
 
 def _feature(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medfed.coordinator.results import RoundRecord, RunResults, write_results
+from medfed.coordinator.results import FIGURES_NOTE, RoundRecord, RunResults, write_results
 
 
 def strict_json(text: str) -> object:
@@ -126,6 +126,9 @@ def test_the_written_file_is_strict_json_with_every_field(tmp_path: Path) -> Non
         "delta": None,
         "waiting_until": None,
         "resumed_from": [],
+        "metric_name": "auroc",
+        "flower_run_id": "",
+        "figures": FIGURES_NOTE,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import stat
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def test_consortium_toml_is_read_with_defaults(tmp_path: Path) -> None:
 )
 def test_consortium_toml_names_the_bad_key(tmp_path: Path, text: str, key: str) -> None:
     path = _write(tmp_path, text)
-    with pytest.raises(ConsortiumConfigError, match=f"{path}: key {key}"):
+    where = f"{re.escape(str(path))}: (unknown )?key {re.escape(key)}"
+    with pytest.raises(ConsortiumConfigError, match=where):
         load_consortium(path)
 
 
