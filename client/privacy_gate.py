@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -326,6 +327,7 @@ class PrivacyGate:
         rate = request.sample_rate  # public: never a function of the patient count
         metrics = release_event(policy.metrics_noise_multiplier)
         rounds_left = request.planned_rounds - request.round + 1
+        future_metrics = release_event(policy.metrics_noise_multiplier, rounds_left)
         try:
             noise = calibrate_noise(
                 target_epsilon=target,
@@ -336,13 +338,15 @@ class PrivacyGate:
                 accountant=policy.accountant,
                 prior_events=[
                     *(spend.event for spend in past if spend.study_key == label),
-                    release_event(policy.metrics_noise_multiplier, rounds_left),
+                    future_metrics,
                 ],
             )
         except InfeasibleBudgetError as exc:
             return Refused("no-budget", f"out of budget: {exc}")
         noise = max(noise, policy.min_noise_multiplier)
         event = DpSgdEvent(noise_multiplier=noise, sample_rate=rate, steps=request.local_steps)
+        now = dt.datetime.now(dt.UTC)
+        approved = None if approval is None else approval.epsilon
         decision = preflight(
             policy,
             PlannedRound(
@@ -354,9 +358,22 @@ class PrivacyGate:
                 extra=(metrics,),
             ),
             past=past,
-            approved_epsilon=None if approval is None else approval.epsilon,
-            now=dt.datetime.now(dt.UTC),
+            approved_epsilon=approved,
+            now=now,
         )
+        if not decision.allowed:
+            return Refused(_DECISION_CODES.get(decision.kind, "policy"), decision.reason)
+        # The rest of the study as planned (its rounds left at this noise, their metrics'
+        # releases and the run's final evaluation) must fit the unit's caps too: a study
+        # that cannot end within them is refused now, before any step, not halfway.
+        plan = [
+            DpSgdEvent(noise_multiplier=noise, sample_rate=rate, steps=rounds_left * event.steps),
+            future_metrics,
+            metrics,
+        ]
+        refused = self._beyond_caps(plan, past=past, delta=request.delta, now=now)
+        if refused is not None:
+            return refused
         if not decision.allowed:
             return Refused(_DECISION_CODES.get(decision.kind, "policy"), decision.reason)
         return RoundPlan(
@@ -370,6 +387,37 @@ class PrivacyGate:
             if unbounded_tasks(contract)
             else "",
         )
+
+    def _beyond_caps(
+        self,
+        plan: Sequence[DpSgdEvent],
+        *,
+        past: Sequence[PastSpend],
+        delta: float,
+        now: dt.datetime,
+    ) -> Refused | None:
+        """Why `plan` on top of `past` would take the unit above a cap, or None."""
+        policy = self._config.privacy
+        windowed = [spend.event for spend in counted(past, policy.cap_window, now)]
+        in_window = epsilon_of([*windowed, *plan], delta=delta, accountant=policy.accountant)
+        if in_window > policy.epsilon_cap:
+            window = "" if policy.cap_window == "lifetime" else " for the rolling year"
+            return Refused(
+                "no-budget",
+                f"out of budget: the dataset would reach epsilon {in_window:.3f}{window} by"
+                f" the end of the study as planned, above the site's cap {policy.epsilon_cap:g}",
+            )
+        lifetime = epsilon_of(
+            [*(spend.event for spend in past), *plan], delta=delta, accountant=policy.accountant
+        )
+        if lifetime > policy.lifetime_cap:
+            return Refused(
+                "no-budget",
+                f"out of budget: the dataset would reach a lifetime epsilon {lifetime:.3f} by"
+                f" the end of the study as planned, above the site's lifetime cap"
+                f" {policy.lifetime_cap:g}",
+            )
+        return None
 
     def dataset_epsilon(self, unit: str, *, delta: float) -> float:
         """The unit's lifetime epsilon over every spend on its patients."""

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from medfed.common import natural_key
 from medfed.coordinator.audit_chain import CoordinatorAudit, NoAudit
 from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
 from medfed.coordinator.errors import CoordinatorError, RoundFailedError
@@ -298,8 +299,9 @@ def _plan(
         state.results.waiting_until = plan.eta
         report(state.results)
         log.warning(
-            "round %d: too few sites can train now; waiting until %s",
+            "round %d: too few sites can train now (%s); waiting until %s",
             state.round + 1,
+            "; ".join(f"{site}: {why}" for site, why in sorted(plan.refused.items())) or "none",
             "unknown" if plan.eta is None else plan.eta,
         )
         pause = WAIT_POLL_S if plan.eta is None else min(max(plan.eta - now, 1.0), WAIT_POLL_S)
@@ -463,7 +465,7 @@ def _run_rounds(
             },
             clipped=dict(aggregated.clipped),
         )
-        results.sites = sorted({*results.sites, *record.participants})
+        results.sites = sorted({*results.sites, *record.participants}, key=natural_key)
         results.per_round.append(record)
         extend_lineage(
             state.lineage,

@@ -37,7 +37,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 from medfed.model.contract import StudyContract  # noqa: E402
 from medfed.sites.config import DatasetConfig  # noqa: E402
 
-POLICY = {"epsilon_cap": 8.0, "min_cohort_k": 10}
+POLICY = {"epsilon_cap": 10.0, "min_cohort_k": 10}
 TABULAR_STUDY: dict[str, Any] = {
     "preset": "linear",
     "num-server-rounds": 3,

@@ -159,6 +159,7 @@ def demo(
             "initial_loss": document["initial_loss"],
             "initial_metric": document["initial_metric"],
             "metric_name": _metric_name(results),
+            "figures": document["figures"],
             "secure_aggregation": options.secure_aggregation,
             "wall_s": wall_s,
         }

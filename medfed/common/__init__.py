@@ -6,6 +6,14 @@ in pyproject.toml).
 """
 
 from medfed.common.files import fsync_directory, write_atomic, write_text_atomic
+from medfed.common.names import natural_key
 from medfed.common.tomlfile import first_problem, read_toml
 
-__all__ = ["first_problem", "fsync_directory", "read_toml", "write_atomic", "write_text_atomic"]
+__all__ = [
+    "first_problem",
+    "fsync_directory",
+    "natural_key",
+    "read_toml",
+    "write_atomic",
+    "write_text_atomic",
+]

@@ -99,7 +99,14 @@ def test_demo_example_lung_trains_the_example_sites_under_dp(process_tag: str) -
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     document = json.loads(completed.stdout)
-    assert document["sites"] == ["lung-csv", "lung-fhir", "lung-omop", "lung-parquet"]
+    # A site decides whether it is big enough on its noised patient count (what its
+    # answer reveals must be DP too): a site of about 14 training patients against a
+    # minimum cohort of 10 and a count noise of 10 sits some runs out, and says so.
+    examples = {"lung-csv", "lung-fhir", "lung-omop", "lung-parquet"}
+    assert set(document["sites"]) <= examples and len(document["sites"]) >= 2
+    for record in document["per_round"]:
+        for site in examples - set(record["participants"]):
+            assert "too small" in record["refused"].get(site, ""), record
     assert document["rounds_completed"] == 2
     assert document["metric_name"] == "c_index"
     assert document["signed_updates"] is True

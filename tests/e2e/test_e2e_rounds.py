@@ -200,12 +200,15 @@ def test_a_stopped_run_resumes_under_its_id_and_spends_once_per_round(
         assert results["resumed_from"] == [0]
         assert [r["round"] for r in results["per_round"]] == [1, 2]
 
-        # Each site spent once per round, under the run's first id.
+        # Each site spent once per round, under the run's first id (its other rows are
+        # the releases of its noised count and of each round's and the final model's
+        # noised metrics); nothing is charged under the resumed life's Flower id.
         for site in lead.sites:
             rows = ledger_of(site.site_toml).records()
-            assert [(row.run_id, row.round) for row in rows] == [
+            assert [(row.run_id, row.round) for row in rows if row.run_id == results["run_id"]] == [
                 (results["run_id"], 1), (results["run_id"], 2)
             ]  # fmt: skip
+            assert not [row for row in rows if document["flower_run_ids"][1] in row.run_id]
         verify = lead.medfed("audit", "verify", str(chain), "--key",
                              str(folder / "coordinator-signing.pub"), "--json")  # fmt: skip
         assert json.loads(verify.stdout)["verified"] is True

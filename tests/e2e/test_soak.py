@@ -495,10 +495,16 @@ def _check_site(
     assert verification.ok, (site, verification.bad)
     rows = ledger.records()
     assert verification.rows_checked == len(rows)
-    spent = [(row.run_id, row.round) for row in rows]
-    assert len(spent) == len(set(spent)), f"{site} spent twice for one round: {spent}"
-    assert {row.run_id for row in rows} == {run_id}
+    every = [(row.run_id, row.round) for row in rows]
+    assert len(every) == len(set(every)), f"{site} spent twice for one release: {every}"
+    # The run's training rounds, each round's metrics release, evaluations of the run,
+    # and the site's noised patient count: nothing else is charged.
+    others = {row.run_id for row in rows} - {run_id, f"{run_id}/metrics", f"{run_id}/evaluate"}
+    assert all(other.startswith("count:") for other in others), (site, others)
+    spent = [(row.run_id, row.round) for row in rows if row.run_id == run_id]
+    metrics = {row.round for row in rows if row.run_id == f"{run_id}/metrics"}
     rounds = {number for _, number in spent}
+    assert metrics == rounds, f"{site}: metrics released for {metrics}, trained {rounds}"
     took_part = {number for number, sites in participants.items() if site in sites}
     assert took_part <= rounds, f"{site} took part in {took_part - rounds} without a spend"
     was_selected = {number for number, sites in selected.items() if site in sites}

@@ -181,8 +181,9 @@ def test_every_decision_is_in_the_signed_audit_log(site: Path) -> None:
         line.split('"event":"')[1].split('"')[0]
         for line in config.audit_path.read_text().splitlines()
     ]
-    # The noised patient count's release, the round's spend, the refusal.
-    assert events == ["budget spent", "budget spent", "round refused"]
+    # The noised patient count's release, the round's spend, the release of the round's
+    # noised metrics (a ledger row of its own), the refusal.
+    assert events == ["budget spent", "budget spent", "budget spent", "round refused"]
 
 
 def test_the_officer_sees_a_tampered_ledger_row(site: Path, tmp_path: Path) -> None:
@@ -239,8 +240,8 @@ def test_refusals_and_a_tampered_audit_log_reach_the_officer(site: Path, tmp_pat
 
     audit = ["audit", "verify", str(config.audit_path), "--key", str(site), "--json"]
     verified = runner.invoke(app, audit)
-    # The count's release, the round's spend and the refusal.
-    assert verified.exit_code == 0 and json.loads(verified.stdout)["entries_checked"] == 3
+    # The count's release, the round's spend, its metrics' release and the refusal.
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["entries_checked"] == 4
 
     # Swap the first two entries: the chain names line 1 as the first bad entry.
     lines = config.audit_path.read_text().splitlines(keepends=True)

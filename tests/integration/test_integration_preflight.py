@@ -55,7 +55,10 @@ def test_a_site_whose_pre_flight_fails_is_not_planned_and_spends_nothing(
     record = results.per_round[0]
     assert sorted(record.participants) == ["hospital-1", "hospital-2"]
     assert sites.ledger("hospital-3").records() == []
-    assert len(sites.ledger("hospital-1").records()) == 1
+    # hospital-1 trained once (its round's spend); its other rows are the releases of its
+    # noised patient count, the round's metrics and an evaluation's.
+    trained = [r for r in sites.ledger("hospital-1").records() if r.run_id == RUN_ID]
+    assert [r.round for r in trained] == [1]
     assert record.refused["hospital-3"].startswith("out of privacy budget for this round")
 
 
@@ -83,5 +86,9 @@ def test_too_few_sites_pass_pre_flight_so_the_round_waits_and_nobody_trains(
         )
     assert not [d for d in grid.deliveries if d.message_type == MessageType.TRAIN]
     assert not [d for d in grid.deliveries if d.message_type == wire.SECAGG_KEYS]
-    for site in ("hospital-1", "hospital-2", "hospital-3"):
+    # hospital-1 answered its status with its noised patient count (charged); nobody
+    # spent anything on training.
+    (count,) = sites.ledger("hospital-1").records()
+    assert count.study == "medfed:patient-count"
+    for site in ("hospital-2", "hospital-3"):
         assert sites.ledger(site).records() == []

@@ -88,3 +88,17 @@ def test_first_problem_names_the_key_and_counts_the_rest() -> None:
     message = first_problem(caught.value)
     assert message.startswith("key id: ")
     assert message.endswith("(and 2 more problems)")
+
+
+def test_site_names_sort_as_people_read_them() -> None:
+    from medfed.common import natural_key
+
+    names = ["hospital-10", "hospital-2", "site-b", "hospital-1", "hospital-1a", "site-a"]
+    assert sorted(names, key=natural_key) == [
+        "hospital-1",
+        "hospital-1a",
+        "hospital-2",
+        "hospital-10",
+        "site-a",
+        "site-b",
+    ]

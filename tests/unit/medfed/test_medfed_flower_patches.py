@@ -4,7 +4,10 @@ and the flwr version check."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
+import textwrap
 import time
 import warnings
 from importlib import metadata
@@ -21,10 +24,28 @@ with warnings.catch_warnings():
     from medfed.flower.testing import inflatable_utils
 
 
+def _stock_defaults() -> dict[str, object]:
+    """`pull_objects`' backoff defaults as Flower's source writes them (another test in
+    this process may have shortened the live ones already)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(inflatable_utils.pull_objects)))
+    function = tree.body[0]
+    assert isinstance(function, ast.FunctionDef)
+    arguments = function.args
+    return {
+        argument.arg: getattr(inflatable_utils, default.id)
+        if isinstance(default, ast.Name)
+        else ast.literal_eval(default)
+        for argument, default in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+        if argument.arg in ("initial_backoff", "backoff_cap") and default is not None
+    }
+
+
 @pytest.fixture
 def restore_defaults() -> object:
     saved = dict(inflatable_utils.pull_objects.__kwdefaults__ or {})
-    yield saved
+    stock = {**saved, **_stock_defaults()}
+    inflatable_utils.pull_objects.__kwdefaults__ = dict(stock)
+    yield stock
     inflatable_utils.pull_objects.__kwdefaults__ = saved
 
 
