@@ -84,5 +84,3 @@ class MemoryGrid:
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-

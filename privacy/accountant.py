@@ -64,9 +64,14 @@ def _quiet_prv_internals() -> Iterator[None]:
     """Silence what Opacus's PRV accountant says about its own internals: it sizes its
     grid with an RDP bound whose optimal order may sit at an end of the range (a looser
     bound only widens the grid), and it evaluates densities far in the tails where exp
-    overflows to a probability of zero. An invalid operation (0 * inf) raises instead:
-    its NaN would otherwise pass silently into the epsilon."""
-    with warnings.catch_warnings(), np.errstate(over="ignore", invalid="raise"):
+    overflows to a probability of zero; an unsampled Gaussian release (sample rate 1:
+    a noised count) takes log(1 - q) = log(0) = -inf, which its comparison reads right.
+    An invalid operation (0 * inf) raises instead: its NaN would otherwise pass silently
+    into the epsilon (and an infinite epsilon is refused after)."""
+    with (
+        warnings.catch_warnings(),
+        np.errstate(over="ignore", divide="ignore", invalid="raise"),
+    ):
         warnings.filterwarnings("ignore", message="Optimal order is the")
         yield
 
