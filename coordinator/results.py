@@ -55,6 +55,12 @@ class RoundRecord:
     loss_by_site: dict[str, float] = field(default_factory=dict)
     metric_by_site: dict[str, float] = field(default_factory=dict)
     """`loss` and `metric` as each site reported them (filled in as they are)."""
+    metric_ci: list[float] | None = None
+    """A 95% confidence interval [low, high] of the pooled held-out AUROC, from the
+    released histograms (Hanley-McNeil; sampling only, not the DP noise); None where
+    there is none (a survival study, or too few patients of a class)."""
+    metric_ci_by_site: dict[str, list[float]] = field(default_factory=dict)
+    """The same interval of each site's own held-out AUROC, from its released vector."""
 
 
 @dataclass

@@ -122,6 +122,25 @@ def _scores(
     return loss, metric
 
 
+def _intervals(
+    checks: Mapping[str, ModelCheck],
+) -> tuple[list[float] | None, dict[str, list[float]]]:
+    """95% intervals of the held-out AUROC, pooled (every site sent its statistics) and
+    per site, from the released histograms: post-processing, no privacy spent."""
+    by_site: dict[str, list[float]] = {}
+    for site, check in sorted(checks.items()):
+        interval = release.vector_auroc_interval(check.eval_stats) if check.eval_stats else None
+        if interval is not None:
+            by_site[site] = list(interval)
+    vectors = [check.eval_stats for check in checks.values()]
+    pooled = None
+    if vectors and all(vectors):
+        total = np.sum(np.asarray(vectors, dtype=np.float64), axis=0)
+        interval = release.vector_auroc_interval(total)
+        pooled = None if interval is None else list(interval)
+    return pooled, by_site
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -255,6 +274,8 @@ def _record_scores(
         record.metric_by_site = {
             site: _held_out_metric(check, name) for site, check in sorted(checks.items())
         }
+        if name == "auroc":
+            record.metric_ci, record.metric_ci_by_site = _intervals(checks)
     else:
         results.initial_loss, results.initial_metric = loss, metric
 

@@ -104,7 +104,8 @@ def round_table(results: object) -> Table:
         raise TypeError(f"round_table expects RunResults, got {type(results).__name__}")
     table = Table(
         title=f"run {results.run_id}: {results.rounds_completed} rounds",
-        caption=f"DP-noised figures: {results.figures}",
+        caption=f"DP-noised figures: {results.figures}. In brackets: a 95% interval"
+        " (patient sampling, not the noise).",
         caption_justify="left",
     )
     table.add_column("round", justify="right", no_wrap=True)
@@ -122,7 +123,12 @@ def round_table(results: object) -> Table:
             str(record.round),
             "\n".join(record.participants),
             _number(record.loss, 4),
-            _number(record.metric, 3),
+            _number(record.metric, 3)
+            + (
+                f"\n({record.metric_ci[0]:.2f}-{record.metric_ci[1]:.2f})"
+                if record.metric_ci
+                else ""
+            ),
             "\n".join(f"{site} {eps:.2f}" for site, eps in record.epsilon_by_site.items()),
         )
     return table

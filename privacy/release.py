@@ -169,6 +169,39 @@ def auroc_from_histograms(positives: np.ndarray, negatives: np.ndarray) -> float
     return float(min(max(float(np.sum(pos * (below + neg / 2))) / total, 0.0), 1.0))
 
 
+Z_95 = 1.959963984540054
+"""The standard normal quantile of a two-sided 95% interval."""
+
+
+def auroc_interval(
+    positives: np.ndarray, negatives: np.ndarray, *, z: float = Z_95
+) -> tuple[float, float] | None:
+    """A 95% confidence interval for the AUROC of (noisy) binned score histograms, by
+    Hanley and McNeil's (1982) standard error with the class counts the histograms hold,
+    clamped to [0, 1]: post-processing of released figures, so it costs no privacy. It
+    covers the sampling of patients, not the DP noise (which widens it further at a
+    small site). None when either class has fewer than 2 patients."""
+    area = auroc_from_histograms(positives, negatives)
+    n_pos = float(np.clip(positives, 0.0, None).sum())
+    n_neg = float(np.clip(negatives, 0.0, None).sum())
+    if not math.isfinite(area) or n_pos < 2 or n_neg < 2:
+        return None
+    q1, q2 = area / (2 - area), 2 * area**2 / (1 + area)
+    variance = (area * (1 - area) + (n_pos - 1) * (q1 - area**2) + (n_neg - 1) * (q2 - area**2)) / (
+        n_pos * n_neg
+    )
+    half = z * math.sqrt(max(variance, 0.0))
+    return max(area - half, 0.0), min(area + half, 1.0)
+
+
+def vector_auroc_interval(vector: Sequence[float] | np.ndarray) -> tuple[float, float] | None:
+    """`auroc_interval` of one released statistics vector (or several, summed)."""
+    v = np.asarray(vector, dtype=np.float64)
+    if v.shape != (WIDTH,):
+        return None
+    return auroc_interval(v[POSITIVES], v[NEGATIVES])
+
+
 def metrics_of(
     vector: Sequence[float] | np.ndarray, *, loss_clip: float = LOSS_CLIP
 ) -> NoisyMetrics:

@@ -348,6 +348,11 @@ def test_a_study_runs_every_round_with_every_site(tmp_path: Path) -> None:
     assert results.initial_metric == pytest.approx(auroc_of(grid.train_deliveries(1)))
     assert results.per_round[0].metric == pytest.approx(auroc_of(grid.train_deliveries(2)))
     assert results.per_round[2].metric == pytest.approx(auroc_of(final))
+    # Each pooled AUROC comes with its 95% interval, and each site's with its own.
+    for record in results.per_round:
+        assert record.metric_ci is not None and record.metric is not None
+        assert record.metric_ci[0] <= record.metric <= record.metric_ci[1]
+        assert sorted(record.metric_ci_by_site) == sorted(sites.nodes.values())
 
     def loss_of(deliveries: Sequence[Delivery]) -> float:
         total = summed(deliveries)

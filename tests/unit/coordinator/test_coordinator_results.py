@@ -72,6 +72,8 @@ NEW_ROUND_FIELDS: dict[str, dict[str, object]] = {
     "clipped": {},
     "loss_by_site": {},
     "metric_by_site": {},
+    "metric_ci": None,
+    "metric_ci_by_site": {},
 }
 
 
