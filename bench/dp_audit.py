@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from bench.dp_audit_outputs import (
+from medfed.bench.dp_audit_outputs import (
     differencing_attack,
     fingerprint_confirmation,
     guesses_to_refute,

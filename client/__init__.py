@@ -8,6 +8,11 @@ The names below are the room's public API for the other rooms; each is imported 
 module when first used, so naming one costs nothing for the rest.
 """
 
+if __name__ != "medfed.client":  # the folder is installed only as medfed.client
+    raise ImportError(
+        f"this folder is the package medfed.client: import medfed.client, not {__name__}"
+    )
+
 from typing import TYPE_CHECKING
 
 from medfed.common.exports import lazy_exports

@@ -7,6 +7,11 @@ The names below are the room's public API for the other rooms; each is imported 
 module when first used, so naming one costs nothing for the rest.
 """
 
+if __name__ != "medfed.coordinator":  # the folder is installed only as medfed.coordinator
+    raise ImportError(
+        f"this folder is the package medfed.coordinator: import medfed.coordinator, not {__name__}"
+    )
+
 from typing import TYPE_CHECKING
 
 from medfed.common.exports import lazy_exports

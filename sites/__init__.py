@@ -6,6 +6,11 @@ The names below are the room's public API for the other rooms; each is imported 
 module when first used, so naming one costs nothing for the rest.
 """
 
+if __name__ != "medfed.sites":  # the folder is installed only as medfed.sites
+    raise ImportError(
+        f"this folder is the package medfed.sites: import medfed.sites, not {__name__}"
+    )
+
 from typing import TYPE_CHECKING
 
 from medfed.common.exports import lazy_exports

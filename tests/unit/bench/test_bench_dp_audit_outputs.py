@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from bench.dp_audit import epsilon_lower_bound, parse_args
-from bench.dp_audit_outputs import (
+from medfed.bench.dp_audit import epsilon_lower_bound, parse_args
+from medfed.bench.dp_audit_outputs import (
     differencing_attack,
     fingerprint_confirmation,
     guesses_to_refute,

@@ -111,3 +111,14 @@ def test_flowers_internals_are_named_only_behind_its_door() -> None:
         if internals.search(line)
     ]
     assert hits == []
+
+
+@pytest.mark.parametrize("room", ["client", "coordinator", "model", "privacy", "sites", "bench"])
+def test_a_room_does_not_import_under_its_folder_name_even_from_the_clone(room: str) -> None:
+    # From the clone's root the folder is on sys.path; it still only imports as medfed.*.
+    completed = subprocess.run(
+        [sys.executable, "-c", f"import {room}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode != 0
+    assert f"import medfed.{room}, not {room}" in completed.stderr
