@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,6 +21,7 @@ from medfed.cli_common import JsonOption, guard, round_table, stderr, stdout
 
 if TYPE_CHECKING:
     from medfed.coordinator import ConsortiumConfig
+    from medfed.runs import RunView
 
 
 round_app = typer.Typer(
@@ -67,11 +69,61 @@ def _print_view(document: dict[str, object]) -> None:
         stderr.print(Text(f"error: {document['error']}"), soft_wrap=True)
 
 
-def _follow(folder: Path, total: int, flower_run_id: str) -> dict[str, object]:
+FLOWER_POLL_S = 10.0
+"""How often `--follow` asks Flower whether the run ended (a dead ServerApp writes no end)."""
+_FINAL = ("completed", "failed", "stopped")
+
+
+def _flower_state_of(config: ConsortiumConfig, flower_run_id: str) -> Callable[[], str | None]:
+    from medfed.runs import flower_state
+
+    return lambda: flower_state(config, flower_run_id, flwr=_flwr())
+
+
+def _reconciled_view(config: ConsortiumConfig, current: RunView) -> dict[str, object]:
+    """The run's view, set right by Flower's state while its own report is not final."""
+    from medfed.runs import flower_state, reconciled
+
+    document = current.to_json()
+    if document["status"] in _FINAL or not current.record.flower_run_ids:
+        return document
+    state = flower_state(config, current.record.flower_run_ids[-1], flwr=_flwr())
+    return reconciled(document, state)
+
+
+def _follow(
+    folder: Path,
+    total: int,
+    flower_run_id: str,
+    flower: Callable[[], str | None] | None = None,
+) -> dict[str, object]:
     """Show a progress bar of rounds until the run completes or fails; its last view.
     Only a report that Flower run `flower_run_id` wrote counts: after `resume`, the
-    results of the run's last life (its old error) are not the resumed run's."""
-    from medfed.runs import view
+    results of the run's last life (its old error) are not the resumed run's. `flower`
+    gives Flower's state of the run: once Flower says it finished, following ends with
+    what the run's report and Flower say together (`runs.reconciled`)."""
+    from medfed.runs import reconciled, view
+
+    asked = time.monotonic()
+
+    def fresh(current: RunView) -> bool:
+        results = current.results
+        return results is not None and results.flower_run_id in ("", flower_run_id)
+
+    def ended() -> dict[str, object] | None:
+        nonlocal asked
+        if flower is None or time.monotonic() - asked < FLOWER_POLL_S:
+            return None
+        asked = time.monotonic()
+        state = flower()
+        if state is None or not state.startswith("finished"):
+            return None
+        time.sleep(FOLLOW_POLL_S)  # the app's last report may be a moment behind Flower
+        current = view(folder)
+        document = current.to_json()
+        if not fresh(current):  # no report of this run: the last life's says nothing of it
+            document = {**document, "status": "submitted", "error": None}
+        return reconciled(document, state)
 
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -83,8 +135,10 @@ def _follow(folder: Path, total: int, flower_run_id: str) -> dict[str, object]:
         while True:
             current = view(folder)
             document = current.to_json()
-            results = current.results
-            if results is None or results.flower_run_id not in ("", flower_run_id):
+            if not fresh(current):
+                final = ended()
+                if final is not None:
+                    return final
                 if time.monotonic() - started > START_WAIT_S:
                     return {**document, "status": "failed", "error": (
                         f"Flower run {flower_run_id} wrote no report within {START_WAIT_S:g} s"
@@ -96,6 +150,9 @@ def _follow(folder: Path, total: int, flower_run_id: str) -> dict[str, object]:
             bar.update(task, description=description)
             if document["status"] in ("completed", "failed"):
                 return document
+            final = ended()
+            if final is not None:
+                return final
             time.sleep(FOLLOW_POLL_S)
 
 
@@ -134,7 +191,10 @@ def round_start(
     started = guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
     document = started.to_json()
     if follow:
-        document = _follow(started.folder, study.num_rounds, started.record.flower_run_ids[-1])
+        flower_id = started.record.flower_run_ids[-1]
+        document = _follow(
+            started.folder, study.num_rounds, flower_id, _flower_state_of(config, flower_id)
+        )
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
@@ -155,7 +215,7 @@ def round_status(run: RunArgument, consortium: ConsortiumOption = Path("consorti
 
     config = _config(consortium)
     current = guard(lambda: view(run_folder(config, run)))
-    document = current.to_json()
+    document = _reconciled_view(config, current)
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")
     else:
@@ -174,7 +234,7 @@ def round_list(consortium: ConsortiumOption = Path("consortium.toml"),
 
     config = _config(consortium)
     views = guard(lambda: list_runs(config))
-    documents = [v.to_json() for v in views]
+    documents = [_reconciled_view(config, v) for v in views]
     if as_json:
         for document in documents:
             document.pop("results")
@@ -221,6 +281,7 @@ def round_resume(
             resumed.folder,
             int(document["num_rounds"] or 0),  # type: ignore[call-overload]
             resumed.record.flower_run_ids[-1],
+            _flower_state_of(config, resumed.record.flower_run_ids[-1]),
         )
     if as_json:
         sys.stdout.write(json.dumps(document) + "\n")

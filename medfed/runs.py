@@ -276,6 +276,47 @@ def stop_run(config: ConsortiumConfig, name: str, *, flwr: str) -> RunView:
     return view(folder)
 
 
+def flower_state(config: ConsortiumConfig, flower_run_id: str, *, flwr: str) -> str | None:
+    """Flower's own state of a run (`flwr ls --run-id`), e.g. `running` or
+    `finished:failed` with its details after a colon-space; None when Flower does not
+    say (the SuperLink is unreachable, or the answer is not what flwr 1.42 prints)."""
+    try:
+        output = _flwr(
+            flwr,
+            config,
+            ["ls", CONNECTION, "--run-id", flower_run_id, "--format", "json"],
+            f"asking Flower for run {flower_run_id}",
+        )
+        (row,) = [r for r in json.loads(output)["runs"] if str(r["run-id"]) == flower_run_id]
+        state, details = str(row["status"]), str(row.get("status-details") or "")
+    except (RunError, ValueError, KeyError, TypeError):
+        return None
+    return state if details in ("", "N/A") else f"{state}: {details}"
+
+
+def reconciled(document: dict[str, object], state: str | None) -> dict[str, object]:
+    """A run's view (`RunView.to_json`) set right by Flower's own state: a run Flower
+    reports finished while its ServerApp's last report still says it runs (the app died,
+    or was stopped, before it could write its end) is failed or stopped, not running."""
+    if state is None or not state.startswith("finished"):
+        return document
+    if document["status"] in ("completed", "failed", "stopped"):
+        return {**document, "flower_state": state}
+    if state.startswith("finished:stopped"):
+        return {**document, "status": "stopped", "flower_state": state}
+    done = f"{document['rounds_completed']} of {document['num_rounds'] or '?'} rounds"
+    return {
+        **document,
+        "status": "failed",
+        "flower_state": state,
+        "error": (
+            f"Flower reports the run {state}, but its last report says"
+            f" {document['status']} after {done}: the ServerApp ended without writing its"
+            " end (see `flwr log`)"
+        ),
+    }
+
+
 def study_of(folder: Path) -> StudySettings:
     """The study a run folder's app bundle carries (what `resume` submits again)."""
     pyproject = folder / "app" / "pyproject.toml"

@@ -183,3 +183,27 @@ def test_an_unknown_run_and_a_missing_superlink_are_one_line(lead: Path) -> None
     os.remove(lead / "run" / "flwr-home" / "config.toml")
     code, _, error = invoke("round", "start", "study.toml")
     assert code == 1 and "medfed coordinator start" in error
+
+
+def test_status_and_list_take_flowers_word_for_a_run_whose_app_died(
+    lead: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, started, _ = invoke("round", "start", "study.toml")
+    folder, name = Path(str(started["folder"])), str(started["run"])
+    flower_id = str(started["flower_run_ids"][0])  # type: ignore[index]
+    write_results(folder / "results.json", RunResults(run_id=flower_id, status="running",
+                                                      num_rounds=3))  # fmt: skip
+    # From now on Flower's `ls` says the run failed (its ServerApp exited).
+    row = {"run-id": flower_id, "status": "finished:failed", "status-details": "exit code 1"}
+    answer = json.dumps({"success": True, "runs": [row]})
+    fake = lead / "flwr-ls"
+    fake.write_text(f"#!/bin/sh\necho '{answer}'\n", encoding="utf-8")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(round_cli, "_flwr", lambda: str(fake))
+
+    code, status, _ = invoke("round", "status", name)
+    assert code == 1
+    assert status["status"] == "failed"
+    assert status["flower_state"] == "finished:failed: exit code 1"
+    _, listing, _ = invoke("round", "list")
+    assert [(r["run"], r["status"]) for r in listing["runs"]] == [(name, "failed")]  # type: ignore[index, union-attr]
