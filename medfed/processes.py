@@ -148,8 +148,12 @@ def tls_health_ok(port: int, ca_cert: Path, *, host: str = "127.0.0.1") -> bool:
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
     """Whether another socket holds `host:port`, so a server started on it cannot bind.
 
-    Asked of the operating system (a bind attempt), not read from a server's log."""
+    Asked of the operating system (a bind attempt), not read from a server's log. The
+    probe sets SO_REUSEADDR, as the SuperLink's gRPC server does: the connections a
+    killed server leaves in TIME_WAIT do not hold the port (on Linux a listening socket
+    still does), so a restart after a crash is not refused for them."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

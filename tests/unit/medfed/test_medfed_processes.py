@@ -241,3 +241,22 @@ def test_a_child_started_to_die_with_its_parent_dies_when_the_parent_is_sigkille
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(free, signal.SIGKILL)
+
+
+def test_a_port_is_taken_while_listened_on_not_by_a_killed_servers_time_wait() -> None:
+    from medfed.processes import port_taken
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    assert port_taken(port)
+    # The server side closes first (as a killed SuperLink does): its connection on the
+    # port waits in TIME_WAIT, and the listening socket goes.
+    accepted.close()
+    server.close()
+    client.close()
+    assert not port_taken(port)
