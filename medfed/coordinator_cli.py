@@ -228,13 +228,14 @@ def _reap_orphans(run_dir: Path, warn: Callable[[str], None]) -> None:
         raise CoordinatorStartError(
             f"`coordinator start` already runs for {run_dir} (PID {pid}); stop it first"
         )
-    orphans = list(tagged_pids(tag))
+    sessions: set[int] = set()
+    orphans = list(tagged_pids(tag, sessions))
     for orphan in orphans:
         warn(f"warning: stopping PID {orphan}, left running by a coordinator that was killed")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(orphan, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while orphans and any(True for _ in tagged_pids(tag)) and time.monotonic() < deadline:
+    while orphans and any(True for _ in tagged_pids(tag, sessions)) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -112,20 +112,37 @@ def _holds_any(process: Path, links: set[str]) -> bool:
     return False
 
 
-def tagged_pids(tag: str) -> Iterator[int]:
-    """PIDs of live processes whose environment carries `TAG_VARIABLE=tag`."""
+def tagged_pids(tag: str, sessions: set[int] | None = None) -> Iterator[int]:
+    """PIDs of live processes whose environment carries `TAG_VARIABLE=tag`, or that run in
+    one of `sessions`; `sessions` gains the session of every tagged process found.
+
+    The session finds a process that renamed itself over its own environment block, so
+    that the tag no longer reads in /proc (Ray's agents do, with setproctitle); it
+    inherited the session of a tagged parent, and stays in it unless it detaches itself."""
     needle = f"{TAG_VARIABLE}={tag}".encode()
+    ours = {0, os.getsid(0)}
+    by_session: list[tuple[int, int]] = []
+    found: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environ = (entry / "environ").read_bytes()
-            status = (entry / "stat").read_text()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
         except OSError:
             continue
         # A zombie has exited already; its parent reaps it.
-        if needle in environ.split(b"\0") and status.rsplit(")", 1)[-1].split()[0] != "Z":
-            yield int(entry.name)
+        if fields[0] == "Z":
+            continue
+        pid, session = int(entry.name), int(fields[3])
+        by_session.append((pid, session))
+        if needle in environ.split(b"\0"):
+            found.add(pid)
+            if sessions is not None and session not in ours:
+                sessions.add(session)
+    if sessions:
+        found.update(pid for pid, session in by_session if session in sessions)
+    yield from sorted(found)
 
 
 def tls_health_ok(port: int, ca_cert: Path, *, host: str = "127.0.0.1") -> bool:
@@ -317,15 +334,22 @@ class ProcessGroup:
     def stop_all(self) -> None:
         """Stop every process, newest first (sites before the SuperLink), then any helper
         or orphan that still carries this group's tag."""
+        # Each live process was started in a session of its own (its PID names it); the
+        # helpers Flower detached carry the tag, and their sessions are searched too. (A
+        # dead process's PID is left out: it may name someone else's session by now.)
+        sessions = {process.pid for process in self.processes if not process.died()}
+        list(tagged_pids(self.tag, sessions))
         for process in reversed(self.processes):
             self.stop(process)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            leftovers = list(tagged_pids(self.tag))
+            leftovers = list(tagged_pids(self.tag, sessions))
             if not leftovers:
                 return
             for pid in leftovers:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
             deadline = time.monotonic() + STOP_GRACE_S
-            while time.monotonic() < deadline and any(True for _ in tagged_pids(self.tag)):
+            while time.monotonic() < deadline and any(
+                True for _ in tagged_pids(self.tag, sessions)
+            ):
                 time.sleep(0.1)

@@ -69,6 +69,46 @@ def test_stop_all_stops_detached_grandchildren_by_tag(tmp_path: Path) -> None:
     assert process.popen.returncode is not None
 
 
+def test_stop_all_stops_a_helper_whose_environment_no_longer_shows_the_tag(
+    tmp_path: Path,
+) -> None:
+    # As Flower's simulation starts Ray: a detached, tagged helper starts a process in its
+    # session whose environment block no longer reads the tag (Ray's agents overwrite it
+    # when they rename themselves); that process must be stopped too.
+    pid_file = tmp_path / "untagged.pid"
+    helper = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+        untagged = subprocess.Popen(sleeper, env={{}})
+        open({str(pid_file)!r}, "w").write(str(untagged.pid))
+        time.sleep(120)
+        """
+    )
+    child = _python(
+        f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {helper!r}], start_new_session=True)
+        time.sleep(120)
+        """
+    )
+    with ProcessGroup(log_dir=tmp_path) as group:
+        group.start("child", child)
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        untagged = int(pid_file.read_text())
+        assert untagged not in tagged_pids(group.tag), "the helper's child must not read tagged"
+    assert not Path(f"/proc/{untagged}").exists() or _is_zombie(untagged)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_a_dead_process_is_named_with_its_exit_code_and_last_lines(tmp_path: Path) -> None:
     with ProcessGroup(log_dir=tmp_path) as group:
         process = group.start(
