@@ -20,6 +20,7 @@ from medfed.common.exports import lazy_exports
 if TYPE_CHECKING:
     from medfed.client.bundle_check import UNSIGNED_WARNING as UNSIGNED_WARNING
     from medfed.client.bundle_check import bundle_gate_of as bundle_gate_of
+    from medfed.client.bundle_code import MEDFED_CLIENT_APP as MEDFED_CLIENT_APP
     from medfed.client.bundle_code import installed_code_mismatch as installed_code_mismatch
     from medfed.client.config import SITE_TOML as SITE_TOML
     from medfed.client.config import SiteConfig as SiteConfig
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "ClientError": "errors",
+    "MEDFED_CLIENT_APP": "bundle_code",
     "SITE_TOML": "config",
     "SiteConfig": "config",
     "SiteConfigError": "config",

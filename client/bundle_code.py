@@ -14,7 +14,8 @@ code. Before such a bundle is loaded, `installed_code_mismatch` compares them:
   built with `flwr run .`, whose rooms sit at the top level) is refused.
 
 Any difference refuses the bundle with the first file that differs. A bundle whose
-ClientApp is not medfed's runs from its own (signed) files, so it is not compared.
+ClientApp is not medfed's would run from its own files, so it is not compared here: the
+executor refuses it unless the site approved that exact bundle (`client_app_of`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path, PurePosixPath
 RUNTIME_ROOMS = ("common", "flower", "client", "model", "privacy", "sites")
 """The rooms a site's executor and ClientApp import: each must ship in a medfed bundle."""
 PACKAGE = "medfed"
+MEDFED_CLIENT_APP = "medfed.client.client_app:app"
+"""medfed's own ClientApp: the one app a site runs without approving its bundle by hash."""
 
 
 def installed_medfed() -> Path:
@@ -43,6 +46,15 @@ def _client_app_ref(bundle: zipfile.ZipFile) -> str:
         document = tomllib.loads(bundle.read("pyproject.toml").decode("utf-8"))
         return str(document["tool"]["flwr"]["app"]["components"]["clientapp"])
     except (KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError):
+        return ""
+
+
+def client_app_of(fab: bytes) -> str:
+    """The ClientApp the bundle `fab` names in its pyproject ("" if it names none)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+            return _client_app_ref(bundle)
+    except (zipfile.BadZipFile, KeyError):
         return ""
 
 

@@ -7,8 +7,16 @@ taken relative to the folder that holds `site.toml`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from medfed.client.errors import ClientError
 from medfed.client.windows import TrainingWindow
@@ -62,6 +70,11 @@ class CoordinatorSection(BaseModel):
     allow_unsigned_bundles: bool = False
     """Run any bundle the coordinator sends, signed or not: weaker, warned loudly at every
     start and task; for development only."""
+    approved_apps: tuple[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")], ...] = ()
+    """SHA-256 digests of app bundles whose ClientApp is not medfed's own that this site
+    runs. Such code runs beside the site's data and keys (the egress guard is its only
+    limit), so none is run unless the officer approved its exact bundle here; warned loudly
+    at every start. medfed's own ClientApp runs only as the installed code, byte for byte."""
 
 
 class TrainingSection(BaseModel):
@@ -221,6 +234,9 @@ def _coordinator_lines(coordinator: CoordinatorSection) -> list[str]:
         lines.append(f"trusted_entities = {_toml_string(str(coordinator.trusted_entities))}")
     if coordinator.allow_unsigned_bundles:
         lines.append("allow_unsigned_bundles = true")
+    if coordinator.approved_apps:
+        digests = ", ".join(_toml_string(digest) for digest in coordinator.approved_apps)
+        lines.append(f"approved_apps = [{digests}]")
     return lines
 
 

@@ -50,7 +50,7 @@ from medfed.client.bundle_check import (
     BundleGate,
     UntrustedBundleError,
 )
-from medfed.client.bundle_code import installed_code_mismatch
+from medfed.client.bundle_code import MEDFED_CLIENT_APP, client_app_of, installed_code_mismatch
 from medfed.client.egress import Handler, ReplyMod, chain
 from medfed.flower.runtime import (
     CLIENT_APP_RAISED_EXCEPTION,
@@ -80,10 +80,12 @@ class WarmExecutor:
         bundles: BundleGate | None,
         audit: AuditAppend,
         installed: Path | None = None,
+        approved_apps: frozenset[str] = frozenset(),
     ) -> None:
         """`bundles` None runs unsigned bundles (weaker: warned at every task); `audit`
         records each refused bundle; `installed` is the medfed package folder a bundle's
-        code must equal (default: the one this process imports)."""
+        code must equal (default: the one this process imports); `approved_apps` are the
+        SHA-256 digests of bundles whose ClientApp is not medfed's that the site runs."""
         self._address = runtime_address
         self._tasks = RuntimeTasks(runtime_address, secret)
         self._guard = guard
@@ -92,6 +94,7 @@ class WarmExecutor:
         self._apps: dict[str, Handler] = {}
         self._code_checked: set[str] = set()
         self._installed = installed
+        self._approved_apps = approved_apps
         self.tasks_run = 0
 
     def acquire(self) -> str | None:
@@ -120,9 +123,17 @@ class WarmExecutor:
             raise
 
     def _check_code(self, fab: Any) -> None:
-        """The bundle's medfed code is the installed code (checked once per bundle hash)."""
+        """The bundle runs medfed's own ClientApp as the installed code, or is one the site
+        approved by its SHA-256 (checked once per bundle hash)."""
         if fab.hash_str in self._code_checked:
             return
+        client_app = client_app_of(fab.content)
+        if client_app != MEDFED_CLIENT_APP and fab.hash_str not in self._approved_apps:
+            raise UntrustedBundleError(
+                f"its ClientApp {client_app or '(none named)'} is not medfed's own"
+                f" ({MEDFED_CLIENT_APP}), and this site approved no other app with its SHA-256"
+                f" {fab.hash_str[:16]}... (approved_apps in site.toml)"
+            )
         mismatch = installed_code_mismatch(fab.content, self._installed)
         if mismatch is not None:
             raise UntrustedBundleError(f"the app bundle is not the code this site runs: {mismatch}")
@@ -192,8 +203,11 @@ class WarmExecutor:
         self._tasks.close()
 
 
-def _site_bundles_and_audit(site_toml: Path) -> tuple[BundleGate | None, AuditAppend]:
-    """The site's bundle gate (None: unsigned allowed, warned) and its audit log."""
+def _site_bundles_and_audit(
+    site_toml: Path,
+) -> tuple[BundleGate | None, AuditAppend, frozenset[str]]:
+    """The site's bundle gate (None: unsigned allowed, warned), its audit log and the
+    bundles of other apps than medfed's that it approved (warned)."""
     from medfed.client.bundle_check import bundle_gate_of
     from medfed.client.config import load_site_config
     from medfed.client.records import site_audit_log
@@ -204,7 +218,14 @@ def _site_bundles_and_audit(site_toml: Path) -> tuple[BundleGate | None, AuditAp
     audit = site_audit_log(config, SigningKey.load(config.signing_key_path))
     if gate is not None:
         log.info("running only app bundles signed by: %s", ", ".join(gate.trusted_ids))
-    return gate, audit.append
+    approved = frozenset(config.coordinator.approved_apps) if config.coordinator else frozenset()
+    for digest in sorted(approved):
+        log.warning(
+            "WARNING: this site runs the app bundle %s, whose ClientApp is not medfed's own:"
+            " its code runs beside the site's data and keys, limited only by the egress guard",
+            digest,
+        )
+    return gate, audit.append, approved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from medfed.privacy import PrivacyError
 
     try:
-        bundles, audit = _site_bundles_and_audit(args.site_config)
+        bundles, audit, approved = _site_bundles_and_audit(args.site_config)
     except (ClientError, PrivacyError) as exc:
         log.error("the executor cannot start: %s", exc)
         return 2
@@ -239,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    WarmExecutor(args.runtime, secret, GUARD, bundles=bundles, audit=audit).serve(stop)
+    executor = WarmExecutor(
+        args.runtime, secret, GUARD, bundles=bundles, audit=audit, approved_apps=approved
+    )
+    executor.serve(stop)
     return 0
 
 

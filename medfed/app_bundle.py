@@ -11,11 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
+from medfed.client import MEDFED_CLIENT_APP
 from medfed.privacy import APP_SIGNATURE, SigningKey, sign_bundle
 
 APP_PACKAGES = ("common", "flower", "client", "coordinator", "model", "privacy", "sites")
 SERVER_APP = "medfed.coordinator.server_app:app"
-CLIENT_APP = "medfed.client.client_app:app"
+CLIENT_APP = MEDFED_CLIENT_APP
 
 _PYPROJECT = """\
 [build-system]

@@ -224,6 +224,7 @@ def bundle_check_of(config: SiteConfig) -> tuple[dict[str, object], str | None]:
         "trusted_entities": None if path is None else str(path),
         "trusted_ids": [],
         "unsigned_allowed": path is None and config.allows_unsigned_bundles,
+        "approved_apps": list(config.coordinator.approved_apps if config.coordinator else ()),
     }
     if config.coordinator is None:
         return settings, None
@@ -377,6 +378,9 @@ def _print_check(check: SiteCheck, console: object) -> None:
                            " (allow_unsigned_bundles = true)", style="bold red"))  # fmt: skip
     elif check.bundles.get("trusted_ids"):
         console.print(Text("app bundles signed by: " + ", ".join(check.bundles["trusted_ids"])))  # type: ignore[arg-type]
+    for digest in check.bundles.get("approved_apps") or []:  # type: ignore[attr-defined]
+        console.print(Text(f"WARNING: this site runs the app bundle {digest}, not medfed's"
+                           " own code (approved_apps)", style="bold red"))  # fmt: skip
     from medfed.client.site_secagg import NOT_SET
 
     if check.identity_problem is not None and check.identity_problem.startswith(NOT_SET):

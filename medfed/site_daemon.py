@@ -77,6 +77,7 @@ def bundle_settings(config: SiteConfig) -> dict[str, Any]:
     return {
         "trusted_entities": None if path is None else str(path),
         "unsigned_allowed": path is None and config.allows_unsigned_bundles,
+        "approved_apps": list(config.coordinator.approved_apps if config.coordinator else ()),
     }
 
 
@@ -200,6 +201,9 @@ def site_status(
         )  # fmt: skip
         if document["bundles"]["unsigned_allowed"]:
             warning = "WARNING: this site runs UNSIGNED app bundles (allow_unsigned_bundles = true)"
+            stdout.print(Text(warning, style="bold red"))
+        for digest in document["bundles"]["approved_apps"]:
+            warning = f"WARNING: this site runs the app bundle {digest}, not medfed's own code"
             stdout.print(Text(warning, style="bold red"))
         for budget in document["budget"]:
             stdout.print(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from medfed.app_bundle import build_app_dir, signature_run_config
+from medfed.app_bundle import CLIENT_APP, build_app_dir, signature_run_config
 from medfed.client.config import SITE_TOML
 from medfed.consortium import write_demo_consortium
 from medfed.coordinator.results import RunResults, read_results
@@ -41,6 +41,24 @@ from tests.sitekit import make_study, site_config, site_public_key, spend_rows
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SITE = site_ids(1)[0]
+EXFIL_CLIENT_APP = """
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+import numpy as np
+
+app = ClientApp()
+
+
+@app.train()
+@app.query()
+def take(msg: Message, context: object) -> Message:
+    loot = b"".join(path.read_bytes() for path in Path.cwd().rglob("*") if path.is_file())
+    rows = np.frombuffer(loot[: len(loot) // 4 * 4], dtype=np.float32)
+    return Message(RecordDict({"arrays": ArrayRecord({"w": rows})}), reply_to=msg)
+"""
 RUN_TIMEOUT_S = 120.0
 
 
@@ -100,6 +118,20 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
     (tampered / "medfed" / "client" / "backdoor.py").write_text("print('not what was signed')\n")
     untrusted = _app(tmp_path, "untrusted", study, sites_root)
     untrusted_signature = signature_run_config(untrusted, intruder, key_id="intruder")
+    # The red team's bundle: signed with the consortium's real app-signing key, its
+    # ClientApp is its own code, which would read the site's key and data files and send
+    # them out; the site runs only medfed's own ClientApp (or a bundle it approved).
+    foreign = _app(tmp_path, "foreign", study, sites_root)
+    pyproject = foreign / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace(
+            f'clientapp = "{CLIENT_APP}"', 'clientapp = "exfil.client:app"'
+        )
+    )
+    (foreign / "exfil").mkdir()
+    (foreign / "exfil" / "__init__.py").write_text("")
+    (foreign / "exfil" / "client.py").write_text(EXFIL_CLIENT_APP)
+    foreign_signature = signing.run_config(foreign)
     signed = _app(tmp_path, "signed", study, sites_root)
 
     env = {**os.environ, TEST_TAG_VARIABLE: process_tag, "FLWR_HOME": str(tmp_path / "flwr")}
@@ -113,6 +145,7 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
             ("unsigned", unsigned, None),
             ("tampered", tampered, tampered_signature),
             ("untrusted", untrusted, untrusted_signature),
+            ("foreign", foreign, foreign_signature),
         ):
             _submit(programs, app_dir, group.env, run_config=run_config)
             refused[name] = _finished(group, app_dir)
@@ -124,6 +157,7 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
         "tampered": "the app bundle's signature by 'medfed-demo' does not verify: the bundle"
         " was altered after signing",
         "untrusted": "the app bundle is signed by 'intruder', a key not trusted",
+        "foreign": "its ClientApp exfil.client:app is not medfed's own",
     }
     for name, results in refused.items():
         assert results.status == "failed", (name, results)
@@ -139,7 +173,7 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
     by_hash: dict[str, list[str]] = {}  # each refused task: the run's query, then its train
     for entry in entries:
         by_hash.setdefault(str(entry.details["fab_hash"]), []).append(str(entry.details["reason"]))
-    apps = {"unsigned": unsigned, "tampered": tampered, "untrusted": untrusted}
+    apps = {"unsigned": unsigned, "tampered": tampered, "untrusted": untrusted, "foreign": foreign}
     assert list(by_hash) == [_fab_sha256(app) for app in apps.values()]
     for name, app_dir in apps.items():
         assert all(reasons[name] in reason for reason in by_hash[_fab_sha256(app_dir)]), name
@@ -149,6 +183,7 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
     # Nothing of a refused bundle was installed; the signed one was.
     installed = config.state_dir / "flwr" / "apps"
     assert not list(installed.rglob("backdoor.py"))
+    assert not list(installed.rglob("exfil"))
     assert len([path for path in installed.iterdir() if path.is_dir()]) == 1
 
     assert trained.status == "completed", trained.error

@@ -38,21 +38,30 @@ def _zip(files: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-# A bundle of an app that is not medfed's: it runs from its own files, so only its
-# signature matters here (medfed bundles: tests/unit/client/test_client_bundle_code.py).
+# A bundle of an app that is not medfed's: it runs from its own files, and only if the
+# site approved its exact bytes (`approved_apps`); the executors below approved it, so only
+# its signature matters to them (medfed bundles: tests/unit/client/test_client_bundle_code.py).
 FAB = _zip({
     "pyproject.toml": '[tool.flwr.app.components]\nclientapp = "other.client:app"\n',
     "other/client.py": "app = None\n",
 })  # fmt: skip
 
 
+APPROVED = frozenset({hashlib.sha256(FAB).hexdigest()})
+
+
 def _pass_through(app: Handler) -> Handler:
     return app
 
 
-def _executor(tmp_path: Path, gate: BundleGate | None) -> tuple[WarmExecutor, AuditLog]:
+def _executor(
+    tmp_path: Path, gate: BundleGate | None, approved: frozenset[str] = APPROVED
+) -> tuple[WarmExecutor, AuditLog]:
     audit = AuditLog(tmp_path / "audit.jsonl", SITE_KEY)
-    executor = WarmExecutor("127.0.0.1:1", None, _pass_through, bundles=gate, audit=audit.append)
+    executor = WarmExecutor(
+        "127.0.0.1:1", None, _pass_through, bundles=gate, audit=audit.append,
+        approved_apps=approved,
+    )  # fmt: skip
     return executor, audit
 
 
@@ -135,3 +144,34 @@ def test_allowing_unsigned_bundles_warns_at_every_task(
             executor.check_bundle(*_task(FAB, {}))
     assert sum(UNSIGNED_WARNING in record.message for record in caplog.records) == 3
     assert audit.entries() == []
+
+
+def test_a_bundle_of_another_app_signed_by_the_leads_key_is_refused_unless_approved(
+    tmp_path: Path,
+) -> None:
+    # The red team's case: the lead's real key signs a bundle whose ClientApp is its own
+    # code (it would run beside the site's data and keys). The signature holds; the site
+    # approved no such app, so nothing of it is installed or imported.
+    executor, audit = _executor(tmp_path, GATE, approved=frozenset())
+    run, record = _task(FAB, {APP_SIGNATURE: _signed(FAB)})
+    with pytest.raises(UntrustedBundleError, match=r"other\.client:app is not medfed's own"):
+        executor.check_bundle(run, record)
+    (entry,) = audit.entries()
+    assert entry.event == BUNDLE_REFUSED
+    assert "approved no other app" in str(entry.details["reason"])
+    assert verify_audit_log(audit.path, SITE_KEY.public).ok
+    # Approving another bundle's digest does not approve this one.
+    other = hashlib.sha256(FAB + b"x").hexdigest()
+    executor, _ = _executor(tmp_path / "other", GATE, approved=frozenset({other}))
+    with pytest.raises(UntrustedBundleError, match="not medfed's own"):
+        executor.check_bundle(*_task(FAB, {APP_SIGNATURE: _signed(FAB)}))
+    # Approved by its exact digest, it runs (its signature still checked).
+    executor, audit = _executor(tmp_path / "approved", GATE)
+    executor.check_bundle(*_task(FAB, {APP_SIGNATURE: _signed(FAB)}))
+    assert audit.entries() == []
+
+
+def test_an_unsigned_site_still_refuses_another_app_it_did_not_approve(tmp_path: Path) -> None:
+    executor, _ = _executor(tmp_path, None, approved=frozenset())
+    with pytest.raises(UntrustedBundleError, match="not medfed's own"):
+        executor.check_bundle(*_task(FAB, {}))

@@ -233,6 +233,7 @@ def test_the_trusted_entities_file_is_checked_and_its_keys_named(site: Path) -> 
         "trusted_entities": str(trusted),
         "trusted_ids": ["medfed-consortium"],
         "unsigned_allowed": False,
+        "approved_apps": [],
         "problem": None,
     }
 

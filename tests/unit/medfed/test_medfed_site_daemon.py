@@ -97,9 +97,32 @@ def test_allowing_unsigned_bundles_is_warned_at_start_and_reported(
     status = json.loads(
         CliRunner().invoke(app, ["site", "status", str(site_toml), "--json"]).stdout
     )
-    assert status["bundles"] == {"trusted_entities": None, "unsigned_allowed": True}
+    assert status["bundles"] == {
+        "trusted_entities": None,
+        "unsigned_allowed": True,
+        "approved_apps": [],
+    }
     check = CliRunner().invoke(app, ["site", "check", str(site_toml), "--json"])
     assert json.loads(check.stdout)["bundles"]["unsigned_allowed"] is True
+
+
+def test_an_approved_app_is_named_in_status_and_a_bad_digest_names_the_key(
+    site_toml: Path,
+) -> None:
+    digest = "ab" * 32
+    _add_coordinator(site_toml)
+    text = site_toml.read_text()
+    site_toml.write_text(text + f'approved_apps = ["{digest}"]\n')
+    result = CliRunner().invoke(app, ["site", "status", str(site_toml)])
+    assert f"WARNING: this site runs the app bundle {digest}, not medfed's own code" in (
+        " ".join(result.output.split())
+    )
+    status = CliRunner().invoke(app, ["site", "status", str(site_toml), "--json"]).stdout
+    assert json.loads(status)["bundles"]["approved_apps"] == [digest]
+    site_toml.write_text(text + 'approved_apps = ["not-a-digest"]\n')
+    result = CliRunner().invoke(app, ["site", "status", str(site_toml)])
+    assert result.exit_code == 1
+    assert "coordinator.approved_apps.0" in result.output and "Traceback" not in result.output
 
 
 def test_a_bad_window_in_site_toml_names_the_key(site_toml: Path) -> None:
