@@ -28,7 +28,13 @@ from flwr.app import (
 )
 
 from medfed.client.egress import AuditSink, egress_guard
-from medfed.client.errors import BudgetRefusal, ClientError, OutsideWindow, RequestError
+from medfed.client.errors import (
+    BudgetRefusal,
+    ClientError,
+    OutsideWindow,
+    RequestError,
+    public_reason,
+)
 from medfed.client.protocol import EgressRules, PreflightAsk, QueryRequest
 from medfed.flower.apps import ClientApp
 from medfed.model import wire
@@ -160,7 +166,7 @@ def _refusal(msg: Message, context: Context, error: Exception) -> Message:
     else:
         code = ERROR_CODE_REFUSED
     log.warning("%s refuses %s message: %s", site, msg.metadata.message_type, error)
-    return Message(Error(code=code, reason=f"{site}: {error}"), reply_to=msg)
+    return Message(Error(code=code, reason=f"{site}: {public_reason(error)}"), reply_to=msg)
 
 
 def _preset(content: RecordDict) -> PresetName:

@@ -52,6 +52,7 @@ from medfed.client.bundle_check import (
 )
 from medfed.client.bundle_code import MEDFED_CLIENT_APP, client_app_of, installed_code_mismatch
 from medfed.client.egress import Handler, ReplyMod, chain
+from medfed.client.errors import public_reason
 from medfed.flower.runtime import (
     CLIENT_APP_RAISED_EXCEPTION,
     RuntimeTasks,
@@ -167,8 +168,9 @@ class WarmExecutor:
                     error = Error(code=ERROR_CODE_BUNDLE_REFUSED, reason=details)
                     reply = Message(error, reply_to=message)
             except Exception as exc:
+                # The whole error stays in this log; the reply says only that it failed.
                 log.exception("a ClientApp task failed")
-                details = f"{type(exc).__name__}: {exc}"[:400]
+                details = f"{public_reason(exc)} ({type(exc).__name__})"
                 if message is not None:
                     error = Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=details)
                     reply = Message(error, reply_to=message)

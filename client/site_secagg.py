@@ -219,6 +219,11 @@ class SiteSecAgg:
 
 
 NOT_SET = "[site] identity_certificate and consortium_ca are not set"
+IDENTITY_REASON = (
+    "the site's identity certificate cannot be used (its operator sees why with"
+    " `medfed site check`): secure rounds refused"
+)
+"""What the coordinator reads of a certificate problem (the site's paths stay here)."""
 RENEW_DAYS = 30
 """`identity_problem` asks for a new certificate this many days before it expires."""
 
@@ -241,16 +246,22 @@ def load_identity(config: SiteConfig) -> SiteIdentity:
     cert = config.optional_path(site.identity_certificate)
     ca = config.optional_path(site.consortium_ca)
     if cert is None or ca is None:
-        raise SiteRefusal(f"{config.source}: {NOT_SET}: secure rounds refused")
+        raise SiteRefusal(
+            f"{config.source}: {NOT_SET}: secure rounds refused",
+            public=f"{NOT_SET}: secure rounds refused",
+        )
     try:
         pem = _read(cert).decode()
         check = identity_check(_read(ca))
         signer = SigningKey.load(config.signing_key_path)
         if check(site.id, pem) != signer.public:
-            raise SiteRefusal(f"{cert}: certifies another key than the site's signing key")
+            raise SiteRefusal(
+                f"{cert}: certifies another key than the site's signing key",
+                public=IDENTITY_REASON,
+            )
         expires = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
     except (PrivacyError, UnicodeDecodeError, ValueError) as exc:
-        raise SiteRefusal(f"{cert}: {exc}") from exc
+        raise SiteRefusal(f"{cert}: {exc}", public=IDENTITY_REASON) from exc
     return SiteIdentity(signer, pem, check, expires)
 
 
@@ -274,4 +285,6 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise SiteRefusal(f"{path}: cannot be read ({exc.strerror})") from exc
+        raise SiteRefusal(
+            f"{path}: cannot be read ({exc.strerror})", public=IDENTITY_REASON
+        ) from exc

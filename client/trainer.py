@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from medfed.client.config import SiteConfig
-from medfed.client.errors import BudgetRefusal, SiteRefusal
+from medfed.client.errors import DATA_REASON, SETUP_REASON, BudgetRefusal, SiteRefusal
 from medfed.client.metrics_release import noisy_check, patient_stats
 from medfed.client.privacy_gate import (
     PrivacyGate,
@@ -82,9 +82,11 @@ def load_training_data(config: SiteConfig, contract: StudyContract) -> SiteData:
     try:
         return load_site_data(config, contract).require_clean()
     except DataError as exc:
-        raise SiteRefusal(f"the site's data does not meet the study's contract: {exc}") from exc
+        raise SiteRefusal(
+            f"the site's data does not meet the study's contract: {exc}", public=DATA_REASON
+        ) from exc
     except SiteError as exc:
-        raise SiteRefusal(f"the site's data could not be read: {exc}") from exc
+        raise SiteRefusal(f"the site's data could not be read: {exc}", public=DATA_REASON) from exc
 
 
 def trainable_groups(config: SiteDataSource, contract: StudyContract) -> tuple[str, ...]:
@@ -124,7 +126,9 @@ def _encoded(data: SiteData, contract: StudyContract) -> tuple[Tensors, Tensors]
             encode(list(data.held_out), contract).tensors(),
         )
     except ModelError as exc:
-        raise SiteRefusal(f"the site's data does not fit the study's contract: {exc}") from exc
+        raise SiteRefusal(
+            f"the site's data does not fit the study's contract: {exc}", public=DATA_REASON
+        ) from exc
 
 
 class SiteTrainer:
@@ -167,7 +171,7 @@ class SiteTrainer:
                 config, default=config.privacy.privacy_unit or self.site_id
             )
         except SiteError as exc:
-            raise SiteRefusal(str(exc)) from exc
+            raise SiteRefusal(str(exc), public=SETUP_REASON) from exc
         cox = unbounded_tasks(contract)
         if cox and config.privacy.allow_unbounded_mechanisms:
             log.warning("site %s: WARNING: %s", self.site_id, cox_refusal(cox))

@@ -29,6 +29,7 @@ from medfed.client.errors import (
     SiteRefusal,
     WorkerFailed,
     WorkerUnavailable,
+    public_reason,
 )
 from medfed.client.protocol import (
     EgressRules,
@@ -105,15 +106,24 @@ def dispatch(api: SiteApi, data: bytes) -> bytes:
     except CodecError as exc:
         return codec.encode_frame(Frame("refusal", {"kind": "request", "reason": str(exc)}))
     except ClientError as exc:
+        _log_refusal(exc)
         return codec.encode_frame(
-            Frame("refusal", {"kind": _refusal_kind(exc), "reason": str(exc)})
+            Frame("refusal", {"kind": _refusal_kind(exc), "reason": public_reason(exc)})
         )
     except (PrivacyError, SiteError, ValueError) as exc:
-        return codec.encode_frame(Frame("refusal", {"kind": "refused", "reason": str(exc)}))
+        _log_refusal(exc)
+        return codec.encode_frame(
+            Frame("refusal", {"kind": "refused", "reason": public_reason(exc)})
+        )
     except Exception as exc:  # the worker must answer and keep serving
         log.exception("the site worker failed on a request")
-        reason = f"{type(exc).__name__}: {exc}"
-        return codec.encode_frame(Frame("error", {"reason": reason}))
+        return codec.encode_frame(Frame("error", {"reason": public_reason(exc)}))
+
+
+def _log_refusal(error: Exception) -> None:
+    """The whole reason, for the site's own log: only its public text leaves the worker
+    (the executor, which runs the coordinator's app, never sees data values or paths)."""
+    log.warning("the site refuses a request: %s", error)
 
 
 def _identity(data: bytes) -> bytes:

@@ -19,6 +19,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 
 from medfed.client import client_app
 from medfed.client.config import SITE_TOML
+from medfed.client.errors import DATA_REASON
 from medfed.consortium import DemoSite, approve
 from medfed.coordinator.errors import RoundFailedError
 from medfed.coordinator.results import RunResults
@@ -482,12 +483,16 @@ def test_a_site_with_a_bad_row_is_rejected_and_the_study_goes_on(tmp_path: Path)
 
     assert results.status == "completed"
     assert results.sites == ["hospital-1", "hospital-3"]
-    where = f"{table_path}, row 6, column age: 'sixty' is not a number"
+    # The lead reads that the data does not meet the contract; the value and the site's
+    # path stay at the site (red-team row 2: they reached results.json and the chain).
     for record in results.per_round:
         assert record.participants == ["hospital-1", "hospital-3"]
         assert list(record.rejected) == [f"node-{broken_node}"]
-        assert where in record.rejected[f"node-{broken_node}"]
+        reason = record.rejected[f"node-{broken_node}"]
+        assert DATA_REASON in reason
+        assert "sixty" not in reason and str(tmp_path) not in reason
         assert "hospital-2" not in record.epsilon_by_site
+    assert "sixty" not in repr(results) and str(table_path) not in repr(results)
     for delivery in grid.deliveries:
         if delivery.node == broken_node:
             assert delivery.reply.has_error()

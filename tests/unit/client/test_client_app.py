@@ -19,7 +19,7 @@ from medfed.client.client_app import (
     train,
 )
 from medfed.client.config import SITE_TOML
-from medfed.client.errors import RequestError
+from medfed.client.errors import DATA_REASON, SETUP_REASON, RequestError
 from medfed.consortium import DemoSite, approve
 from medfed.model import wire
 from medfed.model.contract import DEMO_CONTRACT as CONTRACT
@@ -245,7 +245,12 @@ def test_a_resent_round_gets_the_same_reply_and_spends_once(root: Path) -> None:
     assert len(spend_rows(root / "hospital-1" / SITE_TOML)) == 1
 
 
-def test_a_broken_table_is_refused_with_file_row_and_column(root: Path) -> None:
+def test_a_broken_table_is_refused_naming_file_row_and_column_only_at_the_site(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The red team's case: a value and the site's path went into the coordinator's
+    # results and audit chain. The site's log names file, row, column and value; the
+    # reply says only that the data does not meet the contract.
     path = table_path(root / "hospital-1" / SITE_TOML)
     lines = path.read_text(encoding="utf-8").splitlines()
     cells = lines[3].split(",")
@@ -253,12 +258,12 @@ def test_a_broken_table_is_refused_with_file_row_and_column(root: Path) -> None:
     lines[3] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    text = refusal_reason(train(instruction(), site_context(root)))
+    with caplog.at_level("WARNING"):
+        text = refusal_reason(train(instruction(), site_context(root)))
 
-    assert text == (
-        "hospital-1: the site's data does not meet the study's contract:"
-        f" {path}, row 4, column readmitted_30d: 'maybe' is not a number"
-    )
+    assert text == f"hospital-1: {DATA_REASON}"
+    assert "maybe" not in text and str(root) not in text
+    assert f"{path}, row 4, column readmitted_30d: 'maybe' is not a number" in caplog.text
 
 
 def test_a_supernode_that_does_not_name_its_site_is_refused() -> None:
@@ -266,22 +271,30 @@ def test_a_supernode_that_does_not_name_its_site_is_refused() -> None:
     assert text.startswith("unidentified site: this SuperNode does not say which site it is")
 
 
-def test_a_missing_site_toml_is_refused_with_its_path(tmp_path: Path) -> None:
+def test_a_missing_site_toml_is_refused_naming_its_path_only_at_the_site(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "nowhere" / SITE_TOML
 
-    text = refusal_reason(train(instruction(), context({"site-config": str(path)})))
+    with caplog.at_level("WARNING"):
+        text = refusal_reason(train(instruction(), context({"site-config": str(path)})))
 
-    assert text.startswith(f"unidentified site: {path}: cannot be read")
+    assert text == f"unidentified site: {SETUP_REASON}"
+    assert f"{path}: cannot be read" in caplog.text
 
 
-def test_a_bad_site_toml_is_refused_naming_file_and_key(root: Path) -> None:
+def test_a_bad_site_toml_is_refused_naming_file_and_key_only_at_the_site(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     site_toml = root / "hospital-1" / SITE_TOML
     text = site_toml.read_text(encoding="utf-8")
     site_toml.write_text(text.replace("epsilon_cap = 10.0", "epsilon_cap = -1.0"), encoding="utf-8")
 
-    reason = refusal_reason(train(instruction(), site_context(root)))
+    with caplog.at_level("WARNING"):
+        reason = refusal_reason(train(instruction(), site_context(root)))
 
-    assert reason.startswith(f"unidentified site: {site_toml}: key privacy.epsilon_cap: ")
+    assert reason == f"unidentified site: {SETUP_REASON}"
+    assert f"{site_toml}: key privacy.epsilon_cap: " in caplog.text
 
 
 def test_the_site_comes_from_the_node_config() -> None:

@@ -16,13 +16,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medfed.client import codec
+from medfed.client.codec import Frame
 from medfed.client.config import SITE_TOML
-from medfed.client.errors import BudgetRefusal, SiteRefusal, WorkerUnavailable
+from medfed.client.errors import (
+    DATA_REASON,
+    INTERNAL_REASON,
+    SETUP_REASON,
+    BudgetRefusal,
+    SiteRefusal,
+    WorkerUnavailable,
+)
 from medfed.client.protocol import QueryRequest
 from medfed.client.site_api import SiteService
-from medfed.client.worker_rpc import WorkerClient, serve, worker_socket_path
+from medfed.client.worker_rpc import WorkerClient, dispatch, serve, worker_socket_path
 from medfed.model.contract import DEMO_CONTRACT as CONTRACT
 from medfed.privacy.audit import verify_audit_log
+from medfed.privacy.errors import LedgerError
+from medfed.sites.errors import DataError
 from tests.sitekit import (
     evaluate_request,
     global_arrays,
@@ -232,3 +243,44 @@ def test_throughput_is_measured_once_and_cached_per_model_and_accelerator(
     monkeypatch.setattr(throughput, "calibrate", no_second_run)
     assert service.query(ask).throughput == first
     assert spend_rows(site_toml) == []  # calibration touches no patient and spends nothing
+
+
+class _Failing:
+    """A site API whose every call fails with `error` (only `egress_rules` is asked)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def egress_rules(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "public"),
+    [
+        (
+            SiteRefusal(
+                "row 4: patient 'hospital-3-p00001' repeats with a different age (77.77)",
+                public=DATA_REASON,
+            ),
+            DATA_REASON,
+        ),
+        (DataError("/srv/site/lung.csv, row 4: 'maybe' is not a number"), DATA_REASON),
+        (LedgerError("/srv/site/state/ledger.db: not a readable privacy ledger"), SETUP_REASON),
+        (KeyError("hospital-3-p00001"), INTERNAL_REASON),
+        (BudgetRefusal("out of budget: epsilon 9.800 above the cap 10"), None),
+    ],
+    ids=["data-refusal", "data-error", "ledger-path", "unexpected", "budget"],
+)
+def test_only_the_public_reason_crosses_the_worker_socket(
+    error: Exception, public: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The executor (which runs the coordinator's app) never receives a data value, a
+    # patient id or a site path; the worker's log keeps the whole reason.
+    with caplog.at_level("WARNING"):
+        reply = codec.decode_frame(dispatch(_Failing(error), codec.encode_frame(Frame("rules"))))
+    reason = str(reply.fields["reason"])
+    assert reason == (str(error) if public is None else public)
+    if public is not None:
+        assert "hospital-3" not in reason and "/srv/site" not in reason
+        assert str(error).strip("'") in caplog.text
