@@ -16,7 +16,8 @@ What passes, and nothing else:
   held-out count is. The site's code computes every such figure from a DP release
   charged to its ledger (`privacy.release`); k is a second, coarser line, not the
   privacy mechanism;
-- the `site` record's site id (this site's), receipt signature (hex) and accelerator;
+- the `site` record's site id (this site's), receipt signature (hex), accelerator and a
+  status reply's pre-flight category (one of `PREFLIGHT_CODES`, or empty);
 - an error reply's code, and its reason cut to `MAX_REASON_CHARS`.
 
 Everything else is dropped and the drop is written to the site's audit log. A train
@@ -44,7 +45,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from medfed.client.protocol import EgressRules
+from medfed.client.protocol import PREFLIGHT_CODES, EgressRules
 from medfed.model import wire
 from medfed.model.device_kinds import DEVICE_KINDS
 
@@ -261,6 +262,8 @@ def _filter_site(
             or (key == wire.TRAINED_GROUPS and isinstance(value, str)
                 and len(value) <= MAX_REASON_CHARS and _GROUPS.fullmatch(value) is not None)
             or (key == wire.SECAGG and _secagg_payload_ok(action, value, rules.site_id))
+            # A status reply's pre-flight: "" (it would train) or one category, no text.
+            or (key == wire.PREFLIGHT and (value == "" or value in PREFLIGHT_CODES))
         )  # fmt: skip
         if ok:
             kept[key] = str(value)

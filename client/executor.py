@@ -32,11 +32,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -205,29 +207,74 @@ class WarmExecutor:
         self._tasks.close()
 
 
-def _site_bundles_and_audit(
-    site_toml: Path,
-) -> tuple[BundleGate | None, AuditAppend, frozenset[str]]:
-    """The site's bundle gate (None: unsigned allowed, warned), its audit log and the
+@dataclass(frozen=True)
+class _Site:
+    """What the executor reads of its site once, before it confines itself."""
+
+    bundles: BundleGate | None
+    audit: AuditAppend
+    approved_apps: frozenset[str]
+    private: tuple[Path, ...]
+    """The site's data, keys and records: what the confinement must keep out of reach."""
+
+
+def _site(site_toml: Path) -> _Site:
+    """The site's bundle gate (None: unsigned allowed, warned), its audit log (through
+    the worker, which holds the site's signing key: this process never reads it) and the
     bundles of other apps than medfed's that it approved (warned)."""
     from medfed.client.bundle_check import bundle_gate_of
     from medfed.client.config import load_site_config
-    from medfed.client.records import site_audit_log
-    from medfed.privacy import SigningKey
+    from medfed.client.worker_rpc import WorkerClient, worker_socket_path
 
     config = load_site_config(site_toml)
     gate = bundle_gate_of(config)
-    audit = site_audit_log(config, SigningKey.load(config.signing_key_path))
     if gate is not None:
         log.info("running only app bundles signed by: %s", ", ".join(gate.trusted_ids))
     approved = frozenset(config.coordinator.approved_apps) if config.coordinator else frozenset()
     for digest in sorted(approved):
         log.warning(
             "WARNING: this site runs the app bundle %s, whose ClientApp is not medfed's own:"
-            " its code runs beside the site's data and keys, limited only by the egress guard",
+            " its code runs in this confined process, limited by the egress guard",
             digest,
         )
-    return gate, audit.append, approved
+    private = (
+        config.source,
+        config.data_dir,
+        config.ledger_path,
+        config.audit_path,
+        config.signing_key_path,
+        *(p for p in (config.trusted_entities_path,) if p is not None),
+    )
+    audit = WorkerClient(worker_socket_path(config)).audit
+    return _Site(gate, audit, approved, private)
+
+
+def _confine(runtime_address: str, private: tuple[Path, ...]) -> None:
+    """Confine this process (`medfed.client.sandbox`) before it starts any thread: read
+    only code, write only its FLWR_HOME, connect over TCP only to the SuperNode's Runtime
+    API. Says loudly what is not enforced."""
+    import tempfile
+
+    from medfed.client.sandbox import code_roots, confine, exposed
+
+    flwr_home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").resolve()
+    scratch = flwr_home / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(scratch)  # Flower unpacks bundles in a temporary folder
+    tempfile.tempdir = str(scratch)
+    port = int(runtime_address.rsplit(":", 1)[1])
+    roots = code_roots()
+    for line in exposed(private, [*roots, flwr_home]):
+        log.warning("WARNING: the executor's confinement cannot hide %s: move it", line)
+    result = confine(read=roots, write=[flwr_home], tcp_ports=[port])
+    if not result.enforced:
+        log.warning("WARNING: the executor runs UNCONFINED: %s", result.problem)
+        return
+    tcp = "any port (Landlock ABI < 4)" if result.tcp_ports is None else result.tcp_ports
+    log.info(
+        "confined (Landlock ABI %d): reads code only, writes %s, TCP to %s",
+        result.abi, flwr_home, tcp,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     from medfed.privacy import PrivacyError
 
     try:
-        bundles, audit, approved = _site_bundles_and_audit(args.site_config)
-    except (ClientError, PrivacyError) as exc:
+        site = _site(args.site_config)
+        secret = args.secret_file.read_bytes() if args.secret_file else None
+        _confine(args.runtime, site.private)
+    except (ClientError, PrivacyError, OSError) as exc:
         log.error("the executor cannot start: %s", exc)
         return 2
-    secret = args.secret_file.read_bytes() if args.secret_file else None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -263,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     executor = WarmExecutor(
-        args.runtime, secret, GUARD, bundles=bundles, audit=audit, approved_apps=approved
-    )
+        args.runtime, secret, GUARD, bundles=site.bundles, audit=site.audit,
+        approved_apps=site.approved_apps,
+    )  # fmt: skip
     executor.serve(stop)
     return 0
 

