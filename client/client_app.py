@@ -124,9 +124,13 @@ def _rules(context: Context) -> EgressRules:
 
         return WorkerClient(socket).egress_rules()
     from medfed.client.config import load_site_config
+    from medfed.privacy.signing import SigningKey
 
     config = load_site_config(site_config_path(context))
-    return EgressRules(site_id=config.site.id, min_cohort_k=config.privacy.min_cohort_k)
+    key = SigningKey.load(config.signing_key_path).public.raw.hex()
+    return EgressRules(
+        site_id=config.site.id, min_cohort_k=config.privacy.min_cohort_k, site_key=key
+    )
 
 
 def _audit_sink(context: Context) -> AuditSink:

@@ -401,7 +401,10 @@ def egress_rules(frame: Frame) -> EgressRules:
     k = _take(frame, "min_cohort_k", int)
     if k < 1:
         raise CodecError(f"{frame.kind}.min_cohort_k: {k} is below 1")
-    return EgressRules(site_id=_take(frame, "site_id", str), min_cohort_k=k)
+    key = _take(frame, "site_key", str)
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise CodecError(f"{frame.kind}.site_key: not a raw Ed25519 public key in hex")
+    return EgressRules(site_id=_take(frame, "site_id", str), min_cohort_k=k, site_key=key)
 
 
 def audit_frame(event: str, details: Mapping[str, Any]) -> Frame:

@@ -8,7 +8,12 @@ than the contract allows is stopped even if it leaves the guard out of its own m
 What passes, and nothing else:
 
 - a train reply's `arrays` record, only if it holds exactly the instruction's array
-  names with the same shapes, as finite float32 (the study's model; nothing more);
+  names with the same shapes, as finite float32 (the study's model; nothing more), and
+  the site's signed receipt covers exactly these arrays for this run, study, round and
+  model: only the site worker, which trained them, holds the key to sign one, so arrays
+  that code in this process (the app) filled in itself do not leave. A masked update
+  (secure aggregation) leaves only with the receipt for its round's model, which the
+  guard saw in the round's train step;
 - the `metrics` record's whitelisted keys for that message type (`model.wire`), as
   single numbers (and the noised statistics vector `eval-stats`, a short list of
   finite floats); aggregates over training patients only when the reply's patient
@@ -30,6 +35,7 @@ import json
 import logging
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import reduce
 
@@ -45,9 +51,14 @@ from flwr.app import (
     RecordDict,
 )
 
+from medfed.client.errors import public_reason
 from medfed.client.protocol import PREFLIGHT_CODES, EgressRules
 from medfed.model import wire
 from medfed.model.device_kinds import DEVICE_KINDS
+from medfed.privacy.errors import PrivacyError
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.secagg_protocol import masked_sha256
+from medfed.privacy.signing import VerifyKey
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +284,15 @@ def _filter_site(
 
 
 def filter_reply(
-    instruction: Message, reply: Message, rules: EgressRules
+    instruction: Message,
+    reply: Message,
+    rules: EgressRules,
+    rounds: RoundModels | None = None,
 ) -> tuple[Message, list[str]]:
-    """The reply as it may leave the site, and what was dropped from it (empty if nothing)."""
+    """The reply as it may leave the site, and what was dropped from it (empty if nothing).
+    `rounds` remembers each secure round's model from its train step, for the receipt
+    of its masked update (a fresh one by default)."""
+    rounds = RoundModels() if rounds is None else rounds
     dropped: list[str] = []
     if reply.has_error():
         reason = reply.error.reason or ""
@@ -285,19 +302,26 @@ def filter_reply(
         return Message(error, reply_to=instruction), dropped
     category, action = _category(instruction), _action(instruction)
     secure = category == MessageType.TRAIN and (action != "" or _secagg_instruction(instruction))
+    if category == MessageType.TRAIN and action == "" and secure:
+        rounds.remember(instruction)
     content = reply.content
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     for name in content:
         if name == wire.ARRAYS and category == MessageType.TRAIN and name in content.array_records:
             record = content.array_records[name]
+            signature = _receipt_signature(content)
             if secure:
                 problem = (
                     _masked_problem(record)
+                    or rounds.masked_receipt_problem(instruction, record, signature, rules)
                     if action == "secagg_mask"
                     else "under secure aggregation an update leaves only masked"
                 )
             else:
-                problem = _arrays_problem(instruction, record)
+                problem = _arrays_problem(instruction, record) or _receipt_problem(
+                    _round_facts(instruction), wire.arrays_sha256(_arrays(record)), signature,
+                    rules,
+                )  # fmt: skip
             if problem is not None:
                 return _blocked(instruction, f"update blocked: {problem}"), [f"arrays: {problem}"]
             records[name] = record
@@ -325,6 +349,82 @@ def filter_reply(
     return Message(RecordDict(records), reply_to=instruction), dropped
 
 
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _receipt_signature(content: RecordDict) -> str:
+    site = content.config_records.get(wire.SITE)
+    value = None if site is None else site.get(wire.RECEIPT_SIGNATURE)
+    return value if isinstance(value, str) else ""
+
+
+def _round_facts(instruction: Message) -> tuple[str, str, int, str] | None:
+    """(run id, study SHA-256, round, model SHA-256) of a train instruction, or None."""
+    config = instruction.content.config_records.get(wire.CONFIG)
+    if config is None:
+        return None
+    run_id, study, round_, model = (
+        config.get(key) for key in (wire.RUN_ID, wire.STUDY_SHA256, wire.ROUND, wire.MODEL_SHA256)
+    )
+    if not (isinstance(run_id, str) and isinstance(study, str) and isinstance(model, str)):
+        return None
+    if not isinstance(round_, int) or isinstance(round_, bool):
+        return None
+    return run_id, study, round_, model
+
+
+def _receipt_problem(
+    facts: tuple[str, str, int, str] | None, update_sha256: str, signature: str, rules: EgressRules
+) -> str | None:
+    """Why the update with this digest is not one the site's worker signed for this round
+    (its receipt, `privacy.receipts`), or None: code in this process (the app) holds no
+    key to sign one, so arrays it made up do not leave."""
+    if facts is None:
+        return "the instruction does not name its run, study, round and model"
+    try:
+        public = VerifyKey.from_raw(bytes.fromhex(rules.site_key))
+    except (ValueError, PrivacyError):
+        return "the site's public key is unknown to the guard"
+    run_id, study, round_, model = facts
+    receipt = UpdateReceipt(run_id, study, round_, model, update_sha256, rules.site_id)
+    if not receipt.verify(public, signature):
+        return "the update is not one the site's worker trained and signed for this round"
+    return None
+
+
+class RoundModels:
+    """Each secure round's (run, study, round, model) from its train step, so the receipt
+    of its masked update, sent in a later step, can be checked; the newest few kept."""
+
+    KEEP = 64
+
+    def __init__(self) -> None:
+        self._facts: OrderedDict[tuple[str, int], tuple[str, str, int, str]] = OrderedDict()
+
+    def remember(self, instruction: Message) -> None:
+        facts = _round_facts(instruction)
+        if facts is not None:
+            self._facts[(facts[0], facts[2])] = facts
+            self._facts.move_to_end((facts[0], facts[2]))
+            while len(self._facts) > self.KEEP:
+                self._facts.popitem(last=False)
+
+    def masked_receipt_problem(
+        self, instruction: Message, record: ArrayRecord, signature: str, rules: EgressRules
+    ) -> str | None:
+        config = instruction.content.config_records.get(wire.CONFIG)
+        run_id = None if config is None else config.get(wire.RUN_ID)
+        round_ = None if config is None else config.get(wire.ROUND)
+        facts = None
+        if isinstance(run_id, str) and isinstance(round_, int):
+            facts = self._facts.get((run_id, round_))
+        if facts is None:
+            return "this process did not see the round's train step, so not its model"
+        masked = record[wire.MASKED].numpy()
+        return _receipt_problem(facts, masked_sha256(masked), signature, rules)
+
+
 def _blocked(instruction: Message, reason: str) -> Message:
     return Message(
         Error(code=ERROR_CODE_BLOCKED, reason=f"egress guard: {reason}"[:MAX_REASON_CHARS]),
@@ -338,16 +438,20 @@ def egress_guard(
     """The guard as a `ReplyMod`: `rules_of` and `audit_of` find the site from the context
     (its node config), so one guard serves whichever site runs it."""
 
+    rounds = RoundModels()
+
     def guard(message: Message, context: Context, call_next: Handler) -> Message:
         reply = call_next(message, context)
         try:
             rules = (
-                EgressRules(site_id="", min_cohort_k=1) if reply.has_error() else rules_of(context)
+                EgressRules(site_id="", min_cohort_k=1, site_key="")
+                if reply.has_error()
+                else rules_of(context)
             )
         except Exception as exc:  # fail closed: without the site's rules nothing leaves
             log.error("egress guard cannot read the site's rules: %s", exc)
-            return _blocked(message, f"cannot read the site's rules ({exc})")
-        guarded, dropped = filter_reply(message, reply, rules)
+            return _blocked(message, f"cannot read the site's rules: {public_reason(exc)}")
+        guarded, dropped = filter_reply(message, reply, rules, rounds)
         if dropped:
             log.warning("egress guard dropped %s", ", ".join(dropped))
             _audit(

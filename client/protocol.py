@@ -192,11 +192,14 @@ class QueryReply:
 
 @dataclass(frozen=True)
 class EgressRules:
-    """What the site lets out of it (see `client.egress`): its id, and the least number of
-    patients an aggregate metric may be computed over (the policy's `min_cohort_k`)."""
+    """What the site lets out of it (see `client.egress`): its id, the least number of
+    patients an aggregate metric may be computed over (the policy's `min_cohort_k`), and
+    its public signing key (raw Ed25519, hex): an update leaves only with the site's
+    signed receipt over it, which only the worker can make."""
 
     site_id: str
     min_cohort_k: int
+    site_key: str
 
 
 SecAggStep = Literal["keys", "mask", "reveal"]

@@ -98,7 +98,9 @@ class SiteService:
         self._default: str | None = None
         self._clock = clock
         self._lock = threading.Lock()
-        self._audit = site_audit_log(config, SigningKey.load(config.signing_key_path))
+        signer = SigningKey.load(config.signing_key_path)
+        self._audit = site_audit_log(config, signer)
+        self._site_key = signer.public.raw.hex()
         self._replies = ReplyCache(config.state_dir / "replies")
         self._secagg = SiteSecAgg(config)
         if contract is not None:  # warm up for a contract known in advance
@@ -255,7 +257,9 @@ class SiteService:
     def egress_rules(self) -> EgressRules:
         """What the egress guard enforces for this site."""
         return EgressRules(
-            site_id=self._config.site.id, min_cohort_k=self._config.privacy.min_cohort_k
+            site_id=self._config.site.id,
+            min_cohort_k=self._config.privacy.min_cohort_k,
+            site_key=self._site_key,
         )
 
     def audit(self, event: str, details: Mapping[str, JsonValue]) -> None:

@@ -15,7 +15,6 @@ built from linear projections and an explicit masked softmax; no BatchNorm).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 
@@ -34,6 +33,7 @@ from medfed.model.tabular import (
     zero_heads,
 )
 from medfed.model.tokenizers import PAD, input_layout, tokenizers_for
+from medfed.model.wire import arrays_sha256 as arrays_sha256  # its home is torch-free
 
 __all__ = [
     "ARCHITECTURE",
@@ -354,18 +354,3 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         if not np.isfinite(array).all():
             raise ValueError(f"parameter {name}: contains NaN or Inf")
     model.load_state_dict({name: torch.from_numpy(np.array(arrays[name])) for name in expected})
-
-
-def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """A digest of named arrays, independent of dict order: names, dtypes, shapes and bytes."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        for field in (name.encode(), str(array.dtype).encode(), str(array.shape).encode()):
-            # Each field is length-prefixed, so no two different inputs frame alike.
-            digest.update(len(field).to_bytes(8, "big"))
-            digest.update(field)
-        data = array.tobytes()
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()

@@ -3,6 +3,7 @@
 Both `coordinator` and `client` import this module; neither imports the other.
 """
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -242,3 +243,18 @@ _NAN_ALLOWED = frozenset(
     {EVAL_AUROC, EVAL_LOSS, EVAL_ACCURACY, EVAL_C_INDEX, EVAL_RMSE, LOCAL_LOSS, MODEL_TRAIN_LOSS}
 )
 """Metrics that are undefined (NaN) in honest edge cases: one class only, or no held-out rows."""
+
+
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """A digest of named arrays, independent of dict order: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        for field in (name.encode(), str(array.dtype).encode(), str(array.shape).encode()):
+            # Each field is length-prefixed, so no two different inputs frame alike.
+            digest.update(len(field).to_bytes(8, "big"))
+            digest.update(field)
+        data = array.tobytes()
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()

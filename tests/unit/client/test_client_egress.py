@@ -25,6 +25,9 @@ from medfed.client.config import SITE_TOML
 from medfed.client.egress import ERROR_CODE_BLOCKED, chain
 from medfed.model import wire
 from medfed.privacy.audit import verify_audit_log
+from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.secagg_protocol import masked_sha256
+from medfed.privacy.signing import SigningKey
 from tests.sitekit import (
     global_arrays,
     make_study,
@@ -37,7 +40,6 @@ from tests.sitekit import (
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 STUDY = make_study(rounds=2, sites=1, target_epsilon=2.0, local_steps=2)
-SIGNATURE = "ab" * 64
 
 
 @pytest.fixture
@@ -50,19 +52,45 @@ def _context(site_toml: Path) -> Context:
     return node_context(3, {"site-config": str(site_toml)})
 
 
-def _instruction(message_type: str = MessageType.TRAIN) -> Message:
-    content = RecordDict({wire.ARRAYS: wire.arrays_to_record(global_arrays())})
+RUN, ROUND, STUDY_SHA256 = "run-7", 2, "cd" * 32
+
+
+def _instruction(message_type: str = MessageType.TRAIN, **config: Any) -> Message:
+    content = RecordDict(
+        {
+            wire.ARRAYS: wire.arrays_to_record(global_arrays()),
+            wire.CONFIG: ConfigRecord(
+                {
+                    wire.RUN_ID: RUN,
+                    wire.STUDY_SHA256: STUDY_SHA256,
+                    wire.ROUND: ROUND,
+                    wire.MODEL_SHA256: wire.arrays_sha256(global_arrays()),
+                    **config,
+                }
+            ),
+        }
+    )
     message = Message(content, dst_node_id=3, message_type=message_type, group_id="1")
     message.metadata.__dict__["_message_id"] = message.object_id
     return message
 
 
-def _honest(patients: int = 60) -> dict[str, Any]:
+def _receipt(site_toml: Path, update_sha256: str) -> str:
+    """The site's own signed receipt for an update with this digest (what its worker makes)."""
+    receipt = UpdateReceipt(
+        RUN, STUDY_SHA256, ROUND, wire.arrays_sha256(global_arrays()), update_sha256, "hospital-1"
+    )
+    return receipt.sign(SigningKey.load(site_config(site_toml).signing_key_path))
+
+
+def _honest(site_toml: Path, patients: int = 60) -> dict[str, Any]:
+    arrays = {name: a + np.float32(0.01) for name, a in global_arrays().items()}
+    signature = _receipt(site_toml, wire.arrays_sha256(arrays))
     return {
-        wire.ARRAYS: {name: a + 0.01 for name, a in global_arrays().items()},
+        wire.ARRAYS: arrays,
         wire.METRICS: {wire.NUM_EXAMPLES: patients, wire.LOCAL_LOSS: 0.5, wire.EPSILON: 0.3,
                        wire.EVAL_EXAMPLES: 30, wire.EVAL_AUROC: 0.7},
-        wire.SITE: {wire.SITE_ID: "hospital-1", wire.RECEIPT_SIGNATURE: SIGNATURE},
+        wire.SITE: {wire.SITE_ID: "hospital-1", wire.RECEIPT_SIGNATURE: signature},
     }  # fmt: skip
 
 
@@ -101,7 +129,7 @@ def _audit_events(site_toml: Path) -> list[dict[str, Any]]:
 
 
 def test_an_honest_reply_passes_unchanged(site_toml: Path) -> None:
-    records = _honest()
+    records = _honest(site_toml)
     reply = _guarded(site_toml, records)
     assert not reply.has_error()
     assert dict(reply.content.metric_records[wire.METRICS]) == records[wire.METRICS]
@@ -112,7 +140,7 @@ def test_an_honest_reply_passes_unchanged(site_toml: Path) -> None:
 
 def test_a_raw_data_array_an_extra_metric_and_a_stray_key_are_dropped(site_toml: Path) -> None:
     table = table_of(site_toml)
-    records = _honest()
+    records = _honest(site_toml)
     records["raw"] = {"features": table.train_features}
     records[wire.METRICS] = {**records[wire.METRICS], "mean-age": 61.5, "ages": [61.0, 70.0]}
     records[wire.SITE] = {**records[wire.SITE], "note": "patient 17 is ..."}
@@ -123,7 +151,7 @@ def test_a_raw_data_array_an_extra_metric_and_a_stray_key_are_dropped(site_toml:
     assert "ages" not in reply.content.metric_records[wire.METRICS]
     assert dict(reply.content.config_records[wire.SITE]) == {
         wire.SITE_ID: "hospital-1",
-        wire.RECEIPT_SIGNATURE: SIGNATURE,
+        wire.RECEIPT_SIGNATURE: records[wire.SITE][wire.RECEIPT_SIGNATURE],
     }
     (event,) = _audit_events(site_toml)
     dropped = event["details"]["dropped"]
@@ -133,7 +161,7 @@ def test_a_raw_data_array_an_extra_metric_and_a_stray_key_are_dropped(site_toml:
 def test_trained_groups_the_dataset_digest_and_survival_metrics_may_leave(
     site_toml: Path,
 ) -> None:
-    records = _honest()
+    records = _honest(site_toml)
     records[wire.METRICS] = {**records[wire.METRICS], wire.EVAL_C_INDEX: 0.61, wire.EVAL_RMSE: 1.2}
     site = {wire.TRAINED_GROUPS: "encoders.clinical,fusion,heads.survival",
             wire.DATASET_SHA256: "ab" * 32}  # fmt: skip
@@ -156,7 +184,7 @@ def test_trained_groups_the_dataset_digest_and_survival_metrics_may_leave(
 def test_free_text_in_the_lineage_keys_does_not_leave(
     site_toml: Path, key: str, value: str
 ) -> None:
-    records = _honest()
+    records = _honest(site_toml)
     records[wire.SITE] = {**records[wire.SITE], key: value}
     reply = _guarded(site_toml, records)
     assert key not in reply.content.config_records[wire.SITE]
@@ -178,7 +206,7 @@ def test_free_text_in_the_lineage_keys_does_not_leave(
 def test_an_update_beyond_the_contract_is_blocked_whole(
     site_toml: Path, tamper: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 ) -> None:
-    records = _honest()
+    records = _honest(site_toml)
     records[wire.ARRAYS] = tamper(records[wire.ARRAYS])
     reply = _guarded(site_toml, records)
     assert reply.has_error() and reply.error.code == ERROR_CODE_BLOCKED
@@ -186,9 +214,68 @@ def test_an_update_beyond_the_contract_is_blocked_whole(
     assert event["details"]["blocked_whole"] is True
 
 
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda site_toml, arrays: "ab" * 64,  # a made-up signature
+        lambda site_toml, arrays: _receipt(site_toml, "00" * 32),  # the site's, for other arrays
+        lambda site_toml, arrays: SigningKey.generate().sign(b"x").hex(),  # another key's
+    ],
+    ids=["made-up", "other-update", "other-key"],
+)
+def test_arrays_the_sites_worker_did_not_sign_do_not_leave(
+    site_toml: Path, forge: Callable[[Path, dict[str, np.ndarray]], str]
+) -> None:
+    # An app (approved, or medfed's own led astray) that fills the model's very shapes
+    # with data of its own cannot sign for them: the key is the worker's alone.
+    table = table_of(site_toml)
+    records = _honest(site_toml)
+    arrays = records[wire.ARRAYS]
+    first = sorted(arrays)[0]
+    leaked = np.resize(table.train_features.astype(np.float32), arrays[first].shape)
+    records[wire.ARRAYS] = {**arrays, first: leaked}
+    records[wire.SITE] = {**records[wire.SITE], wire.RECEIPT_SIGNATURE: forge(site_toml, arrays)}
+    reply = _guarded(site_toml, records)
+    assert reply.has_error() and reply.error.code == ERROR_CODE_BLOCKED
+    assert "not one the site's worker trained and signed" in str(reply.error.reason)
+    (event,) = _audit_events(site_toml)
+    assert event["details"]["blocked_whole"] is True
+
+
+def _masked_step(site_toml: Path, masked: np.ndarray, signature: str) -> Message:
+    records = {
+        wire.ARRAYS: {wire.MASKED: masked},
+        wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: "{}",
+                    wire.RECEIPT_SIGNATURE: signature},
+    }  # fmt: skip
+    instruction = _instruction(f"{MessageType.TRAIN}.secagg_mask", **{wire.SECAGG: "{}"})
+    return chain(_app_sending(records), [GUARD])(instruction, _context(site_toml))
+
+
+def test_a_masked_update_leaves_only_with_the_sites_receipt_for_its_round(
+    site_toml: Path,
+) -> None:
+    masked = np.arange(12, dtype=np.uint32)
+    signature = _receipt(site_toml, masked_sha256(masked))
+    # Before this process saw the round's train step it does not know the round's model.
+    unseen = _masked_step(site_toml, masked, signature)
+    assert unseen.error.code == ERROR_CODE_BLOCKED
+    assert "did not see the round's train step" in str(unseen.error.reason)
+    train_step = {wire.METRICS: {wire.NUM_EXAMPLES: 60},
+                  wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: "[]"}}  # fmt: skip
+    instruction = _instruction(MessageType.TRAIN, **{wire.SECAGG: "{}"})
+    assert not chain(_app_sending(train_step), [GUARD])(
+        instruction, _context(site_toml)
+    ).has_error()
+    assert not _masked_step(site_toml, masked, signature).has_error()
+    # Raw values in place of the masked update, with the real update's receipt: blocked.
+    forged = _masked_step(site_toml, masked + np.uint32(1), signature)
+    assert forged.error.code == ERROR_CODE_BLOCKED
+
+
 def test_metrics_over_fewer_than_k_patients_do_not_leave(site_toml: Path) -> None:
     k = site_config(site_toml).privacy.min_cohort_k
-    records = _honest(patients=k - 1)
+    records = _honest(site_toml, patients=k - 1)
     assert _guarded(site_toml, records).error.code == ERROR_CODE_BLOCKED
     evaluation = {wire.METRICS: {wire.NUM_EXAMPLES: 60, wire.EVAL_EXAMPLES: k - 1,
                                  wire.EVAL_AUROC: 0.9, wire.EVAL_LOSS: float("nan")}}  # fmt: skip

@@ -179,7 +179,7 @@ def test_the_thin_client_app_forwards_without_torch(site_toml: Path, worker: Wor
         "next-window-start": 0.0,
         "patients": pytest.approx(result["metrics"]["patients"]),
     }  # type: ignore[index]
-    assert result["site"] == {"site-id": "hospital-1", "accelerator": "cpu"}
+    assert result["site"] == {"site-id": "hospital-1", "accelerator": "cpu", "preflight": ""}
 
 
 def test_the_thin_client_app_refuses_clearly_when_the_worker_is_gone(tmp_path: Path) -> None:
