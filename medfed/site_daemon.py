@@ -107,7 +107,15 @@ def clock_skew(config: SiteConfig, now: dt.datetime | None = None) -> str | None
     return None
 
 
-def link_state(config: SiteConfig, *, running: bool, connected: bool) -> str:
+UNREGISTERED = (
+    "key not registered at the SuperLink: never registered, or the site was revoked (the"
+    " SuperLink answers alike); ask the consortium lead (a revoked site needs a new kit)"
+)
+
+
+def link_state(
+    config: SiteConfig, *, running: bool, connected: bool, unregistered: bool = False
+) -> str:
     """The daemon's link in one phrase: connected, or the first cause found for not."""
     from medfed.client.worker_rpc import WorkerClient, worker_socket_path
 
@@ -116,6 +124,8 @@ def link_state(config: SiteConfig, *, running: bool, connected: bool) -> str:
     skew = clock_skew(config)
     if skew is not None:
         return skew
+    if unregistered and not connected:
+        return UNREGISTERED
     if not WorkerClient(worker_socket_path(config)).ping(timeout_s=2.0):
         return "worker unreachable (it does not answer on its socket; see logs/worker.log)"
     return "connected" if connected else "not connected (see logs/supernode.log)"
@@ -139,7 +149,12 @@ def site_status_document(site_toml: Path) -> dict[str, Any]:
     connected = bool(state.get("connected")) and running
     holder = lock_holder(config)
     return {
-        "link": link_state(config, running=running, connected=connected),
+        "link": link_state(
+            config,
+            running=running,
+            connected=connected,
+            unregistered=running and bool(state.get("unregistered")),
+        ),
         "lock_holder": holder,
         "site_id": config.site.id,
         "running": running,

@@ -43,7 +43,12 @@ from medfed.client import UNSIGNED_WARNING, SiteConfig, SiteConfigError, bundle_
 from medfed.client.worker_rpc import worker_socket_path
 from medfed.common import write_atomic, write_text_atomic
 from medfed.errors import MedfedError
-from medfed.flower import FLWR_HINT, require_supported_flwr, supernode_connected
+from medfed.flower import (
+    FLWR_HINT,
+    require_supported_flwr,
+    supernode_connected,
+    supernode_unregistered,
+)
 from medfed.processes import ManagedProcess, ProcessGroup, find_program, free_port
 
 log = logging.getLogger(__name__)
@@ -257,21 +262,32 @@ class SiteDaemon:
             child.next_start_at = 0.0
             self._start(child)
 
-    def connected(self) -> bool:
-        """Whether the SuperNode has authenticated with the SuperLink since it last started:
-        read from where this start's output begins, so an earlier start's success (the
-        log is appended to) never counts for a SuperNode that has not connected yet."""
+    def _supernode_output(self) -> str:
+        """The SuperNode's output since it last started ("" if none): read from where this
+        start's output begins, so an earlier start's words (the log is appended to) never
+        count for this one."""
         child = self.children[1]
         supernode = child.process
-        if supernode is None or supernode.died():
-            return False
+        if supernode is None:
+            return ""
         try:
             with supernode.log_path.open("rb") as log_file:
                 log_file.seek(child.log_offset)
-                text = log_file.read().decode("utf-8", errors="replace")
+                return log_file.read().decode("utf-8", errors="replace")
         except OSError:
+            return ""
+
+    def connected(self) -> bool:
+        """Whether the SuperNode has authenticated with the SuperLink since it last started."""
+        supernode = self.children[1].process
+        if supernode is None or supernode.died():
             return False
-        return supernode_connected(text)
+        return supernode_connected(self._supernode_output())
+
+    def unregistered(self) -> bool:
+        """Whether the SuperLink refused the SuperNode's key as unregistered (never
+        registered, or revoked) at its last start."""
+        return supernode_unregistered(self._supernode_output())
 
     def state(self, *, running: bool) -> dict[str, Any]:
         return {
@@ -283,6 +299,7 @@ class SiteDaemon:
             "superlink": self.superlink,
             "runtime_port": self.runtime_port,
             "connected": self.connected() if running else False,
+            "unregistered": self.unregistered() if running else False,
             "children": {child.name: child.to_json() for child in self.children},
         }
 

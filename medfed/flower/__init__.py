@@ -26,6 +26,7 @@ from medfed.flower.programs import (
     run_flwr,
     superlink_argv,
     supernode_connected,
+    supernode_unregistered,
     supernodes_online,
     write_connection,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "run_flwr",
     "superlink_argv",
     "supernode_connected",
+    "supernode_unregistered",
     "supernodes_online",
     "write_connection",
 ]

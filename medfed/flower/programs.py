@@ -145,6 +145,17 @@ def supernode_connected(log_text: str) -> bool:
     return SUPERNODE_CONNECTED_LINE in log_text
 
 
+SUPERNODE_UNREGISTERED_CODE = "[code: 2004]"
+"""flwr 1.42's error when the SuperLink knows no node for the SuperNode's key
+(`FLEET_NODE_ACTIVATION_FAILED`): never registered, or unregistered (a revoked site)."""
+
+
+def supernode_unregistered(log_text: str) -> bool:
+    """Whether a SuperNode's log says the SuperLink refused its key as unregistered; the
+    SuperLink answers alike for a key never registered and for one a revocation removed."""
+    return SUPERNODE_UNREGISTERED_CODE in log_text and not supernode_connected(log_text)
+
+
 def supernodes_online(program: str, *, env: Mapping[str, str], connection: str) -> set[str]:
     """The node ids the SuperLink lists as online (`flwr supernode list --format json`);
     raises `FlwrCommandError` if the SuperLink cannot be asked."""

@@ -290,3 +290,40 @@ def test_site_status_names_clock_skew_and_an_unreachable_worker(site_toml: Path)
     _future_certificate(site_toml.parent / "kit" / "ca.pem")
     state = link_state(config, running=True, connected=False)
     assert state.startswith("clock skew:") and "ca.pem is valid from" in state
+
+
+# What flwr 1.42's SuperNode printed when the SuperLink knew no node for its key (from
+# tests/e2e/test_e2e_coordinator.py's revoked site; a never-registered key reads the same).
+UNREGISTERED_OUTPUT = """\
+ERROR :     Exit Code: 305
+Failed to initialize the connection to the SuperLink.
+[code: 2004] Failed to activate SuperNode.
+The SuperNode could not establish a connection to the SuperLink.
+"""
+
+
+def test_site_status_names_an_unregistered_or_revoked_key(site_toml: Path) -> None:
+    """Red-team row "site status": a revoked site's daemon said only "not connected"."""
+    import subprocess
+
+    from medfed.processes import ManagedProcess
+    from medfed.site_daemon import UNREGISTERED, link_state
+
+    _add_coordinator(site_toml)
+    config = load_site_config(site_toml)
+    daemon = SiteDaemon(config)
+    log_path = site_toml.parent / "supernode.log"
+    # An earlier start that connected, then this start's refusal: only this start counts.
+    log_path.write_text("INFO : SuperNode ID: 42\n" + UNREGISTERED_OUTPUT)
+    popen = subprocess.Popen([sys.executable, "-c", "pass"])
+    popen.wait(timeout=30)
+    daemon.children[1].process = ManagedProcess("supernode", popen, log_path)
+    daemon.children[1].log_offset = len("INFO : SuperNode ID: 42\n")
+    assert daemon.unregistered() and not daemon.connected()
+    assert daemon.state(running=True)["unregistered"] is True
+    state = link_state(config, running=True, connected=False, unregistered=True)
+    assert state == UNREGISTERED and "revoked" in state
+    # A start that connected is not unregistered, whatever an earlier start said.
+    daemon.children[1].log_offset = 0
+    log_path.write_text(UNREGISTERED_OUTPUT + "INFO : SuperNode ID: 42\n")
+    assert not daemon.unregistered()
