@@ -41,6 +41,7 @@ _EXPORTS = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
+    "MEDFED_CLIENT_APP",
     "SITE_TOML",
     "UNSIGNED_WARNING",
     "ClientError",

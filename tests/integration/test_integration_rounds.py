@@ -517,7 +517,8 @@ def test_too_few_valid_sites_fail_the_round(tmp_path: Path) -> None:
 
     message = str(caught.value)
     assert message.startswith("round 1: 2 valid replies of 3 sites, the study needs 3")
-    assert f"{table_path}, row 3, column readmitted_30d" in message
+    # The lead reads the data category; the file, row and value stay at the site.
+    assert DATA_REASON in message and str(table_path) not in message
     assert reports.statuses[-1] == "failed"
     assert reports.snapshots[-1]["error"] == message
     assert reports.snapshots[-1]["rounds_completed"] == 0
