@@ -10,7 +10,9 @@ site's own held-out patients, chosen by a hash of the patient id, pooled), side 
   held-out patients: what a site would get by not joining);
 - federated without DP (`inf`): the study's strategy (`coordinator.strategies`, the
   code the coordinator aggregates with) over plain local SGD with the study's learning
-  rate, local steps and sample rate, for at least `PLAIN_ROUNDS` rounds, in this process;
+  rate, local steps and sample rate, its batch gradient clipped to the study's
+  max-grad-norm, for at least `PLAIN_ROUNDS` rounds, in this process (a run that
+  diverges counts as `diverged`, its metric not a number);
   the sites' real code always adds DP noise (its policy has a minimum noise), so no real
   round can be noise-free;
 - federated with DP at each epsilon: the real round loop (`coordinator.rounds.run_study`)
@@ -237,7 +239,8 @@ def federated_plain(study: StudyData, *, seed: int) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
     groups = study.groups
     curve = [held_out_metric(study, global_arrays)]
-    for _ in range(max(settings.num_rounds, PLAIN_ROUNDS)):
+    rounds = max(settings.num_rounds, PLAIN_ROUNDS)
+    for _ in range(rounds):
         contributions = []
         for site, tensors in study.train.items():
             load_arrays(model, global_arrays)
@@ -246,14 +249,36 @@ def federated_plain(study: StudyData, *, seed: int) -> list[float]:
             loader = DataLoader(
                 TensorDataset(*tensors), batch_size=batch, shuffle=True, generator=generator
             )
-            optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
+            optimizer = _ClippedSGD(
+                model.parameters(), lr=settings.learning_rate, max_norm=settings.max_grad_norm
+            )
             train_steps(
                 model, optimizer, loader, steps=settings.local_steps, contract=study.contract
             )
             contributions.append(Contribution(site, state_arrays(model), n, groups[site]))
         global_arrays = strategy.aggregate(global_arrays, contributions).arrays
+        if not all(np.isfinite(array).all() for array in global_arrays.values()):
+            # Diverged: the rest of the curve (and the final metric) is not a number,
+            # which the summary counts apart rather than the run failing.
+            curve.extend([math.nan] * (rounds - len(curve) + 1))
+            return curve
         curve.append(held_out_metric(study, global_arrays))
     return curve
+
+
+class _ClippedSGD(torch.optim.SGD):
+    """Plain SGD whose batch gradient is clipped to the study's `max-grad-norm` before
+    each step: the no-DP arm's counterpart of DP-SGD's per-patient clipping (without
+    it, a transformer at the study's DP-tuned learning rate can diverge)."""
+
+    def __init__(self, params: Any, *, lr: float, max_norm: float) -> None:
+        super().__init__(params, lr=lr)
+        self._max_norm = max_norm
+
+    def step(self, closure: Any = None) -> Any:
+        parameters = [p for group in self.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, self._max_norm)
+        return super().step(closure)
 
 
 # --- federated with DP, through the real round loop -----------------------------------------
@@ -331,7 +356,11 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 def curve_summary(curves: Sequence[Sequence[float]]) -> dict[str, Any]:
     """A federated arm: its final metric over seeds and the mean learning curve."""
     result = summary([curve[-1] for curve in curves])
-    result["curve_mean"] = [statistics.fmean(point) for point in zip(*curves, strict=True)]
+    result["diverged"] = sum(not math.isfinite(curve[-1]) for curve in curves)
+    result["curve_mean"] = [
+        statistics.fmean(finite) if (finite := [v for v in point if math.isfinite(v)]) else math.nan
+        for point in zip(*curves, strict=True)
+    ]
     result["initial"] = summary([curve[0] for curve in curves])
     return result
 

@@ -96,3 +96,24 @@ def test_one_study_one_seed_gives_every_arm_and_lifelines_references(tmp_path: P
         v["mean"] for v in lung["sites_alone"]["classical"].values() if math.isfinite(v["mean"])
     ]
     assert lung["sites_alone"]["classical_mean"]["mean"] == pytest.approx(np.mean(finite))
+
+
+def test_a_diverged_seed_is_counted_apart_and_the_others_summarised() -> None:
+    from medfed.bench.utility import curve_summary
+
+    result = curve_summary([[0.5, 0.6, 0.7], [0.5, math.nan, math.nan], [0.5, 0.62, 0.66]])
+    assert result["diverged"] == 1
+    assert result["mean"] == pytest.approx(0.68)
+    assert result["curve_mean"] == pytest.approx([0.5, 0.61, 0.68])
+
+
+def test_the_no_dp_arm_clips_the_batch_gradient_to_the_studys_norm() -> None:
+    import torch
+
+    from medfed.bench.utility import _ClippedSGD
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = _ClippedSGD([weight], lr=0.5, max_norm=1.0)
+    weight.grad = torch.tensor([3.0, 4.0])  # norm 5: clipped to norm 1
+    optimizer.step()
+    assert weight.detach().tolist() == pytest.approx([-0.3, -0.4])
