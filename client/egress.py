@@ -12,9 +12,8 @@ What passes, and nothing else:
   the site's signed receipt covers exactly these arrays for this run, study, round and
   model: only the site worker, which trained them, holds the key to sign one, so arrays
   that code in this process (the app) filled in itself do not leave. A masked update
-  (secure aggregation) leaves only with the receipt for its round's model when the guard
-  saw the round's train step (the site daemon's executor does; in Flower's simulation a
-  step may run in another worker, and the coordinator checks that receipt);
+  (secure aggregation) leaves only with the receipt for the study and model its mask
+  step names (those of the round's signed announcement);
 - the `metrics` record's whitelisted keys for that message type (`model.wire`), as
   single numbers (and the noised statistics vector `eval-stats`, a short list of
   finite floats); aggregates over training patients only when the reply's patient
@@ -36,7 +35,6 @@ import json
 import logging
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import reduce
 
@@ -146,16 +144,12 @@ def _category(message: Message) -> str:
     return message.metadata.message_type.split(".", 1)[0]
 
 
-def _arrays_problem(instruction: Message, record: ArrayRecord) -> str | None:
+def _arrays_problem(instruction: Message, arrays: dict[str, np.ndarray]) -> str | None:
     """Why the reply's arrays are not the instruction's model; None if they are."""
     try:
         expected = wire.record_to_arrays(instruction.content)
     except wire.WireError:
         return "the instruction carried no model to compare the update with"
-    try:
-        arrays = wire.record_arrays(record)  # either layout, packed or one Array per name
-    except wire.WireError as exc:
-        return f"the update's arrays cannot be read: {exc}"
     names = list(arrays)
     if sorted(names) != sorted(expected):
         extra = sorted(set(names) - set(expected))[:5]
@@ -285,15 +279,9 @@ def _filter_site(
 
 
 def filter_reply(
-    instruction: Message,
-    reply: Message,
-    rules: EgressRules,
-    rounds: RoundModels | None = None,
+    instruction: Message, reply: Message, rules: EgressRules
 ) -> tuple[Message, list[str]]:
-    """The reply as it may leave the site, and what was dropped from it (empty if nothing).
-    `rounds` remembers each secure round's model from its train step, for the receipt
-    of its masked update (a fresh one by default)."""
-    rounds = RoundModels() if rounds is None else rounds
+    """The reply as it may leave the site, and what was dropped from it (empty if nothing)."""
     dropped: list[str] = []
     if reply.has_error():
         reason = reply.error.reason or ""
@@ -303,8 +291,6 @@ def filter_reply(
         return Message(error, reply_to=instruction), dropped
     category, action = _category(instruction), _action(instruction)
     secure = category == MessageType.TRAIN and (action != "" or _secagg_instruction(instruction))
-    if category == MessageType.TRAIN and action == "" and secure:
-        rounds.remember(instruction)
     content = reply.content
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     for name in content:
@@ -313,16 +299,15 @@ def filter_reply(
             signature = _receipt_signature(content)
             if secure:
                 problem = (
-                    _masked_problem(record)
-                    or rounds.masked_receipt_problem(instruction, record, signature, rules)
+                    _masked_problem(record) or _receipt_problem(
+                        _round_facts(instruction),
+                        masked_sha256(record[wire.MASKED].numpy()), signature, rules,
+                    )
                     if action == "secagg_mask"
                     else "under secure aggregation an update leaves only masked"
-                )
-            else:
-                problem = _arrays_problem(instruction, record) or _receipt_problem(
-                    _round_facts(instruction), wire.arrays_sha256(_arrays(record)), signature,
-                    rules,
                 )  # fmt: skip
+            else:
+                problem = _plain_update_problem(instruction, record, signature, rules)
             if problem is not None:
                 return _blocked(instruction, f"update blocked: {problem}"), [f"arrays: {problem}"]
             records[name] = record
@@ -350,9 +335,18 @@ def filter_reply(
     return Message(RecordDict(records), reply_to=instruction), dropped
 
 
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """The named arrays of a train reply's record (packed or not), as the site signed them."""
-    return dict(wire.record_to_arrays(RecordDict({wire.ARRAYS: record})))
+def _plain_update_problem(
+    instruction: Message, record: ArrayRecord, signature: str, rules: EgressRules
+) -> str | None:
+    """Why a plain update may not leave (not the instruction's model, or not the site's
+    signed update); its arrays are read once, packed or not."""
+    try:
+        arrays = wire.record_arrays(record)
+    except wire.WireError as exc:
+        return f"the update's arrays cannot be read: {exc}"
+    return _arrays_problem(instruction, arrays) or _receipt_problem(
+        _round_facts(instruction), wire.arrays_sha256(arrays), signature, rules
+    )
 
 
 def _receipt_signature(content: RecordDict) -> str:
@@ -362,7 +356,8 @@ def _receipt_signature(content: RecordDict) -> str:
 
 
 def _round_facts(instruction: Message) -> tuple[str, str, int, str] | None:
-    """(run id, study SHA-256, round, model SHA-256) of a train instruction, or None."""
+    """(run id, study SHA-256, round, model SHA-256) that a train instruction, or a
+    secure round's mask step, names (the announced study and model), or None."""
     config = instruction.content.config_records.get(wire.CONFIG)
     if config is None:
         return None
@@ -395,47 +390,6 @@ def _receipt_problem(
     return None
 
 
-class RoundModels:
-    """Each secure round's (run, study, round, model) from its train step, so the receipt
-    of its masked update, sent in a later step, can be checked; the newest few kept."""
-
-    KEEP = 64
-
-    def __init__(self) -> None:
-        self._facts: OrderedDict[tuple[str, int], tuple[str, str, int, str]] = OrderedDict()
-
-    def remember(self, instruction: Message) -> None:
-        facts = _round_facts(instruction)
-        if facts is not None:
-            self._facts[(facts[0], facts[2])] = facts
-            self._facts.move_to_end((facts[0], facts[2]))
-            while len(self._facts) > self.KEEP:
-                self._facts.popitem(last=False)
-
-    def masked_receipt_problem(
-        self, instruction: Message, record: ArrayRecord, signature: str, rules: EgressRules
-    ) -> str | None:
-        config = instruction.content.config_records.get(wire.CONFIG)
-        run_id = None if config is None else config.get(wire.RUN_ID)
-        round_ = None if config is None else config.get(wire.ROUND)
-        facts = None
-        if isinstance(run_id, str) and isinstance(round_, int):
-            facts = self._facts.get((run_id, round_))
-        if facts is None:
-            # Flower's simulation runs each step in any of its workers, so the round's
-            # train step may have passed through another process: the masked update's
-            # shape is still checked; its receipt is checked by the coordinator.
-            log.warning(
-                "egress guard: run %s round %s's train step was not seen here; the masked"
-                " update's receipt is left to the coordinator",
-                run_id,
-                round_,
-            )
-            return None
-        masked = record[wire.MASKED].numpy()
-        return _receipt_problem(facts, masked_sha256(masked), signature, rules)
-
-
 def _blocked(instruction: Message, reason: str) -> Message:
     return Message(
         Error(code=ERROR_CODE_BLOCKED, reason=f"egress guard: {reason}"[:MAX_REASON_CHARS]),
@@ -449,8 +403,6 @@ def egress_guard(
     """The guard as a `ReplyMod`: `rules_of` and `audit_of` find the site from the context
     (its node config), so one guard serves whichever site runs it."""
 
-    rounds = RoundModels()
-
     def guard(message: Message, context: Context, call_next: Handler) -> Message:
         reply = call_next(message, context)
         try:
@@ -462,7 +414,7 @@ def egress_guard(
         except Exception as exc:  # fail closed: without the site's rules nothing leaves
             log.error("egress guard cannot read the site's rules: %s", exc)
             return _blocked(message, f"cannot read the site's rules: {public_reason(exc)}")
-        guarded, dropped = filter_reply(message, reply, rules, rounds)
+        guarded, dropped = filter_reply(message, reply, rules)
         if dropped:
             log.warning("egress guard dropped %s", ", ".join(dropped))
             _audit(

@@ -175,11 +175,15 @@ class _SecureRound:
         return collected.replies
 
     def step_content(self, payload: str) -> RecordDict:
-        """A key, mask or reveal message: run, round and the step's JSON."""
+        """A key, mask or reveal message: run, round, the announced study and model (the
+        site's egress guard checks a masked update's receipt against them) and the
+        step's JSON."""
         config = ConfigRecord(
             {
                 wire.RUN_ID: self.announcement.run_id,
                 wire.ROUND: self.round_number,
+                wire.STUDY_SHA256: self.announcement.study_sha256,
+                wire.MODEL_SHA256: self.announcement.model_sha256,
                 wire.SECAGG: payload,
             }
         )

@@ -48,6 +48,7 @@ from medfed.processes import (
     find_program,
     port_holders,
     port_taken,
+    sessions_of,
     tagged_pids,
     tls_health_ok,
 )
@@ -228,7 +229,7 @@ def _reap_orphans(run_dir: Path, warn: Callable[[str], None]) -> None:
         raise CoordinatorStartError(
             f"`coordinator start` already runs for {run_dir} (PID {pid}); stop it first"
         )
-    sessions: set[int] = set()
+    sessions = sessions_of(tagged_pids(tag))
     orphans = list(tagged_pids(tag, sessions))
     for orphan in orphans:
         warn(f"warning: stopping PID {orphan}, left running by a coordinator that was killed")

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -112,17 +112,10 @@ def _holds_any(process: Path, links: set[str]) -> bool:
     return False
 
 
-def tagged_pids(tag: str, sessions: set[int] | None = None) -> Iterator[int]:
+def tagged_pids(tag: str, sessions: Set[int] = frozenset()) -> Iterator[int]:
     """PIDs of live processes whose environment carries `TAG_VARIABLE=tag`, or that run in
-    one of `sessions`; `sessions` gains the session of every tagged process found.
-
-    The session finds a process that renamed itself over its own environment block, so
-    that the tag no longer reads in /proc (Ray's agents do, with setproctitle); it
-    inherited the session of a tagged parent, and stays in it unless it detaches itself."""
+    one of `sessions` (see `sessions_of`)."""
     needle = f"{TAG_VARIABLE}={tag}".encode()
-    ours = {0, os.getsid(0)}
-    by_session: list[tuple[int, int]] = []
-    found: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -132,17 +125,21 @@ def tagged_pids(tag: str, sessions: set[int] | None = None) -> Iterator[int]:
         except OSError:
             continue
         # A zombie has exited already; its parent reaps it.
-        if fields[0] == "Z":
-            continue
-        pid, session = int(entry.name), int(fields[3])
-        by_session.append((pid, session))
-        if needle in environ.split(b"\0"):
-            found.add(pid)
-            if sessions is not None and session not in ours:
-                sessions.add(session)
-    if sessions:
-        found.update(pid for pid, session in by_session if session in sessions)
-    yield from sorted(found)
+        if fields[0] != "Z" and (int(fields[3]) in sessions or needle in environ.split(b"\0")):
+            yield int(entry.name)
+
+
+def sessions_of(pids: Iterable[int]) -> set[int]:
+    """The sessions `pids` run in, other than this process's own.
+
+    Searching them finds a process that renamed itself over its own environment block,
+    so that the tag no longer reads in /proc (Ray's agents do, with setproctitle): it
+    inherited the session of a tagged parent, and stays in it unless it detaches itself."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found.add(os.getsid(pid))
+    return found - {0, os.getsid(0)}
 
 
 def tls_health_ok(port: int, ca_cert: Path, *, host: str = "127.0.0.1") -> bool:
@@ -337,14 +334,15 @@ class ProcessGroup:
         # Each live process was started in a session of its own (its PID names it); the
         # helpers Flower detached carry the tag, and their sessions are searched too. (A
         # dead process's PID is left out: it may name someone else's session by now.)
-        sessions = {process.pid for process in self.processes if not process.died()}
-        list(tagged_pids(self.tag, sessions))
+        live = [process.pid for process in self.processes if not process.died()]
+        sessions = sessions_of([*live, *tagged_pids(self.tag)])
         for process in reversed(self.processes):
             self.stop(process)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             leftovers = list(tagged_pids(self.tag, sessions))
             if not leftovers:
                 return
+            sessions |= sessions_of(leftovers)
             for pid in leftovers:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
