@@ -257,12 +257,15 @@ def _confine(runtime_address: str, private: tuple[Path, ...]) -> None:
 
     from medfed.client.sandbox import code_roots, confine, exposed
 
+    host, _, port_text = runtime_address.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"--runtime {runtime_address!r}: expected HOST:PORT")
+    port = int(port_text)
     flwr_home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").resolve()
     scratch = flwr_home / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = str(scratch)  # Flower unpacks bundles in a temporary folder
     tempfile.tempdir = str(scratch)
-    port = int(runtime_address.rsplit(":", 1)[1])
     roots = code_roots()
     for line in exposed(private, [*roots, flwr_home]):
         log.warning("WARNING: the executor's confinement cannot hide %s: move it", line)
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         site = _site(args.site_config)
         secret = args.secret_file.read_bytes() if args.secret_file else None
         _confine(args.runtime, site.private)
-    except (ClientError, PrivacyError, OSError) as exc:
+    except (ClientError, PrivacyError, OSError, ValueError) as exc:
         log.error("the executor cannot start: %s", exc)
         return 2
     stop = threading.Event()

@@ -129,3 +129,14 @@ def test_without_landlock_nothing_is_enforced_and_it_says_why(
     result = confine(read=[tmp_path], write=[tmp_path], tcp_ports=[1])
     assert not result.enforced
     assert result.problem is not None and "Landlock" in result.problem
+
+
+def test_an_executor_with_a_bad_runtime_address_stops_before_changing_anything() -> None:
+    import os
+
+    from medfed.client.executor import _confine
+
+    before = os.environ.get("TMPDIR")
+    with pytest.raises(ValueError, match=r"--runtime '127\.0\.0\.1': expected HOST:PORT"):
+        _confine("127.0.0.1", ())
+    assert os.environ.get("TMPDIR") == before
