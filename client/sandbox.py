@@ -35,8 +35,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfed.client.bundle_code import RUNTIME_ROOMS
-
 log = logging.getLogger(__name__)
 
 _SYS_CREATE_RULESET = 444  # the same on every architecture Linux unified (x86_64, arm64)
@@ -62,6 +60,9 @@ _READ = _EXECUTE | _READ_FILE | _READ_DIR
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/etc", "/proc", "/sys", "/dev", "/bin")
 """System folders the executor may read (never written): libraries, certificates, /proc."""
 DEVICE_WRITE = ("/dev/null", "/dev/tty")
+MEDFED_ROOMS = ("bench", "client", "common", "coordinator", "flower", "model", "privacy", "sites")
+"""Every room of the package, not only the ones the executor runs: its check that a
+bundle's code is the installed code reads each installed room the bundle ships."""
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -121,8 +122,8 @@ def _handled_fs(abi: int) -> int:
 
 def code_roots() -> list[Path]:
     """Where this Python and medfed's code live: the prefixes, `sys.path`'s folders
-    (never the working directory) and the folder of each room the executor runs (an
-    editable install maps them into the repository, whose other files are not code)."""
+    (never the working directory) and the folder of each medfed room (an editable
+    install maps them into the repository, whose other files are not code)."""
     roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)}
     cwd = Path.cwd().resolve()
     for entry in sys.path:
@@ -131,7 +132,7 @@ def code_roots() -> list[Path]:
         path = Path(entry).resolve()
         if path.exists() and path != cwd and cwd not in path.parents:
             roots.add(path)
-    for package in ("medfed", *(f"medfed.{room}" for room in RUNTIME_ROOMS)):
+    for package in ("medfed", *(f"medfed.{room}" for room in MEDFED_ROOMS)):
         with contextlib.suppress(ImportError, ValueError):
             spec = importlib.util.find_spec(package)
             locations = [] if spec is None else list(spec.submodule_search_locations or [])

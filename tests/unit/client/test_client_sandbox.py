@@ -42,7 +42,7 @@ def _confined(tmp_path: Path, allowed_port: int, other_port: int) -> dict[str, s
     flwr_home.mkdir(parents=True)
     script = textwrap.dedent(
         f"""
-        import json, socket
+        import importlib.util, json, socket
         from pathlib import Path
         from medfed.client.sandbox import code_roots, confine
 
@@ -72,6 +72,11 @@ def _confined(tmp_path: Path, allowed_port: int, other_port: int) -> dict[str, s
                 lambda: socket.create_connection(("127.0.0.1", {other_port})).close()),
             "bind": attempt(lambda: socket.create_server(("127.0.0.1", 0)).close()),
             "import code": attempt(lambda: __import__("flwr.app")),
+            # The bundle check compares every room a bundle ships with the installed one.
+            "read every room": attempt(lambda: [
+                Path(importlib.util.find_spec("medfed." + room).origin).read_bytes()
+                for room in ("bench", "coordinator", "client", "sites")
+            ]),
         }}))
         """
     )
@@ -100,6 +105,7 @@ def test_a_confined_process_reaches_only_code_its_folder_and_the_runtime_port(
         "connect other": "PermissionError" if landlock_abi() >= 4 else "ok",
         "bind": "PermissionError" if landlock_abi() >= 4 else "ok",
         "import code": "ok",
+        "read every room": "ok",
     }
 
 
