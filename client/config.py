@@ -63,7 +63,11 @@ class CoordinatorSection(BaseModel):
     root_certificates: Path = Path("kit/ca.pem")
     auth_private_key: Path = Path("kit/supernode.key")
     poll_interval_s: float = Field(default=1.0, ge=0.05, le=3.0)
-    """How often the idle SuperNode asks the coordinator for work (Flower's own: 3 s)."""
+    """How often the SuperNode asks the coordinator for work while busy: for a minute after
+    its last message (Flower's own: 3 s, always)."""
+    idle_poll_interval_s: float = Field(default=2.0, ge=0.05, le=30.0)
+    """How often it asks when idle: the longest a new run's first message waits for this
+    site, and what keeps a daemon that idles all year cheap (docs/site.md)."""
     trusted_entities: Path | None = None
     """The keys whose signed app bundles this site runs (the kit's `trusted-entities.yaml`);
     without it `medfed site start` refuses to start, unless `allow_unsigned_bundles`."""
@@ -75,6 +79,15 @@ class CoordinatorSection(BaseModel):
     runs. Such code runs beside the site's data and keys (the egress guard is its only
     limit), so none is run unless the officer approved its exact bundle here; warned loudly
     at every start. medfed's own ClientApp runs only as the installed code, byte for byte."""
+
+    @model_validator(mode="after")
+    def _idle_polls_are_not_faster(self) -> CoordinatorSection:
+        if self.idle_poll_interval_s < self.poll_interval_s:
+            raise ValueError(
+                f"idle_poll_interval_s ({self.idle_poll_interval_s:g}) must not be shorter"
+                f" than poll_interval_s ({self.poll_interval_s:g})"
+            )
+        return self
 
 
 class TrainingSection(BaseModel):
@@ -229,6 +242,7 @@ def _coordinator_lines(coordinator: CoordinatorSection) -> list[str]:
         f"root_certificates = {_toml_string(str(coordinator.root_certificates))}",
         f"auth_private_key = {_toml_string(str(coordinator.auth_private_key))}",
         f"poll_interval_s = {coordinator.poll_interval_s!r}",
+        f"idle_poll_interval_s = {coordinator.idle_poll_interval_s!r}",
     ]
     if coordinator.trusted_entities is not None:
         lines.append(f"trusted_entities = {_toml_string(str(coordinator.trusted_entities))}")

@@ -55,6 +55,7 @@ from medfed.client.bundle_check import (
 from medfed.client.bundle_code import MEDFED_CLIENT_APP, client_app_of, installed_code_mismatch
 from medfed.client.egress import Handler, ReplyMod, chain
 from medfed.client.errors import public_reason
+from medfed.common.pace import MessageMark, Pace
 from medfed.flower.runtime import (
     CLIENT_APP_RAISED_EXCEPTION,
     RuntimeTasks,
@@ -68,7 +69,13 @@ AuditAppend = Callable[[str, Mapping[str, Any]], object]
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.05
-"""How often an idle executor asks the SuperNode for a task (Flower's SuperExec: 1 s)."""
+"""How often a busy executor (a task within the last minute) asks the SuperNode for a
+task (Flower's SuperExec: 1 s)."""
+IDLE_POLL_INTERVAL_S = 5.0
+"""How often an idle one asks anyway. Between asks it watches the SuperNode's message
+mark (`medfed.common.pace.MessageMark`) and asks as soon as a message arrived."""
+MARK_CHECK_S = 0.25
+"""How often an idle executor looks at the mark (the file's time: no call to anyone)."""
 
 
 class WarmExecutor:
@@ -188,10 +195,17 @@ class WarmExecutor:
                 phases = ", ".join(f"{b - a:.2f}" for a, b in itertools.pairwise(marks))
                 log.info("task phases (pull, app, push) in s: %s", phases)
 
-    def serve(self, stop: threading.Event, *, poll_interval_s: float = POLL_INTERVAL_S) -> None:
-        """Acquire and run tasks until `stop` is set; a SuperNode that is away (restarting)
-        is waited for, not given up on."""
+    def serve(
+        self, stop: threading.Event, *, pace: Pace | None = None, mark: MessageMark | None = None
+    ) -> None:
+        """Acquire and run tasks until `stop` is set: asking every `pace.busy_s` for a
+        minute after a task; when idle, as soon as the SuperNode's `mark` says a message
+        arrived, or every `pace.idle_s`. A SuperNode that is away (restarting) is waited
+        for, not given up on."""
+        pace = pace or Pace(busy_s=POLL_INTERVAL_S, idle_s=IDLE_POLL_INTERVAL_S)
+        mark = mark or MessageMark()
         while not stop.is_set():
+            seen = mark.stamp()
             try:
                 token = self.acquire()
             except Exception as exc:  # the SuperNode restarts: keep asking
@@ -199,12 +213,27 @@ class WarmExecutor:
                 stop.wait(1.0)
                 continue
             if token is None:
-                stop.wait(poll_interval_s)
+                if pace.idle:
+                    _wait_for_a_message(stop, mark, seen, pace)
+                else:
+                    stop.wait(pace.busy_s)
             else:
+                pace.worked()
                 started = time.monotonic()
                 self.run_task(token)
                 log.info("ran a ClientApp task in %.2f s", time.monotonic() - started)
         self._tasks.close()
+
+
+def _wait_for_a_message(stop: threading.Event, mark: MessageMark, seen: int, pace: Pace) -> None:
+    """Wait until `mark` moves past `seen` (then stay busy), `pace.idle_s` passes or `stop`."""
+    deadline = time.monotonic() + pace.idle_s
+    while not stop.wait(min(MARK_CHECK_S, pace.idle_s)):
+        if mark.stamp() != seen:
+            pace.worked()
+            return
+        if time.monotonic() >= deadline:
+            return
 
 
 @dataclass(frozen=True)

@@ -297,6 +297,41 @@ def _epsilons(text: str) -> list[float]:
     return values
 
 
+@bench_app.command("idle")
+def bench_idle(
+    sites: Annotated[int, typer.Option(min=1, max=16, help="Site daemons.")] = 3,
+    idle_s: Annotated[
+        float, typer.Option(min=10, max=3600, help="Seconds of idling measured.")
+    ] = 120.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """What site daemons cost while busy (their first minute) and idle (after it), as a
+    share of one core per site, and how soon idle sites pick up a new run (minutes)."""
+    from medfed.bench.idle import IdleOptions, run_idle_bench
+    from medfed.errors import MedfedError
+
+    try:
+        document = run_idle_bench(IdleOptions(sites=sites, idle_s=idle_s))
+    except MedfedError as exc:
+        fail(f"the idle benchmark failed: {exc}")
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+        return
+    busy, idle = document["busy"], document["idle"]
+    stdout.print(
+        Text(
+            f"{sites} site daemons: busy {busy['per_site_core_share_mean']:.2%} of a core per"
+            f" site, idle {idle['per_site_core_share_mean']:.2%} (max"
+            f" {idle['per_site_core_share_max']:.2%}); SuperLink busy"
+            f" {busy['superlink_core_share']:.2%}, idle {idle['superlink_core_share']:.2%};"
+            f" a new run reached the first idle site {document['new_run_pickup_s']} s after"
+            " it started"
+        )
+    )
+
+
 @bench_app.command("utility")
 def bench_utility(
     study: Annotated[

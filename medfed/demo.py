@@ -12,13 +12,14 @@ SuperLink instead of real SuperNodes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 RAY_HINT = "pip install 'flwr[simulation]==1.42.*'"
 CONNECTION = "medfed-demo"
+DEMO_POLL_INTERVAL_S = 0.2
+"""How often the demo's busy SuperNodes ask for work (a site's default: 1 s)."""
 """What flwr 1.42's SuperNode logs once the SuperLink accepted its key over TLS."""
 
 
@@ -261,7 +264,7 @@ def _start_site_daemons(
                 f'superlink = "127.0.0.1:{port}"\n'
                 f'root_certificates = "{pki.ca_cert.resolve()}"\n'
                 f'auth_private_key = "{keys.private_key.resolve()}"\n'
-                "poll_interval_s = 0.2\n"
+                f"poll_interval_s = {DEMO_POLL_INTERVAL_S}\n"
                 f'trusted_entities = "{trusted_entities.resolve()}"\n'
             )
             if approved_apps:
@@ -364,10 +367,47 @@ def _coordinator_key(work: Path) -> SigningKey:
     return key
 
 
+@dataclass(frozen=True)
+class Federation:
+    """A running demo federation: its SuperLink, its site daemons (unless simulated) and
+    the study's signed app, ready to submit (`demo_federation`)."""
+
+    options: DemoOptions
+    group: ProcessGroup
+    programs: _Programs
+    env: dict[str, str]
+    app_dir: Path
+    signing: BundleSigning
+    results_path: Path
+
+    def submit(self) -> str:
+        """Submit the study as a new run (its results replace any earlier run's); the
+        Flower run id."""
+        self.results_path.unlink(missing_ok=True)
+        run_config = self.signing.run_config(self.app_dir)
+        return _submit(self.programs, self.app_dir, self.env, run_config=run_config)
+
+    def watch(self, progress: Progress) -> RunResults:
+        """Wait until the submitted run completes (`DemoFailedError` if it fails)."""
+        return _watch(self.group, self.results_path, self.options, progress)
+
+
 def run_demo(
     options: DemoOptions, progress: Progress, *, notify: Callable[[str], None] = log.warning
 ) -> RunResults:
     """Run the whole demo; stop every process it started, whatever happens."""
+    with demo_federation(options, notify=notify) as federation:
+        run_id = federation.submit()
+        log.info("submitted run %s", run_id)
+        return federation.watch(progress)
+
+
+@contextlib.contextmanager
+def demo_federation(
+    options: DemoOptions, *, notify: Callable[[str], None] = log.warning
+) -> Iterator[Federation]:
+    """Start the demo's federation; stop every process it started when the block ends,
+    whatever happens (its files are kept, and named, if the block failed or `keep`)."""
     for line in privacy_warnings(options):
         notify(line)
     programs = _programs(options.simulation)
@@ -421,11 +461,8 @@ def run_demo(
             if not options.simulation:
                 _start_site_daemons(group, programs, port, pki, sites_root, full_env,
                                     trusted_entities=signing.trusted_entities)  # fmt: skip
-            run_id = _submit(programs, app_dir, full_env, run_config=signing.run_config(app_dir))
-            log.info("submitted run %s", run_id)
-            results = _watch(group, results_path, options, progress)
+            yield Federation(options, group, programs, full_env, app_dir, signing, results_path)
         succeeded = True
-        return results
     finally:
         if succeeded and not options.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -62,7 +62,9 @@ LOG_BACKUPS: Final = 5
 BACKOFF_FIRST_S: Final = 1.0
 BACKOFF_MAX_S: Final = 60.0
 HEALTHY_AFTER_S: Final = 60.0
-TICK_S: Final = 0.25
+TICK_S: Final = 0.5
+"""How often the daemon looks at its children (a crashed one restarts within this, past its
+backoff); each look costs a little CPU all year."""
 
 
 class DaemonError(MedfedError):
@@ -94,6 +96,23 @@ class Child:
             "last_exit": self.last_exit,
             "log": str(self.process.log_path) if self.process is not None else None,
         }
+
+
+LOG_WATCH_TAIL: Final = 512
+"""Characters of the SuperNode's log kept between reads: longer than any line watched for."""
+
+
+@dataclass
+class LogWatch:
+    """What one start of the SuperNode has said so far (`SiteDaemon._supernode_said`)."""
+
+    key: tuple[int, int] = (-1, -1)
+    """The start (its pid, where its output begins) this was read for."""
+    read_to: int = 0
+    tail: str = ""
+    connected: bool = False
+    refused: bool = False
+    """The SuperLink refused its key as unregistered (before it connected)."""
 
 
 def _secret(path: Path) -> Path:
@@ -170,11 +189,14 @@ class SiteDaemon:
             ) from exc
         find_program("flower-supernode", install_hint=FLWR_HINT)  # flwr is installed
         require_supported_flwr()  # and is the release medfed's Flower door supports
-        poll_s = str(config.coordinator.poll_interval_s) if config.coordinator else "1.0"
+        coordinator = config.coordinator
+        assert coordinator is not None  # _check_files refuses a site.toml without one
+        poll_s = [str(coordinator.poll_interval_s), str(coordinator.idle_poll_interval_s)]
         socket_path = worker_socket_path(config)
         node_config = f'worker-socket="{socket_path}" site-config="{config.source.resolve()}"'
         flwr_home = {"FLWR_HOME": str(self.state_dir / "flwr")}
         python = sys.executable
+        self._watch = LogWatch()
         self.children = [
             Child("worker", lambda: [python, "-m", "medfed.client.worker", str(config.source)]),
             Child(
@@ -183,7 +205,7 @@ class SiteDaemon:
                     python,
                     "-m",
                     "medfed.client.supernode",
-                    poll_s,
+                    *poll_s,
                     "--superlink",
                     superlink,
                     "--root-certificates",
@@ -262,32 +284,44 @@ class SiteDaemon:
             child.next_start_at = 0.0
             self._start(child)
 
-    def _supernode_output(self) -> str:
-        """The SuperNode's output since it last started ("" if none): read from where this
-        start's output begins, so an earlier start's words (the log is appended to) never
-        count for this one."""
+    def _supernode_said(self) -> LogWatch:
+        """What the SuperNode's log says since it last started, reading only what was
+        written since the last look (an earlier start's words, before `log_offset`, never
+        count; a daemon that runs all year must not reread its whole log every second)."""
         child = self.children[1]
         supernode = child.process
         if supernode is None:
-            return ""
+            return LogWatch()
+        key = (supernode.pid, child.log_offset)
+        if self._watch.key != key:
+            self._watch = LogWatch(key=key, read_to=child.log_offset)
+        watch = self._watch
         try:
             with supernode.log_path.open("rb") as log_file:
-                log_file.seek(child.log_offset)
-                return log_file.read().decode("utf-8", errors="replace")
+                log_file.seek(watch.read_to)
+                new = log_file.read(LOG_MAX_BYTES)
         except OSError:
-            return ""
+            return watch
+        watch.read_to += len(new)
+        # the last line of the previous part, in case a marker was split across reads
+        text = watch.tail + new.decode("utf-8", errors="replace")
+        watch.connected = watch.connected or supernode_connected(text)
+        watch.refused = watch.refused or supernode_unregistered(text)
+        watch.tail = text[-LOG_WATCH_TAIL:]
+        return watch
 
     def connected(self) -> bool:
         """Whether the SuperNode has authenticated with the SuperLink since it last started."""
         supernode = self.children[1].process
         if supernode is None or supernode.died():
             return False
-        return supernode_connected(self._supernode_output())
+        return self._supernode_said().connected
 
     def unregistered(self) -> bool:
         """Whether the SuperLink refused the SuperNode's key as unregistered (never
         registered, or revoked) at its last start."""
-        return supernode_unregistered(self._supernode_output())
+        said = self._supernode_said()
+        return said.refused and not said.connected
 
     def state(self, *, running: bool) -> dict[str, Any]:
         return {

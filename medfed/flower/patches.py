@@ -5,9 +5,14 @@
   a few seconds that one backoff was most of the round (replies pushed 5 to 13 s before
   the coordinator saw them, medfed demo logs of 2026-11-29). `shorten_object_pull_backoff`
   caps those waits, in the ServerApp's process and in the site's SuperNode.
-- The SuperNode's idle polls (`flwr.supernode.start_client_internal` sleeps 3 s between
-  asks for work, 0.5 s between checks for a finished reply): `run_supernode` caps every
-  sleep of that module at the site's `poll_interval_s`.
+- The SuperNode's polls (`flwr.supernode.start_client_internal` sleeps 3 s between asks
+  for work, 0.5 s between checks for a finished reply): `run_supernode` paces them
+  (`medfed.common.pace`). For a minute after its last message it asks every
+  `poll_interval_s` (and checks for a reply as often); idle longer, every
+  `idle_poll_interval_s`, so a daemon that runs all year costs little while a new run's
+  first message still waits at most that long. Each message it pulls touches a file in
+  its `FLWR_HOME` (`MessageMark`) that tells the site's idle executor, which then does not
+  ask it for tasks while none can be there.
 - The SuperNode's heartbeat: it announces Flower's shortest interval (10 s) instead of
   its default (30 s). The SuperLink holds a SuperNode online for two intervals after its
   last heartbeat and refuses to activate it again meanwhile, so a site whose SuperNode
@@ -19,13 +24,15 @@ the protocol) is Flower's own code. Importing this module checks the flwr versio
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from medfed.common.pace import MessageMark, Pace
 from medfed.flower.version import require_supported_flwr
 
 require_supported_flwr()
@@ -50,39 +57,67 @@ def shorten_object_pull_backoff(
     return {"initial_backoff": defaults["initial_backoff"], "backoff_cap": defaults["backoff_cap"]}
 
 
-class CappedSleep(ModuleType):
-    """The `time` module, with `sleep` capped at `cap_s` seconds."""
+IDLE_SLEEP_S = 3.0
+"""The one sleep of `start_client_internal` that waits for work (every other is shorter)."""
 
-    def __init__(self, cap_s: float) -> None:
+
+class PacedSleep(ModuleType):
+    """The `time` module, with `sleep` paced: the wait for work lasts `pace.wait_s()`,
+    every other wait at most `pace.busy_s`."""
+
+    def __init__(self, pace: Pace) -> None:
         super().__init__("time")
-        self._cap_s = cap_s
+        self.pace = pace
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self._cap_s))
+        if seconds >= IDLE_SLEEP_S:
+            time.sleep(self.pace.wait_s())
+        else:
+            time.sleep(min(seconds, self.pace.busy_s))
 
 
-def patch_supernode(poll_cap_s: float) -> None:
-    """Cap the SuperNode's idle polls and object-pull backoffs at `poll_cap_s` and make it
-    announce Flower's shortest heartbeat interval (in this process)."""
+def paced_pulls(pull: Callable[..., Any], pace: Pace, mark: MessageMark) -> Callable[..., Any]:
+    """`start_client_internal._pull_and_store_message`, telling `pace` (this process's
+    polls) and `mark` (the executor's) of every message."""
+
+    @functools.wraps(pull)
+    def pull_and_note(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            pace.worked()
+            mark.touch()
+        return run_id
+
+    return pull_and_note
+
+
+def patch_supernode(busy_s: float, idle_s: float) -> Pace:
+    """Pace the SuperNode's polls (`busy_s` for a minute after a message, then `idle_s`),
+    cap its object-pull backoffs at `busy_s` and make it announce Flower's shortest
+    heartbeat interval (in this process). Returns the pace."""
     import flwr.supercore.heartbeat as heartbeat
     import flwr.supernode.fleet_http_connection as fleet
     import flwr.supernode.start_client_internal as internal
     from flwr.common.constant import HEARTBEAT_MIN_INTERVAL
 
-    internal.time = CappedSleep(poll_cap_s)  # type: ignore[attr-defined]
+    pace = Pace(busy_s=busy_s, idle_s=idle_s)
+    internal.time = PacedSleep(pace)  # type: ignore[attr-defined]
+    pulls = paced_pulls(internal._pull_and_store_message, pace, MessageMark())
+    internal._pull_and_store_message = pulls
     # What the SuperNode announces, and how often it then sends (every ~4 s for 10 s).
     fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_MIN_INTERVAL  # type: ignore[attr-defined]
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_MIN_INTERVAL  # type: ignore[attr-defined]
-    shorten_object_pull_backoff(initial_s=poll_cap_s / 4, cap_s=poll_cap_s)
+    shorten_object_pull_backoff(initial_s=busy_s / 4, cap_s=busy_s)
+    return pace
 
 
-def run_supernode(poll_cap_s: float, args: Sequence[str]) -> None:
+def run_supernode(busy_s: float, idle_s: float, args: Sequence[str]) -> None:
     """Run Flower's `flower-supernode ARGS` in this process, patched (`patch_supernode`)."""
     # The module (its package re-exports the function under the same name).
     cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
-    patch_supernode(poll_cap_s)
+    patch_supernode(busy_s, idle_s)
     sys.argv = ["flower-supernode", *args]
     cli.flower_supernode()

@@ -1,6 +1,6 @@
 """Flower's door: the patches (object pulls wait at most 0.5 s for a part still in
-transit; the SuperNode's polls are capped and it heartbeats often enough to rejoin fast)
-and the flwr version check."""
+transit; the SuperNode's polls are paced, fast when busy and slow when idle, and it
+heartbeats often enough to rejoin fast) and the flwr version check."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import textwrap
 import time
 import warnings
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +20,9 @@ with warnings.catch_warnings():
         "ignore", r"'click\.utils\.get_\w+_stream' is deprecated", DeprecationWarning
     )
     from medfed.client.supernode import main as supernode_main
+    from medfed.common.pace import MessageMark, Pace
     from medfed.flower import FlowerVersionError, require_supported_flwr, testing, version
-    from medfed.flower.patches import CappedSleep, shorten_object_pull_backoff
+    from medfed.flower.patches import PacedSleep, paced_pulls, shorten_object_pull_backoff
     from medfed.flower.testing import inflatable_utils
 
 
@@ -77,15 +79,56 @@ def test_a_missing_part_is_asked_for_again_within_the_cap(
     assert time.monotonic() - started < 1.0  # Flower's defaults: 1 + 2 + 4 s
 
 
-def test_sleeps_are_capped_and_other_time_functions_pass_through() -> None:
-    capped = CappedSleep(0.05)
-    started = time.monotonic()
-    capped.sleep(3)
-    assert time.monotonic() - started < 1.0
-    started = time.monotonic()
-    capped.sleep(0.02)
-    assert time.monotonic() - started >= 0.02
-    assert capped.monotonic is time.monotonic and capped.time is time.time
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_paced_supernode_waits_for_work_briefly_while_busy_and_long_when_idle() -> None:
+    clock = FakeClock()
+    pace = Pace(busy_s=0.01, idle_s=0.3, busy_window_s=60.0, clock=clock)
+    paced = PacedSleep(pace)
+
+    def seconds_of(sleep: float) -> float:
+        started = time.monotonic()
+        paced.sleep(sleep)
+        return time.monotonic() - started
+
+    assert seconds_of(3) < 0.2  # Flower's wait for work, just after a message
+    assert seconds_of(0.5) < 0.2  # a wait for a reply: always capped at the busy pace
+    clock.now += 61  # a minute without a message
+    assert 0.3 <= seconds_of(3) < 1.0
+    assert seconds_of(0.5) < 0.2
+    assert seconds_of(0.005) >= 0.005  # a shorter wait is never lengthened
+    assert paced.monotonic is time.monotonic and paced.time is time.time
+
+
+def test_every_message_the_supernode_pulls_makes_it_busy_and_marks_it(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pace = Pace(busy_s=0.2, idle_s=2.0, busy_window_s=60.0, clock=clock)
+    mark = MessageMark(tmp_path)
+    answers = iter([None, 17, None])
+    pull = paced_pulls(lambda **_: next(answers), pace, mark)
+    clock.now += 100
+    assert pull(state=None) is None and pace.wait_s() == 2.0  # nothing came: still idle
+    assert mark.stamp() == 0  # and the executor is not woken
+    assert pull(state=None) == 17 and pace.wait_s() == 0.2  # a run's message: busy
+    assert mark.stamp() > 0  # the executor asks for its task now
+    clock.now += 59
+    assert pull(state=None) is None and pace.wait_s() == 0.2
+    clock.now += 2
+    assert pace.wait_s() == 2.0
+
+
+@pytest.mark.parametrize(("busy", "idle"), [(0.0, 1.0), (2.0, 1.0)])
+def test_a_pace_whose_idle_wait_is_shorter_than_its_busy_one_is_refused(
+    busy: float, idle: float
+) -> None:
+    with pytest.raises(ValueError, match="busy_s <= idle_s"):
+        Pace(busy_s=busy, idle_s=idle)
 
 
 def test_the_supernode_heartbeats_often_enough_for_flowers_shortest_interval(
@@ -105,19 +148,22 @@ def test_the_supernode_heartbeats_often_enough_for_flowers_shortest_interval(
     fleet, heartbeat = testing.fleet_connection_module, testing.heartbeat_module
     internal, cli = testing.supernode_internal_module, testing.supernode_cli_module
     patched = ((fleet, "HEARTBEAT_DEFAULT_INTERVAL"), (heartbeat, "HEARTBEAT_DEFAULT_INTERVAL"),
-               (internal, "time"))  # fmt: skip
+               (internal, "time"), (internal, "_pull_and_store_message"))  # fmt: skip
     for module, name in patched:
         monkeypatch.setattr(module, name, getattr(module, name))  # undone after the test
     pull_objects = inflatable_utils.pull_objects
     monkeypatch.setattr(pull_objects, "__kwdefaults__", dict(pull_objects.__kwdefaults__ or {}))
     ran: list[list[str]] = []
     monkeypatch.setattr(cli, "flower_supernode", lambda: ran.append(list(sys.argv)))
-    monkeypatch.setattr(sys, "argv", ["medfed.client.supernode", "0.2", "--superlink", "x:1"])
+    argv = ["medfed.client.supernode", "0.2", "2.5", "--superlink", "x:1"]
+    monkeypatch.setattr(sys, "argv", argv)
 
     supernode_main()
 
     assert ran == [["flower-supernode", "--superlink", "x:1"]]
-    assert isinstance(internal.time, CappedSleep)
+    assert isinstance(internal.time, PacedSleep)
+    assert (internal.time.pace.busy_s, internal.time.pace.idle_s) == (0.2, 2.5)
+    assert internal._pull_and_store_message.__wrapped__ is not None
     assert pull_objects.__kwdefaults__["backoff_cap"] == 0.2
     assert fleet.HEARTBEAT_DEFAULT_INTERVAL == HEARTBEAT_MIN_INTERVAL == 10
     assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == HEARTBEAT_MIN_INTERVAL
@@ -159,3 +205,22 @@ def test_the_cli_turns_an_unsupported_flwr_into_one_line_and_exit_2(
     monkeypatch.setattr(version, "flwr_version", lambda: None)
     with pytest.raises(FlowerVersionError, match="flwr is not installed"):
         require_supported_flwr()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["0.2"], "usage"),
+        (["fast", "2"], "usage"),
+        (["0.2", "0.1"], "idle poll interval must be between 0.2"),
+        (["0.2", "60"], "idle poll interval must be between 0.2"),
+        (["5", "6"], "busy poll interval"),
+    ],
+)
+def test_the_paced_supernode_refuses_bad_intervals_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], expected: str
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["medfed.client.supernode", *args, "--superlink", "x:1"])
+    with pytest.raises(SystemExit) as caught:
+        supernode_main()
+    assert expected in str(caught.value) and "\n" not in str(caught.value)

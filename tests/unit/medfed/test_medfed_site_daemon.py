@@ -125,6 +125,18 @@ def test_an_approved_app_is_named_in_status_and_a_bad_digest_names_the_key(
     assert "coordinator.approved_apps.0" in result.output and "Traceback" not in result.output
 
 
+def test_an_idle_poll_faster_than_the_busy_one_is_refused_by_key(site_toml: Path) -> None:
+    _add_coordinator(site_toml)
+    with site_toml.open("a") as out:
+        out.write("poll_interval_s = 1.0\nidle_poll_interval_s = 0.5\n")
+    result = CliRunner().invoke(app, ["site", "status", str(site_toml)])
+    assert result.exit_code == 1
+    assert "idle_poll_interval_s (0.5) must not be shorter than poll_interval_s (1)" in (
+        " ".join(result.output.split())
+    )
+    assert "Traceback" not in result.output
+
+
 def test_a_bad_window_in_site_toml_names_the_key(site_toml: Path) -> None:
     with site_toml.open("a") as out:
         out.write('\n[[windows]]\ndays = ["mon"]\nstart = "22:00"\nend = "06:00"\n'
@@ -206,7 +218,10 @@ def test_a_restarted_supernode_is_not_connected_on_the_strength_of_an_earlier_st
         daemon._start(sleeper)
         assert daemon.connected() is False
         with log.open("a") as out:  # what the SuperNode logs once the SuperLink admits it
-            out.write("INFO: Starting Flower SuperNode\nINFO: SuperNode ID: 123\n")
+            out.write("INFO: Starting Flower SuperNode\nINFO: SuperNode I")
+        assert daemon.connected() is False
+        with log.open("a") as out:  # the line's end, read on the next look: still found
+            out.write("D: 123\n")
         assert daemon.connected() is True
     finally:
         daemon.group.stop_all()
