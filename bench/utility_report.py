@@ -58,35 +58,50 @@ def markdown_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DP_TARGET_STUDIES = ("lung", "breast")
+"""The studies issue 13 sets DP targets for; the no-DP targets hold for every study."""
+
+
 def targets(document: dict[str, Any]) -> list[str]:
-    """Each of the issue's targets, met or not, with its numbers."""
+    """Each of the issue's targets, met or not, with its numbers (for RMSE, lower is
+    better: a gap is how far the federated value lies above the reference)."""
     lines = []
     for name, study in document["studies"].items():
-        if study["metric"] == "rmse":
-            continue
+        higher = study["metric"] != "rmse"
+        best = max if higher else min
+
+        def gap(value: float, reference: float, higher: bool = higher) -> float:
+            return reference - value if higher else value - reference
+
         fed = study["federated"]
         pooled_m = study["pooled"]["medfed"]["mean"]
         pooled_c = study["pooled"]["classical"]["mean"]
         alone = study["sites_alone"]["classical_mean"]["mean"]
         alone_m = study["sites_alone"]["medfed_mean"]["mean"]
-        best_alone = max(v for v in (alone, alone_m) if math.isfinite(v))
-        pooled = max(pooled_m, pooled_c)
+        best_alone = best(v for v in (alone, alone_m) if math.isfinite(v))
+        pooled = best(pooled_m, pooled_c)
         checks = []
         if "inf" in fed:
             value = fed["inf"]["mean"]
             checks.append(
-                ("no DP within 0.01 of pooled medfed", pooled_m - value <= 0.01, value, pooled_m)
-            )
+                ("no DP within 0.01 of pooled medfed", gap(value, pooled_m) <= 0.01, value,
+                 pooled_m)
+            )  # fmt: skip
             checks.append(
-                ("no DP within 0.02 of pooled classical", pooled_c - value <= 0.02, value, pooled_c)
-            )
-        for eps, gap in (("3", 0.03), ("8", 0.02)):
-            if eps in fed:
+                ("no DP within 0.02 of pooled classical", gap(value, pooled_c) <= 0.02, value,
+                 pooled_c)
+            )  # fmt: skip
+        for eps, within in (("3", 0.03), ("8", 0.02)):
+            if eps in fed and name in DP_TARGET_STUDIES:
                 value = fed[eps]["mean"]
                 checks.append(
-                    (f"ε={eps} within {gap} of pooled", pooled - value <= gap, value, pooled)
-                )
-                checks.append((f"ε={eps} above sites alone", value > best_alone, value, best_alone))
+                    (f"ε={eps} within {within} of pooled", gap(value, pooled) <= within, value,
+                     pooled)
+                )  # fmt: skip
+                checks.append(
+                    (f"ε={eps} better than sites alone", gap(value, best_alone) < 0, value,
+                     best_alone)
+                )  # fmt: skip
         for label, met, value, reference in checks:
             mark = "met" if met else "NOT met"
             lines.append(f"- {name}: {label}: {mark} ({value:.3f} vs {reference:.3f})")

@@ -117,3 +117,36 @@ def test_the_no_dp_arm_clips_the_batch_gradient_to_the_studys_norm() -> None:
     weight.grad = torch.tensor([3.0, 4.0])  # norm 5: clipped to norm 1
     optimizer.step()
     assert weight.detach().tolist() == pytest.approx([-0.3, -0.4])
+
+
+def _study(metric: str, pooled: tuple[float, float], alone: float, fed: dict[str, float]) -> dict:
+    def entry(value: float) -> dict[str, float]:
+        return {"mean": value}
+
+    return {
+        "metric": metric,
+        "pooled": {"classical": entry(pooled[0]), "medfed": entry(pooled[1])},
+        "sites_alone": {"classical_mean": entry(alone), "medfed_mean": entry(alone)},
+        "federated": {eps: entry(value) for eps, value in fed.items()},
+    }
+
+
+def test_targets_read_rmse_as_lower_is_better_and_dp_targets_only_where_the_issue_sets_them() -> (
+    None
+):
+    from medfed.bench.utility_report import targets
+
+    document = {
+        "studies": {
+            # RMSE: 2.0 is better than the classical 2.4 (met), 0.5 worse than medfed's 1.5
+            "freesolv": _study("rmse", (2.4, 1.5), 2.5, {"inf": 2.0, "3": 3.0}),
+            "lung": _study("c_index", (0.66, 0.65), 0.62, {"inf": 0.655, "3": 0.60}),
+        }
+    }
+    lines = targets(document)
+    assert "- freesolv: no DP within 0.02 of pooled classical: met (2.000 vs 2.400)" in lines
+    assert "- freesolv: no DP within 0.01 of pooled medfed: NOT met (2.000 vs 1.500)" in lines
+    assert not any(line.startswith("- freesolv: ε=") for line in lines)
+    assert "- lung: no DP within 0.01 of pooled medfed: met (0.655 vs 0.650)" in lines
+    assert "- lung: ε=3 within 0.03 of pooled: NOT met (0.600 vs 0.660)" in lines
+    assert "- lung: ε=3 better than sites alone: NOT met (0.600 vs 0.620)" in lines
