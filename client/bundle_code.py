@@ -26,7 +26,7 @@ import tomllib
 import zipfile
 from pathlib import Path, PurePosixPath
 
-RUNTIME_ROOMS = ("common", "flower", "client", "model", "privacy", "sites")
+RUNTIME_ROOMS = ("common", "flower", "client", "model", "privacy", "sites", "analysis")
 """The rooms a site's executor and ClientApp import: each must ship in a medfed bundle."""
 PACKAGE = "medfed"
 MEDFED_CLIENT_APP = "medfed.client.client_app:app"

@@ -35,7 +35,7 @@ from medfed.client.errors import (
     RequestError,
     public_reason,
 )
-from medfed.client.protocol import EgressRules, PreflightAsk, QueryRequest
+from medfed.client.protocol import AskRequest, EgressRules, PreflightAsk, QueryRequest
 from medfed.flower.apps import ClientApp
 from medfed.model import wire
 from medfed.model.presets import PRESET_NAMES, PresetName
@@ -367,6 +367,43 @@ def query(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics), wire.SITE: site}), reply_to=msg)
+
+
+@app.query("ask")
+def ask(msg: Message, context: Context) -> Message:
+    """Answer one exchange of a query (`medfed ask`) with this site's noised, signed vector."""
+    content = msg.content
+    try:
+        request = AskRequest(
+            run_id=wire.get_value(content, wire.CONFIG, wire.RUN_ID, str),
+            query_json=wire.get_value(content, wire.CONFIG, wire.ASK_QUERY, str),
+            query_sha256=wire.get_value(content, wire.CONFIG, wire.ASK_QUERY_SHA256, str),
+            contract_json=wire.get_value(content, wire.CONFIG, wire.CONTRACT, str),
+            contract_sha256=wire.get_value(content, wire.CONFIG, wire.CONTRACT_SHA256, str),
+            step=wire.get_value(content, wire.CONFIG, wire.ASK_STEP, int),
+            betas_json=_optional(content, wire.ASK_BETAS, str) or "{}",
+        )
+        reply = site_api(context).ask(request)
+    except REFUSALS as exc:
+        return _refusal(msg, context, exc)
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+        wire.ARRAYS: ArrayRecord({wire.RELEASED: Array(reply.released)}),
+        wire.METRICS: MetricRecord(
+            {
+                wire.NOISE_MULTIPLIER: reply.noise_multiplier,
+                wire.EPSILON: reply.epsilon,
+                wire.ASK_STEP: reply.step,
+            }
+        ),
+        wire.SITE: ConfigRecord(
+            {
+                wire.SITE_ID: reply.site_id,
+                wire.RECEIPT_SIGNATURE: reply.receipt_signature,
+                wire.DATASET_SHA256: reply.dataset_sha256,
+            }
+        ),
+    }
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def _round_ask(content: RecordDict) -> PreflightAsk | None:

@@ -26,6 +26,8 @@ import numpy as np
 from medfed.client.errors import ClientError
 from medfed.client.protocol import (
     PREFLIGHT_CODES,
+    AskReply,
+    AskRequest,
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
@@ -199,6 +201,11 @@ def to_frame(value: object) -> Frame:
         return Frame("query-reply", dict(value.__dict__))
     if isinstance(value, EgressRules):
         return Frame("rules-reply", dict(value.__dict__))
+    if isinstance(value, AskRequest):
+        return Frame("ask", dict(value.__dict__))
+    if isinstance(value, AskReply):
+        fields = {k: v for k, v in value.__dict__.items() if k != "released"}
+        return Frame("ask-reply", fields, {RELEASED: value.released})
     if isinstance(value, TrainReply):
         fields = _check_fields(value.__dict__)
         del fields["incoming"]
@@ -422,3 +429,37 @@ def audit_request(frame: Frame) -> tuple[str, dict[str, Any]]:
     if not isinstance(details, dict) or not event or len(event) > 100:
         raise CodecError("audit: needs an event name of 1-100 characters and a details object")
     return event, details
+
+
+RELEASED: Final = "released"
+
+
+def ask_request(frame: Frame) -> AskRequest:
+    """One exchange of a query in `frame`."""
+    return AskRequest(
+        run_id=_take(frame, "run_id", str),
+        query_json=_take(frame, "query_json", str),
+        query_sha256=_take(frame, "query_sha256", str),
+        contract_json=_take(frame, "contract_json", str),
+        contract_sha256=_take(frame, "contract_sha256", str),
+        step=_take(frame, "step", int),
+        betas_json=_take(frame, "betas_json", str),
+    )
+
+
+def ask_reply(frame: Frame) -> AskReply:
+    """The worker's answer to one exchange of a query."""
+    released = frame.arrays.get(RELEASED)
+    if set(frame.arrays) != {RELEASED} or released is None:
+        raise CodecError("ask-reply: exactly one array, the released vector, comes with it")
+    if released.dtype != np.float64 or released.ndim != 1 or not np.isfinite(released).all():
+        raise CodecError("ask-reply.released: expected a finite 1-D float64 array")
+    return AskReply(
+        site_id=_take(frame, "site_id", str),
+        step=_take(frame, "step", int),
+        released=released,
+        noise_multiplier=_finite(frame, "noise_multiplier"),
+        epsilon=_finite(frame, "epsilon"),
+        dataset_sha256=_take(frame, "dataset_sha256", str),
+        receipt_signature=_take(frame, "receipt_signature", str),
+    )

@@ -23,6 +23,10 @@ What passes, and nothing else:
   privacy mechanism;
 - the `site` record's site id (this site's), receipt signature (hex), accelerator and a
   status reply's pre-flight category (one of `PREFLIGHT_CODES`, or empty);
+- a query's answer (`query.ask`): one finite float64 vector named `released`, of the
+  length the query's layout gives that step, only if the site's receipt signature covers
+  exactly it for this run, query, step and site (`client.protocol.ask_receipt_payload`),
+  with its noise multiplier, epsilon and step;
 - an error reply's code, and its reason cut to `MAX_REASON_CHARS`.
 
 Everything else is dropped and the drop is written to the site's audit log. A train
@@ -55,7 +59,7 @@ from medfed.client.protocol import PREFLIGHT_CODES, EgressRules
 from medfed.model import wire
 from medfed.model.device_kinds import DEVICE_KINDS
 from medfed.privacy.errors import PrivacyError
-from medfed.privacy.receipts import UpdateReceipt
+from medfed.privacy.receipts import UpdateReceipt, ask_receipt_payload
 from medfed.privacy.secagg_protocol import masked_sha256
 from medfed.privacy.signing import VerifyKey
 
@@ -114,6 +118,7 @@ ALLOWED_METRICS: dict[str, frozenset[str]] = {
     MessageType.EVALUATE: frozenset({wire.NUM_EXAMPLES, wire.EVAL_EXAMPLES, wire.EVAL_STATS})
     | TRAIN_POPULATION_METRICS
     | HELD_OUT_METRICS,
+    wire.ASK: frozenset({wire.NOISE_MULTIPLIER, wire.EPSILON, wire.ASK_STEP}),
     MessageType.QUERY: frozenset(
         {
             wire.IN_WINDOW,
@@ -292,9 +297,17 @@ def filter_reply(
     category, action = _category(instruction), _action(instruction)
     secure = category == MessageType.TRAIN and (action != "" or _secagg_instruction(instruction))
     content = reply.content
+    asked = instruction.metadata.message_type == wire.ASK
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     for name in content:
-        if name == wire.ARRAYS and category == MessageType.TRAIN and name in content.array_records:
+        if name == wire.ARRAYS and asked and name in content.array_records:
+            problem = _answer_problem(instruction, content.array_records[name], content, rules)
+            if problem is not None:
+                return _blocked(instruction, f"answer blocked: {problem}"), [f"arrays: {problem}"]
+            records[name] = content.array_records[name]
+        elif (
+            name == wire.ARRAYS and category == MessageType.TRAIN and name in content.array_records
+        ):
             record = content.array_records[name]
             signature = _receipt_signature(content)
             if secure:
@@ -313,6 +326,7 @@ def filter_reply(
             records[name] = record
         elif name == wire.METRICS and name in content.metric_records:
             allowed_category = category if action == "" else "secagg"  # steps carry no metrics
+            allowed_category = wire.ASK if asked else allowed_category
             records[name] = _filter_metrics(
                 allowed_category, content.metric_records[name], rules, dropped
             )
@@ -320,6 +334,8 @@ def filter_reply(
             records[name] = _filter_site(content.config_records[name], rules, dropped, action)
         else:
             dropped.append(f"record {name!r}")
+    if asked and wire.ARRAYS not in records:
+        return _blocked(instruction, "an answer without its released vector"), dropped
     if category == MessageType.TRAIN:
         site = records.get(wire.SITE)
         if secure and not (isinstance(site, ConfigRecord) and wire.SECAGG in site):
@@ -347,6 +363,47 @@ def _plain_update_problem(
     return _arrays_problem(instruction, arrays) or _receipt_problem(
         _round_facts(instruction), wire.arrays_sha256(arrays), signature, rules
     )
+
+
+def _answer_problem(
+    instruction: Message, record: ArrayRecord, content: RecordDict, rules: EgressRules
+) -> str | None:
+    """Why a query's answer may not leave (not one finite float64 vector, or not the one
+    the site's worker signed for this run, query and step), or None."""
+    from medfed.analysis.layout import step_width
+    from medfed.analysis.query import QueryError, query_from
+
+    if list(record) != [wire.RELEASED]:
+        return f"an answer is one array named {wire.RELEASED!r}"
+    values = record[wire.RELEASED].numpy()
+    if values.dtype != np.float64 or values.ndim != 1 or not np.isfinite(values).all():
+        return f"the answer is {values.dtype} {values.shape}, not a finite 1-D float64 vector"
+    config = instruction.content.config_records.get(wire.CONFIG)
+    facts = None if config is None else (
+        config.get(wire.RUN_ID), config.get(wire.ASK_QUERY), config.get(wire.ASK_STEP)
+    )  # fmt: skip
+    if facts is None or not isinstance(facts[0], str) or not isinstance(facts[1], str):
+        return "the instruction does not name its run and query"
+    step = facts[2]
+    if not isinstance(step, int) or isinstance(step, bool):
+        return "the instruction does not name its step"
+    try:
+        query = query_from(facts[1], where="the instruction")
+    except QueryError:
+        return "the instruction's query does not parse"
+    if values.shape[0] != step_width(query, step):
+        expected = step_width(query, step)
+        return f"the answer has {values.shape[0]} values, the query's step has {expected}"
+    try:
+        public = VerifyKey.from_raw(bytes.fromhex(rules.site_key))
+        signature = bytes.fromhex(_receipt_signature(content))
+    except (ValueError, PrivacyError):
+        return "the answer carries no readable signature, or the site's key is unknown"
+    payload = ask_receipt_payload(run_id=facts[0], query_sha256=query.sha256(), step=step,
+                                  site_id=rules.site_id, released=values)  # fmt: skip
+    if not public.verify(payload, signature):
+        return "the answer is not one the site's worker computed and signed for this step"
+    return None
 
 
 def _receipt_signature(content: RecordDict) -> str:

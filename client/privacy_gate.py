@@ -512,3 +512,82 @@ class PrivacyGate:
         )
         self._spend(spend, {"release": "evaluation"})
         return event
+
+    def charge_query(self, unit: str, charge: QueryCharge) -> bool:
+        """Charge a whole query (`medfed ask`) to `unit` before its first answer leaves,
+        or refuse: the delta the policy allows, the officer's approval of the query's
+        digest (where the policy requires one) and the caps. False if this run's query
+        was charged already (a later exchange of the same query spends nothing more)."""
+        policy = self._config.privacy
+        run = query_run(charge.run_id)
+        if any(r.run_id == run for r in self._ledger.unit_records(unit)):
+            return False
+        if charge.delta > policy.max_delta:
+            raise BudgetRefusal(
+                f"the query's delta {charge.delta:g} is above the site's maximum"
+                f" {policy.max_delta:g}"
+            )
+        label = study_label(f"ask:{charge.name}", charge.query_sha256)
+        approval = self._ledger.approval_for(
+            charge.query_sha256, self._officer, site_id=self._config.site.id
+        )
+        if approval is None and policy.require_approval:
+            raise BudgetRefusal(
+                f"the privacy officer has not approved query {charge.name}"
+                f" ({charge.query_sha256[:12]}) at this site"
+            )
+        past = self.past(unit)
+        now = dt.datetime.now(dt.UTC)
+        windowed = [s.event for s in counted(past, policy.cap_window, now)]
+
+        def after(events: Sequence[DpSgdEvent]) -> float:
+            return epsilon_of([*events, charge.event], delta=charge.delta,
+                              accountant=policy.accountant)  # fmt: skip
+
+        if approval is not None:
+            mine = [s.event for s in past if s.study_key == label]
+            if after(mine) > approval.epsilon + 1e-9:
+                raise BudgetRefusal(
+                    f"query {charge.name} would spend epsilon {after(mine):.3f} here, above"
+                    f" the {approval.epsilon:g} its approval allows"
+                )
+        spent = max(after(windowed), after([s.event for s in past]))
+        if (
+            after(windowed) > policy.epsilon_cap
+            or after([s.event for s in past]) > policy.lifetime_cap
+        ):
+            raise BudgetRefusal(
+                f"out of budget: query {charge.name} would take privacy unit {unit} to"
+                f" epsilon {spent:.3f}, above the site's cap"
+            )
+        spend = SpendRecord(
+            dataset=unit, study=label, run_id=run, round=1, event=charge.event, delta=charge.delta
+        )
+        details: dict[str, JsonValue] = {
+            "release": "query",
+            "query": charge.name,
+            "query_sha256": charge.query_sha256,
+            "noise_multiplier": charge.event.noise_multiplier,
+            "releases": charge.event.steps,
+            "epsilon_query": charge.epsilon,
+            "delta": charge.delta,
+        }
+        return self._spend(spend, details)
+
+
+def query_run(run_id: str) -> str:
+    """How the ledger names a query's run (apart from any training run's id)."""
+    return f"ask:{run_id}"
+
+
+@dataclass(frozen=True)
+class QueryCharge:
+    """A whole query's privacy cost at one site: its Gaussian releases, calibrated to
+    the query's epsilon by the site's accountant."""
+
+    run_id: str
+    name: str
+    query_sha256: str
+    event: DpSgdEvent
+    epsilon: float
+    delta: float

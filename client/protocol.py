@@ -225,3 +225,34 @@ class SecAggReply:
     payload: str
     masked: np.ndarray | None = None
     receipt_signature: str = ""
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    """One exchange of a query (`medfed ask`): the query, the study contract it reads,
+    and at `step` > 0 the coefficients each Newton analysis is at (JSON: index -> list)."""
+
+    run_id: str
+    query_json: str
+    query_sha256: str
+    contract_json: str
+    contract_sha256: str
+    step: int
+    betas_json: str = "{}"
+
+
+@dataclass(frozen=True)
+class AskReply:
+    """A site's noised answer to one exchange, signed (`ask_receipt_payload`)."""
+
+    site_id: str
+    step: int
+    released: np.ndarray
+    """The step's vector (`analysis.layout.step_layout`), every part already noised."""
+    noise_multiplier: float
+    """Each part's noise std over its sensitivity."""
+    epsilon: float
+    """What the whole query spends here, by the site's accountant."""
+    dataset_sha256: str
+    """A site-secret HMAC of the data version answered from."""
+    receipt_signature: str

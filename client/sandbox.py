@@ -60,7 +60,9 @@ _READ = _EXECUTE | _READ_FILE | _READ_DIR
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/etc", "/proc", "/sys", "/dev", "/bin")
 """System folders the executor may read (never written): libraries, certificates, /proc."""
 DEVICE_WRITE = ("/dev/null", "/dev/tty")
-MEDFED_ROOMS = ("bench", "client", "common", "coordinator", "flower", "model", "privacy", "sites")
+MEDFED_ROOMS = (
+    "analysis", "bench", "client", "common", "coordinator", "flower", "model", "privacy", "sites"
+)
 """Every room of the package, not only the ones the executor runs: its check that a
 bundle's code is the installed code reads each installed room the bundle ships."""
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 from medfed.client.config import SiteConfig
 from medfed.client.errors import OutsideWindow, SiteRefusal
 from medfed.client.protocol import (
+    AskReply,
+    AskRequest,
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
@@ -63,6 +65,8 @@ class SiteApi(Protocol):
 
     def secagg(self, request: SecAggRequest) -> SecAggReply: ...
 
+    def ask(self, request: AskRequest) -> AskReply: ...
+
     def egress_rules(self) -> EgressRules: ...
 
     def audit(self, event: str, details: Mapping[str, JsonValue]) -> None: ...
@@ -99,6 +103,7 @@ class SiteService:
         self._clock = clock
         self._lock = threading.Lock()
         signer = SigningKey.load(config.signing_key_path)
+        self._signer = signer
         self._audit = site_audit_log(config, signer)
         self._site_key = signer.public.raw.hex()
         self._replies = ReplyCache(config.state_dir / "replies")
@@ -253,6 +258,15 @@ class SiteService:
             return ""
         log.info("pre-flight of run %s round %d: %s", ask.run_id, ask.round, refused.reason)
         return refused.code
+
+    def ask(self, request: AskRequest) -> AskReply:
+        """One exchange of a query (`client.ask`): allowed outside training windows (a
+        query computes sums, no training), charged to the ledger before it leaves."""
+        from medfed.client.ask import answer
+
+        with self._lock:
+            trainer = self._trainer_for(request.contract_json, request.contract_sha256)
+            return answer(trainer, self._config, request, signer=self._signer)
 
     def egress_rules(self) -> EgressRules:
         """What the egress guard enforces for this site."""

@@ -49,6 +49,7 @@ from medfed.model.network import (
     state_arrays,
 )
 from medfed.model.precision import autocast_dtype, precision_problem
+from medfed.model.sample import PatientSample
 from medfed.model.tokenizers import encode
 from medfed.model.train import TrainResult, train_steps
 from medfed.privacy.dpsgd import DpSgdSettings, GradSampleMode, PrivateTraining, make_private
@@ -189,6 +190,15 @@ class SiteTrainer:
     def privacy_unit(self) -> str:
         """The officer-declared patient population every spend of this site's data falls on."""
         return self._unit
+
+    @property
+    def samples(self) -> tuple[PatientSample, ...]:
+        """Every patient of the site's data for this contract (training and held-out)."""
+        return self._data.samples
+
+    @property
+    def gate(self) -> PrivacyGate:
+        return self._gate
 
     @property
     def dataset_fingerprint(self) -> str:

@@ -32,6 +32,8 @@ from medfed.client.errors import (
     public_reason,
 )
 from medfed.client.protocol import (
+    AskReply,
+    AskRequest,
     EgressRules,
     EvaluateReply,
     EvaluateRequest,
@@ -95,6 +97,7 @@ def dispatch(api: SiteApi, data: bytes) -> bytes:
             "evaluate": lambda f: api.evaluate(codec.evaluate_request(f)),
             "query": lambda f: api.query(codec.query_request(f)),
             "secagg": lambda f: api.secagg(codec.secagg_request(f)),
+            "ask": lambda f: api.ask(codec.ask_request(f)),
             "rules": lambda f: api.egress_rules(),
             "audit": lambda f: api.audit(*codec.audit_request(f)),
             "ping": lambda f: None,
@@ -233,6 +236,9 @@ class WorkerClient:
     def secagg(self, request: SecAggRequest) -> SecAggReply:
         reply = self._call(codec.to_frame(request))
         return codec.secagg_reply(self._expect(reply, "secagg-reply"))
+
+    def ask(self, request: AskRequest) -> AskReply:
+        return codec.ask_reply(self._expect(self._call(codec.to_frame(request)), "ask-reply"))
 
     def egress_rules(self) -> EgressRules:
         return codec.egress_rules(self._expect(self._call(Frame("rules")), "rules-reply"))

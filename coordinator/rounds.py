@@ -199,7 +199,7 @@ def run_study(
     run_dir = Path(study.run_dir) if study.run_dir else None
     store = CheckpointStore(run_dir / CHECKPOINTS_NAME) if run_dir else None
     audit = (
-        CoordinatorAudit.open(run_dir, signer=_audit_signer(study), store=store)
+        CoordinatorAudit.open(run_dir, signer=audit_signer(study), store=store)
         if run_dir
         else NoAudit()
     )
@@ -599,7 +599,7 @@ def registered_sites(path: str) -> dict[int, str]:
         return {}
 
 
-def _audit_signer(study: StudySettings) -> SigningKey | None:
+def audit_signer(study: StudySettings) -> SigningKey | None:
     """The provisioned coordinator key that signs the audit chain (None: no key given)."""
     if not study.coordinator_key:
         return None

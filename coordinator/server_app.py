@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def main(grid: Grid, context: Context) -> None:
         if results_path is not None:
             write_results(results_path, results)
 
+    if ASK_QUERY_KEY in context.run_config:
+        _ask_main(grid, context, results_path)
+        return
     try:
         study = StudySettings.from_run_config(context.run_config)
     except StudyConfigError as exc:
@@ -53,6 +57,57 @@ def main(grid: Grid, context: Context) -> None:
     except CoordinatorError as exc:
         log.error("run %s failed: %s", run_id, exc)
         _mark_failed(results_path, run_id, study, str(exc))
+        raise
+
+
+ASK_QUERY_KEY = "ask-query"
+"""The run-config key of a query run (`medfed ask`): the query's canonical JSON."""
+
+
+def _ask_main(grid: Grid, context: Context, results_path: Path | None) -> None:
+    """Run the query the run config carries, on the study its other keys describe."""
+    from medfed.analysis.query import QueryError, query_from
+    from medfed.common import write_atomic
+    from medfed.coordinator.ask import AskResults, run_ask
+    from medfed.coordinator.audit_chain import CoordinatorAudit
+    from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
+    from medfed.coordinator.rounds import audit_signer
+
+    run_id = str(context.run_id)
+    raw = dict(context.run_config)
+    text = str(raw.pop(ASK_QUERY_KEY))
+
+    last: list[AskResults] = []
+
+    def report(results: AskResults) -> None:
+        last[:] = [results]
+        if results_path is not None:
+            document = json.dumps(results.to_json(), indent=1, allow_nan=False)
+            write_atomic(results_path, document.encode("utf-8"))
+
+    failed = AskResults(run_id, {}, "", status="failed")
+    try:
+        query = query_from(text, where="run config ask-query")
+        study = StudySettings.from_run_config(raw)
+    except (QueryError, StudyConfigError) as exc:
+        failed.error = str(exc)
+        report(failed)
+        raise CoordinatorError(f"query run {run_id} refused: {exc}") from exc
+    run_dir = Path(study.run_dir or ".")
+    store = CheckpointStore(run_dir / CHECKPOINTS_NAME)
+    audit = CoordinatorAudit.open(run_dir, signer=audit_signer(study), store=store)
+    try:
+        run_ask(grid, query, study.contract, run_id=run_id, report=report, audit=audit,
+                site_keys_dir=study.site_keys_dir, app_sha256=_fab_hash(grid),
+                wait_s=study.round_timeout_s)  # fmt: skip
+        audit.record("run.finished", {"query_sha256": query.sha256()})
+    except CoordinatorError as exc:
+        log.error("query run %s failed: %s", run_id, exc)
+        audit.record("run.failed", {"error": str(exc)})
+        failed = last[0] if last else failed
+        failed.query, failed.query_sha256 = json.loads(query.canonical_json()), query.sha256()
+        failed.status, failed.error = "failed", str(exc)
+        report(failed)
         raise
 
 

@@ -14,7 +14,16 @@ from pathlib import Path
 from medfed.client import MEDFED_CLIENT_APP
 from medfed.privacy import APP_SIGNATURE, SigningKey, sign_bundle
 
-APP_PACKAGES = ("common", "flower", "client", "coordinator", "model", "privacy", "sites")
+APP_PACKAGES = (
+    "common",
+    "flower",
+    "client",
+    "coordinator",
+    "model",
+    "privacy",
+    "sites",
+    "analysis",
+)
 SERVER_APP = "medfed.coordinator.server_app:app"
 CLIENT_APP = MEDFED_CLIENT_APP
 

@@ -446,13 +446,16 @@ def approve_study(
 ) -> dict[str, object]:
     """`medfed budget approve`: check the officer's key and the request against the site's
     policy, then record the signed approval. Returns what was approved."""
+    from medfed.asks import load_query_file
     from medfed.client.config import load_site_config
+    from medfed.common import read_toml
     from medfed.consortium import approve
     from medfed.coordinator.study import load_study_file
     from medfed.errors import MedfedError
 
     config = load_site_config(site_toml)
-    study = load_study_file(study_toml)
+    is_query = "query" in read_toml(study_toml, MedfedError)
+    study = load_query_file(study_toml) if is_query else load_study_file(study_toml)
     key = SigningKey.load(officer_key)
     expected = _officer(config)
     if key.public.key_id != expected.key_id:

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from medfed.ask_cli import ask
 from medfed.bench_cli import bench_app
 
 # The shared helpers keep their short private names here, where every command uses them.
@@ -99,6 +100,15 @@ def demo(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
     ] = False,
+    ask_query: Annotated[
+        Path | None,
+        typer.Option(
+            "--ask",
+            help="Ask this query (a `medfed ask` TOML) of the demo's sites instead of"
+            " training; the demo plays each site's officer and approves it.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a real federation on loopback: TLS SuperLink, one SuperNode per site, DP-SGD, FedAvg."""
     import time
@@ -121,6 +131,9 @@ def demo(
         )
     except ValueError as exc:
         _fail(str(exc), 2)
+    if ask_query is not None:
+        _demo_ask(options, ask_query, as_json=as_json)
+        return
     started = time.monotonic()
     show_bar = stderr.is_terminal and not as_json
     bar = Progress(
@@ -167,6 +180,29 @@ def demo(
     else:
         stdout.print(_round_table(results))
         stdout.print(f"finished in {wall_s:.1f} s", highlight=False)
+
+
+def _demo_ask(options: object, query_toml: Path, *, as_json: bool) -> None:
+    from dataclasses import replace
+
+    from medfed.ask_cli import print_answers
+    from medfed.asks import load_query_file
+    from medfed.demo import DemoOptions, run_demo_ask
+
+    assert isinstance(options, DemoOptions)
+    query = _guard(lambda: load_query_file(query_toml))
+    try:
+        record = run_demo_ask(replace(options, keep=True), query, notify=_notify)
+    except MedfedError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; every process the demo started was stopped", 130)
+    if as_json:
+        sys.stdout.write(json.dumps(record, default=str) + "\n")
+    else:
+        print_answers(record)
+    if record.get("status") != "completed":
+        raise typer.Exit(1)
 
 
 budget_app = typer.Typer(
@@ -238,7 +274,10 @@ def budget_show(
 @budget_app.command("approve")
 def budget_approve(
     site_toml: SiteToml,
-    study: Annotated[Path, typer.Option("--study", help="The study's study.toml.")],
+    study: Annotated[
+        Path,
+        typer.Option("--study", help="The study's study.toml, or a query's TOML (`medfed ask`)."),
+    ],
     epsilon: Annotated[float, typer.Option("--epsilon", help="Epsilon approved for the study.")],
     officer_key: Annotated[
         Path, typer.Option("--officer-key", help="The officer's Ed25519 private key (PEM).")
@@ -624,6 +663,7 @@ def version() -> None:
 
 
 app.add_typer(round_app, name="round")
+app.command("ask")(ask)
 app.add_typer(model_app, name="model")
 
 

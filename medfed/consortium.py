@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medfed.client.config import (
     SITE_TOML,
@@ -70,10 +70,23 @@ def demo_study(
     )
 
 
+class Approvable(Protocol):
+    """What an officer approves: a study or a query, by name, digest and delta."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def delta(self) -> float: ...
+
+    def sha256(self) -> str: ...
+
+
 def approve(
-    site_toml: Path, study: StudySettings, *, epsilon: float, officer_key: SigningKey
+    site_toml: Path, study: Approvable, *, epsilon: float, officer_key: SigningKey
 ) -> Approval:
-    """Record the officer's signed approval of `study` at the site, up to `epsilon`."""
+    """Record the officer's signed approval of `study` (or a query) at the site, up to
+    `epsilon`."""
     from medfed.client.config import load_site_config
 
     config = load_site_config(site_toml)

@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfed.analysis.query import AskQuery
 from medfed.app_bundle import build_app_dir, signature_run_config
 from medfed.client.config import SITE_TOML
 from medfed.common import write_atomic
 from medfed.consortium import (
     DEMO_POLICY,
+    approve,
     demo_study,
     example_names,
     write_demo_consortium,
@@ -379,6 +381,8 @@ class Federation:
     app_dir: Path
     signing: BundleSigning
     results_path: Path
+    study: StudySettings
+    work: Path
 
     def submit(self) -> str:
         """Submit the study as a new run (its results replace any earlier run's); the
@@ -390,6 +394,52 @@ class Federation:
     def watch(self, progress: Progress) -> RunResults:
         """Wait until the submitted run completes (`DemoFailedError` if it fails)."""
         return _watch(self.group, self.results_path, self.options, progress)
+
+    def ask(self, query: AskQuery, *, timeout_s: float = 300.0) -> dict[str, object]:
+        """Have each site's officer approve `query` (the demo plays them), submit it as a
+        query run, wait for its answers and write its evidence record; the record."""
+        from medfed.asks import ask_run_config, wait_for_answers, write_evidence
+
+        approve_query_everywhere(self.work / "sites", query)
+        folder = self.work / "asks" / f"{query.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        folder.mkdir(parents=True, exist_ok=False)
+        config = {
+            **ask_run_config(self.study, query, folder),
+            "site-keys-dir": str(self.work / "site-keys"),
+            "coordinator-key": str(self.work / COORDINATOR_KEY),
+        }
+        app_dir = build_app_dir(folder / "app", config)
+        _submit(self.programs, app_dir, self.env, run_config=self.signing.run_config(app_dir))
+        answers = wait_for_answers(folder, timeout_s=timeout_s, alive=self.group.check_alive)
+        return write_evidence(folder, answers)
+
+
+def approve_query_everywhere(sites_root: Path, query: AskQuery) -> None:
+    """Every demo site's officer approves `query` up to its epsilon."""
+    for site_toml in sorted(sites_root.glob(f"*/{SITE_TOML}")):
+        officer = SigningKey.load(site_toml.parent / "officer" / "officer.key")
+        approve(site_toml, query, epsilon=query.epsilon, officer_key=officer)
+
+
+def run_demo_ask(
+    options: DemoOptions, query: AskQuery, *, notify: Callable[[str], None] = log.warning
+) -> dict[str, object]:
+    """Start the demo's federation, ask `query` of its sites instead of training, and
+    return the evidence record; stop every process it started, whatever happens."""
+    with demo_federation(options, notify=notify) as federation:
+        if federation.study.name != query.study:
+            raise DemoFailedError(
+                f"the query reads study {query.study!r}; this demo's study is"
+                f" {federation.study.name!r} (use --example {query.study} if it is one)"
+            )
+        from medfed.analysis.query import QueryError, check_against
+        from medfed.model.query_names import query_names
+
+        try:
+            check_against(query, query_names(federation.study.contract))
+        except QueryError as exc:
+            raise DemoFailedError(str(exc)) from exc
+        return federation.ask(query, timeout_s=options.timeout_s)
 
 
 def run_demo(
@@ -461,7 +511,8 @@ def demo_federation(
             if not options.simulation:
                 _start_site_daemons(group, programs, port, pki, sites_root, full_env,
                                     trusted_entities=signing.trusted_entities)  # fmt: skip
-            yield Federation(options, group, programs, full_env, app_dir, signing, results_path)
+            yield Federation(options, group, programs, full_env, app_dir, signing, results_path,
+                             study, work)  # fmt: skip
         succeeded = True
     finally:
         if succeeded and not options.keep:

@@ -49,7 +49,8 @@ def _config(path: Path) -> ConsortiumConfig:
     return guard(lambda: load_consortium(path))
 
 
-def _flwr() -> str:
+def flwr_program() -> str:
+    """The `flwr` CLI's path, or exit naming how to install it."""
     from medfed.flower import FLWR_HINT
     from medfed.processes import find_program
 
@@ -77,7 +78,7 @@ _FINAL = ("completed", "failed", "stopped")
 def _flower_state_of(config: ConsortiumConfig, flower_run_id: str) -> Callable[[], str | None]:
     from medfed.runs import flower_state
 
-    return lambda: flower_state(config, flower_run_id, flwr=_flwr())
+    return lambda: flower_state(config, flower_run_id, flwr=flwr_program())
 
 
 def _reconciled_view(config: ConsortiumConfig, current: RunView) -> dict[str, object]:
@@ -87,7 +88,7 @@ def _reconciled_view(config: ConsortiumConfig, current: RunView) -> dict[str, ob
     document = current.to_json()
     if document["status"] in _FINAL or not current.record.flower_run_ids:
         return document
-    state = flower_state(config, current.record.flower_run_ids[-1], flwr=_flwr())
+    state = flower_state(config, current.record.flower_run_ids[-1], flwr=flwr_program())
     return reconciled(document, state)
 
 
@@ -188,7 +189,7 @@ def round_start(
     if not study.secure_aggregation:
         stderr.print(Text(SECAGG_OFF_WARNING, style="bold red"), soft_wrap=True)
     layout = None if pki is None else PkiLayout(pki)
-    started = guard(lambda: start_run(config, study, flwr=_flwr(), pki=layout))
+    started = guard(lambda: start_run(config, study, flwr=flwr_program(), pki=layout))
     document = started.to_json()
     if follow:
         flower_id = started.record.flower_run_ids[-1]
@@ -274,7 +275,7 @@ def round_resume(
 
     config = _config(consortium)
     layout = None if pki is None else PkiLayout(pki)
-    resumed = guard(lambda: resume_run(config, run, flwr=_flwr(), pki=layout))
+    resumed = guard(lambda: resume_run(config, run, flwr=flwr_program(), pki=layout))
     document = resumed.to_json()
     if follow:
         document = _follow(
@@ -300,7 +301,7 @@ def round_stop(run: RunArgument, consortium: ConsortiumOption = Path("consortium
     from medfed.runs import stop_run
 
     config = _config(consortium)
-    stopped = guard(lambda: stop_run(config, run, flwr=_flwr()))
+    stopped = guard(lambda: stop_run(config, run, flwr=flwr_program()))
     if as_json:
         sys.stdout.write(json.dumps(stopped.to_json()) + "\n")
     else:

@@ -25,6 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medfed.analysis.query import AskQuery
 from medfed.app_bundle import build_app_dir, signature_run_config
 from medfed.common import read_toml, write_atomic
 from medfed.coordinator.consortium import ConsortiumConfig
@@ -236,6 +237,45 @@ def start_run(
     record.flower_run_ids.append(_submit(flwr, config, app_dir, key))
     record.save(folder)
     return view(folder)
+
+
+def start_ask(
+    config: ConsortiumConfig,
+    study: StudySettings,
+    query: AskQuery,
+    *,
+    flwr: str,
+    pki: PkiLayout | None = None,
+    now: dt.datetime | None = None,
+) -> Path:
+    """Make a query run's folder (`runs/ask-<query>-<time>/`) and submit its signed bundle;
+    the folder, where the ServerApp writes `answers.json` and its audit chain."""
+    from medfed.asks import ask_run_config
+
+    require_supported_flwr()
+    if not (config.run_dir / FLWR_HOME_NAME / "config.toml").is_file():
+        raise RunError(
+            f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"
+            " with `medfed coordinator start` first"
+        )
+    key = None if pki is None else app_signing_key(pki)
+    moment = now or dt.datetime.now(dt.UTC)
+    name = f"ask-{query.name}-{moment.strftime('%Y%m%dT%H%M%S')}"
+    folder = runs_root(config) / name
+    if folder.exists():
+        raise RunError(f"{folder} exists already; wait a second and ask again")
+    folder.mkdir(parents=True)
+    if pki is not None:
+        _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
+    record = RunRecord(name, f"ask:{query.name}", query.sha256(), moment.isoformat())
+    record.pki = "" if pki is None else str(pki.root.resolve())
+    record.save(folder)
+    run_config = {**_run_config(study, folder, resume=False, pki=pki),
+                  **ask_run_config(study, query, folder)}  # fmt: skip
+    app_dir = build_app_dir(folder / "app", run_config)
+    record.flower_run_ids.append(_submit(flwr, config, app_dir, key))
+    record.save(folder)
+    return folder
 
 
 def resume_run(

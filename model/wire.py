@@ -61,6 +61,17 @@ PATIENTS: Final = "patients"  # training patients (the site's aggregation weight
 # else its category (`client.protocol.PREFLIGHT_CODES`); absent from older sites.
 PREFLIGHT: Final = "preflight"
 
+# A query (`medfed ask`): its message type, the CONFIG keys of each exchange, and the
+# reply's one array (the noised vector, `analysis.layout`); the reply's METRICS carry
+# NOISE_MULTIPLIER, EPSILON and ASK_STEP, its SITE record the receipt signature.
+ASK: Final = "query.ask"
+ASK_QUERY: Final = "ask-query"  # the query's canonical JSON (`analysis.query.AskQuery`)
+ASK_QUERY_SHA256: Final = "ask-query-sha256"
+ASK_STEP: Final = "ask-step"  # the exchange, from 0
+ASK_BETAS: Final = "ask-betas"  # JSON: analysis index -> the Newton analysis's coefficients
+RELEASED: Final = "released"
+MAX_ASK_VALUES: Final = 1_000_000
+
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"
 RECEIPT_SIGNATURE: Final = "receipt-signature"  # hex Ed25519 signature of the update receipt

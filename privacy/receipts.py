@@ -8,7 +8,10 @@ transit, replayed from another round or run, or trained on a different model fai
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from medfed.privacy.signing import SigningKey, VerifyKey, canonical_json
 
@@ -41,3 +44,14 @@ class UpdateReceipt:
         except ValueError:
             return False
         return public.verify(self.payload(), signature)
+
+
+def ask_receipt_payload(
+    *, run_id: str, query_sha256: str, step: int, site_id: str, released: np.ndarray
+) -> bytes:
+    """The bytes a site signs over an answer: the egress guard lets out only a vector the site
+    worker signed, and the evidence record can show which site said what."""
+    digest = hashlib.sha256(np.ascontiguousarray(released, dtype=np.float64).tobytes())
+    return "|".join(
+        ["medfed-ask-v1", run_id, query_sha256, str(step), site_id, digest.hexdigest()]
+    ).encode("utf-8")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-ROOMS = ("bench", "client", "coordinator", "model", "privacy", "sites")
+ROOMS = ("analysis", "bench", "client", "coordinator", "model", "privacy", "sites")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

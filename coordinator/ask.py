@@ -1,0 +1,258 @@
+"""The coordinator's side of a query (`medfed ask`): exchanges, sums, Newton steps.
+
+Every exchange sends each site the query, its step and the coefficients of each Newton
+analysis; every site answers one noised vector (`analysis.layout`) signed with its key.
+The coordinator checks each signature against the site's registered key, sums the
+vectors of the sites that answered, and turns the sums into answers
+(`analysis.answers`): one-shot analyses after step 0, a Newton step per exchange for
+the regressions. Sites that refuse are listed with their reason. Each answer, the sites
+and their digests go to the results file, and every exchange to the signed audit chain.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from medfed.analysis.answers import NewtonState, one_shot_answer, piece_noise_var
+from medfed.analysis.layout import step_layout, step_width
+from medfed.analysis.query import AskQuery, CoxAnalysis, LogisticAnalysis
+from medfed.coordinator.audit_chain import CoordinatorAudit
+from medfed.coordinator.errors import RoundFailedError
+from medfed.coordinator.messages import exchange, wait_for_sites
+from medfed.model import wire
+from medfed.model.contract import StudyContract
+from medfed.model.query_names import query_names
+from medfed.privacy.receipts import ask_receipt_payload
+from medfed.privacy.signing import JsonValue, VerifyKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteAnswer:
+    """What one site said at one step."""
+
+    site_id: str
+    released: np.ndarray
+    noise_multiplier: float
+    epsilon: float
+    dataset_sha256: str
+    signature: str
+    signature_checked: bool
+
+
+@dataclass
+class AskResults:
+    """The results file of a query run: status, answers and the chain of evidence."""
+
+    run_id: str
+    query: dict[str, object]
+    query_sha256: str
+    status: str = "running"
+    started: str = ""
+    finished: str = ""
+    seconds: float = 0.0
+    app_sha256: str = ""
+    contract_sha256: str = ""
+    answers: list[dict[str, object]] = field(default_factory=list)
+    sites: list[dict[str, object]] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
+    steps: list[dict[str, object]] = field(default_factory=list)
+    error: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def _content(query: AskQuery, contract: StudyContract, run_id: str, step: int,
+             betas: Mapping[int, list[float]]) -> RecordDict:  # fmt: skip
+    config = {
+        wire.RUN_ID: run_id,
+        wire.ASK_QUERY: query.canonical_json(),
+        wire.ASK_QUERY_SHA256: query.sha256(),
+        wire.CONTRACT: contract.canonical_json(),
+        wire.CONTRACT_SHA256: contract.sha256(),
+        wire.ASK_STEP: step,
+        wire.ASK_BETAS: json.dumps({str(k): v for k, v in betas.items()}),
+    }
+    return RecordDict({wire.CONFIG: ConfigRecord(config)})  # type: ignore[arg-type]
+
+
+def _site_keys(folder: str) -> dict[str, VerifyKey]:
+    keys: dict[str, VerifyKey] = {}
+    if folder and Path(folder).is_dir():
+        for path in Path(folder).glob("*.pub"):
+            try:
+                keys[path.stem] = VerifyKey.load(path)
+            except Exception:  # an unreadable key: that site's answers go unchecked
+                log.warning("cannot read site key %s", path)
+    return keys
+
+
+def _read_reply(
+    reply: Message, query: AskQuery, run_id: str, step: int, keys: Mapping[str, VerifyKey]
+) -> SiteAnswer | str:
+    """The site's answer, or why it is not one (a refusal's reason, a malformed reply)."""
+    if reply.has_error():
+        return reply.error.reason or f"error {reply.error.code}"
+    content = reply.content
+    try:
+        site_id = wire.get_value(content, wire.SITE, wire.SITE_ID, str)
+        released = content.array_records[wire.ARRAYS][wire.RELEASED].numpy()
+        metrics = content.metric_records[wire.METRICS]
+        z = float(metrics[wire.NOISE_MULTIPLIER])  # type: ignore[arg-type]
+        epsilon = float(metrics[wire.EPSILON])  # type: ignore[arg-type]
+        signature = wire.get_value(content, wire.SITE, wire.RECEIPT_SIGNATURE, str)
+        digest = wire.get_value(content, wire.SITE, wire.DATASET_SHA256, str)
+    except (KeyError, TypeError, ValueError, wire.WireError) as exc:
+        return f"a malformed answer ({exc})"
+    if released.dtype != np.float64 or released.shape != (step_width(query, step),):
+        return f"an answer of {released.shape} values, not the step's {step_width(query, step)}"
+    if not (np.isfinite(released).all() and np.isfinite(z) and z > 0):
+        return "an answer with values that are not finite"
+    checked = False
+    if site_id in keys:
+        payload = ask_receipt_payload(run_id=run_id, query_sha256=query.sha256(), step=step,
+                                      site_id=site_id, released=released)  # fmt: skip
+        try:
+            if not keys[site_id].verify(payload, bytes.fromhex(signature)):
+                return "an answer whose signature is not the site's"
+        except ValueError:
+            return "an answer whose signature is not hex"
+        checked = True
+    return SiteAnswer(site_id, released, z, epsilon, digest, signature, checked)
+
+
+def _site_of(reason: str) -> tuple[str, str]:
+    site, _, text = reason.partition(": ")
+    return (site, text) if text else ("unknown site", reason)
+
+
+def run_ask(
+    grid: Grid,
+    query: AskQuery,
+    contract: StudyContract,
+    *,
+    run_id: str,
+    report: Callable[[AskResults], None],
+    audit: CoordinatorAudit,
+    site_keys_dir: str = "",
+    app_sha256: str = "",
+    wait_s: float = 60.0,
+) -> AskResults:
+    """Run `query` over the connected sites and return (and report) its results."""
+    started = time.monotonic()
+    results = AskResults(run_id, json.loads(query.canonical_json()), query.sha256(),
+                         started=dt.datetime.now(dt.UTC).isoformat(), app_sha256=app_sha256,
+                         contract_sha256=contract.sha256())  # fmt: skip
+    audit.record("query.started", {"query": query.name, "query_sha256": query.sha256(),
+                                   "app_sha256": app_sha256})  # fmt: skip
+    report(results)
+    names = query_names(contract)
+    keys = _site_keys(site_keys_dir)
+    nodes = wait_for_sites(grid, query.min_sites, timeout_s=wait_s)
+    newton = {
+        index: NewtonState.start(analysis)
+        for index, analysis in enumerate(query.analyses)
+        if isinstance(analysis, CoxAnalysis | LogisticAnalysis)
+    }
+    answered: dict[int, str] = {}
+    for step in range(query.iterations):
+        betas = {i: state.beta.tolist() for i, state in newton.items() if not state.done(step)}
+        contents = {node: _content(query, contract, run_id, step, betas) for node in nodes}
+        replies = exchange(grid, contents, message_type=wire.ASK, group=f"ask-{step}",
+                           timeout_s=query.timeout_s)  # fmt: skip
+        good: list[SiteAnswer] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            read = _read_reply(reply, query, run_id, step, keys)
+            if isinstance(read, SiteAnswer):
+                good.append(read)
+                answered[node] = read.site_id
+            else:
+                site, reason = _site_of(read)
+                results.refused.append({"site": site, "step": str(step), "reason": reason})
+                audit.record("site.refused", {"step": step, "site": site, "reason": reason})
+        if len(good) < query.min_sites:
+            raise RoundFailedError(
+                f"step {step}: {len(good)} site(s) answered, the query needs {query.min_sites}"
+            )
+        _record_step(audit, results, step, good)
+        _combine(query, names, step, good, newton, results)
+        nodes = sorted(answered)  # later steps go only to the sites that answered
+        report(results)
+    for index, state in newton.items():
+        results.answers.append({"index": index, **state.answer(names)})
+    results.answers.sort(key=lambda a: int(str(a["index"])))
+    results.sites = _sites(good)
+    results.status, results.finished = "completed", dt.datetime.now(dt.UTC).isoformat()
+    results.seconds = round(time.monotonic() - started, 3)
+    audit.record("query.finished", {"query_sha256": query.sha256(), "sites": len(good),
+                                    "answers_sha256": _answers_digest(results)})  # fmt: skip
+    report(results)
+    return results
+
+
+def _record_step(audit: CoordinatorAudit, results: AskResults, step: int,
+                 good: list[SiteAnswer]) -> None:  # fmt: skip
+    entries: list[dict[str, JsonValue]] = [
+        {
+            "site": a.site_id,
+            "released_sha256": hashlib.sha256(a.released.tobytes()).hexdigest(),
+            "signature": a.signature,
+            "signature_checked": a.signature_checked,
+            "noise_multiplier": a.noise_multiplier,
+        }
+        for a in good
+    ]
+    results.steps.append({"step": step, "answers": entries})
+    for entry in entries:
+        audit.record("answer.received", {"step": step, **entry})
+
+
+def _combine(query: AskQuery, names: object, step: int, good: list[SiteAnswer],
+             newton: Mapping[int, NewtonState], results: AskResults) -> None:  # fmt: skip
+    """Sum the answers per slot; one-shot answers at step 0, a Newton step otherwise."""
+    from medfed.analysis.query import ContractNames
+
+    assert isinstance(names, ContractNames)
+    total = np.sum([a.released for a in good], axis=0)
+    multipliers = [a.noise_multiplier for a in good]
+    for slot in step_layout(query, step):
+        analysis = query.analyses[slot.index]
+        summed = total[slot.start : slot.stop]
+        noise = piece_noise_var(analysis, multipliers)
+        if slot.newton:
+            newton[slot.index].update(summed, noise, sites=len(good))
+        else:
+            answer = one_shot_answer(analysis, summed, noise, names)
+            results.answers.append({"index": slot.index, **answer})
+
+
+def _sites(good: list[SiteAnswer]) -> list[dict[str, object]]:
+    return [
+        {
+            "site": a.site_id,
+            "epsilon": a.epsilon,
+            "noise_multiplier": a.noise_multiplier,
+            "dataset_sha256": a.dataset_sha256,
+            "signature_checked": a.signature_checked,
+        }
+        for a in sorted(good, key=lambda a: a.site_id)
+    ]
+
+
+def _answers_digest(results: AskResults) -> str:
+    text = json.dumps(results.answers, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

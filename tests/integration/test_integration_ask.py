@@ -1,0 +1,207 @@
+"""A query over the four lung example sites in-process: the real ClientApp handler behind
+the egress guard, the real site service (ledger, approvals, audit) and the coordinator's
+program over an in-memory grid."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+
+from medfed.analysis.query import AskQuery, query_from
+from medfed.asks import load_query_file
+from medfed.client import client_app
+from medfed.client.config import SITE_TOML, load_site_config
+from medfed.client.egress import filter_reply
+from medfed.consortium import approve, write_example_consortium
+from medfed.coordinator.ask import AskResults, run_ask
+from medfed.coordinator.audit_chain import (
+    AUDIT_NAME,
+    PUBLIC_KEY_NAME,
+    CoordinatorAudit,
+    verify_chain,
+)
+from medfed.coordinator.errors import RoundFailedError
+from medfed.model import wire
+from medfed.privacy.ledger import PrivacyLedger
+from medfed.privacy.signing import SigningKey, VerifyKey
+from tests.sitekit import node_context
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_identity")]
+
+QUERIES = Path(__file__).resolve().parents[2] / "examples" / "consortium" / "queries"
+QUERY = QUERIES / "lung-ecog.toml"
+
+
+@dataclass
+class AskGrid:
+    """Each pushed query message goes through the egress guard to the site's handler."""
+
+    contexts: Mapping[int, Context]
+    tamper: Callable[[Message], Message] | None = None
+    replies: list[Message] = field(default_factory=list)
+    _pending: dict[str, Message] = field(default_factory=dict)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            context = self.contexts[message.metadata.dst_node_id]
+            reply = client_app.GUARD(message, context, client_app.ask)
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            self.replies.append(reply)
+            self._pending[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
+
+
+@pytest.fixture(scope="module")
+def lung_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("lung")
+    study, sites = write_example_consortium(root / "sites", "lung", site_keys_dir=root / "keys")
+    return root, (study, sites)
+
+
+def _named(name: str) -> AskQuery:
+    """The example query under another name: another digest, approved apart (the officer's
+    approval of a query covers its epsilon once, over all its runs)."""
+    document = json.loads(load_query_file(QUERY).canonical_json())
+    return query_from({**document, "name": name}, where="test")
+
+
+def _contexts(root: Path) -> dict[int, Context]:
+    tomls = sorted((root / "sites").glob(f"*/{SITE_TOML}"))
+    return {i + 1: node_context(i + 1, {"site-config": str(path)}) for i, path in enumerate(tomls)}
+
+
+def _approve_all(root: Path, query: AskQuery) -> None:
+    for path in sorted((root / "sites").glob(f"*/{SITE_TOML}")):
+        officer = SigningKey.load(path.parent / "officer" / "officer.key")
+        approve(path, query, epsilon=query.epsilon, officer_key=officer)
+
+
+def _run(root: Path, query: AskQuery, run_dir: Path, grid: AskGrid) -> AskResults:
+    study, _ = load_study(root)
+    run_dir.mkdir(parents=True)
+    audit = CoordinatorAudit.open(run_dir)
+    return run_ask(grid, query, study.contract, run_id=run_dir.name, report=lambda r: None,
+                   audit=audit, site_keys_dir=str(root / "keys"), wait_s=5)  # fmt: skip
+
+
+def load_study(root: Path) -> tuple[object, None]:
+    from medfed.asks import study_for
+
+    query = load_query_file(QUERY)
+    return study_for(query, QUERY, None), None
+
+
+def test_an_approved_query_is_answered_charged_and_chained(
+    lung_sites: tuple[Path, object], tmp_path: Path
+) -> None:
+    root, _ = lung_sites
+    query = load_query_file(QUERY)
+    _approve_all(root, query)
+    grid = AskGrid(_contexts(root))
+    results = _run(root, query, tmp_path / "run-1", grid)
+    assert results.status == "completed"
+    answered = {s["site"] for s in results.sites}
+    assert len(answered) >= 2 and all(s["signature_checked"] for s in results.sites)
+    kinds = [a["kind"] for a in results.answers]
+    assert kinds == ["count", "mean", "histogram", "odds-ratio", "kaplan-meier", "cox"]
+    # Every answering site charged the whole query once, under the query's digest.
+    for path in sorted((root / "sites").glob(f"*/{SITE_TOML}")):
+        config = load_site_config(path)
+        if config.site.id not in answered:
+            continue
+        spends = [r for r in PrivacyLedger(config.ledger_path).records() if r.run_id == "ask:run-1"]
+        assert len(spends) == 1 and spends[0].study.endswith(query.sha256())
+        assert spends[0].event.steps == query.releases()
+    check = verify_chain(tmp_path / "run-1" / AUDIT_NAME,
+                         VerifyKey.load(tmp_path / "run-1" / PUBLIC_KEY_NAME))  # fmt: skip
+    assert check.problem is None
+
+
+def test_an_unapproved_query_is_refused_by_every_site(
+    lung_sites: tuple[Path, object], tmp_path: Path
+) -> None:
+    root, _ = lung_sites
+    query = _named("unapproved")
+    grid = AskGrid(_contexts(root))
+    with pytest.raises(RoundFailedError, match="0 site"):
+        _run(root, query, tmp_path / "run-2", grid)
+    reasons = [r.error.reason for r in grid.replies if r.has_error()]
+    assert reasons and all("not approved query unapproved" in reason for reason in reasons)
+
+
+def test_the_same_step_is_not_answered_twice(
+    lung_sites: tuple[Path, object], tmp_path: Path
+) -> None:
+    root, _ = lung_sites
+    query = _named("twice")
+    _approve_all(root, query)
+    contexts = _contexts(root)
+    grid = AskGrid(contexts)
+    _run(root, query, tmp_path / "run-3", grid)
+    first = next(r for r in grid.replies if not r.has_error())
+    again = client_app.ask(_instruction(query, "run-3", step=0), contexts[1])
+    assert again.has_error() and "answered here already" in again.error.reason
+    del first
+
+
+def _instruction(query: AskQuery, run_id: str, *, step: int, betas: str = "{}") -> Message:
+    from medfed.asks import study_for
+    from medfed.coordinator.ask import _content
+
+    study = study_for(query, QUERY, None)
+    content = _content(query, study.contract, run_id, step, json.loads(betas))
+    return Message(content=content, dst_node_id=1, message_type=wire.ASK)
+
+
+def test_coefficients_outside_the_l1_bound_are_refused(lung_sites: tuple[Path, object]) -> None:
+    root, _ = lung_sites
+    query = _named("bound")
+    _approve_all(root, query)
+    contexts = _contexts(root)
+    client_app.ask(_instruction(query, "run-4", step=0), contexts[1])
+    reply = client_app.ask(_instruction(query, "run-4", step=1, betas='{"5": [3.0, 1.0, 0.0]}'),
+                           contexts[1])  # fmt: skip
+    assert reply.has_error() and "L1 bound" in reply.error.reason
+
+
+def test_the_guard_lets_out_only_the_vector_the_site_signed(
+    lung_sites: tuple[Path, object],
+) -> None:
+    root, _ = lung_sites
+    query = _named("guard")
+    _approve_all(root, query)
+    contexts = _contexts(root)
+    instruction = _instruction(query, "run-5", step=0)
+    instruction.metadata.__dict__["_message_id"] = str(uuid4())
+    reply = client_app.ask(instruction, contexts[1])
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    rules = client_app._rules(contexts[1])
+    passed, dropped = filter_reply(instruction, reply, rules)
+    assert not passed.has_error() and dropped == []
+    values = reply.content.array_records[wire.ARRAYS][wire.RELEASED].numpy().copy()
+    values[0] += 1.0  # a number the site's worker did not sign
+    forged = RecordDict({**dict(reply.content.items()),
+                         wire.ARRAYS: ArrayRecord({wire.RELEASED: Array(values)})})  # fmt: skip
+    blocked, _ = filter_reply(instruction, Message(forged, reply_to=instruction), rules)
+    assert blocked.has_error() and "not one the site's worker computed" in blocked.error.reason
+    unnoised = np.zeros_like(values)
+    raw = RecordDict({**dict(reply.content.items()),
+                      wire.ARRAYS: ArrayRecord({wire.RELEASED: Array(unnoised[:-1])})})  # fmt: skip
+    blocked, _ = filter_reply(instruction, Message(raw, reply_to=instruction), rules)
+    assert blocked.has_error() and "values" in blocked.error.reason
