@@ -11,7 +11,7 @@ plain JSON, with its confidence interval including the DP noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,16 +108,16 @@ def one_shot_answer(
         half = 1.959963984540054 * math.sqrt(noise[0])
         return {**head, "count": n, "ci_low": n - half, "ci_high": n + half}
     if isinstance(analysis, HistogramAnalysis):
-        low, high = names.numeric[analysis.feature]
+        low, high = analysis.range_of(analysis.feature, names)
         edges = np.linspace(low, high, analysis.bins + 1)
         return {**head, "feature": analysis.feature, "edges": edges.tolist(),
                 "counts": summed.tolist()}  # fmt: skip
     if isinstance(analysis, MeanAnalysis):
-        low, high = names.numeric[analysis.feature]
+        low, high = analysis.range_of(analysis.feature, names)
         estimate = tables.mean_from_sums(summed, low=low, high=high, noise_var=noise[0])
         return {**head, "feature": analysis.feature, **_estimate(estimate)}
     if isinstance(analysis, QuantilesAnalysis):
-        low, high = names.numeric[analysis.feature]
+        low, high = analysis.range_of(analysis.feature, names)
         values = tables.quantiles_from_histogram(summed, low=low, high=high,
                                                  probs=list(analysis.probs))  # fmt: skip
         return {**head, "feature": analysis.feature, "probs": list(analysis.probs),
@@ -161,6 +161,11 @@ def kaplan_meier_answer(
     return answer
 
 
+def _ranges(analysis: Analysis, names: ContractNames) -> dict[str, tuple[float, float]]:
+    covariates = getattr(analysis, "covariates", ())
+    return {feature: analysis.range_of(feature, names) for feature in covariates}
+
+
 def _curve(label: str, curve: survival.KmCurve) -> dict[str, object]:
     below = np.nonzero(curve.survival <= 0.5)[0]
     return {
@@ -186,37 +191,44 @@ def linear_answer(
         "outcome": analysis.outcome,
         **coefficients(
             fit,
-            ["intercept", *analysis.covariates],
-            names,
-            outcome_range=names.numeric[analysis.outcome],
+            [INTERCEPT, *analysis.covariates],
+            _ranges(analysis, names),
+            outcome_range=analysis.range_of(analysis.outcome, names),
         ),
     }
 
 
+INTERCEPT = "intercept"
+"""The intercept's row: its value with every covariate at the middle of its range."""
+
+
 def coefficients(
-    fit: object, labels: Sequence[str], names: ContractNames,
+    fit: object, labels: Sequence[str], ranges: Mapping[str, tuple[float, float]],
     *, outcome_range: tuple[float, float] | None = None, ratio: str | None = None,
 ) -> dict[str, object]:  # fmt: skip
     """A fit's rows: each coefficient per unit of its covariate (the fit is on the
-    [-1, 1] scale: a coefficient divides by the covariate's half range), with its CI,
-    and `ratio` (hazard or odds ratio) as exp of it where the model has one."""
+    [-1, 1] scale of `ranges`: a coefficient divides by the covariate's half range), with
+    its CI, and `ratio` (hazard or odds ratio) as exp of it where the model has one. The
+    intercept is the value at the middle of every range (of the outcome's unit, for a
+    linear fit)."""
     beta, se = np.asarray(fit.beta), np.asarray(fit.std_error)  # type: ignore[attr-defined]
     low, high = np.asarray(fit.ci_low), np.asarray(fit.ci_high)  # type: ignore[attr-defined]
     p_values = np.asarray(fit.p_value)  # type: ignore[attr-defined]
     out_scale = 1.0 if outcome_range is None else (outcome_range[1] - outcome_range[0]) / 2
+    shift = 0.0 if outcome_range is None else (outcome_range[0] + outcome_range[1]) / 2
     rows = []
     for j, label in enumerate(labels):
-        span = names.numeric.get(label, None)
+        span = ranges.get(label)
         unit = 1.0 if span is None else (span[1] - span[0]) / 2
         row: dict[str, object] = {
             "term": label,
-            "coef": float(beta[j]) * out_scale / unit,
+            "coef": float(beta[j]) * out_scale / unit + (shift if label == INTERCEPT else 0.0),
             "std_error": float(se[j]) * out_scale / unit,
-            "ci_low": float(low[j]) * out_scale / unit,
-            "ci_high": float(high[j]) * out_scale / unit,
+            "ci_low": float(low[j]) * out_scale / unit + (shift if label == INTERCEPT else 0.0),
+            "ci_high": float(high[j]) * out_scale / unit + (shift if label == INTERCEPT else 0.0),
             "p_value": float(p_values[j]),
         }
-        if ratio is not None:
+        if ratio is not None and label != INTERCEPT:
             coef, lo, hi = (float(beta[j]), float(low[j]), float(high[j]))
             row.update({ratio: math.exp(coef / unit), f"{ratio}_ci_low": math.exp(lo / unit),
                         f"{ratio}_ci_high": math.exp(hi / unit)})  # fmt: skip
@@ -270,8 +282,8 @@ class NewtonState:
         labels = list(self.analysis.covariates)
         ratio = "hazard_ratio"
         if isinstance(self.analysis, LogisticAnalysis):
-            labels, ratio = ["intercept", *labels], "odds_ratio"
-        rows = coefficients(fit, labels, names, ratio=ratio)
+            labels, ratio = [INTERCEPT, *labels], "odds_ratio"
+        rows = coefficients(fit, labels, _ranges(self.analysis, names), ratio=ratio)
         if self.swamped:  # no honest interval: say so rather than print a narrow one
             for row in rows["coefficients"]:  # type: ignore[attr-defined]
                 for key in list(row):

@@ -79,6 +79,21 @@ class GroupBy(_Frozen):
 
 class _Analysis(_Frozen):
     title: str = Field(default="", max_length=120)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict, max_length=16)
+    """Public clamping bounds per numeric feature, narrower than the contract's plausible
+    range (e.g. creatinine 40-300 umol/L): values are clamped to them and covariates scaled
+    by them, so a wide plausible range does not drown the signal in noise."""
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> _Analysis:
+        for feature, (low, high) in self.bounds.items():
+            if not low < high:
+                raise ValueError(f"bounds.{feature}: the low bound must be below the high one")
+        return self
+
+    def range_of(self, feature: str, names: ContractNames) -> tuple[float, float]:
+        """The clamping range of `feature` here: the query's bounds, else the contract's."""
+        return self.bounds.get(feature, names.numeric[feature])
 
 
 class CountAnalysis(_Analysis):
@@ -279,7 +294,18 @@ def _check_numeric(feature: str, names: ContractNames, where: str) -> None:
 
 
 def check_against(query: AskQuery, names: ContractNames) -> None:
-    """Raise `QueryError` if the query names a feature, code or task the contract lacks."""
+    """Raise `QueryError` if the query names a feature, code or task the contract lacks,
+    or bounds a feature beyond the contract's plausible range."""
+    for index, analysis in enumerate(query.analyses):
+        for feature, (low, high) in analysis.bounds.items():
+            where = f"query.analyses[{index}].bounds.{feature}"
+            _check_numeric(feature, names, where)
+            lowest, highest = names.numeric[feature]
+            if low < lowest or high > highest:
+                raise QueryError(
+                    f"{where}: [{low:g}, {high:g}] is not inside the contract's range"
+                    f" [{lowest:g}, {highest:g}]"
+                )
     for index, condition in enumerate(query.cohort):
         _check_condition(condition, names, f"query.cohort[{index}]")
     for index, analysis in enumerate(query.analyses):

@@ -89,14 +89,17 @@ def scaled(values: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
 
 
 def _design(
-    samples: Sequence[PatientSample], covariates: Sequence[str], names: ContractNames
+    samples: Sequence[PatientSample],
+    covariates: Sequence[str],
+    names: ContractNames,
+    analysis: Analysis,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Covariates scaled to [-1, 1], and the mask of patients who have all of them."""
     columns = [_column(samples, name) for name in covariates]
     x = np.column_stack(columns) if columns else np.zeros((len(samples), 0))
     complete: np.ndarray = np.asarray(np.isfinite(x).all(axis=1))
     bounded = np.column_stack(
-        [scaled(x[:, j], names.numeric[name]) for j, name in enumerate(covariates)]
+        [scaled(x[:, j], analysis.range_of(name, names)) for j, name in enumerate(covariates)]
     )
     return bounded, complete
 
@@ -115,13 +118,13 @@ def _one_shot(
         return np.array([float(len(patients))])
     if isinstance(analysis, HistogramAnalysis | QuantilesAnalysis):
         values = _column(patients, analysis.feature)
-        low, high = names.numeric[analysis.feature]
+        low, high = analysis.range_of(analysis.feature, names)
         rows = tables.histogram_rows(values[np.isfinite(values)], low=low, high=high,
                                      bins=analysis.bins)  # fmt: skip
         return rows.sum(axis=0) if len(rows) else np.zeros(analysis.bins)
     if isinstance(analysis, MeanAnalysis):
         values = _column(patients, analysis.feature)
-        low, high = names.numeric[analysis.feature]
+        low, high = analysis.range_of(analysis.feature, names)
         rows = tables.mean_rows(values[np.isfinite(values)], low=low, high=high)
         return rows.sum(axis=0) if len(rows) else np.zeros(3)
     if isinstance(analysis, OddsRatioAnalysis):
@@ -168,10 +171,10 @@ def km_edges(analysis: KaplanMeierAnalysis) -> np.ndarray:
 def _linear(
     analysis: LinearAnalysis, patients: Sequence[PatientSample], names: ContractNames
 ) -> np.ndarray:
-    x, complete = _design(patients, analysis.covariates, names)
+    x, complete = _design(patients, analysis.covariates, names, analysis)
     y = _column(patients, analysis.outcome)
     keep = complete & np.isfinite(y)
-    y_scaled = scaled(y[keep], names.numeric[analysis.outcome])
+    y_scaled = scaled(y[keep], analysis.range_of(analysis.outcome, names))
     sums: np.ndarray = glm.linear_sums(x[keep], y_scaled)
     return sums
 
@@ -182,7 +185,7 @@ def _newton(
     names: ContractNames,
     beta: np.ndarray,
 ) -> np.ndarray:
-    x, complete = _design(patients, analysis.covariates, names)
+    x, complete = _design(patients, analysis.covariates, names, analysis)
     p = beta.shape[0]
     if isinstance(analysis, CoxAnalysis):
         time, event = _survival(patients, analysis.task, names)

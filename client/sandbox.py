@@ -61,7 +61,15 @@ SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/etc", "/proc", "/sys", "/de
 """System folders the executor may read (never written): libraries, certificates, /proc."""
 DEVICE_WRITE = ("/dev/null", "/dev/tty")
 MEDFED_ROOMS = (
-    "analysis", "bench", "client", "common", "coordinator", "flower", "model", "privacy", "sites"
+    "analysis",
+    "bench",
+    "client",
+    "common",
+    "coordinator",
+    "flower",
+    "model",
+    "privacy",
+    "sites",
 )
 """Every room of the package, not only the ones the executor runs: its check that a
 bundle's code is the installed code reads each installed room the bundle ships."""

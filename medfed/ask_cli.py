@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from medfed.asks import COMPARE_Z
 from medfed.cli_common import JsonOption, guard, stderr, stdout
 
 QueryArgument = Annotated[
@@ -41,6 +42,15 @@ def ask(
     follow: Annotated[
         bool, typer.Option("--follow", help="Wait for the answers and write the evidence record.")
     ] = False,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare",
+            help="With --follow: an earlier evidence.json of this question"
+            " to compare the new answers with.",
+            dir_okay=False,
+        ),
+    ] = None,
     timeout_s: Annotated[
         float, typer.Option("--timeout-s", min=1.0, help="How long --follow waits.")
     ] = 600.0,
@@ -49,7 +59,14 @@ def ask(
     """Ask every site of the consortium QUERY_TOML's question (`coordinator start` must be
     running): each site answers under DP, charged to its ledger; with --follow, print the
     answers and write evidence.json and evidence.html in the run's folder."""
-    from medfed.asks import load_query_file, study_for, wait_for_answers, write_evidence
+    from medfed.asks import (
+        compare_evidence,
+        load_query_file,
+        read_evidence,
+        study_for,
+        wait_for_answers,
+        write_evidence,
+    )
     from medfed.coordinator import load_consortium
     from medfed.provision import PkiLayout
     from medfed.round_cli import flwr_program
@@ -69,8 +86,11 @@ def ask(
                                        "query_sha256": query.sha256()}  # fmt: skip
         _print(document, as_json)
         return
+    earlier = None if compare is None else guard(lambda: read_evidence(compare))
     answers = guard(lambda: wait_for_answers(folder, timeout_s=timeout_s))
     record = guard(lambda: write_evidence(folder, answers))
+    if earlier is not None:
+        record["comparison"] = compare_evidence(earlier, record)
     _print(record, as_json)
     if record["status"] != "completed":
         raise typer.Exit(1)
@@ -95,6 +115,15 @@ def print_answers(record: dict[str, object]) -> None:
         stdout.print(Text(f"  refused: {refusal['site']}: {refusal['reason']}"), soft_wrap=True)
     for answer in record.get("answers") or []:  # type: ignore[attr-defined]
         stdout.print(_answer_table(answer))
+    comparison = record.get("comparison")
+    if isinstance(comparison, dict):
+        verdict = "consistent with" if comparison["consistent"] else "DIFFERS from"
+        changed = comparison["data_changed_at"] or "no site"
+        stdout.print(Text(f"compared: {verdict} the earlier answers (|z| <= {COMPARE_Z:g});"
+                          f" data changed at {changed}"))  # fmt: skip
+        for row in comparison["differences"]:
+            stdout.print(Text(f"  {row['index']}. {row['estimate']}: {row['before']:.4g} ->"
+                              f" {row['after']:.4g} (z {row['z']:+.2f})"))  # fmt: skip
     folder = record.get("run_folder")
     if folder and status in ("completed", "failed"):
         stdout.print(Text(f"evidence: {Path(str(folder)) / 'evidence.html'}"), soft_wrap=True)

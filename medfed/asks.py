@@ -12,8 +12,11 @@ audit chain and, once it ends,
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from medfed.analysis.query import AskQuery, QueryError, check_against, parse_query
 from medfed.common import read_toml, write_atomic
@@ -149,6 +152,17 @@ def evidence(folder: Path, answers: dict[str, object]) -> dict[str, object]:
     }
 
 
+def read_evidence(path: Path) -> dict[str, Any]:
+    """An evidence record written by `write_evidence`, or an `AskError` naming the file."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AskError(f"{path}: not an evidence record ({exc})") from exc
+    if not isinstance(document, dict) or "answers" not in document:
+        raise AskError(f"{path}: not an evidence record (no answers)")
+    return document
+
+
 def write_evidence(folder: Path, answers: dict[str, object]) -> dict[str, object]:
     """Write `evidence.json` and `evidence.html` into the run folder; the evidence."""
     from medfed.ask_report import render_evidence
@@ -157,3 +171,59 @@ def write_evidence(folder: Path, answers: dict[str, object]) -> dict[str, object
     write_atomic(folder / EVIDENCE_JSON, json.dumps(record, indent=1, default=str).encode())
     write_atomic(folder / EVIDENCE_HTML, render_evidence(record).encode("utf-8"))
     return record
+
+
+def _scalars(answer: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """An answer's point estimates with their standard errors, by name."""
+    kind = answer.get("kind")
+    out: dict[str, tuple[float, float]] = {}
+    if kind == "count":
+        out["count"] = (float(answer["count"]), float(answer["noise_std"]))
+    elif kind in ("mean", "odds-ratio") and answer.get("std_error") is not None:
+        value = float(answer["value"])
+        if kind == "odds-ratio":  # its standard error is log(OR)'s
+            value = math.log(max(value, 1e-300))
+        out["log_odds_ratio" if kind == "odds-ratio" else "mean"] = (
+            value,
+            float(answer["std_error"]),
+        )
+    for row in answer.get("coefficients") or []:
+        if row.get("std_error") is not None:
+            out[f"coef:{row['term']}"] = (float(row["coef"]), float(row["std_error"]))
+    return out
+
+
+def compare_evidence(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Two answers to a query side by side: each estimate's difference in units of the two
+    answers' combined standard error (sampling and DP noise), the sites whose data version
+    changed, and whether every difference is within `COMPARE_Z` of chance."""
+    rows = []
+    before = {int(a["index"]): a for a in old.get("answers") or []}
+    for answer in new.get("answers") or []:
+        earlier = before.get(int(answer["index"]))
+        if earlier is None or earlier.get("kind") != answer.get("kind"):
+            continue
+        mine, theirs = _scalars(answer), _scalars(earlier)
+        for name in sorted(set(mine) & set(theirs)):
+            (a, sa), (b, sb) = mine[name], theirs[name]
+            spread = math.hypot(sa, sb)
+            z = (a - b) / spread if spread > 0 else math.inf
+            rows.append({"index": answer["index"], "kind": answer["kind"], "estimate": name,
+                         "before": b, "after": a, "z": z})  # fmt: skip
+    versions = {s["site"]: s["dataset_sha256"] for s in old.get("sites") or []}
+    changed = sorted(
+        s["site"]
+        for s in new.get("sites") or []
+        if versions.get(s["site"], s["dataset_sha256"]) != s["dataset_sha256"]
+    )
+    return {
+        "same_query": old.get("query_sha256") == new.get("query_sha256"),
+        "data_changed_at": changed,
+        "differences": rows,
+        "consistent": all(abs(r["z"]) <= COMPARE_Z for r in rows),
+        "threshold_z": COMPARE_Z,
+    }
+
+
+COMPARE_Z = 3.0
+"""Differences within this many combined standard errors are read as chance (noise)."""

@@ -399,3 +399,49 @@ def bench_utility(
     for row in rows:
         table.add_row(*row)
     stdout.print(table)
+
+
+@bench_app.command("ask")
+def bench_ask(
+    epsilon: Annotated[
+        str, typer.Option(help="Per-site epsilons of the query, comma-separated.")
+    ] = "1,3,10",
+    repeats: Annotated[int, typer.Option(min=1, max=10_000, help="DP answers per epsilon.")] = 100,
+    daemons: Annotated[
+        int, typer.Option(min=0, max=16, help="Also time a query over this many site daemons.")
+    ] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """`medfed ask`'s answers beside pooled lifelines fits (no DP), the coverage of its DP
+    intervals per epsilon, and with --daemons its time over real site daemons."""
+    from medfed.bench.ask import AskBenchOptions, run_ask_bench
+    from medfed.errors import MedfedError
+
+    try:
+        epsilons = tuple(float(part) for part in epsilon.split(",") if part.strip())
+    except ValueError:
+        epsilons = ()
+    if not epsilons or not all(0 < e <= 100 for e in epsilons):
+        fail(f"--epsilon: expected numbers in (0, 100] separated by commas, got {epsilon!r}", 2)
+    try:
+        document = run_ask_bench(
+            AskBenchOptions(epsilons=epsilons, repeats=repeats, daemons=daemons)
+        )
+    except MedfedError as exc:
+        fail(f"the ask benchmark failed: {exc}")
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+        return
+    equal = document["equality"]
+    stdout.print(Text(
+        f"Cox stratified by site: max relative difference to lifelines"
+        f" {equal['cox_stratified']['max_relative_difference']:.2e}; pooled risk sets"
+        f" {equal['cox_pooled_risk_sets']['max_relative_difference']:.2e}; KM"
+        f" {equal['kaplan_meier_max_abs_difference']:.1e}"
+    ))  # fmt: skip
+    for row in document["dp"]:
+        stdout.print(Text(json.dumps(row)))
+    if "end_to_end" in document:
+        stdout.print(Text(json.dumps(document["end_to_end"])))
