@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from medfed.coordinator.errors import CheckpointError
-from medfed.model.network import arrays_sha256
+from medfed.model.wire import arrays_sha256
 
 CHECKPOINTS_NAME = "checkpoints.db"
 

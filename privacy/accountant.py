@@ -21,10 +21,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Literal
 
 import numpy as np
-from opacus.accountants import PRVAccountant
-from opacus.accountants.analysis.prv import compute_safe_domain_size
-from opacus.accountants.analysis.prv.prvs import PoissonSubsampledGaussianPRV
-from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from medfed.privacy.errors import AccountingError, DpConfigError
 from medfed.privacy.events import DpSgdEvent
@@ -55,6 +51,8 @@ def _rdp_epsilon(history: _History, delta: float) -> float:
         # A lone release with much noise (a noised count or metrics) has its optimum
         # beyond the largest order: the value at that order is still an upper bound.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        from opacus.accountants.analysis.rdp import get_privacy_spent  # imports torch
+
         epsilon, _ = get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
     return float(epsilon)
 
@@ -79,6 +77,9 @@ def _quiet_prv_internals() -> Iterator[None]:
 def _prv_grid_points(history: _History, delta_error: float) -> float:
     """The size of the grid Opacus's PRVAccountant would discretise on (as its
     `_get_domain` computes it), found with the cheap RDP bound it uses itself."""
+    from opacus.accountants.analysis.prv import compute_safe_domain_size
+    from opacus.accountants.analysis.prv.prvs import PoissonSubsampledGaussianPRV
+
     prvs = [PoissonSubsampledGaussianPRV(rate, noise) for noise, rate, _ in history]
     steps = [steps for _, _, steps in history]
     with _quiet_prv_internals():
@@ -106,6 +107,8 @@ def _prv_epsilon(history: _History, delta: float) -> float:
             f" (at most {PRV_MAX_GRID_POINTS} allowed): their epsilon at delta {delta:g} is far"
             " beyond any meaningful guarantee; use the RDP accountant for such settings"
         )
+    from opacus.accountants import PRVAccountant  # torch: loaded only where PRV is asked for
+
     accountant = PRVAccountant()
     accountant.history = history
     try:
