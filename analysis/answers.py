@@ -23,11 +23,13 @@ from medfed.analysis.layout import (
     km_edges_count,
     newton_width,
     one_shot_width,
+    step_layout,
     triangle,
 )
 from medfed.analysis.linalg import noise_eigenvalue_floor, symmetric_from_upper
 from medfed.analysis.newton import NewtonTerms, fit_summary, noisy_covariance, noisy_step
 from medfed.analysis.query import (
+    AskQuery,
     ContractNames,
     CountAnalysis,
     CoxAnalysis,
@@ -71,6 +73,18 @@ def pieces(analysis: Analysis) -> tuple[tuple[int, float], ...]:
     if isinstance(analysis, LinearAnalysis):
         return ((one_shot_width(analysis), glm.linear_sensitivity(len(analysis.covariates))),)
     return ((one_shot_width(analysis), tables.COUNT_SENSITIVITY),)
+
+
+def sensitivities(query: AskQuery, step: int) -> np.ndarray:
+    """Per coordinate of a step's vector, its piece's sensitivity: a site divides by it
+    before secure aggregation encodes the vector (every coordinate then moves by at most 1
+    per patient), and the coordinator multiplies the sum back."""
+    parts = [
+        np.full(length, sensitivity)
+        for slot in step_layout(query, step)
+        for length, sensitivity in pieces(query.analyses[slot.index])
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def piece_noise_var(analysis: Analysis, multipliers: Sequence[float]) -> tuple[float, ...]:

@@ -9,7 +9,10 @@ carries no labels and its length is checked on arrival.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from medfed.analysis.query import (
@@ -121,3 +124,12 @@ def step_width(query: AskQuery, step: int) -> int:
     """The length of a site's vector at exchange `step`."""
     slots = step_layout(query, step)
     return slots[-1].stop if slots else 0
+
+
+def step_digest(query_sha256: str, step: int, betas: Mapping[str, object]) -> str:
+    """What one exchange asks of every site, as a digest: the query, the step and the
+    Newton coefficients (canonical JSON). Under secure aggregation the announcement names
+    it, so the coordinator cannot ask one site something else than the others."""
+    text = json.dumps({"query": query_sha256, "step": step, "betas": betas},
+                      sort_keys=True, separators=(",", ":"))  # fmt: skip
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

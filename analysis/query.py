@@ -216,6 +216,9 @@ class AskQuery(_Frozen):
     delta: float = Field(default=1e-6, gt=0, lt=1)
     min_sites: int = Field(default=2, ge=1, alias="min-sites")
     timeout_s: float = Field(default=60.0, gt=0, le=3600, alias="timeout-s")
+    secure_aggregation: bool = Field(default=True, alias="secure-aggregation")
+    """The coordinator learns only the sum of the sites' noised answers; off: it sees each
+    site's (still DP) answer, which the results and the evidence record say loudly."""
     cohort: tuple[Condition, ...] = Field(default=(), max_length=32)
     analyses: tuple[Analysis, ...] = Field(min_length=1, max_length=MAX_ANALYSES)
 

@@ -19,16 +19,26 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.analysis.layout import newton_width, releases_at
-from medfed.analysis.query import AskQuery, CoxAnalysis, LogisticAnalysis, QueryError, query_from
+from medfed.analysis.answers import sensitivities
+from medfed.analysis.layout import newton_width, releases_at, step_digest
+from medfed.analysis.query import (
+    AskQuery,
+    CoxAnalysis,
+    LogisticAnalysis,
+    QueryError,
+    check_against,
+    query_from,
+)
 from medfed.client.ask_answers import cohort, noised, step_parts
 from medfed.client.config import SiteConfig
 from medfed.client.errors import BudgetRefusal, RequestError, SiteRefusal
 from medfed.client.privacy_gate import QueryCharge, query_run
 from medfed.client.protocol import AskReply, AskRequest
+from medfed.client.site_secagg import SiteSecAgg
 from medfed.client.trainer import SiteTrainer
 from medfed.common import write_atomic
 from medfed.model.query_names import query_names
+from medfed.model.sample import PatientSample
 from medfed.privacy.calibration import calibrate_noise
 from medfed.privacy.errors import InfeasibleBudgetError
 from medfed.privacy.receipts import ask_receipt_payload
@@ -129,25 +139,9 @@ class AnsweredSteps:
         write_atomic(self._path(run_id), json.dumps(steps).encode("utf-8"))
 
 
-def answer(
-    trainer: SiteTrainer, config: SiteConfig, request: AskRequest, *, signer: SigningKey
-) -> AskReply:
-    """This site's noised, signed answer to one exchange of a query."""
-    query = parse_request_query(request)
-    names = query_names(trainer.contract)
-    try:
-        from medfed.analysis.query import check_against
-
-        check_against(query, names)
-    except QueryError as exc:
-        raise RequestError(str(exc)) from exc
-    betas = _betas(query, request)
-    steps = AnsweredSteps(config.state_dir / ASKS_DIR)
-    if request.step in steps.answered(request.run_id):
-        raise SiteRefusal(
-            f"query run {request.run_id} step {request.step} was answered here already; its"
-            " noise is not drawn again"
-        )
+def _cohort(trainer: SiteTrainer, config: SiteConfig, query: AskQuery) -> list[PatientSample]:
+    """The query's cohort here, or a refusal: below the policy's minimum, or above a Cox
+    analysis's public bound on patients (where its sensitivity would not hold)."""
     patients = cohort(trainer.samples, query)
     k = config.privacy.min_cohort_k
     if len(patients) < k:
@@ -158,33 +152,76 @@ def answer(
                 f"the query's Cox sensitivity assumes at most {analysis.max_patients} patients"
                 " per site; this site's cohort is larger"
             )
-    z = noise_for(query, config, len(trainer.samples))
-    event = release_event(z, releases=query.releases())
+    return patients
+
+
+def _charge(trainer: SiteTrainer, request: AskRequest, query: AskQuery, z: float) -> None:
+    """Step 0 charges the whole query (once per run); a later step needs that charge."""
     gate, unit = trainer.gate, trainer.privacy_unit
-    charge = QueryCharge(request.run_id, query.name, query.sha256(), event,
-                         query.epsilon, query.delta)  # fmt: skip
     if request.step == 0:
+        event = release_event(z, releases=query.releases())
+        charge = QueryCharge(request.run_id, query.name, query.sha256(), event,
+                             query.epsilon, query.delta)  # fmt: skip
         gate.charge_query(unit, charge)
     elif not any(r.run_id == query_run(request.run_id) for r in trainer.ledger.unit_records(unit)):
         raise SiteRefusal(f"query run {request.run_id} was never charged here: it starts at step 0")
+
+
+def answer(
+    trainer: SiteTrainer,
+    config: SiteConfig,
+    request: AskRequest,
+    *,
+    signer: SigningKey,
+    secagg: SiteSecAgg | None = None,
+) -> AskReply:
+    """This site's noised, signed answer to one exchange of a query; under secure
+    aggregation (`request.secagg`) the vector stays in `secagg` and its shares go out."""
+    query = parse_request_query(request)
+    names = query_names(trainer.contract)
+    try:
+        check_against(query, names)
+    except QueryError as exc:
+        raise RequestError(str(exc)) from exc
+    betas = _betas(query, request)
+    steps = AnsweredSteps(config.state_dir / ASKS_DIR)
+    if request.step in steps.answered(request.run_id):
+        raise SiteRefusal(
+            f"query run {request.run_id} step {request.step} was answered here already; its"
+            " noise is not drawn again"
+        )
+    patients = _cohort(trainer, config, query)
+    z = noise_for(query, config, len(trainer.samples))
+    _charge(trainer, request, query, z)
     parts = step_parts(query, patients, names, request.step, betas)
-    rng = np.random.default_rng(secrets.randbits(128))
-    released = noised(parts, noise_multiplier=z, rng=rng)
+    released = noised(parts, noise_multiplier=z, rng=np.random.default_rng(secrets.randbits(128)))
     steps.mark(request.run_id, request.step)
+    shares = ""
+    if request.secagg:
+        if secagg is None:
+            raise SiteRefusal("secure aggregation needs the site worker (`medfed site start`)")
+        digest = step_digest(query.sha256(), request.step, json.loads(request.betas_json))
+        shares = secagg.share_vector(
+            request.run_id, request.step + 1, request.secagg,
+            released / sensitivities(query, request.step),
+            study_sha256=query.sha256(), model_sha256=digest,
+        )  # fmt: skip
+        released = np.zeros(0)
     site_id = config.site.id
     payload = ask_receipt_payload(
         run_id=request.run_id, query_sha256=query.sha256(), step=request.step,
         site_id=site_id, released=released,
     )  # fmt: skip
-    gate.audit.append("query.answered", _audit_details(request, query, z))
+    trainer.gate.audit.append("query.answered", _audit_details(request, query, z))
     return AskReply(
         site_id=site_id,
         step=request.step,
         released=released,
         noise_multiplier=z,
         epsilon=query.epsilon,
-        dataset_sha256=gate.keyed_digest(trainer.dataset_fingerprint),
-        receipt_signature=signer.sign(payload).hex(),
+        dataset_sha256=trainer.gate.keyed_digest(trainer.dataset_fingerprint),
+        receipt_signature="" if shares else signer.sign(payload).hex(),
+        secagg=shares,
     )
 
 

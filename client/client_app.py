@@ -382,12 +382,17 @@ def ask(msg: Message, context: Context) -> Message:
             contract_sha256=wire.get_value(content, wire.CONFIG, wire.CONTRACT_SHA256, str),
             step=wire.get_value(content, wire.CONFIG, wire.ASK_STEP, int),
             betas_json=_optional(content, wire.ASK_BETAS, str) or "{}",
+            secagg=_optional(content, wire.SECAGG, str) or "",
         )
         reply = site_api(context).ask(request)
     except REFUSALS as exc:
         return _refusal(msg, context, exc)
+    site: dict[str, str] = {wire.SITE_ID: reply.site_id, wire.DATASET_SHA256: reply.dataset_sha256}
+    if reply.secagg:  # the vector stays in the worker until it leaves masked
+        site[wire.SECAGG] = reply.secagg
+    else:
+        site[wire.RECEIPT_SIGNATURE] = reply.receipt_signature
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
-        wire.ARRAYS: ArrayRecord({wire.RELEASED: Array(reply.released)}),
         wire.METRICS: MetricRecord(
             {
                 wire.NOISE_MULTIPLIER: reply.noise_multiplier,
@@ -395,14 +400,10 @@ def ask(msg: Message, context: Context) -> Message:
                 wire.ASK_STEP: reply.step,
             }
         ),
-        wire.SITE: ConfigRecord(
-            {
-                wire.SITE_ID: reply.site_id,
-                wire.RECEIPT_SIGNATURE: reply.receipt_signature,
-                wire.DATASET_SHA256: reply.dataset_sha256,
-            }
-        ),
+        wire.SITE: ConfigRecord(site),  # type: ignore[arg-type]
     }
+    if not reply.secagg:
+        records[wire.ARRAYS] = ArrayRecord({wire.RELEASED: Array(reply.released)})
     return Message(RecordDict(records), reply_to=msg)
 
 

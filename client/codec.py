@@ -444,6 +444,7 @@ def ask_request(frame: Frame) -> AskRequest:
         contract_sha256=_take(frame, "contract_sha256", str),
         step=_take(frame, "step", int),
         betas_json=_take(frame, "betas_json", str),
+        secagg=_optional(frame, "secagg", str) or "",
     )
 
 
@@ -462,4 +463,5 @@ def ask_reply(frame: Frame) -> AskReply:
         epsilon=_finite(frame, "epsilon"),
         dataset_sha256=_take(frame, "dataset_sha256", str),
         receipt_signature=_take(frame, "receipt_signature", str),
+        secagg=_optional(frame, "secagg", str) or "",
     )

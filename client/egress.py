@@ -300,6 +300,10 @@ def filter_reply(
     asked = instruction.metadata.message_type == wire.ASK
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     for name in content:
+        if name == wire.ARRAYS and asked and _secagg_instruction(instruction):
+            return _blocked(instruction, "under secure aggregation an answer leaves only masked"), [
+                "arrays: an answer under secure aggregation"
+            ]
         if name == wire.ARRAYS and asked and name in content.array_records:
             problem = _answer_problem(instruction, content.array_records[name], content, rules)
             if problem is not None:
@@ -331,10 +335,20 @@ def filter_reply(
                 allowed_category, content.metric_records[name], rules, dropped
             )
         elif name == wire.SITE and name in content.config_records:
-            records[name] = _filter_site(content.config_records[name], rules, dropped, action)
+            # a secure query's first reply carries sealed shares, as a secure train reply
+            step = ("" if _secagg_instruction(instruction) else "plain-answer") if asked else action
+            records[name] = _filter_site(content.config_records[name], rules, dropped, step)
         else:
             dropped.append(f"record {name!r}")
-    if asked and wire.ARRAYS not in records:
+    if asked and _secagg_instruction(instruction):
+        site = records.get(wire.SITE)
+        if wire.ARRAYS in records:
+            return _blocked(instruction, "under secure aggregation an answer leaves only masked"), [
+                "arrays: an answer under secure aggregation"
+            ]
+        if not (isinstance(site, ConfigRecord) and wire.SECAGG in site):
+            return _blocked(instruction, "a secure answer without its sealed shares"), dropped
+    elif asked and wire.ARRAYS not in records:
         return _blocked(instruction, "an answer without its released vector"), dropped
     if category == MessageType.TRAIN:
         site = records.get(wire.SITE)

@@ -239,6 +239,8 @@ class AskRequest:
     contract_sha256: str
     step: int
     betas_json: str = "{}"
+    secagg: str = ""
+    """Under secure aggregation: the signed announcement and every site's keys (JSON)."""
 
 
 @dataclass(frozen=True)
@@ -256,3 +258,6 @@ class AskReply:
     dataset_sha256: str
     """A site-secret HMAC of the data version answered from."""
     receipt_signature: str
+    secagg: str = ""
+    """Under secure aggregation: the sealed shares; `released` is then empty and the
+    vector stays in the site worker until it leaves masked."""

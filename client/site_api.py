@@ -266,7 +266,7 @@ class SiteService:
 
         with self._lock:
             trainer = self._trainer_for(request.contract_json, request.contract_sha256)
-            return answer(trainer, self._config, request, signer=self._signer)
+            return answer(trainer, self._config, request, signer=self._signer, secagg=self._secagg)
 
     def egress_rules(self) -> EgressRules:
         """What the egress guard enforces for this site."""

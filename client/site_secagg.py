@@ -174,6 +174,39 @@ class SiteSecAgg:
             secagg=shares,
         )
 
+    def share_vector(
+        self, run_id: str, round_number: int, relay: str, vector: np.ndarray, *, study_sha256: str,
+        model_sha256: str,
+    ) -> str:  # fmt: skip
+        """Step 2 of a query's secure exchange: check every site's keys and what this site
+        was asked (the query's digest and the step's, as the announcement names them),
+        keep `vector` and answer its sealed shares (JSON)."""
+        _, _, identity = self._credentials()
+        raw = loads(relay, "secagg")
+        if not isinstance(raw, dict) or set(raw) != {"announcement", "adverts"}:
+            raise RequestError("secagg: expected announcement and adverts")
+        signed = SignedAnnouncement.from_text(str(raw["announcement"]))
+        adverts = raw["adverts"]
+        if not isinstance(adverts, list):
+            raise RequestError("secagg.adverts: expected a list")
+        with self._lock:
+            state = self._round(run_id, round_number)
+            if signed.announcement != state.announcement:
+                raise SecAggError("the query message names another announcement than the keys")
+            announced = state.announcement
+            if (announced.model_sha256, announced.study_sha256) != (model_sha256, study_sha256):
+                raise SecAggError(
+                    "the query or step this site received is not the one announced to all"
+                    " sites: refusing an inconsistent exchange"
+                )
+            state.check_peers([Advertisement.from_json(a) for a in adverts], identity)
+            clipped = int(np.count_nonzero(np.abs(vector) > announced.clip))
+            if clipped:
+                log.warning("run %s step %d: %d values beyond the range %g are clipped",
+                            run_id, round_number, clipped, announced.clip)  # fmt: skip
+            sealed = state.deal(vector.astype(np.float64))
+        return dumps([item.to_json() for item in sealed])
+
     def mask(self, request: SecAggRequest, *, study_sha256: str) -> SecAggReply:
         """Step 3: open the shares held for others; answer the masked update, signed."""
         signer, _, _ = self._credentials()

@@ -26,15 +26,17 @@ from flwr.serverapp import Grid
 
 from medfed.analysis.answers import NewtonState, one_shot_answer, piece_noise_var
 from medfed.analysis.layout import step_layout, step_width
-from medfed.analysis.query import AskQuery, CoxAnalysis, LogisticAnalysis
+from medfed.analysis.query import AskQuery, ContractNames, CoxAnalysis, LogisticAnalysis
 from medfed.coordinator.audit_chain import CoordinatorAudit
 from medfed.coordinator.errors import RoundFailedError
 from medfed.coordinator.messages import exchange, wait_for_sites
+from medfed.coordinator.secure_ask import betas_json, secure_step, site_ids
+from medfed.coordinator.study import StudySettings
 from medfed.model import wire
 from medfed.model.contract import StudyContract
 from medfed.model.query_names import query_names
 from medfed.privacy.receipts import ask_receipt_payload
-from medfed.privacy.signing import JsonValue, VerifyKey
+from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class AskResults:
     refused: list[dict[str, str]] = field(default_factory=list)
     steps: list[dict[str, object]] = field(default_factory=list)
     error: str = ""
+    secure_aggregation: bool = True
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -89,7 +92,8 @@ def _content(query: AskQuery, contract: StudyContract, run_id: str, step: int,
     return RecordDict({wire.CONFIG: ConfigRecord(config)})  # type: ignore[arg-type]
 
 
-def _site_keys(folder: str) -> dict[str, VerifyKey]:
+def site_keys_in(folder: str) -> dict[str, VerifyKey]:
+    """The sites' registered public keys (`<site>.pub` in `folder`), by site id."""
     keys: dict[str, VerifyKey] = {}
     if folder and Path(folder).is_dir():
         for path in Path(folder).glob("*.pub"):
@@ -139,95 +143,165 @@ def _site_of(reason: str) -> tuple[str, str]:
     return (site, text) if text else ("unknown site", reason)
 
 
+@dataclass
+class AskSetup:
+    """What a query run needs besides the query: the study (contract, timeouts), the
+    sites' registered keys and the coordinator's signing key (secure aggregation)."""
+
+    study: StudySettings
+    site_keys: dict[str, VerifyKey] = field(default_factory=dict)
+    signer: SigningKey | None = None
+    app_sha256: str = ""
+
+
+@dataclass
+class StepAnswers:
+    """One exchange's outcome: the sum over the sites that answered, and who they were."""
+
+    total: np.ndarray
+    good: list[SiteAnswer]
+    refused: list[tuple[str, str]]
+    secure: str = ""
+    """The secure exchange's announcement digest; empty for a plain exchange."""
+
+
 def run_ask(
     grid: Grid,
     query: AskQuery,
-    contract: StudyContract,
+    setup: AskSetup,
     *,
     run_id: str,
     report: Callable[[AskResults], None],
     audit: CoordinatorAudit,
-    site_keys_dir: str = "",
-    app_sha256: str = "",
     wait_s: float = 60.0,
 ) -> AskResults:
     """Run `query` over the connected sites and return (and report) its results."""
+    contract = setup.study.contract
     started = time.monotonic()
     results = AskResults(run_id, json.loads(query.canonical_json()), query.sha256(),
-                         started=dt.datetime.now(dt.UTC).isoformat(), app_sha256=app_sha256,
-                         contract_sha256=contract.sha256())  # fmt: skip
+                         started=dt.datetime.now(dt.UTC).isoformat(),
+                         app_sha256=setup.app_sha256, contract_sha256=contract.sha256(),
+                         secure_aggregation=query.secure_aggregation)  # fmt: skip
     audit.record("query.started", {"query": query.name, "query_sha256": query.sha256(),
-                                   "app_sha256": app_sha256})  # fmt: skip
+                                   "app_sha256": setup.app_sha256,
+                                   "secure_aggregation": query.secure_aggregation})  # fmt: skip
     report(results)
     names = query_names(contract)
-    keys = _site_keys(site_keys_dir)
     nodes = wait_for_sites(grid, query.min_sites, timeout_s=wait_s)
+    by_site: dict[str, int] = {}
+    if query.secure_aggregation:
+        if setup.signer is None:
+            raise RoundFailedError("secure aggregation needs the coordinator's signing key")
+        by_site = {
+            site: node for node, site in site_ids(grid, nodes, run_id, query.timeout_s).items()
+        }
     newton = {
         index: NewtonState.start(analysis)
         for index, analysis in enumerate(query.analyses)
         if isinstance(analysis, CoxAnalysis | LogisticAnalysis)
     }
-    answered: dict[int, str] = {}
     for step in range(query.iterations):
         betas = {i: state.beta.tolist() for i, state in newton.items() if not state.done(step)}
-        contents = {node: _content(query, contract, run_id, step, betas) for node in nodes}
-        replies = exchange(grid, contents, message_type=wire.ASK, group=f"ask-{step}",
-                           timeout_s=query.timeout_s)  # fmt: skip
-        good: list[SiteAnswer] = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            read = _read_reply(reply, query, run_id, step, keys)
-            if isinstance(read, SiteAnswer):
-                good.append(read)
-                answered[node] = read.site_id
-            else:
-                site, reason = _site_of(read)
-                results.refused.append({"site": site, "step": str(step), "reason": reason})
-                audit.record("site.refused", {"step": step, "site": site, "reason": reason})
-        if len(good) < query.min_sites:
-            raise RoundFailedError(
-                f"step {step}: {len(good)} site(s) answered, the query needs {query.min_sites}"
-            )
-        _record_step(audit, results, step, good)
-        _combine(query, names, step, good, newton, results)
-        nodes = sorted(answered)  # later steps go only to the sites that answered
+        if query.secure_aggregation:
+            outcome = _secure_exchange(grid, query, setup, run_id, step, betas, by_site)
+        else:
+            outcome = _plain_exchange(grid, query, setup, run_id, step, betas, nodes)
+        for site, reason in outcome.refused:
+            results.refused.append({"site": site, "step": str(step), "reason": reason})
+            audit.record("site.refused", {"step": step, "site": site, "reason": reason})
+        if len(outcome.good) < query.min_sites:
+            raise RoundFailedError(f"step {step}: {len(outcome.good)} site(s) answered, the"
+                                   f" query needs {query.min_sites}")  # fmt: skip
+        _record_step(audit, results, step, outcome)
+        _combine(query, names, step, outcome, newton, results)
+        answered = {a.site_id for a in outcome.good}
+        nodes = sorted(n for n in nodes if n not in by_site.values() or n in
+                       {by_site[s] for s in answered if s in by_site})  # fmt: skip
+        by_site = {s: n for s, n in by_site.items() if s in answered}
         report(results)
     for index, state in newton.items():
         results.answers.append({"index": index, **state.answer(names)})
     results.answers.sort(key=lambda a: int(str(a["index"])))
-    results.sites = _sites(good)
+    results.sites = _sites(outcome.good)
     results.status, results.finished = "completed", dt.datetime.now(dt.UTC).isoformat()
     results.seconds = round(time.monotonic() - started, 3)
-    audit.record("query.finished", {"query_sha256": query.sha256(), "sites": len(good),
+    audit.record("query.finished", {"query_sha256": query.sha256(), "sites": len(outcome.good),
                                     "answers_sha256": _answers_digest(results)})  # fmt: skip
     report(results)
     return results
 
 
+def _plain_exchange(grid: Grid, query: AskQuery, setup: AskSetup, run_id: str, step: int,
+                    betas: Mapping[int, list[float]], nodes: list[int]) -> StepAnswers:  # fmt: skip
+    """Each site's noised, signed vector in the clear (`secure-aggregation = false`)."""
+    contract = setup.study.contract
+    contents = {node: _content(query, contract, run_id, step, betas) for node in nodes}
+    replies = exchange(grid, contents, message_type=wire.ASK, group=f"ask-{step}",
+                       timeout_s=query.timeout_s)  # fmt: skip
+    good: list[SiteAnswer] = []
+    refused: list[tuple[str, str]] = []
+    for reply in replies:
+        read = _read_reply(reply, query, run_id, step, setup.site_keys)
+        if isinstance(read, SiteAnswer):
+            good.append(read)
+        else:
+            refused.append(_site_of(read))
+    total = np.sum([a.released for a in good], axis=0) if good else np.zeros(0)
+    return StepAnswers(total, good, refused)
+
+
+def _secure_exchange(
+    grid: Grid, query: AskQuery, setup: AskSetup, run_id: str, step: int,
+    betas: Mapping[int, list[float]], by_site: Mapping[str, int],
+) -> StepAnswers:  # fmt: skip
+    """Only the sum of the sites' noised vectors (`coordinator.secure_ask`)."""
+    assert setup.signer is not None
+    contract = setup.study.contract
+    keyed, _ = betas_json(betas)
+    contents = {site: _content(query, contract, run_id, step, betas) for site in by_site}
+    done = secure_step(grid, setup.study, query, contents, run_id=run_id, step=step,
+                       betas=keyed, nodes=by_site, signer=setup.signer,
+                       site_keys=setup.site_keys or None)  # fmt: skip
+    good = [
+        SiteAnswer(
+            site, np.zeros(0), z, epsilon, digest, done.masked_sha256[site], bool(setup.site_keys)
+        )
+        for site, (z, epsilon, digest) in sorted(done.facts.items())
+    ]
+    return StepAnswers(done.total, good, sorted(done.rejected.items()), done.announcement_sha256)
+
+
 def _record_step(audit: CoordinatorAudit, results: AskResults, step: int,
-                 good: list[SiteAnswer]) -> None:  # fmt: skip
+                 outcome: StepAnswers) -> None:  # fmt: skip
+    """Each answer's digest (plain: of the vector, with the site's signature over it;
+    secure: of its masked vector, whose signed receipt the coordinator checked)."""
+    if outcome.secure:
+        audit.record("query.secure_sum", {"step": step, "announcement": outcome.secure})
     entries: list[dict[str, JsonValue]] = [
         {
             "site": a.site_id,
-            "released_sha256": hashlib.sha256(a.released.tobytes()).hexdigest(),
-            "signature": a.signature,
+            **(
+                {"masked_sha256": a.signature}
+                if outcome.secure
+                else {
+                    "released_sha256": hashlib.sha256(a.released.tobytes()).hexdigest(),
+                    "signature": a.signature,
+                }
+            ),
             "signature_checked": a.signature_checked,
             "noise_multiplier": a.noise_multiplier,
         }
-        for a in good
+        for a in outcome.good
     ]
-    results.steps.append({"step": step, "answers": entries})
+    results.steps.append({"step": step, "secure": bool(outcome.secure), "answers": entries})
     for entry in entries:
         audit.record("answer.received", {"step": step, **entry})
 
 
-def _combine(query: AskQuery, names: object, step: int, good: list[SiteAnswer],
+def _combine(query: AskQuery, names: ContractNames, step: int, outcome: StepAnswers,
              newton: Mapping[int, NewtonState], results: AskResults) -> None:  # fmt: skip
-    """Sum the answers per slot; one-shot answers at step 0, a Newton step otherwise."""
-    from medfed.analysis.query import ContractNames
-
-    assert isinstance(names, ContractNames)
-    total = np.sum([a.released for a in good], axis=0)
+    """Answers from the sum, per slot: one-shot ones at step 0, a Newton step otherwise."""
+    good, total = outcome.good, outcome.total
     multipliers = [a.noise_multiplier for a in good]
     for slot in step_layout(query, step):
         analysis = query.analyses[slot.index]

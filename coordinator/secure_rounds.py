@@ -90,7 +90,8 @@ def secure_threshold(study: StudySettings, n_sites: int) -> int:
     return study.secagg_threshold
 
 
-def _site_text(reply: Message) -> str:
+def site_text(reply: Message) -> str:
+    """A secure-aggregation reply's JSON (its SITE record's payload)."""
     return wire.get_value(reply.content, wire.SITE, wire.SECAGG, str)
 
 
@@ -126,8 +127,9 @@ def _collect(replies: Sequence[Message], nodes: Mapping[int, str], step: str) ->
 
 
 @dataclass
-class _SecureRound:
-    """One secure round's fixed facts and what it has set aside so far."""
+class SecureRound:
+    """One secure round's fixed facts and what it has set aside so far (a training round,
+    or one exchange of a query: `coordinator.secure_ask`)."""
 
     grid: Grid
     study: StudySettings
@@ -201,7 +203,7 @@ class _SecureRound:
         digest = self.announcement.sha256()
         for site, reply in replies.items():
             try:
-                advert = Advertisement.from_json(loads(_site_text(reply), "advertisement"))
+                advert = Advertisement.from_json(loads(site_text(reply), "advertisement"))
                 if advert.site_id != site or advert.announcement_sha256 != digest:
                     raise PrivacyError("the advertisement names another site or round")
                 keys = None if self.receipts is None else self.receipts.site_keys
@@ -249,7 +251,7 @@ class _SecureRound:
                 self.rejected[site] = f"train: {result.reason}"
                 continue
             try:
-                shares[site] = _sealed_shares(reply, site, set(adverts) - {site})
+                shares[site] = sealed_shares(reply, site, set(adverts) - {site})
             except (PrivacyError, wire.WireError) as exc:
                 self.rejected[site] = f"train: {exc}"
                 continue
@@ -321,7 +323,7 @@ class _SecureRound:
         reveals: list[Reveal] = []
         for site, reply in replies.items():
             try:
-                reveal = reveal_from_json(loads(_site_text(reply), "reveal"))
+                reveal = reveal_from_json(loads(site_text(reply), "reveal"))
                 if reveal.holder != site:
                     raise PrivacyError("the reveal names another holder")
             except (PrivacyError, wire.WireError) as exc:
@@ -331,9 +333,9 @@ class _SecureRound:
         return reveals
 
 
-def _sealed_shares(reply: Message, site: str, holders: set[str]) -> list[SealedShare]:
+def sealed_shares(reply: Message, site: str, holders: set[str]) -> list[SealedShare]:
     """The sealed shares a site dealt: exactly one, its own, for each other keyed site."""
-    raw = loads(_site_text(reply), "shares")
+    raw = loads(site_text(reply), "shares")
     if not isinstance(raw, list):
         raise PrivacyError("shares: expected a list")
     sealed = [SealedShare.from_json(item) for item in raw]
@@ -393,7 +395,7 @@ def run_secure_round(
         )
     except PrivacyError as exc:
         raise RoundFailedError(f"round {round_number}: {exc}") from exc
-    secure = _SecureRound(
+    secure = SecureRound(
         grid,
         study,
         announcement,

@@ -68,7 +68,7 @@ def _ask_main(grid: Grid, context: Context, results_path: Path | None) -> None:
     """Run the query the run config carries, on the study its other keys describe."""
     from medfed.analysis.query import QueryError, query_from
     from medfed.common import write_atomic
-    from medfed.coordinator.ask import AskResults, run_ask
+    from medfed.coordinator.ask import AskResults, AskSetup, run_ask, site_keys_in
     from medfed.coordinator.audit_chain import CoordinatorAudit
     from medfed.coordinator.checkpoints import CHECKPOINTS_NAME, CheckpointStore
     from medfed.coordinator.rounds import audit_signer
@@ -95,10 +95,14 @@ def _ask_main(grid: Grid, context: Context, results_path: Path | None) -> None:
         raise CoordinatorError(f"query run {run_id} refused: {exc}") from exc
     run_dir = Path(study.run_dir or ".")
     store = CheckpointStore(run_dir / CHECKPOINTS_NAME)
-    audit = CoordinatorAudit.open(run_dir, signer=audit_signer(study), store=store)
+    signer = audit_signer(study)
+    audit = CoordinatorAudit.open(run_dir, signer=signer, store=store)
+    if not query.secure_aggregation:
+        log.warning("query %s: SECURE AGGREGATION IS OFF: the coordinator sees each site's"
+                    " (DP-noised) answer", query.name)  # fmt: skip
+    setup = AskSetup(study, site_keys_in(study.site_keys_dir), signer, _fab_hash(grid))
     try:
-        run_ask(grid, query, study.contract, run_id=run_id, report=report, audit=audit,
-                site_keys_dir=study.site_keys_dir, app_sha256=_fab_hash(grid),
+        run_ask(grid, query, setup, run_id=run_id, report=report, audit=audit,
                 wait_s=study.round_timeout_s)  # fmt: skip
         audit.record("run.finished", {"query_sha256": query.sha256()})
     except CoordinatorError as exc:

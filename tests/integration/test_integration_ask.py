@@ -20,7 +20,7 @@ from medfed.client import client_app
 from medfed.client.config import SITE_TOML, load_site_config
 from medfed.client.egress import filter_reply
 from medfed.consortium import approve, write_example_consortium
-from medfed.coordinator.ask import AskResults, run_ask
+from medfed.coordinator.ask import AskResults, AskSetup, run_ask, site_keys_in
 from medfed.coordinator.audit_chain import (
     AUDIT_NAME,
     PUBLIC_KEY_NAME,
@@ -39,12 +39,25 @@ QUERIES = Path(__file__).resolve().parents[2] / "examples" / "consortium" / "que
 QUERY = QUERIES / "lung-ecog.toml"
 
 
+COORDINATOR = SigningKey.generate()
+"""The coordinator's key: it signs secure exchanges' announcements, which sites pin."""
+HANDLERS: Mapping[str, Callable[[Message, Context], Message]] = {
+    wire.ASK: client_app.ask,
+    "query": client_app.query,
+    wire.SECAGG_KEYS: client_app.secagg_keys,
+    wire.SECAGG_MASK: client_app.secagg_mask,
+    wire.SECAGG_REVEAL: client_app.secagg_reveal,
+}
+
+
 @dataclass
 class AskGrid:
     """Each pushed query message goes through the egress guard to the site's handler."""
 
     contexts: Mapping[int, Context]
     tamper: Callable[[Message], Message] | None = None
+    silent: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    """Per message type, the nodes whose replies to it never arrive (dropped sites)."""
     replies: list[Message] = field(default_factory=list)
     _pending: dict[str, Message] = field(default_factory=dict)
 
@@ -56,10 +69,13 @@ class AskGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid4())
             context = self.contexts[message.metadata.dst_node_id]
-            reply = client_app.GUARD(message, context, client_app.ask)
+            handler = HANDLERS[message.metadata.message_type]
+            reply = client_app.GUARD(message, context, handler)
             reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
             self.replies.append(reply)
-            self._pending[message.metadata.message_id] = reply
+            node = message.metadata.dst_node_id
+            if node not in self.silent.get(message.metadata.message_type, frozenset()):
+                self._pending[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
         return ids
 
@@ -70,15 +86,18 @@ class AskGrid:
 @pytest.fixture(scope="module")
 def lung_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("lung")
-    study, sites = write_example_consortium(root / "sites", "lung", site_keys_dir=root / "keys")
+    study, sites = write_example_consortium(
+        root / "sites", "lung", site_keys_dir=root / "keys", coordinator_key=COORDINATOR.public
+    )
     return root, (study, sites)
 
 
 def _named(name: str) -> AskQuery:
     """The example query under another name: another digest, approved apart (the officer's
-    approval of a query covers its epsilon once, over all its runs)."""
+    approval of a query covers its epsilon once, over all its runs); sites that do not
+    answer are waited for 3 s."""
     document = json.loads(load_query_file(QUERY).canonical_json())
-    return query_from({**document, "name": name}, where="test")
+    return query_from({**document, "name": name, "timeout-s": 3.0}, where="test")
 
 
 def _contexts(root: Path) -> dict[int, Context]:
@@ -96,8 +115,9 @@ def _run(root: Path, query: AskQuery, run_dir: Path, grid: AskGrid) -> AskResult
     study, _ = load_study(root)
     run_dir.mkdir(parents=True)
     audit = CoordinatorAudit.open(run_dir)
-    return run_ask(grid, query, study.contract, run_id=run_dir.name, report=lambda r: None,
-                   audit=audit, site_keys_dir=str(root / "keys"), wait_s=5)  # fmt: skip
+    setup = AskSetup(study, site_keys_in(str(root / "keys")), COORDINATOR)  # type: ignore[arg-type]
+    return run_ask(grid, query, setup, run_id=run_dir.name, report=lambda r: None,
+                   audit=audit, wait_s=5)  # fmt: skip
 
 
 def load_study(root: Path) -> tuple[object, None]:
@@ -205,3 +225,84 @@ def test_the_guard_lets_out_only_the_vector_the_site_signed(
                       wire.ARRAYS: ArrayRecord({wire.RELEASED: Array(unnoised[:-1])})})  # fmt: skip
     blocked, _ = filter_reply(instruction, Message(raw, reply_to=instruction), rules)
     assert blocked.has_error() and "values" in blocked.error.reason
+
+
+def test_the_secure_sum_is_the_plain_sum_of_what_the_sites_computed(
+    lung_sites: tuple[Path, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under secure aggregation (the default) the coordinator's sum equals the sum of the
+    noised vectors the sites kept, within the fixed-point grid, and it never saw one."""
+    import medfed.client.ask as site_ask
+    import medfed.coordinator.ask as coordinator_ask
+
+    root, _ = lung_sites
+    query = _named("secure")
+    assert query.secure_aggregation
+    _approve_all(root, query)
+    kept: dict[int, list[np.ndarray]] = {}
+    sums: dict[int, np.ndarray] = {}
+    real_noised, real_combine = site_ask.noised, coordinator_ask._combine
+
+    def noised(*args: object, **kwargs: object) -> np.ndarray:
+        vector = real_noised(*args, **kwargs)  # type: ignore[arg-type]
+        kept.setdefault(len(sums), []).append(vector)
+        return vector
+
+    def combine(query_: AskQuery, names: object, step: int, outcome: object, *rest: object) -> None:
+        sums[step] = outcome.total.copy()  # type: ignore[attr-defined]
+        real_combine(query_, names, step, outcome, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(site_ask, "noised", noised)
+    monkeypatch.setattr(coordinator_ask, "_combine", combine)
+    grid = AskGrid(_contexts(root))
+    results = _run(root, query, tmp_path / "run-6", grid)
+    assert results.status == "completed" and all(step["secure"] for step in results.steps)
+    clear = [
+        r for r in grid.replies
+        if not r.has_error() and wire.RELEASED in r.content.array_records.get(wire.ARRAYS, {})
+    ]  # fmt: skip
+    assert clear == [], "a site's vector left in the clear"
+    from medfed.analysis.answers import sensitivities
+    from medfed.coordinator.secure_ask import ASK_CLIP
+
+    for step, total in sums.items():
+        plain = np.sum(kept[step], axis=0)
+        sites = len(kept[step])
+        level = (2**31 - 1) // sites  # the fixed-point grid of `privacy.secagg`
+        bound = sites * 0.5 * ASK_CLIP / level * sensitivities(query, step)  # rounding only
+        assert np.all(np.abs(total - plain) <= bound), step
+        assert not np.allclose(total, 0.0)
+
+
+def test_a_plain_query_says_so_and_still_answers(
+    lung_sites: tuple[Path, object], tmp_path: Path
+) -> None:
+    root, _ = lung_sites
+    document = json.loads(load_query_file(QUERY).canonical_json())
+    query = query_from({**document, "name": "plain", "secure-aggregation": False}, where="t")
+    _approve_all(root, query)
+    results = _run(root, query, tmp_path / "run-7", AskGrid(_contexts(root)))
+    assert results.status == "completed" and results.secure_aggregation is False
+    assert not any(step["secure"] for step in results.steps)
+
+
+@pytest.mark.parametrize("dropped", [1, 2])
+def test_sites_dropping_after_masking_leave_the_sum_exact_or_abort_it(
+    lung_sites: tuple[Path, object], tmp_path: Path, dropped: int
+) -> None:
+    """Four sites, threshold three: one site lost after masking still leaves the sum of
+    the survivors; two lost abort the exchange, and no reveal is asked for."""
+    root, _ = lung_sites
+    query = _named(f"dropout-{dropped}")
+    _approve_all(root, query)
+    contexts = _contexts(root)
+    grid = AskGrid(contexts, silent={wire.SECAGG_MASK: frozenset(list(contexts)[:dropped])})
+    if dropped == 1:
+        results = _run(root, query, tmp_path / "run-8", grid)
+        assert results.status == "completed" and len(results.sites) == 3
+        assert any("mask" in r["reason"] for r in results.refused)
+    else:
+        with pytest.raises(RoundFailedError, match=r"aborted|needed"):
+            _run(root, query, tmp_path / "run-9", grid)
+        types = [r.metadata.message_type for r in grid.replies]
+        assert wire.SECAGG_REVEAL not in types
