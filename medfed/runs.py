@@ -270,8 +270,9 @@ def start_ask(
     record = RunRecord(name, f"ask:{query.name}", query.sha256(), moment.isoformat())
     record.pki = "" if pki is None else str(pki.root.resolve())
     record.save(folder)
-    run_config = {**_run_config(study, folder, resume=False, pki=pki),
-                  **ask_run_config(study, query, folder)}  # fmt: skip
+    plumbing = _run_config(study, folder, resume=False, pki=pki)  # keys, site keys, nodes
+    plumbing.pop("results-path")  # a query writes answers.json
+    run_config = {**ask_run_config(study, query, folder), **plumbing}
     app_dir = build_app_dir(folder / "app", run_config)
     record.flower_run_ids.append(_submit(flwr, config, app_dir, key))
     record.save(folder)

@@ -214,3 +214,48 @@ def test_a_stopped_run_resumes_under_its_id_and_spends_once_per_round(
         assert json.loads(verify.stdout)["verified"] is True
         events = [json.loads(line)["event"] for line in chain.read_text().splitlines()]
         assert events.count("run.resumed") == 1 and events[-1] == "run.finished"
+
+
+def test_a_lead_asks_a_question_the_officers_approved_and_verifies_its_evidence(
+    tmp_path: Path, process_tag: str
+) -> None:
+    """`medfed budget approve` of a query file at each site, `medfed ask --follow` over the
+    running consortium, then `medfed audit verify` on the query's run folder."""
+    query = tmp_path / "question.toml"
+    query.write_text(
+        '[query]\nname = "older"\nstudy = "readmission-demo"\nepsilon = 1.0\n'
+        "secure-aggregation = false\ntimeout-s = 120.0\n\n"
+        '[[query.analyses]]\nkind = "count"\n\n'
+        '[[query.analyses]]\nkind = "mean"\nfeature = "age"\n',
+        encoding="utf-8",
+    )
+    with running_consortium(tmp_path, process_tag, rounds=1) as lead:
+        for site in lead.sites:
+            approved = lead.medfed(
+                "budget", "approve", str(site.site_toml), "--study", str(query),
+                "--epsilon", "1", "--officer-key", str(site.officer_key),
+            )  # fmt: skip
+            assert approved.returncode == 0, approved.stderr
+        asked = lead.medfed("ask", str(query), "--study", str(tmp_path / "study.toml"),
+                            "--consortium", str(lead.consortium), "--pki", str(lead.layout.root),
+                            "--follow", "--json", timeout=600)  # fmt: skip
+        assert asked.returncode == 0, asked.stderr[-3000:]
+        record = json.loads(asked.stdout)
+        assert record["status"] == "completed", record
+        assert sorted(s["site"] for s in record["sites"]) == list(SITES)
+        assert all(s["signature_checked"] for s in record["sites"])
+        assert [a["kind"] for a in record["answers"]] == ["count", "mean"]
+        assert record["audit_chain"]["verified"] is True
+        folder = Path(record["run_folder"])
+        assert (folder / "evidence.html").is_file()
+        verify = lead.medfed("audit", "verify", str(folder / "audit.jsonl"), "--key",
+                             str(folder / "coordinator-signing.pub"), "--json")  # fmt: skip
+        assert verify.returncode == 0 and json.loads(verify.stdout)["verified"] is True
+        again = lead.medfed("ask", str(query), "--study", str(tmp_path / "study.toml"),
+                            "--consortium", str(lead.consortium), "--pki", str(lead.layout.root),
+                            "--follow", "--json", timeout=600)  # fmt: skip
+        # The approval covered the query's epsilon once: asking again is refused by both.
+        assert again.returncode == 1
+        refused = json.loads(again.stdout)
+        assert refused["status"] == "failed" and len(refused["refused"]) == 2
+        assert all("approval allows" in r["reason"] for r in refused["refused"])

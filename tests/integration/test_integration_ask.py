@@ -148,6 +148,15 @@ def test_an_approved_query_is_answered_charged_and_chained(
         spends = [r for r in PrivacyLedger(config.ledger_path).records() if r.run_id == "ask:run-1"]
         assert len(spends) == 1 and spends[0].study.endswith(query.sha256())
         assert spends[0].event.steps == query.releases()
+    # The officer's report lists the query beside any study, with its approval.
+    from medfed.budget import budget_summary
+
+    config = load_site_config(sorted((root / "sites").glob(f"*/{SITE_TOML}"))[-1])
+    summary = budget_summary(config)
+    spends = [s for d in summary.datasets for s in d.studies if s.study == "ask:lung-ecog"]
+    assert spends and spends[0].study_sha256 == query.sha256()
+    assert 0 < spends[0].epsilon <= 1.0 + 1e-9 and spends[0].approved_epsilon == 1.0
+    assert summary.ledger_problems == [] and summary.audit_problem is None
     check = verify_chain(tmp_path / "run-1" / AUDIT_NAME,
                          VerifyKey.load(tmp_path / "run-1" / PUBLIC_KEY_NAME))  # fmt: skip
     assert check.problem is None
