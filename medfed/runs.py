@@ -64,6 +64,8 @@ class RunRecord:
     """The PKI folder whose app-signing key signed the bundle (resume signs with it too)."""
     secure_aggregation: bool = True
     """Whether the study aggregates securely; off is shown on every status."""
+    kind: str = "round"
+    """`round` (a training run) or `ask` (a query: `medfed ask`, not a round to list)."""
 
     def save(self, folder: Path) -> None:
         write_atomic(folder / RUN_FILE, json.dumps(asdict(self), indent=1).encode("utf-8"))
@@ -137,7 +139,7 @@ def list_runs(config: ConsortiumConfig) -> list[RunView]:
     if not root.is_dir():
         return []
     folders = [path for path in root.iterdir() if (path / RUN_FILE).is_file()]
-    views = [view(folder) for folder in folders]
+    views = [v for v in (view(folder) for folder in folders) if v.record.kind == "round"]
     return sorted(views, key=lambda v: (v.record.submitted, v.record.name))
 
 
@@ -205,6 +207,27 @@ def _submit(flwr: str, config: ConsortiumConfig, app_dir: Path, key: SigningKey 
         raise RunError(f"flwr run answered something unexpected: {output.strip()[:200]}") from exc
 
 
+def _new_run_folder(
+    config: ConsortiumConfig, name: str, pki: PkiLayout | None
+) -> tuple[Path, SigningKey | None]:
+    """A new run folder (with the sites' public keys when a PKI is given) and the key that
+    signs its bundle; refused without the SuperLink's flwr connection."""
+    require_supported_flwr()  # the bundle's ServerApp and ClientApp use medfed's Flower door
+    if not (config.run_dir / FLWR_HOME_NAME / "config.toml").is_file():
+        raise RunError(
+            f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"
+            " with `medfed coordinator start` first"
+        )
+    key = None if pki is None else app_signing_key(pki)
+    folder = runs_root(config) / name
+    if folder.exists():
+        raise RunError(f"{folder} exists already; wait a second and start again")
+    folder.mkdir(parents=True)
+    if pki is not None:
+        _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
+    return folder, key
+
+
 def start_run(
     config: ConsortiumConfig,
     study: StudySettings,
@@ -214,21 +237,9 @@ def start_run(
     now: dt.datetime | None = None,
 ) -> RunView:
     """Make the run's folder and app bundle and submit it to the consortium's SuperLink."""
-    require_supported_flwr()  # the bundle's ServerApp and ClientApp use medfed's Flower door
-    if not (config.run_dir / FLWR_HOME_NAME / "config.toml").is_file():
-        raise RunError(
-            f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"
-            " with `medfed coordinator start` first"
-        )
-    key = None if pki is None else app_signing_key(pki)
     moment = now or dt.datetime.now(dt.UTC)
     name = f"{study.name}-{moment.strftime('%Y%m%dT%H%M%S')}"
-    folder = runs_root(config) / name
-    if folder.exists():
-        raise RunError(f"{folder} exists already; wait a second and start again")
-    folder.mkdir(parents=True)
-    if pki is not None:
-        _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
+    folder, key = _new_run_folder(config, name, pki)
     record = RunRecord(name, study.name, study.sha256(), moment.isoformat())
     record.secure_aggregation = study.secure_aggregation
     record.pki = "" if pki is None else str(pki.root.resolve())
@@ -252,22 +263,10 @@ def start_ask(
     the folder, where the ServerApp writes `answers.json` and its audit chain."""
     from medfed.asks import ask_run_config
 
-    require_supported_flwr()
-    if not (config.run_dir / FLWR_HOME_NAME / "config.toml").is_file():
-        raise RunError(
-            f"no flwr connection in {config.run_dir / FLWR_HOME_NAME}: start the SuperLink"
-            " with `medfed coordinator start` first"
-        )
-    key = None if pki is None else app_signing_key(pki)
     moment = now or dt.datetime.now(dt.UTC)
     name = f"ask-{query.name}-{moment.strftime('%Y%m%dT%H%M%S')}"
-    folder = runs_root(config) / name
-    if folder.exists():
-        raise RunError(f"{folder} exists already; wait a second and ask again")
-    folder.mkdir(parents=True)
-    if pki is not None:
-        _copy_site_keys(pki, config, folder / SITE_KEYS_DIR)
-    record = RunRecord(name, f"ask:{query.name}", query.sha256(), moment.isoformat())
+    folder, key = _new_run_folder(config, name, pki)
+    record = RunRecord(name, f"ask:{query.name}", query.sha256(), moment.isoformat(), kind="ask")
     record.pki = "" if pki is None else str(pki.root.resolve())
     record.save(folder)
     plumbing = _run_config(study, folder, resume=False, pki=pki)  # keys, site keys, nodes

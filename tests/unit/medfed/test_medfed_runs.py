@@ -62,7 +62,7 @@ def lead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         encoding="utf-8",
     )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(round_cli, "_flwr", lambda: str(fake))
+    monkeypatch.setattr(round_cli, "flwr_program", lambda: str(fake))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -199,7 +199,7 @@ def test_status_and_list_take_flowers_word_for_a_run_whose_app_died(
     fake = lead / "flwr-ls"
     fake.write_text(f"#!/bin/sh\necho '{answer}'\n", encoding="utf-8")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(round_cli, "_flwr", lambda: str(fake))
+    monkeypatch.setattr(round_cli, "flwr_program", lambda: str(fake))
 
     code, status, _ = invoke("round", "status", name)
     assert code == 1
