@@ -16,7 +16,7 @@ from medfed.coordinator.errors import RoundFailedError
 from medfed.coordinator.study import StudySettings, contract_json
 from medfed.model import wire
 from medfed.model.contract import StudyContract
-from medfed.model.network import arrays_sha256, model_identity
+from medfed.model.wire import arrays_sha256
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def instruction(
             wire.PRESET: study.preset,
             wire.CONTRACT: contract_json(contract),
             wire.CONTRACT_SHA256: contract.sha256(),
-            wire.MODEL_IDENTITY: model_identity(study.preset, contract),
+            wire.MODEL_IDENTITY: _identity(study, contract),
             wire.LOCAL_STEPS: study.local_steps if local_steps is None else local_steps,
             wire.LEARNING_RATE: study.learning_rate,
             wire.MAX_GRAD_NORM: study.max_grad_norm,
@@ -131,3 +131,9 @@ def instruction(
     # One packed float32 buffer: a few Flower objects to pull instead of one per array.
     model = wire.arrays_to_record(arrays, packed=True)
     return RecordDict({wire.ARRAYS: model, wire.CONFIG: config})
+
+
+def _identity(study: StudySettings, contract: StudyContract) -> str:
+    from medfed.model.network import model_identity  # torch: only where a model is sent
+
+    return model_identity(study.preset, contract)

@@ -38,7 +38,7 @@ from medfed.coordinator.validate import (
     validate_train_reply,
 )
 from medfed.model import wire
-from medfed.model.network import parameter_group
+from medfed.model.wire import parameter_group
 from medfed.privacy.errors import PrivacyError, SecAggAbort
 from medfed.privacy.secagg import Reveal
 from medfed.privacy.secagg_protocol import (

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 
 from medfed.model import wire
-from medfed.model.network import parameter_group
+from medfed.model.wire import parameter_group
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
 Arrays = dict[str, np.ndarray]

@@ -34,6 +34,7 @@ from medfed.model.tabular import (
 )
 from medfed.model.tokenizers import PAD, input_layout, tokenizers_for
 from medfed.model.wire import arrays_sha256 as arrays_sha256  # its home is torch-free
+from medfed.model.wire import parameter_group as parameter_group  # the same
 
 __all__ = [
     "ARCHITECTURE",
@@ -316,16 +317,6 @@ def build_model(
     return model if device is None else model.to(device)
 
 
-_GROUPED_PREFIXES = ("encoders", "heads")
-
-
-def parameter_group(name: str) -> str:
-    """The group of parameter `name`: `encoders.<modality>`, `heads.<task>`, else its first
-    part (`fusion`). Sites train, and the coordinator aggregates, group by group."""
-    parts = name.split(".")
-    if parts[0] in _GROUPED_PREFIXES and len(parts) > 2:
-        return ".".join(parts[:2])
-    return parts[0]
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:

@@ -269,3 +269,15 @@ def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
     return digest.hexdigest()
+
+
+_GROUPED_PREFIXES = ("encoders", "heads")
+
+
+def parameter_group(name: str) -> str:
+    """The group of parameter `name`: `encoders.<modality>`, `heads.<task>`, else its first
+    part (`fusion`). Sites train, and the coordinator aggregates, group by group."""
+    parts = name.split(".")
+    if parts[0] in _GROUPED_PREFIXES and len(parts) > 2:
+        return ".".join(parts[:2])
+    return parts[0]
