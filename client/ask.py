@@ -213,6 +213,11 @@ def answer(
         site_id=site_id, released=released,
     )  # fmt: skip
     trainer.gate.audit.append("query.answered", _audit_details(request, query, z))
+    approval = trainer.gate.approval_of(query.sha256())
+    approved = (
+        "" if approval is None
+        else f"{approval.officer_key_id}|{approval.epsilon:g}|{approval.approved_at}"
+    )  # fmt: skip
     return AskReply(
         site_id=site_id,
         step=request.step,
@@ -222,6 +227,7 @@ def answer(
         dataset_sha256=trainer.gate.keyed_digest(trainer.dataset_fingerprint),
         receipt_signature="" if shares else signer.sign(payload).hex(),
         secagg=shares,
+        approval=approved,
     )
 
 

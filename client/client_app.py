@@ -388,6 +388,8 @@ def ask(msg: Message, context: Context) -> Message:
     except REFUSALS as exc:
         return _refusal(msg, context, exc)
     site: dict[str, str] = {wire.SITE_ID: reply.site_id, wire.DATASET_SHA256: reply.dataset_sha256}
+    if reply.approval:
+        site[wire.ASK_APPROVAL] = reply.approval
     if reply.secagg:  # the vector stays in the worker until it leaves masked
         site[wire.SECAGG] = reply.secagg
     else:

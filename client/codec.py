@@ -464,4 +464,5 @@ def ask_reply(frame: Frame) -> AskReply:
         dataset_sha256=_take(frame, "dataset_sha256", str),
         receipt_signature=_take(frame, "receipt_signature", str),
         secagg=_optional(frame, "secagg", str) or "",
+        approval=_optional(frame, "approval", str) or "",
     )

@@ -88,6 +88,8 @@ MAX_REASON_CHARS = 400
 _HEX_SIGNATURE = re.compile(r"[0-9a-f]{128}")
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]*")
+_APPROVAL = re.compile(r"[0-9a-f]{16}\|[0-9.e+-]{1,24}\|[0-9T:+.\-]{10,40}")
+"""A query's approval as the site reports it: officer key id, epsilon, approval time."""
 _GROUPS = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?(,[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?)*")
 """`trained-groups`: comma-separated parameter group names (`encoders.clinical,fusion`)."""
 
@@ -275,6 +277,9 @@ def _filter_site(
             or (key == wire.SECAGG and _secagg_payload_ok(action, value, rules.site_id))
             # A status reply's pre-flight: "" (it would train) or one category, no text.
             or (key == wire.PREFLIGHT and (value == "" or value in PREFLIGHT_CODES))
+            # The officer's approval a query ran under: policy, not patient data.
+            or (key == wire.ASK_APPROVAL and isinstance(value, str)
+                and _APPROVAL.fullmatch(value) is not None)
         )  # fmt: skip
         if ok:
             kept[key] = str(value)

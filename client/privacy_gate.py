@@ -513,6 +513,10 @@ class PrivacyGate:
         self._spend(spend, {"release": "evaluation"})
         return event
 
+    def approval_of(self, sha256: str) -> Approval | None:
+        """The officer's newest valid approval of the study or query with this digest here."""
+        return self._ledger.approval_for(sha256, self._officer, site_id=self._config.site.id)
+
     def charge_query(self, unit: str, charge: QueryCharge) -> bool:
         """Charge a whole query (`medfed ask`) to `unit` before its first answer leaves,
         or refuse: the delta the policy allows, the officer's approval of the query's

@@ -261,3 +261,6 @@ class AskReply:
     secagg: str = ""
     """Under secure aggregation: the sealed shares; `released` is then empty and the
     vector stays in the site worker until it leaves masked."""
+    approval: str = ""
+    """The officer's approval the query ran under: `key id|epsilon|approved at` (empty
+    where the policy requires none and none was given)."""

@@ -52,6 +52,8 @@ class SiteAnswer:
     dataset_sha256: str
     signature: str
     signature_checked: bool
+    approval: str = ""
+    """The officer's approval the site answered under (`key id|epsilon|approved at`)."""
 
 
 @dataclass
@@ -135,7 +137,15 @@ def _read_reply(
         except ValueError:
             return "an answer whose signature is not hex"
         checked = True
-    return SiteAnswer(site_id, released, z, epsilon, digest, signature, checked)
+    return SiteAnswer(site_id, released, z, epsilon, digest, signature, checked,
+                      approval_in(reply))  # fmt: skip
+
+
+def approval_in(reply: Message) -> str:
+    """The approval a site's answer names, if any."""
+    site = reply.content.config_records.get(wire.SITE)
+    value = None if site is None else site.get(wire.ASK_APPROVAL)
+    return value if isinstance(value, str) else ""
 
 
 def _site_of(reason: str) -> tuple[str, str]:
@@ -264,7 +274,14 @@ def _secure_exchange(
                        site_keys=setup.site_keys or None)  # fmt: skip
     good = [
         SiteAnswer(
-            site, np.zeros(0), z, epsilon, digest, done.masked_sha256[site], bool(setup.site_keys)
+            site,
+            np.zeros(0),
+            z,
+            epsilon,
+            digest,
+            done.masked_sha256[site],
+            bool(setup.site_keys),
+            done.approvals.get(site, ""),
         )
         for site, (z, epsilon, digest) in sorted(done.facts.items())
     ]
@@ -322,9 +339,17 @@ def _sites(good: list[SiteAnswer]) -> list[dict[str, object]]:
             "noise_multiplier": a.noise_multiplier,
             "dataset_sha256": a.dataset_sha256,
             "signature_checked": a.signature_checked,
+            "approval": _approval_json(a.approval),
         }
         for a in sorted(good, key=lambda a: a.site_id)
     ]
+
+
+def _approval_json(text: str) -> dict[str, object] | None:
+    parts = text.split("|")
+    if len(parts) != 3:
+        return None
+    return {"officer_key_id": parts[0], "epsilon": float(parts[1]), "approved_at": parts[2]}
 
 
 def _answers_digest(results: AskResults) -> str:

@@ -55,6 +55,8 @@ class SecureStep:
     rejected: dict[str, str] = field(default_factory=dict)
     announcement_sha256: str = ""
     masked_sha256: dict[str, str] = field(default_factory=dict)
+    approvals: dict[str, str] = field(default_factory=dict)
+    """Per survivor, the officer's approval its answer named."""
 
 
 def site_ids(grid: Grid, nodes: list[int], run_id: str, timeout_s: float) -> dict[int, str]:
@@ -77,6 +79,12 @@ def site_ids(grid: Grid, nodes: list[int], run_id: str, timeout_s: float) -> dic
 def threshold_of(query: AskQuery, sites: int) -> int:
     """More than half the sites, and at least the query's minimum and 2."""
     return max(2, query.min_sites, sites // 2 + 1)
+
+
+def _approval(reply: Message) -> str:
+    site = reply.content.config_records.get(wire.SITE)
+    value = None if site is None else site.get(wire.ASK_APPROVAL)
+    return value if isinstance(value, str) else ""
 
 
 def _facts(reply: Message) -> tuple[float, float, str]:
@@ -119,7 +127,7 @@ def secure_step(
                          SignedAnnouncement.sign(announcement, signer).to_text(),
                          dict(nodes), receipts, {})  # fmt: skip
     adverts = secure.keys()
-    shares, facts = _deal(secure, adverts, contents)
+    shares, facts, approvals = _deal(secure, adverts, contents)
     size = step_width(query, step)
     masked = secure.mask(shares, size)
     survivors, shared = sorted(masked), sorted(shares)
@@ -138,12 +146,13 @@ def secure_step(
         {site: reason[:400] for site, reason in secure.rejected.items()},
         announcement.sha256(),
         {site: masked_sha256(masked[site]) for site in survivors},
+        {site: approvals[site] for site in survivors if site in approvals},
     )
 
 
 def _deal(
     secure: SecureRound, adverts: Mapping[str, Advertisement], contents: Mapping[str, RecordDict]
-) -> tuple[dict[str, list[SealedShare]], dict[str, tuple[float, float, str]]]:
+) -> tuple[dict[str, list[SealedShare]], dict[str, tuple[float, float, str]], dict[str, str]]:
     """Step 2: the query message with every site's keys; sealed shares back, no vector."""
     relay = dumps({"announcement": secure.signed_text,
                    "adverts": [adverts[s].to_json() for s in sorted(adverts)]})  # fmt: skip
@@ -154,16 +163,18 @@ def _deal(
     replies = secure.exchange("ask", messages, wire.ASK, secure.study.round_timeout_s)
     shares: dict[str, list[SealedShare]] = {}
     facts: dict[str, tuple[float, float, str]] = {}
+    approvals: dict[str, str] = {}
     for site, reply in replies.items():
         try:
             if reply.content.array_records:
                 raise PrivacyError("a secure answer carries a vector in the clear")
             facts[site] = _facts(reply)
             shares[site] = sealed_shares(reply, site, set(adverts) - {site})
+            approvals[site] = _approval(reply)
         except (PrivacyError, wire.WireError, KeyError, TypeError, ValueError) as exc:
             secure.rejected[site] = f"ask: {exc}"
     secure.need(len(shares), "answered and shared")
-    return shares, facts
+    return shares, facts, approvals
 
 
 def betas_json(betas: Mapping[int, list[float]]) -> tuple[dict[str, list[float]], str]:

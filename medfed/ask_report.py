@@ -102,6 +102,12 @@ def _answer_section(answer: dict[str, object]) -> str:
             f"{escape(json.dumps(shown, indent=1, default=str))}</pre></details>")  # fmt: skip
 
 
+def _approval_text(approval: object) -> str:
+    if not isinstance(approval, dict):
+        return "none (the site's policy requires none)"
+    return f"epsilon {approval['epsilon']:g} by officer key {approval['officer_key_id']}, {approval['approved_at']}"
+
+
 def render_evidence(record: dict[str, object]) -> str:
     """The evidence record as a self-contained HTML page."""
     chain: dict[str, object] = record.get("audit_chain") or {}  # type: ignore[assignment]
@@ -109,7 +115,8 @@ def render_evidence(record: dict[str, object]) -> str:
     verified = bool(chain.get("verified"))
     sites = "".join(
         f"<tr><td>{escape(str(s['site']))}</td><td>{s['epsilon']:g}</td><td>{s['noise_multiplier']:.4g}</td>"
-        f"<td><code>{escape(str(s['dataset_sha256'])[:16])}</code></td><td>{'yes' if s['signature_checked'] else 'no key'}</td></tr>"
+        f"<td><code>{escape(str(s['dataset_sha256'])[:16])}</code></td><td>{'yes' if s['signature_checked'] else 'no key'}</td>"
+        f"<td>{escape(_approval_text(s.get('approval')))}</td></tr>"
         for s in record.get("sites") or []  # type: ignore[attr-defined]
     )
     refused = "".join(
@@ -131,7 +138,7 @@ Query digest <code>{escape(str(record.get("query_sha256")))}</code>; app bundle
 {chain.get("entries", 0)} entries, last hash <code>{escape(str(chain.get("last_hash", ""))[:16])}</code>
 (check it with <code>medfed audit verify {escape(str(record.get("run_folder")))}/audit.jsonl --key {escape(str(record.get("run_folder")))}/coordinator-signing.pub</code>).</p>
 <h2>Sites that answered</h2><table><tr><th>site</th><th>epsilon</th><th>noise multiplier</th>
-<th>data version (keyed digest)</th><th>signature checked</th></tr>{sites}</table>
+<th>data version (keyed digest)</th><th>signature checked</th><th>officer's approval</th></tr>{sites}</table>
 <h2>Sites that refused</h2><table><tr><th>site</th><th>step</th><th>why</th></tr>{refused}</table>
 {answers}
 <h2>The query</h2><pre>{escape(json.dumps(record.get("query"), indent=1))}</pre>

@@ -71,6 +71,7 @@ ASK_STEP: Final = "ask-step"  # the exchange, from 0
 ASK_BETAS: Final = "ask-betas"  # JSON: analysis index -> the Newton analysis's coefficients
 RELEASED: Final = "released"
 MAX_ASK_VALUES: Final = 1_000_000
+ASK_APPROVAL: Final = "ask-approval"  # SITE record: the officer's `key id|epsilon|approved at`
 
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"

@@ -138,6 +138,10 @@ def test_an_approved_query_is_answered_charged_and_chained(
     assert results.status == "completed"
     answered = {s["site"] for s in results.sites}
     assert len(answered) >= 2 and all(s["signature_checked"] for s in results.sites)
+    for site in results.sites:  # each names the officer's approval it answered under
+        approval = site["approval"]
+        assert isinstance(approval, dict) and approval["epsilon"] == 1.0
+        assert len(str(approval["officer_key_id"])) == 16
     kinds = [a["kind"] for a in results.answers]
     assert kinds == ["count", "mean", "histogram", "odds-ratio", "kaplan-meier", "cox"]
     # Every answering site charged the whole query once, under the query's digest.
