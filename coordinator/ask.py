@@ -124,18 +124,18 @@ def _read_reply(
     except (KeyError, TypeError, ValueError, wire.WireError) as exc:
         return f"a malformed answer ({exc})"
     if released.dtype != np.float64 or released.shape != (step_width(query, step),):
-        return f"an answer of {released.shape} values, not the step's {step_width(query, step)}"
+        return f"{site_id}: an answer of {released.shape} values, not {step_width(query, step)}"
     if not (np.isfinite(released).all() and np.isfinite(z) and z > 0):
-        return "an answer with values that are not finite"
+        return f"{site_id}: an answer with values that are not finite"
     checked = False
     if site_id in keys:
         payload = ask_receipt_payload(run_id=run_id, query_sha256=query.sha256(), step=step,
                                       site_id=site_id, released=released)  # fmt: skip
         try:
             if not keys[site_id].verify(payload, bytes.fromhex(signature)):
-                return "an answer whose signature is not the site's"
+                return f"{site_id}: an answer whose signature is not the site's"
         except ValueError:
-            return "an answer whose signature is not hex"
+            return f"{site_id}: an answer whose signature is not hex"
         checked = True
     return SiteAnswer(site_id, released, z, epsilon, digest, signature, checked,
                       approval_in(reply))  # fmt: skip

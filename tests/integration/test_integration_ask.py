@@ -71,6 +71,8 @@ class AskGrid:
             context = self.contexts[message.metadata.dst_node_id]
             handler = HANDLERS[message.metadata.message_type]
             reply = client_app.GUARD(message, context, handler)
+            if self.tamper is not None:  # in transit, after the site's guard
+                reply = self.tamper(reply)
             reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
             self.replies.append(reply)
             node = message.metadata.dst_node_id
@@ -319,3 +321,40 @@ def test_sites_dropping_after_masking_leave_the_sum_exact_or_abort_it(
             _run(root, query, tmp_path / "run-9", grid)
         types = [r.metadata.message_type for r in grid.replies]
         assert wire.SECAGG_REVEAL not in types
+
+
+def test_an_answer_altered_in_transit_is_set_aside_by_its_signature(
+    lung_sites: tuple[Path, object], tmp_path: Path
+) -> None:
+    """Plain mode: a vector changed after it left the site no longer carries the site's
+    signature; the coordinator lists that site as refused and answers from the rest."""
+    root, _ = lung_sites
+    document = json.loads(load_query_file(QUERY).canonical_json())
+    query = query_from({**document, "name": "tampered", "secure-aggregation": False,
+                        "timeout-s": 3.0}, where="t")  # fmt: skip
+    _approve_all(root, query)
+    victim = sorted(p.parent.name for p in (root / "sites").glob(f"*/{SITE_TOML}"))[-1]
+
+    def tamper(reply: Message) -> Message:
+        if reply.has_error() or wire.ARRAYS not in reply.content.array_records:
+            return reply
+        site = reply.content.config_records[wire.SITE][wire.SITE_ID]
+        if site != victim:
+            return reply
+        values = reply.content.array_records[wire.ARRAYS][wire.RELEASED].numpy() + 1.0
+        reply.content = RecordDict(
+            {
+                **dict(reply.content.items()),
+                wire.ARRAYS: ArrayRecord({wire.RELEASED: Array(values)}),
+            }
+        )
+        return reply
+
+    grid = AskGrid(_contexts(root), tamper=tamper)
+    results = _run(root, query, tmp_path / "run-10", grid)
+    assert results.status == "completed"
+    assert victim not in {s["site"] for s in results.sites}
+    assert any(
+        r["site"] == victim and "signature is not the site's" in r["reason"]
+        for r in results.refused
+    ), results.refused
