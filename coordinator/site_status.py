@@ -122,9 +122,13 @@ def query_statuses(
     known_sites: dict[int, str],
     unqueryable: set[int],
 ) -> list[SiteStatus]:
-    """Each node's status. A node that answered a query with an error cannot answer it
-    (its software has no such function) and is added to `unqueryable`, not to be asked
-    again in this run: each query costs a ClientApp start at the site."""
+    """Each node's status. Without secure aggregation, a node that answered a query with
+    an error cannot answer it (its software has no such function) and is added to
+    `unqueryable`, not to be asked again in this run: each query costs a ClientApp start
+    at the site, and a site of unknown status is planned anyway. A secure round plans no
+    site of unknown status, so there a node is asked again each round: one error reply
+    (a worker restarting, a simulated ClientApp that raised) would otherwise leave it
+    out of every later round, and a study that needs it could never go on."""
     asked = [node for node in nodes if node not in unqueryable]
     replies = exchange(
         grid,
@@ -135,7 +139,8 @@ def query_statuses(
         names=known_sites,
     )
     answered = {reply.metadata.src_node_id: reply for reply in replies}
-    unqueryable.update(node for node, reply in answered.items() if reply.has_error())
+    if not study.secure_aggregation:
+        unqueryable.update(node for node, reply in answered.items() if reply.has_error())
     silent = f"did not answer the status query within {study.round_deadline_s:g} s"
     return [
         parse_status(answered[node], known_sites)

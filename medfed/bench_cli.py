@@ -332,6 +332,56 @@ def bench_idle(
     )
 
 
+@bench_app.command("scale")
+def bench_scale(
+    sites: Annotated[
+        str, typer.Option(help="Virtual site counts (Flower's simulation), comma-separated.")
+    ] = "10,50,100,200",
+    real: Annotated[
+        str, typer.Option(help="Real site daemon counts, comma-separated; empty: none.")
+    ] = "3,6",
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Rounds of each run.")] = 2,
+    local_steps: Annotated[
+        int, typer.Option(min=1, max=1000, help="DP-SGD steps per site and round.")
+    ] = 3,
+    run_timeout_s: Annotated[
+        float, typer.Option(min=60, max=7200, help="Seconds one run may take; then it stops.")
+    ] = 900.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+) -> None:
+    """How the coordinator's seconds, CPU and memory per round grow with the number of
+    sites, plain and secure rounds side by side, and the growth exponents (minutes)."""
+    from medfed.bench.scale import (
+        MAX_REAL_SITES,
+        ScaleOptions,
+        interrupt_on_sigterm,
+        run_scale_bench,
+        table_lines,
+    )
+    from medfed.bench.scale_fit import parse_site_counts
+    from medfed.demo import MAX_SIMULATED_SITES
+
+    try:
+        options = ScaleOptions(
+            sites=parse_site_counts(sites, most=MAX_SIMULATED_SITES, option="--sites"),
+            real=parse_site_counts(real, most=MAX_REAL_SITES, option="--real"),
+            rounds=rounds, local_steps=local_steps, run_timeout_s=run_timeout_s,
+        )  # fmt: skip
+    except ValueError as exc:
+        fail(str(exc), 2)
+    if not options.sites and not options.real:
+        fail("--sites and --real are both empty: nothing to measure", 2)
+    interrupt_on_sigterm()
+    document = run_scale_bench(options, progress=lambda line: stderr.print(Text(line)))
+    if as_json:
+        sys.stdout.write(json.dumps(document) + "\n")
+        return
+    for line in table_lines(document):
+        stdout.print(Text(line))
+
+
 @bench_app.command("utility")
 def bench_utility(
     study: Annotated[

@@ -64,6 +64,12 @@ DEMO_POLL_INTERVAL_S = 0.2
 """What flwr 1.42's SuperNode logs once the SuperLink accepted its key over TLS."""
 
 
+MAX_SITE_DAEMONS = 64
+"""The most site daemons (three processes each) a demo starts on one machine."""
+MAX_SIMULATED_SITES = 256
+"""The most virtual sites a simulated demo runs (`medfed bench scale` goes to 200)."""
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     """What the demo runs."""
@@ -85,8 +91,9 @@ class DemoOptions:
     measuring what secure aggregation costs (`medfed bench secagg --demo-rounds`)."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.sites <= 64:
-            raise ValueError(f"--sites must be between 1 and 64, got {self.sites}")
+        most = MAX_SIMULATED_SITES if self.simulation else MAX_SITE_DAEMONS
+        if not 1 <= self.sites <= most:
+            raise ValueError(f"--sites must be between 1 and {most}, got {self.sites}")
         if not 1 <= self.rounds <= 1000:
             raise ValueError(f"--rounds must be between 1 and 1000, got {self.rounds}")
         if self.example is not None and self.example not in example_names():

@@ -317,8 +317,6 @@ def build_model(
     return model if device is None else model.to(device)
 
 
-
-
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters as float32 numpy arrays, keyed by parameter name."""
     return {
