@@ -175,6 +175,11 @@ def kaplan_meier_answer(
     return answer
 
 
+def _exp(value: float) -> float:
+    """exp, infinite beyond what a float holds (an interval that wide says nothing)."""
+    return math.exp(value) if value < 700 else math.inf
+
+
 def _ranges(analysis: Analysis, names: ContractNames) -> dict[str, tuple[float, float]]:
     covariates = getattr(analysis, "covariates", ())
     return {feature: analysis.range_of(feature, names) for feature in covariates}
@@ -244,8 +249,8 @@ def coefficients(
         }
         if ratio is not None and label != INTERCEPT:
             coef, lo, hi = (float(beta[j]), float(low[j]), float(high[j]))
-            row.update({ratio: math.exp(coef / unit), f"{ratio}_ci_low": math.exp(lo / unit),
-                        f"{ratio}_ci_high": math.exp(hi / unit)})  # fmt: skip
+            row.update({ratio: _exp(coef / unit), f"{ratio}_ci_low": _exp(lo / unit),
+                        f"{ratio}_ci_high": _exp(hi / unit)})  # fmt: skip
         rows.append(row)
     return {"coefficients": rows, "level": LEVEL}
 
@@ -260,6 +265,9 @@ class NewtonState:
     information: np.ndarray | None = None
     noise: tuple[float, float] = (0.0, 0.0)
     sites: list[int] = field(default_factory=list)
+    failure: str = ""
+    """Why a step could not be taken (the noised sums gave no usable Hessian); the fit
+    then stops and its answer says so."""
     swamped: bool = False
     """The last release's Hessian noise reached the information's smallest eigenvalue:
     the fit's curvature is noise, and no interval would be honest."""
@@ -269,7 +277,7 @@ class NewtonState:
         return cls(analysis, np.zeros(newton_width(analysis)))
 
     def done(self, step: int) -> bool:
-        return step >= self.analysis.iterations
+        return step >= self.analysis.iterations or bool(self.failure)
 
     def update(self, summed: np.ndarray, noise: tuple[float, ...], *, sites: int) -> None:
         """One Newton step from the summed gradient and Hessian triangle at `beta`."""

@@ -172,8 +172,9 @@ def _band(
     safe_s = np.where(interior, survival, 0.5)
     log_s = np.log(safe_s)
     spread = z * np.sqrt(greenwood / log_s**2 + noise_var_s / (safe_s * log_s) ** 2)
-    lower = np.where(interior, safe_s ** np.exp(spread), survival)
-    upper = np.where(interior, safe_s ** np.exp(-spread), survival)
+    with np.errstate(over="ignore"):  # a huge spread: S ** inf is 0, the band's floor
+        lower = np.where(interior, safe_s ** np.exp(spread), survival)
+        upper = np.where(interior, safe_s ** np.exp(-spread), survival)
     edge = ~interior & (noise_var_s > 0)
     normal = z * np.sqrt(noise_var_s)
     lower = np.where(edge, np.clip(survival - normal, 0.0, 1.0), lower)

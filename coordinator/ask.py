@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from medfed.analysis.answers import NewtonState, one_shot_answer, piece_noise_var
+from medfed.analysis.errors import AnalysisError
 from medfed.analysis.layout import step_layout, step_width
 from medfed.analysis.query import AskQuery, ContractNames, CoxAnalysis, LogisticAnalysis
 from medfed.coordinator.audit_chain import CoordinatorAudit
@@ -77,7 +79,10 @@ class AskResults:
     secure_aggregation: bool = True
 
     def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        """The results as plain JSON (a non-finite number, which noise can make, as null)."""
+        document = finite_json(dict(self.__dict__))
+        assert isinstance(document, dict)
+        return document
 
 
 def _content(query: AskQuery, contract: StudyContract, run_id: str, step: int,
@@ -230,7 +235,12 @@ def run_ask(
         by_site = {s: n for s, n in by_site.items() if s in answered}
         report(results)
     for index, state in newton.items():
-        results.answers.append({"index": index, **state.answer(names)})
+        try:
+            if state.failure:
+                raise AnalysisError(state.failure)
+            results.answers.append({"index": index, **state.answer(names)})
+        except UNCOMPUTABLE as exc:
+            results.answers.append(not_computable(index, state.analysis.kind, exc))
     results.answers.sort(key=lambda a: int(str(a["index"])))
     results.sites = _sites(outcome.good)
     results.status, results.finished = "completed", dt.datetime.now(dt.UTC).isoformat()
@@ -324,11 +334,40 @@ def _combine(query: AskQuery, names: ContractNames, step: int, outcome: StepAnsw
         analysis = query.analyses[slot.index]
         summed = total[slot.start : slot.stop]
         noise = piece_noise_var(analysis, multipliers)
-        if slot.newton:
-            newton[slot.index].update(summed, noise, sites=len(good))
-        else:
-            answer = one_shot_answer(analysis, summed, noise, names)
-            results.answers.append({"index": slot.index, **answer})
+        try:
+            if slot.newton:
+                newton[slot.index].update(summed, noise, sites=len(good))
+            else:
+                answer = one_shot_answer(analysis, summed, noise, names)
+                results.answers.append({"index": slot.index, **answer})
+        except UNCOMPUTABLE as exc:  # noise can leave a sum no answer can be read from
+            log.warning("analysis %d: %s", slot.index, exc)
+            if slot.newton:
+                newton[slot.index].failure = str(exc)
+            else:
+                results.answers.append(not_computable(slot.index, analysis.kind, exc))
+
+
+UNCOMPUTABLE = (AnalysisError, ValueError, ArithmeticError, np.linalg.LinAlgError)
+"""What turning noised sums into an answer may raise: that answer is then not computable,
+and the query goes on."""
+
+
+def not_computable(index: int, kind: str, error: BaseException) -> dict[str, object]:
+    """An answer that could not be read from the noised sums, saying why."""
+    return {"index": index, "kind": kind, "estimable": False,
+            "why": f"not computable from the noised sums: {error}"}  # fmt: skip
+
+
+def finite_json(value: object) -> object:
+    """`value` with every non-finite float as None (JSON has no NaN or infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def _sites(good: list[SiteAnswer]) -> list[dict[str, object]]:

@@ -105,8 +105,8 @@ def _ask_main(grid: Grid, context: Context, results_path: Path | None) -> None:
         run_ask(grid, query, setup, run_id=run_id, report=report, audit=audit,
                 wait_s=study.round_timeout_s)  # fmt: skip
         audit.record("run.finished", {"query_sha256": query.sha256()})
-    except CoordinatorError as exc:
-        log.error("query run %s failed: %s", run_id, exc)
+    except Exception as exc:  # any end of a query run is written, never left "running"
+        log.exception("query run %s failed: %s", run_id, exc)
         audit.record("run.failed", {"error": str(exc)})
         failed = last[0] if last else failed
         failed.query, failed.query_sha256 = json.loads(query.canonical_json()), query.sha256()
