@@ -237,6 +237,12 @@ def train(msg: Message, context: Context) -> Message:
         {
             wire.SITE_ID: reply.site_id,
             **({wire.RECEIPT_SIGNATURE: reply.receipt_signature} if not reply.secagg else {}),
+            # under secure aggregation: the site's signed statement of the model it trained from
+            **(
+                {wire.MODEL_STATEMENT: reply.receipt_signature}
+                if reply.secagg and reply.receipt_signature
+                else {}
+            ),
             **({wire.SECAGG: reply.secagg} if reply.secagg else {}),
             **({wire.TRAINED_GROUPS: reply.trained_groups} if reply.trained_groups else {}),
             **({wire.DATASET_SHA256: reply.dataset_sha256} if reply.dataset_sha256 else {}),

@@ -214,8 +214,19 @@ def _secagg_payload_ok(action: str, value: object, site_id: str) -> bool:
         )
     if action == "secagg_keys":
         return isinstance(payload, dict) and payload.get("site_id") == site_id
-    if action == "secagg_reveal":
-        return isinstance(payload, dict) and payload.get("holder") == site_id
+    if action == "secagg_reveal":  # with the next round's keys when they are dealt ahead
+        advert = (
+            payload.get("advertisement", {"site_id": site_id})
+            if isinstance(payload, dict)
+            else None
+        )
+        return (
+            isinstance(payload, dict)
+            and payload.get("holder") == site_id
+            and set(payload) <= {"holder", "seeds", "keys", "advertisement"}
+            and isinstance(advert, dict)
+            and advert.get("site_id") == site_id
+        )
     return action == "secagg_mask" and payload == {}
 
 
@@ -266,7 +277,7 @@ def _filter_site(
     for key, value in record.items():
         ok = (
             (key == wire.SITE_ID and value == rules.site_id)
-            or (key == wire.RECEIPT_SIGNATURE and isinstance(value, str)
+            or (key in (wire.RECEIPT_SIGNATURE, wire.MODEL_STATEMENT) and isinstance(value, str)
                 and _HEX_SIGNATURE.fullmatch(value) is not None)
             or (key == wire.ACCELERATOR and value in DEVICE_KINDS)
             # A site-secret HMAC of the data version, never the data's own fingerprint.

@@ -38,7 +38,7 @@ from medfed.privacy.secagg_protocol import (
     reveal_to_json,
     weighted_delta,
 )
-from medfed.privacy.signing import SigningKey, VerifyKey
+from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +86,24 @@ class SiteSecAgg:
 
     def keys(self, request: SecAggRequest) -> SecAggReply:
         """Step 1: check the signed announcement, make fresh keys, answer the advertisement."""
+        advert = self._announced(request.payload, request.run_id, request.round)
+        return SecAggReply(self._site_id, dumps(advert))
+
+    def _announced(self, text: str, run_id: str, round_number: int) -> dict[str, JsonValue]:
+        """Check a signed announcement of (run, round), make its fresh keys; the signed
+        advertisement (JSON)."""
         signer, certificate, _ = self._credentials()
-        signed = SignedAnnouncement.from_text(request.payload)
+        signed = SignedAnnouncement.from_text(text)
         announced = signed.announcement
-        if (announced.run_id, announced.round) != (request.run_id, request.round):
+        if (announced.run_id, announced.round) != (run_id, round_number):
             raise SecAggError("the announcement names another run or round than the message")
         self._check_announcement(signed)
         with self._lock:
-            key = (request.run_id, request.round)
+            key = (run_id, round_number)
             if key in self._rounds and self._rounds[key].digest != announced.sha256():
-                log.warning(
-                    "run %s round %d: announced again (the coordinator restarted the round);"
-                    " the earlier attempt's keys are discarded",
+                log.info(
+                    "run %s round %d: announced again (its sites changed, or the coordinator"
+                    " restarted the round); the earlier announcement's keys are discarded",
                     *key,
                 )
             state = SiteRound(signed, self._site_id, signer, certificate)
@@ -105,7 +111,7 @@ class SiteSecAgg:
             self._rounds.move_to_end(key)
             while len(self._rounds) > KEEP_ROUNDS:
                 self._rounds.popitem(last=False)
-        return SecAggReply(self._site_id, dumps(state.advertisement.to_json()))
+        return state.advertisement.to_json()
 
     def _round(self, run_id: str, round_number: int) -> SiteRound:
         state = self._rounds.get((run_id, round_number))
@@ -121,7 +127,7 @@ class SiteSecAgg:
     def share(self, request: TrainRequest, trained: TrainReply) -> TrainReply:
         """Step 2, after training: check every site's keys and the model against the
         announcement, keep the update, answer sealed shares and no arrays."""
-        _, _, identity = self._credentials()
+        signer, _, identity = self._credentials()
         raw = loads(request.secagg, "secagg")
         if not isinstance(raw, dict) or set(raw) != {"announcement", "adverts"}:
             raise RequestError("secagg: expected announcement and adverts")
@@ -134,14 +140,12 @@ class SiteSecAgg:
             if signed.announcement != state.announcement:
                 raise SecAggError("the train message names another announcement than the keys")
             announced = state.announcement
-            if (announced.model_sha256, announced.study_sha256) != (
-                request.model_sha256,
-                request.study_sha256,
-            ):
+            if announced.study_sha256 != request.study_sha256:
                 raise SecAggError(
                     "the model or study this site received is not the one announced to all"
                     " sites: refusing an inconsistent round"
                 )
+            statement = state.state_model(request.model_sha256, signer)
             state.check_peers([Advertisement.from_json(a) for a in adverts], identity)
             update = weighted_delta(
                 trained.arrays,
@@ -168,7 +172,7 @@ class SiteSecAgg:
             epsilon=trained.epsilon,
             noise_multiplier=trained.noise_multiplier,
             incoming=trained.incoming,
-            receipt_signature="",
+            receipt_signature=statement,  # not an update receipt: the model statement, if any
             trained_groups=trained.trained_groups,
             dataset_sha256=trained.dataset_sha256,
             secagg=shares,
@@ -211,39 +215,59 @@ class SiteSecAgg:
         """Step 3: open the shares held for others; answer the masked update, signed."""
         signer, _, _ = self._credentials()
         raw = loads(request.payload, "secagg mask")
-        if not isinstance(raw, dict) or set(raw) != {"shared", "shares"}:
-            raise RequestError("secagg mask: expected shared and shares")
+        if not isinstance(raw, dict) or not {"shared", "shares"} <= set(raw) <= {
+            "shared", "shares", "statements",
+        }:  # fmt: skip
+            raise RequestError("secagg mask: expected shared, shares and statements")
         shared, shares = raw["shared"], raw["shares"]
+        statements = raw.get("statements", {})
         if not isinstance(shared, list) or not all(isinstance(s, str) for s in shared):
             raise RequestError("secagg mask: shared must be a list of site ids")
         if not isinstance(shares, list):
             raise RequestError("secagg mask: shares must be a list")
+        if not isinstance(statements, dict) or not all(
+            isinstance(v, str) for v in statements.values()
+        ):
+            raise RequestError("secagg mask: statements must map site ids to signatures")
         with self._lock:
             state = self._round(request.run_id, request.round)
+            state.check_models(statements, shared)
             masked = state.mask(shared, [SealedShare.from_json(item) for item in shares])
         receipt = UpdateReceipt(
             run_id=request.run_id,
             study_sha256=study_sha256,
             round=request.round,
-            model_sha256=state.announcement.model_sha256,
+            model_sha256=state.announcement.model_sha256 or state.trained_model,
             update_sha256=masked_sha256(masked),
             site_id=self._site_id,
         )
         return SecAggReply(self._site_id, "{}", masked, receipt.sign(signer))
 
     def reveal(self, request: SecAggRequest) -> SecAggReply:
-        """Step 4: shares for the unmasking of the sum; once per round."""
+        """Step 4: shares for the unmasking of the sum; once per round. With `next` (the
+        signed announcement of the next round, dealt ahead), also that round's fresh keys:
+        the next round then needs no keys exchange of its own."""
         raw = loads(request.payload, "secagg reveal")
-        if not isinstance(raw, dict) or set(raw) != {"survivors", "dropped"}:
-            raise RequestError("secagg reveal: expected survivors and dropped")
+        if not isinstance(raw, dict) or not {"survivors", "dropped"} <= set(raw) <= {
+            "survivors", "dropped", "next",
+        }:  # fmt: skip
+            raise RequestError("secagg reveal: expected survivors, dropped and next")
         survivors, dropped = raw["survivors"], raw["dropped"]
         for value in (survivors, dropped):
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
                 raise RequestError("secagg reveal: survivors and dropped must be site-id lists")
+        upcoming = raw.get("next")
+        if upcoming is not None and not isinstance(upcoming, str):
+            raise RequestError("secagg reveal: next must be a signed announcement")
         with self._lock:
             state = self._round(request.run_id, request.round)
             reveal = state.reveal(survivors, dropped)
-        return SecAggReply(self._site_id, dumps(reveal_to_json(reveal)))
+        answer = reveal_to_json(reveal)
+        if upcoming is not None:
+            if SignedAnnouncement.from_text(upcoming).announcement.model_sha256:
+                raise SecAggError("an announcement dealt ahead cannot name the model yet")
+            answer["advertisement"] = self._announced(upcoming, request.run_id, request.round + 1)
+        return SecAggReply(self._site_id, dumps(answer))
 
     def study_of(self, run_id: str, round_number: int) -> str:
         """The study SHA-256 announced for (run, round)."""

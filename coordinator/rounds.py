@@ -29,7 +29,7 @@ from medfed.coordinator.messages import exchange, instruction, wait_for_sites
 from medfed.coordinator.results import RoundRecord, RunResults
 from medfed.coordinator.run_state import RunState, checkpoint, extend_lineage, start_or_resume
 from medfed.coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
-from medfed.coordinator.secure_rounds import SecureOutcome, run_secure_round
+from medfed.coordinator.secure_rounds import Ahead, SecureOutcome, run_secure_round
 from medfed.coordinator.site_keys import load_site_keys
 from medfed.coordinator.site_status import query_statuses
 from medfed.coordinator.strategies import Contribution, Strategy, make_strategy
@@ -368,6 +368,7 @@ def _run_rounds(
             "update-norm-bound cannot be applied per site under secure aggregation; each"
             " coordinate is clipped to secagg-clip at the site instead"
         )
+    ahead: Ahead | None = None  # the next round's keys, dealt during a secure round
     while state.round < study.num_rounds:
         round_number = state.round + 1
         plan, senders, unknown = _plan(
@@ -415,7 +416,10 @@ def _run_rounds(
                 signer=announcer,
                 site_keys=site_keys,
                 unknown_reasons=unknown,
+                ahead=ahead,
+                deal_ahead=round_number < study.num_rounds,
             )
+            ahead = secure.ahead
             updates, rejected = secure.updates, secure.rejected
             known_sites.update({u.node_id: u.site_id for u in updates})
             audit.record(
@@ -423,6 +427,7 @@ def _run_rounds(
                 {
                     "round": round_number,
                     "announcement_sha256": secure.announcement_sha256,
+                    "exchanges": secure.exchanges,
                     "survivors": [u.site_id for u in updates],
                 },
             )

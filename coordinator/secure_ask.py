@@ -131,7 +131,7 @@ def secure_step(
     size = step_width(query, step)
     masked = secure.mask(shares, size)
     survivors, shared = sorted(masked), sorted(shares)
-    reveals = secure.reveal(shared, survivors)
+    reveals, _ = secure.reveal(shared, survivors)
     try:
         total = unmask_weighted_sum(announcement, {s: adverts[s] for s in shared}, masked, reveals)
     except SecAggAbort as exc:

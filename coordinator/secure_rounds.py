@@ -3,10 +3,11 @@
 Four exchanges with the planned sites (`privacy.secagg_protocol` describes the
 messages): keys, train (sealed shares come back, the update stays at the site), mask
 (masked updates come back, each signed), reveal (shares that remove the masks from the
-sum only). Each reply is validated like a plain one: sender, schema, example count,
-signature. A site that fails a step is listed with its reason and the round goes on
-without it; the sum is exact while at least `threshold` sites sent their masked update,
-and the round fails without unmasking anything when fewer did.
+sum only). A later round of the same plan skips keys: its fresh keys came back with the
+round before's reveal (`Ahead`). Each reply is validated like a plain one: sender,
+schema, example count, signature. A site that fails a step is listed with its reason and
+the round goes on without it; the sum is exact while at least `threshold` sites sent
+their masked update, and the round fails without unmasking anything when fewer did.
 
 The sum is of each site's update weighted by patients / weight cap (see
 `weighted_delta`); the patient counts and trained groups are sent in the clear, so each
@@ -72,6 +73,31 @@ class SecureOutcome:
     announcement_sha256: str = ""
     digests: dict[str, str] = field(default_factory=dict)
     """Each survivor's masked update's SHA-256 (what its receipt signs)."""
+    ahead: Ahead | None = None
+    """The next round's announcement and the keys the survivors dealt for it."""
+    exchanges: int = 0
+    """Message exchanges the round took (3 with keys dealt ahead, else 4)."""
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A round's announcement signed during the round before it (naming no model: that
+    is not known yet) and the advertisements of fresh keys its sites answered with their
+    reveal. Used when the round's plan turns out the same; else the round is announced
+    anew."""
+
+    announcement: Announcement
+    signed_text: str
+    adverts: dict[str, object]
+    """Each site's advertisement as it came (JSON), checked when the round uses it."""
+
+    def fits(self, fresh: Announcement) -> bool:
+        """It announced what `fresh` would, but for the model and the nonce."""
+        a = self.announcement
+        return (a.run_id, a.study_sha256, a.round, a.sites, a.threshold, a.clip) == (
+            fresh.run_id, fresh.study_sha256, fresh.round, fresh.sites, fresh.threshold,
+            fresh.clip,
+        ) and a.weight_cap == fresh.weight_cap  # fmt: skip
 
 
 def secure_threshold(study: StudySettings, n_sites: int) -> int:
@@ -138,6 +164,10 @@ class SecureRound:
     by_site: dict[str, int]
     receipts: ReceiptCheck | None
     rejected: dict[str, str]
+    model_sha256: str = ""
+    """The model (or query step) sent; the announcement names it unless it was dealt ahead."""
+    statements: dict[str, str] = field(default_factory=dict)
+    """In a round announced ahead: each site's signed statement of the model it trained from."""
 
     @property
     def round_number(self) -> int:
@@ -185,7 +215,7 @@ class SecureRound:
                 wire.RUN_ID: self.announcement.run_id,
                 wire.ROUND: self.round_number,
                 wire.STUDY_SHA256: self.announcement.study_sha256,
-                wire.MODEL_SHA256: self.announcement.model_sha256,
+                wire.MODEL_SHA256: self.model_sha256 or self.announcement.model_sha256,
                 wire.SECAGG: payload,
             }
         )
@@ -200,23 +230,37 @@ class SecureRound:
             self.study.round_timeout_s,
         )
         adverts: dict[str, Advertisement] = {}
-        digest = self.announcement.sha256()
         for site, reply in replies.items():
             try:
-                advert = Advertisement.from_json(loads(site_text(reply), "advertisement"))
-                if advert.site_id != site or advert.announcement_sha256 != digest:
-                    raise PrivacyError("the advertisement names another site or round")
-                keys = None if self.receipts is None else self.receipts.site_keys
-                if keys is not None and (site not in keys or not advert.verify(keys[site])):
-                    raise PrivacyError(
-                        "the advertisement is not signed by the site's registered key"
-                    )
+                adverts[site] = self._advert(site, loads(site_text(reply), "advertisement"))
             except (PrivacyError, wire.WireError) as exc:
                 self.rejected[site] = f"keys: {exc}"
-                continue
-            adverts[site] = advert
         self.need(len(adverts), "sent keys")
         return adverts
+
+    def keys_dealt_ahead(self, ahead: Ahead) -> dict[str, Advertisement]:
+        """Step 1 done during the round before: the advertisements the sites answered
+        with their reveal, checked as `keys` checks them."""
+        adverts: dict[str, Advertisement] = {}
+        for site in self.by_site:
+            if site not in ahead.adverts:
+                self.rejected[site] = "keys: dealt none with the round before's reveal"
+                continue
+            try:
+                adverts[site] = self._advert(site, ahead.adverts[site])
+            except PrivacyError as exc:
+                self.rejected[site] = f"keys: {exc}"
+        self.need(len(adverts), "sent keys")
+        return adverts
+
+    def _advert(self, site: str, raw: object) -> Advertisement:
+        advert = Advertisement.from_json(raw)
+        if advert.site_id != site or advert.announcement_sha256 != self.announcement.sha256():
+            raise PrivacyError("the advertisement names another site or round")
+        keys = None if self.receipts is None else self.receipts.site_keys
+        if keys is not None and (site not in keys or not advert.verify(keys[site])):
+            raise PrivacyError("the advertisement is not signed by the site's registered key")
+        return advert
 
     def train(
         self,
@@ -252,8 +296,13 @@ class SecureRound:
                 continue
             try:
                 shares[site] = sealed_shares(reply, site, set(adverts) - {site})
+                if not self.announcement.model_sha256:
+                    self.statements[site] = wire.get_value(
+                        reply.content, wire.SITE, wire.MODEL_STATEMENT, str
+                    )
             except (PrivacyError, wire.WireError) as exc:
                 self.rejected[site] = f"train: {exc}"
+                shares.pop(site, None)
                 continue
             updates[site] = result
         self.need(len(updates), "trained and shared")
@@ -264,6 +313,12 @@ class SecureRound:
     ) -> dict[str, npt.NDArray[np.uint32]]:
         """Step 3: each site gets the shares it holds; its masked update back, signed."""
         shared = sorted(shares)
+        # In a round announced ahead, every site checks the others' model statements first.
+        statements = (
+            {}
+            if self.announcement.model_sha256
+            else {"statements": {s: self.statements[s] for s in shared}}
+        )
         contents = {
             site: self.step_content(
                 dumps(
@@ -275,6 +330,7 @@ class SecureRound:
                             for item in shares[owner]
                             if item.holder == site
                         ],
+                        **statements,
                     }
                 )
             )
@@ -310,10 +366,17 @@ class SecureRound:
                 raise PrivacyError(problem)
         return vector
 
-    def reveal(self, shared: Sequence[str], survivors: Sequence[str]) -> list[Reveal]:
-        """Step 4: survivors and dropped sites named; each survivor's shares back."""
+    def reveal(
+        self, shared: Sequence[str], survivors: Sequence[str], upcoming: str = ""
+    ) -> tuple[list[Reveal], dict[str, object]]:
+        """Step 4: survivors and dropped sites named; each survivor's shares back. With
+        `upcoming` (the next round's signed announcement), each survivor's advertisement of
+        fresh keys for it too (by site, as JSON)."""
         dropped = sorted(set(shared) - set(survivors))
-        text = dumps({"survivors": list(survivors), "dropped": dropped})
+        request: dict[str, object] = {"survivors": list(survivors), "dropped": dropped}
+        if upcoming:
+            request["next"] = upcoming
+        text = dumps(request)
         replies = self.exchange(
             "reveal",
             {site: self.step_content(text) for site in survivors},
@@ -321,16 +384,21 @@ class SecureRound:
             self.study.round_timeout_s,
         )
         reveals: list[Reveal] = []
+        adverts: dict[str, object] = {}
         for site, reply in replies.items():
             try:
-                reveal = reveal_from_json(loads(site_text(reply), "reveal"))
+                raw = loads(site_text(reply), "reveal")
+                if isinstance(raw, dict) and upcoming and "advertisement" in raw:
+                    adverts[site] = raw.pop("advertisement")
+                reveal = reveal_from_json(raw)
                 if reveal.holder != site:
                     raise PrivacyError("the reveal names another holder")
             except (PrivacyError, wire.WireError) as exc:
                 log.warning("round %d: reveal of %s set aside: %s", self.round_number, site, exc)
+                adverts.pop(site, None)
                 continue
             reveals.append(reveal)
-        return reveals
+        return reveals, adverts
 
 
 def sealed_shares(reply: Message, site: str, holders: set[str]) -> list[SealedShare]:
@@ -360,10 +428,16 @@ def run_secure_round(
     signer: SigningKey,
     site_keys: Mapping[str, VerifyKey] | None,
     unknown_reasons: Mapping[int, str] | None = None,
+    ahead: Ahead | None = None,
+    deal_ahead: bool = False,
 ) -> SecureOutcome:
     """Play one secure round with the planned sites; raise `RoundFailedError` when fewer
     than the threshold get through (nothing is unmasked then). `unknown_reasons` says,
-    per planned node of unknown status, why (named in the failure)."""
+    per planned node of unknown status, why (named in the failure).
+
+    With `ahead` (keys the sites dealt during the round before) that fits this round's
+    plan, the round skips its keys exchange. With `deal_ahead`, the reveal also announces
+    the next round to this round's survivors and brings their fresh keys for it back."""
     nodes = {p.node_id: senders[p.node_id].site_id for p in plan.planned if p.node_id in senders}
     why = {
         p.node_id: (unknown_reasons or {}).get(p.node_id, f"{p.site_id}: status unknown")
@@ -395,11 +469,25 @@ def run_secure_round(
         )
     except PrivacyError as exc:
         raise RoundFailedError(f"round {round_number}: {exc}") from exc
+    # Keys dealt ahead serve when the plan is the one announced and every site dealt some;
+    # else (a site changed, a reveal's keys were lost) the round is announced anew.
+    dealt = (
+        ahead is not None
+        and ahead.fits(announcement)
+        and set(ahead.adverts) >= set(ahead.announcement.sites)
+    )
+    if ahead is not None and not dealt:
+        log.info("round %d: not as announced ahead (sites, weights or keys); announced anew",
+                 round_number)  # fmt: skip
+    if ahead is not None and dealt:
+        announcement, signed_text = ahead.announcement, ahead.signed_text
+    else:
+        signed_text = SignedAnnouncement.sign(announcement, signer).to_text()
     secure = SecureRound(
         grid,
         study,
         announcement,
-        SignedAnnouncement.sign(announcement, signer).to_text(),
+        signed_text,
         {site: node for node, site in nodes.items()},
         None
         if site_keys is None
@@ -410,14 +498,18 @@ def run_secure_round(
             for p in plan.planned
             if p.node_id not in senders
         },
+        model_sha256,
     )
-    adverts = secure.keys()
+    adverts = secure.keys_dealt_ahead(ahead) if ahead is not None and dealt else secure.keys()
     updates, shares = secure.train(adverts, contents, global_arrays, senders)
     size = sum(int(array.size) for array in global_arrays.values())
     masked = secure.mask(shares, size)
     survivors = sorted(masked)
     shared = sorted(shares)
-    reveals = secure.reveal(shared, survivors)
+    upcoming = _next_announcement(announcement, survivors, study, signer) if deal_ahead else None
+    reveals, next_adverts = secure.reveal(
+        shared, survivors, "" if upcoming is None else upcoming[1]
+    )
     try:
         total = unmask_weighted_sum(announcement, {s: adverts[s] for s in shared}, masked, reveals)
     except SecAggAbort as exc:
@@ -430,7 +522,32 @@ def run_secure_round(
     averaged, trained_by = _average(global_arrays, total, survived, announcement.weight_cap)
     rejected = {site: reason[:400] for site, reason in secure.rejected.items()}
     digests = {site: masked_sha256(masked[site]) for site in survivors}
-    return SecureOutcome(survived, rejected, averaged, trained_by, announcement.sha256(), digests)
+    return SecureOutcome(
+        survived, rejected, averaged, trained_by, announcement.sha256(), digests,
+        None if upcoming is None else Ahead(upcoming[0], upcoming[1], next_adverts),
+        3 if dealt else 4,
+    )  # fmt: skip
+
+
+def _next_announcement(
+    current: Announcement, survivors: Sequence[str], study: StudySettings, signer: SigningKey
+) -> tuple[Announcement, str] | None:
+    """The next round announced to this round's survivors (no model yet), signed; None
+    when they are too few for a secure round."""
+    threshold = secure_threshold(study, len(survivors))
+    if len(survivors) < 2 or threshold > len(survivors):
+        return None
+    upcoming = Announcement(
+        run_id=current.run_id,
+        study_sha256=current.study_sha256,
+        round=current.round + 1,
+        model_sha256="",
+        sites=tuple(sorted(survivors)),
+        threshold=threshold,
+        clip=current.clip,
+        weight_cap=current.weight_cap,
+    )
+    return upcoming, SignedAnnouncement.sign(upcoming, signer).to_text()
 
 
 def _average(

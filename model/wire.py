@@ -76,6 +76,7 @@ ASK_APPROVAL: Final = "ask-approval"  # SITE record: the officer's `key id|epsil
 # Keys of the SITE record in a reply.
 SITE_ID: Final = "site-id"
 RECEIPT_SIGNATURE: Final = "receipt-signature"  # hex Ed25519 signature of the update receipt
+MODEL_STATEMENT: Final = "model-statement"  # hex Ed25519: the model a secure site trained from
 # Parameter groups the update trained, comma-separated (`encoders.clinical,fusion,heads.x`);
 # absent: every group. A site without a modality's data leaves that encoder out, so the
 # coordinator does not average its untouched copy into the others' updates.

@@ -19,6 +19,13 @@ One round, as `coordinator.secure_rounds` drives it (four round trips):
    (U2 minus survivors). A site answers once per round: self-mask-seed shares of
    survivors, mask-key shares of dropped sites, never both kinds for one site.
 
+Keys dealt ahead: a reveal request may carry the *next* round's signed announcement
+(naming no model: it is not known yet); the site answers its reveal and an advertisement
+for that round, and the next round starts at step 2. Each site then signs the model it
+received (`model_statement`) in step 2, and in step 3 checks every other site's
+statement before it masks (`SiteRound.check_models`): a coordinator that sent one site
+another model is caught before anything masked leaves.
+
 Keys are fresh per round (per announcement): revealing a dropped site's mask key
 unmasks nothing of another round. Shares are held in memory only: a site that restarts
 has nothing left to reveal, which can make a round abort but never leak.
@@ -62,6 +69,7 @@ from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey, canonical_j
 
 ANNOUNCEMENT_SCHEMA = "medfed.secagg-announcement/1"
 ADVERTISEMENT_SCHEMA = "medfed.secagg-advertisement/1"
+MODEL_STATEMENT_SCHEMA = "medfed.secagg-model/1"
 SHARE_INFO = b"medfed/secagg/v1/shares\x00"
 MODULUS = 2**32
 """Masked updates travel as uint32: upload equals the float32 size of the update."""
@@ -132,6 +140,9 @@ class Announcement:
     study_sha256: str
     round: int
     model_sha256: str
+    """The model every site trains from; "" in an announcement dealt ahead, during the
+    round before (the model is not known yet): each site then signs the model it received
+    (`model_statement`) and checks every other site's statement before it masks."""
     sites: tuple[str, ...]
     threshold: int
     clip: float
@@ -179,7 +190,7 @@ class Announcement:
             run_id=_str(raw["run_id"], "announcement.run_id"),
             study_sha256=_hex(raw["study_sha256"], "announcement.study_sha256", length=64),
             round=_int(raw["round"], "announcement.round"),
-            model_sha256=_hex(raw["model_sha256"], "announcement.model_sha256", length=64),
+            model_sha256=_model_hex(raw["model_sha256"]),
             sites=tuple(_str(site, "announcement.sites[]") for site in sites),
             threshold=_int(raw["threshold"], "announcement.threshold"),
             clip=float(clip),
@@ -187,6 +198,25 @@ class Announcement:
             modulus=_int(raw["modulus"], "announcement.modulus"),
             nonce=_hex(raw["nonce"], "announcement.nonce", length=32),
         )
+
+
+def _model_hex(value: object) -> str:
+    if value == "":
+        return ""
+    return _hex(value, "announcement.model_sha256", length=64)
+
+
+def model_statement(announcement_sha256: str, site_id: str, model_sha256: str) -> bytes:
+    """What a site signs of the model it trained from in a round announced ahead (the
+    announcement could not name it); the other sites check it before they mask."""
+    return canonical_json(
+        {
+            "schema": MODEL_STATEMENT_SCHEMA,
+            "announcement_sha256": announcement_sha256,
+            "site_id": site_id,
+            "model_sha256": model_sha256,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -424,6 +454,9 @@ class SiteRound:
             certificate,
         ).signed(signer)
         self._peers: dict[str, Advertisement] = {}
+        self._peer_keys: dict[str, VerifyKey] = {}
+        self.trained_model = ""
+        """The model this site trained from, when the announcement names none."""
         self._encoded: npt.NDArray[np.uint64] | None = None
         self._held: dict[str, HeldShares] = {}
         self._shared: tuple[str, ...] = ()
@@ -441,9 +474,11 @@ class SiteRound:
                 )
             if advert.site_id not in self.announcement.sites or advert.site_id in peers:
                 raise SecAggError(f"advertisement of {advert.site_id!r}: not announced or repeated")
-            if not advert.verify(identity(advert.site_id, advert.certificate)):
+            key = identity(advert.site_id, advert.certificate)
+            if not advert.verify(key):
                 raise SecAggError(f"advertisement of {advert.site_id!r}: bad signature")
             peers[advert.site_id] = advert
+            self._peer_keys[advert.site_id] = key
         if peers.get(self.site_id) != self.advertisement:
             raise SecAggError("this site's own advertisement is missing or altered")
         if len(peers) < self.announcement.threshold:
@@ -466,6 +501,45 @@ class SiteRound:
                     seal(held, self._channel, self._peers[holder].channel_public, self.digest)
                 )
         return sealed
+
+    def state_model(self, model_sha256: str, signer: SigningKey) -> str:
+        """Check the model this site received against the announcement, or (an announcement
+        dealt ahead names none) keep it and sign it: the hex signature of `model_statement`."""
+        if self.announcement.model_sha256:
+            if model_sha256 != self.announcement.model_sha256:
+                raise SecAggError(
+                    "the model or study this site received is not the one announced to all"
+                    " sites: refusing an inconsistent round"
+                )
+            return ""
+        self.trained_model = model_sha256
+        return signer.sign(model_statement(self.digest, self.site_id, model_sha256)).hex()
+
+    def check_models(self, statements: Mapping[str, str], shared: Sequence[str]) -> None:
+        """In a round announced ahead: every other site that shared signed that it trained
+        from the model this site did; a coordinator that sent one hospital another model
+        (to single out its update in the sum) is caught here, before anything is masked."""
+        if self.announcement.model_sha256:
+            return
+        if not self.trained_model:
+            raise SecAggError("this site has not stated its model yet")
+        for site in shared:
+            if site == self.site_id:
+                continue
+            signature = statements.get(site, "")
+            try:
+                ok = self._peer_keys[site].verify(
+                    model_statement(self.digest, site, self.trained_model),
+                    bytes.fromhex(signature),
+                )
+            except (KeyError, ValueError):
+                ok = False
+            if not ok:
+                raise SecAggError(
+                    f"site {site!r} did not state that it trained from the model this site"
+                    " received: the coordinator is not sending every site the same model;"
+                    " refusing to mask"
+                )
 
     def mask(self, shared: Sequence[str], sealed: Sequence[SealedShare]) -> npt.NDArray[np.uint32]:
         """Open the shares held for others and mask the update against the sites that shared."""

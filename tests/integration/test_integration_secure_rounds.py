@@ -46,7 +46,7 @@ def status_queries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def secure_study(**changes: Any) -> Any:
-    return study(secure_aggregation=True, num_server_rounds=1, **changes)
+    return study(**{"secure_aggregation": True, "num_server_rounds": 1, **changes})
 
 
 def stored_update(sites: Consortium, site: str, round_number: int) -> tuple[Arrays, int]:
@@ -248,3 +248,101 @@ def test_a_model_swapped_under_a_true_announcement_is_refused(tmp_path: Path) ->
     record = results.per_round[0]
     assert "hospital-1" not in record.participants
     assert "not the one announced" in record.rejected["hospital-1"]
+
+
+# --- keys dealt ahead: round r+1's fresh keys come back with round r's reveal -----------------
+
+
+def test_later_rounds_use_keys_dealt_with_the_reveal_and_still_equal_the_plain_average(
+    tmp_path: Path,
+) -> None:
+    settings = secure_study(num_server_rounds=3)
+    sites = consortium(tmp_path, settings)
+    grid = FakeGrid(sites.contexts())
+    results = run(grid, settings)
+    assert results.status == "completed"
+    # One keys exchange, in round 1; rounds 2 and 3 are keyed by round 1's and 2's reveals.
+    keys = [d for d in grid.deliveries if d.message_type == wire.SECAGG_KEYS]
+    assert sorted({d.group for d in keys}) == ["1.keys"]
+    reveals = [d for d in grid.deliveries if d.message_type == wire.SECAGG_REVEAL]
+    assert {d.group for d in reveals} == {"1.reveal", "2.reveal", "3.reveal"}
+    for delivery in reveals:
+        answer = json.loads(str(delivery.reply.content.config_records[wire.SITE][wire.SECAGG]))
+        assert ("advertisement" in answer) == (delivery.group != "3.reveal")
+    # Round 3's sum, unmasked with keys dealt during round 2, is the plain weighted average.
+    received = train_model(grid, "3")
+    expected = plain_average(
+        received, [stored_update(sites, site, 3) for site in sorted(sites.nodes.values())]
+    )
+    final = grid.deliveries[-1].arrays
+    assert arrays_sha256(final) == results.per_round[2].model_sha256
+    for name, value in expected.items():
+        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_site_whose_dealt_ahead_keys_were_lost_makes_the_round_announced_anew(
+    tmp_path: Path,
+) -> None:
+    settings = secure_study(num_server_rounds=2, min_sites=2)
+    sites = consortium(tmp_path, settings)
+    lost = sites.node_of("hospital-2")
+    grid = FakeGrid(sites.contexts())
+    original_push = grid.push_messages
+
+    def push(messages: Any) -> Any:
+        messages = list(messages)
+        ids = list(original_push(messages))
+        for message, message_id in zip(messages, ids, strict=True):
+            if message.metadata.group_id == "1.reveal" and message.metadata.dst_node_id == lost:
+                grid._replies.pop(message_id, None)  # its reveal and its round-2 keys are lost
+        return ids
+
+    grid.push_messages = push  # type: ignore[method-assign]
+    results = run(grid, settings)
+    assert results.status == "completed"
+    assert sorted(results.per_round[1].participants) == sorted(sites.nodes.values())
+    keys = {d.group for d in grid.deliveries if d.message_type == wire.SECAGG_KEYS}
+    assert keys == {"1.keys", "2.keys"}
+
+
+def test_a_coordinator_that_trains_one_site_on_another_model_after_keys_dealt_ahead_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Round 2's announcement was dealt during round 1 and names no model. The coordinator
+    sends hospital-3 another model with round 2's train instruction (it would single out
+    hospital-3's update in the sum). hospital-3 signs the model it got; the other sites
+    check every statement before they mask, and refuse: nothing of round 2 is unmasked."""
+    settings = secure_study(num_server_rounds=2, min_sites=2)
+    sites = consortium(tmp_path, settings)
+    target = sites.node_of("hospital-3")
+
+    def other_model(node: int, message: Message) -> Message:
+        if node != target or message.metadata.group_id != "2":
+            return message
+        content = message.content
+        arrays = {n: (a + 0.25).astype(a.dtype) for n, a in wire.record_to_arrays(content).items()}
+        config = dict(content.config_records[wire.CONFIG])
+        config[wire.MODEL_SHA256] = arrays_sha256(arrays)
+        forged = Message(
+            RecordDict(
+                {
+                    wire.ARRAYS: wire.arrays_to_record(arrays, packed=True),
+                    wire.CONFIG: ConfigRecord(config),
+                }
+            ),
+            dst_node_id=node,
+            message_type="train",
+            group_id="2",
+        )
+        forged.metadata.__dict__["_message_id"] = message.metadata.message_id
+        return forged
+
+    grid = FakeGrid(sites.contexts(), in_transit=other_model)
+    with pytest.raises(RoundFailedError, match=r"round 2: secure aggregation aborted") as failure:
+        run(grid, settings, Reports())
+    assert "did not state that it trained from the model this site received" in str(failure.value)
+    assert not [d for d in grid.deliveries if d.group == "2.reveal"]
+    masks = [d for d in grid.deliveries if d.group == "2.mask"]
+    assert masks and all(d.reply.has_error() for d in masks)
+    # Every site trained in round 2: hospital-3 on the other model; no masked update left.
+    assert {d.node for d in grid.deliveries if d.group == "2"} == set(sites.nodes)

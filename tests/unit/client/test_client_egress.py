@@ -308,3 +308,18 @@ def test_a_status_reply_keeps_its_pre_flight_category_and_drops_any_text(
 
 def test_the_shipped_client_app_runs_behind_the_guard(site_toml: Path) -> None:
     assert GUARD in app._mods  # Flower keeps mods private
+
+
+def test_a_reveal_leaves_with_the_next_round_s_keys_of_this_site_only(site_toml: Path) -> None:
+    """Round r+1's keys travel with round r's reveal: public keys of this site, nothing more."""
+    instruction = _instruction(f"{MessageType.TRAIN}.secagg_reveal", **{wire.SECAGG: "{}"})
+
+    def reveal(payload: dict[str, Any]) -> Message:
+        records = {wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: json.dumps(payload)}}
+        return chain(_app_sending(records), [GUARD])(instruction, _context(site_toml))
+
+    shares = {"holder": "hospital-1", "seeds": {}, "keys": {}}
+    assert not reveal(shares).has_error()
+    assert not reveal({**shares, "advertisement": {"site_id": "hospital-1"}}).has_error()
+    assert reveal({**shares, "advertisement": {"site_id": "hospital-2"}}).has_error()
+    assert reveal({**shares, "rows": [[63, 1, 0.5]]}).has_error()

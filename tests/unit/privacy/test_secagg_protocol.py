@@ -222,3 +222,51 @@ def test_weighted_delta_weighs_by_patients() -> None:
     trained = {"w": np.full((2, 2), 3.0, np.float32), "b": np.ones(3, np.float32)}
     out = weighted_delta(trained, received, patients=25, weight_cap=100)
     np.testing.assert_allclose(out, [0.25, 0.25, 0.25, 0.5, 0.5, 0.5, 0.5])
+
+
+def test_an_announcement_dealt_ahead_names_no_model_and_survives_the_wire() -> None:
+    signed = _announce(SigningKey.generate(), model_sha256="")
+    again = SignedAnnouncement.from_text(signed.to_text())
+    assert again.announcement == signed.announcement
+    assert again.announcement.model_sha256 == ""
+    with pytest.raises(SecAggError, match="model_sha256"):
+        raw = signed.announcement.to_json()
+        Announcement.from_json({**raw, "model_sha256": "2" * 63})
+
+
+def test_model_statements_are_checked_against_each_site_s_certified_key(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    """In a round announced ahead, a site masks only when every other site that shared
+    signed (with its CA-certified key) that it trained from the same model."""
+    keys, certs, ca_pem = consortium
+    signed = _announce(SigningKey.generate(), model_sha256="")
+    check = identity_check(ca_pem)
+    rounds = {site: SiteRound(signed, site, keys[site], certs[site]) for site in SITES}
+    adverts = [rounds[s].advertisement for s in SITES]
+    for state in rounds.values():
+        state.check_peers(adverts, check)
+    model = "3" * 64
+    statements = {site: rounds[site].state_model(model, keys[site]) for site in SITES}
+    rounds["a"].check_models(statements, SITES)  # all trained from one model
+    # "e" was sent another model: its honest statement names it, and "a" refuses.
+    other = dict(statements, e=SiteRound(signed, "e", keys["e"], certs["e"]).state_model(
+        "4" * 64, keys["e"]
+    ))  # fmt: skip
+    with pytest.raises(SecAggError, match="'e' did not state that it trained from the model"):
+        rounds["a"].check_models(other, SITES)
+    # A statement signed by another key (the coordinator's), or none, is refused too.
+    forged = dict(statements, b=rounds["b"].state_model(model, SigningKey.generate()))
+    with pytest.raises(SecAggError, match="'b' did not state"):
+        rounds["a"].check_models(forged, SITES)
+    with pytest.raises(SecAggError, match="'c' did not state"):
+        rounds["a"].check_models({s: v for s, v in statements.items() if s != "c"}, SITES)
+
+
+def test_a_named_model_must_be_the_one_received() -> None:
+    keys = SigningKey.generate()
+    signed = _announce(SigningKey.generate())
+    state = SiteRound(signed, "a", keys, "certificate")
+    assert state.state_model("2" * 64, keys) == ""
+    with pytest.raises(SecAggError, match="not the one announced"):
+        state.state_model("5" * 64, keys)
