@@ -4,7 +4,7 @@ For each (sites, parameters) it plays one round of `privacy.secagg_protocol` in-
 a throwaway consortium CA issues every site an identity certificate, the coordinator signs
 the round's announcement, each site is a real `SiteRound`, every message goes through its
 JSON text (what crosses the wire) and the coordinator unmasks with `unmask_weighted_sum`.
-Each site's work in each step (keys, train, mask, reveal: the secure part only, not the
+Each site's work in each step (keys, train, reveal: the secure part only, not the
 local training) and the coordinator's work between steps are timed apart. Beside it, the
 plain path: each site packs its trained model as Flower's float32 bytes and signs its
 receipt, the coordinator unpacks, checks and averages as FedAvg does
@@ -14,7 +14,7 @@ Sites run in parallel in a deployment, so a round's cost is the critical path: p
 the slowest site plus the coordinator. The serial total is every site's and the
 coordinator's work added up (what one core pays when all sites share it). Prints figures;
 never passes or fails on them. The real rounds (`bench.secagg_demo`) add what the
-protocol rows cannot show: three more message round trips per round.
+protocol rows cannot show: more message round trips per round.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from medfed.privacy.signing import SigningKey
 
 CLIP = 1.0
 """The study's default `secagg-clip`; the updates here stay well inside it."""
-STEPS = ("keys", "train", "mask", "reveal")
+STEPS = ("keys", "train", "reveal")
 RUN_ID = "bench-secagg"
 STUDY_SHA256 = "0" * 64
 Arrays = dict[str, np.ndarray]
@@ -228,6 +228,8 @@ def secure_round(consortium: Consortium, workload: Workload) -> SecureRun:
     states, advert_text = _keys_step(clock, consortium, names, text)
     relay, adverts = _relay_adverts(clock, consortium, announcement, advert_text, text)
     shares_text: dict[str, str] = {}
+    uploads: dict[str, Array] = {}
+    signatures: dict[str, str] = {}
     for site in names:
         with clock.site("train", site):
             raw = loads(relay, "secagg")
@@ -239,11 +241,13 @@ def secure_round(consortium: Consortium, workload: Workload) -> SecureRun:
                 workload.trained[site], workload.global_arrays,
                 patients=workload.patients[site], weight_cap=cap,
             )  # fmt: skip
-            shares_text[site] = dumps([item.to_json() for item in states[site].deal(update)])
-    mask_text = _mask_payloads(clock, names, shares_text)
-    uploads, signatures = _mask_step(clock, consortium, states, mask_text, model_sha256)
+            sealed, vector = states[site].deal_and_mask(update)
+            shares_text[site] = dumps([item.to_json() for item in sealed])
+            receipt = _receipt(site, model_sha256, masked_sha256(vector))
+            signatures[site] = receipt.sign(consortium.signers[site])
+            uploads[site] = Array(vector)
     masked: dict[str, np.ndarray] = {}
-    with clock.coordinator("mask"):
+    with clock.coordinator("train"):
         size = sum(value.size for value in workload.global_arrays.values())
         for site in names:
             vector = uploads[site].numpy()
@@ -251,12 +255,13 @@ def secure_round(consortium: Consortium, workload: Workload) -> SecureRun:
             receipt = _receipt(site, model_sha256, masked_sha256(vector))
             _check(receipt.verify(consortium.signers[site].public, signatures[site]), "receipt")
             masked[site] = vector
-        reveal_request = dumps({"survivors": names, "dropped": []})
+    reveal_requests = _reveal_payloads(clock, names, shares_text)
     reveal_text: dict[str, str] = {}
     for site in names:
         with clock.site("reveal", site):
-            raw = loads(reveal_request, "secagg reveal")
-            reveal = states[site].reveal(raw["survivors"], raw["dropped"])
+            raw = loads(reveal_requests[site], "secagg reveal")
+            sealed = [SealedShare.from_json(item) for item in raw["shares"]]
+            reveal = states[site].reveal(raw["survivors"], raw["dropped"], sealed)
             reveal_text[site] = dumps(reveal_to_json(reveal))
     with clock.coordinator("reveal"):
         reveals = [reveal_from_json(loads(reveal_text[site], "reveal")) for site in names]
@@ -314,12 +319,13 @@ def _relay_adverts(
     return relay, adverts
 
 
-def _mask_payloads(
+def _reveal_payloads(
     clock: Clock, names: Sequence[str], shares_text: Mapping[str, str]
 ) -> dict[str, str]:
-    """The coordinator checks each site's sealed shares and routes them to their holders."""
+    """The coordinator checks each site's sealed shares and routes them to their holders
+    with the reveal request (every site survived)."""
     shares: dict[str, list[SealedShare]] = {}
-    with clock.coordinator("train"):
+    with clock.coordinator("reveal"):
         for site in names:
             sealed = [SealedShare.from_json(item) for item in loads(shares_text[site], "shares")]
             holders = sorted(item.holder for item in sealed)
@@ -328,7 +334,8 @@ def _mask_payloads(
         return {
             site: dumps(
                 {
-                    "shared": list(names),
+                    "survivors": list(names),
+                    "dropped": [],
                     "shares": [
                         item.to_json() for owner in names for item in shares[owner]
                         if item.holder == site
@@ -337,28 +344,6 @@ def _mask_payloads(
             )
             for site in names
         }  # fmt: skip
-
-
-def _mask_step(
-    clock: Clock,
-    consortium: Consortium,
-    states: Mapping[str, SiteRound],
-    mask_text: Mapping[str, str],
-    model_sha256: str,
-) -> tuple[dict[str, Array], dict[str, str]]:
-    """Each site opens its shares, masks, signs the masked bytes and wraps them as the
-    Flower `Array` its ClientApp sends."""
-    uploads: dict[str, Array] = {}
-    signatures: dict[str, str] = {}
-    for site, state in states.items():
-        with clock.site("mask", site):
-            raw = loads(mask_text[site], "secagg mask")
-            sealed = [SealedShare.from_json(item) for item in raw["shares"]]
-            masked = state.mask(raw["shared"], sealed)
-            receipt = _receipt(site, model_sha256, masked_sha256(masked))
-            signatures[site] = receipt.sign(consortium.signers[site])
-            uploads[site] = Array(masked)
-    return uploads, signatures
 
 
 def _apply(workload: Workload, total: np.ndarray) -> Arrays:

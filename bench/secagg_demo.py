@@ -1,7 +1,7 @@
 """Real rounds with and without secure aggregation: `medfed demo` twice, side by side.
 
 Runs `medfed demo --sites S --rounds N --json --keep` as a subprocess once as it is
-(secure aggregation on: keys, train, mask, reveal) and once with
+(secure aggregation on: keys, train, reveal) and once with
 `--no-secure-aggregation` (the coordinator sees each site's update), alternating which
 goes first from one repeat to the next (secure then plain, plain then secure, ...) so
 drifting machine load falls on both. Reports the median of the demo's per-round

@@ -196,22 +196,24 @@ def answer(
     parts = step_parts(query, patients, names, request.step, betas)
     released = noised(parts, noise_multiplier=z, rng=np.random.default_rng(secrets.randbits(128)))
     steps.mark(request.run_id, request.step)
-    shares = ""
+    shares, receipt = "", ""
     if request.secagg:
         if secagg is None:
             raise SiteRefusal("secure aggregation needs the site worker (`medfed site start`)")
         digest = step_digest(query.sha256(), request.step, json.loads(request.betas_json))
-        shares = secagg.share_vector(
+        masked = secagg.share_vector(
             request.run_id, request.step + 1, request.secagg,
             released / sensitivities(query, request.step),
             study_sha256=query.sha256(), model_sha256=digest,
         )  # fmt: skip
-        released = np.zeros(0)
+        shares, released, receipt = masked.shares, masked.vector, masked.receipt_signature
     site_id = config.site.id
-    payload = ask_receipt_payload(
-        run_id=request.run_id, query_sha256=query.sha256(), step=request.step,
-        site_id=site_id, released=released,
-    )  # fmt: skip
+    if not shares:
+        payload = ask_receipt_payload(
+            run_id=request.run_id, query_sha256=query.sha256(), step=request.step,
+            site_id=site_id, released=released,
+        )  # fmt: skip
+        receipt = signer.sign(payload).hex()
     trainer.gate.audit.append("query.answered", _audit_details(request, query, z))
     approval = trainer.gate.approval_of(query.sha256())
     approved = (
@@ -225,7 +227,7 @@ def answer(
         noise_multiplier=z,
         epsilon=query.epsilon,
         dataset_sha256=trainer.gate.keyed_digest(trainer.dataset_fingerprint),
-        receipt_signature="" if shares else signer.sign(payload).hex(),
+        receipt_signature=receipt,
         secagg=shares,
         approval=approved,
     )

@@ -236,13 +236,9 @@ def train(msg: Message, context: Context) -> Message:
     site = ConfigRecord(
         {
             wire.SITE_ID: reply.site_id,
-            **({wire.RECEIPT_SIGNATURE: reply.receipt_signature} if not reply.secagg else {}),
-            # under secure aggregation: the site's signed statement of the model it trained from
-            **(
-                {wire.MODEL_STATEMENT: reply.receipt_signature}
-                if reply.secagg and reply.receipt_signature
-                else {}
-            ),
+            wire.RECEIPT_SIGNATURE: reply.receipt_signature,
+            # a round announced ahead: the site's signed statement of the model it trained from
+            **({wire.MODEL_STATEMENT: reply.model_statement} if reply.model_statement else {}),
             **({wire.SECAGG: reply.secagg} if reply.secagg else {}),
             **({wire.TRAINED_GROUPS: reply.trained_groups} if reply.trained_groups else {}),
             **({wire.DATASET_SHA256: reply.dataset_sha256} if reply.dataset_sha256 else {}),
@@ -252,14 +248,15 @@ def train(msg: Message, context: Context) -> Message:
         wire.METRICS: metrics,
         wire.SITE: site,
     }
-    if not reply.secagg:  # under secure aggregation the update leaves only masked
+    if reply.secagg:  # under secure aggregation the update leaves only masked
+        records[wire.ARRAYS] = ArrayRecord({wire.MASKED: Array(reply.arrays[wire.MASKED])})
+    else:
         records[wire.ARRAYS] = wire.arrays_to_record(reply.arrays, packed=True)
     return Message(content=RecordDict(records), reply_to=msg)
 
 
 def _secagg_step(msg: Message, context: Context, step: SecAggStep) -> Message:
-    """Forward one secure-aggregation step to the site; the masked update comes back as
-    the only array, with the site's receipt signature over it."""
+    """Forward one secure-aggregation step (keys or reveal: JSON only) to the site."""
     from medfed.client.protocol import SecAggRequest
 
     content = msg.content
@@ -273,13 +270,8 @@ def _secagg_step(msg: Message, context: Context, step: SecAggStep) -> Message:
         reply = site_api(context).secagg(request)
     except REFUSALS as exc:
         return _refusal(msg, context, exc)
-    site = {wire.SITE_ID: reply.site_id, wire.SECAGG: reply.payload}
-    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
-    if reply.masked is not None:
-        site[wire.RECEIPT_SIGNATURE] = reply.receipt_signature
-        records[wire.ARRAYS] = ArrayRecord({wire.MASKED: Array(reply.masked)})
-    records[wire.SITE] = ConfigRecord(site)  # type: ignore[arg-type]
-    return Message(content=RecordDict(records), reply_to=msg)
+    site = ConfigRecord({wire.SITE_ID: reply.site_id, wire.SECAGG: reply.payload})
+    return Message(content=RecordDict({wire.SITE: site}), reply_to=msg)
 
 
 @app.train("secagg_keys")
@@ -288,15 +280,9 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     return _secagg_step(msg, context, "keys")
 
 
-@app.train("secagg_mask")
-def secagg_mask(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 3: answer the masked update."""
-    return _secagg_step(msg, context, "mask")
-
-
 @app.train("secagg_reveal")
 def secagg_reveal(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 4: answer the shares that unmask only the sum."""
+    """Secure aggregation, step 3: answer what unmasks only the sum."""
     return _secagg_step(msg, context, "reveal")
 
 
@@ -396,10 +382,9 @@ def ask(msg: Message, context: Context) -> Message:
     site: dict[str, str] = {wire.SITE_ID: reply.site_id, wire.DATASET_SHA256: reply.dataset_sha256}
     if reply.approval:
         site[wire.ASK_APPROVAL] = reply.approval
-    if reply.secagg:  # the vector stays in the worker until it leaves masked
+    site[wire.RECEIPT_SIGNATURE] = reply.receipt_signature
+    if reply.secagg:  # the vector leaves only masked, with its sealed shares
         site[wire.SECAGG] = reply.secagg
-    else:
-        site[wire.RECEIPT_SIGNATURE] = reply.receipt_signature
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
         wire.METRICS: MetricRecord(
             {
@@ -410,8 +395,8 @@ def ask(msg: Message, context: Context) -> Message:
         ),
         wire.SITE: ConfigRecord(site),  # type: ignore[arg-type]
     }
-    if not reply.secagg:
-        records[wire.ARRAYS] = ArrayRecord({wire.RELEASED: Array(reply.released)})
+    name = wire.MASKED if reply.secagg else wire.RELEASED
+    records[wire.ARRAYS] = ArrayRecord({name: Array(reply.released)})
     return Message(RecordDict(records), reply_to=msg)
 
 

@@ -188,10 +188,7 @@ def to_frame(value: object) -> Frame:
     if isinstance(value, SecAggRequest):
         return Frame("secagg", dict(value.__dict__))
     if isinstance(value, SecAggReply):
-        reply: dict[str, Scalar] = {"site_id": value.site_id, "payload": value.payload}
-        reply["receipt_signature"] = value.receipt_signature
-        arrays = {} if value.masked is None else {MASKED: value.masked}
-        return Frame("secagg-reply", reply, arrays)
+        return Frame("secagg-reply", {"site_id": value.site_id, "payload": value.payload})
     if isinstance(value, QueryRequest):
         fields = {k: v for k, v in value.__dict__.items() if k != "round_ask"}
         if value.round_ask is not None:
@@ -342,11 +339,11 @@ def train_reply(frame: Frame) -> TrainReply:
         trained_groups=_take(frame, "trained_groups", str),
         dataset_sha256=_take(frame, "dataset_sha256", str),
         secagg=_optional(frame, "secagg", str) or "",
+        model_statement=_optional(frame, "model_statement", str) or "",
     )
 
 
-SECAGG_STEPS: Final = ("keys", "mask", "reveal")
-MASKED: Final = "masked"
+SECAGG_STEPS: Final = ("keys", "reveal")
 
 
 def secagg_request(frame: Frame) -> SecAggRequest:
@@ -363,18 +360,11 @@ def secagg_request(frame: Frame) -> SecAggRequest:
 
 
 def secagg_reply(frame: Frame) -> SecAggReply:
-    """The worker's answer to a secure-aggregation step."""
-    masked = frame.arrays.get(MASKED)
-    if set(frame.arrays) - {MASKED}:
-        raise CodecError("secagg-reply: only a masked array may come with it")
-    if masked is not None and (masked.dtype != np.uint32 or masked.ndim != 1):
-        raise CodecError("secagg-reply.masked: expected a 1-D uint32 array")
-    return SecAggReply(
-        site_id=_take(frame, "site_id", str),
-        payload=_take(frame, "payload", str),
-        masked=masked,
-        receipt_signature=_take(frame, "receipt_signature", str),
-    )
+    """The worker's answer to a secure-aggregation step (JSON only: a masked vector
+    leaves with the train or query reply)."""
+    if frame.arrays:
+        raise CodecError("secagg-reply: no array comes with it")
+    return SecAggReply(site_id=_take(frame, "site_id", str), payload=_take(frame, "payload", str))
 
 
 def evaluate_reply(frame: Frame) -> EvaluateReply:
@@ -453,7 +443,10 @@ def ask_reply(frame: Frame) -> AskReply:
     released = frame.arrays.get(RELEASED)
     if set(frame.arrays) != {RELEASED} or released is None:
         raise CodecError("ask-reply: exactly one array, the released vector, comes with it")
-    if released.dtype != np.float64 or released.ndim != 1 or not np.isfinite(released).all():
+    if _optional(frame, "secagg", str):
+        if released.dtype != np.uint32 or released.ndim != 1:
+            raise CodecError("ask-reply.released: a masked vector is 1-D uint32")
+    elif released.dtype != np.float64 or released.ndim != 1 or not np.isfinite(released).all():
         raise CodecError("ask-reply.released: expected a finite 1-D float64 array")
     return AskReply(
         site_id=_take(frame, "site_id", str),

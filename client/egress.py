@@ -185,7 +185,7 @@ def _secagg_instruction(instruction: Message) -> bool:
 
 
 def _masked_problem(record: ArrayRecord) -> str | None:
-    """Why a mask step's arrays are not one masked update; None if they are."""
+    """Why a secure reply's arrays are not one masked vector; None if they are."""
     if list(record) != [wire.MASKED]:
         return f"a masked update is one array named {wire.MASKED!r}"
     array = record[wire.MASKED].numpy()
@@ -215,19 +215,17 @@ def _secagg_payload_ok(action: str, value: object, site_id: str) -> bool:
     if action == "secagg_keys":
         return isinstance(payload, dict) and payload.get("site_id") == site_id
     if action == "secagg_reveal":  # with the next round's keys when they are dealt ahead
-        advert = (
-            payload.get("advertisement", {"site_id": site_id})
-            if isinstance(payload, dict)
-            else None
-        )
+        if not isinstance(payload, dict):
+            return False
+        advert = payload.get("advertisement", {"site_id": site_id})
         return (
-            isinstance(payload, dict)
-            and payload.get("holder") == site_id
-            and set(payload) <= {"holder", "seeds", "keys", "advertisement"}
+            payload.get("holder") == site_id
+            and {"holder", "seeds", "pairwise"} <= set(payload)
+            and set(payload) <= {"holder", "seeds", "pairwise", "advertisement"}
             and isinstance(advert, dict)
             and advert.get("site_id") == site_id
         )
-    return action == "secagg_mask" and payload == {}
+    return False
 
 
 def _count(metrics: MetricRecord, key: str) -> int:
@@ -317,10 +315,17 @@ def filter_reply(
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     for name in content:
         if name == wire.ARRAYS and asked and _secagg_instruction(instruction):
-            return _blocked(instruction, "under secure aggregation an answer leaves only masked"), [
-                "arrays: an answer under secure aggregation"
-            ]
-        if name == wire.ARRAYS and asked and name in content.array_records:
+            record = content.array_records.get(name)
+            if record is None:
+                return _blocked(instruction, "answer blocked: no masked vector"), ["arrays"]
+            problem = _masked_problem(record) or _receipt_problem(
+                _round_facts(instruction), masked_sha256(record[wire.MASKED].numpy()),
+                _receipt_signature(content), rules,
+            )  # fmt: skip
+            if problem is not None:
+                return _blocked(instruction, f"answer blocked: {problem}"), [f"arrays: {problem}"]
+            records[name] = record
+        elif name == wire.ARRAYS and asked and name in content.array_records:
             problem = _answer_problem(instruction, content.array_records[name], content, rules)
             if problem is not None:
                 return _blocked(instruction, f"answer blocked: {problem}"), [f"arrays: {problem}"]
@@ -336,7 +341,7 @@ def filter_reply(
                         _round_facts(instruction),
                         masked_sha256(record[wire.MASKED].numpy()), signature, rules,
                     )
-                    if action == "secagg_mask"
+                    if action == ""
                     else "under secure aggregation an update leaves only masked"
                 )  # fmt: skip
             else:
@@ -358,10 +363,8 @@ def filter_reply(
             dropped.append(f"record {name!r}")
     if asked and _secagg_instruction(instruction):
         site = records.get(wire.SITE)
-        if wire.ARRAYS in records:
-            return _blocked(instruction, "under secure aggregation an answer leaves only masked"), [
-                "arrays: an answer under secure aggregation"
-            ]
+        if wire.ARRAYS not in records:
+            return _blocked(instruction, "a secure answer without its masked vector"), dropped
         if not (isinstance(site, ConfigRecord) and wire.SECAGG in site):
             return _blocked(instruction, "a secure answer without its sealed shares"), dropped
     elif asked and wire.ARRAYS not in records:
@@ -370,8 +373,8 @@ def filter_reply(
         site = records.get(wire.SITE)
         if secure and not (isinstance(site, ConfigRecord) and wire.SECAGG in site):
             return _blocked(instruction, "a secure-aggregation reply without its payload"), dropped
-        if action == "secagg_mask" and wire.ARRAYS not in records:
-            return _blocked(instruction, "a mask step without the masked update"), dropped
+        if secure and action == "" and wire.ARRAYS not in records:
+            return _blocked(instruction, "a secure train reply without the masked update"), dropped
         if not secure and wire.ARRAYS not in records:
             return _blocked(instruction, "a train reply without the model update"), dropped
         if action == "" and _count(
@@ -444,7 +447,7 @@ def _receipt_signature(content: RecordDict) -> str:
 
 def _round_facts(instruction: Message) -> tuple[str, str, int, str] | None:
     """(run id, study SHA-256, round, model SHA-256) that a train instruction, or a
-    secure round's mask step, names (the announced study and model), or None."""
+    secure query, names (the announced study and model), or None."""
     config = instruction.content.config_records.get(wire.CONFIG)
     if config is None:
         return None

@@ -97,7 +97,8 @@ class TrainReply:
     receipt_signature: str
     trained_groups: str = ""  # comma-separated parameter groups; empty: every group
     dataset_sha256: str = ""  # a site-secret HMAC of the data version (never its fingerprint)
-    secagg: str = ""  # secure aggregation: sealed shares (JSON); the arrays are then withheld
+    secagg: str = ""  # secure aggregation: sealed shares (JSON); `arrays` is then the masked one
+    model_statement: str = ""  # a round announced ahead: the site's signature of its model
 
     @property
     def num_examples(self) -> int:
@@ -202,7 +203,7 @@ class EgressRules:
     site_key: str
 
 
-SecAggStep = Literal["keys", "mask", "reveal"]
+SecAggStep = Literal["keys", "reveal"]
 
 
 @dataclass(frozen=True)
@@ -218,13 +219,10 @@ class SecAggRequest:
 
 @dataclass(frozen=True)
 class SecAggReply:
-    """The site's answer to a step: JSON, and for the mask step the masked update (uint32)
-    with the site's receipt signature over it."""
+    """The site's answer to a keys or reveal step: JSON."""
 
     site_id: str
     payload: str
-    masked: np.ndarray | None = None
-    receipt_signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,8 +257,8 @@ class AskReply:
     """A site-secret HMAC of the data version answered from."""
     receipt_signature: str
     secagg: str = ""
-    """Under secure aggregation: the sealed shares; `released` is then empty and the
-    vector stays in the site worker until it leaves masked."""
+    """Under secure aggregation: the sealed shares; `released` is then the vector masked
+    (uint32) and `receipt_signature` the site's receipt over the masked bytes."""
     approval: str = ""
     """The officer's approval the query ran under: `key id|epsilon|approved at` (empty
     where the policy requires none and none was given)."""

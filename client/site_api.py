@@ -154,7 +154,7 @@ class SiteService:
 
         The identical instruction again (a coordinator resumed mid-round) gets the reply
         sent before, stored before it left, and spends nothing. Under secure aggregation
-        (`request.secagg`) the update stays here and the reply carries sealed shares.
+        (`request.secagg`) the update leaves only masked, with its sealed shares.
         """
         with self._lock:
             reply = self._train(request)
@@ -185,12 +185,9 @@ class SiteService:
         return reply
 
     def secagg(self, request: SecAggRequest) -> SecAggReply:
-        """A key, mask or reveal step of a secure-aggregation round."""
+        """A keys or reveal step of a secure-aggregation round."""
         if request.step == "keys":
             return self._secagg.keys(request)
-        if request.step == "mask":
-            study = self._secagg.study_of(request.run_id, request.round)
-            return self._secagg.mask(request, study_sha256=study)
         return self._secagg.reveal(request)
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:

@@ -3,9 +3,9 @@
 `SiteSecAgg` lives in the site worker beside the trainers and keeps one
 `privacy.secagg_protocol.SiteRound` per (run, round), in memory only: a worker that
 restarts has nothing left to reveal for rounds it began, so a round may abort but no
-update is ever unmasked. The update itself never leaves unmasked: the train step keeps
-it here and answers sealed shares; the mask step sends it masked, with a signed receipt
-over the masked bytes (the coordinator checks that, as it checks plain updates).
+update is ever unmasked. The update itself never leaves unmasked: the train step answers
+sealed shares and the update masked, with a signed receipt over the masked bytes (the
+coordinator checks that, as it checks plain updates).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from cryptography import x509
 
 from medfed.client.config import SiteConfig
 from medfed.client.errors import RequestError, SiteRefusal
 from medfed.client.protocol import SecAggReply, SecAggRequest, TrainReply, TrainRequest
+from medfed.model import wire
 from medfed.privacy.errors import PrivacyError, SecAggError
 from medfed.privacy.identity import identity_check
 from medfed.privacy.receipts import UpdateReceipt
@@ -126,15 +128,10 @@ class SiteSecAgg:
 
     def share(self, request: TrainRequest, trained: TrainReply) -> TrainReply:
         """Step 2, after training: check every site's keys and the model against the
-        announcement, keep the update, answer sealed shares and no arrays."""
+        announcement; answer sealed shares and the update masked, with the receipt over the
+        masked bytes (and, in a round announced ahead, the signed model statement)."""
         signer, _, identity = self._credentials()
-        raw = loads(request.secagg, "secagg")
-        if not isinstance(raw, dict) or set(raw) != {"announcement", "adverts"}:
-            raise RequestError("secagg: expected announcement and adverts")
-        signed = SignedAnnouncement.from_text(str(raw["announcement"]))
-        adverts = raw["adverts"]
-        if not isinstance(adverts, list):
-            raise RequestError("secagg.adverts: expected a list")
+        signed, adverts = _relay(request.secagg)
         with self._lock:
             state = self._round(request.run_id, request.round)
             if signed.announcement != state.announcement:
@@ -146,53 +143,37 @@ class SiteSecAgg:
                     " sites: refusing an inconsistent round"
                 )
             statement = state.state_model(request.model_sha256, signer)
-            state.check_peers([Advertisement.from_json(a) for a in adverts], identity)
+            state.check_peers(adverts, identity)
             update = weighted_delta(
                 trained.arrays,
                 request.arrays,
                 patients=trained.num_examples,
                 weight_cap=announced.weight_cap,
             )
-            clipped = int(np.count_nonzero(np.abs(update) > announced.clip))
-            if clipped:
-                log.warning(
-                    "run %s round %d: %d update values beyond the secure-aggregation range"
-                    " %g are clipped",
-                    request.run_id,
-                    request.round,
-                    clipped,
-                    announced.clip,
-                )
-            sealed = state.deal(update)
-        shares = dumps([item.to_json() for item in sealed])
+            masked = self._deal_masked(state, update, signer)
         return TrainReply(
             site_id=trained.site_id,
-            arrays={},
+            arrays={wire.MASKED: masked.vector},
             local_loss=trained.local_loss,
             epsilon=trained.epsilon,
             noise_multiplier=trained.noise_multiplier,
             incoming=trained.incoming,
-            receipt_signature=statement,  # not an update receipt: the model statement, if any
+            receipt_signature=masked.receipt_signature,
             trained_groups=trained.trained_groups,
             dataset_sha256=trained.dataset_sha256,
-            secagg=shares,
+            secagg=masked.shares,
+            model_statement=statement,
         )
 
     def share_vector(
         self, run_id: str, round_number: int, relay: str, vector: np.ndarray, *, study_sha256: str,
         model_sha256: str,
-    ) -> str:  # fmt: skip
+    ) -> MaskedVector:  # fmt: skip
         """Step 2 of a query's secure exchange: check every site's keys and what this site
-        was asked (the query's digest and the step's, as the announcement names them),
-        keep `vector` and answer its sealed shares (JSON)."""
-        _, _, identity = self._credentials()
-        raw = loads(relay, "secagg")
-        if not isinstance(raw, dict) or set(raw) != {"announcement", "adverts"}:
-            raise RequestError("secagg: expected announcement and adverts")
-        signed = SignedAnnouncement.from_text(str(raw["announcement"]))
-        adverts = raw["adverts"]
-        if not isinstance(adverts, list):
-            raise RequestError("secagg.adverts: expected a list")
+        was asked (the query's digest and the step's, as the announcement names them);
+        `vector`'s sealed shares and the vector masked, with its receipt."""
+        signer, _, identity = self._credentials()
+        signed, adverts = _relay(relay)
         with self._lock:
             state = self._round(run_id, round_number)
             if signed.announcement != state.announcement:
@@ -203,76 +184,92 @@ class SiteSecAgg:
                     "the query or step this site received is not the one announced to all"
                     " sites: refusing an inconsistent exchange"
                 )
-            state.check_peers([Advertisement.from_json(a) for a in adverts], identity)
-            clipped = int(np.count_nonzero(np.abs(vector) > announced.clip))
-            if clipped:
-                log.warning("run %s step %d: %d values beyond the range %g are clipped",
-                            run_id, round_number, clipped, announced.clip)  # fmt: skip
-            sealed = state.deal(vector.astype(np.float64))
-        return dumps([item.to_json() for item in sealed])
+            state.check_peers(adverts, identity)
+            return self._deal_masked(state, vector.astype(np.float64), signer)
 
-    def mask(self, request: SecAggRequest, *, study_sha256: str) -> SecAggReply:
-        """Step 3: open the shares held for others; answer the masked update, signed."""
-        signer, _, _ = self._credentials()
-        raw = loads(request.payload, "secagg mask")
-        if not isinstance(raw, dict) or not {"shared", "shares"} <= set(raw) <= {
-            "shared", "shares", "statements",
-        }:  # fmt: skip
-            raise RequestError("secagg mask: expected shared, shares and statements")
-        shared, shares = raw["shared"], raw["shares"]
-        statements = raw.get("statements", {})
-        if not isinstance(shared, list) or not all(isinstance(s, str) for s in shared):
-            raise RequestError("secagg mask: shared must be a list of site ids")
-        if not isinstance(shares, list):
-            raise RequestError("secagg mask: shares must be a list")
-        if not isinstance(statements, dict) or not all(
-            isinstance(v, str) for v in statements.values()
-        ):
-            raise RequestError("secagg mask: statements must map site ids to signatures")
-        with self._lock:
-            state = self._round(request.run_id, request.round)
-            state.check_models(statements, shared)
-            masked = state.mask(shared, [SealedShare.from_json(item) for item in shares])
+    def _deal_masked(
+        self, state: SiteRound, vector: npt.NDArray[np.float64], signer: SigningKey
+    ) -> MaskedVector:
+        announced = state.announcement
+        clipped = int(np.count_nonzero(np.abs(vector) > announced.clip))
+        if clipped:
+            log.warning(
+                "run %s round %d: %d values beyond the secure-aggregation range %g are clipped",
+                announced.run_id, announced.round, clipped, announced.clip,
+            )  # fmt: skip
+        sealed, masked = state.deal_and_mask(vector)
         receipt = UpdateReceipt(
-            run_id=request.run_id,
-            study_sha256=study_sha256,
-            round=request.round,
-            model_sha256=state.announcement.model_sha256 or state.trained_model,
+            run_id=announced.run_id,
+            study_sha256=announced.study_sha256,
+            round=announced.round,
+            model_sha256=announced.model_sha256 or state.trained_model,
             update_sha256=masked_sha256(masked),
             site_id=self._site_id,
         )
-        return SecAggReply(self._site_id, "{}", masked, receipt.sign(signer))
+        shares = dumps([item.to_json() for item in sealed])
+        return MaskedVector(shares, masked, receipt.sign(signer))
 
     def reveal(self, request: SecAggRequest) -> SecAggReply:
-        """Step 4: shares for the unmasking of the sum; once per round. With `next` (the
-        signed announcement of the next round, dealt ahead), also that round's fresh keys:
-        the next round then needs no keys exchange of its own."""
+        """Step 3: open the shares the other survivors dealt, check their model statements
+        (a round announced ahead), answer what unmasks the sum only; once per round. With
+        `next` (the next round's signed announcement, dealt ahead), also that round's fresh
+        keys: the next round then needs no keys exchange of its own."""
         raw = loads(request.payload, "secagg reveal")
-        if not isinstance(raw, dict) or not {"survivors", "dropped"} <= set(raw) <= {
-            "survivors", "dropped", "next",
-        }:  # fmt: skip
-            raise RequestError("secagg reveal: expected survivors, dropped and next")
-        survivors, dropped = raw["survivors"], raw["dropped"]
+        keys = {"survivors", "dropped", "shares"}
+        if not isinstance(raw, dict) or not keys <= set(raw) <= keys | {"statements", "next"}:
+            raise RequestError("secagg reveal: expected survivors, dropped and shares")
+        survivors, dropped, shares = raw["survivors"], raw["dropped"], raw["shares"]
         for value in (survivors, dropped):
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
                 raise RequestError("secagg reveal: survivors and dropped must be site-id lists")
+        if not isinstance(shares, list):
+            raise RequestError("secagg reveal: shares must be a list")
+        statements = raw.get("statements", {})
+        if not isinstance(statements, dict) or not all(
+            isinstance(v, str) for v in statements.values()
+        ):
+            raise RequestError("secagg reveal: statements must map site ids to signatures")
         upcoming = raw.get("next")
         if upcoming is not None and not isinstance(upcoming, str):
             raise RequestError("secagg reveal: next must be a signed announcement")
+        if (
+            upcoming is not None
+            and SignedAnnouncement.from_text(upcoming).announcement.model_sha256
+        ):
+            raise SecAggError("an announcement dealt ahead cannot name the model yet")
         with self._lock:
             state = self._round(request.run_id, request.round)
-            reveal = state.reveal(survivors, dropped)
+            reveal = state.reveal(
+                survivors, dropped, [SealedShare.from_json(item) for item in shares], statements
+            )
         answer = reveal_to_json(reveal)
         if upcoming is not None:
-            if SignedAnnouncement.from_text(upcoming).announcement.model_sha256:
-                raise SecAggError("an announcement dealt ahead cannot name the model yet")
             answer["advertisement"] = self._announced(upcoming, request.run_id, request.round + 1)
         return SecAggReply(self._site_id, dumps(answer))
 
-    def study_of(self, run_id: str, round_number: int) -> str:
-        """The study SHA-256 announced for (run, round)."""
-        with self._lock:
-            return self._round(run_id, round_number).announcement.study_sha256
+
+@dataclass(frozen=True)
+class MaskedVector:
+    """What leaves for a secure round's (or query's) step 2: sealed shares (JSON), the
+    masked vector and the site's receipt signature over its bytes."""
+
+    shares: str
+    vector: npt.NDArray[np.uint32]
+    receipt_signature: str
+
+
+def _relay(text: str) -> tuple[SignedAnnouncement, list[Advertisement]]:
+    """The announcement and advertisements the coordinator relays with step 2."""
+    raw = loads(text, "secagg")
+    if not isinstance(raw, dict) or set(raw) != {"announcement", "adverts"}:
+        raise RequestError("secagg: expected announcement and adverts")
+    adverts = raw["adverts"]
+    if not isinstance(adverts, list):
+        raise RequestError("secagg.adverts: expected a list")
+    return (
+        SignedAnnouncement.from_text(str(raw["announcement"])),
+        [Advertisement.from_json(a) for a in adverts],
+    )
 
 
 NOT_SET = "[site] identity_certificate and consortium_ca are not set"

@@ -1,10 +1,11 @@
 """One exchange of a query under secure aggregation: the coordinator learns only the sum.
 
-The same four steps as a secure training round (`coordinator.secure_rounds`), with the
+The same three steps as a secure training round (`coordinator.secure_rounds`), with the
 query message in place of the train message: keys (a signed announcement naming the
 query's digest and this step's digest: `analysis.layout.step_digest`, so no site can be
 asked something else than the others), the query message with every site's keys (each
-site computes and noises its vector, keeps it, and answers sealed shares), mask, reveal.
+site computes and noises its vector and answers sealed shares and the vector masked,
+with its receipt), reveal.
 Sites divide each coordinate by its public sensitivity before encoding (every coordinate
 then moves by at most one per patient, inside the fixed-point range `ASK_CLIP`), and the
 coordinator multiplies the unmasked sum back. Below the threshold nothing is unmasked.
@@ -25,7 +26,7 @@ from medfed.analysis.layout import step_digest, step_width
 from medfed.analysis.query import AskQuery
 from medfed.coordinator.errors import RoundFailedError
 from medfed.coordinator.messages import exchange
-from medfed.coordinator.secure_rounds import SecureRound, sealed_shares
+from medfed.coordinator.secure_rounds import Masked, SecureRound, sealed_shares
 from medfed.coordinator.study import StudySettings
 from medfed.coordinator.validate import ReceiptCheck
 from medfed.model import wire
@@ -127,13 +128,11 @@ def secure_step(
                          SignedAnnouncement.sign(announcement, signer).to_text(),
                          dict(nodes), receipts, {})  # fmt: skip
     adverts = secure.keys()
-    shares, facts, approvals = _deal(secure, adverts, contents)
-    size = step_width(query, step)
-    masked = secure.mask(shares, size)
-    survivors, shared = sorted(masked), sorted(shares)
-    reveals, _ = secure.reveal(shared, survivors)
+    shares, masked, facts, approvals = _deal(secure, adverts, contents, step_width(query, step))
+    survivors = sorted(masked)
+    reveals, _ = secure.reveal(sorted(adverts), shares, survivors)
     try:
-        total = unmask_weighted_sum(announcement, {s: adverts[s] for s in shared}, masked, reveals)
+        total = unmask_weighted_sum(announcement, adverts, masked, reveals)
     except SecAggAbort as exc:
         raise RoundFailedError(f"step {step}: secure aggregation aborted ({exc})") from exc
     except PrivacyError as exc:
@@ -151,30 +150,47 @@ def secure_step(
 
 
 def _deal(
-    secure: SecureRound, adverts: Mapping[str, Advertisement], contents: Mapping[str, RecordDict]
-) -> tuple[dict[str, list[SealedShare]], dict[str, tuple[float, float, str]], dict[str, str]]:
-    """Step 2: the query message with every site's keys; sealed shares back, no vector."""
+    secure: SecureRound,
+    adverts: Mapping[str, Advertisement],
+    contents: Mapping[str, RecordDict],
+    size: int,
+) -> tuple[
+    dict[str, list[SealedShare]], dict[str, Masked], dict[str, tuple[float, float, str]],
+    dict[str, str],
+]:  # fmt: skip
+    """Step 2: the query message with every site's keys; sealed shares and the masked
+    vector back (signed for this step's announced digest)."""
     relay = dumps({"announcement": secure.signed_text,
                    "adverts": [adverts[s].to_json() for s in sorted(adverts)]})  # fmt: skip
+    a = secure.announcement
     messages = {}
     for site in sorted(adverts):
-        config = {**dict(contents[site].config_records[wire.CONFIG]), wire.SECAGG: relay}
+        config = {
+            **dict(contents[site].config_records[wire.CONFIG]),
+            wire.SECAGG: relay,
+            # What the site's receipt over its masked vector names (its egress guard checks).
+            wire.ROUND: a.round, wire.STUDY_SHA256: a.study_sha256,
+            wire.MODEL_SHA256: a.model_sha256,
+        }  # fmt: skip
         messages[site] = RecordDict({wire.CONFIG: ConfigRecord(config)})
     replies = secure.exchange("ask", messages, wire.ASK, secure.study.round_timeout_s)
     shares: dict[str, list[SealedShare]] = {}
+    masked: dict[str, Masked] = {}
     facts: dict[str, tuple[float, float, str]] = {}
     approvals: dict[str, str] = {}
     for site, reply in replies.items():
         try:
-            if reply.content.array_records:
-                raise PrivacyError("a secure answer carries a vector in the clear")
+            vector = secure.masked_vector(site, reply, size)
             facts[site] = _facts(reply)
             shares[site] = sealed_shares(reply, site, set(adverts) - {site})
             approvals[site] = _approval(reply)
         except (PrivacyError, wire.WireError, KeyError, TypeError, ValueError) as exc:
             secure.rejected[site] = f"ask: {exc}"
-    secure.need(len(shares), "answered and shared")
-    return shares, facts, approvals
+            shares.pop(site, None)
+            continue
+        masked[site] = vector
+    secure.need(len(masked), "answered with a masked vector")
+    return shares, masked, facts, approvals
 
 
 def betas_json(betas: Mapping[int, list[float]]) -> tuple[dict[str, list[float]], str]:

@@ -1,10 +1,10 @@
 """A training round under secure aggregation: the coordinator learns only the sum.
 
-Four exchanges with the planned sites (`privacy.secagg_protocol` describes the
-messages): keys, train (sealed shares come back, the update stays at the site), mask
-(masked updates come back, each signed), reveal (shares that remove the masks from the
-sum only). A later round of the same plan skips keys: its fresh keys came back with the
-round before's reveal (`Ahead`). Each reply is validated like a plain one: sender,
+Three exchanges with the planned sites (`privacy.secagg_protocol` describes the
+messages): keys, train (sealed shares and the masked update come back, signed), reveal
+(what removes the masks from the sum only). A later round of the same plan skips keys:
+its fresh keys came back with the round before's reveal (`Ahead`), so it costs one
+exchange more than a plain round. Each reply is validated like a plain one: sender,
 schema, example count, signature. A site that fails a step is listed with its reason and
 the round goes on without it; the sum is exact while at least `threshold` sites sent
 their masked update, and the round fails without unmasking anything when fewer did.
@@ -58,6 +58,7 @@ from medfed.privacy.signing import SigningKey, VerifyKey
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+Masked = npt.NDArray[np.uint32]
 
 
 @dataclass
@@ -76,7 +77,7 @@ class SecureOutcome:
     ahead: Ahead | None = None
     """The next round's announcement and the keys the survivors dealt for it."""
     exchanges: int = 0
-    """Message exchanges the round took (3 with keys dealt ahead, else 4)."""
+    """Message exchanges the round took (2 with keys dealt ahead, else 3)."""
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,9 @@ class SecureRound:
         contents: Mapping[int, RecordDict],
         global_arrays: Mapping[str, np.ndarray],
         senders: Mapping[int, Sender],
-    ) -> tuple[dict[str, SiteUpdate], dict[str, list[SealedShare]]]:
+    ) -> tuple[dict[str, SiteUpdate], dict[str, list[SealedShare]], dict[str, Masked]]:
         """Step 2: every advertisement relayed with the train instruction; each site's
-        metrics and sealed shares back (no arrays)."""
+        metrics, sealed shares and masked update (signed) back."""
         relay = dumps(
             {
                 "announcement": self.signed_text,
@@ -285,8 +286,10 @@ class SecureRound:
                 {**dict(content.array_records), wire.CONFIG: ConfigRecord(config)}
             )
         replies = self.exchange("train", train_contents, "train", self.study.round_deadline_s)
+        size = sum(int(array.size) for array in global_arrays.values())
         updates: dict[str, SiteUpdate] = {}
         shares: dict[str, list[SealedShare]] = {}
+        masked: dict[str, Masked] = {}
         for site, reply in replies.items():
             result = validate_train_reply(
                 reply, global_arrays, sender=senders[self.by_site[site]], secure=True
@@ -295,6 +298,7 @@ class SecureRound:
                 self.rejected[site] = f"train: {result.reason}"
                 continue
             try:
+                vector = self.masked_vector(site, reply, size)
                 shares[site] = sealed_shares(reply, site, set(adverts) - {site})
                 if not self.announcement.model_sha256:
                     self.statements[site] = wire.get_value(
@@ -304,51 +308,13 @@ class SecureRound:
                 self.rejected[site] = f"train: {exc}"
                 shares.pop(site, None)
                 continue
+            masked[site] = vector
             updates[site] = result
-        self.need(len(updates), "trained and shared")
-        return updates, shares
+        self.need(len(updates), "sent a masked update")
+        return updates, shares, masked
 
-    def mask(
-        self, shares: Mapping[str, list[SealedShare]], size: int
-    ) -> dict[str, npt.NDArray[np.uint32]]:
-        """Step 3: each site gets the shares it holds; its masked update back, signed."""
-        shared = sorted(shares)
-        # In a round announced ahead, every site checks the others' model statements first.
-        statements = (
-            {}
-            if self.announcement.model_sha256
-            else {"statements": {s: self.statements[s] for s in shared}}
-        )
-        contents = {
-            site: self.step_content(
-                dumps(
-                    {
-                        "shared": shared,
-                        "shares": [
-                            item.to_json()
-                            for owner in shared
-                            for item in shares[owner]
-                            if item.holder == site
-                        ],
-                        **statements,
-                    }
-                )
-            )
-            for site in shared
-        }
-        replies = self.exchange("mask", contents, wire.SECAGG_MASK, self.study.round_timeout_s)
-        masked: dict[str, npt.NDArray[np.uint32]] = {}
-        for site, reply in replies.items():
-            try:
-                masked[site] = self._masked_update(site, reply, size)
-            except (PrivacyError, wire.WireError) as exc:
-                self.rejected[site] = f"mask: {exc}"
-        for site in set(shared) - set(masked):
-            self.rejected.setdefault(site, "mask: dropped after sharing")
-        self.need(len(masked), "sent a masked update")
-        return masked
-
-    def _masked_update(self, site: str, reply: Message, size: int) -> npt.NDArray[np.uint32]:
+    def masked_vector(self, site: str, reply: Message, size: int) -> Masked:
+        """The site's masked vector, checked: one uint32 array of `size`, its receipt."""
         if payload_bytes(reply.content) > size * 4 + 1024:
             raise PrivacyError(f"oversized masked update (over {size * 4} bytes)")
         record = reply.content.array_records.get(wire.ARRAYS)
@@ -367,22 +333,41 @@ class SecureRound:
         return vector
 
     def reveal(
-        self, shared: Sequence[str], survivors: Sequence[str], upcoming: str = ""
+        self,
+        keyed: Sequence[str],
+        shares: Mapping[str, list[SealedShare]],
+        survivors: Sequence[str],
+        upcoming: str = "",
     ) -> tuple[list[Reveal], dict[str, object]]:
-        """Step 4: survivors and dropped sites named; each survivor's shares back. With
-        `upcoming` (the next round's signed announcement), each survivor's advertisement of
-        fresh keys for it too (by site, as JSON)."""
-        dropped = sorted(set(shared) - set(survivors))
-        request: dict[str, object] = {"survivors": list(survivors), "dropped": dropped}
-        if upcoming:
-            request["next"] = upcoming
-        text = dumps(request)
-        replies = self.exchange(
-            "reveal",
-            {site: self.step_content(text) for site in survivors},
-            wire.SECAGG_REVEAL,
-            self.study.round_timeout_s,
+        """Step 3: survivors and dropped (keyed, no masked update) sites named; each
+        survivor gets the shares the other survivors dealt it (and, in a round announced
+        ahead, every survivor's model statement); its reveal back. With `upcoming` (the
+        next round's signed announcement), each survivor's advertisement of fresh keys
+        for it too (by site, as JSON)."""
+        dropped = sorted(set(keyed) - set(survivors))
+        statements = (
+            {}
+            if self.announcement.model_sha256
+            else {"statements": {s: self.statements[s] for s in survivors}}
         )
+        contents = {}
+        for site in survivors:
+            request: dict[str, object] = {
+                "survivors": list(survivors),
+                "dropped": dropped,
+                "shares": [
+                    item.to_json()
+                    for owner in survivors
+                    if owner != site
+                    for item in shares[owner]
+                    if item.holder == site
+                ],
+                **statements,
+            }
+            if upcoming:
+                request["next"] = upcoming
+            contents[site] = self.step_content(dumps(request))
+        replies = self.exchange("reveal", contents, wire.SECAGG_REVEAL, self.study.round_timeout_s)
         reveals: list[Reveal] = []
         adverts: dict[str, object] = {}
         for site, reply in replies.items():
@@ -501,20 +486,19 @@ def run_secure_round(
         model_sha256,
     )
     adverts = secure.keys_dealt_ahead(ahead) if ahead is not None and dealt else secure.keys()
-    updates, shares = secure.train(adverts, contents, global_arrays, senders)
-    size = sum(int(array.size) for array in global_arrays.values())
-    masked = secure.mask(shares, size)
+    updates, shares, masked = secure.train(adverts, contents, global_arrays, senders)
     survivors = sorted(masked)
-    shared = sorted(shares)
     upcoming = _next_announcement(announcement, survivors, study, signer) if deal_ahead else None
     reveals, next_adverts = secure.reveal(
-        shared, survivors, "" if upcoming is None else upcoming[1]
+        sorted(adverts), shares, survivors, "" if upcoming is None else upcoming[1]
     )
     try:
-        total = unmask_weighted_sum(announcement, {s: adverts[s] for s in shared}, masked, reveals)
+        total = unmask_weighted_sum(announcement, adverts, masked, reveals)
     except SecAggAbort as exc:
+        reasons = "; ".join(f"{site}: {why}" for site, why in sorted(secure.rejected.items()))
         raise RoundFailedError(
             f"round {round_number}: secure aggregation aborted ({exc}); nothing was unmasked"
+            + (f" ({reasons})" if reasons else "")
         ) from exc
     except PrivacyError as exc:
         raise RoundFailedError(f"round {round_number}: secure aggregation failed: {exc}") from exc
@@ -525,7 +509,7 @@ def run_secure_round(
     return SecureOutcome(
         survived, rejected, averaged, trained_by, announcement.sha256(), digests,
         None if upcoming is None else Ahead(upcoming[0], upcoming[1], next_adverts),
-        3 if dealt else 4,
+        2 if dealt else 3,
     )  # fmt: skip
 
 

@@ -268,8 +268,8 @@ def validate_train_reply(
 ) -> SiteUpdate | Rejection:
     """A `SiteUpdate` if the reply is well-formed, else a `Rejection` with the reason.
 
-    With `secure` (secure aggregation's train step) the reply must carry no arrays: the
-    update comes later, masked, and its receipt with it.
+    With `secure` (secure aggregation's train step) the reply's one array is the masked
+    update, which `coordinator.secure_rounds` checks with its receipt; no update arrays.
 
     Given `receipts`, the update must be signed by its site for this run, round and
     model; given `max_bytes`, its arrays must not weigh more (checked before they are
@@ -293,7 +293,10 @@ def validate_train_reply(
             raise wire.WireError(f"reply has no {wire.SITE}.{wire.SITE_ID}")
         _check_size(reply.content, max_bytes)
         if secure:
-            if reply.content.array_records:
+            record = reply.content.array_records.get(wire.ARRAYS)
+            if set(reply.content.array_records) - {wire.ARRAYS} or (
+                record is not None and list(record) != [wire.MASKED]
+            ):
                 raise wire.WireError("under secure aggregation an update must not come unmasked")
             arrays: dict[str, np.ndarray] = {}
         else:

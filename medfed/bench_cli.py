@@ -232,7 +232,7 @@ def bench_secagg(
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
 ) -> None:
-    """Secure aggregation's real message protocol (keys, train, mask, reveal; in-process)
+    """Secure aggregation's real message protocol (keys, train, reveal; in-process)
     beside a plain round's packing and averaging: seconds per step and bytes uploaded per
     site; with --demo-rounds, real demo rounds with and without it."""
     from medfed.bench.secagg import Options, ProtocolBenchError, run_benchmark

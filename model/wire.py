@@ -44,9 +44,8 @@ PROXIMAL_MU: Final = "proximal-mu"  # FedProx's mu: the site adds (mu/2)||w - w_
 # each carries: in a train instruction's CONFIG, and in a reply's SITE record.
 SECAGG: Final = "secagg"
 SECAGG_KEYS: Final = "train.secagg_keys"  # CONFIG: run-id, round, secagg (the announcement)
-SECAGG_MASK: Final = "train.secagg_mask"  # CONFIG: run-id, round, secagg (shared, shares)
 SECAGG_REVEAL: Final = "train.secagg_reveal"  # CONFIG: run-id, round, secagg (survivors)
-MASKED: Final = "masked"  # the one uint32 array of a mask step's ARRAYS record
+MASKED: Final = "masked"  # the one uint32 array of a secure reply's ARRAYS record
 MAX_SECAGG_CHARS: Final = 16 * 1024 * 1024
 
 # Keys of the METRICS record in a reply to a query message (the scheduler's view of a site).

@@ -21,7 +21,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -291,7 +291,10 @@ class HeldShares:
     owner: str
     holder: str
     self_mask_seed: Share
-    mask_key: Share
+    mask_key: Share | None = None
+    """None where the owner sends its masked update in the message that deals the shares
+    (`privacy.secagg_protocol`): a site that drops then dealt nothing, and each survivor
+    reveals its own pairwise seed with it instead."""
 
 
 @dataclass(frozen=True)
@@ -308,11 +311,14 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class Reveal:
-    """One holder's answer: self-mask-seed shares of survivors, mask-key shares of dropped sites."""
+    """One holder's answer: self-mask-seed shares of survivors; for dropped sites, mask-key
+    shares, or the holder's own pairwise seed with each (`pairwise_seeds`)."""
 
     holder: str
     self_mask_seed_shares: Mapping[str, Share]
     mask_key_shares: Mapping[str, Share]
+    pairwise_seeds: Mapping[str, bytes] = field(default_factory=dict)
+    """The holder's seed with each dropped site that dealt no mask-key shares."""
 
 
 def check_threshold(threshold: int, n_sites: int) -> None:
@@ -362,10 +368,11 @@ def reveal_shares(
     unknown = (request.survivors | request.dropped) - held.keys()
     if unknown:
         raise SecAggError(f"holder {holder!r} holds no shares of {sorted(unknown)}")
+    keys = {site: held[site].mask_key for site in request.dropped}
     return Reveal(
         holder,
         {site: held[site].self_mask_seed for site in request.survivors},
-        {site: held[site].mask_key for site in request.dropped},
+        {site: key for site, key in keys.items() if key is not None},
     )
 
 
@@ -393,13 +400,23 @@ def unmask_sum(
     dropped = sites - survivors
     seed_shares = _collate(reveals, lambda reveal: reveal.self_mask_seed_shares)
     key_shares = _collate(reveals, lambda reveal: reveal.mask_key_shares)
-    _refuse_unsafe(seed_shares.keys(), key_shares.keys(), survivors=survivors, dropped=dropped)
+    seeds_with = {reveal.holder: reveal.pairwise_seeds for reveal in reveals}
+    paired = {site for seeds in seeds_with.values() for site in seeds}
+    _refuse_unsafe(seed_shares.keys(), key_shares.keys() | paired, survivors=survivors,
+                   dropped=dropped)  # fmt: skip
     if len(survivors) < threshold:
         raise SecAggAbort(f"{len(survivors)} survivors, {threshold} needed")
-    for site in sorted(sites):
-        held = seed_shares if site in survivors else key_shares
-        if len(held.get(site, {})) < threshold:
+    for site in sorted(survivors):
+        if len(seed_shares.get(site, {})) < threshold:
             raise SecAggAbort(f"fewer than {threshold} shares for site {site!r}")
+    for site in sorted(dropped):
+        if len(key_shares.get(site, {})) >= threshold:
+            continue
+        if missing := [s for s in sorted(survivors) if site not in seeds_with.get(s, {})]:
+            raise SecAggAbort(
+                f"fewer than {threshold} mask-key shares for dropped site {site!r}, and"
+                f" {', '.join(map(repr, missing))} revealed no pairwise seed with it"
+            )
 
     total = sum_mod((masked[site] for site in sorted(survivors)), modulus=modulus)
     flat = total.reshape(-1)
@@ -407,12 +424,17 @@ def unmask_sum(
         self_seed = reconstruct(seed_shares[site].values())
         np.subtract(flat, mask(self_seed, round_number, flat.size, modulus=modulus), out=flat)
     for site in sorted(dropped):
-        key = X25519PrivateKey.from_private_bytes(reconstruct(key_shares[site].values()))
-        if public_key_bytes(key) != public_keys[site]:
-            raise SecAggError(f"reconstructed key of {site!r} does not match its public key")
+        key = None
+        if len(key_shares.get(site, {})) >= threshold:
+            key = X25519PrivateKey.from_private_bytes(reconstruct(key_shares[site].values()))
+            if public_key_bytes(key) != public_keys[site]:
+                raise SecAggError(f"reconstructed key of {site!r} does not match its public key")
         for survivor in sorted(survivors):
-            their_public = X25519PublicKey.from_public_bytes(public_keys[survivor])
-            seed = shared_seed(key, their_public, run_id=run_id)
+            if key is None:
+                seed = seeds_with[survivor][site]  # the survivor's own seed with the site
+            else:
+                their_public = X25519PublicKey.from_public_bytes(public_keys[survivor])
+                seed = shared_seed(key, their_public, run_id=run_id)
             pairwise = mask(seed, round_number, flat.size, modulus=modulus)
             # The survivor added PRG(s) if site > survivor and subtracted it otherwise.
             (np.subtract if site > survivor else np.add)(flat, pairwise, out=flat)
@@ -433,9 +455,13 @@ def _refuse_unsafe(
     seed_owners: Set[str], key_owners: Set[str], *, survivors: Set[str], dropped: Set[str]
 ) -> None:
     if both := seed_owners & key_owners:
-        raise UnsafeUnmaskError(f"both self-mask seed and mask key asked of {sorted(both)}")
+        raise UnsafeUnmaskError(
+            f"both self-mask seed and mask key (or pairwise seeds) asked of {sorted(both)}"
+        )
     if survivor_keys := key_owners & survivors:
-        raise UnsafeUnmaskError(f"mask keys asked of surviving sites {sorted(survivor_keys)}")
+        raise UnsafeUnmaskError(
+            f"mask keys or pairwise seeds asked of surviving sites {sorted(survivor_keys)}"
+        )
     if dropped_seeds := seed_owners & dropped:
         raise UnsafeUnmaskError(f"self-mask seeds asked of dropped sites {sorted(dropped_seeds)}")
 

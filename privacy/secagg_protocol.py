@@ -1,7 +1,8 @@
 """Secure aggregation as messages: the signed round announcement, key advertisements,
 sealed shares, and each side's state for one round.
 
-One round, as `coordinator.secure_rounds` drives it (four round trips):
+One round, as `coordinator.secure_rounds` drives it (three round trips, two when the
+round's keys were dealt ahead):
 
 1. **keys**: the coordinator sends the signed `Announcement` (run, round, the model's
    SHA-256, the selected sites, threshold, fixed-point range, a fresh nonce). A site
@@ -11,20 +12,27 @@ One round, as `coordinator.secure_rounds` drives it (four round trips):
    consortium CA issued the certificate to that site id, the signature holds, and it
    names the *same* announcement: a coordinator that sent another site a different model
    or a different round is caught here), checks the model it received against the
-   announcement, trains, keeps its encoded update, and answers `SealedShare`s of its
-   self-mask seed and mask key, one per holder, AES-GCM under an X25519 channel key.
-3. **mask**: the coordinator relays to each site the sealed shares addressed to it and
-   the sites that shared (U2). A site opens them and answers its masked update against U2.
-4. **reveal**: the coordinator names survivors (masked update arrived) and dropped sites
-   (U2 minus survivors). A site answers once per round: self-mask-seed shares of
-   survivors, mask-key shares of dropped sites, never both kinds for one site.
+   announcement, trains, and answers, in one reply, `SealedShare`s of its self-mask seed
+   (one per other keyed site, AES-GCM under an X25519 channel key) and its update masked
+   against every keyed site, with its signed receipt over the masked bytes.
+3. **reveal**: the coordinator names survivors (their masked update arrived) and dropped
+   sites (keyed, no masked update), and relays to each survivor the sealed shares the
+   other survivors dealt it. A site answers once per round: self-mask-seed shares of
+   survivors and its own pairwise seed with each dropped site, never both for one site.
+   A dropped site dealt nothing, so only the survivors can remove their masks with it:
+   a survivor that then fails to reveal makes the round abort (nothing is unmasked).
+
+Unmasking one site's update would need its self-mask seed (shares from `threshold`
+holders told it survived) and its pairwise seed with every other site (from each of them,
+told it dropped); an honest site gives one kind per site, so a coordinator that lies
+about dropouts would need `threshold` sites colluding with it.
 
 Keys dealt ahead: a reveal request may carry the *next* round's signed announcement
 (naming no model: it is not known yet); the site answers its reveal and an advertisement
 for that round, and the next round starts at step 2. Each site then signs the model it
-received (`model_statement`) in step 2, and in step 3 checks every other site's
-statement before it masks (`SiteRound.check_models`): a coordinator that sent one site
-another model is caught before anything masked leaves.
+received (`model_statement`) in step 2, and in step 3 checks every other survivor's
+statement before it reveals (`SiteRound.check_models`): a coordinator that sent one site
+another model cannot unmask a sum that would single that site out.
 
 Keys are fresh per round (per announcement): revealing a dropped site's mask key
 unmasks nothing of another round. Shares are held in memory only: a site that restarts
@@ -56,13 +64,12 @@ from medfed.privacy.secagg import (
     RoundKeys,
     Share,
     UnmaskRequest,
-    deal_shares,
     decode_sum,
     encode,
     mask_update,
     pairwise_seeds,
     public_key_bytes,
-    reveal_shares,
+    share,
     unmask_sum,
 )
 from medfed.privacy.signing import JsonValue, SigningKey, VerifyKey, canonical_json
@@ -359,9 +366,8 @@ def share_from_json(value: object, where: str) -> Share:
 def seal(
     held: HeldShares, channel: X25519PrivateKey, holder_public: str, announcement_sha256: str
 ) -> SealedShare:
-    plain = canonical_json(
-        {"seed": share_to_json(held.self_mask_seed), "key": share_to_json(held.mask_key)}
-    )
+    """`held` (its self-mask-seed share) sealed for its holder."""
+    plain = canonical_json({"seed": share_to_json(held.self_mask_seed)})
     nonce = secrets.token_bytes(12)
     cipher = _channel_key(channel, holder_public, announcement_sha256).encrypt(
         nonce, plain, _associated(held.owner, held.holder, announcement_sha256)
@@ -380,35 +386,34 @@ def open_sealed(
         )
     except (InvalidTag, ValueError) as exc:
         raise SecAggError(f"the share from {sealed.owner!r} does not open: tampered") from exc
-    raw = _object(loads(plain.decode(), "share"), "share", {"seed", "key"})
-    return HeldShares(
-        sealed.owner,
-        sealed.holder,
-        share_from_json(raw["seed"], "share.seed"),
-        share_from_json(raw["key"], "share.key"),
-    )
+    raw = _object(loads(plain.decode(), "share"), "share", {"seed"})
+    return HeldShares(sealed.owner, sealed.holder, share_from_json(raw["seed"], "share.seed"))
 
 
 def reveal_to_json(reveal: Reveal) -> dict[str, JsonValue]:
     return {
         "holder": reveal.holder,
         "seeds": {o: share_to_json(s) for o, s in sorted(reveal.self_mask_seed_shares.items())},
-        "keys": {o: share_to_json(s) for o, s in sorted(reveal.mask_key_shares.items())},
+        "pairwise": {o: seed.hex() for o, seed in sorted(reveal.pairwise_seeds.items())},
     }
 
 
 def reveal_from_json(value: object) -> Reveal:
-    raw = _object(value, "reveal", {"holder", "seeds", "keys"})
-    seeds, keys = raw["seeds"], raw["keys"]
-    if not isinstance(seeds, dict) or not isinstance(keys, dict):
-        raise SecAggError("reveal: seeds and keys must be objects")
+    raw = _object(value, "reveal", {"holder", "seeds", "pairwise"})
+    seeds, pairwise = raw["seeds"], raw["pairwise"]
+    if not isinstance(seeds, dict) or not isinstance(pairwise, dict):
+        raise SecAggError("reveal: seeds and pairwise must be objects")
     return Reveal(
         _str(raw["holder"], "reveal.holder"),
         {
             _str(o, "reveal.seeds"): share_from_json(s, f"reveal.seeds.{o}")
             for o, s in seeds.items()
         },
-        {_str(o, "reveal.keys"): share_from_json(s, f"reveal.keys.{o}") for o, s in keys.items()},
+        {},
+        {
+            _str(o, "reveal.pairwise"): bytes.fromhex(_hex(v, f"reveal.pairwise.{o}", length=64))
+            for o, v in pairwise.items()
+        },
     )
 
 
@@ -457,10 +462,10 @@ class SiteRound:
         self._peer_keys: dict[str, VerifyKey] = {}
         self.trained_model = ""
         """The model this site trained from, when the announcement names none."""
-        self._encoded: npt.NDArray[np.uint64] | None = None
         self._held: dict[str, HeldShares] = {}
+        self._seeds: dict[str, bytes] = {}
         self._shared: tuple[str, ...] = ()
-        self._revealed: UnmaskRequest | None = None
+        self._revealed: tuple[UnmaskRequest, Reveal] | None = None
 
     def check_peers(self, adverts: Sequence[Advertisement], identity: IdentityCheck) -> None:
         """Verify every advertisement: issued identity, signature, the same announcement."""
@@ -485,23 +490,6 @@ class SiteRound:
             raise SecAggAbort(f"{len(peers)} sites keyed, {self.announcement.threshold} needed")
         self._peers = peers
 
-    def deal(self, update: npt.NDArray[np.float64]) -> list[SealedShare]:
-        """Encode the weighted update and seal shares of this round's secrets for each peer."""
-        if not self._peers:
-            raise SecAggError("peers are not checked yet")
-        a = self.announcement
-        self._encoded = encode(update, clip=a.clip, max_sites=len(a.sites), modulus=a.modulus)
-        dealt = deal_shares(self._keys, sites=sorted(self._peers), threshold=a.threshold)
-        sealed = []
-        for holder, held in sorted(dealt.items()):
-            if holder == self.site_id:
-                self._held[self.site_id] = held
-            else:
-                sealed.append(
-                    seal(held, self._channel, self._peers[holder].channel_public, self.digest)
-                )
-        return sealed
-
     def state_model(self, model_sha256: str, signer: SigningKey) -> str:
         """Check the model this site received against the announcement, or (an announcement
         dealt ahead names none) keep it and sign it: the hex signature of `model_statement`."""
@@ -515,15 +503,15 @@ class SiteRound:
         self.trained_model = model_sha256
         return signer.sign(model_statement(self.digest, self.site_id, model_sha256)).hex()
 
-    def check_models(self, statements: Mapping[str, str], shared: Sequence[str]) -> None:
-        """In a round announced ahead: every other site that shared signed that it trained
-        from the model this site did; a coordinator that sent one hospital another model
-        (to single out its update in the sum) is caught here, before anything is masked."""
+    def check_models(self, statements: Mapping[str, str], survivors: Sequence[str]) -> None:
+        """In a round announced ahead: every other survivor signed that it trained from the
+        model this site did. A coordinator that sent one hospital another model (to single
+        out its update in the sum) is caught here, before anything is revealed."""
         if self.announcement.model_sha256:
             return
         if not self.trained_model:
             raise SecAggError("this site has not stated its model yet")
-        for site in shared:
+        for site in survivors:
             if site == self.site_id:
                 continue
             signature = statements.get(site, "")
@@ -538,56 +526,88 @@ class SiteRound:
                 raise SecAggError(
                     f"site {site!r} did not state that it trained from the model this site"
                     " received: the coordinator is not sending every site the same model;"
-                    " refusing to mask"
+                    " refusing to reveal"
                 )
 
-    def mask(self, shared: Sequence[str], sealed: Sequence[SealedShare]) -> npt.NDArray[np.uint32]:
-        """Open the shares held for others and mask the update against the sites that shared."""
-        if self._encoded is None:
-            raise SecAggError("no update was dealt this round")
+    def deal_and_mask(
+        self, update: npt.NDArray[np.float64]
+    ) -> tuple[list[SealedShare], npt.NDArray[np.uint32]]:
+        """Encode the weighted update, seal a share of this round's self-mask seed for each
+        other keyed site, and mask the update against every keyed site (once per round)."""
+        if not self._peers:
+            raise SecAggError("peers are not checked yet")
         if self._shared:
             raise SecAggError("this round's update was masked already")
-        group = set(shared)
-        if len(group) != len(shared) or not group <= set(self._peers) or self.site_id not in group:
-            raise SecAggError("the sites that shared must be distinct keyed peers, this site too")
-        if len(group) < self.announcement.threshold:
-            raise SecAggAbort(f"{len(group)} sites shared, {self.announcement.threshold} needed")
-        owners = {item.owner for item in sealed}
-        if len(owners) != len(sealed) or owners != group - {self.site_id}:
-            raise SecAggError("exactly one share is needed from each other site that shared")
-        for item in sealed:
-            if item.holder != self.site_id:
-                raise SecAggError(f"a share for {item.holder!r} was sent to {self.site_id!r}")
-            self._held[item.owner] = open_sealed(
-                item, self._channel, self._peers[item.owner].channel_public, self.digest
-            )
-        publics = {site: bytes.fromhex(self._peers[site].mask_public) for site in sorted(group)}
         a = self.announcement
+        holders = sorted(self._peers)
+        encoded = encode(update, clip=a.clip, max_sites=len(a.sites), modulus=a.modulus)
+        dealt = share(self._keys.self_mask_seed, threshold=a.threshold, n=len(holders))
+        sealed = []
+        for holder, item in zip(holders, dealt, strict=True):
+            held = HeldShares(self.site_id, holder, item)
+            if holder == self.site_id:
+                self._held[self.site_id] = held
+            else:
+                sealed.append(
+                    seal(held, self._channel, self._peers[holder].channel_public, self.digest)
+                )
+        publics = {site: bytes.fromhex(self._peers[site].mask_public) for site in holders}
+        self._seeds = pairwise_seeds(self._keys, publics, run_id=self.digest)
         masked = mask_update(
-            self._encoded,
+            encoded,
             site_id=self.site_id,
             self_mask_seed=self._keys.self_mask_seed,
-            pairwise_seeds=pairwise_seeds(self._keys, publics, run_id=self.digest),
+            pairwise_seeds=self._seeds,
             round_number=a.round,
             modulus=a.modulus,
         )
-        self._shared = tuple(sorted(group))
-        self._encoded = None
-        return masked.astype(np.uint32)
+        self._shared = tuple(holders)
+        return sealed, masked.astype(np.uint32)
 
-    def reveal(self, survivors: Sequence[str], dropped: Sequence[str]) -> Reveal:
-        """Shares for the unmasking, once: the same request again gets the same answer."""
+    def reveal(
+        self,
+        survivors: Sequence[str],
+        dropped: Sequence[str],
+        sealed: Sequence[SealedShare],
+        statements: Mapping[str, str] | None = None,
+    ) -> Reveal:
+        """Open the shares the other survivors dealt this site, check their model statements
+        (a round announced ahead), and answer, once: self-mask-seed shares of survivors, this
+        site's pairwise seeds with dropped sites. The same request again gets the same answer."""
         request = UnmaskRequest(frozenset(survivors), frozenset(dropped))
-        if self._revealed is not None and self._revealed != request:
-            raise SecAggError("this round was unmasked already with other survivors")
-        if set(survivors) | set(dropped) != set(self._shared):
-            raise SecAggError("survivors and dropped sites must be exactly the sites that shared")
+        if self._revealed is not None:
+            if self._revealed[0] != request:
+                raise SecAggError("this round was unmasked already with other survivors")
+            return self._revealed[1]
+        if not self._shared:
+            raise SecAggError("no update was masked this round")
+        if request.survivors | request.dropped != set(self._shared):
+            raise SecAggError("survivors and dropped sites must be exactly the keyed sites")
         if self.site_id not in request.survivors:
             raise SecAggError("this site's masked update was sent: it is a survivor")
-        self._revealed = request
-        return reveal_shares(
-            self.site_id, self._held, request=request, threshold=self.announcement.threshold
+        if len(request.survivors) < self.announcement.threshold:
+            raise SecAggAbort(
+                f"{len(request.survivors)} survivors, {self.announcement.threshold} needed"
+            )
+        owners = {item.owner for item in sealed}
+        if len(owners) != len(sealed) or owners != request.survivors - {self.site_id}:
+            raise SecAggError("exactly one share is needed from each other survivor")
+        held = dict(self._held)
+        for item in sealed:
+            if item.holder != self.site_id:
+                raise SecAggError(f"a share for {item.holder!r} was sent to {self.site_id!r}")
+            held[item.owner] = open_sealed(
+                item, self._channel, self._peers[item.owner].channel_public, self.digest
+            )
+        self.check_models(statements or {}, sorted(request.survivors))
+        answer = Reveal(
+            self.site_id,
+            {site: held[site].self_mask_seed for site in sorted(request.survivors)},
+            {},
+            {site: self._seeds[site] for site in sorted(request.dropped)},
         )
+        self._revealed = (request, answer)
+        return answer
 
 
 # ---------------------------------------------------------------- coordinator side

@@ -53,7 +53,6 @@ HANDLERS: Mapping[str, Callable[[Message, Context], Message]] = {
     MessageType.TRAIN: client_app.train,
     MessageType.EVALUATE: client_app.evaluate,
     wire.SECAGG_KEYS: client_app.secagg_keys,
-    wire.SECAGG_MASK: client_app.secagg_mask,
     wire.SECAGG_REVEAL: client_app.secagg_reveal,
 }
 

@@ -6,6 +6,7 @@ coordinator never saw."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,14 @@ def test_the_unmasked_average_equals_the_plain_average_of_the_sites_updates(
     results = run(grid, settings)
     assert results.status == "completed"
     assert sorted(results.per_round[0].participants) == sorted(sites.nodes.values())
-    # No train reply carried arrays: the coordinator saw only masked vectors.
+    # Each train reply carried one array, the masked update: the coordinator saw no other.
     for delivery in grid.deliveries:
         if delivery.message_type == "train":
-            assert wire.ARRAYS not in delivery.reply.content.array_records
-        if delivery.message_type == wire.SECAGG_MASK:
-            masked = delivery.reply.content.array_records[wire.ARRAYS][wire.MASKED].numpy()
-            assert masked.dtype == np.uint32
+            record = delivery.reply.content.array_records[wire.ARRAYS]
+            assert list(record) == [wire.MASKED]
+            assert record[wire.MASKED].numpy().dtype == np.uint32
+        else:
+            assert not delivery.reply.content.array_records
     received = train_model(grid)
     expected = plain_average(
         received, [stored_update(sites, site, 1) for site in sorted(sites.nodes.values())]
@@ -100,27 +102,33 @@ def test_the_unmasked_average_equals_the_plain_average_of_the_sites_updates(
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_a_site_that_drops_after_masking_is_recovered_below_the_threshold(
-    tmp_path: Path,
-) -> None:
-    settings = secure_study(min_sites=2)
-    sites = consortium(tmp_path, settings)
-    dropped = sites.node_of("hospital-2")
-    grid = FakeGrid(sites.contexts())
-
+def _losing(grid: FakeGrid, lost: Callable[[Message], bool]) -> None:
+    """Replies to the messages `lost` picks never reach the coordinator (the site did answer)."""
     original_push = grid.push_messages
 
     def push(messages: Any) -> Any:
         messages = list(messages)
         ids = list(original_push(messages))
         for message, message_id in zip(messages, ids, strict=True):
-            if message.metadata.message_type == wire.SECAGG_MASK and (
-                message.metadata.dst_node_id == dropped
-            ):
-                grid._replies.pop(message_id, None)  # the masked update is lost
+            if lost(message):
+                grid._replies.pop(message_id, None)
         return ids
 
     grid.push_messages = push  # type: ignore[method-assign]
+
+
+def test_a_site_that_drops_at_the_train_step_is_recovered_below_the_threshold(
+    tmp_path: Path,
+) -> None:
+    """hospital-2 trained and masked, but its reply (shares and masked update) is lost: the
+    survivors reveal their pairwise seeds with it and the sum of the other two is exact."""
+    settings = secure_study(min_sites=2)
+    sites = consortium(tmp_path, settings)
+    dropped = sites.node_of("hospital-2")
+    grid = FakeGrid(sites.contexts())
+    _losing(
+        grid, lambda m: m.metadata.message_type == "train" and m.metadata.dst_node_id == dropped
+    )
     results = run(grid, settings)
     assert results.status == "completed"
     record = results.per_round[0]
@@ -133,26 +141,60 @@ def test_a_site_that_drops_after_masking_is_recovered_below_the_threshold(
     final = grid.deliveries[-1].arrays
     for name, value in expected.items():
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # Each survivor revealed its seed with hospital-2 and no share of hospital-2's secrets.
+    for delivery in grid.deliveries:
+        if delivery.message_type == wire.SECAGG_REVEAL:
+            answer = json.loads(str(delivery.reply.content.config_records[wire.SITE][wire.SECAGG]))
+            assert list(answer["pairwise"]) == ["hospital-2"]
+            assert "hospital-2" not in answer["seeds"]
 
 
-def test_too_many_dropouts_after_masking_abort_without_unmasking(tmp_path: Path) -> None:
+def test_a_survivor_silent_at_the_reveal_is_not_missed_when_none_dropped(tmp_path: Path) -> None:
+    settings = secure_study(min_sites=2)
+    sites = consortium(tmp_path, settings)
+    silent = sites.node_of("hospital-1")
+    grid = FakeGrid(sites.contexts())
+    _losing(
+        grid,
+        lambda m: (
+            m.metadata.message_type == wire.SECAGG_REVEAL and m.metadata.dst_node_id == silent
+        ),
+    )
+    results = run(grid, settings)
+    assert sorted(results.per_round[0].participants) == sorted(sites.nodes.values())
+    expected = plain_average(
+        train_model(grid), [stored_update(sites, s, 1) for s in sorted(sites.nodes.values())]
+    )
+    for name, value in expected.items():
+        np.testing.assert_allclose(
+            grid.deliveries[-1].arrays[name], value, rtol=1e-5, atol=1e-6, err_msg=name
+        )
+
+
+def test_a_dropout_at_train_and_a_silence_at_reveal_abort_without_unmasking(
+    tmp_path: Path,
+) -> None:
+    settings = secure_study(min_sites=2)
+    sites = consortium(tmp_path, settings)
+    dropped, silent = sites.node_of("hospital-2"), sites.node_of("hospital-3")
+    grid = FakeGrid(sites.contexts())
+    _losing(
+        grid,
+        lambda m: (
+            (m.metadata.message_type, m.metadata.dst_node_id)
+            in {("train", dropped), (wire.SECAGG_REVEAL, silent)}
+        ),
+    )
+    with pytest.raises(RoundFailedError, match=r"aborted.*nothing was unmasked"):
+        run(grid, settings, Reports())
+
+
+def test_too_many_dropouts_at_the_train_step_abort_without_unmasking(tmp_path: Path) -> None:
     settings = secure_study(min_sites=2)
     sites = consortium(tmp_path, settings)
     gone = {sites.node_of("hospital-1"), sites.node_of("hospital-2")}
     grid = FakeGrid(sites.contexts())
-    original_push = grid.push_messages
-
-    def push(messages: Any) -> Any:
-        messages = list(messages)
-        ids = list(original_push(messages))
-        for message, message_id in zip(messages, ids, strict=True):
-            if message.metadata.message_type == wire.SECAGG_MASK and (
-                message.metadata.dst_node_id in gone
-            ):
-                grid._replies.pop(message_id, None)
-        return ids
-
-    grid.push_messages = push  # type: ignore[method-assign]
+    _losing(grid, lambda m: m.metadata.message_type == "train" and m.metadata.dst_node_id in gone)
     with pytest.raises(RoundFailedError, match=r"aborted.*nothing was unmasked"):
         run(grid, settings, Reports())
     # No reveal was ever asked for.
@@ -311,7 +353,7 @@ def test_a_coordinator_that_trains_one_site_on_another_model_after_keys_dealt_ah
     """Round 2's announcement was dealt during round 1 and names no model. The coordinator
     sends hospital-3 another model with round 2's train instruction (it would single out
     hospital-3's update in the sum). hospital-3 signs the model it got; the other sites
-    check every statement before they mask, and refuse: nothing of round 2 is unmasked."""
+    check every statement before they reveal, and refuse: nothing of round 2 is unmasked."""
     settings = secure_study(num_server_rounds=2, min_sites=2)
     sites = consortium(tmp_path, settings)
     target = sites.node_of("hospital-3")
@@ -341,8 +383,8 @@ def test_a_coordinator_that_trains_one_site_on_another_model_after_keys_dealt_ah
     with pytest.raises(RoundFailedError, match=r"round 2: secure aggregation aborted") as failure:
         run(grid, settings, Reports())
     assert "did not state that it trained from the model this site received" in str(failure.value)
-    assert not [d for d in grid.deliveries if d.group == "2.reveal"]
-    masks = [d for d in grid.deliveries if d.group == "2.mask"]
-    assert masks and all(d.reply.has_error() for d in masks)
-    # Every site trained in round 2: hospital-3 on the other model; no masked update left.
+    # Every site trained in round 2 (hospital-3 on the other model) and sent its update
+    # masked; every site refused to reveal, so nothing of round 2 was unmasked.
     assert {d.node for d in grid.deliveries if d.group == "2"} == set(sites.nodes)
+    reveals = [d for d in grid.deliveries if d.group == "2.reveal"]
+    assert len(reveals) == 3 and all(d.reply.has_error() for d in reveals)

@@ -62,7 +62,7 @@ def test_the_secure_round_recovers_the_plain_weighted_sum_within_the_bound(n_sit
         np.testing.assert_allclose(value, run.averaged[name], rtol=0, atol=1e-6)
     # Every site took part in every step.
     assert {step: len(t) for step, t in run.clock.site_s.items()} == dict.fromkeys(
-        ("keys", "train", "mask", "reveal"), n_sites
+        ("keys", "train", "reveal"), n_sites
     )
 
 
@@ -81,7 +81,7 @@ def test_a_row_reports_its_error_within_the_bound_and_a_uint32_upload() -> None:
     secure = row["secure"]
     assert isinstance(secure, dict)
     slowest, coordinator = secure["slowest_site_s"], secure["coordinator_s"]
-    assert set(slowest) == set(coordinator) == {"keys", "train", "mask", "reveal"}
+    assert set(slowest) == set(coordinator) == {"keys", "train", "reveal"}
     assert secure["critical_path_s"] <= secure["serial_s"]
 
 

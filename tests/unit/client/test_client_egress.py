@@ -242,13 +242,14 @@ def test_arrays_the_sites_worker_did_not_sign_do_not_leave(
     assert event["details"]["blocked_whole"] is True
 
 
-def _masked_step(site_toml: Path, masked: np.ndarray, signature: str) -> Message:
+def _secure_train_reply(site_toml: Path, arrays: dict[str, np.ndarray], signature: str) -> Message:
     records = {
-        wire.ARRAYS: {wire.MASKED: masked},
-        wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: "{}",
+        wire.ARRAYS: arrays,
+        wire.METRICS: {wire.NUM_EXAMPLES: 60},
+        wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: "[]",
                     wire.RECEIPT_SIGNATURE: signature},
     }  # fmt: skip
-    instruction = _instruction(f"{MessageType.TRAIN}.secagg_mask", **{wire.SECAGG: "{}"})
+    instruction = _instruction(MessageType.TRAIN, **{wire.SECAGG: "{}"})
     return chain(_app_sending(records), [GUARD])(instruction, _context(site_toml))
 
 
@@ -257,16 +258,15 @@ def test_a_masked_update_leaves_only_with_the_sites_receipt_for_its_round(
 ) -> None:
     masked = np.arange(12, dtype=np.uint32)
     signature = _receipt(site_toml, masked_sha256(masked))
-    train_step = {wire.METRICS: {wire.NUM_EXAMPLES: 60},
-                  wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: "[]"}}  # fmt: skip
-    instruction = _instruction(MessageType.TRAIN, **{wire.SECAGG: "{}"})
-    assert not chain(_app_sending(train_step), [GUARD])(
-        instruction, _context(site_toml)
-    ).has_error()
-    assert not _masked_step(site_toml, masked, signature).has_error()
+    assert not _secure_train_reply(site_toml, {wire.MASKED: masked}, signature).has_error()
     # Raw values in place of the masked update, with the real update's receipt: blocked.
-    forged = _masked_step(site_toml, masked + np.uint32(1), signature)
+    forged = _secure_train_reply(site_toml, {wire.MASKED: masked + np.uint32(1)}, signature)
     assert forged.error.code == ERROR_CODE_BLOCKED
+    # The update unmasked (float32, its own receipt even): blocked; and none at all too.
+    plain = np.linspace(-1, 1, 12, dtype=np.float32)
+    unmasked = _secure_train_reply(site_toml, {wire.MASKED: plain}, signature)
+    assert unmasked.error.code == ERROR_CODE_BLOCKED
+    assert _secure_train_reply(site_toml, {}, signature).error.code == ERROR_CODE_BLOCKED
 
 
 def test_metrics_over_fewer_than_k_patients_do_not_leave(site_toml: Path) -> None:
@@ -318,7 +318,7 @@ def test_a_reveal_leaves_with_the_next_round_s_keys_of_this_site_only(site_toml:
         records = {wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: json.dumps(payload)}}
         return chain(_app_sending(records), [GUARD])(instruction, _context(site_toml))
 
-    shares = {"holder": "hospital-1", "seeds": {}, "keys": {}}
+    shares = {"holder": "hospital-1", "seeds": {}, "pairwise": {}}
     assert not reveal(shares).has_error()
     assert not reveal({**shares, "advertisement": {"site_id": "hospital-1"}}).has_error()
     assert reveal({**shares, "advertisement": {"site_id": "hospital-2"}}).has_error()

@@ -59,9 +59,11 @@ def _play(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
     updates: dict[str, np.ndarray],
     *,
-    drop_before_share: frozenset[str] = frozenset(),
-    drop_after_mask: frozenset[str] = frozenset(),
+    drop_at_train: frozenset[str] = frozenset(),
+    drop_at_reveal: frozenset[str] = frozenset(),
 ) -> np.ndarray:
+    """One round: every site keyed; sites in `drop_at_train` never answer the train step
+    (nothing of theirs arrives), survivors in `drop_at_reveal` never answer the reveal."""
     keys, certs, ca_pem = consortium
     coordinator = SigningKey.generate()
     signed = _announce(coordinator)
@@ -70,43 +72,47 @@ def _play(
     # Everything crosses as JSON, as on the wire.
     adverts = [Advertisement.from_json(rounds[s].advertisement.to_json()) for s in SITES]
     sealed: dict[str, list[SealedShare]] = {}
+    masked: dict[str, np.ndarray] = {}
     for site in SITES:
-        if site in drop_before_share:
-            continue
         rounds[site].check_peers(adverts, check)
-        sealed[site] = [
-            SealedShare.from_json(s.to_json()) for s in rounds[site].deal(updates[site])
-        ]
-    shared = sorted(sealed)
-    masked = {}
-    for site in shared:
-        mine = [s for owner in shared for s in sealed[owner] if s.holder == site]
-        vector = rounds[site].mask(shared, mine)
-        if site not in drop_after_mask:
+        shares, vector = rounds[site].deal_and_mask(updates[site])
+        if site not in drop_at_train:
+            sealed[site] = [SealedShare.from_json(s.to_json()) for s in shares]
             masked[site] = vector
     survivors = sorted(masked)
-    dropped = sorted(set(shared) - set(masked))
-    reveals = [
-        reveal_from_json(reveal_to_json(rounds[site].reveal(survivors, dropped)))
-        for site in survivors
-    ]
-    by_site = {a.site_id: a for a in adverts if a.site_id in shared}
+    dropped = sorted(set(SITES) - set(masked))
+    reveals = []
+    for site in survivors:
+        if site in drop_at_reveal:
+            continue
+        mine = [
+            s for owner in survivors if owner != site for s in sealed[owner] if s.holder == site
+        ]
+        reveal = rounds[site].reveal(survivors, dropped, mine)
+        reveals.append(reveal_from_json(reveal_to_json(reveal)))
+    by_site = {a.site_id: a for a in adverts}
     return unmask_weighted_sum(signed.announcement, by_site, masked, reveals)
 
 
 def _dealt(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes], update: np.ndarray
-) -> tuple[dict[str, SiteRound], dict[str, list[SealedShare]]]:
-    """Every site keyed for one announced round, peers checked, `update` dealt."""
+) -> tuple[dict[str, SiteRound], dict[str, list[SealedShare]], dict[str, np.ndarray]]:
+    """Every site keyed for one announced round, peers checked, `update` dealt and masked."""
     keys, certs, ca_pem = consortium
     signed = _announce(SigningKey.generate())
     rounds = {s: SiteRound(signed, s, keys[s], certs[s]) for s in SITES}
     adverts = [rounds[s].advertisement for s in SITES]
-    sealed = {}
+    sealed, masked = {}, {}
     for site in SITES:
         rounds[site].check_peers(adverts, identity_check(ca_pem))
-        sealed[site] = rounds[site].deal(update)
-    return rounds, sealed
+        sealed[site], masked[site] = rounds[site].deal_and_mask(update)
+    return rounds, sealed, masked
+
+
+def _held_by(
+    site: str, sealed: dict[str, list[SealedShare]], owners: list[str]
+) -> list[SealedShare]:
+    return [s for o in owners if o != site for s in sealed[o] if s.holder == site]
 
 
 def _updates(seed: int) -> dict[str, np.ndarray]:
@@ -115,19 +121,19 @@ def _updates(seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    ("before", "after"),
-    [(set(), set()), ({"b"}, set()), (set(), {"c"}), ({"a"}, {"e"}), (set(), {"b", "d"})],
+    ("at_train", "at_reveal"),
+    [(set(), set()), ({"b"}, set()), (set(), {"c"}), ({"a", "e"}, set()), (set(), {"b", "d"})],
 )
 def test_sum_equals_plain_sum_with_dropouts(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
-    before: set[str],
-    after: set[str],
+    at_train: set[str],
+    at_reveal: set[str],
 ) -> None:
-    updates = _updates(len(before) * 10 + len(after))
+    updates = _updates(len(at_train) * 10 + len(at_reveal))
     total = _play(
-        consortium, updates, drop_before_share=frozenset(before), drop_after_mask=frozenset(after)
+        consortium, updates, drop_at_train=frozenset(at_train), drop_at_reveal=frozenset(at_reveal)
     )
-    expected = sum(updates[s] for s in SITES if s not in before | after)
+    expected = sum(updates[s] for s in SITES if s not in at_train)
     # Fixed point: 2**31 / 5 levels over [-4, 4]; each summand off by at most half a level.
     step = 4.0 / ((2**31 - 1) // 5)
     assert np.max(np.abs(total - expected)) <= len(SITES) * step
@@ -137,7 +143,21 @@ def test_more_dropouts_than_the_threshold_allows_abort(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
     with pytest.raises(SecAggAbort):
-        _play(consortium, _updates(1), drop_after_mask=frozenset({"a", "b", "c"}))
+        _play(consortium, _updates(1), drop_at_train=frozenset({"a", "b", "c"}))
+    with pytest.raises(SecAggAbort):
+        _play(consortium, _updates(1), drop_at_reveal=frozenset({"a", "b", "c"}))
+
+
+def test_a_survivor_silent_at_reveal_after_a_dropout_aborts_and_says_why(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    """Only the survivors hold their pairwise seeds with a site that dealt nothing: one
+    of them silent at the reveal leaves a mask in the sum, so nothing is unmasked."""
+    with pytest.raises(SecAggAbort, match="'d' revealed no pairwise seed with it"):
+        _play(
+            consortium, _updates(2), drop_at_train=frozenset({"e"}),
+            drop_at_reveal=frozenset({"d"}),
+        )  # fmt: skip
 
 
 def test_a_site_shown_another_announcement_refuses(
@@ -184,37 +204,51 @@ def test_forged_advertisement_and_foreign_certificate_are_refused(
 def test_a_tampered_share_does_not_open(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
-    rounds, sealed = _dealt(consortium, np.zeros(10))
-    mine = [s for owner in SITES for s in sealed[owner] if s.holder == "a"]
+    rounds, sealed, _ = _dealt(consortium, np.zeros(10))
+    mine = _held_by("a", sealed, list(SITES))
     flipped = mine[0].ciphertext[:-2] + ("00" if mine[0].ciphertext[-2:] != "00" else "01")
     mine[0] = SealedShare(mine[0].owner, mine[0].holder, mine[0].nonce, flipped)
     with pytest.raises(SecAggError, match="tampered"):
-        rounds["a"].mask(list(SITES), mine)
+        rounds["a"].reveal(list(SITES), [], mine)
 
 
 def test_a_holder_reveals_once_and_never_both_kinds(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
-    rounds, sealed = _dealt(consortium, np.zeros(10))
-    for site in SITES:
-        rounds[site].mask(list(SITES), [s for o in SITES for s in sealed[o] if s.holder == site])
-    rounds["a"].reveal(["a", "b", "c", "d"], ["e"])
+    rounds, sealed, _ = _dealt(consortium, np.zeros(10))
+    survivors = ["a", "b", "c", "d"]
+    first = rounds["a"].reveal(survivors, ["e"], _held_by("a", sealed, survivors))
+    assert set(first.self_mask_seed_shares) == set(survivors)
+    assert set(first.pairwise_seeds) == {"e"}
+    # The same request again gets the same answer; another one gets nothing.
+    assert rounds["a"].reveal(survivors, ["e"], _held_by("a", sealed, survivors)) == first
     with pytest.raises(SecAggError, match="unmasked already"):
-        rounds["a"].reveal(["a", "b", "c", "e"], ["d"])
+        rounds["a"].reveal(["a", "b", "c", "e"], ["d"], _held_by("a", sealed, ["b", "c", "e"]))
     with pytest.raises(UnsafeUnmaskError):
-        rounds["b"].reveal(["a", "b", "c", "d", "e"], ["e"])
+        rounds["b"].reveal(list(SITES), ["e"], _held_by("b", sealed, list(SITES)))
+    # Told "e dropped" but handed e's share of its self-mask seed: refused, nothing revealed.
+    with pytest.raises(SecAggError, match="each other survivor"):
+        rounds["c"].reveal(survivors, ["e"], _held_by("c", sealed, list(SITES)))
 
 
 def test_the_masked_update_looks_uniform(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
     """A constant update, masked: its residues fill [0, 2**32) evenly (chi-square)."""
-    rounds, sealed = _dealt(consortium, np.full(40_000, 1.5))
-    vector = rounds["a"].mask(list(SITES), [s for o in SITES for s in sealed[o] if s.holder == "a"])
+    _, _, masked = _dealt(consortium, np.full(40_000, 1.5))
     from scipy import stats
 
-    counts = np.bincount((vector >> np.uint32(28)).astype(np.int64), minlength=16)
+    counts = np.bincount((masked["a"] >> np.uint32(28)).astype(np.int64), minlength=16)
     assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_a_site_masks_once_per_round(
+    consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
+) -> None:
+    """A second update under the same masks would give their difference away."""
+    rounds, _, _ = _dealt(consortium, np.zeros(10))
+    with pytest.raises(SecAggError, match="masked already"):
+        rounds["a"].deal_and_mask(np.ones(10))
 
 
 def test_weighted_delta_weighs_by_patients() -> None:
