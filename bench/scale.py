@@ -14,8 +14,11 @@ ServerApp's thread of `flwr-simulation`, whose other threads are Flower's simula
 fleet: its in-memory LinkState, message queues and Ray driver), the sites (Ray's
 ClientApp actor, or each site daemon's processes) and the rest of Ray. The coordinator
 is the SuperLink, the SuperExec and the ServerApp. Rounds are cut where the run's
-results say a round completed. The secure round's baseline is the plain round at the
-same site count, in the same invocation. Prints figures; never passes or fails on them.
+results say a round completed. The bytes each site sent and received in a round come
+from the run's traffic file (`coordinator.traffic`: the payload of every message the
+coordinator pushed and every reply it got, by round). The secure round's baseline is the
+plain round at the same site count, in the same invocation. Prints figures; never passes
+or fails on them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from medfed.bench.scale_fit import (
     ratio,
     round_ends,
     serverapp_threads,
+    site_bytes_per_round,
 )
+from medfed.coordinator.traffic import TRAFFIC_NAME, read_traffic
 
 Mode = Literal["plain", "secure"]
 MAX_REAL_SITES = 16
@@ -202,7 +207,9 @@ class RunFigures:
     load_1min_after: float = 0.0
 
 
-def _round_figures(usage: RoundUsage, duration_s: float | None, sites: int) -> dict[str, Any]:
+def _round_figures(
+    usage: RoundUsage, duration_s: float | None, sites: int, site_bytes: dict[str, int] | None
+) -> dict[str, Any]:
     coordinator_cpu = sum(usage.cpu_s.get(role, 0.0) for role in COORDINATOR_ROLES)
     coordinator_rss = sum(usage.peak_rss_bytes.get(role, 0) for role in COORDINATOR_ROLES)
     return {
@@ -214,6 +221,7 @@ def _round_figures(usage: RoundUsage, duration_s: float | None, sites: int) -> d
         "coordinator_peak_mib": round(coordinator_rss / MIB, 1),
         "cpu_s": {role: round(used, 3) for role, used in sorted(usage.cpu_s.items())},
         "peak_mib": {role: round(b / MIB, 1) for role, b in sorted(usage.peak_rss_bytes.items())},
+        "bytes_per_site": site_bytes,
     }
 
 
@@ -232,6 +240,7 @@ def measure_run(sites: int, mode: Mode, *, simulation: bool, options: ScaleOptio
     started = submitted = time.monotonic()
     reports: list[tuple[float, int]] = []
     durations: list[float] = []
+    site_bytes: dict[int, dict[str, int]] = {}
     sampler: Sampler | None = None
     try:
         with demo_federation(demo, notify=lambda _: None) as federation:
@@ -245,14 +254,17 @@ def measure_run(sites: int, mode: Mode, *, simulation: bool, options: ScaleOptio
                 )
             durations = [record.duration_s for record in results.per_round]
             figures.run_s = round(time.monotonic() - submitted, 2)
+            traffic = read_traffic(federation.results_path.parent / TRAFFIC_NAME)
+            site_bytes = site_bytes_per_round(traffic, sites)
     except MedfedError as exc:
         figures.ok, figures.failure = False, f"{type(exc).__name__}: {exc}"[:600]
     figures.load_1min_after = round(os.getloadavg()[0], 2)
     if sampler is not None:
         start_s = min((at for at, done in reports if done == 0), default=submitted)
         usages = per_round(sampler.samples, start_s, round_ends(reports, options.rounds))
+        duration_of = dict(enumerate(durations, start=1))
         figures.rounds = [
-            _round_figures(u, durations[u.round - 1] if u.round <= len(durations) else None, sites)
+            _round_figures(u, duration_of.get(u.round), sites, site_bytes.get(u.round))
             for u in usages
         ]
     return figures
@@ -291,6 +303,12 @@ def steady(figures: RunFigures) -> dict[str, Any] | None:
         for role in roles
     }
     summary["sites_peak_mib"] = max(r["peak_mib"].get("sites", 0.0) for r in rounds)
+    counted = [r["bytes_per_site"] for r in rounds if r.get("bytes_per_site")]
+    summary["bytes_per_site_per_round"] = (
+        {way: round(statistics.median(b[way] for b in counted)) for way in ("sent", "received")}
+        if counted
+        else None
+    )
     return summary
 
 
@@ -300,14 +318,24 @@ def _row(plain: RunFigures, secure: RunFigures, order: Iterable[Mode]) -> dict[s
     def of(summary: dict[str, Any] | None, key: str) -> float | None:
         return None if summary is None else summary[key]
 
+    def bytes_of(summary: dict[str, Any] | None, way: str) -> float | None:
+        counted = None if summary is None else summary["bytes_per_site_per_round"]
+        return None if counted is None else counted[way]
+
     return {
         "sites": plain.sites,
         "order": list(order),
         "plain": {**vars(plain), "steady": base},
         "secure": {**vars(secure), "steady": over},
         "secure_to_plain": {
-            key: ratio(of(over, key), of(base, key))
-            for key in ("round_s", "coordinator_cpu_s", "coordinator_peak_mib")
+            **{
+                key: ratio(of(over, key), of(base, key))
+                for key in ("round_s", "coordinator_cpu_s", "coordinator_peak_mib")
+            },
+            **{
+                f"bytes_per_site_{way}": ratio(bytes_of(over, way), bytes_of(base, way))
+                for way in ("sent", "received")
+            },
         },
     }
 
@@ -413,6 +441,15 @@ NOTES = [
     "CPU is user + system time from /proc/PID/stat, sampled every 0.25 s; a process that"
     " exits between two looks loses its last quarter second. Peak memory is the largest sum"
     " of resident set sizes of a role seen at a look in the round.",
+    "bytes_per_site: from the site's side, what it sent (the replies the coordinator got)"
+    " and received (the messages the coordinator pushed) in the round's exchanges: its"
+    " status query, training and, with secure aggregation, the key, mask and reveal"
+    " steps; summed over the federation's sites and divided by their number (answering or"
+    " not). Payload bytes, as the ServerApp's traffic file (run folder, traffic.jsonl) counts"
+    " them: every array's data and every config and metric record as Flower serializes it;"
+    " message metadata, Flower's object headers, gRPC and TLS framing, heartbeats and"
+    " polling are left out, and so is the final evaluation. The same count for simulated"
+    " and real sites.",
 ]
 
 
@@ -420,11 +457,19 @@ def _cell(value: object, spec: str = "") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _site_kb(summary: Mapping[str, Any]) -> str:
+    counted = summary.get("bytes_per_site_per_round")
+    if not counted:
+        return "n/a"
+    return f"{counted['sent'] / 1000:.1f}+{counted['received'] / 1000:.1f}"
+
+
 def table_lines(document: Mapping[str, Any]) -> list[str]:
     """The figures as lines of text: one per site count, then the exponents and stops."""
     lines = [
         "sites  kind  plain s/round  secure s/round  ratio  coordinator CPU s/round"
-        " (plain/secure)  coordinator peak MiB (plain/secure)"
+        " (plain/secure)  coordinator peak MiB (plain/secure)  site kB sent+received/round"
+        " (plain/secure)"
     ]
     for kind in ("simulation", "real"):
         for row in document[kind]:
@@ -437,6 +482,7 @@ def table_lines(document: Mapping[str, Any]) -> list[str]:
                 f" / {_cell(secure.get('coordinator_cpu_s'), '.2f')}"
                 f"  {_cell(plain.get('coordinator_peak_mib'), '.0f')}"
                 f" / {_cell(secure.get('coordinator_peak_mib'), '.0f')}"
+                f"  {_site_kb(plain)} / {_site_kb(secure)}"
             )
     for kind, exponents in document["growth_exponents"].items():
         for mode, figures in exponents.items():

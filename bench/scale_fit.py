@@ -1,5 +1,6 @@
 """The pure part of `medfed bench scale`: site counts from the command line, each round's
-share of process samples, and the growth exponent of a cost against the number of sites.
+share of process samples and of the bytes exchanged, and the growth exponent of a cost
+against the number of sites.
 
 No processes, no clock, no Flower here: `bench.scale` runs the federations and feeds these
 functions what it sampled.
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from medfed.coordinator.traffic import ExchangeTraffic
 
 
 def parse_site_counts(text: str, *, most: int, option: str) -> tuple[int, ...]:
@@ -134,3 +137,22 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
     return round(numerator / denominator, 3)
+
+
+def site_bytes_per_round(
+    exchanges: Sequence[ExchangeTraffic], sites: int
+) -> dict[int, dict[str, int]]:
+    """Per round, the payload bytes a site sent and received, from the site's side: the
+    replies the coordinator got and the messages it pushed in the round's exchanges (its
+    status query, training and secure steps), summed and divided by `sites` (every site
+    of the federation, answering or not). Exchanges of no round (`final`) are left out."""
+    totals: dict[int, list[int]] = {}
+    for exchange in exchanges:
+        if exchange.round is not None:
+            total = totals.setdefault(exchange.round, [0, 0])
+            total[0] += exchange.from_sites_bytes
+            total[1] += exchange.to_sites_bytes
+    return {
+        number: {"sent": round(sent / sites), "received": round(received / sites)}
+        for number, (sent, received) in sorted(totals.items())
+    }

@@ -1,6 +1,7 @@
 """Messages to the sites over Flower's `Grid`: wait for sites, push and poll, and the
 train or evaluate instruction every site receives. Push, then poll for replies: the
-same code runs on a deployment's SuperLink, in Flower's simulation and in tests."""
+same code runs on a deployment's SuperLink, in Flower's simulation and in tests. Each
+exchange's payload bytes go to the traffic log (`coordinator.traffic`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flwr.serverapp import Grid
 
 from medfed.coordinator.errors import RoundFailedError
 from medfed.coordinator.study import StudySettings, contract_json
+from medfed.coordinator.traffic import ExchangeTraffic, counting, log_exchange
 from medfed.model import wire
 from medfed.model.contract import StudyContract
 from medfed.model.wire import arrays_sha256
@@ -89,7 +91,26 @@ def exchange(
             "round %s: %s did not reply within %g s",
             group, _named(pending, node_of, names), timeout_s,
         )  # fmt: skip
+    if counting():
+        log_exchange(
+            ExchangeTraffic(
+                group=group,
+                message_type=message_type,
+                messages=len(node_of),
+                replies=len(replies),
+                to_sites_bytes=sum(content_bytes(contents[node]) for node in node_of.values()),
+                from_sites_bytes=sum(content_bytes(r.content) for r in replies if r.has_content()),
+            )
+        )
     return replies
+
+
+def content_bytes(content: RecordDict) -> int:
+    """A message's payload bytes: every array's data, and every config and metric record
+    as Flower serializes it (without message metadata or the transport's framing)."""
+    arrays = [array for record in content.array_records.values() for array in record.values()]
+    records = [*content.config_records.values(), *content.metric_records.values()]
+    return sum(len(array.data) for array in arrays) + sum(len(r.deflate()) for r in records)
 
 
 def _named(pending: set[str], node_of: Mapping[str, int], names: Mapping[int, str] | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -13,6 +14,7 @@ from medfed.coordinator.errors import CoordinatorError, StudyConfigError
 from medfed.coordinator.results import RunResults, read_results, write_results
 from medfed.coordinator.rounds import run_study
 from medfed.coordinator.study import StudySettings
+from medfed.coordinator.traffic import TRAFFIC_NAME, traffic_written_to
 from medfed.flower.patches import shorten_object_pull_backoff
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,18 @@ def main(grid: Grid, context: Context) -> None:
         report(RunResults(run_id=run_id, status="failed", num_rounds=0, error=str(exc),
                           flower_run_id=run_id))  # fmt: skip
         raise
+    # Each exchange's bytes beside the run's checkpoints, for operators and `bench scale`.
+    traffic = (
+        traffic_written_to(Path(study.run_dir) / TRAFFIC_NAME)
+        if study.run_dir
+        else contextlib.nullcontext()
+    )
     try:
-        run_study(
-            grid, study, study.contract, run_id=run_id, report=report, app_sha256=_fab_hash(grid)
-        )
+        with traffic:
+            run_study(
+                grid, study, study.contract, run_id=run_id, report=report,
+                app_sha256=_fab_hash(grid),
+            )  # fmt: skip
     except CoordinatorError as exc:
         log.error("run %s failed: %s", run_id, exc)
         _mark_failed(results_path, run_id, study, str(exc))

@@ -351,8 +351,9 @@ def bench_scale(
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
 ) -> None:
-    """How the coordinator's seconds, CPU and memory per round grow with the number of
-    sites, plain and secure rounds side by side, and the growth exponents (minutes)."""
+    """How the coordinator's seconds, CPU and memory per round and the bytes each site
+    sends and receives per round grow with the number of sites, plain and secure rounds
+    side by side, and the growth exponents (minutes)."""
     from medfed.bench.scale import (
         MAX_REAL_SITES,
         ScaleOptions,

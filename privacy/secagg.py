@@ -18,6 +18,7 @@ site's key is revealed, and with it every pairwise seed it ever derived.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
@@ -236,6 +237,8 @@ def reconstruct(shares: Iterable[Share]) -> bytes:
     if len(points) < threshold:
         raise SecAggAbort(f"{len(points)} shares, {threshold} needed")
     basis = [(p.x, p.y) for p in points[:threshold]]
+    # Every share past the threshold must lie on the basis' polynomial. The basis x's are
+    # the same for each site's secret in a round, so the weights are computed once.
     if any(_interpolate(basis, p.x) != p.y for p in points[threshold:]):
         raise SecAggError("shares disagree: at least one is corrupt")
     secret = _interpolate(basis, 0)
@@ -253,15 +256,44 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
 
 def _interpolate(points: Sequence[tuple[int, int]], at: int) -> int:
     """The value at `at` of the polynomial through `points` (Lagrange, mod FIELD_PRIME)."""
-    total = 0
-    for i, (x_i, y_i) in enumerate(points):
-        numerator, denominator = 1, 1
-        for j, (x_j, _) in enumerate(points):
+    weights = _lagrange_weights(tuple(x for x, _ in points), at)
+    return sum(y * weight for (_, y), weight in zip(points, weights, strict=True)) % FIELD_PRIME
+
+
+# One entry per point a round checks (each share's x past the basis, and 0): len(xs) numbers.
+@functools.lru_cache(maxsize=512)
+def _lagrange_weights(xs: tuple[int, ...], at: int) -> tuple[int, ...]:
+    """w_i = prod_{j != i} (at - x_j) / (x_i - x_j) mod FIELD_PRIME, so that the value at `at`
+    of the polynomial through the points (x_i, y_i) is sum_i w_i * y_i.
+
+    O(len(xs)) given the cached `_inverse_denominators`; the products leaving out one
+    factor come from prefix and suffix products, so `at` may be one of the `xs`.
+    """
+    if not xs:
+        return ()
+    differences = [(at - x) % FIELD_PRIME for x in xs]
+    before, after = [1], [1]  # before[i]: the product of differences[:i]; after: from the end
+    for left, right in zip(differences[:-1], reversed(differences[1:]), strict=True):
+        before.append(before[-1] * left % FIELD_PRIME)
+        after.append(after[-1] * right % FIELD_PRIME)
+    inverses = _inverse_denominators(xs)
+    return tuple(
+        inverse * left * right % FIELD_PRIME
+        for inverse, left, right in zip(inverses, before, reversed(after), strict=True)
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _inverse_denominators(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """1 / prod_{j != i} (x_i - x_j) mod FIELD_PRIME for each x_i (ValueError for a repeated x)."""
+    inverses = []
+    for i, x_i in enumerate(xs):
+        denominator = 1
+        for j, x_j in enumerate(xs):
             if i != j:
-                numerator = numerator * (at - x_j) % FIELD_PRIME
                 denominator = denominator * (x_i - x_j) % FIELD_PRIME
-        total = (total + y_i * numerator * pow(denominator, -1, FIELD_PRIME)) % FIELD_PRIME
-    return total
+        inverses.append(pow(denominator, -1, FIELD_PRIME))
+    return tuple(inverses)
 
 
 # ---------------------------------------------------------------- protocol values

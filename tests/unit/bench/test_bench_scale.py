@@ -1,6 +1,7 @@
 """`medfed bench scale`'s pure parts: the growth exponent against numpy.polyfit, site
-counts from the command line, each round's share of the process samples, the roles of
-a federation's processes, and the command's arguments. No federation runs here."""
+counts from the command line, each round's share of the process samples and of the bytes
+in a traffic file, the roles of a federation's processes, and the command's arguments.
+No federation runs here."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ from medfed.bench.scale_fit import (
     ratio,
     round_ends,
     serverapp_threads,
+    site_bytes_per_round,
 )
 from medfed.cli import app
+from medfed.coordinator.traffic import ExchangeTraffic, read_traffic
 
 
 @given(
@@ -196,29 +199,67 @@ def test_the_sampler_splits_a_simulation_into_serverapp_and_fleet(tmp_path: Path
     assert used["serverapp"] > 0.2 and used["simulated_fleet"] > 0.2, used
 
 
-def _figures(sites: int, mode: str, round_s: list[float], cpu: list[float]) -> RunFigures:
+def _figures(
+    sites: int, mode: str, round_s: list[float], cpu: list[float], sent: list[int] | None = None
+) -> RunFigures:
+    """Figures of a run; a site sends `sent[k]` bytes in round k + 1 and receives twice that."""
     figures = RunFigures(sites, mode, simulation=True)  # type: ignore[arg-type]
     figures.rounds = [
         {
             "round": k + 1, "round_s": s, "coordinator_cpu_s": c,
             "coordinator_cpu_s_per_site": c / sites, "coordinator_peak_mib": 400.0 + sites,
             "cpu_s": {}, "peak_mib": {"sites": 10.0 * sites},
+            "bytes_per_site": None if sent is None else {"sent": sent[k], "received": 2 * sent[k]},
         }
         for k, (s, c) in enumerate(zip(round_s, cpu, strict=True))
     ]  # fmt: skip
     return figures
 
 
+def test_bytes_per_site_are_summed_by_round_from_a_traffic_file(tmp_path: Path) -> None:
+    """A secure run of 4 sites, one of which dropped in round 2's mask step: every
+    exchange of a round counts (its status query too), divided by all 4 sites; the final
+    evaluation and a line the run was killed while writing are left out."""
+    path = tmp_path / "traffic.jsonl"
+    exchanges = [
+        ExchangeTraffic("status-1", "query", 4, 4, to_sites_bytes=400, from_sites_bytes=800),
+        ExchangeTraffic("1.keys", "secagg.keys", 4, 4, 4000, 1200),
+        ExchangeTraffic("1", "train", 4, 4, 40_000, 44_000),
+        ExchangeTraffic("1.mask", "secagg.mask", 4, 4, 8000, 40_000),
+        ExchangeTraffic("1.reveal", "secagg.reveal", 4, 4, 2000, 6000),
+        ExchangeTraffic("status-2", "query", 4, 4, 400, 800),
+        ExchangeTraffic("2.keys", "secagg.keys", 4, 4, 4000, 1200),
+        ExchangeTraffic("2", "train", 4, 4, 40_000, 44_000),
+        ExchangeTraffic("2.mask", "secagg.mask", 4, 3, 8000, 30_000),
+        ExchangeTraffic("2.reveal", "secagg.reveal", 3, 3, 1500, 4501),
+        ExchangeTraffic("final", "evaluate", 4, 4, 40_000, 2000),
+    ]
+    torn = ExchangeTraffic("3", "train", 4, 4, 1, 1).to_json()[:25]
+    path.write_text("".join(f"{e.to_json()}\n" for e in exchanges) + torn, encoding="utf-8")
+
+    traffic = read_traffic(path)
+    assert traffic == exchanges
+    assert site_bytes_per_round(traffic, sites=4) == {
+        1: {"sent": (800 + 1200 + 44_000 + 40_000 + 6000) // 4,
+            "received": (400 + 4000 + 40_000 + 8000 + 2000) // 4},
+        2: {"sent": round((800 + 1200 + 44_000 + 30_000 + 4501) / 4),
+            "received": round((400 + 4000 + 40_000 + 8000 + 1500) / 4)},
+    }  # fmt: skip
+    assert site_bytes_per_round([], sites=4) == {}
+
+
 def test_steady_figures_leave_out_the_first_round() -> None:
-    summary = steady(_figures(10, "plain", [9.0, 2.0, 4.0], [1.0, 0.2, 0.4]))
+    summary = steady(_figures(10, "plain", [9.0, 2.0, 4.0], [1.0, 0.2, 0.4], [900, 200, 400]))
     assert summary is not None
     assert (summary["round_s"], summary["coordinator_cpu_s"], summary["rounds"]) == (
         3.0,
         0.3,
         [2, 3],
     )
+    assert summary["bytes_per_site_per_round"] == {"sent": 300, "received": 600}
     one = steady(_figures(10, "plain", [9.0], [1.0]))
     assert one is not None and one["rounds"] == [1]
+    assert one["bytes_per_site_per_round"] is None  # no traffic file
     failed = _figures(10, "plain", [9.0], [1.0])
     failed.ok = False
     assert steady(failed) is None
@@ -235,8 +276,9 @@ def test_the_bench_fits_each_mode_and_stops_where_a_run_failed(
         calls.append((sites, mode, simulation))
         factor = 2.0 if mode == "secure" else 1.0
         figures = _figures(
-            sites, mode, [1.0, factor * 0.01 * sites], [1.0, factor * 1e-4 * sites**2]
-        )
+            sites, mode, [1.0, factor * 0.01 * sites], [1.0, factor * 1e-4 * sites**2],
+            [1000, round(1000 * (1.0 if mode == "plain" else 1.5 + 0.01 * sites))],
+        )  # fmt: skip
         if sites == 200 and mode == "secure":
             figures.ok, figures.failure = False, "DemoFailedError: the run did not finish"
         return figures
@@ -259,10 +301,17 @@ def test_the_bench_fits_each_mode_and_stops_where_a_run_failed(
     assert [pair["sites"] for pair in simulation["plain"]["between"]] == [[10, 100], [100, 200]]
     assert simulation["plain"]["between"][1]["coordinator_cpu_s"] == pytest.approx(2.0)
     assert document["simulation"][0]["secure_to_plain"]["round_s"] == 2.0
+    assert document["simulation"][1]["secure"]["steady"]["bytes_per_site_per_round"] == {
+        "sent": 2500, "received": 5000,
+    }  # fmt: skip
+    assert document["simulation"][1]["secure_to_plain"]["bytes_per_site_sent"] == 2.5
+    assert document["simulation"][1]["secure_to_plain"]["bytes_per_site_received"] == 2.5
+    assert document["simulation"][2]["secure_to_plain"]["bytes_per_site_sent"] is None  # failed
     assert document["stopped"]["real"] is None
     json.dumps(document)  # one JSON document
     lines = table_lines(document)
     assert any("growth exponent, simulation plain: coordinator CPU 2.00" in line for line in lines)
+    assert any(line.startswith("  100  simu") and "1.0+2.0 / 2.5+5.0" in line for line in lines)
     assert any(line.startswith("simulation stopped at 200 sites (secure)") for line in lines)
 
 

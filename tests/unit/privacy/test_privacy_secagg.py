@@ -4,7 +4,7 @@ against uniformity, and the PRG and key agreement against pinned vectors."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 
 import numpy as np
@@ -17,9 +17,11 @@ from hypothesis.extra import numpy as hnp
 
 from medfed.privacy.errors import PrivacyError, SecAggAbort, SecAggError, UnsafeUnmaskError
 from medfed.privacy.secagg import (
+    FIELD_PRIME,
     HeldShares,
     Reveal,
     RoundKeys,
+    Share,
     UnmaskRequest,
     WeakThresholdWarning,
     deal_shares,
@@ -162,6 +164,130 @@ def test_corrupt_or_mixed_shares_are_refused() -> None:
         reconstruct([shares[0], share(seed_of("b"), threshold=3, n=4)[1]])
     with pytest.raises(SecAggError, match="threshold"):
         share(b"x", threshold=1, n=3)
+
+
+def lagrange_at(points: Sequence[tuple[int, int]], at: int) -> int:
+    """The reference: textbook Lagrange interpolation mod FIELD_PRIME, term by term."""
+    total = 0
+    for i, (x_i, y_i) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (x_j, _) in enumerate(points):
+            if i != j:
+                numerator = numerator * (at - x_j) % FIELD_PRIME
+                denominator = denominator * (x_i - x_j) % FIELD_PRIME
+        total += y_i * numerator * pow(denominator, -1, FIELD_PRIME)
+    return total % FIELD_PRIME
+
+
+def reference_reconstruct(shares: Sequence[Share]) -> bytes | str:
+    """What `reconstruct` must give, from `lagrange_at`: the secret, or the kind of refusal
+    ("abort" below threshold, "corrupt" for a share off the basis' polynomial, "too long"
+    for a value past the secret's length). One share per x, from one sharing."""
+    points = sorted(shares, key=lambda item: item.x)
+    threshold, length = points[0].threshold, points[0].secret_length
+    if len(points) < threshold:
+        return "abort"
+    basis = [(p.x, p.y) for p in points[:threshold]]
+    if any(lagrange_at(basis, p.x) != p.y for p in points[threshold:]):
+        return "corrupt"
+    secret = lagrange_at(basis, 0)
+    return "too long" if secret >= 1 << (8 * length) else secret.to_bytes(length, "big")
+
+
+def outcome(shares: Sequence[Share]) -> bytes | str:
+    """`reconstruct`'s secret, or the kind of its refusal as `reference_reconstruct` names it."""
+    try:
+        return reconstruct(shares)
+    except SecAggAbort:
+        return "abort"
+    except SecAggError as exc:
+        kinds = {
+            "shares disagree: at least one is corrupt": "corrupt",
+            "shares do not encode a secret of the stated length": "too long",
+        }
+        return kinds[str(exc)]
+
+
+def corrupted(item: Share, delta: int) -> Share:
+    return Share(item.x, (item.y + delta) % FIELD_PRIME, item.threshold, item.secret_length)
+
+
+@FAST
+@given(
+    data=st.data(),
+    secret=st.binary(min_size=1, max_size=64),
+    threshold=st.integers(2, 40),
+    extra=st.integers(0, 40),
+)
+def test_large_sharings_rebuild_exactly_from_any_enough_shares(
+    data: st.DataObject, secret: bytes, threshold: int, extra: int
+) -> None:
+    shares = share(secret, threshold=threshold, n=threshold + extra)
+    subset = data.draw(st.permutations(shares))[: data.draw(st.integers(threshold, len(shares)))]
+    assert reconstruct(subset) == secret
+    with pytest.raises(SecAggAbort, match=f"{threshold - 1} shares, {threshold} needed"):
+        reconstruct(subset[: threshold - 1])
+
+
+@FAST
+@given(
+    data=st.data(),
+    secret=st.binary(min_size=1, max_size=64),
+    threshold=st.integers(2, 40),
+    extra=st.integers(1, 40),
+    delta=st.integers(1, FIELD_PRIME - 1),
+)
+def test_one_corrupt_share_is_found_in_the_basis_or_past_it(
+    data: st.DataObject, secret: bytes, threshold: int, extra: int, delta: int
+) -> None:
+    """With more than `threshold` shares, any one changed share is refused: past the basis
+    it is off the polynomial; in the basis it moves the polynomial off every other share."""
+    shares = share(secret, threshold=threshold, n=threshold + extra)
+    subset = data.draw(st.permutations(shares))[
+        : data.draw(st.integers(threshold + 1, len(shares)))
+    ]
+    by_x = sorted(subset, key=lambda item: item.x)
+    where = data.draw(st.sampled_from(["basis", "surplus"]))
+    index = data.draw(
+        st.integers(0, threshold - 1) if where == "basis" else st.integers(threshold, len(by_x) - 1)
+    )
+    by_x[index] = corrupted(by_x[index], delta)
+    with pytest.raises(SecAggError, match="shares disagree: at least one is corrupt"):
+        reconstruct(data.draw(st.permutations(by_x)))
+
+
+@FAST
+@given(
+    data=st.data(),
+    secret=st.binary(min_size=1, max_size=64),
+    threshold=st.integers(2, 10),
+    extra=st.integers(0, 10),
+)
+def test_reconstruct_agrees_with_textbook_lagrange_on_any_shares(
+    data: st.DataObject, secret: bytes, threshold: int, extra: int
+) -> None:
+    """Same secret or same refusal as the reference, whatever shares are changed or missing."""
+    shares = share(secret, threshold=threshold, n=threshold + extra)
+    subset = data.draw(st.permutations(shares))[: data.draw(st.integers(1, len(shares)))]
+    changed = data.draw(st.sets(st.integers(0, len(subset) - 1), max_size=3))
+    deltas = st.integers(1, FIELD_PRIME - 1)
+    subset = [corrupted(s, data.draw(deltas)) if k in changed else s for k, s in enumerate(subset)]
+    expected = reference_reconstruct(subset)
+    assert outcome(subset) == expected
+    if not changed and len(subset) >= threshold:
+        assert expected == secret
+
+
+def test_two_hundred_shares_at_threshold_101_rebuild_and_find_a_corrupt_one() -> None:
+    secret = seed_of("two hundred")
+    shares = share(secret, threshold=101, n=200)
+    assert reconstruct(shares) == secret
+    assert reconstruct(shares[99:]) == secret  # another basis: x = 100..200
+    for index in (0, 100, 150, 199):  # basis (x = 1, 101) and past it
+        with pytest.raises(SecAggError, match="corrupt"):
+            reconstruct([*shares[:index], corrupted(shares[index], 1), *shares[index + 1 :]])
+    with pytest.raises(SecAggAbort, match="100 shares, 101 needed"):
+        reconstruct(shares[50:150])
 
 
 # ---------------------------------------------------------------- masks
