@@ -466,6 +466,9 @@ class SiteRound:
         self._seeds: dict[str, bytes] = {}
         self._shared: tuple[str, ...] = ()
         self._revealed: tuple[UnmaskRequest, Reveal] | None = None
+        self._dealt: (
+            tuple[npt.NDArray[np.float64], tuple[SealedShare, ...], npt.NDArray[np.uint32]] | None
+        ) = None
 
     def check_peers(self, adverts: Sequence[Advertisement], identity: IdentityCheck) -> None:
         """Verify every advertisement: issued identity, signature, the same announcement."""
@@ -533,11 +536,15 @@ class SiteRound:
         self, update: npt.NDArray[np.float64]
     ) -> tuple[list[SealedShare], npt.NDArray[np.uint32]]:
         """Encode the weighted update, seal a share of this round's self-mask seed for each
-        other keyed site, and mask the update against every keyed site (once per round)."""
+        other keyed site, and mask the update against every keyed site. Once per round:
+        the same update again (a train instruction delivered twice) gets the same answer;
+        another one is refused (its masked form would give the difference away)."""
         if not self._peers:
             raise SecAggError("peers are not checked yet")
-        if self._shared:
-            raise SecAggError("this round's update was masked already")
+        if self._dealt is not None:
+            if not np.array_equal(self._dealt[0], update):
+                raise SecAggError("this round's update was masked already")
+            return list(self._dealt[1]), self._dealt[2].copy()
         a = self.announcement
         holders = sorted(self._peers)
         encoded = encode(update, clip=a.clip, max_sites=len(a.sites), modulus=a.modulus)
@@ -562,7 +569,8 @@ class SiteRound:
             modulus=a.modulus,
         )
         self._shared = tuple(holders)
-        return sealed, masked.astype(np.uint32)
+        self._dealt = (np.array(update, copy=True), tuple(sealed), masked.astype(np.uint32))
+        return sealed, self._dealt[2].copy()
 
     def reveal(
         self,

@@ -245,8 +245,12 @@ def test_the_masked_update_looks_uniform(
 def test_a_site_masks_once_per_round(
     consortium: tuple[dict[str, SigningKey], dict[str, str], bytes],
 ) -> None:
-    """A second update under the same masks would give their difference away."""
-    rounds, _, _ = _dealt(consortium, np.zeros(10))
+    """A second update under the same masks would give their difference away; the same
+    update again (an instruction delivered twice) gets the very same answer."""
+    rounds, sealed, masked = _dealt(consortium, np.zeros(10))
+    again_sealed, again_masked = rounds["a"].deal_and_mask(np.zeros(10))
+    assert again_sealed == sealed["a"]
+    np.testing.assert_array_equal(again_masked, masked["a"])
     with pytest.raises(SecAggError, match="masked already"):
         rounds["a"].deal_and_mask(np.ones(10))
 
