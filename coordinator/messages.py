@@ -63,6 +63,7 @@ def exchange(
         )
         for node, content in contents.items()
     ]
+    began = time.monotonic()
     pushed = list(grid.push_messages(messages))
     node_of = {
         message_id: message.metadata.dst_node_id
@@ -100,6 +101,7 @@ def exchange(
                 replies=len(replies),
                 to_sites_bytes=sum(content_bytes(contents[node]) for node in node_of.values()),
                 from_sites_bytes=sum(content_bytes(r.content) for r in replies if r.has_content()),
+                seconds=round(time.monotonic() - began, 4),
             )
         )
     return replies

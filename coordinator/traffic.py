@@ -3,8 +3,9 @@
 `coordinator.messages.exchange` logs an `ExchangeTraffic` on the `medfed.coordinator.traffic`
 logger (INFO) after each exchange: its group (the round, `<round>.<step>` for a secure step,
 `status-<round>` for the status query before a round, `final` for the final evaluation),
-the messages pushed, the replies received and their payload bytes. While a training run
-goes, the ServerApp appends these lines to `traffic.jsonl` in the run folder, where
+the messages pushed, the replies received, their payload bytes and the seconds it took.
+While a training run goes, the ServerApp appends these lines to `traffic.jsonl` in the run
+folder, where
 `medfed bench scale` reads them.
 
 Payload bytes: every array's data, and every config and metric record as Flower serializes
@@ -43,6 +44,8 @@ class ExchangeTraffic:
     replies: int
     to_sites_bytes: int
     from_sites_bytes: int
+    seconds: float = 0.0
+    """From the first push to the last reply (or the timeout): what the exchange took."""
 
     @property
     def round(self) -> int | None:
@@ -64,6 +67,7 @@ class ExchangeTraffic:
             replies=int(fields["replies"]),
             to_sites_bytes=int(fields["to_sites_bytes"]),
             from_sites_bytes=int(fields["from_sites_bytes"]),
+            seconds=float(fields.get("seconds", 0.0)),
         )
 
 
