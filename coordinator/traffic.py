@@ -5,8 +5,7 @@ logger (INFO) after each exchange: its group (the round, `<round>.<step>` for a 
 `status-<round>` for the status query before a round, `final` for the final evaluation),
 the messages pushed, the replies received, their payload bytes and the seconds it took.
 While a training run goes, the ServerApp appends these lines to `traffic.jsonl` in the run
-folder, where
-`medfed bench scale` reads them.
+folder, where `medfed bench scale` reads them.
 
 Payload bytes: every array's data, and every config and metric record as Flower serializes
 it. Left out: message metadata, the transport's framing (Flower's object headers, gRPC,
