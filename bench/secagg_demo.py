@@ -5,8 +5,9 @@ Runs `medfed demo --sites S --rounds N --json --keep` as a subprocess once as it
 `--no-secure-aggregation` (the coordinator sees each site's update), alternating which
 goes first from one repeat to the next (secure then plain, plain then secure, ...) so
 drifting machine load falls on both. Reports the median of the demo's per-round
-`duration_s` on each side and their ratio. Opt in with `medfed bench secagg
---demo-rounds N`: each demo takes a minute or more.
+`duration_s` on each side and their ratio, and the same with the time before each round
+(`planning_s`: the status query and planning) added, after round 1. Opt in with
+`medfed bench secagg --demo-rounds N`: each demo takes a minute or more.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class DemoRun:
 
     mode: Mode
     duration_s: list[float]
+    planning_s: list[float]
+    """Before each round: its status query (if any) and planning; a whole round is both."""
     slowest_train_s: list[float | None]
     wall_s: float
     load_1min_after: float
@@ -86,10 +89,11 @@ def run_side(medfed: Path, mode: Mode, options: DemoComparison, env: dict[str, s
         raise DemoSideError(f"{mode} demo: per_round should list {options.rounds} rounds")
     try:
         durations = [number(record, "duration_s") for record in records]
+        planning = [number(record, "planning_s") for record in records]
         wall = number(document, "wall_s")
     except (ValueError, AttributeError) as exc:
         raise DemoSideError(f"{mode} demo: {exc}") from exc
-    return DemoRun(mode, durations, slowest, wall, finished.load_1min_after)
+    return DemoRun(mode, durations, planning, slowest, wall, finished.load_1min_after)
 
 
 def _median(values: list[float]) -> float | None:
@@ -99,6 +103,9 @@ def _median(values: list[float]) -> float | None:
 def _side(runs: list[DemoRun]) -> dict[str, object]:
     durations = [d for run in runs for d in run.duration_s]
     later = [d for run in runs for d in run.duration_s[1:]]
+    whole = [
+        p + d for run in runs for p, d in list(zip(run.planning_s, run.duration_s, strict=True))[1:]
+    ]
     overhead = [
         d - t for run in runs for d, t in zip(run.duration_s, run.slowest_train_s, strict=False)
         if t is not None
@@ -107,6 +114,8 @@ def _side(runs: list[DemoRun]) -> dict[str, object]:
         "duration_s_by_run": [run.duration_s for run in runs],
         "duration_s_median": _median(durations),
         "duration_s_median_after_round_1": _median(later),
+        "planning_s_by_run": [run.planning_s for run in runs],
+        "with_status_s_median_after_round_1": _median(whole),
         "slowest_site_train_s_by_run": [run.slowest_train_s for run in runs],
         "beyond_slowest_training_s_median": _median(overhead),
         "wall_s": [run.wall_s for run in runs],
@@ -152,5 +161,10 @@ def compare(options: DemoComparison) -> dict[str, object]:
         "ratio_secure_to_plain": _ratio(secure["duration_s_median"], plain["duration_s_median"]),
         "ratio_secure_to_plain_after_round_1": _ratio(
             secure["duration_s_median_after_round_1"], plain["duration_s_median_after_round_1"]
+        ),
+        # A whole round: its status query and planning, then the round itself.
+        "ratio_with_status_after_round_1": _ratio(
+            secure["with_status_s_median_after_round_1"],
+            plain["with_status_s_median_after_round_1"],
         ),
     }

@@ -282,8 +282,19 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_reveal")
 def secagg_reveal(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 3: answer what unmasks only the sum."""
-    return _secagg_step(msg, context, "reveal")
+    """Secure aggregation, step 3: answer what unmasks only the sum, and (asked with it)
+    the next round's status, as `query` answers it."""
+    reply = _secagg_step(msg, context, "reveal")
+    asked = msg.content.config_records.get(wire.NEXT_STATUS)
+    if asked is None or reply.has_error():
+        return reply
+    try:
+        metrics, status = _status(RecordDict({wire.CONFIG: asked}), context)
+    except REFUSALS as exc:  # the coordinator asks again before the round (`query`)
+        log.warning("the next round's status, asked with the reveal, is not given: %s", exc)
+        return reply
+    site = ConfigRecord({**dict(reply.content.config_records[wire.SITE]), **dict(status)})
+    return Message(RecordDict({wire.METRICS: metrics, wire.SITE: site}), reply_to=msg)
 
 
 @app.evaluate()
@@ -324,23 +335,28 @@ def _optional(content: RecordDict, key: str, kind: type[wire.T]) -> wire.T | Non
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the scheduler how this site stands: window, accelerator, throughput, budget."""
-    content = msg.content
     try:
-        preset = _optional(content, wire.PRESET, str)
-        if preset is not None and preset not in PRESET_NAMES:
-            raise wire.WireError(f"config.{wire.PRESET}: unknown preset {preset!r}")
-        request = QueryRequest(
-            study=_optional(content, wire.STUDY, str),
-            study_sha256=_optional(content, wire.STUDY_SHA256, str),
-            preset=preset,  # type: ignore[arg-type]
-            contract_json=_optional(content, wire.CONTRACT, str),
-            contract_sha256=_optional(content, wire.CONTRACT_SHA256, str),
-            delta=_optional(content, wire.DELTA, float),
-            round_ask=_round_ask(content),
-        )
-        reply = site_api(context).query(request)
+        metrics, site = _status(msg.content, context)
     except REFUSALS as exc:
         return _refusal(msg, context, exc)
+    return Message(RecordDict({wire.METRICS: metrics, wire.SITE: site}), reply_to=msg)
+
+
+def _status(content: RecordDict, context: Context) -> tuple[MetricRecord, ConfigRecord]:
+    """The status (`query`) asked in `content`: its METRICS and SITE records."""
+    preset = _optional(content, wire.PRESET, str)
+    if preset is not None and preset not in PRESET_NAMES:
+        raise wire.WireError(f"config.{wire.PRESET}: unknown preset {preset!r}")
+    request = QueryRequest(
+        study=_optional(content, wire.STUDY, str),
+        study_sha256=_optional(content, wire.STUDY_SHA256, str),
+        preset=preset,  # type: ignore[arg-type]
+        contract_json=_optional(content, wire.CONTRACT, str),
+        contract_sha256=_optional(content, wire.CONTRACT_SHA256, str),
+        delta=_optional(content, wire.DELTA, float),
+        round_ask=_round_ask(content),
+    )
+    reply = site_api(context).query(request)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         wire.IN_WINDOW: int(reply.in_window),
         wire.WINDOW_ENDS: reply.window_ends,
@@ -358,7 +374,7 @@ def query(msg: Message, context: Context) -> Message:
             wire.PREFLIGHT: reply.preflight,
         }
     )
-    return Message(RecordDict({wire.METRICS: MetricRecord(metrics), wire.SITE: site}), reply_to=msg)
+    return MetricRecord(metrics), site
 
 
 @app.query("ask")

@@ -351,6 +351,8 @@ def filter_reply(
             records[name] = record
         elif name == wire.METRICS and name in content.metric_records:
             allowed_category = category if action == "" else "secagg"  # steps carry no metrics
+            if action == "secagg_reveal" and wire.NEXT_STATUS in instruction.content:
+                allowed_category = MessageType.QUERY  # the next round's status, asked with it
             allowed_category = wire.ASK if asked else allowed_category
             records[name] = _filter_metrics(
                 allowed_category, content.metric_records[name], rules, dropped

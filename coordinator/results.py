@@ -47,6 +47,8 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)
     model_sha256: str = ""
     duration_s: float = 0.0
+    """From the plan to the new model (`planning_s` before it: status queries, waits)."""
+    planning_s: float = 0.0
     refused: dict[str, str] = field(default_factory=dict)
     """Sites the scheduler left out of the round, and why."""
     local_steps_by_site: dict[str, int] = field(default_factory=dict)

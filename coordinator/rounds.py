@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from flwr.app import MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from medfed.common import natural_key
@@ -31,7 +31,7 @@ from medfed.coordinator.run_state import RunState, checkpoint, extend_lineage, s
 from medfed.coordinator.scheduler import RoundPlan, SchedulePolicy, plan_round
 from medfed.coordinator.secure_rounds import Ahead, SecureOutcome, run_secure_round
 from medfed.coordinator.site_keys import load_site_keys
-from medfed.coordinator.site_status import query_statuses
+from medfed.coordinator.site_status import query_statuses, status_query
 from medfed.coordinator.strategies import Contribution, Strategy, make_strategy
 from medfed.coordinator.study import StudySettings
 from medfed.coordinator.validate import (
@@ -289,18 +289,22 @@ def _plan(
     known_sites: dict[int, str],
     connect_timeout_s: float,
     clock: Clock,
+    answered: Mapping[int, Message] | None = None,
 ) -> tuple[RoundPlan, dict[int, Sender], dict[int, str]]:
     """Ask the connected sites for their status and plan the round; while the plan is to
     wait, record it, sleep towards its ETA and ask again. Also returns, per node that
     answered, the site id and patients it gave (each reply is checked against them),
-    and per node that did not, why."""
+    and per node that did not, why. `answered`: statuses already in hand (they came with
+    the round before's reveal), used for the first plan only."""
     policy = schedule_policy(study)
     recorded: dict[str, object] | None = None  # the wait last written to the audit chain
     while True:
         nodes = wait_for_sites(grid, study.min_sites, timeout_s=connect_timeout_s)
         statuses = query_statuses(
-            grid, nodes, study, state.run_id, state.round + 1, known_sites, state.unqueryable
-        )
+            grid, nodes, study, state.run_id, state.round + 1, known_sites, state.unqueryable,
+            answered,
+        )  # fmt: skip
+        answered = None  # after a wait, every site is asked again
         now = clock.now()
         plan = plan_round(statuses, policy, now)
         unknown = {s.node_id: f"{s.site_id} {s.unknown_reason}" for s in statuses if not s.known}
@@ -369,10 +373,12 @@ def _run_rounds(
             " coordinate is clipped to secagg-clip at the site instead"
         )
     ahead: Ahead | None = None  # the next round's keys, dealt during a secure round
+    answered: dict[int, Message] = {}  # the next round's statuses, with the reveal
     while state.round < study.num_rounds:
         round_number = state.round + 1
+        asked_at = time.monotonic()
         plan, senders, unknown = _plan(
-            grid, study, state, audit, report, known_sites, connect_timeout_s, clock
+            grid, study, state, audit, report, known_sites, connect_timeout_s, clock, answered
         )
         results.status, results.waiting_until = "running", None
         started = time.monotonic()
@@ -418,8 +424,13 @@ def _run_rounds(
                 unknown_reasons=unknown,
                 ahead=ahead,
                 deal_ahead=round_number < study.num_rounds,
+                next_status=(
+                    status_query(state.run_id, study, round_number + 1).config_records[wire.CONFIG]
+                    if round_number < study.num_rounds
+                    else None
+                ),
             )
-            ahead = secure.ahead
+            ahead, answered = secure.ahead, secure.statuses
             updates, rejected = secure.updates, secure.rejected
             known_sites.update({u.node_id: u.site_id for u in updates})
             audit.record(
@@ -484,6 +495,7 @@ def _run_rounds(
             rejected=rejected,
             model_sha256=arrays_sha256(state.arrays),
             duration_s=round(time.monotonic() - started, 3),
+            planning_s=round(started - asked_at, 3),
             refused=dict(plan.refused),
             # By the names the replies gave: a site of unknown status was planned by node id.
             local_steps_by_site={

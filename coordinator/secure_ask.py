@@ -130,7 +130,7 @@ def secure_step(
     adverts = secure.keys()
     shares, masked, facts, approvals = _deal(secure, adverts, contents, step_width(query, step))
     survivors = sorted(masked)
-    reveals, _ = secure.reveal(sorted(adverts), shares, survivors)
+    reveals = secure.reveal(sorted(adverts), shares, survivors).reveals
     try:
         total = unmask_weighted_sum(announcement, adverts, masked, reveals)
     except SecAggAbort as exc:

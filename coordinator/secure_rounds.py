@@ -78,6 +78,18 @@ class SecureOutcome:
     """The next round's announcement and the keys the survivors dealt for it."""
     exchanges: int = 0
     """Message exchanges the round took (2 with keys dealt ahead, else 3)."""
+    statuses: dict[int, Message] = field(default_factory=dict)
+    """The next round's statuses, answered with this round's reveal (by node)."""
+
+
+@dataclass(frozen=True)
+class Revealed:
+    """A reveal step's answers: the reveals, the next round's advertisements (by site, as
+    JSON) and the next round's statuses (status replies, by node), where asked."""
+
+    reveals: list[Reveal]
+    adverts: dict[str, object]
+    statuses: dict[int, Message]
 
 
 @dataclass(frozen=True)
@@ -338,12 +350,14 @@ class SecureRound:
         shares: Mapping[str, list[SealedShare]],
         survivors: Sequence[str],
         upcoming: str = "",
-    ) -> tuple[list[Reveal], dict[str, object]]:
+        next_status: ConfigRecord | None = None,
+    ) -> Revealed:
         """Step 3: survivors and dropped (keyed, no masked update) sites named; each
         survivor gets the shares the other survivors dealt it (and, in a round announced
         ahead, every survivor's model statement); its reveal back. With `upcoming` (the
         next round's signed announcement), each survivor's advertisement of fresh keys
-        for it too (by site, as JSON)."""
+        for it too (by site, as JSON); with `next_status` (the next round's status query),
+        each survivor's status, as a status reply (by node)."""
         dropped = sorted(set(keyed) - set(survivors))
         statements = (
             {}
@@ -367,10 +381,15 @@ class SecureRound:
             if upcoming:
                 request["next"] = upcoming
             contents[site] = self.step_content(dumps(request))
+            if next_status is not None:
+                contents[site][wire.NEXT_STATUS] = next_status
         replies = self.exchange("reveal", contents, wire.SECAGG_REVEAL, self.study.round_timeout_s)
         reveals: list[Reveal] = []
         adverts: dict[str, object] = {}
+        statuses: dict[int, Message] = {}
         for site, reply in replies.items():
+            if next_status is not None and wire.METRICS in reply.content.metric_records:
+                statuses[self.by_site[site]] = reply
             try:
                 raw = loads(site_text(reply), "reveal")
                 if isinstance(raw, dict) and upcoming and "advertisement" in raw:
@@ -383,7 +402,7 @@ class SecureRound:
                 adverts.pop(site, None)
                 continue
             reveals.append(reveal)
-        return reveals, adverts
+        return Revealed(reveals, adverts, statuses)
 
 
 def sealed_shares(reply: Message, site: str, holders: set[str]) -> list[SealedShare]:
@@ -415,6 +434,7 @@ def run_secure_round(
     unknown_reasons: Mapping[int, str] | None = None,
     ahead: Ahead | None = None,
     deal_ahead: bool = False,
+    next_status: ConfigRecord | None = None,
 ) -> SecureOutcome:
     """Play one secure round with the planned sites; raise `RoundFailedError` when fewer
     than the threshold get through (nothing is unmasked then). `unknown_reasons` says,
@@ -422,7 +442,8 @@ def run_secure_round(
 
     With `ahead` (keys the sites dealt during the round before) that fits this round's
     plan, the round skips its keys exchange. With `deal_ahead`, the reveal also announces
-    the next round to this round's survivors and brings their fresh keys for it back."""
+    the next round to this round's survivors and brings their fresh keys for it back; with
+    `next_status` (the next round's status query), their statuses too."""
     nodes = {p.node_id: senders[p.node_id].site_id for p in plan.planned if p.node_id in senders}
     why = {
         p.node_id: (unknown_reasons or {}).get(p.node_id, f"{p.site_id}: status unknown")
@@ -489,9 +510,10 @@ def run_secure_round(
     updates, shares, masked = secure.train(adverts, contents, global_arrays, senders)
     survivors = sorted(masked)
     upcoming = _next_announcement(announcement, survivors, study, signer) if deal_ahead else None
-    reveals, next_adverts = secure.reveal(
-        sorted(adverts), shares, survivors, "" if upcoming is None else upcoming[1]
+    revealed = secure.reveal(
+        sorted(adverts), shares, survivors, "" if upcoming is None else upcoming[1], next_status
     )
+    reveals = revealed.reveals
     try:
         total = unmask_weighted_sum(announcement, adverts, masked, reveals)
     except SecAggAbort as exc:
@@ -508,8 +530,9 @@ def run_secure_round(
     digests = {site: masked_sha256(masked[site]) for site in survivors}
     return SecureOutcome(
         survived, rejected, averaged, trained_by, announcement.sha256(), digests,
-        None if upcoming is None else Ahead(upcoming[0], upcoming[1], next_adverts),
+        None if upcoming is None else Ahead(upcoming[0], upcoming[1], revealed.adverts),
         2 if dealt else 3,
+        revealed.statuses,
     )  # fmt: skip
 
 

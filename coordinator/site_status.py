@@ -10,7 +10,7 @@ it with the study's default steps, and the site itself refuses what it may not d
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -121,6 +121,7 @@ def query_statuses(
     round_number: int,
     known_sites: dict[int, str],
     unqueryable: set[int],
+    answered_before: Mapping[int, Message] | None = None,
 ) -> list[SiteStatus]:
     """Each node's status. Without secure aggregation, a node that answered a query with
     an error cannot answer it (its software has no such function) and is added to
@@ -128,17 +129,28 @@ def query_statuses(
     at the site, and a site of unknown status is planned anyway. A secure round plans no
     site of unknown status, so there a node is asked again each round: one error reply
     (a worker restarting, a simulated ClientApp that raised) would otherwise leave it
-    out of every later round, and a study that needs it could never go on."""
-    asked = [node for node in nodes if node not in unqueryable]
-    replies = exchange(
-        grid,
-        {node: status_query(run_id, study, round_number) for node in asked},
-        message_type=MessageType.QUERY,
-        group=f"status-{round_number}",
-        timeout_s=study.round_deadline_s,
-        names=known_sites,
+    out of every later round, and a study that needs it could never go on.
+
+    `answered_before`: status replies already in hand (a secure round's reveal carried
+    the next round's statuses); only the other nodes are asked, and none when there are
+    none."""
+    answered: dict[int, Message] = {
+        node: reply for node, reply in (answered_before or {}).items() if node in nodes
+    }
+    asked = [node for node in nodes if node not in unqueryable and node not in answered]
+    replies = (
+        exchange(
+            grid,
+            {node: status_query(run_id, study, round_number) for node in asked},
+            message_type=MessageType.QUERY,
+            group=f"status-{round_number}",
+            timeout_s=study.round_deadline_s,
+            names=known_sites,
+        )
+        if asked
+        else []
     )
-    answered = {reply.metadata.src_node_id: reply for reply in replies}
+    answered.update({reply.metadata.src_node_id: reply for reply in replies})
     if not study.secure_aggregation:
         unqueryable.update(node for node, reply in answered.items() if reply.has_error())
     silent = f"did not answer the status query within {study.round_deadline_s:g} s"

@@ -44,6 +44,9 @@ PROXIMAL_MU: Final = "proximal-mu"  # FedProx's mu: the site adds (mu/2)||w - w_
 # each carries: in a train instruction's CONFIG, and in a reply's SITE record.
 SECAGG: Final = "secagg"
 SECAGG_KEYS: Final = "train.secagg_keys"  # CONFIG: run-id, round, secagg (the announcement)
+NEXT_STATUS: Final = "next-status"
+"""A reveal's second CONFIG record: the status query of the next round (its answer comes
+back with the reveal, so a secure round needs no status exchange of its own)."""
 SECAGG_REVEAL: Final = "train.secagg_reveal"  # CONFIG: run-id, round, secagg (survivors)
 MASKED: Final = "masked"  # the one uint32 array of a secure reply's ARRAYS record
 MAX_SECAGG_CHARS: Final = 16 * 1024 * 1024

@@ -308,6 +308,16 @@ def test_later_rounds_use_keys_dealt_with_the_reveal_and_still_equal_the_plain_a
     assert sorted({d.group for d in keys}) == ["1.keys"]
     reveals = [d for d in grid.deliveries if d.message_type == wire.SECAGG_REVEAL]
     assert {d.group for d in reveals} == {"1.reveal", "2.reveal", "3.reveal"}
+    # The statuses of rounds 2 and 3 came with the reveals before them: one status query.
+    statuses = {d.group for d in grid.deliveries if d.message_type == MessageType.QUERY}
+    assert statuses == {"status-1"}
+    for delivery in reveals:
+        has_status = wire.METRICS in delivery.reply.content.metric_records
+        assert has_status == (delivery.group != "3.reveal")
+    # Each round after the first: a train and a reveal exchange, as a plain round has a
+    # status and a train exchange.
+    steps = [d.group for d in grid.deliveries if d.node == min(sites.nodes)]
+    assert steps[steps.index("2") :] == ["2", "2.reveal", "3", "3.reveal", "final"]
     for delivery in reveals:
         answer = json.loads(str(delivery.reply.content.config_records[wire.SITE][wire.SECAGG]))
         assert ("advertisement" in answer) == (delivery.group != "3.reveal")

@@ -323,3 +323,24 @@ def test_a_reveal_leaves_with_the_next_round_s_keys_of_this_site_only(site_toml:
     assert not reveal({**shares, "advertisement": {"site_id": "hospital-1"}}).has_error()
     assert reveal({**shares, "advertisement": {"site_id": "hospital-2"}}).has_error()
     assert reveal({**shares, "rows": [[63, 1, 0.5]]}).has_error()
+
+
+def test_a_reveal_carries_the_next_round_s_status_only_when_asked_for_it(
+    site_toml: Path,
+) -> None:
+    """The next round's status (window, patients, budget) may leave with a reveal that
+    asked for it, as a status query's answer would; no other metric ever does."""
+    status = {wire.IN_WINDOW: 1, wire.PATIENTS: 60, wire.BUDGET_LEFT: 2.5}
+    records = {
+        wire.METRICS: {**status, wire.LOCAL_LOSS: 0.25},
+        wire.SITE: {wire.SITE_ID: "hospital-1", wire.SECAGG: json.dumps(
+            {"holder": "hospital-1", "seeds": {}, "pairwise": {}}
+        )},
+    }  # fmt: skip
+    asked = _instruction(f"{MessageType.TRAIN}.secagg_reveal", **{wire.SECAGG: "{}"})
+    asked.content[wire.NEXT_STATUS] = ConfigRecord({wire.RUN_ID: RUN})
+    reply = chain(_app_sending(records), [GUARD])(asked, _context(site_toml))
+    assert dict(reply.content.metric_records[wire.METRICS]) == status
+    unasked = _instruction(f"{MessageType.TRAIN}.secagg_reveal", **{wire.SECAGG: "{}"})
+    reply = chain(_app_sending(records), [GUARD])(unasked, _context(site_toml))
+    assert not dict(reply.content.metric_records.get(wire.METRICS, {}))

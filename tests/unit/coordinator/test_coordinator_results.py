@@ -66,7 +66,8 @@ def test_to_json_leaves_the_results_themselves_unchanged() -> None:
     assert math.isinf(results.per_round[0].epsilon_by_site["hospital-2"])
 
 
-NEW_ROUND_FIELDS: dict[str, dict[str, object]] = {
+NEW_ROUND_FIELDS: dict[str, object] = {
+    "planning_s": 0.0,
     "refused": {},
     "local_steps_by_site": {},
     "clipped": {},

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from medfed.coordinator import messages
 from medfed.coordinator.messages import content_bytes, exchange
@@ -22,6 +21,7 @@ from medfed.coordinator.traffic import (
     read_traffic,
     traffic_written_to,
 )
+from medfed.flower.testing import get_all_nested_objects
 from medfed.model import wire
 from tests.fakesites import FakeGrid, consortium
 
